@@ -1,0 +1,1 @@
+"""Channels: the ways mail leaves the relay, each an :class:`relay.interfaces.IChannel`."""

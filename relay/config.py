@@ -1,0 +1,1068 @@
+"""The configuration: one TOML file read into frozen, typed objects.
+
+Why it is built this way:
+
+* **Every problem at once.** The whole file is read and checked before anything starts,
+  and :class:`ConfigError` lists *every* problem, one line each, naming the key. An
+  operator should not have to fix a file one restart at a time. To make that easy to
+  get right, a small reader (:class:`_Table`) records a problem and hands back the key's
+  default, so reading always goes on to the end; if anything was recorded, the
+  half-built result is thrown away.
+* **No separate schema.** Every key is read through the reader, so the reader learns the
+  legal names of its table as the code asks for them; whatever is left over is an
+  unknown key, reported with a "did you mean". The list of keys cannot drift from the
+  code that uses them.
+* **Converted once, here.** The objects hold finished values: durations in seconds,
+  absolute paths, ``ipaddress`` networks, enums, transports as small classes. Code that
+  uses the configuration never parses a string, and because everything is a frozen
+  dataclass (with slots) nothing can change the configuration under a running service.
+* **Paths are anchored to the file.** Relative paths resolve against the directory of
+  the configuration file (``twistd`` changes directory when it daemonizes, so a path
+  relative to the working directory would move). Files the relay must *read* (TLS
+  keys, secrets, aliases, password files) are checked now; directories it *creates*
+  (the spool, the mail root) are not.
+
+The key names of SPEC.md's "The configuration's shape" are fixed; ``docs/configuration.md``
+documents every key. ``relay/default.toml`` is the embedded default (:data:`DEFAULT_TOML`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime, time
+from enum import StrEnum
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import TypeVar
+
+from relay.durations import DurationError, format_duration, parse_duration
+from relay.errors import RelayError
+
+__all__ = [
+    "DEFAULT_TOML",
+    "Channel",
+    "Config",
+    "ConfigError",
+    "DeliverSection",
+    "LocalSection",
+    "MailboxFormat",
+    "PhoneSection",
+    "PhoneSite",
+    "RelaySection",
+    "Route",
+    "SerialTransport",
+    "Smarthost",
+    "SmtpSection",
+    "StdioTransport",
+    "TcpTransport",
+    "TlsPolicy",
+    "Transport",
+    "default_config",
+    "load_config",
+    "parse_config",
+    "parse_transport",
+]
+
+T = TypeVar("T")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_TOML: str = resources.files("relay").joinpath("default.toml").read_text(encoding="utf-8")
+"""The text of ``relay/default.toml``: the embedded default, commented as a sample file."""
+
+
+class ConfigError(RelayError):
+    """A configuration that cannot be used; ``problems`` lists every reason, one line each."""
+
+    problems: tuple[str, ...]
+
+    def __init__(self, problems: str | Iterable[str]) -> None:
+        if isinstance(problems, str):
+            problems = problems.splitlines()
+        self.problems = tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# --------------------------------------------------------------------------- the objects
+
+
+class MailboxFormat(StrEnum):
+    """How ``[local]`` stores a user's mail under ``mail_root``."""
+
+    MAILDIR = "maildir"
+    MBOX = "mbox"
+
+
+class Channel(StrEnum):
+    """The channel a ``[[route]]`` sends matching mail to."""
+
+    SMTP = "smtp"
+    LOCAL = "local"
+    PHONE = "phone"
+
+
+class TlsPolicy(StrEnum):
+    """Whether the SMTP client uses STARTTLS on a route."""
+
+    OPPORTUNISTIC = "opportunistic"
+    REQUIRED = "required"
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class SerialTransport:
+    """A serial device (a modem or a null-modem cable): ``serial:DEVICE[:baudrate=N]``."""
+
+    device: str
+    baudrate: int = 9600
+
+    def __str__(self) -> str:
+        return f"serial:{self.device}:baudrate={self.baudrate}"
+
+
+@dataclass(frozen=True, slots=True)
+class TcpTransport:
+    """Serial-over-IP: ``tcp:HOST:PORT`` to call, ``tcp:[INTERFACE:]PORT`` to answer.
+
+    ``host`` is ``""`` for an answering listener bound to every interface.
+    """
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}" if host else f"tcp:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class StdioTransport:
+    """Standard input and output: the slave run as the login shell of the calling account."""
+
+    def __str__(self) -> str:
+        return "stdio"
+
+
+Transport = SerialTransport | TcpTransport | StdioTransport
+
+
+@dataclass(frozen=True, slots=True)
+class Smarthost:
+    """Where a route's SMTP mail goes instead of the recipient domain's MX.
+
+    ``mx_lookup`` is False when the host was written in ``[brackets]`` (as in Postfix) or
+    is an IP address: connect to exactly that host.
+    """
+
+    host: str
+    port: int = 25
+    mx_lookup: bool = True
+
+    def __str__(self) -> str:
+        host = self.host if self.mx_lookup and ":" not in self.host else f"[{self.host}]"
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySection:
+    """``[relay]``: who this relay is and where it keeps its queue."""
+
+    hostname: str
+    local_domains: tuple[str, ...]
+    spool: Path
+    postmaster: str
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpSection:
+    """``[smtp]``: the inbound SMTP server."""
+
+    listen: tuple[str, ...]
+    listen_tls: tuple[str, ...]
+    trusted_networks: tuple[IPNetwork, ...]
+    max_message_size: int
+    max_recipients: int
+    max_errors: int
+    max_sessions: int
+    max_sessions_per_client: int
+    idle_timeout: float
+    session_timeout: float
+    tls_cert_file: Path | None
+    tls_key_file: Path | None
+    auth_users_file: Path | None
+    auth_requires_tls: bool
+
+    def is_trusted(self, address: str) -> bool:
+        """Whether a client at IP ``address`` may relay (IPv4-mapped IPv6 counts as IPv4)."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.trusted_networks)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverSection:
+    """``[deliver]``: retry schedule and concurrency of the deliverer (times in seconds)."""
+
+    retry_min: float
+    retry_max: float
+    warn_after: float
+    give_up_after: float
+    concurrency_per_destination: int
+    initial_destination_concurrency: int
+    concurrency_total: int
+    recipients_per_transaction: int
+    dead_host_delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class LocalSection:
+    """``[local]``: the local mailboxes."""
+
+    mail_root: Path
+    format: MailboxFormat
+    users: tuple[str, ...]
+    mailboxes: Mapping[str, Path]
+    aliases: Path | None
+    recipient_delimiter: str
+    system_users: bool
+
+    def mailbox_path(self, user: str) -> Path:
+        """Where ``user``'s mail goes: its ``[local.mailboxes]`` entry, else mail_root/user."""
+        return self.mailboxes.get(user, self.mail_root / user)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One ``[[route]]``: mail for ``domain`` goes to ``channel``."""
+
+    domain: str
+    channel: Channel
+    smarthost: Smarthost | None = None
+    tls: TlsPolicy = TlsPolicy.OPPORTUNISTIC
+    auth_user: str | None = None
+    auth_password_file: Path | None = None
+    site: str | None = None
+
+    def matches(self, domain: str) -> bool:
+        """Whether mail for ``domain`` takes this route (``*.x`` matches below x, not x)."""
+        wanted = domain.lower().rstrip(".")
+        if self.domain.startswith("*."):
+            return wanted.endswith(self.domain[1:])
+        return wanted == self.domain
+
+
+@dataclass(frozen=True, slots=True)
+class PhoneSite:
+    """``[phone.sites.NAME]``: a site this relay exchanges mail with over the serial link.
+
+    A site without a transport only calls in; mail for it waits for its call.
+    """
+
+    name: str
+    secret_file: Path
+    transport: SerialTransport | TcpTransport | None = None
+    dial: str | None = None
+    chat: tuple[str, ...] = ()
+    schedule: float | None = None
+    login: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PhoneSection:
+    """``[phone]``: where calls are answered, and the sites."""
+
+    answer: tuple[Transport, ...] = ()
+    sites: Mapping[str, PhoneSite] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration."""
+
+    source: Path | None
+    relay: RelaySection
+    smtp: SmtpSection
+    deliver: DeliverSection
+    local: LocalSection
+    routes: tuple[Route, ...]
+    phone: PhoneSection
+
+    def route_for(self, domain: str) -> Route | None:
+        """The first route matching ``domain``, or None (SMTP by MX, or local)."""
+        return next((route for route in self.routes if route.matches(domain)), None)
+
+    def summary(self) -> str:
+        """One line saying what this configuration runs."""
+        listeners = [*self.smtp.listen, *(f"{e} (tls)" for e in self.smtp.listen_tls)]
+        smtp = f"smtp on {', '.join(listeners)}" if listeners else "no smtp listener"
+        return (
+            f"{self.relay.hostname}: {_count(len(self.relay.local_domains), 'local domain')}, "
+            f"{smtp}, {_count(len(self.routes), 'route')}, "
+            f"{_count(len(self.phone.sites), 'phone site')}, spool {self.relay.spool}"
+        )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, check and resolve the file at ``path``; raise ConfigError listing every problem."""
+    source = Path(path).absolute()
+    try:
+        data = source.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([f"{_shown(source)}: file not found"]) from None
+    except OSError as error:
+        raise ConfigError([f"{_shown(source)}: cannot read: {error.strerror}"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError([f"{_shown(source)}: not UTF-8 text (byte {error.start})"]) from None
+    return parse_config(text, source.parent, source=source)
+
+
+def parse_config(text: str, base_dir: Path, *, source: Path | None = None) -> Config:
+    """The configuration in ``text``, relative paths resolved against ``base_dir``."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError([f"invalid TOML: {error}"]) from None
+    problems: list[str] = []
+    config = _read_config(data, base_dir.absolute(), source, problems)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def default_config(base_dir: Path | None = None) -> Config:
+    """The embedded default (:data:`DEFAULT_TOML`), its paths under ``base_dir`` (or the cwd)."""
+    return parse_config(DEFAULT_TOML, Path.cwd() if base_dir is None else base_dir)
+
+
+# --------------------------------------------------------------------------- the reader
+
+
+class _Invalid(Exception):
+    """One value is wrong; the message says what was expected."""
+
+
+def _describe(value: object) -> str:
+    """``value`` as the problem line shows it after "got"."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value if len(value) <= 60 else value[:57] + "...")
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, datetime | date | time):
+        return f"a date/time ({value.isoformat()})"
+    return type(value).__name__
+
+
+def _expected(what: str, value: object) -> _Invalid:
+    return _Invalid(f"expected {what}, got {_describe(value)}")
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _join(prefix: str, key: str) -> str:
+    """The dotted name of ``key`` in the table ``prefix``, quoting it as TOML would."""
+    if not _BARE_KEY.fullmatch(key):
+        key = json.dumps(key, ensure_ascii=not key.isprintable())
+    return f"{prefix}.{key}" if prefix else key
+
+
+class _Table:
+    """Reads one TOML table, recording problems instead of raising.
+
+    Each getter converts a key's value, or records a problem and returns the default so
+    that reading goes on. Every key asked for becomes known; :meth:`finish` reports the
+    rest as unknown.
+    """
+
+    def __init__(
+        self, data: Mapping[str, object], name: str, problems: list[str], noun: str = "key"
+    ) -> None:
+        self.data = data
+        self.name = name
+        self.problems = problems
+        self.noun = noun
+        self.known: set[str] = set()
+        self.failed: set[str] = set()
+
+    def key(self, key: str) -> str:
+        return _join(self.name, key)
+
+    def problem(self, key: str, message: str, *, index: int | None = None) -> None:
+        self.failed.add(key)
+        where = self.key(key) if index is None else f"{self.key(key)}[{index}]"
+        self.problems.append(f"{where}: {message}")
+
+    def has(self, key: str) -> bool:
+        self.known.add(key)
+        return key in self.data
+
+    def valid(self, *keys: str) -> bool:
+        """Whether all of ``keys`` were read without a problem (for cross-checks)."""
+        return not self.failed.intersection(keys)
+
+    def get(self, key: str, convert: Callable[[object], T], default: T) -> T:
+        if not self.has(key):
+            return default
+        try:
+            return convert(self.data[key])
+        except _Invalid as error:
+            self.problem(key, str(error))
+            return default
+
+    def require(self, key: str, convert: Callable[[object], T], placeholder: T) -> T:
+        if not self.has(key):
+            self.problem(key, "required")
+            return placeholder
+        return self.get(key, convert, placeholder)
+
+    def get_list(
+        self,
+        key: str,
+        convert: Callable[[object], T],
+        default: tuple[T, ...],
+        what: str,
+        *,
+        unique: bool = False,
+    ) -> tuple[T, ...]:
+        """An array, each element converted; a bad element is its own problem.
+
+        With ``unique``, repeated elements are dropped (keeping the first), since for a
+        set of names or networks a repeat is harmless and order rarely matters.
+        """
+        if not self.has(key):
+            return default
+        value = self.data[key]
+        if not isinstance(value, list):
+            self.problem(key, str(_expected(f"an array of {what}", value)))
+            return default
+        items: list[T] = []
+        for index, item in enumerate(value):
+            try:
+                items.append(convert(item))
+            except _Invalid as error:
+                self.problem(key, str(error), index=index)
+        return tuple(dict.fromkeys(items)) if unique else tuple(items)
+
+    def table(self, key: str) -> _Table:
+        """The sub-table ``key`` (empty if absent or not a table)."""
+        data: Mapping[str, object] = {}
+        if self.has(key):
+            value = self.data[key]
+            if isinstance(value, dict):
+                data = value
+            else:
+                self.problem(key, str(_expected("a table", value)))
+        return _Table(data, self.key(key), self.problems)
+
+    def finish(self) -> None:
+        """Report every key nobody asked for, with the nearest known name."""
+        for key in self.data:
+            if key in self.known:
+                continue
+            close = difflib.get_close_matches(key, sorted(self.known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            self.problems.append(f"{self.key(key)}: unknown {self.noun}{hint}")
+
+
+# --------------------------------------------------------------------------- converters
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise _expected("a non-empty string", value)
+    return value
+
+
+def _any_string(value: object) -> str:
+    if not isinstance(value, str):
+        raise _expected("a string", value)
+    return value
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _expected("true or false", value)
+    return value
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _expected("a positive integer", value)
+    return value
+
+
+_DURATION_EXAMPLES = "a duration like '30s', '5m', '4h', '5d' or seconds"
+
+
+def _duration(value: object) -> float:
+    """A duration of at least zero seconds."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _expected(_DURATION_EXAMPLES, value)
+    try:
+        return parse_duration(value)
+    except DurationError:
+        raise _expected(_DURATION_EXAMPLES, value) from None
+
+
+def _positive_duration(value: object) -> float:
+    seconds = _duration(value)
+    if seconds <= 0:
+        raise _expected("a duration longer than zero", value)
+    return seconds
+
+
+def _enum(kind: type[StrEnum]) -> Callable[[object], str]:
+    choices = ", ".join(repr(member.value) for member in kind)
+
+    def convert(value: object) -> str:
+        if not isinstance(value, str) or value not in kind._value2member_map_:
+            raise _expected(f"one of {choices}", value)
+        return value
+
+    return convert
+
+
+def _mailbox_format(value: object) -> MailboxFormat:
+    return MailboxFormat(_enum(MailboxFormat)(value))
+
+
+def _channel(value: object) -> Channel:
+    return Channel(_enum(Channel)(value))
+
+
+def _tls_policy(value: object) -> TlsPolicy:
+    return TlsPolicy(_enum(TlsPolicy)(value))
+
+
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _is_domain(text: str) -> bool:
+    labels = text.split(".")
+    return len(text) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
+
+
+def _domain(value: object) -> str:
+    """A domain name (ASCII, lowercased; a single label such as ``localhost`` is fine)."""
+    if isinstance(value, str) and value.isascii() and _is_domain(value.lower()):
+        return value.lower()
+    raise _expected("a domain name", value)
+
+
+def _domain_pattern(value: object) -> str:
+    """A route's domain: ``example.test`` or ``*.example.test``."""
+    if isinstance(value, str) and value.isascii():
+        lowered = value.lower()
+        name = lowered[2:] if lowered.startswith("*.") else lowered
+        if _is_domain(name):
+            return lowered
+    raise _expected("a domain like 'partner.test' or '*.partner.test'", value)
+
+
+_LOCAL_PART = re.compile(r"[^\s@<>()\[\],;:\\\"]+")
+
+
+def _address(value: object) -> str:
+    """A mail address ``local@domain``; the domain is lowercased."""
+    if isinstance(value, str):
+        local, at, domain = value.rpartition("@")
+        if at and _LOCAL_PART.fullmatch(local) and domain.isascii() and _is_domain(domain.lower()):
+            return f"{local}@{domain.lower()}"
+    raise _expected("an address like 'postmaster@example.test'", value)
+
+
+_USER = re.compile(r"[^\s/@:\x00-\x1f\x7f]+")
+_USER_RULE = "no whitespace, '/', '@' or ':'"
+
+
+def _is_user_name(text: str) -> bool:
+    """One safe path component that can be a local part: no '@', no whitespace."""
+    return bool(_USER.fullmatch(text)) and text not in (".", "..")
+
+
+def _user_name(value: object) -> str:
+    if isinstance(value, str) and _is_user_name(value):
+        return value
+    raise _expected(f"a user name ({_USER_RULE})", value)
+
+
+_SITE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SITE_RULE = "letters, digits, '.', '_' and '-'"
+
+
+def _is_site_name(text: str) -> bool:
+    """A phone site or login name: short, and safe to name files with."""
+    return bool(_SITE.fullmatch(text)) and len(text) <= 64
+
+
+def _site_name(value: object) -> str:
+    if isinstance(value, str) and _is_site_name(value):
+        return value
+    raise _expected(f"a name of {_SITE_RULE}", value)
+
+
+def _delimiter(value: object) -> str:
+    """``""`` (no extensions) or one punctuation character."""
+    if isinstance(value, str) and (
+        value == ""
+        or (len(value) == 1 and value.isprintable() and value not in " @" and not value.isalnum())
+    ):
+        return value
+    raise _expected("'' or one punctuation character such as '+' or '-'", value)
+
+
+def _network(value: object) -> IPNetwork:
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            pass
+    raise _expected("a network like '192.0.2.0/24' or '::1/128'", value)
+
+
+_ENDPOINT_TYPES = ("tcp", "tcp6", "ssl", "unix", "systemd")
+_UNESCAPED_COLON = re.compile(r"(?<!\\):")
+
+
+def _endpoint(value: object) -> str:
+    """A Twisted server endpoint description, lightly checked (type and port)."""
+    what = "a server endpoint like 'tcp:2525:interface=127.0.0.1'"
+    if not isinstance(value, str):
+        raise _expected(what, value)
+    kind, *args = _UNESCAPED_COLON.split(value)
+    if kind not in _ENDPOINT_TYPES or not any(args):
+        raise _expected(f"{what} (one of {', '.join(_ENDPOINT_TYPES)})", value)
+    if kind in ("tcp", "tcp6", "ssl"):
+        positional = [a for a in args if "=" not in a]
+        named = [a.partition("=")[2] for a in args if a.startswith("port=")]
+        port = (named or positional or [""])[0]
+        if not port.isdigit() or not port.isascii() or int(port) > 65535:
+            raise _expected(f"{what} (with a port number)", value)
+    return value
+
+
+def _port(text: str) -> int:
+    if text.isascii() and text.isdigit() and 0 < int(text) <= 65535:
+        return int(text)
+    raise ValueError(f"bad port {text!r}")
+
+
+def _host(text: str) -> str:
+    """A host name or an IP address (lowercased)."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    if text.isascii() and _is_domain(text.lower()):
+        return text.lower()
+    raise ValueError(f"bad host {text!r}")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+_BRACKETED = re.compile(r"\[([^\]]+)\](?::([^:]*))?")
+
+
+def _split_host_port(text: str, *, default_port: int | None) -> tuple[str, int, bool]:
+    """``host``, ``host:port``, ``[host]`` or ``[host]:port`` → (host, port, bracketed)."""
+    match = _BRACKETED.fullmatch(text)
+    if match:
+        host, port = match.group(1), match.group(2)
+    elif text.count(":") > 1:
+        raise ValueError("an IPv6 address must be written in [brackets]")
+    elif ":" in text:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, None
+    if port is None:
+        if default_port is None:
+            raise ValueError("a port is required")
+        return _host(host), default_port, match is not None
+    return _host(host), _port(port), match is not None
+
+
+def _smarthost(value: object) -> Smarthost:
+    what = "a host like 'mail.example.test', 'mail.example.test:587' or '[192.0.2.1]:25'"
+    if not isinstance(value, str):
+        raise _expected(what, value)
+    try:
+        host, port, bracketed = _split_host_port(value, default_port=25)
+    except ValueError:
+        raise _expected(what, value) from None
+    return Smarthost(host, port, mx_lookup=not bracketed and not _is_ip(host))
+
+
+def parse_transport(text: str) -> Transport:
+    """``serial:DEVICE[:baudrate=N]``, ``tcp:[HOST:]PORT`` or ``stdio``; ValueError if not."""
+    kind, _, rest = text.partition(":")
+    if kind == "serial":
+        return _serial_transport(rest)
+    if kind == "tcp":
+        host, port, _ = (
+            ("", _port(rest), False)
+            if rest.isdigit()
+            else _split_host_port(rest, default_port=None)
+        )
+        return TcpTransport(host, port)
+    if text == "stdio":
+        return StdioTransport()
+    raise ValueError(f"unknown transport {text!r}")
+
+
+def _serial_transport(rest: str) -> SerialTransport:
+    device, *options = rest.split(":")
+    if not device:
+        raise ValueError("a serial device is required")
+    baudrate = 9600
+    for option in options:
+        name, _, number = option.partition("=")
+        if name != "baudrate" or not (number.isascii() and number.isdigit()) or int(number) == 0:
+            raise ValueError(f"bad serial option {option!r}")
+        baudrate = int(number)
+    return SerialTransport(device, baudrate)
+
+
+def _answer_transport(value: object) -> Transport:
+    what = "a transport like 'serial:/dev/ttyS1:baudrate=115200', 'tcp:2600' or 'stdio'"
+    if not isinstance(value, str):
+        raise _expected(what, value)
+    try:
+        return parse_transport(value)
+    except ValueError:
+        raise _expected(what, value) from None
+
+
+def _site_transport(value: object) -> SerialTransport | TcpTransport:
+    what = "a transport like 'serial:/dev/ttyS0:baudrate=115200' or 'tcp:host:port'"
+    if not isinstance(value, str):
+        raise _expected(what, value)
+    try:
+        transport = parse_transport(value)
+    except ValueError:
+        raise _expected(what, value) from None
+    if isinstance(transport, StdioTransport) or (
+        isinstance(transport, TcpTransport) and not transport.host
+    ):
+        raise _expected(what, value)
+    return transport
+
+
+class _Paths:
+    """Converters for paths, relative ones resolved against the config's directory."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+
+    def path(self, value: object) -> Path:
+        """A path to something the relay creates (need not exist)."""
+        if not isinstance(value, str) or not value or "\x00" in value:
+            raise _expected("a path", value)
+        return self.base / value
+
+    def file(self, value: object) -> Path:
+        """A path to a file the relay reads: it must exist and be readable now."""
+        path = self.path(value)
+        try:
+            if not path.exists():
+                raise _Invalid(f"file not found: {_shown(path)}")
+            if not path.is_file():
+                raise _Invalid(f"not a file: {_shown(path)}")
+            if not os.access(path, os.R_OK):
+                raise _Invalid(f"not readable: {_shown(path)}")
+        except (OSError, ValueError) as error:
+            reason = getattr(error, "strerror", None) or type(error).__name__
+            raise _Invalid(f"cannot use {_shown(path)}: {reason}") from None
+        return path
+
+
+def _shown(path: Path) -> str:
+    """``path`` for a problem line: as is, or quoted if it would break the line."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
+# --------------------------------------------------------------------------- the sections
+
+
+_SECTIONS = ("relay", "smtp", "deliver", "local", "route", "phone")
+
+
+def _read_config(
+    data: Mapping[str, object], base: Path, source: Path | None, problems: list[str]
+) -> Config:
+    top = _Table(data, "", problems, noun="section")
+    paths = _Paths(base)
+    relay = _finished(top.table("relay"), lambda t: _read_relay(t, paths))
+    smtp = _finished(top.table("smtp"), lambda t: _read_smtp(t, paths))
+    deliver = _finished(top.table("deliver"), _read_deliver)
+    local = _finished(top.table("local"), lambda t: _read_local(t, paths))
+    phone = _finished(top.table("phone"), lambda t: _read_phone(t, paths))
+    routes = _read_routes(top, paths, phone)
+    top.finish()
+    return Config(source, relay, smtp, deliver, local, routes, phone)
+
+
+def _finished(table: _Table, read: Callable[[_Table], T]) -> T:
+    result = read(table)
+    table.finish()
+    return result
+
+
+def _read_relay(t: _Table, paths: _Paths) -> RelaySection:
+    hostname = t.require("hostname", _domain, "localhost")
+    local_domains = t.get_list("local_domains", _domain, (hostname,), "domain names", unique=True)
+    spool = t.get("spool", paths.path, paths.base / "var/spool")
+    postmaster = t.get("postmaster", _address, None)
+    if postmaster is None:
+        postmaster = f"postmaster@{(local_domains or (hostname,))[0]}"
+    return RelaySection(hostname, local_domains, spool, postmaster)
+
+
+_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def _read_smtp(t: _Table, paths: _Paths) -> SmtpSection:
+    smtp = SmtpSection(
+        listen=t.get_list("listen", _endpoint, ("tcp:2525:interface=127.0.0.1",), "endpoints"),
+        listen_tls=t.get_list("listen_tls", _endpoint, (), "endpoints"),
+        trusted_networks=t.get_list(
+            "trusted_networks", _network, _LOOPBACK, "networks", unique=True
+        ),
+        max_message_size=t.get("max_message_size", _positive_int, 10485760),
+        max_recipients=t.get("max_recipients", _positive_int, 100),
+        max_errors=t.get("max_errors", _positive_int, 10),
+        max_sessions=t.get("max_sessions", _positive_int, 100),
+        max_sessions_per_client=t.get("max_sessions_per_client", _positive_int, 20),
+        idle_timeout=t.get("idle_timeout", _positive_duration, 300.0),
+        session_timeout=t.get("session_timeout", _positive_duration, 1800.0),
+        tls_cert_file=t.get("tls_cert_file", paths.file, None),
+        tls_key_file=t.get("tls_key_file", paths.file, None),
+        auth_users_file=t.get("auth_users_file", paths.file, None),
+        auth_requires_tls=t.get("auth_requires_tls", _boolean, True),
+    )
+    _check_smtp_tls(t, smtp)
+    return smtp
+
+
+def _check_smtp_tls(t: _Table, smtp: SmtpSection) -> None:
+    """Certificate and key come together; TLS listeners and TLS-only AUTH need them."""
+    has_cert, has_key = t.has("tls_cert_file"), t.has("tls_key_file")
+    if has_cert and not has_key:
+        t.problem("tls_key_file", f"required when {t.key('tls_cert_file')} is set")
+    if has_key and not has_cert:
+        t.problem("tls_cert_file", f"required when {t.key('tls_key_file')} is set")
+    if smtp.listen_tls and not (has_cert or has_key):
+        t.problem("listen_tls", "needs smtp.tls_cert_file and smtp.tls_key_file")
+    if t.has("auth_users_file") and smtp.auth_requires_tls and not (has_cert or has_key):
+        t.problem(
+            "auth_users_file",
+            "AUTH is offered only over TLS (auth_requires_tls = true) "
+            "but smtp.tls_cert_file is not set",
+        )
+
+
+def _read_deliver(t: _Table) -> DeliverSection:
+    deliver = DeliverSection(
+        retry_min=t.get("retry_min", _positive_duration, 300.0),
+        retry_max=t.get("retry_max", _positive_duration, 4200.0),
+        warn_after=t.get("warn_after", _positive_duration, 4 * 3600.0),
+        give_up_after=t.get("give_up_after", _positive_duration, 5 * 86400.0),
+        concurrency_per_destination=t.get("concurrency_per_destination", _positive_int, 20),
+        initial_destination_concurrency=t.get("initial_destination_concurrency", _positive_int, 5),
+        concurrency_total=t.get("concurrency_total", _positive_int, 100),
+        recipients_per_transaction=t.get("recipients_per_transaction", _positive_int, 50),
+        dead_host_delay=t.get("dead_host_delay", _duration, 600.0),
+    )
+    _check_order(t, "retry_min", deliver.retry_min, "retry_max", deliver.retry_max, strict=False)
+    _check_order(t, "warn_after", deliver.warn_after, "give_up_after", deliver.give_up_after)
+    _check_order(
+        t,
+        "initial_destination_concurrency",
+        deliver.initial_destination_concurrency,
+        "concurrency_per_destination",
+        deliver.concurrency_per_destination,
+        strict=False,
+    )
+    return deliver
+
+
+def _check_order(
+    t: _Table, low: str, low_value: float, high: str, high_value: float, *, strict: bool = True
+) -> None:
+    """Record a problem at ``low`` unless it is below (or, not strict, at most) ``high``."""
+    if not (t.has(low) or t.has(high)) or not t.valid(low, high):
+        return
+    if low_value < high_value or (not strict and low_value == high_value):
+        return
+    relation = "shorter than" if strict else "at most"
+    shown = format_duration(high_value) if isinstance(low_value, float) else str(high_value)
+    t.problem(low, f"must be {relation} {t.key(high)} ({shown})")
+
+
+def _read_local(t: _Table, paths: _Paths) -> LocalSection:
+    return LocalSection(
+        mail_root=t.get("mail_root", paths.path, paths.base / "var/mail"),
+        format=t.get("format", _mailbox_format, MailboxFormat.MAILDIR),
+        users=t.get_list("users", _user_name, (), "user names", unique=True),
+        mailboxes=_read_mailboxes(t.table("mailboxes"), paths),
+        aliases=t.get("aliases", paths.file, None),
+        recipient_delimiter=t.get("recipient_delimiter", _delimiter, "+"),
+        system_users=t.get("system_users", _boolean, False),
+    )
+
+
+def _read_mailboxes(t: _Table, paths: _Paths) -> Mapping[str, Path]:
+    """``[local.mailboxes]``: user name → mailbox path; every key is a name, none unknown."""
+    mailboxes: dict[str, Path] = {}
+    for name in t.data:
+        t.known.add(name)
+        if not _is_user_name(name):
+            t.problem(name, f"not a valid user name ({_USER_RULE})")
+            continue
+        mailboxes[name] = t.get(name, paths.path, paths.base)
+    return MappingProxyType(mailboxes)
+
+
+def _read_routes(top: _Table, paths: _Paths, phone: PhoneSection) -> tuple[Route, ...]:
+    what = "an array of tables ([[route]])"
+    if not top.has("route"):
+        return ()
+    value = top.data["route"]
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        top.problem("route", str(_expected(what, value)))
+        return ()
+    routes: list[Route] = []
+    first_index: dict[str, int] = {}
+    for index, item in enumerate(value):
+        t = _Table(item, f"route[{index}]", top.problems)
+        route = _finished(t, lambda t: _read_route(t, paths, phone))
+        if route.domain in first_index and t.valid("domain"):
+            earlier = first_index[route.domain]
+            t.problem("domain", f"same domain as route[{earlier}], which always matches first")
+        first_index.setdefault(route.domain, index)
+        routes.append(route)
+    return tuple(routes)
+
+
+_SMTP_ONLY = ("smarthost", "tls", "auth_user", "auth_password_file")
+
+
+def _read_route(t: _Table, paths: _Paths, phone: PhoneSection) -> Route:
+    route = Route(
+        domain=t.require("domain", _domain_pattern, ""),
+        channel=t.get("channel", _channel, Channel.SMTP),
+        smarthost=t.get("smarthost", _smarthost, None),
+        tls=t.get("tls", _tls_policy, TlsPolicy.OPPORTUNISTIC),
+        auth_user=t.get("auth_user", _string, None),
+        auth_password_file=t.get("auth_password_file", paths.file, None),
+        site=t.get("site", _site_name, None),
+    )
+    if not t.valid("channel"):
+        return route
+    if route.channel is not Channel.SMTP:
+        for key in filter(t.has, _SMTP_ONLY):
+            t.problem(key, f"only allowed with channel 'smtp', not {route.channel.value!r}")
+    else:
+        _check_route_auth(t, route)
+    _check_route_site(t, route, phone)
+    return route
+
+
+def _check_route_auth(t: _Table, route: Route) -> None:
+    """A login comes with its password, and a password is not sent without TLS."""
+    has_user, has_password = t.has("auth_user"), t.has("auth_password_file")
+    if has_user and not has_password:
+        t.problem("auth_password_file", f"required when {t.key('auth_user')} is set")
+    if has_password and not has_user:
+        t.problem("auth_user", f"required when {t.key('auth_password_file')} is set")
+    if (has_user or has_password) and route.tls is TlsPolicy.NONE and t.valid("tls"):
+        t.problem("tls", "cannot be 'none' on a route that authenticates")
+
+
+def _check_route_site(t: _Table, route: Route, phone: PhoneSection) -> None:
+    """Channel phone needs a site that ``[phone.sites]`` defines; other channels none."""
+    if route.channel is not Channel.PHONE:
+        if t.has("site"):
+            t.problem("site", f"only allowed with channel 'phone', not {route.channel.value!r}")
+        return
+    if not t.has("site"):
+        t.problem("site", "required with channel 'phone'")
+    elif route.site is not None and route.site not in phone.sites:
+        t.problem("site", f"no such site in [phone.sites]: {route.site!r}")
+
+
+def _read_phone(t: _Table, paths: _Paths) -> PhoneSection:
+    answer = t.get_list("answer", _answer_transport, (), "transports")
+    sites_table = t.table("sites")
+    sites: dict[str, PhoneSite] = {}
+    for name, value in sites_table.data.items():
+        sites_table.known.add(name)
+        site = _read_site(sites_table, name, value, paths)
+        if site is not None:
+            sites[name] = site
+    return PhoneSection(answer, MappingProxyType(sites))
+
+
+def _read_site(sites: _Table, name: str, value: object, paths: _Paths) -> PhoneSite | None:
+    if not _is_site_name(name):
+        sites.problem(name, f"not a valid site name (use {_SITE_RULE})")
+        return None
+    if not isinstance(value, dict):
+        sites.problem(name, str(_expected("a table", value)))
+        return None
+    t = _Table(value, sites.key(name), sites.problems)
+    site = PhoneSite(
+        name=name,
+        secret_file=t.require("secret_file", paths.file, paths.base),
+        transport=t.get("transport", _site_transport, None),
+        dial=t.get("dial", _string, None),
+        chat=t.get_list("chat", _any_string, (), "strings"),
+        schedule=t.get("schedule", _positive_duration, None),
+        login=t.get("login", _site_name, None),
+    )
+    _check_site(t, site)
+    t.finish()
+    return site
+
+
+def _check_site(t: _Table, site: PhoneSite) -> None:
+    """Dialling needs a serial line; a schedule or chat script needs some transport."""
+    if not t.valid("transport"):
+        return
+    if t.has("dial") and not isinstance(site.transport, SerialTransport):
+        t.problem("dial", "needs a serial transport")
+    for key in ("chat", "schedule"):
+        if t.has(key) and site.transport is None:
+            t.problem(key, "needs a transport (a site without one only calls in)")

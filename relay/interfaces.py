@@ -1,0 +1,286 @@
+"""The seams of the relay: the MMDF channel contract, the queue and the deliverer.
+
+A channel is anything mail can leave or enter by: SMTP, local mailboxes, the phone/slave
+serial link.  MMDF gave every channel module the same calls, grouped in phases, and one
+deliverer (``deliver``, the ``qu_`` side) that drives them all.  We keep that contract,
+renamed for Python and made asynchronous: every call returns a Deferred, and a call a
+channel has nothing to do in is still present (and fires at once), so the deliverer's
+sequencing never depends on which channel it talks to.
+
+The mapping to MMDF's names, once:
+
+==========================  ======================================  ==================
+MMDF call                   here                                    phase
+==========================  ======================================  ==================
+``xx_init``                 :meth:`IChannel.open_session`           session
+``xx_end``                  :meth:`IChannelSession.end_session`     session
+``xx_winit``                :meth:`IChannelSession.begin_message`   write a message
+``xx_wadr`` + ``xx_rrply``  :meth:`IChannelSession.add_recipient`   write a message
+``xx_waend``                :meth:`IChannelSession.end_recipients`  write a message
+``xx_wtinit``               :meth:`IChannelSession.begin_text`      write a message
+``xx_wtxt``                 :meth:`IChannelSession.write_text`      write a message
+``xx_wtend`` + ``xx_rrply`` :meth:`IChannelSession.end_text`        write a message
+``xx_wkill``                :meth:`IChannelSession.abort_message`   write a message
+``xx_rinit``                :meth:`IReadSession.next_message`       read a message
+``xx_radr``                 :meth:`IReadSession.next_recipient`     read a message
+``xx_wrply`` (address)      :meth:`IReadSession.answer_recipient`   read a message
+``xx_rtinit``               :meth:`IReadSession.begin_text`         read a message
+``xx_rtxt``                 :meth:`IReadSession.read_text`          read a message
+``xx_wrply`` (text)         :meth:`IReadSession.answer_message`     read a message
+``xx_rkill``                :meth:`IReadSession.abort_message`      read a message
+``xx_sbinit``               :meth:`ISubmitPickup.begin_submission`  submit
+``xx_sbend``                :meth:`ISubmitPickup.end_submission`    submit
+``xx_pkinit``               :meth:`ISubmitPickup.begin_pickup`      pick up
+``xx_pkkill``               :meth:`ISubmitPickup.stop_pickup`       pick up
+==========================  ======================================  ==================
+
+MMDF's ``xx_wainit`` ("get ready for addresses") has no call of its own: it is always
+immediately after ``xx_winit``, so :meth:`IChannelSession.begin_message` covers both.
+
+**Sequencing modes.**  A channel declares one (:class:`SequencingMode`):
+
+* *address-then-text* (list mode: SMTP, phone).  The deliverer calls ``begin_message``,
+  then ``add_recipient`` for each address, each answered ``AOK`` (address accepted, text
+  to follow) or a failure; then ``end_recipients``, ``begin_text``, ``write_text`` for
+  each chunk, and ``end_text``, whose reply applies to every address that got ``AOK``.
+  If no address got ``AOK`` the deliverer calls ``abort_message`` instead of sending text.
+* *text-per-address* (local mailboxes).  ``add_recipient`` delivers the whole message
+  (the channel reads it from ``message.open_text()``) and answers ``MOK`` or a failure.
+  ``end_recipients`` follows; no text calls are made.
+
+A channel that can answer one of ``AOK`` and ``MOK`` never answers the other.  The
+deliverer checks this: a violation defers the message (never loses it), aborts the
+session and is logged with the channel's name.
+
+**Failures.**  A channel reports the fate of an address with a
+:class:`relay.reply.Reply`, never by failing the Deferred.  A Deferred that fails means
+the session itself is broken (a defect, or a lost connection the channel did not turn
+into a reply): the deliverer treats every address not yet final as ``NET`` (deferred,
+destination marked dead) and drops the session.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+from relay.address import Address
+from relay.envelope import Destination, Envelope, Recipient, RecipientStatus
+from relay.reply import Reply
+
+__all__ = [
+    "IChannel",
+    "IChannelSession",
+    "IDeliverer",
+    "IMessage",
+    "IQueue",
+    "IReadSession",
+    "ISubmitPickup",
+    "ITextReader",
+    "SequencingMode",
+]
+
+
+class SequencingMode(enum.Enum):
+    """How a channel wants a message: all addresses then one text, or text per address."""
+
+    ADDRESS_THEN_TEXT = "address-then-text"
+    TEXT_PER_ADDRESS = "text-per-address"
+
+
+# --- the message as a channel sees it ---------------------------------------------------
+
+
+class ITextReader(Interface):
+    """A stream over a message's text: read it chunk by chunk, never all at once."""
+
+    def read(max_bytes: int) -> Deferred[bytes]:
+        """Fire with up to ``max_bytes`` of the text; ``b""`` at the end."""
+
+    def close() -> None:
+        """Release the underlying file; further reads are an error."""
+
+
+class IMessage(Interface):
+    """A queued message handed to a channel: its identity, envelope and text.
+
+    The text is the message as received, with CRLF line ends and no dot-stuffing;
+    each call to :meth:`open_text` starts a fresh stream from the first byte, so a
+    text-per-address channel can read it once per address.
+    """
+
+    queue_id = Attribute("str: the spool's id of the message (safe as a file name)")
+    envelope = Attribute("relay.envelope.Envelope: sender, recipients, flags")
+    size = Attribute("int: the text's size in octets")
+
+    def open_text() -> ITextReader:
+        """A new stream over the text, from its first byte."""
+
+
+# --- the channel contract (MMDF xx_*) ---------------------------------------------------
+
+
+class IChannel(Interface):
+    """A way out of the relay (MMDF's channel module, its ``xx_init`` entry point)."""
+
+    name = Attribute("str: the channel's name in routes, logs and the spool ('smtp', 'local')")
+    mode = Attribute("SequencingMode: how this channel wants a message sequenced")
+
+    def open_session(destination: Destination) -> Deferred[IChannelSession]:
+        """``xx_init``: get ready to handle mail for one destination.
+
+        Fires with a session once the channel can take a message (for SMTP: connected
+        and greeted).  If the destination cannot be reached the Deferred fires with a
+        session anyway only if the channel wants to answer per address; otherwise it
+        fails with :class:`relay.errors.SessionFailed` carrying the reply (``DHST``,
+        ``NS``, ``TIME``…) that every address for the destination then gets.
+        """
+
+
+class IChannelSession(Interface):
+    """One open session of a channel to a destination: MMDF's write-mail calls.
+
+    A session carries any number of messages, one at a time, until ``end_session``.
+    """
+
+    def begin_message(mode: str, return_path: Address | None, message: IMessage) -> Deferred[None]:
+        """``xx_winit`` (+ ``xx_wainit``): a message follows.
+
+        ``mode`` is MMDF's mode string (``"m"``: for a mailbox); ``return_path`` is None
+        for the null sender.  The message's text is available through ``message``.
+        """
+
+    def add_recipient(recipient: Recipient) -> Deferred[Reply]:
+        """``xx_wadr`` then ``xx_rrply``: here is one address; fire with its reply.
+
+        Address-then-text channels answer ``AOK`` or a failure; text-per-address
+        channels deliver the whole message here and answer ``MOK`` or a failure.
+        """
+
+    def end_recipients() -> Deferred[None]:
+        """``xx_waend``: no more addresses for this message."""
+
+    def begin_text() -> Deferred[None]:
+        """``xx_wtinit``: the text follows (address-then-text channels only)."""
+
+    def write_text(chunk: bytes) -> Deferred[None]:
+        """``xx_wtxt``: one more chunk of the text; fires when the chunk may be reused.
+
+        Chunks are pieces of the CRLF text with no dot-stuffing; a line may be split
+        across chunks.  The Deferred gives backpressure: the deliverer waits for it.
+        """
+
+    def end_text() -> Deferred[Reply]:
+        """``xx_wtend`` then ``xx_rrply``: end of text; fire with the final reply.
+
+        The reply applies to every address of this message that was answered ``AOK``.
+        """
+
+    def abort_message() -> Deferred[None]:
+        """``xx_wkill``: abandon the current message; the session stays usable."""
+
+    def end_session() -> Deferred[None]:
+        """``xx_end``: end this session (for SMTP: QUIT and close)."""
+
+
+class IReadSession(Interface):
+    """The receiving side: a channel delivers messages *to* the relay (MMDF's read-mail).
+
+    The SMTP gateway and the slave side of the phone link read messages this way; the
+    caller answers each address and each text, and those answers go back to the peer.
+    """
+
+    def next_message() -> Deferred[tuple[str, Address | None] | None]:
+        """``xx_rinit``: fire with the next message's (mode, return path), or None if none."""
+
+    def next_recipient() -> Deferred[Recipient | None]:
+        """``xx_radr``: fire with the next address, or None after the last one."""
+
+    def answer_recipient(reply: Reply) -> Deferred[None]:
+        """``xx_wrply`` for the address just read: accepted (``AOK``) or why not."""
+
+    def begin_text() -> Deferred[None]:
+        """``xx_rtinit``: the caller is ready for the text."""
+
+    def read_text() -> Deferred[bytes]:
+        """``xx_rtxt``: fire with the next chunk of text; ``b""`` at the end."""
+
+    def answer_message(reply: Reply) -> Deferred[None]:
+        """``xx_wrply`` for the text: the final answer (``OK`` only once it is durable)."""
+
+    def abort_message() -> Deferred[None]:
+        """``xx_rkill``: drop the current message; nothing of it is kept."""
+
+
+class ISubmitPickup(Interface):
+    """Two-way sessions (phone/slave): the caller submits mail, then picks up its own."""
+
+    def begin_submission() -> Deferred[None]:
+        """``xx_sbinit``: the caller will submit (send) mail on this session."""
+
+    def end_submission() -> Deferred[None]:
+        """``xx_sbend``: the caller has no more mail to submit."""
+
+    def begin_pickup() -> Deferred[IReadSession]:
+        """``xx_pkinit``: the caller wants to receive the mail waiting for it."""
+
+    def stop_pickup() -> Deferred[None]:
+        """``xx_pkkill``: the caller wants no more mail on this session."""
+
+
+# --- the queue and the deliverer ---------------------------------------------------------
+
+
+class IQueue(Interface):
+    """The spool: where accepted mail waits, durably, with per-recipient state.
+
+    Every Deferred that reports a change fires only after the change is on disk
+    (fsynced), so a caller may say "yes" to a peer as soon as it fires.
+    """
+
+    def store(envelope: Envelope, text: bytes) -> Deferred[str]:
+        """Write a new message durably; fire with its queue id (unique, sortable by arrival).
+
+        Fails (and leaves nothing visible) when the message cannot be made durable,
+        e.g. on a full disk: the SMTP gateway then answers 452 4.3.1.
+        """
+
+    def load(queue_id: str) -> Deferred[tuple[Envelope, Sequence[RecipientStatus]]]:
+        """Fire with a message's envelope and its recipients' states (not its text)."""
+
+    def open_message(queue_id: str) -> IMessage:
+        """The message as a channel sees it, with its text readable in chunks."""
+
+    def update(queue_id: str, changes: Mapping[int, RecipientStatus]) -> Deferred[None]:
+        """Atomically record new states for some recipients (by index in the envelope).
+
+        Fires when durable.  When every recipient is final, the message is removed.
+        """
+
+    def list_messages() -> Deferred[Sequence[str]]:
+        """Fire with the ids of every message in the queue, oldest first."""
+
+    def due(now: float) -> Deferred[Iterable[tuple[str, int]]]:
+        """Fire with (queue id, recipient index) of every recipient due at ``now``.
+
+        Answered from an index held in memory: no message body is read.
+        """
+
+    def next_due_time() -> float | None:
+        """When the earliest deferred recipient falls due, or None if nothing waits."""
+
+    def add_listener(callback: object) -> None:
+        """Call ``callback()`` whenever new mail is stored or a recipient becomes due."""
+
+
+class IDeliverer(Interface):
+    """MMDF's deliver: drives channels through the contract for every due recipient."""
+
+    def wake() -> None:
+        """New mail arrived or something fell due: look at the queue soon."""
+
+    def flush(queue_ids: Iterable[str] | None = None, channel: str | None = None) -> Deferred[int]:
+        """Make matching deferred recipients due now; fire with how many were."""

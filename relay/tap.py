@@ -1,0 +1,87 @@
+"""``twistd relay``: build the relay's service tree from its configuration.
+
+This is the one place that wires classes together.  The tree is a ``MultiService``
+named ``relay`` whose children are the relay's parts, each a named service (``status``,
+and as they exist: ``spool``, ``deliverer``, ``smtp``, ``phone``), so an operator's
+``twistd`` log and a test can find each by name.  Configuration problems are found in
+``Options.postOptions``, before anything starts, and reported all at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.logger import Logger
+from twisted.python import usage
+
+from relay import __version__
+from relay.config import Config, ConfigError, default_config, load_config
+from relay.services import attach, named_multiservice
+
+__all__ = ["Options", "StatusService", "build_service", "config_for_twistd", "makeService"]
+
+
+class Options(usage.Options):
+    """Command-line options of ``twistd relay``."""
+
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "Run the mail relay: SMTP listeners, the deliverer, the channels and the phone "
+        "call scheduler.  Without --config, the embedded default runs (SMTP on "
+        "127.0.0.1:2525, spool and mailboxes under the current directory)."
+    )
+    optParameters = [
+        ["config", "c", None, "configuration file (TOML); default: the embedded default"],
+    ]
+
+    config: Config
+
+    def postOptions(self) -> None:
+        """Load and validate the configuration now, so twistd fails before starting."""
+        self.config = config_for_twistd(self["config"])
+
+
+def config_for_twistd(path: str | None) -> Config:
+    """The configuration at ``path`` (or the default); every problem as a UsageError."""
+    try:
+        return default_config() if path is None else load_config(Path(path))
+    except ConfigError as e:
+        where = path if path is not None else "<default>"
+        lines = (p if p.startswith(f"{where}:") else f"{where}: {p}" for p in e.problems)
+        raise usage.UsageError("\n".join(lines)) from e
+
+
+class StatusService(Service):
+    """Logs what is starting and that it stopped: the operator's first line of the log."""
+
+    log = Logger()
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def startService(self) -> None:
+        """Log the configuration summary."""
+        super().startService()  # type: ignore[no-untyped-call]
+        self.log.info(
+            "relay {version} running: {summary}",
+            version=__version__,
+            summary=self.config.summary(),
+        )
+
+    def stopService(self) -> None:
+        """Log that the relay stopped (after the other children, since it starts first)."""
+        self.log.info("relay {version} stopped", version=__version__)
+        return super().stopService()  # type: ignore[no-untyped-call,no-any-return]
+
+
+def build_service(config: Config) -> MultiService:
+    """The relay's whole service tree for ``config``."""
+    top = named_multiservice("relay")
+    attach(StatusService(config), top, "status")
+    return top
+
+
+def makeService(options: Options) -> IService:
+    """twistd's entry point: the service tree for the loaded configuration."""
+    return build_service(options.config)

@@ -1,0 +1,56 @@
+"""Small in-memory stand-ins the tests share (real implementations of the interfaces)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from relay.envelope import Envelope
+from relay.interfaces import IMessage, ITextReader
+
+
+@implementer(ITextReader)
+class BytesReader:
+    """Reads a bytes object in chunks, as the spool's reader reads a file."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+        self.closed = False
+
+    def read(self, max_bytes: int) -> Deferred[bytes]:
+        """The next chunk, b"" at the end; an error once closed."""
+        if self.closed:
+            raise ValueError("read after close")
+        chunk = self._data[self._pos : self._pos + max_bytes]
+        self._pos += len(chunk)
+        return defer.succeed(chunk)
+
+    def close(self) -> None:
+        """Mark the reader closed."""
+        self.closed = True
+
+
+@implementer(IMessage)
+@dataclass
+class BytesMessage:
+    """A queued message held in memory."""
+
+    queue_id: str
+    envelope: Envelope
+    text: bytes
+    readers: list[BytesReader] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        """The text's length."""
+        return len(self.text)
+
+    def open_text(self) -> BytesReader:
+        """A fresh reader from the first byte."""
+        reader = BytesReader(self.text)
+        self.readers.append(reader)
+        return reader

@@ -1,0 +1,104 @@
+"""The ``relay`` command: check-config, config --default, version, exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from relay.cli import exitcodes
+from relay.cli.main import main
+from relay.config import DEFAULT_TOML
+
+DATA = Path(__file__).parent / "data" / "config"
+
+
+def test_check_config_on_a_good_file(capsys: pytest.CaptureFixture[str]) -> None:
+    """A valid file exits 0 and prints a one-line summary naming the hostname."""
+    assert main(["check-config", "-c", str(DATA / "spec.toml")]) == exitcodes.OK
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    assert "hub.example.test" in out
+
+
+def test_check_config_lists_every_problem(capsys: pytest.CaptureFixture[str]) -> None:
+    """Unknown key, wrong type and missing TLS key file: three precise lines and exit 78."""
+    assert main(["check-config", "-c", str(DATA / "broken.toml")]) == exitcodes.CONFIG == 78
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3
+    text = "\n".join(lines)
+    assert "smtp.lsiten: unknown key" in text
+    assert "did you mean 'listen'" in text
+    assert "smtp.max_message_size: expected" in text
+    assert "smtp.tls_key_file: file not found" in text
+
+
+def test_check_config_on_a_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A configuration file that does not exist is a configuration error (78), in one line."""
+    missing = tmp_path / "nope.toml"
+    assert main(["check-config", "-c", str(missing)]) == exitcodes.CONFIG
+    err = capsys.readouterr().err
+    assert err == f"relay: {missing}: file not found\n"
+
+
+def test_check_config_without_a_file_checks_the_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without -c the embedded default is checked, and it is valid."""
+    assert main(["check-config"]) == exitcodes.OK
+    assert "localhost" in capsys.readouterr().out
+
+
+def test_config_default_prints_the_embedded_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """``relay config --default`` prints exactly the embedded default's TOML text."""
+    assert main(["config", "--default"]) == exitcodes.OK
+    assert capsys.readouterr().out == DEFAULT_TOML
+
+
+def test_default_printed_is_a_valid_config(tmp_path: Path) -> None:
+    """What ``config --default`` prints passes check-config when saved as a file."""
+    path = tmp_path / "relay.toml"
+    path.write_text(DEFAULT_TOML)
+    assert main(["check-config", "-c", str(path)]) == exitcodes.OK
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """``relay version`` prints the package version."""
+    assert main(["version"]) == exitcodes.OK
+    assert capsys.readouterr().out.startswith("relay 0.1.0 ")
+
+
+@pytest.mark.parametrize("argv", [[], ["no-such-command"], ["check-config", "--bogus"]])
+def test_usage_errors_exit_64(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad command line exits with EX_USAGE (64), not argparse's 2."""
+    assert main(argv) == exitcodes.USAGE
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    """``relay --help`` is not an error."""
+    assert main(["--help"]) == exitcodes.OK
+    assert "check-config" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[sys.executable, "-m", "relay"], [str(Path(sys.executable).parent / "relay")]],
+    ids=["python -m relay", "console script"],
+)
+def test_installed_entry_points(command: list[str]) -> None:
+    """``python -m relay`` and the ``relay`` console script both run and pass exit codes on."""
+    broken = subprocess.run(
+        [*command, "check-config", "-c", str(DATA / "broken.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert broken.returncode == 78, broken.stderr
+    assert len(broken.stderr.strip().splitlines()) == 3
+    good = subprocess.run([*command, "version"], capture_output=True, text=True, timeout=60)
+    assert good.returncode == 0
+    assert good.stdout.startswith("relay ")

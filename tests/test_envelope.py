@@ -1,0 +1,144 @@
+"""Envelopes and recipient states survive the spool's JSON round trip, and bad JSON is refused."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relay.address import parse_forward_path
+from relay.envelope import (
+    BodyType,
+    Destination,
+    Envelope,
+    EnvelopeError,
+    Recipient,
+    RecipientState,
+    RecipientStatus,
+    Submitter,
+)
+from relay.reply import Reply, ReplyCode
+
+
+def _envelope(**changes: object) -> Envelope:
+    values: dict[str, object] = {
+        "return_path": parse_forward_path("<Alice@Example.TEST>"),
+        "recipients": (
+            Recipient(parse_forward_path('<"b c"@example.test>'), Destination("local", "")),
+            Recipient(
+                parse_forward_path("<@hop.test:d@partner.test>"),
+                Destination("smtp", "partner.test"),
+                original="rfc822;d@partner.test",
+            ),
+            Recipient(parse_forward_path("<ü@example.test>", smtputf8=True)),
+        ),
+        "arrival": 1700000000.25,
+        "submitter": Submitter("ESMTPSA", "127.0.0.1", None, "client.test", "alice", "TLSv1.3"),
+        "body_type": BodyType.EIGHT_BIT_MIME,
+        "smtputf8": True,
+        "env_id": "abc123",
+    }
+    values.update(changes)
+    return Envelope(**values)  # type: ignore[arg-type]
+
+
+def test_envelope_round_trips_through_json() -> None:
+    """An envelope written to JSON and read back is equal to the original."""
+    envelope = _envelope()
+    assert Envelope.from_dict(json.loads(json.dumps(envelope.to_dict()))) == envelope
+
+
+def test_null_sender_round_trips() -> None:
+    """The null reverse-path is stored as <> and read back as None."""
+    envelope = _envelope(return_path=None)
+    assert envelope.to_dict()["return_path"] == "<>"
+    assert Envelope.from_dict(envelope.to_dict()).return_path is None
+    assert envelope.sender_text == "<>"
+
+
+def test_envelope_needs_a_recipient() -> None:
+    """An envelope without recipients cannot be made."""
+    with pytest.raises(ValueError):
+        _envelope(recipients=())
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        RecipientStatus(),
+        RecipientStatus(
+            RecipientState.DEFERRED,
+            attempts=3,
+            next_attempt=1700000600.0,
+            last_reply=Reply(ReplyCode.LOCK, "locked", 450, "4.2.0"),
+            warned=True,
+            updated=1700000000.0,
+        ),
+        RecipientStatus(RecipientState.FAILED, 1, None, Reply(ReplyCode.USER)),
+    ],
+)
+def test_status_round_trips_through_json(status: RecipientStatus) -> None:
+    """A recipient status written to JSON and read back is equal to the original."""
+    assert RecipientStatus.from_dict(json.loads(json.dumps(status.to_dict()))) == status
+
+
+@pytest.mark.parametrize(
+    "mutation,field",
+    [
+        (lambda d: d.pop("recipients"), "recipients"),
+        (lambda d: d.update(arrival="soon"), "arrival"),
+        (lambda d: d.update(smtputf8=1), "smtputf8"),
+        (lambda d: d.update(body_type="9BIT"), "body_type"),
+        (lambda d: d.update(return_path="<a@b\r\n>"), "return_path"),
+        (lambda d: d["recipients"][0].update(address="nobody"), "recipient address"),
+        (lambda d: d["recipients"][0].update(channel="a/b"), "destination"),
+        (lambda d: d.update(recipients=[]), "envelope"),
+        (lambda d: d["submitter"].pop("protocol"), "submitter.protocol"),
+    ],
+)
+def test_bad_envelope_names_the_field(mutation: object, field: str) -> None:
+    """A damaged envelope raises EnvelopeError whose message names the bad field."""
+    data = _envelope().to_dict()
+    mutation(data)  # type: ignore[operator]
+    with pytest.raises(EnvelopeError, match=field):
+        Envelope.from_dict(data)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=6)
+    ),
+    max_leaves=20,
+)
+
+
+@given(JSON)
+def test_any_json_is_an_envelope_or_an_envelope_error(data: object) -> None:
+    """Reading arbitrary JSON yields an envelope or EnvelopeError, never another exception."""
+    with contextlib.suppress(EnvelopeError):
+        Envelope.from_dict(data)  # type: ignore[arg-type]
+
+
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "state": st.sampled_from(["pending", "deferred", "x"]) | st.integers(),
+            "attempts": st.integers() | st.text(),
+            "next_attempt": st.floats(allow_nan=False) | st.text(),
+            "reply": st.fixed_dictionaries(
+                {"code": st.sampled_from(["USER", "NOPE"]), "text": st.text()},
+                optional={"smtp": st.integers(), "enhanced": st.text()},
+            ),
+            "warned": st.booleans() | st.integers(),
+        },
+    )
+)
+def test_any_status_dict_is_a_status_or_an_envelope_error(data: dict[str, object]) -> None:
+    """Reading arbitrary status dicts yields a status or EnvelopeError, never another exception."""
+    with contextlib.suppress(EnvelopeError):
+        RecipientStatus.from_dict(data)

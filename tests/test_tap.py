@@ -1,0 +1,109 @@
+"""``twistd relay`` and ``twistd relay-slave``: plugins, service tree, start and clean stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from twisted.application.service import IService, MultiService, ServiceMaker
+from twisted.plugin import getPlugins
+from twisted.python import usage
+
+from relay import slave_tap, tap
+
+DATA = Path(__file__).parent / "data" / "config"
+TWISTD = str(Path(sys.executable).parent / "twistd")
+
+
+def _plugins() -> dict[str, ServiceMaker]:
+    from twisted.application.service import IServiceMaker
+
+    return {p.tapname: p for p in getPlugins(IServiceMaker)}  # type: ignore[attr-defined]
+
+
+def test_plugins_are_found() -> None:
+    """Twisted's plugin system finds both relay plugins, each with a description."""
+    plugins = _plugins()
+    assert plugins["relay"].description
+    assert plugins["relay-slave"].description
+    assert plugins["relay"].options is tap.Options
+
+
+def test_service_tree_has_named_children() -> None:
+    """The tree is a MultiService named relay whose children are named services."""
+    options = tap.Options()
+    options.parseOptions(["--config", str(DATA / "spec.toml")])
+    service = tap.makeService(options)
+    assert isinstance(service, MultiService)
+    assert service.name == "relay"
+    assert IService(service.getServiceNamed("status")).name == "status"
+
+
+def test_bad_config_is_a_usage_error_listing_every_problem() -> None:
+    """twistd relay with a broken file refuses to start and names every problem."""
+    options = tap.Options()
+    with pytest.raises(usage.UsageError) as caught:
+        options.parseOptions(["--config", str(DATA / "broken.toml")])
+    assert len(str(caught.value).splitlines()) == 3
+
+
+def test_slave_declares_its_options_and_refuses_to_run() -> None:
+    """relay-slave accepts its options but says plainly that it has no service yet."""
+    options = slave_tap.Options()
+    with pytest.raises(usage.UsageError, match="not in this build"):
+        options.parseOptions(["--config", str(DATA / "spec.toml"), "--answer", "tcp:2600"])
+
+
+def test_twistd_help_lists_both_plugins() -> None:
+    """``twistd --help`` lists relay and relay-slave with one-line descriptions."""
+    out = subprocess.run([TWISTD, "--help"], capture_output=True, text=True, timeout=60).stdout
+    assert "relay-slave" in out
+    assert any(line.split()[:1] == ["relay"] for line in out.splitlines())
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen[bytes], limit: float = 30) -> str:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        content = path.read_text() if path.exists() else ""
+        if text in content:
+            return content
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError(
+        f"{text!r} not logged; log was:\n{path.read_text() if path.exists() else ''}"
+    )
+
+
+@pytest.mark.parametrize("with_config", [False, True], ids=["embedded default", "--config"])
+def test_twistd_starts_logs_summary_and_stops_on_sigterm(tmp_path: Path, with_config: bool) -> None:
+    """twistd -n relay logs its configuration summary, and SIGTERM stops it cleanly."""
+    log = tmp_path / "twistd.log"
+    argv = [TWISTD, "--nodaemon", "--pidfile=", f"--logfile={log}", "relay"]
+    if with_config:
+        config = tmp_path / "relay.toml"
+        config.write_text(
+            '[relay]\nhostname = "t.example.test"\nlocal_domains = ["example.test"]\n'
+            '[smtp]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+        )
+        argv += ["--config", str(config)]
+    proc = subprocess.Popen(argv, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        content = _wait_for(log, "running:", proc)
+        assert ("t.example.test" if with_config else "localhost:") in content
+        proc.send_signal(signal.SIGTERM)
+        # twistd re-raises the signal that stopped it after a clean shutdown, so that a
+        # supervisor sees "terminated by SIGTERM"; any other status is a crash.
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    content = log.read_text()
+    assert "stopped" in content
+    assert "Traceback" not in content
