@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+CODE   := relay tests twisted $(wildcard bench)
 
 .PHONY: run test lint typecheck pytest peers bench clean
 
@@ -23,8 +24,8 @@ peers:
 	sh tests/install-peers.sh
 
 lint: $(STAMP)
-	$(BIN)/ruff check relay tests bench twisted
-	$(BIN)/ruff format --check relay tests bench twisted
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict relay
