@@ -75,6 +75,7 @@ __all__ = [
     "IChannel",
     "IChannelSession",
     "IDeliverer",
+    "ILocalRecipients",
     "IMessage",
     "IQueue",
     "IReadSession",
@@ -272,8 +273,44 @@ class IQueue(Interface):
     def next_due_time() -> float | None:
         """When the earliest deferred recipient falls due, or None if nothing waits."""
 
+    def due_by_destination(
+        now: float,
+    ) -> Deferred[Mapping[Destination | None, Sequence[tuple[str, int]]]]:
+        """The recipients :meth:`due` reports, grouped by destination, oldest message first.
+
+        The key is the recipient's (channel, host); None for recipients not routed yet.
+        """
+
     def add_listener(callback: object) -> None:
         """Call ``callback()`` whenever new mail is stored or a recipient becomes due."""
+
+    def remove_listener(callback: object) -> None:
+        """Stop calling a callback given to :meth:`add_listener`."""
+
+    def remove(queue_id: str) -> Deferred[None]:
+        """Delete a message whatever its recipients' states (the operator's ``rm``).
+
+        Fires when durable; fails with :class:`relay.queue.state.NoSuchMessage` if the
+        message is not queued.  No notification goes to the sender.
+        """
+
+    def hold(queue_id: str) -> Deferred[int]:
+        """Put every recipient not yet final on hold; fire with how many changed.
+
+        Held recipients are never due; their attempts and next attempt are kept.
+        """
+
+    def release(queue_id: str) -> Deferred[int]:
+        """Take held recipients off hold (deferred until their next attempt, or due now)."""
+
+    def flush_message(queue_id: str, channel: str | None = None) -> Deferred[int]:
+        """Make the message's deferred recipients (on ``channel`` if given) due now.
+
+        Fires with how many changed; fails with NoSuchMessage if it is not queued.
+        """
+
+    def flush(queue_ids: Iterable[str] | None = None, channel: str | None = None) -> Deferred[int]:
+        """:meth:`flush_message` for each id (every message if None); fire with the total."""
 
 
 class IDeliverer(Interface):
@@ -284,3 +321,15 @@ class IDeliverer(Interface):
 
     def flush(queue_ids: Iterable[str] | None = None, channel: str | None = None) -> Deferred[int]:
         """Make matching deferred recipients due now; fire with how many were."""
+
+
+class ILocalRecipients(Interface):
+    """Who can receive mail here: the local channel's users and aliases.
+
+    The SMTP gateway asks it at RCPT time (so unknown local users get 550 5.1.1 during
+    the SMTP dialogue, not a bounce later); the local channel answers from the same
+    users, recipient delimiter and aliases it delivers with, so the two never disagree.
+    """
+
+    def exists(address: Address) -> bool:
+        """True when ``address`` (in a local domain) names a user or an alias here."""
