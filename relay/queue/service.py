@@ -1,0 +1,104 @@
+"""The spool as a twistd service: open (lock + recover) at start, serve the control socket.
+
+``relay.tap`` adds one :class:`SpoolService` to the service tree; the gateway and the
+deliverer wait on :meth:`SpoolService.when_ready` for the queue.  Opening runs recovery
+in a thread, so a large spool does not freeze the reactor while it loads; stopping
+finishes the writes already queued before the lock is given up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relay.queue.control import listen_control
+from relay.queue.segment import DEFAULT_SEGMENT_LIMIT
+from relay.queue.store import SpoolQueue
+
+__all__ = ["SpoolService"]
+
+_log = Logger()
+
+
+class SpoolService(Service):
+    """Owns the spool while the daemon runs."""
+
+    def __init__(
+        self,
+        spool_dir: Path,
+        reactor: Any,
+        clock: IReactorTime | None = None,
+        *,
+        segment_limit: int = DEFAULT_SEGMENT_LIMIT,
+    ) -> None:
+        """``reactor`` provides threads and UNIX sockets (the global reactor in twistd)."""
+        self.spool_dir = Path(spool_dir)
+        self._reactor = reactor
+        self._clock = clock
+        self._segment_limit = segment_limit
+        self.queue: SpoolQueue | None = None
+        self._port: IListeningPort | None = None
+        self._waiting: list[Deferred[SpoolQueue]] = []
+        self._failure: Failure | None = None
+        self._starting: Deferred[None] | None = None
+
+    def when_ready(self) -> Deferred[SpoolQueue]:
+        """Fire with the open queue (at once if it is open), or fail if it cannot open."""
+        if self.queue is not None:
+            return defer.succeed(self.queue)
+        if self._failure is not None:
+            return defer.fail(self._failure)
+        d: Deferred[SpoolQueue] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def startService(self) -> None:
+        """Open the spool and serve the control socket."""
+        super().startService()  # type: ignore[no-untyped-call]
+        self._starting = ensureDeferred(self._start())
+
+    async def _start(self) -> None:
+        try:
+            queue = await SpoolQueue.open(
+                self.spool_dir,
+                self._reactor,
+                self._clock,
+                segment_limit=self._segment_limit,
+            )
+            self.queue = queue
+            self._port = await listen_control(queue, self._reactor)
+        except Exception as e:
+            self._failure = failure = Failure(e)  # type: ignore[no-untyped-call]
+            _log.failure("spool: cannot open {path}", failure, path=str(self.spool_dir))
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.errback(failure)
+            return
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(queue)
+
+    def stopService(self) -> Deferred[None]:
+        """Stop serving, finish queued writes, give up the lock."""
+        super().stopService()  # type: ignore[no-untyped-call]
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        starting = self._starting
+        if starting is not None:
+            await starting
+        if self._port is not None:
+            stopping = self._port.stopListening()  # Twisted unlinks the socket file
+            self._port = None
+            if stopping is not None:
+                await stopping
+        if self.queue is not None:
+            await self.queue.close()
+            self.queue = None
