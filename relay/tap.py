@@ -10,14 +10,19 @@ and as they exist: ``spool``, ``deliverer``, ``smtp``, ``phone``), so an operato
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from relay import __version__
 from relay.config import Config, ConfigError, default_config, load_config
+from relay.queue.service import SpoolService
 from relay.services import attach, named_multiservice
+
+_log = Logger()
 
 __all__ = ["Options", "StatusService", "build_service", "config_for_twistd", "makeService"]
 
@@ -75,11 +80,32 @@ class StatusService(Service):
         return super().stopService()  # type: ignore[no-untyped-call,no-any-return]
 
 
-def build_service(config: Config) -> MultiService:
-    """The relay's whole service tree for ``config``."""
+def build_service(config: Config, reactor: Any = None) -> MultiService:
+    """The relay's whole service tree for ``config``.
+
+    ``reactor`` is the one every part uses (threads, sockets, time); twistd's global
+    reactor when None.  Services start in the order they are attached, and stop in the
+    reverse order, so the spool opens first and closes last.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
     top = named_multiservice("relay")
     attach(StatusService(config), top, "status")
+    spool = SpoolService(config.relay.spool, reactor)
+    attach(spool, top, "spool")
+    spool.when_ready().addErrback(_stop_without_spool, reactor)
     return top
+
+
+def _stop_without_spool(failure: Failure, reactor: Any) -> None:
+    """A relay that cannot open its spool must not pretend to run: stop the reactor."""
+    _log.critical(
+        "relay cannot run without its spool: {reason}; stopping",
+        reason=failure.getErrorMessage(),
+    )
+    reactor.callWhenRunning(reactor.stop)
 
 
 def makeService(options: Options) -> IService:

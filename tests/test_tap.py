@@ -41,7 +41,8 @@ def test_service_tree_has_named_children() -> None:
     service = tap.makeService(options)
     assert isinstance(service, MultiService)
     assert service.name == "relay"
-    assert IService(service.getServiceNamed("status")).name == "status"
+    assert [child.name for child in service] == ["status", "spool"]
+    assert IService(service.getServiceNamed("spool")).name == "spool"
 
 
 def test_bad_config_is_a_usage_error_listing_every_problem() -> None:
@@ -80,19 +81,81 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen[bytes], limit: float
     )
 
 
+def _config(tmp_path: Path) -> Path:
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        '[relay]\nhostname = "t.example.test"\nlocal_domains = ["example.test"]\n'
+        '[smtp]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+    )
+    return config
+
+
+def _start_twistd(tmp_path: Path, config: Path | None, log: Path) -> subprocess.Popen[bytes]:
+    argv = [TWISTD, "--nodaemon", "--pidfile=", f"--logfile={log}", "relay"]
+    if config is not None:
+        argv += ["--config", str(config)]
+    return subprocess.Popen(argv, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_running_relay_answers_relay_queue_over_its_control_socket(tmp_path: Path) -> None:
+    """While twistd relay runs, `relay queue` reaches it through the spool's control socket."""
+    config = _config(tmp_path)
+    log = tmp_path / "twistd.log"
+    proc = _start_twistd(tmp_path, config, log)
+    try:
+        _wait_for(log, "running:", proc)
+        control = tmp_path / "var" / "spool" / "control"
+        deadline = time.monotonic() + 30
+        while not control.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        relay = str(Path(sys.executable).parent / "relay")
+        listing = subprocess.run(
+            [relay, "queue", "--json", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert listing.returncode == 0, listing.stderr
+        assert listing.stdout.strip().startswith(("[", "{"))
+    finally:
+        assert _stop(proc) in (0, -signal.SIGTERM)
+    assert not control.exists()
+
+
+def test_second_relay_on_the_same_spool_stops(tmp_path: Path) -> None:
+    """A second relay on a spool that is in use says so and stops instead of running."""
+    config = _config(tmp_path)
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = _start_twistd(tmp_path, config, first_log)
+    try:
+        _wait_for(first_log, "running:", first)
+        second = _start_twistd(tmp_path, config, second_log)
+        try:
+            second.wait(timeout=60)  # it exits by itself; a hang fails here
+            assert "cannot run without its spool" in second_log.read_text()
+        finally:
+            _stop(second)
+        assert first.poll() is None
+    finally:
+        _stop(first)
+
+
 @pytest.mark.parametrize("with_config", [False, True], ids=["embedded default", "--config"])
 def test_twistd_starts_logs_summary_and_stops_on_sigterm(tmp_path: Path, with_config: bool) -> None:
     """twistd -n relay logs its configuration summary, and SIGTERM stops it cleanly."""
     log = tmp_path / "twistd.log"
-    argv = [TWISTD, "--nodaemon", "--pidfile=", f"--logfile={log}", "relay"]
-    if with_config:
-        config = tmp_path / "relay.toml"
-        config.write_text(
-            '[relay]\nhostname = "t.example.test"\nlocal_domains = ["example.test"]\n'
-            '[smtp]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
-        )
-        argv += ["--config", str(config)]
-    proc = subprocess.Popen(argv, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = _start_twistd(tmp_path, _config(tmp_path) if with_config else None, log)
     try:
         content = _wait_for(log, "running:", proc)
         assert ("t.example.test" if with_config else "localhost:") in content
