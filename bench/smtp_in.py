@@ -1,0 +1,275 @@
+"""Inbound SMTP throughput: the relay's gateway against this machine's Postfix smtpd.
+
+Prints ONE JSON line.  Both servers are driven by Postfix's ``smtp-source`` with the same
+load (N messages of 4 KiB, one message per connection, 20 concurrent sessions), both
+answer 250 only after the message is fsynced:
+
+* relay: the gateway with the real spool (group-commit fsync) in a child process;
+* Postfix: a throw-away instance (own config and queue directories under a temp dir,
+  loopback only, a high port) whose smtpd puts every message on hold
+  (``check_client_access static:HOLD``): accepted, fsynced by cleanup, never delivered,
+  which is what our spool does with a message until a deliverer runs.
+
+Usage: ``python bench/smtp_in.py [--messages N] [--rounds R] [--sessions S] [--size B]``.
+The two servers are measured alternately R times (default 3) and the medians compared,
+so background load on a shared machine hits both alike.  ``relay_cpu_us_per_msg`` is
+the relay process's CPU (user + system, all threads) per message: less noisy than rates.
+``--serve PORT SPOOL`` (internal) runs the relay side; ``--profile FILE`` with it writes
+cProfile stats there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def drive(port: int, messages: int, sessions: int, size: int) -> float:
+    """Run smtp-source against 127.0.0.1:port; return the elapsed seconds."""
+    command = [
+        SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-l", str(size),
+        "-f", "from@x.test", "-t", "to@y.test", f"127.0.0.1:{port}",
+    ]  # fmt: skip
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, timeout=600)
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- the relay side
+
+
+def serve(port: int, spool: Path, profile: str | None) -> None:
+    """Run the gateway with a real spool until SIGTERM; then print how many it stored."""
+    sys.path.insert(0, str(ROOT))
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from zope.interface import implementer
+
+    from relay.config import parse_config
+    from relay.gateway.service import build_gateway
+    from relay.interfaces import ILocalRecipients
+    from relay.queue.store import SpoolQueue
+
+    log = (spool.parent / "relay.log").open("w")
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(log)], redirectStandardIO=False)
+
+    @implementer(ILocalRecipients)
+    class Everyone:
+        def exists(self, address: object) -> bool:
+            return True
+
+    config = parse_config(
+        '[relay]\nhostname = "bench.test"\nlocal_domains = ["y.test"]\n'
+        f'[smtp]\nlisten = ["tcp:{port}:interface=127.0.0.1:backlog=256"]\n'
+        "max_sessions = 500\nmax_sessions_per_client = 500\n",
+        spool.parent,
+    )
+    services = []
+    started: list[float] = []
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+
+    def start() -> None:
+        def opened(queue: SpoolQueue) -> None:
+            service = build_gateway(config, queue, Everyone(), reactor)
+            service.startService()
+            services.append((service, queue))
+            if profiler is not None:
+                profiler.enable()
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            started.append(usage.ru_utime + usage.ru_stime)
+            print("ready", flush=True)
+
+        SpoolQueue.open(spool, reactor).addCallback(opened)  # type: ignore[arg-type]
+
+    def stop() -> object:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile)
+        service, queue = services[0]
+        accepted = sum(getattr(getattr(child, "factory", None), "accepted", 0) for child in service)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = usage.ru_utime + usage.ru_stime - started[0]
+        print(f"cpu {cpu:.3f} accepted {accepted}", flush=True)
+        service.stopService()
+        return queue.close()
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
+    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop))
+    reactor.run()
+
+
+def bench_relay(
+    work: Path, messages: int, sessions: int, size: int, profile: str | None
+) -> dict[str, float]:
+    port = free_port()
+    spool = work / "relay" / "spool"
+    spool.parent.mkdir(parents=True)
+    command = [sys.executable, __file__, "--serve", str(port), str(spool)]
+    if profile:
+        command += ["--profile", profile]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline().strip()
+        if line != "ready":
+            raise RuntimeError(f"relay did not start: {line!r}")
+        seconds = drive(port, messages, sessions, size)
+    finally:
+        child.send_signal(signal.SIGTERM)
+        out, _ = child.communicate(timeout=60)
+    words = out.split()
+    cpu, accepted = float(words[-3]), int(words[-1])
+    if accepted != messages:
+        raise RuntimeError(f"relay stored {accepted} of {messages}")
+    return {"seconds": seconds, "per_second": messages / seconds, "cpu_per_msg": cpu / messages}
+
+
+# --------------------------------------------------------------------------- Postfix
+
+
+def _postconf(etc: Path, *args: str) -> None:
+    subprocess.run(["postconf", "-c", str(etc), *args], check=True)
+
+
+def bench_postfix(work: Path, messages: int, sessions: int, size: int) -> dict[str, float]:
+    """A throw-away Postfix: own dirs, loopback, high port, every message held."""
+    base = work / "postfix"
+    etc, queue, data = base / "etc", base / "spool", base / "data"
+    for directory in (etc, queue, data):
+        directory.mkdir(parents=True)
+    for name in ("master.cf", "dynamicmaps.cf", "postfix-files"):
+        shutil.copy(f"/etc/postfix/{name}", etc / name)
+    for name in ("dynamicmaps.cf.d", "postfix-files.d"):
+        if Path(f"/etc/postfix/{name}").is_dir():
+            shutil.copytree(f"/etc/postfix/{name}", etc / name)
+    (etc / "main.cf").write_text("")
+    shutil.chown(data, "postfix")
+    for path in (work, base, etc):
+        path.chmod(0o755)
+    port = free_port()
+    _postconf(
+        etc, "-e",
+        f"queue_directory={queue}", f"data_directory={data}", f"meta_directory={etc}",
+        "mail_owner=postfix", "setgid_group=postdrop", "compatibility_level=3.6",
+        "shlib_directory=/usr/lib/postfix", "daemon_directory=/usr/lib/postfix/sbin",
+        "command_directory=/usr/sbin",
+        "inet_interfaces=loopback-only", "inet_protocols=ipv4",
+        "myhostname=bench.test", "mydestination=y.test", "local_recipient_maps=",
+        "mynetworks=127.0.0.0/8", "smtpd_peername_lookup=no",
+        "smtpd_client_restrictions=check_client_access static:HOLD",
+        "smtpd_recipient_restrictions=permit_mynetworks,reject",
+        "default_process_limit=200",
+        f"maillog_file={base}/maillog", f"maillog_file_prefixes={base}",
+    )  # fmt: skip
+    _postconf(etc, "-M#", "smtp/inet")
+    _postconf(etc, "-Me", f"127.0.0.1:{port}/inet = 127.0.0.1:{port} inet n - y - - smtpd")
+    _postconf(etc, "-Me", "postlog/unix-dgram = postlog unix-dgram n - n - 1 postlogd")
+    subprocess.run(["postfix", "-c", str(etc), "start"], check=True, capture_output=True)
+    try:
+        _wait_listening(port)
+        seconds = drive(port, messages, sessions, size)
+        held = _count_files(queue / "hold", messages)
+    finally:
+        subprocess.run(["postfix", "-c", str(etc), "stop"], check=False, capture_output=True)
+    if held != messages:
+        raise RuntimeError(f"postfix held {held} of {messages}")
+    return {"seconds": seconds, "per_second": messages / seconds}
+
+
+def _wait_listening(port: int) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("postfix did not start listening")
+
+
+def _count_files(directory: Path, expected: int) -> int:
+    """Held messages (cleanup may still be finishing the last ones for a moment)."""
+    deadline = time.monotonic() + 10
+    while True:
+        count = sum(len(files) for _, _, files in os.walk(directory))
+        if count >= expected or time.monotonic() > deadline:
+            return count
+        time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--serve", nargs=2, metavar=("PORT", "SPOOL"))
+    parser.add_argument("--profile", metavar="FILE")
+    parser.add_argument("--relay-only", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs; medians")
+    args = parser.parse_args()
+    if args.serve:
+        serve(int(args.serve[0]), Path(args.serve[1]), args.profile)
+        return
+    rates: dict[str, list[float]] = {"relay": [], "postfix": []}
+    cpu: list[float] = []
+    for _ in range(args.rounds):  # alternate, so both see the same background load
+        work = Path(tempfile.mkdtemp(prefix="bench-smtp-in-"))
+        try:
+            relay = bench_relay(work, args.messages, args.sessions, args.size, args.profile)
+            rates["relay"].append(relay["per_second"])
+            cpu.append(relay["cpu_per_msg"])
+            if not args.relay_only:
+                postfix = bench_postfix(work, args.messages, args.sessions, args.size)
+                rates["postfix"].append(postfix["per_second"])
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    result: dict[str, object] = {
+        "bench": "smtp_in",
+        "messages": args.messages,
+        "sessions": args.sessions,
+        "size": args.size,
+        "fsync": True,
+        "rounds": args.rounds,
+        "relay_msgs_per_s": round(statistics.median(rates["relay"]), 1),
+        "relay_cpu_us_per_msg": round(statistics.median(cpu) * 1e6),
+        "relay_samples": [round(r) for r in rates["relay"]],
+    }
+    if rates["postfix"]:
+        relay_median = statistics.median(rates["relay"])
+        postfix_median = statistics.median(rates["postfix"])
+        result["postfix_msgs_per_s"] = round(postfix_median, 1)
+        result["postfix_samples"] = [round(r) for r in rates["postfix"]]
+        result["ratio"] = round(relay_median / postfix_median, 2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Who may send what to whom through the gateway: the acceptance rules, as pure decisions.
+
+The rules (docs/configuration.md, ``[smtp]``), applied to each ``RCPT TO``:
+
+1. A recipient routed to the local channel (a local domain, a loopback address literal,
+   or a ``[[route]]`` with ``channel = "local"``) is accepted only if
+   :meth:`~relay.interfaces.ILocalRecipients.exists` knows it: otherwise
+   ``550 5.1.1``, during the dialogue, so no bounce is ever made for a guessed name.
+   The local part is looked up whole: ``user%evil.test@here`` is a local user named
+   ``user%evil.test`` or nobody, never a request to forward to ``evil.test``.
+2. A recipient whose domain matches a ``[[route]]`` is accepted from anyone: this relay
+   is the way in for that domain.  Except that an untrusted client may not use a
+   routing trick on it (``%``-hack, bang path, quoted ``@``): those ask the next hop to
+   relay further, which would make us a laundering step (Postfix's
+   ``allow_untrusted_routing = no``).
+3. Any other domain is relayed only for a client in ``trusted_networks`` or an
+   authenticated one; otherwise ``554 5.7.1 Relay access denied``.
+
+Routing is decided by the same :class:`~relay.policy.routing.Router` the deliverer uses,
+by the *final* domain only: a source route (``<@local:user@evil.test>``) is inert and
+cannot make a remote address look local.  The sender (``MAIL FROM``) is not restricted:
+that is the job of authentication and of filters downstream.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from relay.address import Address, RoutingTrick
+from relay.config import Config
+from relay.interfaces import ILocalRecipients
+from relay.policy.routing import NoRoute, Router
+from relay.sansio.smtp.events import MailFrom
+from relay.sansio.smtp.wire import SmtpReply
+
+__all__ = ["RelayPolicy"]
+
+_FORWARDING_TRICKS: Final = (
+    RoutingTrick.PERCENT_HACK | RoutingTrick.BANG_PATH | RoutingTrick.QUOTED_AT
+)
+
+SENDER_OK: Final = SmtpReply(250, "2.1.0", ("Ok",))
+RECIPIENT_OK: Final = SmtpReply(250, "2.1.5", ("Ok",))
+RELAY_DENIED: Final = SmtpReply(554, "5.7.1", ("Relay access denied",))
+
+
+class RelayPolicy:
+    """The acceptance rules for one configuration; build once, ask per command."""
+
+    def __init__(self, config: Config, local_recipients: ILocalRecipients) -> None:
+        self._config = config
+        self._router = Router(config)
+        self._local = local_recipients
+
+    def is_trusted(self, client_ip: str) -> bool:
+        """Whether the client is in ``trusted_networks``."""
+        return self._config.smtp.is_trusted(client_ip)
+
+    def may_relay(self, client_ip: str, authenticated: bool) -> bool:
+        """Whether a client may send to any domain: trusted network, or authenticated."""
+        return authenticated or self.is_trusted(client_ip)
+
+    def check_sender(self, mail: MailFrom) -> SmtpReply:
+        """The reply to an (already well-formed and size-checked) MAIL FROM."""
+        return SENDER_OK
+
+    def check_recipient(self, address: Address, *, may_relay: bool) -> SmtpReply:
+        """The reply to RCPT TO for ``address`` from a client that may (not) relay."""
+        try:
+            destination = self._router.route(address)
+        except NoRoute as e:
+            reply = e.reply
+            return SmtpReply(
+                reply.effective_smtp_code, reply.effective_enhanced, (_safe(reply.description),)
+            )
+        if destination.channel == "local":
+            if self._local.exists(address):
+                return RECIPIENT_OK
+            return SmtpReply(
+                550, "5.1.1", (f"{_safe(str(address))}: Recipient address rejected: User unknown",)
+            )
+        if self._config.route_for(address.domain) is not None:
+            if not may_relay and address.tricks & _FORWARDING_TRICKS:
+                return RELAY_DENIED
+            return RECIPIENT_OK
+        return RECIPIENT_OK if may_relay else RELAY_DENIED
+
+
+def _safe(text: str) -> str:
+    """Text for a reply line: ASCII, no controls (it may quote the client's address)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text)[:200]
