@@ -1,24 +1,34 @@
 """``twistd relay``: build the relay's service tree from its configuration.
 
 This is the one place that wires classes together.  The tree is a ``MultiService``
-named ``relay`` whose children are the relay's parts, each a named service (``status``,
-and as they exist: ``spool``, ``deliverer``, ``smtp``, ``phone``), so an operator's
-``twistd`` log and a test can find each by name.  Configuration problems are found in
-``Options.postOptions``, before anything starts, and reported all at once.
+named ``relay`` whose children are the relay's parts, each a named service
+(``status``, ``spool``, ``channels``, ``deliverer``, ``smtp``; with the phone channel,
+``phone``), so an operator's ``twistd`` log and a test can find each by name.
+Configuration problems are found in ``Options.postOptions``, before anything starts,
+and reported all at once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
 from relay import __version__
+from relay.aliases import AliasesError
+from relay.channels.local import LocalChannel, build_local_channel
+from relay.channels.smtp.channel import SmtpChannel, build_smtp_channel
 from relay.config import Config, ConfigError, default_config, load_config
+from relay.deliver.service import build_deliverer
+from relay.gateway.service import build_gateway
+from relay.interfaces import IChannel, IQueue
+from relay.local_users import LocalRecipients, build_local_recipients
 from relay.queue.service import SpoolService
 from relay.services import attach, named_multiservice
 
@@ -41,10 +51,12 @@ class Options(usage.Options):
     ]
 
     config: Config
+    local_recipients: LocalRecipients
 
     def postOptions(self) -> None:
-        """Load and validate the configuration now, so twistd fails before starting."""
+        """Load and validate the configuration (and aliases) now, before anything starts."""
         self.config = config_for_twistd(self["config"])
+        self.local_recipients = local_recipients_for_twistd(self.config)
 
 
 def config_for_twistd(path: str | None) -> Config:
@@ -55,6 +67,14 @@ def config_for_twistd(path: str | None) -> Config:
         where = path if path is not None else "<default>"
         lines = (p if p.startswith(f"{where}:") else f"{where}: {p}" for p in e.problems)
         raise usage.UsageError("\n".join(lines)) from e
+
+
+def local_recipients_for_twistd(config: Config) -> LocalRecipients:
+    """The local users and aliases; a broken aliases file lists every problem."""
+    try:
+        return build_local_recipients(config)
+    except AliasesError as e:
+        raise usage.UsageError(str(e)) from e
 
 
 class StatusService(Service):
@@ -80,23 +100,56 @@ class StatusService(Service):
         return super().stopService()  # type: ignore[no-untyped-call,no-any-return]
 
 
-def build_service(config: Config, reactor: Any = None) -> MultiService:
+def build_service(
+    config: Config,
+    reactor: Any = None,
+    *,
+    local_recipients: LocalRecipients | None = None,
+    smtp_options: Mapping[str, Any] | None = None,
+) -> MultiService:
     """The relay's whole service tree for ``config``.
 
     ``reactor`` is the one every part uses (threads, sockets, time); twistd's global
-    reactor when None.  Services start in the order they are attached, and stop in the
-    reverse order, so the spool opens first and closes last.
+    reactor when None.  Children start in the order they are attached and stop in the
+    reverse order: the spool opens first and closes last; the channels close after the
+    deliverer has stopped using them; the SMTP listeners stop first, so no new mail is
+    accepted while the rest shuts down.  ``smtp_options`` go to the SMTP channel (tests
+    and benchmarks use them for ``ca_file`` or a DNS resolver).
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    if local_recipients is None:
+        local_recipients = build_local_recipients(config)
     top = named_multiservice("relay")
     attach(StatusService(config), top, "status")
     spool = SpoolService(config.relay.spool, reactor)
     attach(spool, top, "spool")
     spool.when_ready().addErrback(_stop_without_spool, reactor)
+    local = build_local_channel(config, spool, reactor, recipients=local_recipients)
+    smtp = build_smtp_channel(config, reactor, **dict(smtp_options or {}))
+    attach(ChannelsService(local, smtp), top, "channels")
+    channels: dict[str, IChannel] = {"local": local, "smtp": smtp}
+    attach(build_deliverer(config, spool, channels, reactor), top, "deliverer")
+    queue_ready: Deferred[IQueue] = spool.when_ready().addCallback(lambda queue: queue)
+    attach(build_gateway(config, queue_ready, local_recipients, reactor), top, "smtp")
     return top
+
+
+class ChannelsService(Service):
+    """Owns the channels' resources: closes them once the deliverer has stopped."""
+
+    def __init__(self, local: LocalChannel, smtp: SmtpChannel) -> None:
+        self.local = local
+        self.smtp = smtp
+
+    def stopService(self) -> Deferred[None]:
+        """QUIT idle SMTP connections and stop the local channel's threads."""
+        super().stopService()  # type: ignore[no-untyped-call]
+        closing = self.smtp.close_idle()
+        self.local.close()
+        return closing
 
 
 def _stop_without_spool(failure: Failure, reactor: Any) -> None:
@@ -110,4 +163,4 @@ def _stop_without_spool(failure: Failure, reactor: Any) -> None:
 
 def makeService(options: Options) -> IService:
     """twistd's entry point: the service tree for the loaded configuration."""
-    return build_service(options.config)
+    return build_service(options.config, local_recipients=options.local_recipients)

@@ -41,7 +41,13 @@ def test_service_tree_has_named_children() -> None:
     service = tap.makeService(options)
     assert isinstance(service, MultiService)
     assert service.name == "relay"
-    assert [child.name for child in service] == ["status", "spool"]
+    assert [child.name for child in service] == [
+        "status",
+        "spool",
+        "channels",
+        "deliverer",
+        "smtp",
+    ]
     assert IService(service.getServiceNamed("spool")).name == "spool"
 
 

@@ -1,0 +1,132 @@
+"""The whole relay, as twistd builds it: smtplib in, smtp-sink out, every message once."""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import socket
+from collections import Counter
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+from twisted.internet.threads import deferToThread
+
+from relay.config import Config, parse_config
+from relay.tap import build_service
+
+from smtpsink import Sink, SinkPool
+
+MESSAGES = 1000
+CLIENTS = 10
+MARKER = re.compile(r"^X-Marker: (\d+)$", re.MULTILINE)
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    pool = SinkPool()
+    try:
+        yield pool.start()
+    finally:
+        pool.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _config(tmp_path: Path, smtp_port: int, sink_port: int) -> Config:
+    (tmp_path / "mail").mkdir()
+    text = f"""
+[relay]
+hostname = "hub.example.test"
+local_domains = ["example.test"]
+spool = "spool"
+
+[smtp]
+listen = ["tcp:{smtp_port}:interface=127.0.0.1"]
+trusted_networks = ["127.0.0.0/8"]
+
+[local]
+mail_root = "mail"
+users = ["alice"]
+
+[deliver]
+retry_min = "1s"
+retry_max = "2s"
+
+[[route]]
+domain = "sink.test"
+channel = "smtp"
+smarthost = "127.0.0.1:{sink_port}"
+tls = "none"
+"""
+    return parse_config(text, tmp_path)
+
+
+def _message(number: int) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = "sender@example.test"
+    message["To"] = "rcpt@sink.test"
+    message["Subject"] = f"message {number}"
+    message["X-Marker"] = str(number)
+    message.set_content(f"body of message {number}\n.\n..leading dots survive\n" * 20)
+    return message
+
+
+def _send(port: int, numbers: range) -> None:
+    """One client: one connection, several messages (blocking; runs in a thread)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        client.ehlo("client.example.test")
+        for number in numbers:
+            refused = client.send_message(_message(number))
+            assert refused == {}
+
+
+async def _wait_until(predicate: Any, limit: float = 90.0) -> None:
+    """Poll ``predicate`` on the real reactor until it holds (no wall-clock assertion)."""
+    for _ in range(int(limit / 0.05)):
+        if predicate():
+            return
+        await task.deferLater(reactor, 0.05, lambda: None)
+    assert predicate(), "condition not reached"
+
+
+@pytest_twisted.ensureDeferred
+async def test_thousand_messages_reach_smtp_sink_exactly_once(tmp_path: Path, sink: Sink) -> None:
+    """1 000 messages accepted over SMTP are relayed to smtp-sink, each exactly once."""
+    port = _free_port()
+    service = build_service(_config(tmp_path, port, sink.port), reactor)
+    service.startService()
+    try:
+        spool = service.getServiceNamed("spool")
+        await spool.when_ready()
+        per_client = MESSAGES // CLIENTS
+        await defer.gatherResults(
+            [
+                deferToThread(_send, port, range(i * per_client, (i + 1) * per_client))
+                for i in range(CLIENTS)
+            ]
+        )
+
+        def all_arrived() -> bool:
+            return len(MARKER.findall(sink.dumped())) >= MESSAGES
+
+        await _wait_until(all_arrived)
+        queue = spool.queue
+        await _wait_until(lambda: not queue.entries())
+    finally:
+        await service.stopService()
+    counts = Counter(int(n) for n in MARKER.findall(sink.dumped()))
+    assert set(counts) == set(range(MESSAGES))
+    assert set(counts.values()) == {1}
+    dumped = sink.dumped()
+    assert re.search(r"^\.\.leading dots survive\r?$", dumped, re.MULTILINE)
+    assert re.search(r"^\.\r?$", dumped, re.MULTILINE)
