@@ -13,10 +13,15 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from relay.cli import aliases_commands, config_commands, exitcodes, queue_commands
+from relay.cli import aliases_commands, config_commands, exitcodes, passwd_commands, queue_commands
 
 # The subcommand modules, in the order ``relay --help`` lists them.
-SUBCOMMANDS: tuple[ModuleType, ...] = (config_commands, queue_commands, aliases_commands)
+SUBCOMMANDS: tuple[ModuleType, ...] = (
+    config_commands,
+    queue_commands,
+    aliases_commands,
+    passwd_commands,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
