@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -155,6 +156,27 @@ def test_second_relay_on_the_same_spool_stops(tmp_path: Path) -> None:
         assert first.poll() is None
     finally:
         _stop(first)
+
+
+def test_relay_that_cannot_listen_exits_with_an_error(tmp_path: Path) -> None:
+    """If its SMTP port is taken, twistd relay exits non-zero saying it couldn't listen."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "relay.toml"
+        config.write_text(
+            '[relay]\nhostname = "t.example.test"\n'
+            f'[smtp]\nlisten = ["tcp:{port}:interface=127.0.0.1"]\n'
+        )
+        log = tmp_path / "twistd.log"
+        proc = _start_twistd(tmp_path, config, log)
+        try:
+            code = proc.wait(timeout=60)
+        finally:
+            _stop(proc)
+    assert code not in (0, -signal.SIGTERM)
+    assert "Couldn't listen" in log.read_text()
 
 
 @pytest.mark.parametrize("with_config", [False, True], ids=["embedded default", "--config"])

@@ -97,10 +97,13 @@ def _endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
 
 def _listener(endpoint: IStreamServerEndpoint, factory: GatewayFactory) -> IService:
     """A service that listens on ``endpoint`` while it runs."""
-    service: IService = StreamServerEndpointService(  # type: ignore[no-untyped-call]
-        endpoint, factory
-    )
-    return service
+    service = StreamServerEndpointService(endpoint, factory)  # type: ignore[no-untyped-call]
+    # A relay that cannot bind its SMTP port must not run deaf: like the services that
+    # twisted.application.strports.service() makes, fail startup when listen() fails, so
+    # twistd exits with "Couldn't listen" instead of logging it and carrying on.
+    service._raiseSynchronously = True
+    listener: IService = service
+    return listener
 
 
 def settings_from_config(config: Config, *, tls_active: bool) -> ServerSettings:
