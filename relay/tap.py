@@ -131,7 +131,9 @@ def build_service(
     smtp = build_smtp_channel(config, reactor, **dict(smtp_options or {}))
     attach(ChannelsService(local, smtp), top, "channels")
     channels: dict[str, IChannel] = {"local": local, "smtp": smtp}
-    attach(build_deliverer(config, spool, channels, reactor), top, "deliverer")
+    deliverer = build_deliverer(config, spool, channels, reactor)
+    attach(deliverer, top, "deliverer")
+    spool.flusher = deliverer.flush
     queue_ready: Deferred[IQueue] = spool.when_ready().addCallback(lambda queue: queue)
     attach(build_gateway(config, queue_ready, local_recipients, reactor), top, "smtp")
     return top

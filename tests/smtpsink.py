@@ -48,13 +48,13 @@ class SinkPool:
         self._dir.chmod(0o777)
         self._sinks: list[Sink] = []
 
-    def start(self, *options: str) -> Sink:
-        """A new smtp-sink with ``options``, listening when this returns."""
+    def start(self, *options: str, port: int | None = None) -> Sink:
+        """A new smtp-sink with ``options`` (on ``port`` if given), listening when this returns."""
         assert os.access(SMTP_SINK, os.X_OK), "smtp-sink missing: run tests/install-peers.sh"
         dump = self._dir / f"dump{len(self._sinks)}"
         dump.touch()
         dump.chmod(0o666)
-        port = _free_port()
+        port = _free_port() if port is None else port
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         process = subprocess.Popen(
             [SMTP_SINK, *user, "-D", str(dump), *options, f"127.0.0.1:{port}", "16"],

@@ -16,7 +16,9 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 
-from relay.config import Config, parse_config
+from relay.cli.main import main
+from relay.config import Config, load_config, parse_config
+from relay.envelope import RecipientState
 from relay.tap import build_service
 
 from smtpsink import Sink, SinkPool
@@ -27,12 +29,17 @@ MARKER = re.compile(r"^X-Marker: (\d+)$", re.MULTILINE)
 
 
 @pytest.fixture
-def sink() -> Iterator[Sink]:
+def sinks() -> Iterator[SinkPool]:
     pool = SinkPool()
     try:
-        yield pool.start()
+        yield pool
     finally:
         pool.stop()
+
+
+@pytest.fixture
+def sink(sinks: SinkPool) -> Sink:
+    return sinks.start()
 
 
 def _free_port() -> int:
@@ -42,9 +49,14 @@ def _free_port() -> int:
         return port
 
 
-def _config(tmp_path: Path, smtp_port: int, sink_port: int) -> Config:
+def _config(tmp_path: Path, smtp_port: int, sink_port: int, retry_min: str = "1s") -> Config:
     (tmp_path / "mail").mkdir()
-    text = f"""
+    text = _config_text(smtp_port, sink_port, retry_min)
+    return parse_config(text, tmp_path)
+
+
+def _config_text(smtp_port: int, sink_port: int, retry_min: str) -> str:
+    return f"""
 [relay]
 hostname = "hub.example.test"
 local_domains = ["example.test"]
@@ -59,8 +71,8 @@ mail_root = "mail"
 users = ["alice"]
 
 [deliver]
-retry_min = "1s"
-retry_max = "2s"
+retry_min = "{retry_min}"
+retry_max = "70m"
 
 [[route]]
 domain = "sink.test"
@@ -68,7 +80,6 @@ channel = "smtp"
 smarthost = "127.0.0.1:{sink_port}"
 tls = "none"
 """
-    return parse_config(text, tmp_path)
 
 
 def _message(number: int) -> EmailMessage:
@@ -130,3 +141,35 @@ async def test_thousand_messages_reach_smtp_sink_exactly_once(tmp_path: Path, si
     dumped = sink.dumped()
     assert re.search(r"^\.\.leading dots survive\r?$", dumped, re.MULTILINE)
     assert re.search(r"^\.\r?$", dumped, re.MULTILINE)
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_flush_revives_a_dead_destination(tmp_path: Path, sinks: SinkPool) -> None:
+    """After a refused connection marks the smarthost dead, `relay flush` delivers at once."""
+    port, sink_port = _free_port(), _free_port()
+    config_path = tmp_path / "relay.toml"
+    config_path.write_text(_config_text(port, sink_port, retry_min="60m"))
+    (tmp_path / "mail").mkdir()
+    service = build_service(load_config(config_path), reactor)
+    service.startService()
+    try:
+        spool = service.getServiceNamed("spool")
+        queue = await spool.when_ready()
+        await deferToThread(_send, port, range(3))
+
+        def all_deferred() -> bool:
+            entries = queue.entries()
+            return len(entries) == 3 and all(
+                status.state is RecipientState.DEFERRED
+                for entry in entries
+                for status in entry.statuses
+            )
+
+        await _wait_until(all_deferred)  # connection refused: the smarthost rests
+        sink = sinks.start(port=sink_port)
+        flushed = await deferToThread(main, ["flush", "-c", str(config_path)])
+        assert flushed == 0
+        await _wait_until(lambda: len(MARKER.findall(sink.dumped())) >= 3, limit=30)
+        await _wait_until(lambda: not queue.entries(), limit=30)
+    finally:
+        await service.stopService()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -43,13 +44,23 @@ from relay.queue.state import NoSuchMessage
 from relay.queue.store import SpoolQueue
 from relay.queue.view import HEADER_READ_LIMIT, details, summary
 
-__all__ = ["ControlFactory", "ControlProtocol", "execute", "listen_control"]
+__all__ = ["ControlFactory", "ControlProtocol", "Flusher", "execute", "listen_control"]
+
+Flusher = Callable[[list[str] | None, str | None], Deferred[int]]
+"""Makes deferred mail due now: ``(queue ids or None for all, channel or None) -> count``.
+
+The daemon passes the deliverer's flush, which also revives resting destinations (an
+operator flushes because the destination is back); without one, the queue's own flush.
+"""
 
 _log = Logger()
 
 
-async def execute(queue: SpoolQueue, request: Request) -> dict[str, Any]:
+async def execute(
+    queue: SpoolQueue, request: Request, flusher: Flusher | None = None
+) -> dict[str, Any]:
     """Carry out one request on the daemon's queue; the response object."""
+    flush: Flusher = flusher if flusher is not None else queue.flush
     if request.op == "list":
         return {"ok": True, "messages": [summary(e) for e in queue.entries()]}
     ids = request.ids
@@ -62,11 +73,11 @@ async def execute(queue: SpoolQueue, request: Request) -> dict[str, Any]:
             return error_response(str(e), reason_of(e))
         return {"ok": True, "message": details(entry, head)}
     if ids is None:  # flush everything
-        return {"ok": True, "changed": await queue.flush(None, request.channel)}
+        return {"ok": True, "changed": await flush(None, request.channel)}
     results = []
     for queue_id in ids:
         try:
-            changed = await _one(queue, request, queue_id)
+            changed = await _one(queue, request, queue_id, flush)
         except (NoSuchMessage, SpoolError) as e:
             results.append(failed_result(queue_id, e))
         else:
@@ -74,7 +85,7 @@ async def execute(queue: SpoolQueue, request: Request) -> dict[str, Any]:
     return {"ok": True, "results": results}
 
 
-async def _one(queue: SpoolQueue, request: Request, queue_id: str) -> int:
+async def _one(queue: SpoolQueue, request: Request, queue_id: str, flush: Flusher) -> int:
     if request.op == "rm":
         await queue.remove(queue_id)
         return 1
@@ -82,7 +93,8 @@ async def _one(queue: SpoolQueue, request: Request, queue_id: str) -> int:
         return await queue.hold(queue_id)
     if request.op == "release":
         return await queue.release(queue_id)
-    return await queue.flush_message(queue_id, request.channel)
+    queue.entry(queue_id)  # NoSuchMessage for an unknown id, as for the other operations
+    return await flush([queue_id], request.channel)
 
 
 async def read_head(queue: SpoolQueue, queue_id: str) -> bytes:
@@ -110,8 +122,9 @@ class ControlProtocol(LineOnlyReceiver):
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
 
-    def __init__(self, queue: SpoolQueue) -> None:
+    def __init__(self, queue: SpoolQueue, flusher: Flusher | None = None) -> None:
         self._queue = queue
+        self._flusher = flusher
         self._previous: Deferred[None] = defer.succeed(None)
 
     def lineReceived(self, line: bytes) -> None:
@@ -129,7 +142,7 @@ class ControlProtocol(LineOnlyReceiver):
         except ProtocolError as e:
             self._send(error_response(str(e), "bad-request"))
             return defer.succeed(None)
-        d = ensureDeferred(execute(self._queue, request))
+        d = ensureDeferred(execute(self._queue, request, self._flusher))
         d.addErrback(self._failed, request)
         return d.addCallback(self._send)
 
@@ -145,17 +158,20 @@ class ControlProtocol(LineOnlyReceiver):
 class ControlFactory(Factory):
     """Makes a :class:`ControlProtocol` per connection, all on one queue."""
 
-    def __init__(self, queue: SpoolQueue) -> None:
+    def __init__(self, queue: SpoolQueue, flusher: Flusher | None = None) -> None:
         self.queue = queue
+        self.flusher = flusher
 
     def buildProtocol(self, addr: object) -> ControlProtocol:
         """A protocol bound to the queue."""
-        protocol = ControlProtocol(self.queue)
+        protocol = ControlProtocol(self.queue, self.flusher)
         protocol.factory = self
         return protocol
 
 
-def listen_control(queue: SpoolQueue, reactor: IReactorUNIX) -> Deferred[IListeningPort]:
+def listen_control(
+    queue: SpoolQueue, reactor: IReactorUNIX, flusher: Flusher | None = None
+) -> Deferred[IListeningPort]:
     """Serve the control socket of ``queue``'s spool (the caller holds the spool's lock).
 
     A socket file left by a daemon that died is removed first: holding the lock proves
@@ -170,7 +186,9 @@ def listen_control(queue: SpoolQueue, reactor: IReactorUNIX) -> Deferred[IListen
 
     async def listen() -> IListeningPort:
         await deferToThreadPool(threads, threads.getThreadPool(), unlink_stale)
-        port: IListeningPort = reactor.listenUNIX(str(path), ControlFactory(queue), mode=0o600)
+        port: IListeningPort = reactor.listenUNIX(
+            str(path), ControlFactory(queue, flusher), mode=0o600
+        )
         return port
 
     return ensureDeferred(listen())

@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relay.queue.control import listen_control
+from relay.queue.control import Flusher, listen_control
 from relay.queue.segment import DEFAULT_SEGMENT_LIMIT
 from relay.queue.store import SpoolQueue
 
@@ -48,6 +48,7 @@ class SpoolService(Service):
         self._waiting: list[Deferred[SpoolQueue]] = []
         self._failure: Failure | None = None
         self._starting: Deferred[None] | None = None
+        self.flusher: Flusher | None = None
 
     def when_ready(self) -> Deferred[SpoolQueue]:
         """Fire with the open queue (at once if it is open), or fail if it cannot open."""
@@ -58,6 +59,17 @@ class SpoolService(Service):
         d: Deferred[SpoolQueue] = Deferred()
         self._waiting.append(d)
         return d
+
+    def _flush(self, queue_ids: list[str] | None, channel: str | None) -> Deferred[int]:
+        """``relay flush`` from the control socket: the deliverer's flush once it is set.
+
+        ``relay.tap`` sets :attr:`flusher` to the deliverer's, which also revives resting
+        destinations; until then (or without a deliverer) the queue flushes by itself.
+        """
+        if self.flusher is not None:
+            return self.flusher(queue_ids, channel)
+        assert self.queue is not None
+        return self.queue.flush(queue_ids, channel)
 
     def startService(self) -> None:
         """Open the spool and serve the control socket."""
@@ -73,7 +85,7 @@ class SpoolService(Service):
                 segment_limit=self._segment_limit,
             )
             self.queue = queue
-            self._port = await listen_control(queue, self._reactor)
+            self._port = await listen_control(queue, self._reactor, self._flush)
         except Exception as e:
             self._failure = failure = Failure(e)  # type: ignore[no-untyped-call]
             _log.failure("spool: cannot open {path}", failure, path=str(self.spool_dir))
