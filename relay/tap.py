@@ -21,7 +21,6 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from relay import __version__
-from relay.aliases import AliasesError
 from relay.channels.local import LocalChannel, build_local_channel
 from relay.channels.smtp.channel import SmtpChannel, build_smtp_channel
 from relay.config import Config, ConfigError, default_config, load_config
@@ -29,6 +28,7 @@ from relay.deliver.service import build_deliverer
 from relay.gateway.service import build_gateway
 from relay.interfaces import IChannel, IQueue
 from relay.local_users import LocalRecipients, build_local_recipients
+from relay.preflight import PreflightError, preflight
 from relay.queue.service import SpoolService
 from relay.services import attach, named_multiservice
 
@@ -70,11 +70,11 @@ def config_for_twistd(path: str | None) -> Config:
 
 
 def local_recipients_for_twistd(config: Config) -> LocalRecipients:
-    """The local users and aliases; a broken aliases file lists every problem."""
+    """The local users and aliases, after the preflight checks; problems as a UsageError."""
     try:
-        return build_local_recipients(config)
-    except AliasesError as e:
-        raise usage.UsageError(str(e)) from e
+        return preflight(config)
+    except PreflightError as e:
+        raise usage.UsageError("\n".join(e.problems)) from e
 
 
 class StatusService(Service):

@@ -102,3 +102,34 @@ def test_installed_entry_points(command: list[str]) -> None:
     good = subprocess.run([*command, "version"], capture_output=True, text=True, timeout=60)
     assert good.returncode == 0
     assert good.stdout.startswith("relay ")
+
+
+def _config_with(tmp_path: Path, extra: str) -> Path:
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[relay]\nhostname = "h.example.test"\n{extra}')
+    return config
+
+
+def test_check_config_reads_the_aliases_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An aliases file the relay could not load makes check-config fail with its line."""
+    (tmp_path / "aliases").write_text("postmaster: alice\nbroken line without colon\n")
+    config = _config_with(tmp_path, '[local]\nusers = ["alice"]\naliases = "aliases"\n')
+    assert main(["check-config", "-c", str(config)]) == exitcodes.CONFIG
+    err = capsys.readouterr().err
+    assert "local.aliases" in err
+    assert ":2:" in err or "line 2" in err
+
+
+def test_check_config_loads_the_tls_certificate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A certificate file that is not PEM makes check-config fail, as twistd would."""
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    (tmp_path / "key.pem").write_text("not a key\n")
+    config = _config_with(
+        tmp_path, '[smtp]\ntls_cert_file = "cert.pem"\ntls_key_file = "key.pem"\n'
+    )
+    assert main(["check-config", "-c", str(config)]) == exitcodes.CONFIG
+    assert "smtp.tls_cert_file/tls_key_file" in capsys.readouterr().err

@@ -198,3 +198,16 @@ def test_twistd_starts_logs_summary_and_stops_on_sigterm(tmp_path: Path, with_co
     content = log.read_text()
     assert "stopped" in content
     assert "Traceback" not in content
+
+
+def test_unusable_tls_files_are_a_usage_error(tmp_path: Path) -> None:
+    """twistd relay refuses (with a message, no traceback) a certificate it cannot load."""
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    (tmp_path / "key.pem").write_text("not a key\n")
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        '[relay]\nhostname = "h.example.test"\n'
+        '[smtp]\ntls_cert_file = "cert.pem"\ntls_key_file = "key.pem"\n'
+    )
+    with pytest.raises(usage.UsageError, match="tls_cert_file"):
+        tap.Options().parseOptions(["--config", str(config)])

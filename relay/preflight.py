@@ -1,0 +1,47 @@
+"""Checks beyond the configuration file itself, run before the relay starts.
+
+``relay.config`` checks the TOML and that the files it names exist; some files can only
+be judged by the part that uses them: the aliases file by its parser, the TLS
+certificate and key by loading them together.  ``relay check-config`` and
+``twistd relay`` both run these checks, so a configuration that check-config calls ok
+is one the relay will start with.
+"""
+
+from __future__ import annotations
+
+from relay.aliases import AliasesError
+from relay.config import Config
+from relay.gateway.tls import load_server_tls
+from relay.local_users import LocalRecipients, build_local_recipients
+
+__all__ = ["PreflightError", "preflight"]
+
+
+class PreflightError(Exception):
+    """The configuration is valid TOML but the relay cannot start with it."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = tuple(problems)
+
+
+def preflight(config: Config) -> LocalRecipients:
+    """Load what the relay will load at start; raise PreflightError listing every problem.
+
+    Returns the local users and aliases, so the caller need not read the aliases twice.
+    """
+    problems: list[str] = []
+    recipients: LocalRecipients | None = None
+    try:
+        recipients = build_local_recipients(config)
+    except AliasesError as e:
+        problems.extend(f"local.aliases: {line}" for line in str(e).splitlines())
+    smtp = config.smtp
+    if smtp.tls_cert_file is not None and smtp.tls_key_file is not None:
+        try:
+            load_server_tls(smtp.tls_cert_file, smtp.tls_key_file)
+        except (ValueError, OSError) as e:
+            problems.append(f"smtp.tls_cert_file/tls_key_file: {e}")
+    if problems or recipients is None:
+        raise PreflightError(problems)
+    return recipients
