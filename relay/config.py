@@ -60,6 +60,7 @@ __all__ = [
     "Route",
     "SerialTransport",
     "Smarthost",
+    "SmtpClientSection",
     "SmtpSection",
     "StdioTransport",
     "TcpTransport",
@@ -211,6 +212,30 @@ class SmtpSection:
 
 
 @dataclass(frozen=True, slots=True)
+class SmtpClientSection:
+    """``[smtp_client]``: how the SMTP channel talks to other servers (times in seconds).
+
+    The defaults here are the built-in defaults (the reader takes them from this class):
+    the timeouts of RFC 5321 §4.5.3.2, and Postfix's connection cache time.
+    ``dns_servers`` empty means the system's ``/etc/resolv.conf``; ``ca_file`` None
+    means the system trust store.
+    """
+
+    connect_timeout: float = 30.0
+    greeting_timeout: float = 300.0
+    helo_timeout: float = 300.0
+    mail_timeout: float = 300.0
+    rcpt_timeout: float = 300.0
+    data_timeout: float = 120.0
+    data_block_timeout: float = 180.0
+    data_done_timeout: float = 600.0
+    connection_cache_time: float = 2.0
+    max_messages_per_connection: int = 100
+    dns_servers: tuple[tuple[str, int], ...] = ()
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DeliverSection:
     """``[deliver]``: retry schedule and concurrency of the deliverer (times in seconds)."""
 
@@ -297,6 +322,7 @@ class Config:
     local: LocalSection
     routes: tuple[Route, ...]
     phone: PhoneSection
+    smtp_client: SmtpClientSection = field(default_factory=SmtpClientSection)
 
     def route_for(self, domain: str) -> Route | None:
         """The first route matching ``domain``, or None (SMTP by MX, or local)."""
@@ -724,6 +750,38 @@ def _smarthost(value: object) -> Smarthost:
     return Smarthost(host, port, mx_lookup=not bracketed and not _is_ip(host))
 
 
+def _dns_server(value: object) -> tuple[str, int]:
+    """A name server: ``"IP"`` or ``"IP:PORT"`` (IPv6 as ``"::1"`` or ``"[::1]:53"``)."""
+    what = "a name server address like '192.0.2.53', '127.0.0.1:5353' or '[::1]:53'"
+    if not isinstance(value, str):
+        raise _expected(what, value)
+    text = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+    try:
+        if _is_ip(text):  # a bare address, IPv6 included
+            return str(ipaddress.ip_address(text)), 53
+        host, port, _ = _split_host_port(value, default_port=53)
+    except ValueError:
+        raise _expected(what, value) from None
+    if not _is_ip(host):  # a name would need a resolver to find the resolver
+        raise _expected(what, value)
+    return host, port
+
+
+_PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+
+
+def _ca_file(path: Path) -> Path:
+    """A file of PEM certificates: checked now, so a wrong file fails the check, not a start."""
+    try:
+        with path.open("rb") as f:
+            found = _PEM_CERTIFICATE in f.read(4 * 1024 * 1024)
+    except OSError as error:
+        raise _Invalid(f"cannot read {_shown(path)}: {error.strerror}") from None
+    if not found:
+        raise _Invalid(f"no PEM certificate in {_shown(path)}")
+    return path
+
+
 def parse_transport(text: str) -> Transport:
     """``serial:DEVICE[:baudrate=N]``, ``tcp:[HOST:]PORT`` or ``stdio``; ValueError if not."""
     kind, _, rest = text.partition(":")
@@ -816,7 +874,7 @@ def _shown(path: Path) -> str:
 # --------------------------------------------------------------------------- the sections
 
 
-_SECTIONS = ("relay", "smtp", "deliver", "local", "route", "phone")
+_SECTIONS = ("relay", "smtp", "smtp_client", "deliver", "local", "route", "phone")
 
 
 def _read_config(
@@ -826,12 +884,13 @@ def _read_config(
     paths = _Paths(base)
     relay = _finished(top.table("relay"), lambda t: _read_relay(t, paths))
     smtp = _finished(top.table("smtp"), lambda t: _read_smtp(t, paths))
+    smtp_client = _finished(top.table("smtp_client"), lambda t: _read_smtp_client(t, paths))
     deliver = _finished(top.table("deliver"), _read_deliver)
     local = _finished(top.table("local"), lambda t: _read_local(t, paths))
     phone = _finished(top.table("phone"), lambda t: _read_phone(t, paths))
     routes = _read_routes(top, paths, phone)
     top.finish()
-    return Config(source, relay, smtp, deliver, local, routes, phone)
+    return Config(source, relay, smtp, deliver, local, routes, phone, smtp_client)
 
 
 def _finished(table: _Table, read: Callable[[_Table], T]) -> T:
@@ -891,6 +950,28 @@ def _check_smtp_tls(t: _Table, smtp: SmtpSection) -> None:
             "AUTH is offered only over TLS (auth_requires_tls = true) "
             "but smtp.tls_cert_file is not set",
         )
+
+
+def _read_smtp_client(t: _Table, paths: _Paths) -> SmtpClientSection:
+    d = SmtpClientSection()
+    return SmtpClientSection(
+        connect_timeout=t.get("connect_timeout", _positive_duration, d.connect_timeout),
+        greeting_timeout=t.get("greeting_timeout", _positive_duration, d.greeting_timeout),
+        helo_timeout=t.get("helo_timeout", _positive_duration, d.helo_timeout),
+        mail_timeout=t.get("mail_timeout", _positive_duration, d.mail_timeout),
+        rcpt_timeout=t.get("rcpt_timeout", _positive_duration, d.rcpt_timeout),
+        data_timeout=t.get("data_timeout", _positive_duration, d.data_timeout),
+        data_block_timeout=t.get("data_block_timeout", _positive_duration, d.data_block_timeout),
+        data_done_timeout=t.get("data_done_timeout", _positive_duration, d.data_done_timeout),
+        connection_cache_time=t.get("connection_cache_time", _duration, d.connection_cache_time),
+        max_messages_per_connection=t.get(
+            "max_messages_per_connection", _positive_int, d.max_messages_per_connection
+        ),
+        dns_servers=t.get_list(
+            "dns_servers", _dns_server, d.dns_servers, "name server addresses", unique=True
+        ),
+        ca_file=t.get("ca_file", lambda v: _ca_file(paths.file(v)), d.ca_file),
+    )
 
 
 def _read_deliver(t: _Table) -> DeliverSection:

@@ -113,8 +113,9 @@ def build_service(
     reactor when None.  Children start in the order they are attached and stop in the
     reverse order: the spool opens first and closes last; the channels close after the
     deliverer has stopped using them; the SMTP listeners stop first, so no new mail is
-    accepted while the rest shuts down.  ``smtp_options`` go to the SMTP channel (tests
-    and benchmarks use them for ``ca_file`` or a DNS resolver).
+    accepted while the rest shuts down.  The SMTP channel takes its settings from
+    ``[smtp_client]``; ``smtp_options`` override them (tests and benchmarks use them for
+    a ``port``, a ``resolver`` or ``ca_file``).
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor

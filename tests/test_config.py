@@ -26,6 +26,7 @@ from relay.config import (
     Route,
     SerialTransport,
     Smarthost,
+    SmtpClientSection,
     StdioTransport,
     TcpTransport,
     TlsPolicy,
@@ -278,6 +279,32 @@ def test_relay_hostname_is_required() -> None:
         ("[smtp]\nidle_timeout = 0", "smtp.idle_timeout: expected a duration longer than zero"),
         ("[deliver]\nwarn_after = 1.5", "deliver.warn_after: expected a duration like"),
         (
+            "[smtp_client]\ndata_done_timeout = 0",
+            "smtp_client.data_done_timeout: expected a duration longer than zero, got 0",
+        ),
+        ("[smtp_client]\nconnect_timeout = '1 min'", "smtp_client.connect_timeout: expected a"),
+        (
+            "[smtp_client]\nconnection_cache_time = -1",
+            "smtp_client.connection_cache_time: expected a duration like",
+        ),
+        (
+            "[smtp_client]\nmax_messages_per_connection = 0",
+            "smtp_client.max_messages_per_connection: expected a positive integer, got 0",
+        ),
+        (
+            "[smtp_client]\ndns_servers = '127.0.0.1'",
+            "smtp_client.dns_servers: expected an array of name server addresses",
+        ),
+        (
+            "[smtp_client]\ndns_servers = ['ns1.example.test']",
+            "smtp_client.dns_servers[0]: expected a name server address like '192.0.2.53'",
+        ),
+        ("[smtp_client]\ndns_servers = ['127.0.0.1:0']", "smtp_client.dns_servers[0]: expected"),
+        ("[smtp_client]\ndns_servers = ['2001:db8::1:53:']", "smtp_client.dns_servers[0]: "),
+        ("[smtp_client]\ndns_servers = [53]", "smtp_client.dns_servers[0]: expected a name"),
+        ("[smtp_client]\nca_file = 'missing.pem'", "smtp_client.ca_file: file not found: "),
+        ("[smtp_client]\nca_file = 'aliases'", "smtp_client.ca_file: no PEM certificate in "),
+        (
             "[deliver]\nconcurrency_total = {}",
             "deliver.concurrency_total: expected a positive integer, got a table",
         ),
@@ -415,6 +442,61 @@ def test_full_smtp_section_with_tls_and_auth() -> None:
     assert config.smtp.auth_users_file == DATA / "aliases"
     assert config.smtp.trusted_networks == (ipaddress.ip_network("10.0.0.0/8"),)
     assert config.summary().startswith("hub.example.test: 1 local domain, smtp on tcp:465 (tls),")
+
+
+def test_smtp_client_defaults(tmp_path: Path) -> None:
+    """Without [smtp_client]: RFC 5321 timeouts, 2 s cache, 100 messages, resolv.conf, system CA."""
+    client = parse_config(HEAD, tmp_path).smtp_client
+    assert client == SmtpClientSection() == default_config(tmp_path).smtp_client
+    assert (client.connect_timeout, client.greeting_timeout, client.helo_timeout) == (
+        30.0,
+        300.0,
+        300.0,
+    )
+    assert (client.mail_timeout, client.rcpt_timeout, client.data_timeout) == (300.0, 300.0, 120.0)
+    assert (client.data_block_timeout, client.data_done_timeout) == (180.0, 600.0)
+    assert (client.connection_cache_time, client.max_messages_per_connection) == (2.0, 100)
+    assert client.dns_servers == () and client.ca_file is None
+
+
+def test_full_smtp_client_section(tmp_path: Path) -> None:
+    """Every [smtp_client] key is read into seconds, (ip, port) pairs and an absolute path."""
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "tls/ca.pem").write_text(
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    )
+    client = parse_config(
+        HEAD
+        + "[smtp_client]\n"
+        + "connect_timeout = '10s'\ngreeting_timeout = '1m'\nhelo_timeout = 90\n"
+        + "mail_timeout = '2m'\nrcpt_timeout = '3m'\ndata_timeout = '4m'\n"
+        + "data_block_timeout = '5m'\ndata_done_timeout = '1h'\n"
+        + "connection_cache_time = 0\nmax_messages_per_connection = 7\n"
+        + "dns_servers = ['192.0.2.53', '127.0.0.1:5353', '::1', '[::1]:5300', '[192.0.2.9]',"
+        + " '192.0.2.53:53']\n"
+        + "ca_file = 'tls/ca.pem'\n",
+        tmp_path,
+    ).smtp_client
+    assert client == SmtpClientSection(
+        connect_timeout=10.0,
+        greeting_timeout=60.0,
+        helo_timeout=90.0,
+        mail_timeout=120.0,
+        rcpt_timeout=180.0,
+        data_timeout=240.0,
+        data_block_timeout=300.0,
+        data_done_timeout=3600.0,
+        connection_cache_time=0.0,
+        max_messages_per_connection=7,
+        dns_servers=(
+            ("192.0.2.53", 53),
+            ("127.0.0.1", 5353),
+            ("::1", 53),
+            ("::1", 5300),
+            ("192.0.2.9", 53),
+        ),
+        ca_file=tmp_path / "tls/ca.pem",
+    )
 
 
 def test_postmaster_defaults_to_first_local_domain() -> None:
@@ -704,6 +786,7 @@ def test_every_config_object_is_frozen(spec: Config) -> None:
     objects = _config_objects(spec)
     kinds = {type(o).__name__ for o in objects}
     assert {"Config", "RelaySection", "SmtpSection", "DeliverSection", "LocalSection"} <= kinds
+    assert "SmtpClientSection" in kinds
     assert {"Route", "Smarthost", "PhoneSection", "PhoneSite", "SerialTransport"} <= kinds
     for obj in objects:
         assert dataclasses.is_dataclass(obj) and not isinstance(obj, type)
@@ -736,6 +819,20 @@ KNOWN_KEYS: dict[str, list[str]] = {
         "tls_key_file",
         "auth_users_file",
         "auth_requires_tls",
+    ],
+    "smtp_client": [
+        "connect_timeout",
+        "greeting_timeout",
+        "helo_timeout",
+        "mail_timeout",
+        "rcpt_timeout",
+        "data_timeout",
+        "data_block_timeout",
+        "data_done_timeout",
+        "connection_cache_time",
+        "max_messages_per_connection",
+        "dns_servers",
+        "ca_file",
     ],
     "deliver": [
         "retry_min",
@@ -882,7 +979,7 @@ def _documents(draw: st.DrawFn) -> str:
         relay["hostname"] = "hub.example.test"
     parts.append(_toml_table("[relay]", relay))
     for section in draw(
-        st.lists(st.sampled_from(["smtp", "deliver", "local", "smpt"]), unique=True)
+        st.lists(st.sampled_from(["smtp", "smtp_client", "deliver", "local", "smpt"]), unique=True)
     ):
         parts.append(
             _toml_table(

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
         prog="relay",
-        description="Check the configuration, manage the queue and submit mail.",
+        description="Check the configuration, manage the queue, aliases and AUTH users.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in SUBCOMMANDS:

@@ -12,12 +12,18 @@ parts, one job each:
 
 **Connection reuse.**  When a session ends with its connection healthy and between
 transactions, the connection waits in a cache keyed by destination, for
-:attr:`Timeouts.idle` seconds, and the next ``open_session`` for that destination takes
-it instead of connecting again (after an RSET, which also proves the server is still
-there: Postfix's connection cache does the same).  A connection carries at most
-``max_messages`` messages (100 by default), then the next message opens a new one, so
-that a long queue to one host cannot keep a single connection (and a single server
-process) busy forever.
+:attr:`Timeouts.idle` seconds (``[smtp_client] connection_cache_time``, 2 s like
+Postfix's ``smtp_connection_cache_time``; 0 turns the cache off), and the next
+``open_session`` for that destination takes it instead of connecting again (after an
+RSET, which also proves the server is still there: Postfix's connection cache does the
+same).  A connection carries at most ``max_messages`` messages (100 by default), then
+the next message opens a new one, so that a long queue to one host cannot keep a single
+connection (and a single server process) busy forever.
+
+**Settings.**  :func:`build_smtp_channel` takes the timeouts, the cache time, the message
+cap, the name servers and the CA file from ``[smtp_client]``, and gives the channel the
+configuration's router, with which a session tells which recipients of a message travel
+in its transaction (for SMTPUTF8: :mod:`.smtputf8`).
 """
 
 from __future__ import annotations
@@ -34,20 +40,22 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from relay.address import Address
 from relay.channels.smtp.connect import Connector, parse_destination
 from relay.channels.smtp.policy import RoutePolicies
 from relay.channels.smtp.protocol import SmtpClientError, SmtpClientProtocol, Timeouts
 from relay.channels.smtp.session import SmtpSession
 from relay.channels.smtp.tls import TlsContexts
-from relay.config import Config
+from relay.config import Config, SmtpClientSection
 from relay.dns.mx import MxResolver, make_resolver
-from relay.envelope import Destination
+from relay.envelope import Destination, Recipient
 from relay.errors import SessionFailed
 from relay.interfaces import IChannel, IChannelSession, SequencingMode
+from relay.policy.routing import NoRoute, Router
 from relay.reply import Reply, ReplyCode
 from relay.sansio.smtp.client import Rset
 
-__all__ = ["SmtpChannel", "build_smtp_channel"]
+__all__ = ["SmtpChannel", "build_smtp_channel", "timeouts_from"]
 
 DEFAULT_MAX_MESSAGES = 100
 
@@ -67,7 +75,9 @@ class SmtpChannel:
     ``reactor`` provides IReactorTCP and IReactorTime (tests: the real reactor, or a
     ``MemoryReactorClock``); ``port`` is the port for MX delivery and address literals
     (25; tests point it at their own servers); ``ca_file`` replaces the system trust
-    store for ``tls = "required"`` routes.
+    store for ``tls = "required"`` routes; ``route`` gives an address's destination (the
+    configuration's router; without one, a recipient the queue has not routed yet counts
+    as travelling in every transaction of its message).
     """
 
     name = "smtp"
@@ -85,10 +95,12 @@ class SmtpChannel:
         ca_file: Path | None = None,
         timeouts: Timeouts | None = None,
         max_messages: int = DEFAULT_MAX_MESSAGES,
+        route: Callable[[Address], Destination] | None = None,
     ) -> None:
         if max_messages < 1:
             raise ValueError("max_messages must be at least 1")
         self.max_messages = max_messages
+        self._route = route
         self.timeouts = timeouts or Timeouts()
         self._clock = reactor
         self._policies = policies or RoutePolicies()
@@ -116,6 +128,21 @@ class SmtpChannel:
             conn = await self.connect(destination)
         return SmtpSession(self, destination, conn)
 
+    def travels_to(self, recipient: Recipient, destination: Destination) -> bool:
+        """Whether ``recipient`` goes to ``destination``, so may travel in its transaction.
+
+        Its destination as queued, else as the router says: the deliverer's own rule.  A
+        recipient that cannot be routed goes nowhere; without a router, one not routed yet
+        may go anywhere.
+        """
+        where = recipient.destination
+        if where is None and self._route is not None:
+            try:
+                where = self._route(recipient.address)
+            except NoRoute:
+                return False
+        return where is None or where == destination
+
     # --- connections --------------------------------------------------------------------
 
     async def connect(self, destination: Destination) -> SmtpClientProtocol:
@@ -133,7 +160,7 @@ class SmtpChannel:
 
     def park(self, destination: Destination, conn: SmtpClientProtocol) -> None:
         """Keep ``conn`` for the next session to ``destination`` (or close it)."""
-        if not conn.ready or conn.messages >= self.max_messages:
+        if not conn.ready or conn.messages >= self.max_messages or self.timeouts.idle <= 0:
             conn.quit()
             return
         entry = _Idle(
@@ -226,19 +253,43 @@ def build_smtp_channel(
     """The SMTP channel for ``config`` (for :mod:`relay.tap`).
 
     EHLO uses ``[relay] hostname`` (also the name MX loops are detected by); TLS policy
-    and credentials come from the SMTP ``[[route]]`` tables.  ``resolver`` defaults to a
-    twisted.names client over ``/etc/resolv.conf``; ``options`` go to
-    :class:`SmtpChannel` (``port``, ``ca_file``, ``timeouts``, ``max_messages``).
+    and credentials come from the SMTP ``[[route]]`` tables; timeouts, connection cache
+    time, message cap and CA file from ``[smtp_client]``.  ``resolver`` defaults to a
+    twisted.names client over ``[smtp_client] dns_servers`` (if empty, the servers of
+    ``/etc/resolv.conf``).  ``options`` go to :class:`SmtpChannel` (``port``,
+    ``ca_file``, ``timeouts``, ``max_messages``, ``route``) and win over the
+    configuration: tests and benchmarks use them.
     """
-    mx = MxResolver(
-        resolver if resolver is not None else make_resolver(reactor),
-        rng,
-        local_names=(config.relay.hostname,),
-    )
+    client = config.smtp_client
+    if resolver is None:
+        resolver = make_resolver(reactor, client.dns_servers or None)
+    mx = MxResolver(resolver, rng, local_names=(config.relay.hostname,))
+    settings: dict[str, Any] = {
+        "ca_file": client.ca_file,
+        "timeouts": timeouts_from(client),
+        "max_messages": client.max_messages_per_connection,
+        "route": Router(config).route,
+    }
+    settings.update(options)
     return SmtpChannel(
         reactor,
         mx,
         config.relay.hostname,
         policies=RoutePolicies(config.routes),
-        **options,
+        **settings,
+    )
+
+
+def timeouts_from(client: SmtpClientSection) -> Timeouts:
+    """The channel's :class:`Timeouts` for ``[smtp_client]`` (the rest keep their defaults)."""
+    return Timeouts(
+        connect=client.connect_timeout,
+        greeting=client.greeting_timeout,
+        helo=client.helo_timeout,
+        mail=client.mail_timeout,
+        rcpt=client.rcpt_timeout,
+        data=client.data_timeout,
+        data_block=client.data_block_timeout,
+        data_done=client.data_done_timeout,
+        idle=client.connection_cache_time,
     )

@@ -87,7 +87,7 @@ class Timeouts:
     data_done: float = 600.0  # the final dot -> its reply
     rset: float = 120.0
     quit: float = 60.0
-    idle: float = 10.0  # how long a connection waits in the cache for the next session
+    idle: float = 2.0  # how long a connection waits in the cache for the next session
 
     def for_command(self, command: Command) -> float:
         """The time allowed for the reply to ``command``."""

@@ -28,8 +28,12 @@ before waiting for the replies gets MAIL, every RCPT and DATA in one write (RFC 
 **Refused before MAIL** (every address gets the reply; nothing is sent):
 
 * the message is larger than the server's SIZE limit: ``FSIZ`` (552 5.3.4);
-* it needs SMTPUTF8 (the envelope says so, or an address has a non-ASCII local part) and
-  the server does not offer it: permanent, 5.6.7 (RFC 6531 §3.2);
+* it needs SMTPUTF8 and the server does not offer it: permanent, 5.6.7 (RFC 6531 §3.2).
+  *Needs* is decided by what the transaction holds, not by the client's declaration
+  (:mod:`.smtputf8`): a non-ASCII local part in the return path or in a recipient that
+  goes to this destination, or non-ASCII headers in mail declared SMTPUTF8.  A message
+  that does not need it goes without the SMTPUTF8 parameter, to any server.  If its
+  header section cannot be read, every address gets ``FIO`` (temporary);
 * it is 8-bit (BODY=8BITMIME) and the server does not offer 8BITMIME: permanent, 5.6.3
   "conversion required but not supported".  RFC 6152 §3 forbids sending 8-bit data to
   such a server, and we do not convert to quoted-printable (Postfix's default is to send
@@ -54,6 +58,7 @@ from zope.interface import implementer
 
 from relay.address import Address
 from relay.channels.smtp.protocol import SmtpClientError, SmtpClientProtocol
+from relay.channels.smtp.smtputf8 import addresses_need_smtputf8, headers_need_smtputf8
 from relay.envelope import BodyType, Destination, Envelope, Recipient
 from relay.errors import SessionFailed
 from relay.interfaces import IChannelSession, IMessage
@@ -149,7 +154,9 @@ class SmtpSession:
         if conn is None:
             return
         envelope: Envelope = message.envelope
-        needs_utf8 = _needs_smtputf8(envelope, return_path)
+        needs_utf8 = await self._needs_smtputf8(tx, envelope, return_path, message)
+        if tx.refused is not None:
+            return
         tx.refused = _refusal(conn, envelope, int(message.size), needs_utf8)
         if tx.refused is not None:
             return
@@ -165,6 +172,32 @@ class SmtpSession:
             env_id=envelope.env_id if conn.engine.offers("DSN") else None,
         )
         tx.mail = _Shared(conn.command(mail))
+
+    async def _needs_smtputf8(
+        self,
+        tx: _Transaction,
+        envelope: Envelope,
+        return_path: Address | None,
+        message: IMessage,
+    ) -> bool:
+        """Whether this transaction needs SMTPUTF8 (see :mod:`.smtputf8`).
+
+        If the headers cannot be read, ``tx`` is refused with ``FIO``: the text will not
+        be readable for DATA either, and the spool's error is the reason to report.
+        """
+
+        def here(recipient: Recipient) -> bool:
+            return self._channel.travels_to(recipient, self._destination)
+
+        if addresses_need_smtputf8(return_path, envelope.recipients, here):
+            return True
+        if not envelope.smtputf8:
+            return False
+        try:
+            return await headers_need_smtputf8(message)
+        except Exception as e:
+            tx.refused = Reply(ReplyCode.FIO, _one_line(f"cannot read the queued text: {e}"))
+            return False
 
     async def _usable_connection(self, tx: _Transaction) -> SmtpClientProtocol | None:
         """The connection, or a new one if it went bad or reached the message cap."""
@@ -195,7 +228,16 @@ class SmtpSession:
         conn, mail = self._conn, tx.mail
         assert conn is not None and mail is not None
         if recipient.address.needs_smtputf8 and not tx.smtputf8:
-            return _utf8_refusal(conn, f"recipient {recipient.address}")
+            if not conn.engine.offers("SMTPUTF8"):
+                return _utf8_refusal(conn, f"recipient {recipient.address}")
+            # MAIL FROM went without SMTPUTF8 because, by the envelope and the routes,
+            # this recipient does not go here (a route changed, or a defect).  Not the
+            # recipient's fault, so not a bounce: it waits, and is tried again.
+            return Reply(
+                ReplyCode.AGN,
+                f"recipient {recipient.address} needs SMTPUTF8, "
+                "which this transaction's MAIL FROM did not declare",
+            )
         event = RcptTo(recipient.address, recipient.original)
         tx.rcpts_waiting += 1
         try:
@@ -367,15 +409,6 @@ class SmtpSession:
         return self._tx
 
 
-def _needs_smtputf8(envelope: Envelope, return_path: Address | None) -> bool:
-    """Whether the message needs SMTPUTF8: the envelope says so, or an address does."""
-    if envelope.smtputf8:
-        return True
-    if return_path is not None and return_path.needs_smtputf8:
-        return True
-    return any(r.address.needs_smtputf8 for r in envelope.recipients)
-
-
 def _refusal(
     conn: SmtpClientProtocol, envelope: Envelope, size: int, needs_utf8: bool
 ) -> Reply | None:
@@ -415,6 +448,10 @@ def _utf8_refusal(conn: SmtpClientProtocol, what: str) -> Reply:
         smtp_code=553,
         enhanced="5.6.7",
     )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _mapped(reply: SmtpReply) -> Reply:
