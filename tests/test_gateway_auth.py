@@ -13,6 +13,7 @@ from twisted.internet import reactor
 
 from relay.gateway import auth
 from relay.gateway.auth import (
+    AuthUnavailable,
     PasswordChecker,
     ScryptParams,
     UsersFileError,
@@ -130,14 +131,21 @@ async def test_checker_runs_in_a_thread_and_rereads_the_file(
 
 
 @pytest_twisted.ensureDeferred
-async def test_checker_says_no_when_the_file_is_broken(tmp_path: Path) -> None:
-    """An unreadable or malformed users file fails closed: every check is False."""
+async def test_checker_is_unavailable_when_the_file_is_broken(tmp_path: Path) -> None:
+    """A malformed, missing or undecodable users file fails the check with AuthUnavailable."""
     users = tmp_path / "users"
     users.write_text("garbage line\n")
     checker = PasswordChecker(users, reactor)  # type: ignore[arg-type]
     try:
-        assert await checker.check("carol", "one") is False
+        with pytest.raises(AuthUnavailable, match="line 1"):
+            await checker.check("carol", "one")
         users.unlink()
-        assert await checker.check("carol", "one") is False
+        with pytest.raises(AuthUnavailable, match="No such file"):
+            await checker.check("carol", "one")
+        users.write_bytes(b"carol:\xff\xfe\n")
+        with pytest.raises(AuthUnavailable):
+            await checker.check("carol", "one")
+        users.write_text(make_user_line("carol", "one", FAST) + "\n")
+        assert await checker.check("carol", "one") is True  # repaired: works again
     finally:
         checker.stop()

@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from relay.address import Address
 from relay.config import parse_config
+from relay.envelope import Destination
 from relay.gateway.auth import ScryptParams, make_user_line
 from relay.gateway.service import RecordingEndpoint, build_gateway
 from relay.interfaces import ILocalRecipients
@@ -309,6 +310,70 @@ async def test_smtplib_wrong_password_and_relay_denied(tmp_path: Path, tls_files
 
         assert await in_thread(attempt) == (535, 554)
         assert await running.texts() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtplib_auth_with_a_broken_users_file_is_454(tmp_path: Path) -> None:
+    """A users file that cannot be parsed or read answers 454 4.7.0, never 535."""
+    smtp = "trusted_networks = []\nauth_requires_tls = false"
+    async with gateway(tmp_path, smtp, users=True) as running:
+        users_file = tmp_path / "smtp-users"
+
+        def attempt() -> tuple[int, int]:
+            with smtplib.SMTP("127.0.0.1", running.port) as client:
+                try:
+                    client.login("carol", PASSWORD)
+                except smtplib.SMTPAuthenticationError as e:
+                    auth_code = e.smtp_code
+                else:
+                    auth_code = 235
+                rcpt_code = client.mail("carol@client.test")[0]
+                return auth_code, rcpt_code
+
+        assert await in_thread(attempt) == (235, 250)
+        users_file.write_text("carol:not-a-hash\n")
+        assert await in_thread(attempt) == (454, 250)
+        users_file.unlink()
+        assert await in_thread(attempt) == (454, 250)
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtplib_recipients_are_queued_with_their_destinations(tmp_path: Path) -> None:
+    """The spool holds each recipient with its destination, and indexes it under it."""
+    smtp = (
+        'trusted_networks = ["127.0.0.0/8"]\n'
+        '[[route]]\ndomain = "partner.test"\nsmarthost = "127.0.0.1:2526"\n'
+        '[[route]]\ndomain = "*.sub.test"\n'
+    )
+    async with gateway(tmp_path, smtp) as running:
+
+        def send() -> dict[str, tuple[int, bytes]]:
+            with smtplib.SMTP("127.0.0.1", running.port) as client:
+                recipients = ["alice@example.test", "p@partner.test", "q@x.sub.test", "r@far.test"]
+                return client.sendmail("sender@client.test", recipients, MESSAGE)
+
+        assert await in_thread(send) == {}
+        (queue_id,) = await running.queue.list_messages()
+        envelope, _ = await running.queue.load(queue_id)
+        local, partner, sub, far = (
+            Destination("local", ""),
+            Destination("smtp", "[127.0.0.1]:2526"),
+            Destination("smtp", "x.sub.test"),
+            Destination("smtp", "far.test"),
+        )
+        assert [(str(r.address), r.destination) for r in envelope.recipients] == [
+            ("alice@example.test", local),
+            ("p@partner.test", partner),
+            ("q@x.sub.test", sub),
+            ("r@far.test", far),
+        ]
+        groups = await running.queue.due_by_destination(envelope.arrival + 1)
+        assert {d: list(g) for d, g in groups.items()} == {
+            local: [(queue_id, 0)],
+            partner: [(queue_id, 1)],
+            sub: [(queue_id, 2)],
+            far: [(queue_id, 3)],
+        }
 
 
 @pytest_twisted.ensureDeferred

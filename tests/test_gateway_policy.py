@@ -20,6 +20,7 @@ from relay.gateway.policy import RelayPolicy
 from relay.gateway.protocol import GatewayFactory, SessionLimiter, Timeouts
 from relay.gateway.service import settings_from_config
 from relay.interfaces import ILocalRecipients
+from relay.policy.routing import Router
 from relay.sansio.smtp.wire import ReplyParser
 
 CONFIG_TOML = """
@@ -108,6 +109,20 @@ def test_policy_rule(
     """Each recipient gets the reply its rule says (see the table above)."""
     reply = policy.check_recipient(parse_forward_path(path), may_relay=may_relay)
     assert (reply.code, reply.enhanced) == expected
+
+
+@pytest.mark.parametrize(("path", "may_relay", "expected"), RULES)
+def test_decision_carries_the_destination_of_accepted_recipients_only(
+    policy: RelayPolicy, config: Config, path: str, may_relay: bool, expected: tuple[int, str]
+) -> None:
+    """An accepted recipient comes with the router's destination; a refused one with none."""
+    address = parse_forward_path(path)
+    decision = policy.decide_recipient(address, may_relay=may_relay)
+    assert (decision.reply.code, decision.reply.enhanced) == expected
+    if decision.reply.is_positive:
+        assert decision.destination == Router(config).route(address)
+    else:
+        assert decision.destination is None
 
 
 def test_relaying_needs_a_trusted_network_or_authentication(policy: RelayPolicy) -> None:

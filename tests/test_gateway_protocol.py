@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import errno
+import tracemalloc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +22,10 @@ from zope.interface import implementer
 
 from relay.address import Address
 from relay.config import Config, parse_config
-from relay.envelope import BodyType, Envelope
+from relay.envelope import BodyType, Destination, Envelope
 from relay.errors import SpoolError
+from relay.gateway.auth import AuthUnavailable
+from relay.gateway.limits import AuthThrottle, TextBudget
 from relay.gateway.policy import RelayPolicy
 from relay.gateway.protocol import GatewayFactory, SessionLimiter, SmtpServerProtocol, Timeouts
 from relay.gateway.service import settings_from_config
@@ -131,7 +135,13 @@ def harness(config: Config) -> Harness:
     return make_harness(config)
 
 
-def make_harness(config: Config, **timeouts: float) -> Harness:
+def make_harness(
+    config: Config,
+    *,
+    text_budget: TextBudget | None = None,
+    throttle: Callable[[Clock], AuthThrottle] | None = None,
+    **timeouts: float,
+) -> Harness:
     clock = Clock()
     queue = ControlledQueue()
     checker = ControlledChecker()
@@ -145,6 +155,8 @@ def make_harness(config: Config, **timeouts: float) -> Harness:
             idle=config.smtp.idle_timeout, session=config.smtp.session_timeout, **timeouts
         ),
         checker=checker,  # type: ignore[arg-type]
+        text_budget=text_budget,
+        auth_throttle=None if throttle is None else throttle(clock),
     )
     return Harness(factory, queue, checker, clock)
 
@@ -454,13 +466,316 @@ def test_a_failing_recipient_lookup_is_451(harness: Harness) -> None:
     assert session.codes()[-1] == (250, "2.0.0")
 
 
-def test_store_finishing_after_a_session_timeout_writes_nothing(harness: Harness) -> None:
-    """Session timeout during a store: 421 4.4.2; the late 250 is not written, no error."""
+# --------------------------------------------------------------------------- routing at store
+
+
+ROUTES = """
+[[route]]
+domain = "partner.test"
+smarthost = "127.0.0.1:2526"
+[[route]]
+domain = "*.sub.test"
+[[route]]
+domain = "mailboxes.test"
+channel = "local"
+"""
+
+
+def test_recipients_are_stored_with_their_destinations(tmp_path: Path) -> None:
+    """Each accepted recipient is stored routed: local, a route's smarthost or domain, MX."""
+    config = parse_config(
+        TOML.replace("max_recipients = 5", "max_recipients = 10") + ROUTES, tmp_path
+    )
+    harness = make_harness(config)
+    session = harness.connect("10.1.1.1")  # trusted: may relay
+    session.send(b"EHLO c.test\r\n")
+    session.send(
+        b"MAIL FROM:<s@c.test>\r\n"
+        b"RCPT TO:<alice@example.test>\r\n"
+        b"RCPT TO:<nobody@example.test>\r\n"
+        b"RCPT TO:<bob@mailboxes.test>\r\n"
+        b"RCPT TO:<p@partner.test>\r\n"
+        b"RCPT TO:<q@x.sub.test>\r\n"
+        b"RCPT TO:<r@far.test>\r\n"
+        b"RCPT TO:<r@far.test>\r\n"
+        b"DATA\r\n"
+    )
+    session.send(dot_stuff(TEXT))
+    envelope, _, _ = harness.queue.calls[0]
+    assert [(str(r.address), r.destination) for r in envelope.recipients] == [
+        ("alice@example.test", Destination("local", "")),
+        ("bob@mailboxes.test", Destination("local", "")),
+        ("p@partner.test", Destination("smtp", "[127.0.0.1]:2526")),
+        ("q@x.sub.test", Destination("smtp", "x.sub.test")),
+        ("r@far.test", Destination("smtp", "far.test")),
+    ]
+
+
+# --------------------------------------------------------------------------- timeouts vs store
+
+
+def test_session_timeout_during_a_store_waits_for_the_stores_reply(harness: Harness) -> None:
+    """A session timeout while the spool writes: first the store's 250, then 421 and close."""
+    session = harness.connect()
+    _deliver(session)
+    session.send(b"MAIL FROM:<t@c.test>\r\n")  # pipelined behind the end of data
+    harness.clock.advance(601)
+    assert session.codes()[-1] == (354, None)
+    assert not session.closed
+    harness.clock.advance(3600)  # the idle timer does not end it either
+    assert not session.closed
+    harness.queue.calls[0][2].callback("LATE")
+    assert session.codes()[-2:] == [(250, "2.0.0"), (421, "4.4.2")]
+    assert session.replies()[-2].text == "Ok: queued as LATE"
+    assert session.closed
+    assert harness.factory.accepted == 1
+    assert len(harness.queue.calls) == 1  # the pipelined MAIL was not executed
+
+
+def test_session_timeout_during_a_failing_store_sends_its_451_first(harness: Harness) -> None:
+    """A store that fails after the session timeout: 451 4.3.0, then 421 4.4.2."""
     session = harness.connect()
     _deliver(session)
     harness.clock.advance(601)
+    harness.queue.calls[0][2].errback(SpoolError("spool write failed"))
+    assert session.codes()[-2:] == [(451, "4.3.0"), (421, "4.4.2")]
+    assert session.closed
+
+
+def test_session_timeout_without_a_store_is_immediate(harness: Harness) -> None:
+    """A session waiting on a password check is still ended by the session timeout."""
+    session = harness.connect()
+    session.send(b"EHLO c.test\r\n")
+    session.send(_auth_line("carol", "pw"))
+    harness.clock.advance(601)
+    assert session.codes()[-1] == (421, "4.4.2") and session.closed
+    harness.checker.calls[0][2].callback(True)
     assert session.codes()[-1] == (421, "4.4.2")
+
+
+def test_client_gone_during_a_deferred_shutdown_writes_nothing(harness: Harness) -> None:
+    """If the client leaves while its shutdown waits for the store, nothing more is written."""
+    session = harness.connect()
+    _deliver(session)
+    harness.clock.advance(601)
+    session.lose()
     written = session.transport.value()
-    harness.queue.calls[0][2].callback("LATE")
+    harness.queue.calls[0][2].callback("A")
     assert session.transport.value() == written
     assert harness.factory.accepted == 1
+
+
+# --------------------------------------------------------------------------- memory for text
+
+
+def _start_data(session: Session, helo: bytes = b"c.test") -> None:
+    session.send(b"EHLO " + helo + b"\r\n")
+    session.send(TRANSACTION)
+
+
+def _big_messages(tmp_path: Path) -> Config:
+    """The test configuration with room for 100 kB messages."""
+    toml = TOML.replace("max_message_size = 2000", "max_message_size = 100000")
+    return parse_config(toml, tmp_path)
+
+
+def test_text_over_the_gateway_budget_is_452_and_never_buffered(tmp_path: Path) -> None:
+    """A session whose text would pass the shared budget reads on, holds nothing, gets 452."""
+    budget = TextBudget(6000)
+    harness = make_harness(_big_messages(tmp_path), text_budget=budget)
+    first, second = harness.connect("10.1.1.1"), harness.connect("10.2.2.2")
+    _start_data(first)
+    _start_data(second)
+    first.send(b"a" * 900 + b"\r\n")
+    held_by_first = budget.used
+    assert 900 < held_by_first < 1200  # the text and its Received: header
+    for _ in range(10):  # 5 KiB more would fit alone, but not beside the first session
+        second.send(b"b" * 500 + b"\r\n")
+        assert budget.used <= budget.limit
+    assert budget.used == held_by_first  # the second session holds nothing now
+    second.send(b".\r\n")
+    assert second.replies()[-1] == SmtpReply(452, "4.3.1", ("Insufficient system storage",))
+    assert len(harness.queue.calls) == 0 and budget.refused == 1
+    second.send(b"NOOP\r\n")
+    assert second.codes()[-1] == (250, "2.0.0")  # the session goes on
+    first.send(b".\r\n")
+    _, text, d = harness.queue.calls[0]
+    assert text.startswith(b"Received: ") and text.endswith(b"\r\n" + b"a" * 900 + b"\r\n")
+    assert budget.used == len(text)  # held while the spool writes
+    d.callback("A")
+    assert budget.used == 0
+    second.send(TRANSACTION)
+    second.send(dot_stuff((b"b" * 500 + b"\r\n") * 5))
+    assert len(harness.queue.calls) == 2  # with room again, the next message is taken
+
+
+def test_budget_counts_bdat_chunks(tmp_path: Path) -> None:
+    """BDAT text counts too: over the budget, the LAST chunk gets 452 4.3.1, nothing stored."""
+    budget = TextBudget(1000)
+    harness = make_harness(_big_messages(tmp_path), text_budget=budget)
+    session = harness.connect()
+    session.send(b"EHLO c.test\r\n")
+    session.send(b"MAIL FROM:<s@c.test>\r\nRCPT TO:<alice@example.test>\r\n")
+    session.send(b"BDAT 600\r\n" + b"x" * 600)
+    assert session.codes()[-1] == (250, "2.0.0")
+    session.send(b"BDAT 600 LAST\r\n" + b"y" * 600)
+    assert session.codes()[-1] == (452, "4.3.1")
+    assert harness.queue.calls == [] and budget.used == 0
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        pytest.param(lambda s: s.send(b"bare\nLF\r\n.\r\n"), id="bare-LF"),
+        pytest.param(lambda s: s.send((b"z" * 990 + b"\r\n") * 3 + b".\r\n"), id="552"),
+        pytest.param(lambda s: s.lose(), id="client-gone"),
+        pytest.param(lambda s: s.protocol._timeout("idle"), id="timeout"),
+        pytest.param(lambda s: s.send(b"\xff" * 999 + b"\r\n.\r\n"), id="long-line"),
+    ],
+)
+def test_budget_is_given_back_when_the_text_is_refused_or_dropped(
+    harness: Harness, ending: Callable[[Session], None]
+) -> None:
+    """Text the engine refuses, or a session ending in DATA, gives its bytes back."""
+    session = harness.connect()
+    _start_data(session)
+    session.send(b"some text\r\n")
+    assert harness.factory.text_budget.used > 0
+    ending(session)
+    assert harness.factory.text_budget.used == 0
+    assert harness.queue.calls == []
+
+
+def test_budget_is_given_back_after_rset_in_bdat(harness: Harness) -> None:
+    """RSET between BDAT chunks drops the text and its reservation."""
+    session = harness.connect()
+    session.send(b"EHLO c.test\r\n")
+    session.send(b"MAIL FROM:<s@c.test>\r\nRCPT TO:<alice@example.test>\r\n")
+    session.send(b"BDAT 10\r\n0123456789")
+    assert harness.factory.text_budget.used > 10
+    session.send(b"RSET\r\n")
+    assert session.codes()[-1] == (250, "2.0.0")
+    assert harness.factory.text_budget.used == 0
+
+
+def test_budget_is_given_back_when_the_store_fails(harness: Harness) -> None:
+    """A failed store gives the text's bytes back, like a successful one."""
+    session = harness.connect()
+    _deliver(session)
+    assert harness.factory.text_budget.used == len(harness.queue.calls[0][1])
+    harness.queue.calls[0][2].errback(SpoolError("spool write failed"))
+    assert harness.factory.text_budget.used == 0
+
+
+def test_empty_message_is_stored_as_its_header(harness: Harness) -> None:
+    """DATA with no text at all stores the Received: header alone."""
+    session = harness.connect()
+    _start_data(session)
+    session.send(b".\r\n")
+    _, text, d = harness.queue.calls[0]
+    assert text.startswith(b"Received: from c.test") and text.endswith(b"\r\n")
+    assert text.count(b"\r\n") == 3
+    d.callback("E")
+    assert session.codes()[-1] == (250, "2.0.0")
+
+
+def test_big_text_is_not_copied_again_for_the_store(tmp_path: Path) -> None:
+    """An 8 MiB message peaks well under twice its size in memory (no second full copy)."""
+    config = parse_config(
+        TOML.replace("max_message_size = 2000", "max_message_size = 20000000"), tmp_path
+    )
+    harness = make_harness(config)
+    session = harness.connect()
+    _start_data(session)
+    line = b"x" * 510 + b"\r\n"
+    block = line * 128  # 64 KiB, as a socket read might bring
+    size = 8 * 1024 * 1024
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before, _ = tracemalloc.get_traced_memory()
+        for _ in range(size // len(block)):
+            session.send(block)
+        session.send(b".\r\n")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    _, text, _ = harness.queue.calls[0]
+    assert len(text) > size
+    assert peak - before < 1.5 * size
+
+
+# --------------------------------------------------------------------------- AUTH across sessions
+
+
+def _fail_auth(harness: Harness, session: Session, index: int) -> None:
+    session.send(_auth_line("carol", f"guess{index}"))
+    harness.checker.calls[index][2].callback(False)
+    harness.clock.advance(1.01)
+    assert session.codes()[-1] == (535, "5.7.8")
+
+
+def test_auth_failures_count_across_sessions(config: Config) -> None:
+    """A client that reconnects to guess again gets 454 4.7.0 past the limit, unchecked."""
+    harness = make_harness(config, throttle=lambda c: AuthThrottle(c, max_failures=3, window=60))
+    for attempt in range(3):
+        session = harness.connect("192.0.2.9")
+        session.send(b"EHLO c.test\r\n")
+        _fail_auth(harness, session, attempt)
+        session.lose()
+    session = harness.connect("192.0.2.9")
+    session.send(b"EHLO c.test\r\n")
+    session.send(_auth_line("carol", "right"))
+    assert len(harness.checker.calls) == 3  # no password check at all
+    assert session.codes()[-1] == (250, None)  # still the EHLO reply: refused after a delay
+    harness.clock.advance(1.01)
+    assert session.replies()[-1] == SmtpReply(
+        454, "4.7.0", ("Too many failed authentications, try again later",)
+    )
+    session.send(b"MAIL FROM:<s@c.test>\r\nRCPT TO:<alice@example.test>\r\n")
+    assert session.codes()[-1] == (250, "2.1.5")  # mail to local users still flows
+    other = harness.connect("192.0.2.10")
+    other.send(b"EHLO c.test\r\n")
+    other.send(_auth_line("carol", "right"))
+    assert len(harness.checker.calls) == 4  # another address is not affected
+
+
+def test_auth_failures_age_out(config: Config) -> None:
+    """Failures older than the window no longer count: the client may try again."""
+    harness = make_harness(config, throttle=lambda c: AuthThrottle(c, max_failures=2, window=30))
+    session = harness.connect("192.0.2.9")
+    session.send(b"EHLO c.test\r\n")
+    _fail_auth(harness, session, 0)
+    _fail_auth(harness, session, 1)
+    session.send(_auth_line("carol", "again"))
+    harness.clock.advance(1.01)
+    assert session.codes()[-1] == (454, "4.7.0")
+    harness.clock.advance(30)
+    session.send(_auth_line("carol", "right"))
+    assert len(harness.checker.calls) == 3
+    harness.checker.calls[2][2].callback(True)
+    assert session.codes()[-1] == (235, "2.7.0")
+
+
+def test_unreadable_users_file_is_454_not_535(harness: Harness) -> None:
+    """A users file that cannot be checked answers 454 4.7.0 at once, and counts no failure."""
+    session = harness.connect("192.0.2.9")
+    session.send(b"EHLO c.test\r\n")
+    session.send(_auth_line("carol", "pw"))
+    harness.checker.calls[0][2].errback(AuthUnavailable("users: Permission denied"))
+    assert session.replies()[-1] == SmtpReply(454, "4.7.0", ("Temporary authentication failure",))
+    assert harness.factory.auth_throttle.failures("192.0.2.9") == 0
+    assert session.protocol.engine.authenticated_user is None
+    session.send(b"NOOP\r\n")
+    assert session.codes()[-1] == (250, "2.0.0")
+
+
+def test_a_failing_password_check_is_454(harness: Harness) -> None:
+    """Any other error from the checker is a temporary failure too (and logged)."""
+    session = harness.connect("192.0.2.9")
+    session.send(b"EHLO c.test\r\n")
+    session.send(_auth_line("carol", "pw"))
+    harness.checker.calls[0][2].errback(RuntimeError("a bug"))
+    assert session.codes()[-1] == (454, "4.7.0")
+    session.send(b"MAIL FROM:<s@c.test>\r\nRCPT TO:<x@far.test>\r\n")
+    assert session.codes()[-1] == (554, "5.7.1")  # not authenticated

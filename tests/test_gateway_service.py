@@ -79,16 +79,23 @@ def test_a_spool_that_opens_late_means_421_until_then(tmp_path: Path) -> None:
 
 
 class PendingQueue:
-    """store() never fires: a session stays busy with the spool."""
+    """store() hands back a Deferred the test fires: a session stays busy with the spool."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[str]] = []
 
     def store(self, envelope: object, text: bytes) -> Deferred[str]:
-        return Deferred()
+        d: Deferred[str] = Deferred()
+        self.pending.append(d)
+        return d
 
 
-def test_stopping_the_service_ends_idle_sessions_only(tmp_path: Path) -> None:
-    """On stop, idle sessions get 421 4.3.2 and close; one waiting for the spool is left."""
+def test_stopping_the_service_ends_storing_sessions_after_their_reply(tmp_path: Path) -> None:
+    """On stop, idle sessions get 421 4.3.2 at once; one waiting for the spool first gets
+    the store's 250, then the 421, never a 421 for a message that was kept."""
     reactor = MemoryReactorClock()
-    service = build_gateway(_config(tmp_path, ""), PendingQueue(), NoUsers(), reactor)  # type: ignore[arg-type]
+    queue = PendingQueue()
+    service = build_gateway(_config(tmp_path, ""), queue, NoUsers(), reactor)  # type: ignore[arg-type]
     service.startService()
     factory = reactor.tcpServers[0][1]
     sessions = []
@@ -101,12 +108,17 @@ def test_stopping_the_service_ends_idle_sessions_only(tmp_path: Path) -> None:
     busy_protocol.dataReceived(b"EHLO c.test\r\n")
     busy_protocol.dataReceived(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n")
     busy_protocol.dataReceived(b"text\r\n.\r\n")
-    assert busy_protocol.busy
+    assert busy_protocol.busy and busy_protocol.storing
     service.stopService()
     idle = sessions[0][1]
     assert idle.value().endswith(b"421 4.3.2 mx.test Service shutting down\r\n")
     assert idle.disconnecting
     assert b"421" not in busy.value() and not busy.disconnecting
+    queue.pending[0].callback("Q1")
+    assert busy.value().endswith(
+        b"250 2.0.0 Ok: queued as Q1\r\n421 4.3.2 mx.test Service shutting down\r\n"
+    )
+    assert busy.disconnecting
 
 
 def test_a_spool_that_fails_to_open_keeps_refusing(tmp_path: Path) -> None:
@@ -154,3 +166,27 @@ def test_mismatched_key_is_refused_at_build(tmp_path: Path) -> None:
         load_server_tls(tmp_path / "good.pem", tmp_path / "good.pem")
     with pytest.raises(ValueError, match="private key"):
         load_server_tls(tmp_path / "cert.pem", tmp_path / "cert.pem")
+
+
+def test_listeners_share_the_text_budget_and_the_auth_throttle(tmp_path: Path) -> None:
+    """All listeners count message text and failed AUTH in one place, with the given limits."""
+    config = _config(
+        tmp_path, 'listen = ["tcp:2525:interface=127.0.0.1", "tcp:2526:interface=127.0.0.1"]'
+    )
+    reactor = MemoryReactorClock()
+    service = build_gateway(
+        config,
+        NeverQueue(),  # type: ignore[arg-type]
+        NoUsers(),
+        reactor,
+        max_text_in_memory=12345,
+        auth_max_failures=7,
+        auth_failure_window=60.0,
+    )
+    service.startService()
+    first, second = (server[1] for server in reactor.tcpServers)
+    assert first.text_budget is second.text_budget
+    assert first.text_budget.limit == 12345
+    assert first.auth_throttle is second.auth_throttle
+    assert (first.auth_throttle.max_failures, first.auth_throttle.window) == (7, 60.0)
+    service.stopService()

@@ -11,6 +11,11 @@ scrypt is deliberately slow (tens of milliseconds and tens of MiB per check), so
 verifies in a small thread pool of its own.  Reading the file on each attempt means a
 ``relay passwd`` takes effect without a restart.  An unknown user costs the same hash as
 a known one, so timing does not tell which user names exist.
+
+A users file that cannot be read or parsed is our fault, not the client's: the check
+fails with :class:`AuthUnavailable` (the gateway answers ``454 4.7.0``, a temporary
+failure, so a good client retries instead of being told its password is wrong and
+counted as a guesser).  It still fails closed: nobody is authenticated meanwhile.
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 __all__ = [
+    "AuthUnavailable",
     "PasswordChecker",
     "ScryptParams",
     "UsersFileError",
@@ -52,6 +59,10 @@ _USER: Final = re.compile(r"[^\s:]{1,255}")
 
 class UsersFileError(ValueError):
     """A users file (or a hash in it) that cannot be read; says which line."""
+
+
+class AuthUnavailable(Exception):
+    """Credentials cannot be checked now (the users file is unreadable or malformed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,15 +192,18 @@ class PasswordChecker:
             self._started = False
 
     def check(self, username: str, password: str) -> Deferred[bool]:
-        """Fire with whether the credentials are valid; never fails (errors mean False)."""
+        """Fire with whether the credentials are valid.
+
+        Fails with :class:`AuthUnavailable` (logged here) when they cannot be checked.
+        """
         self.start()
         d: Deferred[bool] = deferToThreadPool(
             self._reactor, self._pool, _check_in_thread, self._path, username, password
         )
 
-        def failed(failure: object) -> bool:
-            _log.failure("smtp auth: cannot check credentials", failure)  # type: ignore[arg-type]
-            return False
+        def failed(failure: Failure) -> bool:
+            _log.failure("smtp auth: cannot check credentials", failure)
+            raise AuthUnavailable(f"{self._path}: {failure.getErrorMessage()}")
 
         return d.addErrback(failed)
 

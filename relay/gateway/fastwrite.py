@@ -10,9 +10,14 @@ When the transport is plain TCP (not TLS), connected, not closing, and Twisted h
 unsent bytes for it, sending now is exactly what its ``doWrite`` would do a moment later,
 in the same order.  In every other case (TLS, bytes already queued, a partial send,
 ``EAGAIN``, an error) the rest goes to ``transport.write``, so Twisted keeps ordering,
-flow control and error handling.  The check reads two attributes that are Twisted's own
-(``_tempDataLen``, ``_writeDisconnected``); if a Twisted release renames them the check
-fails safe (``getattr`` defaults say "not idle") and every write takes the normal path.
+flow control and error handling.
+
+The check reads state that is Twisted's own, not its API: ``tcp.Server``'s
+``_tempDataLen`` and ``_writeDisconnected``, ``offset`` and ``dataBuffer``.  Every one is
+read with a ``getattr`` default that says "not idle", so if a Twisted release renames or
+drops one, every write takes the normal path: slower, never wrong.
+tests/test_gateway_fastwrite.py checks on a live connection that they are still there
+and still mean what we think, so such a release fails CI instead of costing CPU quietly.
 """
 
 from __future__ import annotations
@@ -21,20 +26,33 @@ from typing import Any
 
 from twisted.internet import tcp
 
-__all__ = ["write_now"]
+__all__ = ["is_idle_plain_tcp", "write_now"]
+
+_SERVER: Any = getattr(tcp, "Server", None)
+
+
+def is_idle_plain_tcp(transport: Any) -> bool:
+    """Whether ``transport`` is a connected plain-TCP server socket with nothing queued."""
+    if _SERVER is None or type(transport) is not _SERVER:
+        return False
+    buffer = getattr(transport, "dataBuffer", None)
+    offset = getattr(transport, "offset", None)
+    return (
+        getattr(transport, "TLS", True) is False
+        and bool(getattr(transport, "connected", False))
+        and not getattr(transport, "disconnecting", True)
+        and getattr(transport, "_writeDisconnected", True) is False
+        and getattr(transport, "_tempDataLen", None) == 0
+        and isinstance(buffer, bytes | memoryview)
+        and isinstance(offset, int)
+        and offset == len(buffer)
+        and callable(getattr(transport, "writeSomeData", None))
+    )
 
 
 def write_now(transport: Any, data: bytes) -> None:
     """Write ``data`` to ``transport``: straight to the socket if it is idle plain TCP."""
-    if (
-        type(transport) is tcp.Server
-        and not transport.TLS
-        and transport.connected
-        and not transport.disconnecting
-        and not getattr(transport, "_writeDisconnected", True)
-        and getattr(transport, "_tempDataLen", 1) == 0
-        and transport.offset == len(transport.dataBuffer)
-    ):
+    if is_idle_plain_tcp(transport):
         sent = transport.writeSomeData(data)
         if isinstance(sent, int) and sent > 0:
             data = data[sent:]

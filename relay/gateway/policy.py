@@ -20,20 +20,28 @@ Routing is decided by the same :class:`~relay.policy.routing.Router` the deliver
 by the *final* domain only: a source route (``<@local:user@evil.test>``) is inert and
 cannot make a remote address look local.  The sender (``MAIL FROM``) is not restricted:
 that is the job of authentication and of filters downstream.
+
+:meth:`RelayPolicy.decide_recipient` also returns the :class:`~relay.envelope.Destination`
+it routed an accepted recipient to, and the gateway stores it in the envelope: the
+spool's per-destination index, ``relay queue`` and ``relay flush --channel`` see where
+each recipient goes from the moment it is queued, and the deliverer need not route it
+again.  The route is the one in force when the message was accepted.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Final
 
 from relay.address import Address, RoutingTrick
 from relay.config import Config
+from relay.envelope import Destination
 from relay.interfaces import ILocalRecipients
 from relay.policy.routing import NoRoute, Router
 from relay.sansio.smtp.events import MailFrom
 from relay.sansio.smtp.wire import SmtpReply
 
-__all__ = ["RelayPolicy"]
+__all__ = ["RecipientDecision", "RelayPolicy"]
 
 _FORWARDING_TRICKS: Final = (
     RoutingTrick.PERCENT_HACK | RoutingTrick.BANG_PATH | RoutingTrick.QUOTED_AT
@@ -42,6 +50,14 @@ _FORWARDING_TRICKS: Final = (
 SENDER_OK: Final = SmtpReply(250, "2.1.0", ("Ok",))
 RECIPIENT_OK: Final = SmtpReply(250, "2.1.5", ("Ok",))
 RELAY_DENIED: Final = SmtpReply(554, "5.7.1", ("Relay access denied",))
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientDecision:
+    """The reply to one RCPT TO and, when it is accepted, where the recipient goes."""
+
+    reply: SmtpReply
+    destination: Destination | None = None
 
 
 class RelayPolicy:
@@ -66,24 +82,33 @@ class RelayPolicy:
 
     def check_recipient(self, address: Address, *, may_relay: bool) -> SmtpReply:
         """The reply to RCPT TO for ``address`` from a client that may (not) relay."""
+        return self.decide_recipient(address, may_relay=may_relay).reply
+
+    def decide_recipient(self, address: Address, *, may_relay: bool) -> RecipientDecision:
+        """The reply to RCPT TO for ``address``, with its destination if accepted."""
         try:
             destination = self._router.route(address)
         except NoRoute as e:
             reply = e.reply
-            return SmtpReply(
-                reply.effective_smtp_code, reply.effective_enhanced, (_safe(reply.description),)
+            return RecipientDecision(
+                SmtpReply(
+                    reply.effective_smtp_code,
+                    reply.effective_enhanced,
+                    (_safe(reply.description),),
+                )
             )
         if destination.channel == "local":
             if self._local.exists(address):
-                return RECIPIENT_OK
-            return SmtpReply(
-                550, "5.1.1", (f"{_safe(str(address))}: Recipient address rejected: User unknown",)
-            )
+                return RecipientDecision(RECIPIENT_OK, destination)
+            text = f"{_safe(str(address))}: Recipient address rejected: User unknown"
+            return RecipientDecision(SmtpReply(550, "5.1.1", (text,)))
         if self._config.route_for(address.domain) is not None:
             if not may_relay and address.tricks & _FORWARDING_TRICKS:
-                return RELAY_DENIED
-            return RECIPIENT_OK
-        return RECIPIENT_OK if may_relay else RELAY_DENIED
+                return RecipientDecision(RELAY_DENIED)
+            return RecipientDecision(RECIPIENT_OK, destination)
+        if may_relay:
+            return RecipientDecision(RECIPIENT_OK, destination)
+        return RecipientDecision(RELAY_DENIED)
 
 
 def _safe(text: str) -> str:

@@ -14,6 +14,26 @@ client pipelining into a slow moment cannot make us buffer without bound.
 **The 250 after DATA is written only when the spool's Deferred has fired**, i.e. when
 the message is fsynced (IQueue.store's contract).  If the store fails the reply is
 ``451 4.3.0``, or ``452 4.3.1`` when the disk is full, and the spool keeps nothing.
+Nothing ends a session while its store is in flight: a timeout or a service stop that
+comes then waits for the store's reply to be written, and only then sends its ``421``.
+Otherwise the client would see a ``421`` for a message the spool did keep, and send it
+again (a duplicate).  A hung spool cannot hold a session open for ever: the client's own
+timeout (10 minutes for the final dot, RFC 5321 section 4.5.3.2) closes it.
+
+**Each accepted recipient is stored with its destination**, as the policy's router
+decided it at RCPT time (see :mod:`relay.gateway.policy`).
+
+**Message text in memory.**  A session keeps its text in one ``BytesIO`` that starts
+with the ``Received:`` header (made at the first piece of text: everything in it is
+settled once DATA is accepted), so the bytes handed to the spool come out of
+``getvalue()`` without a second full copy.  Every byte held counts against the
+gateway-wide :class:`~relay.gateway.limits.TextBudget` until the spool's Deferred
+fires; a message that does not fit is read and thrown away, and answered ``452 4.3.1``.
+
+**AUTH.**  A failed AUTH is answered after a delay and counted per client address in the
+shared :class:`~relay.gateway.limits.AuthThrottle`; a client over its limit gets
+``454 4.7.0`` without a password check.  A users file that cannot be read answers
+``454 4.7.0`` too (our problem, not a wrong password).
 
 Replies go out through :func:`~relay.gateway.fastwrite.write_now`, which sends at once
 when the socket is idle plain TCP instead of waiting for the reactor's next pass (see
@@ -23,6 +43,7 @@ there for why and when it falls back to ``transport.write``).
 from __future__ import annotations
 
 import errno
+import io
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,10 +57,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.address import Address
-from relay.envelope import Envelope, Recipient, Submitter
+from relay.envelope import Destination, Envelope, Recipient, Submitter
 from relay.errors import SpoolError
-from relay.gateway.auth import PasswordChecker
+from relay.gateway.auth import AuthUnavailable, PasswordChecker
 from relay.gateway.fastwrite import write_now
+from relay.gateway.limits import AuthThrottle, TextBudget
 from relay.gateway.policy import RelayPolicy
 from relay.gateway.received import received_header
 from relay.gateway.tls import tls_description
@@ -65,6 +87,7 @@ __all__ = ["GatewayFactory", "SessionLimiter", "SmtpServerProtocol", "Timeouts"]
 _log = Logger()
 
 _READ_PAUSE_BYTES = 256 * 1024
+_TEXT_STATES = (State.DATA, State.BDAT)  # the engine is reading a message's text
 
 
 def _reply(code: int, enhanced: str, text: str) -> SmtpReply:
@@ -117,10 +140,18 @@ class Timeouts:
 
 @dataclass(slots=True)
 class _Transaction:
-    """What the adapter keeps of the current message beside the engine's state."""
+    """What the adapter keeps of the current message beside the engine's state.
 
-    recipients: list[Address] = field(default_factory=list)
-    chunks: list[bytes] = field(default_factory=list)
+    ``recipients`` maps each accepted address (once, in order) to its destination;
+    ``text`` is the ``Received:`` header and the text so far (None before the first
+    piece), ``held`` the bytes of it reserved from the gateway's TextBudget, and
+    ``over_budget`` says the text did not fit and is being thrown away.
+    """
+
+    recipients: dict[Address, Destination] = field(default_factory=dict)
+    text: io.BytesIO | None = None
+    held: int = 0
+    over_budget: bool = False
 
 
 class GatewayFactory(Factory):
@@ -137,7 +168,12 @@ class GatewayFactory(Factory):
         timeouts: Timeouts,
         tls_options: CertificateOptions | None = None,
         checker: PasswordChecker | None = None,
+        text_budget: TextBudget | None = None,
+        auth_throttle: AuthThrottle | None = None,
     ) -> None:
+        """``text_budget`` and ``auth_throttle`` are shared by all listeners' factories
+        (:func:`~relay.gateway.service.build_gateway`); by default each factory has its own.
+        """
         self.settings = settings
         self.policy = policy
         self.queue = queue
@@ -146,6 +182,8 @@ class GatewayFactory(Factory):
         self.timeouts = timeouts
         self.tls_options = tls_options
         self.checker = checker
+        self.text_budget = TextBudget() if text_budget is None else text_budget
+        self.auth_throttle = AuthThrottle(clock) if auth_throttle is None else auth_throttle
         self.accepted = 0  # messages stored, for the benchmark and tests
 
     def buildProtocol(self, addr: Any) -> SmtpServerProtocol:
@@ -169,6 +207,8 @@ class SmtpServerProtocol(Protocol):
         self.tls_info: str | None = None
         self._counted = False
         self._busy = False
+        self._storing = False
+        self._shutdown_after_store: SmtpReply | None = None
         self._paused_reading = False
         self._transaction = _Transaction()
         self._idle_timer: IDelayedCall | None = None
@@ -242,6 +282,7 @@ class SmtpServerProtocol(Protocol):
             self._counted = False
             self.gateway.limiter.release(self.client_ip)
             self.gateway.limiter.sessions.discard(self)
+        self._drop_text()
         self._transaction = _Transaction()
 
     @property
@@ -249,11 +290,25 @@ class SmtpServerProtocol(Protocol):
         """Whether the session waits on the spool, a password check or a TLS handshake."""
         return self._busy
 
+    @property
+    def storing(self) -> bool:
+        """Whether the session waits for the spool to store a message."""
+        return self._storing
+
     def shutdown(self, reply: SmtpReply) -> None:
-        """End the session unasked (timeout, service stopping): the reply, then close."""
-        if not self._lost:
-            self._write(self.engine.send(Shutdown(reply)))
-            self._close()
+        """End the session unasked (timeout, service stopping): the reply, then close.
+
+        While a store is in flight this only takes note: the store's own reply goes out
+        first, then ``reply``, so the client learns whether its message was kept.
+        """
+        if self._lost:
+            return
+        if self._storing:
+            if self._shutdown_after_store is None:
+                self._shutdown_after_store = reply
+            return
+        self._write(self.engine.send(Shutdown(reply)))
+        self._close()
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -269,10 +324,11 @@ class SmtpServerProtocol(Protocol):
             if isinstance(event, Respond):
                 self._answer(event.reply)
             elif isinstance(event, MessageData):
-                self._transaction.chunks.append(event.data)
+                self._keep_text(event.data)
             elif isinstance(event, RcptTo):
                 self._answer(self._recipient(event))
             elif isinstance(event, MailFrom):
+                self._drop_text()
                 self._transaction = _Transaction()
                 self._answer(self.gateway.policy.check_sender(event))
             elif isinstance(event, EndOfMessage):
@@ -287,15 +343,21 @@ class SmtpServerProtocol(Protocol):
 
     def _answer(self, reply: SmtpReply) -> None:
         self._write(self.engine.send(reply))
+        if self._transaction.held and self.engine.state not in _TEXT_STATES:
+            self._drop_text()  # the engine refused the text (bare LF, too big, RSET...)
         if self.engine.closed:
             self._close()
 
     def _finish_async(self, reply: SmtpReply) -> None:
-        """The reply to a slow event: send it and go on reading."""
+        """The reply to a slow event: send it and go on reading (or end, if asked to)."""
         self._busy = False
-        if self._lost or self.engine.closed:  # the session ended meanwhile (timeout, stop)
+        if self._lost or self.engine.closed:  # the session ended meanwhile
             return
         self._answer(reply)
+        shutdown, self._shutdown_after_store = self._shutdown_after_store, None
+        if shutdown is not None:
+            self.shutdown(shutdown)
+            return
         self._touch()
         self._resume_reading()
         self._pump()
@@ -312,23 +374,91 @@ class SmtpServerProtocol(Protocol):
             self.client_ip, self.engine.authenticated_user is not None
         )
         try:
-            reply = self.gateway.policy.check_recipient(event.address, may_relay=may_relay)
+            decision = self.gateway.policy.decide_recipient(event.address, may_relay=may_relay)
         except Exception:
             # A broken lookup (aliases, passwd) must not cost the client more than a retry.
             _log.failure("smtp: recipient check failed for {client}", client=self.client_ip)
             return _reply(451, "4.3.0", "Temporary lookup failure, try again later")
-        if reply.is_positive and event.address not in self._transaction.recipients:
-            self._transaction.recipients.append(event.address)
+        reply = decision.reply
+        if reply.is_positive and decision.destination is not None:
+            self._transaction.recipients.setdefault(event.address, decision.destination)
         return reply
+
+    # --- message text -----------------------------------------------------------------
+
+    def _keep_text(self, data: bytes) -> None:
+        """Buffer a piece of text, if the gateway's budget has room for it."""
+        transaction = self._transaction
+        if transaction.over_budget:
+            return
+        text = transaction.text
+        header = b"" if text is not None else self._received_header()
+        size = len(header) + len(data)
+        budget = self.gateway.text_budget
+        if not budget.reserve(size):
+            _log.warn(
+                "smtp: {client}: message text thrown away: {used} of {limit} bytes of text "
+                "already held in memory",
+                client=self.client_ip,
+                used=budget.used,
+                limit=budget.limit,
+            )
+            self._drop_text()
+            transaction.over_budget = True
+            return
+        transaction.held += size
+        if text is None:
+            text = transaction.text = io.BytesIO()
+            text.write(header)
+        text.write(data)
+
+    def _drop_text(self) -> None:
+        """Forget the current transaction's text and give its bytes back to the budget."""
+        transaction = self._transaction
+        if transaction.held:
+            self.gateway.text_budget.release(transaction.held)
+            transaction.held = 0
+        if transaction.text is not None:
+            transaction.text.close()
+            transaction.text = None
+
+    def _received_header(self) -> bytes:
+        """The ``Received:`` header for the current transaction (its text not yet read)."""
+        engine = self.engine
+        recipients = self._transaction.recipients
+        return received_header(
+            helo=engine.helo_name,
+            client_ip=self.client_ip,
+            client_name=None,
+            hostname=self.gateway.settings.hostname,
+            protocol=engine.protocol_name,
+            when=self.gateway.clock.seconds(),
+            tls=self.tls_info,
+            auth_user=engine.authenticated_user,
+            recipient=next(iter(recipients)) if len(recipients) == 1 else None,
+        )
 
     def _store(self) -> None:
         engine = self.engine
         mail = engine.mail
         queue = self.gateway.queue
         assert mail is not None and queue is not None
-        transaction, self._transaction = self._transaction, _Transaction()
+        transaction = self._transaction
+        if transaction.text is None and not transaction.over_budget:
+            self._keep_text(b"")  # an empty message: the header alone
+        if transaction.over_budget or transaction.text is None:
+            self.gateway.text_budget.refused += 1
+            self._transaction = _Transaction()
+            self._answer(_reply(452, "4.3.1", "Insufficient system storage"))
+            return
+        # getvalue() hands over the BytesIO's own buffer (no copy: nothing else refers
+        # to it); the reservation moves with the text and is given back when the store
+        # is done, since the spool holds the bytes until then.
+        text = transaction.text.getvalue()
+        transaction.text.close()
+        held, transaction.held, transaction.text = transaction.held, 0, None
+        self._transaction = _Transaction()
         now = self.gateway.clock.seconds()
-        recipients = transaction.recipients
         submitter = Submitter(
             protocol=engine.protocol_name,
             client_address=self.client_ip,
@@ -337,28 +467,24 @@ class SmtpServerProtocol(Protocol):
             auth_user=engine.authenticated_user,
             tls=self.tls_info,
         )
-        header = received_header(
-            helo=engine.helo_name,
-            client_ip=self.client_ip,
-            client_name=None,
-            hostname=self.gateway.settings.hostname,
-            protocol=engine.protocol_name,
-            when=now,
-            tls=self.tls_info,
-            auth_user=engine.authenticated_user,
-            recipient=recipients[0] if len(recipients) == 1 else None,
-        )
         envelope = Envelope(
             return_path=mail.reverse_path,
-            recipients=tuple(Recipient(a) for a in recipients),
+            recipients=tuple(Recipient(a, d) for a, d in transaction.recipients.items()),
             arrival=now,
             submitter=submitter,
             body_type=mail.body,
             smtputf8=mail.smtputf8,
         )
-        text = b"".join([header, *transaction.chunks])
         self._busy = True
+        self._storing = True
+        budget = self.gateway.text_budget
+
+        def release(result: object) -> object:
+            budget.release(held)
+            return result
+
         d: Deferred[str] = queue.store(envelope, text)
+        d.addBoth(release)
         d.addCallbacks(
             self._stored,
             self._store_failed,
@@ -366,6 +492,7 @@ class SmtpServerProtocol(Protocol):
         )
 
     def _stored(self, queue_id: str, envelope: Envelope, size: int) -> None:
+        self._storing = False
         self.gateway.accepted += 1
         # One preformatted field for the text (the observer formats it per event, on the
         # hot path), the same values as separate keys for structured observers.
@@ -386,6 +513,7 @@ class SmtpServerProtocol(Protocol):
         self._finish_async(_reply(250, "2.0.0", f"Ok: queued as {queue_id}"))
 
     def _store_failed(self, failure: Failure) -> None:
+        self._storing = False
         _log.failure("smtp: cannot store message from {client}", failure, client=self.client_ip)
         if _disk_full(failure.value):
             reply = _reply(452, "4.3.1", "Insufficient system storage")
@@ -395,9 +523,24 @@ class SmtpServerProtocol(Protocol):
 
     def _authenticate(self, event: AuthCredentials) -> None:
         checker = self.gateway.checker
+        throttle = self.gateway.auth_throttle
         self._busy = True
         if checker is None:  # the engine only offers AUTH with a checker
             self._finish_async(_reply(454, "4.7.0", "Temporary authentication failure"))
+            return
+        if throttle.blocked(self.client_ip):
+            _log.info(
+                "smtp: {client} refused AUTH {mechanism} for {user}: "
+                "{failures} failures in {window:.0f}s",
+                client=self.client_ip,
+                mechanism=event.mechanism,
+                user=event.username,
+                failures=throttle.failures(self.client_ip),
+                window=throttle.window,
+            )
+            self._answer_later(
+                _reply(454, "4.7.0", "Too many failed authentications, try again later")
+            )
             return
 
         def checked(ok: bool) -> None:
@@ -409,19 +552,27 @@ class SmtpServerProtocol(Protocol):
                 )
                 self._finish_async(_reply(235, "2.7.0", "Authentication successful"))
                 return
+            throttle.failed(self.client_ip)
             _log.info(
                 "smtp: {client} failed AUTH {mechanism} for {user}",
                 client=self.client_ip,
                 mechanism=event.mechanism,
                 user=event.username,
             )
-            self._auth_timer = self.gateway.clock.callLater(
-                self.gateway.timeouts.auth_failure_delay,
-                self._finish_async,
-                _reply(535, "5.7.8", "Authentication credentials invalid"),
-            )
+            self._answer_later(_reply(535, "5.7.8", "Authentication credentials invalid"))
 
-        checker.check(event.username, event.password).addCallback(checked)
+        def unavailable(failure: Failure) -> None:
+            if not isinstance(failure.value, AuthUnavailable):  # that one is logged already
+                _log.failure("smtp: AUTH check for {client} failed", failure, client=self.client_ip)
+            self._finish_async(_reply(454, "4.7.0", "Temporary authentication failure"))
+
+        checker.check(event.username, event.password).addCallbacks(checked, unavailable)
+
+    def _answer_later(self, reply: SmtpReply) -> None:
+        """Send ``reply`` to an AUTH after the failure delay (guessing costs time)."""
+        self._auth_timer = self.gateway.clock.callLater(
+            self.gateway.timeouts.auth_failure_delay, self._finish_async, reply
+        )
 
     def _start_tls(self) -> None:
         options = self.gateway.tls_options
@@ -475,6 +626,7 @@ class SmtpServerProtocol(Protocol):
             write_now(self.transport, data)
 
     def _close(self) -> None:
+        self._drop_text()
         if not self._lost and self.transport is not None:
             self.transport.loseConnection()
 

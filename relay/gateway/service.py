@@ -9,10 +9,14 @@ relay at start.  The tree it returns is a ``MultiService`` named ``smtp`` holdin
 * ``listen_tls:<endpoint>`` — one per ``listen_tls`` string, the endpoint wrapped in
   TLS (``wrapServerTLS``): SMTP submission over implicit TLS;
 * ``sessions`` — owns the password checker's threads and, on stop, ends open sessions
-  with ``421 4.3.2`` so clients retry elsewhere instead of hanging.
+  with ``421 4.3.2`` so clients retry elsewhere instead of hanging (a session waiting for
+  the spool gets the store's reply first).
 
 All listeners share one :class:`~relay.gateway.protocol.SessionLimiter`, so
-``max_sessions`` and ``max_sessions_per_client`` hold across them.
+``max_sessions`` and ``max_sessions_per_client`` hold across them, one
+:class:`~relay.gateway.limits.TextBudget` (``max_text_in_memory`` bytes of message text
+in memory across all sessions) and one :class:`~relay.gateway.limits.AuthThrottle`
+(failed AUTH per client address).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from zope.interface import implementer
 from relay.address import AddressError, parse_mailbox
 from relay.config import Config
 from relay.gateway.auth import PasswordChecker
+from relay.gateway.limits import DEFAULT_TEXT_BUDGET, AuthThrottle, TextBudget
 from relay.gateway.policy import RelayPolicy
 from relay.gateway.protocol import GatewayFactory, SessionLimiter, Timeouts
 from relay.gateway.tls import load_server_tls
@@ -81,7 +86,9 @@ class _SessionsService(Service):
         super().stopService()  # type: ignore[no-untyped-call]
         reply = SmtpReply(421, "4.3.2", (f"{self._hostname} Service shutting down",))
         for session in list(self._limiter.sessions):
-            if not session.busy:  # one waiting for the spool gets its real answer, if in time
+            # One waiting for the spool gets the store's real answer first (if the spool
+            # answers in time), then this one; shutdown() sees to the order.
+            if session.storing or not session.busy:
                 session.shutdown(reply)
         if self._checker is not None:
             self._checker.stop()
@@ -135,12 +142,18 @@ def build_gateway(
     reactor: Any,
     *,
     greet_delay: float = 0.0,
+    max_text_in_memory: int = DEFAULT_TEXT_BUDGET,
+    auth_max_failures: int = 5,
+    auth_failure_window: float = 900.0,
 ) -> IService:
     """The SMTP gateway's services for ``config``.
 
     ``queue`` may be a Deferred (the spool service's ``when_ready()``): until it fires,
     connections are answered ``421 4.3.2``.  ``reactor`` provides TCP, threads and time.
     ``greet_delay`` holds the greeting back to catch clients that talk first.
+    ``max_text_in_memory`` bounds the message text all sessions hold at once (past it:
+    ``452 4.3.1``); a client with ``auth_max_failures`` failed AUTH within
+    ``auth_failure_window`` seconds gets ``454 4.7.0`` to AUTH until they age out.
     """
     smtp = config.smtp
     tls_options: CertificateOptions | None = None
@@ -148,6 +161,10 @@ def build_gateway(
         tls_options = load_server_tls(smtp.tls_cert_file, smtp.tls_key_file)
     checker = PasswordChecker(smtp.auth_users_file, reactor) if smtp.auth_users_file else None
     limiter = SessionLimiter(smtp.max_sessions, smtp.max_sessions_per_client)
+    text_budget = TextBudget(max_text_in_memory)
+    auth_throttle = AuthThrottle(
+        reactor, max_failures=auth_max_failures, window=auth_failure_window
+    )
     policy = RelayPolicy(config, local_recipients)
     timeouts = Timeouts(
         idle=smtp.idle_timeout, session=smtp.session_timeout, greet_delay=greet_delay
@@ -164,6 +181,8 @@ def build_gateway(
             timeouts=timeouts,
             tls_options=tls_options,
             checker=checker,
+            text_budget=text_budget,
+            auth_throttle=auth_throttle,
         )
         factories.append(made)
         return made

@@ -1,0 +1,123 @@
+"""Limits that hold across all SMTP sessions: memory for message text, failed AUTH.
+
+Per-session limits (line length, message size, recipients, errors) live in the engine;
+these two need a view over every session at once, so the listeners share one of each
+(:func:`~relay.gateway.service.build_gateway` makes them).
+
+:class:`TextBudget` bounds the message text held in memory.  Each session buffers its
+text until the spool has it, so without a shared bound the worst case is
+``max_sessions * max_message_size`` (about 1 GiB with the defaults) from clients that
+all send big messages at once.  A session whose text would go over the bound keeps
+reading and throwing its text away, and answers ``452 4.3.1`` at the end of data: the
+client retries later, as it would for a full disk.
+
+:class:`AuthThrottle` counts failed AUTH per client address across sessions, forgetting
+each failure after a window on the injected clock.  The per-session delay and error
+count alone let a client reconnect and guess again; past ``max_failures`` in the window
+its AUTH is refused with ``454 4.7.0`` without checking the password, so guessing costs
+it time and costs us no scrypt.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Final
+
+from twisted.internet.interfaces import IReactorTime
+
+__all__ = ["DEFAULT_TEXT_BUDGET", "AuthThrottle", "TextBudget"]
+
+DEFAULT_TEXT_BUDGET: Final = 256 * 1024 * 1024
+"""Bytes of message text all sessions together may hold in memory."""
+
+
+class TextBudget:
+    """Bytes of message text held in memory by all sessions, and the bound on them."""
+
+    def __init__(self, limit: int = DEFAULT_TEXT_BUDGET) -> None:
+        if limit < 1:
+            raise ValueError("the text budget must be positive")
+        self.limit = limit
+        self.used = 0
+        self.refused = 0  # messages turned away for lack of memory, for logs and tests
+
+    def reserve(self, size: int) -> bool:
+        """Take ``size`` bytes if they fit under the limit; say whether they did."""
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def release(self, size: int) -> None:
+        """Give back bytes taken with :meth:`reserve`."""
+        if size > self.used:
+            raise ValueError(f"releasing {size} bytes but only {self.used} are reserved")
+        self.used -= size
+
+
+class AuthThrottle:
+    """Failed AUTH attempts per client address, each forgotten ``window`` seconds later.
+
+    A client is blocked while it has ``max_failures`` failures within the window.  Only
+    the last ``max_failures`` times are kept per address, and at most ``max_clients``
+    addresses (the oldest forgotten first), so a botnet cannot make this grow unbounded.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        max_failures: int = 5,
+        window: float = 900.0,
+        max_clients: int = 65536,
+    ) -> None:
+        if max_failures < 1 or window <= 0 or max_clients < 1:
+            raise ValueError("max_failures, window and max_clients must be positive")
+        self._clock = clock
+        self.max_failures = max_failures
+        self.window = window
+        self._max_clients = max_clients
+        self._failures: dict[str, deque[float]] = {}
+
+    def blocked(self, client: str) -> bool:
+        """Whether ``client`` has had ``max_failures`` failed AUTH within the window."""
+        times = self._recent(client)
+        return times is not None and len(times) >= self.max_failures
+
+    def failures(self, client: str) -> int:
+        """How many failures of ``client`` fall within the window now."""
+        times = self._recent(client)
+        return 0 if times is None else len(times)
+
+    def failed(self, client: str) -> None:
+        """Count one failed AUTH for ``client``, now."""
+        times = self._recent(client)
+        if times is None:
+            times = deque(maxlen=self.max_failures)
+        else:
+            del self._failures[client]  # re-inserted below: the dict stays oldest first
+        times.append(self._clock.seconds())
+        self._failures[client] = times
+        if len(self._failures) > self._max_clients:
+            self._forget()
+
+    def _recent(self, client: str) -> deque[float] | None:
+        """The client's failures within the window (older ones dropped), or None."""
+        times = self._failures.get(client)
+        if times is None:
+            return None
+        horizon = self._clock.seconds() - self.window
+        while times and times[0] <= horizon:
+            times.popleft()
+        if not times:
+            del self._failures[client]
+            return None
+        return times
+
+    def _forget(self) -> None:
+        """Drop expired clients, then the least recently failed until under the cap."""
+        horizon = self._clock.seconds() - self.window
+        for client in [c for c, times in self._failures.items() if times[-1] <= horizon]:
+            del self._failures[client]
+        while len(self._failures) > self._max_clients:
+            del self._failures[next(iter(self._failures))]
