@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,25 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-SMTP_SOURCE = "/usr/sbin/smtp-source"
+from postfix_harness import Postfix, drive, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def drive(port: int, messages: int, sessions: int, size: int) -> float:
-    """Run smtp-source against 127.0.0.1:port; return the elapsed seconds."""
-    command = [
-        SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-l", str(size),
-        "-f", "from@x.test", "-t", "to@y.test", f"127.0.0.1:{port}",
-    ]  # fmt: skip
-    start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, timeout=600)
-    return time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------- the relay side
@@ -152,71 +134,31 @@ def bench_relay(
 # --------------------------------------------------------------------------- Postfix
 
 
-def _postconf(etc: Path, *args: str) -> None:
-    subprocess.run(["postconf", "-c", str(etc), *args], check=True)
-
-
-def bench_postfix(work: Path, messages: int, sessions: int, size: int) -> dict[str, float]:
-    """A throw-away Postfix: own dirs, loopback, high port, every message held."""
-    base = work / "postfix"
-    etc, queue, data = base / "etc", base / "spool", base / "data"
-    for directory in (etc, queue, data):
-        directory.mkdir(parents=True)
-    for name in ("master.cf", "dynamicmaps.cf", "postfix-files"):
-        shutil.copy(f"/etc/postfix/{name}", etc / name)
-    for name in ("dynamicmaps.cf.d", "postfix-files.d"):
-        if Path(f"/etc/postfix/{name}").is_dir():
-            shutil.copytree(f"/etc/postfix/{name}", etc / name)
-    (etc / "main.cf").write_text("")
-    shutil.chown(data, "postfix")
-    for path in (work, base, etc):
-        path.chmod(0o755)
+def bench_postfix(messages: int, sessions: int, size: int) -> dict[str, float]:
+    """A throw-away Postfix (see postfix_harness): loopback, high port, every message held."""
     port = free_port()
-    _postconf(
-        etc, "-e",
-        f"queue_directory={queue}", f"data_directory={data}", f"meta_directory={etc}",
-        "mail_owner=postfix", "setgid_group=postdrop", "compatibility_level=3.6",
-        "shlib_directory=/usr/lib/postfix", "daemon_directory=/usr/lib/postfix/sbin",
-        "command_directory=/usr/sbin",
-        "inet_interfaces=loopback-only", "inet_protocols=ipv4",
-        "myhostname=bench.test", "mydestination=y.test", "local_recipient_maps=",
-        "mynetworks=127.0.0.0/8", "smtpd_peername_lookup=no",
-        "smtpd_client_restrictions=check_client_access static:HOLD",
-        "smtpd_recipient_restrictions=permit_mynetworks,reject",
-        "default_process_limit=200",
-        f"maillog_file={base}/maillog", f"maillog_file_prefixes={base}",
-    )  # fmt: skip
-    _postconf(etc, "-M#", "smtp/inet")
-    _postconf(etc, "-Me", f"127.0.0.1:{port}/inet = 127.0.0.1:{port} inet n - y - - smtpd")
-    _postconf(etc, "-Me", "postlog/unix-dgram = postlog unix-dgram n - n - 1 postlogd")
-    subprocess.run(["postfix", "-c", str(etc), "start"], check=True, capture_output=True)
-    try:
-        _wait_listening(port)
+    settings = {
+        "mydestination": "y.test",
+        "local_recipient_maps": "",
+        "mynetworks": "127.0.0.0/8",
+        "smtpd_peername_lookup": "no",
+        "smtpd_client_restrictions": "check_client_access static:HOLD",
+        "smtpd_recipient_restrictions": "permit_mynetworks,reject",
+        "default_process_limit": "200",
+    }
+    with Postfix(port, settings) as postfix:
         seconds = drive(port, messages, sessions, size)
-        held = _count_files(queue / "hold", messages)
-    finally:
-        subprocess.run(["postfix", "-c", str(etc), "stop"], check=False, capture_output=True)
+        held = _count_held(postfix, messages)
     if held != messages:
         raise RuntimeError(f"postfix held {held} of {messages}")
     return {"seconds": seconds, "per_second": messages / seconds}
 
 
-def _wait_listening(port: int) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("postfix did not start listening")
-
-
-def _count_files(directory: Path, expected: int) -> int:
+def _count_held(postfix: Postfix, expected: int) -> int:
     """Held messages (cleanup may still be finishing the last ones for a moment)."""
     deadline = time.monotonic() + 10
     while True:
-        count = sum(len(files) for _, _, files in os.walk(directory))
+        count = postfix.queue_files("hold")
         if count >= expected or time.monotonic() > deadline:
             return count
         time.sleep(0.1)
@@ -247,7 +189,7 @@ def main() -> None:
             rates["relay"].append(relay["per_second"])
             cpu.append(relay["cpu_per_msg"])
             if not args.relay_only:
-                postfix = bench_postfix(work, args.messages, args.sessions, args.size)
+                postfix = bench_postfix(args.messages, args.sessions, args.size)
                 rates["postfix"].append(postfix["per_second"])
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -143,6 +143,63 @@ def test_cancel_abandons_the_transaction() -> None:
     assert hang.called  # the channel's Deferred was cancelled
 
 
+def _pipelined(
+    channel: ScriptedChannel, message: IMessage
+) -> tuple[Transaction, Deferred[TransactionOutcome]]:
+    """A transaction on a session that says it pipelines (as the SMTP channel's does)."""
+    sessions: list[Any] = []
+    channel.open_session(DEST).addCallback(sessions.append)
+    sessions[0].pipelines_addresses = True
+    recipients = list(enumerate(message.envelope.recipients))
+    transaction = Transaction(channel.name, channel.mode, sessions[0], message, recipients)
+    return transaction, transaction.run()
+
+
+def test_a_pipelining_session_gets_every_address_before_any_reply() -> None:
+    """Every add_recipient and end_recipients come before any reply; replies apply in order."""
+    pending: list[Deferred[Reply]] = []
+
+    def hold(recipient: Any) -> Deferred[Reply]:
+        d: Deferred[Reply] = Deferred()
+        pending.append(d)
+        return d
+
+    channel = ScriptedChannel(LIST, add_recipient=hold)
+    message = BytesMessage("q1", envelope("a@dest.test", "b@dest.test", "c@dest.test"), TEXT)
+    _, running = _pipelined(channel, message)
+    assert channel.names(1) == ["begin_message", *["add_recipient"] * 3, "end_recipients"]
+    assert len(pending) == 3 and not running.called
+    pending[0].callback(Reply(ReplyCode.AOK))
+    pending[1].callback(Reply(ReplyCode.USER, "no such user"))
+    pending[2].callback(Reply(ReplyCode.AOK))
+    outcome = _outcome(running)
+    assert outcome.replies[0].code is ReplyCode.OK and outcome.replies[2].code is ReplyCode.OK
+    assert outcome.replies[1].code is ReplyCode.USER
+    assert channel.texts == [TEXT]
+
+
+def test_a_pipelined_host_dead_reply_leaves_the_later_addresses_unasked() -> None:
+    """After a connection-level reply, addresses whose replies were not awaited are unasked."""
+    later: list[Deferred[Reply]] = []
+
+    def first_dead(recipient: Any) -> Deferred[Reply]:
+        if not later and str(recipient.address) == "a@dest.test":
+            return defer.succeed(Reply(ReplyCode.NET, "connection lost"))
+        d: Deferred[Reply] = Deferred()
+        later.append(d)
+        return d
+
+    channel = ScriptedChannel(LIST, add_recipient=first_dead)
+    message = BytesMessage("q1", envelope("a@dest.test", "b@dest.test", "c@dest.test"), TEXT)
+    _, running = _pipelined(channel, message)
+    outcome = _outcome(running)
+    assert outcome.verdict is Verdict.DEAD and outcome.unasked == (1, 2)
+    assert list(outcome.replies) == [0]
+    for d in later:  # answered after the stop: nothing breaks, nothing is recorded
+        d.errback(RuntimeError("late"))
+    assert "begin_text" not in channel.names()
+
+
 def test_a_transaction_needs_recipients() -> None:
     """A transaction without recipients is a caller's defect, refused at once."""
     channel = ScriptedChannel(LIST)

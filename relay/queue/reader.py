@@ -1,5 +1,9 @@
 """A queued message as a channel sees it, with its text read from the log in chunks.
 
+A message that has not been tried yet usually still has its text in memory (the spool
+keeps the texts it stored until their first attempt, up to a budget):
+:class:`MemoryTextReader` serves those without touching the disk or a thread.
+
 The text of a message is a slice of a segment file.  :class:`SegmentTextReader` reads it
 with ``pread`` in a thread pool (never in the reactor thread), a chunk per call, from
 its own file descriptor (opened on the first read, closed at the end), so any number of
@@ -121,6 +125,31 @@ class SegmentTextReader:
             self._pool.callInThread(os.close, fd)
 
 
+@implementer(ITextReader)
+class MemoryTextReader:
+    """A stream over a text the spool still holds in memory (the bytes it fsynced)."""
+
+    def __init__(self, text: bytes, queue_id: str) -> None:
+        self._view = memoryview(text)
+        self._queue_id = queue_id
+        self._position = 0
+        self._closed = False
+
+    def read(self, max_bytes: int) -> Deferred[bytes]:
+        """Fire at once with up to ``max_bytes`` of the text; ``b""`` at the end."""
+        if self._closed:
+            return defer.fail(SpoolError(f"{self._queue_id}: read after close"))
+        if max_bytes <= 0:
+            return defer.fail(ValueError("max_bytes must be positive"))
+        chunk = bytes(self._view[self._position : self._position + max_bytes])
+        self._position += len(chunk)
+        return defer.succeed(chunk)
+
+    def close(self) -> None:
+        """Further reads are an error (nothing to release)."""
+        self._closed = True
+
+
 @implementer(IMessage)
 class SpoolMessage:
     """A live message: id, envelope and size, and fresh text streams on demand."""
@@ -131,7 +160,9 @@ class SpoolMessage:
         entry: MessageEntry,
         reactor: IReactorFromThreads,
         pool: ThreadPool,
+        text: bytes | None = None,
     ) -> None:
+        """``text``: the text, when the spool still has it in memory."""
         self.queue_id: str = entry.queue_id
         self.envelope: Envelope = entry.envelope
         self.size: int = entry.size
@@ -139,7 +170,10 @@ class SpoolMessage:
         self._entry = entry
         self._reactor = reactor
         self._pool = pool
+        self._text = text
 
     def open_text(self) -> ITextReader:
         """A new stream over the text, from its first byte."""
+        if self._text is not None:
+            return MemoryTextReader(self._text, self.queue_id)
         return SegmentTextReader(self._path, self._entry, self._reactor, self._pool)

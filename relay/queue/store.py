@@ -72,6 +72,9 @@ from relay.queue.writer import GroupCommitWriter, Written
 __all__ = ["SpoolQueue"]
 
 _T = TypeVar("_T")
+
+FRESH_TEXT_BUDGET = 32 * 1024 * 1024
+"""Octets of not-yet-tried message texts the spool keeps in memory (0: none)."""
 _log = Logger()
 
 
@@ -89,6 +92,7 @@ class SpoolQueue:
         clock: IReactorTime,
         *,
         reader_threads: int = 4,
+        fresh_text_budget: int = FRESH_TEXT_BUDGET,
     ) -> None:
         """Wrap what :meth:`open` prepared; use :meth:`open`, not this, to open a spool."""
         self.layout = layout
@@ -109,6 +113,11 @@ class SpoolQueue:
         self._reclaim_again = False
         self._reclaim_waiters: list[Deferred[None]] = []
         self._forget_trigger: Callable[[], object] = lambda: None
+        # Texts stored by this process and not tried yet: the first attempt reads them
+        # from memory instead of from the segment through the reader threads.
+        self._fresh: dict[str, bytes] = {}
+        self._fresh_bytes = 0
+        self._fresh_budget = fresh_text_budget
         self._pool = ThreadPool(minthreads=0, maxthreads=reader_threads, name="spool-reader")
         for entry in self._state.messages.values():
             self._reindex(entry)
@@ -125,6 +134,7 @@ class SpoolQueue:
         *,
         segment_limit: int = DEFAULT_SEGMENT_LIMIT,
         lock_timeout: float = 10.0,
+        fresh_text_budget: int = FRESH_TEXT_BUDGET,
     ) -> Deferred[SpoolQueue]:
         """Take the spool's lock, recover it in a thread, and fire with the open queue.
 
@@ -137,7 +147,15 @@ class SpoolQueue:
 
         def opened(prepared: tuple[SpoolLock, Recovered, SegmentLog]) -> SpoolQueue:
             lock, recovered, log = prepared
-            queue = cls(layout, recovered, log, lock, reactor, the_clock)
+            queue = cls(
+                layout,
+                recovered,
+                log,
+                lock,
+                reactor,
+                the_clock,
+                fresh_text_budget=fresh_text_budget,
+            )
             core = IReactorCore(reactor, None)
             if core is not None:  # finish queued writes even if nobody calls close()
 
@@ -194,6 +212,9 @@ class SpoolQueue:
             )
             self._note_segment(written.segment)
             self._state.add_message(entry)
+            if self._fresh_bytes + len(text) <= self._fresh_budget:
+                self._fresh[queue_id] = text
+                self._fresh_bytes += len(text)
             if self._reindex(entry):
                 self._notify()
             return queue_id
@@ -212,7 +233,11 @@ class SpoolQueue:
         """The message as a channel sees it; raises NoSuchMessage if it is not queued."""
         entry = self._state.get(queue_id)
         return SpoolMessage(
-            self.layout.segment_path(entry.segment), entry, self._reactor, self._pool
+            self.layout.segment_path(entry.segment),
+            entry,
+            self._reactor,
+            self._pool,
+            self._fresh.get(queue_id),
         )
 
     def update(self, queue_id: str, changes: Mapping[int, RecipientStatus]) -> Deferred[None]:
@@ -376,6 +401,7 @@ class SpoolQueue:
 
         def written(where: Written) -> None:
             self._note_segment(where.segment)
+            self._forget_text(queue_id)
             if self._state.set_statuses(queue_id, statuses, where.segment) is None:
                 return
             if self._reindex(entry):
@@ -389,6 +415,7 @@ class SpoolQueue:
 
         def written(where: Written) -> None:
             self._note_segment(where.segment)
+            self._forget_text(queue_id)
             if self._state.remove(queue_id, where.segment) is None:
                 return
             self._index.discard_message(queue_id, len(entry.envelope.recipients))
@@ -398,6 +425,12 @@ class SpoolQueue:
 
         payload = encode_done(queue_id, reason)
         return self._writer.append(RecordType.DONE, [payload]).addCallback(written)
+
+    def _forget_text(self, queue_id: str) -> None:
+        """Its first attempt is over (or it is gone): later attempts read the segment."""
+        text = self._fresh.pop(queue_id, None)
+        if text is not None:
+            self._fresh_bytes -= len(text)
 
     def _reindex(self, entry: MessageEntry) -> bool:
         """File every recipient of ``entry`` in the due index; True if any is due now."""

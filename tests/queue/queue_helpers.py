@@ -57,7 +57,12 @@ async def read_all(message: IMessage, chunk: int = 1000) -> bytes:
 
 
 def open_queue(
-    path: Path, *, clock: IReactorTime | None = None, segment_limit: int = 1 << 20
+    path: Path,
+    *,
+    clock: IReactorTime | None = None,
+    segment_limit: int = 1 << 20,
+    fresh_text_budget: int | None = None,
 ) -> Deferred[SpoolQueue]:
     """Open (and recover) the spool at ``path`` on the global reactor."""
-    return SpoolQueue.open(path, reactor, clock, segment_limit=segment_limit)  # type: ignore[arg-type]
+    extra = {} if fresh_text_budget is None else {"fresh_text_budget": fresh_text_budget}
+    return SpoolQueue.open(path, reactor, clock, segment_limit=segment_limit, **extra)  # type: ignore[arg-type]

@@ -378,7 +378,7 @@ async def test_a_record_over_the_format_limit_fails_alone(
 @pytest_twisted.ensureDeferred
 async def test_a_text_damaged_on_disk_fails_the_read_instead_of_ending_it(tmp_path: Path) -> None:
     """A reader whose checksum no longer matches fails at the end rather than answering b""."""
-    queue = await open_queue(tmp_path)
+    queue = await open_queue(tmp_path, fresh_text_budget=0)
     try:
         qid = await queue.store(make_envelope(), b"A" * 10_000)
         entry = queue.entry(qid)
@@ -386,6 +386,26 @@ async def test_a_text_damaged_on_disk_fails_the_read_instead_of_ending_it(tmp_pa
         with open(path, "r+b") as f:
             f.seek(entry.text_offset + 5000)
             f.write(b"B")
+        with pytest.raises(SpoolError):
+            await read_all(queue.open_message(qid))
+    finally:
+        await queue.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_untried_text_is_read_from_memory_until_its_first_status_update(
+    tmp_path: Path,
+) -> None:
+    """The first attempt reads the stored bytes from memory; after a status update, the disk."""
+    queue = await open_queue(tmp_path)
+    try:
+        qid = await queue.store(make_envelope(), b"A" * 10_000)
+        entry = queue.entry(qid)
+        with open(SpoolLayout(tmp_path).segment_path(entry.segment), "r+b") as f:
+            f.seek(entry.text_offset + 5000)
+            f.write(b"B")  # only the disk copy is damaged
+        assert await read_all(queue.open_message(qid)) == b"A" * 10_000
+        await queue.update(qid, {})  # what the end of an attempt does: the memory copy goes
         with pytest.raises(SpoolError):
             await read_all(queue.open_message(qid))
     finally:

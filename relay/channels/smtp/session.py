@@ -123,6 +123,8 @@ class _Transaction:
 class SmtpSession:
     """A session of the SMTP channel to one destination.  See the module docstring."""
 
+    pipelines_addresses = True  # the deliverer may ask every address before any reply
+
     def __init__(
         self, channel: SmtpChannel, destination: Destination, conn: SmtpClientProtocol
     ) -> None:
