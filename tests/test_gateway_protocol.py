@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import base64
 import errno
+import socket
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytest_twisted
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
@@ -779,3 +782,34 @@ def test_a_failing_password_check_is_454(harness: Harness) -> None:
     assert session.codes()[-1] == (454, "4.7.0")
     session.send(b"MAIL FROM:<s@c.test>\r\nRCPT TO:<x@far.test>\r\n")
     assert session.codes()[-1] == (554, "5.7.1")  # not authenticated
+
+
+@pytest_twisted.ensureDeferred
+async def test_replies_are_not_held_back_by_nagle(harness: Harness) -> None:
+    """A real TCP session has TCP_NODELAY set, so small replies leave at once."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.protocol import Protocol
+
+    made: list[SmtpServerProtocol] = []
+    build = harness.factory.buildProtocol
+
+    def remember(address: Any) -> Any:
+        protocol = build(address)
+        made.append(protocol)
+        return protocol
+
+    harness.factory.buildProtocol = remember  # type: ignore[method-assign]
+    port = reactor.listenTCP(0, harness.factory, interface="127.0.0.1")
+    try:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        client = await connectProtocol(endpoint, Protocol())
+        for _ in range(100):
+            if made and made[0].transport is not None:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        handle = made[0].transport.getHandle()  # type: ignore[union-attr]
+        assert handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        client.transport.loseConnection()
+    finally:
+        await port.stopListening()

@@ -339,3 +339,23 @@ def test_bad_destination_keys_are_refused(key: str) -> None:
     """A malformed destination key is a ValueError (the channel turns it into a failure)."""
     with pytest.raises(ValueError):
         parse_destination(key)
+
+
+class _NoDelayTransport(StringTransport):
+    """A StringTransport that remembers the TCP_NODELAY setting it was given."""
+
+    no_delay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
+
+
+def test_commands_are_not_held_back_by_nagle() -> None:
+    """The client sets TCP_NODELAY on its connection, so small commands leave at once."""
+    reactor = MemoryReactorClock()
+    channel = SmtpChannel(reactor, MxResolver(None), "client.test")
+    channel.open_session(Destination("smtp", "[127.0.0.1]:2525"))
+    proto = reactor.tcpClients[0][2].buildProtocol(None)
+    transport = _NoDelayTransport()
+    proto.makeConnection(transport)
+    assert transport.no_delay

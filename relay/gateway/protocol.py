@@ -224,6 +224,11 @@ class SmtpServerProtocol(Protocol):
         """Admit (or refuse) the session, arm the timers, greet (maybe after a delay)."""
         gateway = self.gateway
         hostname = gateway.settings.hostname
+        # Replies leave as soon as they are written: SMTP is a dialogue of small writes,
+        # and Nagle's algorithm would hold a reply back for the client's delayed ACK.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         refusal = gateway.limiter.admit(self.client_ip)
         reply = _reply(421, "4.7.0", f"{hostname} Error: {refusal}")
         if refusal is None and gateway.queue is None:

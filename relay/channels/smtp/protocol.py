@@ -248,6 +248,11 @@ class SmtpClientProtocol(Protocol):
     # --- Twisted callbacks --------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        # Commands and the text leave as soon as they are written: SMTP is a dialogue of
+        # small writes, and Nagle's algorithm would hold one back for the peer's ACK.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         self._rearm()
 
     def dataReceived(self, data: bytes) -> None:
