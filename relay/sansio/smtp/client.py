@@ -47,6 +47,10 @@ from typing import Final
 
 from relay.address import Address
 from relay.envelope import BodyType
+
+# The field-less commands are the same events in both directions (as in h11): the
+# client sends what the server engine receives.
+from relay.sansio.smtp.events import Data, Noop, Quit, Rset
 from relay.sansio.smtp.wire import (
     MAX_AUTH_LINE,
     DotStuffer,
@@ -239,11 +243,6 @@ class RcptTo:
 
 
 @dataclass(frozen=True, slots=True)
-class Data:
-    """``DATA``."""
-
-
-@dataclass(frozen=True, slots=True)
 class TextChunk:
     """A piece of the message text (CRLF lines, not stuffed: the engine stuffs it)."""
 
@@ -253,21 +252,6 @@ class TextChunk:
 @dataclass(frozen=True, slots=True)
 class EndOfText:
     """The end of the text: the engine ends the last line and sends ``.``."""
-
-
-@dataclass(frozen=True, slots=True)
-class Rset:
-    """``RSET``."""
-
-
-@dataclass(frozen=True, slots=True)
-class Noop:
-    """``NOOP``."""
-
-
-@dataclass(frozen=True, slots=True)
-class Quit:
-    """``QUIT``."""
 
 
 ClientEvent = (
