@@ -199,6 +199,10 @@ class SmtpSection:
     tls_key_file: Path | None
     auth_users_file: Path | None
     auth_requires_tls: bool
+    greet_delay: float = 0.0
+    max_text_in_memory: int = 256 * 1024 * 1024
+    auth_max_failures: int = 5
+    auth_failure_window: float = 900.0
 
     def is_trusted(self, address: str) -> bool:
         """Whether a client at IP ``address`` may relay (IPv4-mapped IPv6 counts as IPv4)."""
@@ -930,6 +934,10 @@ def _read_smtp(t: _Table, paths: _Paths) -> SmtpSection:
         tls_key_file=t.get("tls_key_file", paths.file, None),
         auth_users_file=t.get("auth_users_file", paths.file, None),
         auth_requires_tls=t.get("auth_requires_tls", _boolean, True),
+        greet_delay=t.get("greet_delay", _duration, 0.0),
+        max_text_in_memory=t.get("max_text_in_memory", _positive_int, 256 * 1024 * 1024),
+        auth_max_failures=t.get("auth_max_failures", _positive_int, 5),
+        auth_failure_window=t.get("auth_failure_window", _positive_duration, 900.0),
     )
     _check_smtp_tls(t, smtp)
     return smtp

@@ -819,6 +819,10 @@ KNOWN_KEYS: dict[str, list[str]] = {
         "tls_key_file",
         "auth_users_file",
         "auth_requires_tls",
+        "greet_delay",
+        "max_text_in_memory",
+        "auth_max_failures",
+        "auth_failure_window",
     ],
     "smtp_client": [
         "connect_timeout",

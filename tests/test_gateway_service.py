@@ -190,3 +190,21 @@ def test_listeners_share_the_text_budget_and_the_auth_throttle(tmp_path: Path) -
     assert first.auth_throttle is second.auth_throttle
     assert (first.auth_throttle.max_failures, first.auth_throttle.window) == (7, 60.0)
     service.stopService()
+
+
+def test_limits_come_from_the_configuration(tmp_path: Path) -> None:
+    """[smtp] greet_delay, max_text_in_memory and the AUTH throttle reach the listeners."""
+    config = _config(
+        tmp_path,
+        'listen = ["tcp:2525:interface=127.0.0.1"]\n'
+        'greet_delay = "3s"\nmax_text_in_memory = 4321\n'
+        'auth_max_failures = 2\nauth_failure_window = "1m"',
+    )
+    reactor = MemoryReactorClock()
+    service = build_gateway(config, NeverQueue(), NoUsers(), reactor)  # type: ignore[arg-type]
+    service.startService()
+    factory = reactor.tcpServers[0][1]
+    assert factory.text_budget.limit == 4321
+    assert (factory.auth_throttle.max_failures, factory.auth_throttle.window) == (2, 60.0)
+    assert factory.timeouts.greet_delay == 3.0
+    service.stopService()

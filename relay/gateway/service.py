@@ -21,7 +21,7 @@ in memory across all sessions) and one :class:`~relay.gateway.limits.AuthThrottl
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
@@ -36,7 +36,7 @@ from zope.interface import implementer
 from relay.address import AddressError, parse_mailbox
 from relay.config import Config
 from relay.gateway.auth import PasswordChecker
-from relay.gateway.limits import DEFAULT_TEXT_BUDGET, AuthThrottle, TextBudget
+from relay.gateway.limits import AuthThrottle, TextBudget
 from relay.gateway.policy import RelayPolicy
 from relay.gateway.protocol import GatewayFactory, SessionLimiter, Timeouts
 from relay.gateway.tls import load_server_tls
@@ -48,6 +48,7 @@ from relay.services import attach, named_multiservice
 __all__ = ["RecordingEndpoint", "build_gateway", "settings_from_config"]
 
 _log = Logger()
+_V = TypeVar("_V")
 
 
 @implementer(IStreamServerEndpoint)
@@ -135,16 +136,21 @@ def settings_from_config(config: Config, *, tls_active: bool) -> ServerSettings:
     )
 
 
+def _given(value: _V | None, configured: _V) -> _V:
+    """An explicit argument, else the configuration's value."""
+    return configured if value is None else value
+
+
 def build_gateway(
     config: Config,
     queue: IQueue | Deferred[IQueue],
     local_recipients: ILocalRecipients,
     reactor: Any,
     *,
-    greet_delay: float = 0.0,
-    max_text_in_memory: int = DEFAULT_TEXT_BUDGET,
-    auth_max_failures: int = 5,
-    auth_failure_window: float = 900.0,
+    greet_delay: float | None = None,
+    max_text_in_memory: int | None = None,
+    auth_max_failures: int | None = None,
+    auth_failure_window: float | None = None,
 ) -> IService:
     """The SMTP gateway's services for ``config``.
 
@@ -154,6 +160,7 @@ def build_gateway(
     ``max_text_in_memory`` bounds the message text all sessions hold at once (past it:
     ``452 4.3.1``); a client with ``auth_max_failures`` failed AUTH within
     ``auth_failure_window`` seconds gets ``454 4.7.0`` to AUTH until they age out.
+    Each of these comes from ``[smtp]`` unless given here (tests give them).
     """
     smtp = config.smtp
     tls_options: CertificateOptions | None = None
@@ -161,13 +168,17 @@ def build_gateway(
         tls_options = load_server_tls(smtp.tls_cert_file, smtp.tls_key_file)
     checker = PasswordChecker(smtp.auth_users_file, reactor) if smtp.auth_users_file else None
     limiter = SessionLimiter(smtp.max_sessions, smtp.max_sessions_per_client)
-    text_budget = TextBudget(max_text_in_memory)
+    text_budget = TextBudget(_given(max_text_in_memory, smtp.max_text_in_memory))
     auth_throttle = AuthThrottle(
-        reactor, max_failures=auth_max_failures, window=auth_failure_window
+        reactor,
+        max_failures=_given(auth_max_failures, smtp.auth_max_failures),
+        window=_given(auth_failure_window, smtp.auth_failure_window),
     )
     policy = RelayPolicy(config, local_recipients)
     timeouts = Timeouts(
-        idle=smtp.idle_timeout, session=smtp.session_timeout, greet_delay=greet_delay
+        idle=smtp.idle_timeout,
+        session=smtp.session_timeout,
+        greet_delay=_given(greet_delay, smtp.greet_delay),
     )
     factories: list[GatewayFactory] = []
 
