@@ -15,7 +15,7 @@ something for the real one:
   the final states of messages that left the queue.
 
 ``fail_stores`` / ``fail_updates`` make the next N stores/updates fail with SpoolError
-(a full disk), to test what a deliverer does then.
+(a full disk; ``store_error`` says which), to test what a caller does then.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class MemoryQueue:
         self.texts: dict[str, bytes] = {}  # every text ever stored, by id
         self.fail_stores = 0
         self.fail_updates = 0
+        self.store_error: Exception = SpoolError("store failed (test)")
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -74,7 +75,8 @@ class MemoryQueue:
         """Keep a new message; fire with its id (sortable by arrival)."""
         if self.fail_stores:
             self.fail_stores -= 1
-            return self._later(lambda: _raise(SpoolError("store failed (test)")))
+            error = self.store_error
+            return self._later(lambda: _raise(error))
         self._serial += 1
         queue_id = f"{self._serial:014X}"
 

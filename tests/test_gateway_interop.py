@@ -7,8 +7,6 @@ here with ``cryptography``; clients run in threads or subprocesses so the reacto
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import re
 import smtplib
@@ -22,10 +20,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from twisted.internet import reactor, threads
 from twisted.internet.utils import getProcessOutputAndValue
 from zope.interface import implementer
@@ -38,6 +32,8 @@ from relay.gateway.service import RecordingEndpoint, build_gateway
 from relay.interfaces import ILocalRecipients
 from relay.queue.store import SpoolQueue
 from relay.sansio.smtp.wire import ReplyParser
+
+from tlsfiles import TlsFiles, make_tls_files
 
 SWAKS = "/usr/bin/swaks"
 PASSWORD = "correct horse battery staple"
@@ -70,91 +66,14 @@ class LocalUsers:
 # --------------------------------------------------------------------------- TLS fixtures
 
 
-@dataclass(frozen=True)
-class TlsFiles:
-    ca: Path
-    cert: Path
-    key: Path
-
-
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
 @pytest.fixture(scope="module")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     """A throw-away CA and a server certificate for localhost, 127.0.0.1 and ::1."""
-    where = tmp_path_factory.mktemp("tls")
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("relay test CA"))
-        .issuer_name(_name("relay test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("mx.example.test"))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    x509.IPAddress(ipaddress.ip_address("::1")),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    files = TlsFiles(where / "ca.pem", where / "cert.pem", where / "key.pem")
-    files.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    # the chain file: leaf first, then the CA (the server sends both)
-    files.cert.write_bytes(
-        cert.public_bytes(serialization.Encoding.PEM)
-        + ca_cert.public_bytes(serialization.Encoding.PEM)
-    )
-    files.key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return files
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
 
 
 def _client_context(tls: TlsFiles) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(tls.ca))
+    return ssl.create_default_context(cafile=str(tls.ca_file))
 
 
 # --------------------------------------------------------------------------- the gateway
@@ -202,7 +121,7 @@ async def gateway(
     """A real spool and a gateway listening on an ephemeral port; stopped afterwards."""
     lines = [listen, smtp]
     if tls is not None:
-        lines += [f'tls_cert_file = "{tls.cert}"', f'tls_key_file = "{tls.key}"']
+        lines += [f'tls_cert_file = "{tls.cert_file}"', f'tls_key_file = "{tls.key_file}"']
     if users:
         users_file = tmp_path / "smtp-users"
         users_file.write_text(

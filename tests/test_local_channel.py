@@ -18,14 +18,15 @@ from zope.interface.verify import verifyClass, verifyObject
 
 from relay.channels.local import LocalChannel, LocalSession
 from relay.envelope import Destination, Submitter
+from relay.errors import SpoolError
 from relay.interfaces import IChannel, IChannelSession, IMessage, SequencingMode
 from relay.mailbox import fileio
 from relay.queue.store import SpoolQueue
 from relay.reply import Reply, ReplyCode
 
 from fakes import BytesMessage
+from memqueue import MemoryQueue
 from test_local_support import (
-    MemQueue,
     channel_for,
     deliver,
     make_config,
@@ -484,7 +485,7 @@ async def test_remote_targets_are_requeued_as_one_new_message(
     tmp_path: Path, made: list[Any]
 ) -> None:
     """Remote alias targets become one new queued message: same sender, ORCPT, loop marker."""
-    queue = MemQueue()
+    queue = MemoryQueue(task.Clock())
     aliases = "team: alice, x@remote.test, y@remote.test\n"
     config = make_config(tmp_path, 'users = ["alice"]', aliases=aliases)
     channel = _channel(made, config, queue)
@@ -497,17 +498,17 @@ async def test_remote_targets_are_requeued_as_one_new_message(
     assert {r.original for r in envelope.recipients} == {"team@example.test"}
     assert {r.destination for r in envelope.recipients} == {None}
     assert envelope.submitter == Submitter(protocol="local")
-    assert queue.text(queue_id) == b"Delivered-To: team@example.test\r\n" + TEXT
+    assert queue.texts[queue_id] == b"Delivered-To: team@example.test\r\n" + TEXT
     assert _maildir_files(tmp_path / "var/mail/alice") == [_headers("alice@example.test") + LF_TEXT]
 
 
 @pytest_twisted.ensureDeferred
 async def test_the_queue_may_come_from_the_spool_service(tmp_path: Path, made: list[Any]) -> None:
     """Given something with when_ready() (the spool service), forwarding waits for it."""
-    queue = MemQueue()
+    queue = MemoryQueue(task.Clock())
 
     class Service:
-        def when_ready(self) -> defer.Deferred[MemQueue]:
+        def when_ready(self) -> defer.Deferred[MemoryQueue]:
             return task.deferLater(reactor, 0.01, lambda: queue)
 
     config = make_config(tmp_path, aliases="fwd: someone@remote.test\n")
@@ -545,7 +546,7 @@ async def test_a_partial_failure_is_retried_without_duplicates(
     tmp_path: Path, made: list[Any], shared: Path
 ) -> None:
     """When one target fails temporarily, the retry skips the targets that already got it."""
-    queue = MemQueue()
+    queue = MemoryQueue(task.Clock())
     flag = shared / "ready"
     aliases = f'team: alice, far@remote.test, "|test -f {flag} || exit 75; cat >> {shared}/got"\n'
     config = make_config(tmp_path, 'users = ["alice"]', aliases=aliases)
@@ -566,8 +567,9 @@ async def test_a_partial_failure_is_retried_without_duplicates(
 @pytest_twisted.ensureDeferred
 async def test_a_queue_that_cannot_store_defers(tmp_path: Path, made: list[Any]) -> None:
     """If the forwarded copy cannot be queued, the address is retried later (AGN)."""
-    queue = MemQueue()
-    queue.fail_with = OSError(errno.ENOSPC, "No space left on device")
+    queue = MemoryQueue(task.Clock())
+    queue.fail_stores = 1
+    queue.store_error = SpoolError("spool: No space left on device")
     config = make_config(tmp_path, aliases="fwd: someone@remote.test\n")
     channel = _channel(made, config, queue)
     [reply] = await deliver(channel, make_message(TEXT), "fwd@example.test")

@@ -31,8 +31,10 @@ class TlsFiles:
     """Paths of the CA certificate and of the server's certificate + key (PEM)."""
 
     ca_file: Path
-    server_pem: Path
+    server_pem: Path  # the server's key and certificate in one file
     other_ca_file: Path  # a CA that did not sign the server certificate
+    cert_file: Path  # the server's certificate chain (leaf, then the CA), as the gateway takes it
+    key_file: Path  # the server's private key alone
 
     def server_context(self) -> Any:
         """A Twisted server context factory for the scripted server's STARTTLS."""
@@ -104,9 +106,13 @@ def make_tls_files(directory: Path) -> TlsFiles:
     ca_file.write_bytes(ca_cert.public_bytes(pem))
     other = directory / "other-ca.pem"
     other.write_bytes(other_cert.public_bytes(pem))
-    server = directory / "server.pem"
-    server.write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        + cert.public_bytes(pem)
+    key_pem = key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    return TlsFiles(ca_file, server, other)
+    server = directory / "server.pem"
+    server.write_bytes(key_pem + cert.public_bytes(pem))
+    chain = directory / "chain.pem"
+    chain.write_bytes(cert.public_bytes(pem) + ca_cert.public_bytes(pem))
+    key_file = directory / "key.pem"
+    key_file.write_bytes(key_pem)
+    return TlsFiles(ca_file, server, other, chain, key_file)
