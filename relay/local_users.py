@@ -27,11 +27,12 @@ from pathlib import Path
 
 from zope.interface import implementer
 
-from relay.address import Address
+from relay.address import Address, AddressError
 from relay.aliases import Aliases, ExpansionContext, load_aliases
-from relay.config import Channel, Config, LocalSection, MailboxFormat
+from relay.config import Config, LocalSection, MailboxFormat
 from relay.interfaces import ILocalRecipients
 from relay.mailbox.identity import Identity
+from relay.policy.routing import LOCAL, NoRoute, Router
 
 __all__ = ["LocalRecipients", "LocalUser", "build_local_recipients", "local_domain_test"]
 
@@ -176,17 +177,19 @@ def build_local_recipients(config: Config) -> LocalRecipients:
 
 
 def local_domain_test(config: Config) -> Callable[[str], bool]:
-    """Whether mail for a domain stays here: routed to ``local``, or a local domain.
+    """Whether mail for a domain stays here: what the deliverer's router says.
 
-    The first matching ``[[route]]`` decides, as the deliverer's routing does; a domain
-    without a route is local if it is in ``relay.local_domains``.
+    Asking :class:`~relay.policy.routing.Router` itself (rather than re-deciding from
+    ``local_domains`` and the routes) keeps aliases, ``relay aliases`` and delivery in
+    agreement: local domains first, then the first matching ``[[route]]``, and a
+    loopback address literal is this host.
     """
-    local_domains = frozenset(config.relay.local_domains)
+    router = Router(config)
 
     def is_local_domain(domain: str) -> bool:
-        route = config.route_for(domain)
-        if route is not None:
-            return route.channel is Channel.LOCAL
-        return domain.lower() in local_domains
+        try:
+            return router.route(Address("postmaster", domain)) == LOCAL
+        except (NoRoute, AddressError):
+            return False
 
     return is_local_domain

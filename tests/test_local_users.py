@@ -9,9 +9,9 @@ import pytest
 from zope.interface.verify import verifyObject
 
 from relay.aliases import AliasesError, parse_aliases
-from relay.config import MailboxFormat
+from relay.config import MailboxFormat, parse_config
 from relay.interfaces import ILocalRecipients
-from relay.local_users import LocalRecipients, build_local_recipients
+from relay.local_users import LocalRecipients, build_local_recipients, local_domain_test
 from relay.mailbox.identity import Identity
 
 from test_local_support import address, make_config
@@ -123,3 +123,18 @@ def test_recipients_can_be_made_from_parsed_aliases(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     recipients = LocalRecipients(config.local, parse_aliases("team: a@elsewhere.test\n"))
     assert recipients.exists(address("team@example.test"))
+
+
+def test_local_domain_test_agrees_with_the_router(tmp_path: Path) -> None:
+    """A local domain that also has an smtp route, and a loopback literal, stay local."""
+    config = parse_config(
+        '[relay]\nhostname = "h.example.test"\nlocal_domains = ["example.test"]\n'
+        '[[route]]\ndomain = "example.test"\nchannel = "smtp"\nsmarthost = "127.0.0.1:2526"\n'
+        '[[route]]\ndomain = "away.test"\nchannel = "smtp"\n',
+        tmp_path,
+    )
+    is_local = local_domain_test(config)
+    assert is_local("example.test")
+    assert is_local("[127.0.0.1]")
+    assert not is_local("away.test")
+    assert not is_local("elsewhere.test")
