@@ -29,7 +29,14 @@ from relay.queue import client
 from relay.queue.layout import SpoolLayout
 from relay.queue.lock import SpoolLock, SpoolLocked
 from relay.queue.offline import OfflineSpool
-from relay.queue.protocol import ProtocolError, Request, parse_request
+from relay.queue.protocol import (
+    ProtocolError,
+    Request,
+    error_response,
+    failed_result,
+    parse_request,
+)
+from relay.queue.state import NoSuchMessage
 from relay.queue.view import format_details, format_listing
 
 __all__ = ["register", "send"]
@@ -37,7 +44,7 @@ __all__ = ["register", "send"]
 # How long to keep trying when the spool is locked but its socket does not answer yet.
 DAEMON_WAIT = 10.0
 
-_ACTIONS = {"rm": "removed", "hold": "held", "release": "released", "flush": "flushed"}
+_ACTIONS = {"hold": "held", "release": "released", "flush": "flushed"}
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -168,12 +175,9 @@ def _on_missing_spool(request: Request) -> dict[str, Any]:
         return {"ok": True, "messages": []}
     if request.ids is None:
         return {"ok": True, "changed": 0}
-    missing = [
-        {"id": qid, "ok": False, "error": f"no such message: {qid}", "reason": "not-found"}
-        for qid in request.ids
-    ]
+    missing = [failed_result(qid, NoSuchMessage(qid)) for qid in request.ids]
     if request.op == "show":
-        return missing[0] | {"id": None}
+        return error_response(missing[0]["error"], "not-found")
     return {"ok": True, "results": missing}
 
 

@@ -30,11 +30,6 @@ class SpoolLock:
         self.path = path
         self._fd: int | None = None
 
-    @property
-    def held(self) -> bool:
-        """True while this object holds the lock."""
-        return self._fd is not None
-
     def acquire(self) -> None:
         """Take the lock now or raise SpoolLocked; blocking I/O (keep off the reactor)."""
         if self._fd is not None:

@@ -124,13 +124,10 @@ class OfflineSpool:
         """Write one record durably; the segment it went to.  Raises SpoolError."""
         try:
             if self._log is None:
-                last = self._recovered.last_segment
-                if last is None:
-                    self._log = SegmentLog(self._layout, 1, 0, self._limit)
-                else:
-                    self._log = SegmentLog(
-                        self._layout, last, self._recovered.end_offset, self._limit
-                    )
+                recovered = self._recovered
+                self._log = SegmentLog(
+                    self._layout, recovered.last_segment or 1, recovered.end_offset, self._limit
+                )
             buffers, _ = encode_parts(record_type, [payload])
             [(segment, _)] = self._log.append([buffers])
         except OSError as e:

@@ -34,10 +34,6 @@ class QueueIdGenerator:
         self._now = now
         self._last = int(floor, 16) if floor is not None else -1
 
-    def observe(self, queue_id: str) -> None:
-        """Never hand out an id at or below ``queue_id`` (one found on disk)."""
-        self._last = max(self._last, int(queue_id, 16))
-
     def next(self) -> str:
         """A new id, greater than every id handed out or observed before."""
         value = max(int(self._now() * 1_000_000), self._last + 1)

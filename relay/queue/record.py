@@ -26,10 +26,12 @@ payloads' meaning lives in :mod:`relay.queue.payload`; this module only frames b
 from __future__ import annotations
 
 import enum
+import mmap
 import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "HEADER_SIZE",
@@ -184,14 +186,25 @@ def scan(buf: Buffer, start: int = 0) -> ScanResult:
             return ScanResult(tuple(records), found, tuple(damaged))
 
 
+def _searchable(buf: Buffer) -> Any:
+    """Something with ``find``: the buffer itself, or the object (an mmap of the whole
+    segment, in recovery) a view covers, rather than a copy of up to a segment's size."""
+    if isinstance(buf, bytes | bytearray):
+        return buf
+    owner = buf.obj
+    if isinstance(owner, bytes | bytearray | mmap.mmap) and buf.nbytes == len(owner):
+        return owner
+    return bytes(buf)
+
+
 def find_next_record(buf: Buffer, start: int) -> int | None:
     """The offset of the first sound record at or after ``start``, if any.
 
     Used only to tell a torn tail (nothing sound follows) from damage in the middle of
     the last segment; it never decides where records are.
     """
-    data = buf if isinstance(buf, bytes | bytearray) else bytes(buf)
-    position = data.find(MAGIC, start)
+    data = _searchable(buf)
+    position: int = data.find(MAGIC, start)
     while position != -1:
         if isinstance(read_at(data, position), Record):
             return position

@@ -56,11 +56,6 @@ class SegmentLog:
         else:
             self._fd = self._create(segment)
 
-    @property
-    def broken(self) -> str | None:
-        """Why the log refuses appends, or None."""
-        return self._broken
-
     def append(self, records: Sequence[Sequence[Buffer]]) -> list[tuple[int, int]]:
         """Write ``records`` (each a list of buffers) and fdatasync once.
 

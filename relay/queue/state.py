@@ -212,7 +212,3 @@ class SpoolState:
         info = self.segments.pop(number)
         if info.live or info.status_holders:
             raise AssertionError(f"segment {number} dropped while it still mattered")
-
-    def highest_queue_id(self) -> str | None:
-        """The largest live id (ids are fixed-width, so text order is numeric order)."""
-        return max(self.messages, default=None)

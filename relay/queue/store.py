@@ -352,11 +352,15 @@ class SpoolQueue:
         self._index.stop()
         self._forget_trigger()
 
-        def stopped(_: object) -> None:
-            self._pool.stop()
+        def stop_readers(_: object) -> Deferred[None]:
+            # ThreadPool.stop() joins its threads: a read in flight would block the
+            # reactor, so the joining happens in a thread of the reactor's own pool.
+            return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._pool.stop)
+
+        def release(_: object) -> None:
             self._lock.release()
 
-        return self._writer.stop().addCallback(stopped)
+        return self._writer.stop().addCallback(stop_readers).addCallback(release)
 
     # --- internals -----------------------------------------------------------------------
 
@@ -564,10 +568,7 @@ def _prepare(
             time.sleep(0.05)
     try:
         recovered = recover(layout, repair=True)
-        if recovered.last_segment is None:
-            log = SegmentLog(layout, 1, 0, segment_limit)
-        else:
-            log = SegmentLog(layout, recovered.last_segment, recovered.end_offset, segment_limit)
+        log = SegmentLog(layout, recovered.last_segment or 1, recovered.end_offset, segment_limit)
     except BaseException:
         lock.release()
         raise

@@ -15,8 +15,9 @@ Nothing here blocks the reactor: the reactor thread only appends to a deque unde
 lock.  Framing and checksumming also happen in the writer thread (``zlib.crc32``
 releases the GIL for large buffers).
 
-Order is kept: records are written in the order ``append`` was called, and their
-Deferreds fire in that order, so callers can rely on log order = call order.
+Order is kept: records are written in the order ``append`` was called, and the
+Deferreds of written records fire in that order, so callers can rely on log order =
+call order.  (A record refused before writing, e.g. over the size limit, fails at once.)
 
 Failure: a batch that cannot be made durable is cut off the log by
 :class:`~relay.queue.segment.SegmentLog` and each of its Deferreds fails with
