@@ -16,11 +16,11 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 from zope.interface.verify import verifyClass, verifyObject
 
+from relay import fileio
 from relay.channels.local import LocalChannel, LocalSession
 from relay.envelope import Destination, Submitter
 from relay.errors import SpoolError
 from relay.interfaces import IChannel, IChannelSession, IMessage, SequencingMode
-from relay.mailbox import fileio
 from relay.queue.store import SpoolQueue
 from relay.reply import Reply, ReplyCode
 

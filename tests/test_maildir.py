@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.mailbox import fileio
+from relay import fileio
 from relay.mailbox.errors import DeliveryError
 from relay.mailbox.maildir import MaildirDelivery, MaildirName, MaildirNamer, sanitise_host
 from relay.reply import ReplyCode

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.mailbox import fileio
+from relay import fileio
 from relay.mailbox.errors import DeliveryError
 from relay.mailbox.identity import Identity
 from relay.mailbox.mbox import MboxDelivery, from_line

@@ -21,7 +21,8 @@ from pathlib import Path
 from relay.cli import exitcodes
 from relay.cli.common import add_config_option, config_from_args, print_config_error
 from relay.config import ConfigError
-from relay.gateway.auth import UsersFileError, make_user_line, parse_users
+from relay.fileio import fsync_directory
+from relay.gateway.auth import UsersFileError, make_user_line, parse_users, valid_user_name
 
 __all__ = ["register"]
 
@@ -49,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run_passwd(args: argparse.Namespace) -> int:
     """Set (or delete) one user's line in the users file."""
     user: str = args.user
-    if not user or any(c in user for c in ":\r\n\0") or user != user.strip():
+    if not valid_user_name(user):
         print(f"relay passwd: bad user name {user!r}", file=sys.stderr)
         return exitcodes.USAGE
     path = _users_file(args)
@@ -60,7 +61,7 @@ def run_passwd(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as e:
         print(f"relay passwd: {path}: cannot read: {e}", file=sys.stderr)
         return exitcodes.NOINPUT
-    kept = [line for line in old_lines if not line.startswith(f"{user}:")]
+    kept = [line for line in old_lines if line.strip().partition(":")[0] != user]
     if args.delete:
         if len(kept) == len(old_lines):
             print(f"relay passwd: {path}: no user {user!r}", file=sys.stderr)
@@ -136,8 +137,4 @@ def _replace_durably(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_directory(directory)

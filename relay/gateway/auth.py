@@ -121,9 +121,14 @@ def hash_password(
     return f"$scrypt$ln={params.log_n},r={params.r},p={params.p}${_b64(salt)}${_b64(digest)}"
 
 
+def valid_user_name(user: str) -> bool:
+    """Whether ``user`` can stand in a users file (1-255 characters, no whitespace or ':')."""
+    return _USER.fullmatch(user) is not None
+
+
 def make_user_line(user: str, password: str, params: ScryptParams = DEFAULT_PARAMS) -> str:
     """One line of an ``auth_users_file`` (without newline) for ``user`` and ``password``."""
-    if not _USER.fullmatch(user):
+    if not valid_user_name(user):
         raise ValueError("a user name is 1-255 characters without whitespace or ':'")
     return f"{user}:{hash_password(password, params)}"
 

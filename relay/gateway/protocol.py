@@ -58,7 +58,6 @@ from zope.interface import implementer
 
 from relay.address import Address
 from relay.envelope import Destination, Envelope, Recipient, Submitter
-from relay.errors import SpoolError
 from relay.gateway.auth import AuthUnavailable, PasswordChecker
 from relay.gateway.fastwrite import write_now
 from relay.gateway.limits import AuthThrottle, TextBudget
@@ -641,8 +640,6 @@ def _disk_full(error: BaseException | None) -> bool:
     seen = 0
     while error is not None and seen < 10:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if isinstance(error, SpoolError) and "No space left" in str(error):
             return True
         error = error.__cause__ or error.__context__
         seen += 1

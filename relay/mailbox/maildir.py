@@ -28,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from relay.fileio import fsync_directory, write_all
 from relay.mailbox.errors import DeliveryError, Step, reply_for_oserror
-from relay.mailbox.fileio import fsync_directory, write_all
 from relay.mailbox.identity import Identity, acting_as, can_switch
 
 __all__ = ["MaildirDelivery", "MaildirName", "MaildirNamer", "make_directories"]

@@ -28,8 +28,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from relay.fileio import fsync_directory, write_all
 from relay.mailbox.errors import DeliveryError, Step, describe_path, reply_for_oserror
-from relay.mailbox.fileio import fsync_directory, write_all
 from relay.mailbox.identity import Identity, acting_as, can_switch
 from relay.mailbox.maildir import make_directories
 from relay.reply import Reply, ReplyCode

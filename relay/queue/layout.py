@@ -18,7 +18,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TEMP_SUFFIX", "SpoolLayout", "fsync_dir", "write_file_durably"]
+from relay.fileio import fsync_directory, write_all
+
+__all__ = ["TEMP_SUFFIX", "SpoolLayout", "write_file_durably"]
 
 TEMP_SUFFIX = ".tmp"
 _SEGMENT_SUFFIX = ".seg"
@@ -81,15 +83,6 @@ class SpoolLayout:
         return sorted(found)
 
 
-def fsync_dir(path: Path) -> None:
-    """Make the creation, rename or removal of entries in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_file_durably(path: Path, data: bytes) -> None:
     """Write ``path`` so that it is either absent or complete after a crash.
 
@@ -99,10 +92,7 @@ def write_file_durably(path: Path, data: bytes) -> None:
     temp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -111,4 +101,4 @@ def write_file_durably(path: Path, data: bytes) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
-    fsync_dir(path.parent)
+    fsync_directory(path.parent)

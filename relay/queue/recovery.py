@@ -35,7 +35,8 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-from relay.queue.layout import SpoolLayout, fsync_dir, write_file_durably
+from relay.fileio import fsync_directory
+from relay.queue.layout import SpoolLayout, write_file_durably
 from relay.queue.payload import (
     PayloadError,
     decode_done,
@@ -88,7 +89,7 @@ def recover(layout: SpoolLayout, *, repair: bool = True) -> Recovered:
             _log.info("spool: removed temporary file {path}", path=str(temp))
         if result.temp_files_removed:
             for directory in (layout.log_dir, layout.quarantine_dir):
-                fsync_dir(directory)
+                fsync_directory(directory)
     numbers = layout.segment_numbers()
     for number in numbers:
         is_last = number == numbers[-1]

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 from twisted.logger import Logger
 
-from relay.queue.layout import SpoolLayout, fsync_dir
+from relay.fileio import fsync_directory
+from relay.queue.layout import SpoolLayout
 
 __all__ = ["DEFAULT_SEGMENT_LIMIT", "LogBroken", "SegmentLog"]
 
@@ -91,7 +92,7 @@ class SegmentLog:
             raise ValueError("the active segment cannot be deleted")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._layout.segment_path(number))
-        fsync_dir(self._layout.log_dir)
+        fsync_directory(self._layout.log_dir)
 
     def close(self) -> None:
         """Close the active segment's file."""
@@ -105,7 +106,7 @@ class SegmentLog:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.fsync(fd)
-            fsync_dir(self._layout.log_dir)
+            fsync_directory(self._layout.log_dir)
         except OSError:
             os.close(fd)
             with contextlib.suppress(OSError):

@@ -94,7 +94,7 @@ class MailFrom:
 
     ``reverse_path`` is None for the null sender ``<>``; ``size`` is the SIZE the client
     declared (already checked against the limit); ``auth`` the xtext-decoded AUTH=
-    parameter (RFC 4954), kept only for logging.
+    parameter (RFC 4954), validated and kept; nothing uses it yet.
     """
 
     reverse_path: Address | None
