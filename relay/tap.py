@@ -28,6 +28,7 @@ from relay.deliver.service import build_deliverer
 from relay.gateway.service import build_gateway
 from relay.interfaces import IChannel, IQueue
 from relay.local_users import LocalRecipients, build_local_recipients
+from relay.policy.routing import Router
 from relay.preflight import PreflightError, preflight
 from relay.queue.service import SpoolService
 from relay.services import attach, named_multiservice
@@ -129,14 +130,20 @@ def build_service(
     attach(spool, top, "spool")
     spool.when_ready().addErrback(_stop_without_spool, reactor)
     local = build_local_channel(config, spool, reactor, recipients=local_recipients)
-    smtp = build_smtp_channel(config, reactor, **dict(smtp_options or {}))
+    # One router for the gateway's RCPT checks, the deliverer and the SMTP channel, built
+    # with the channels that run: none of them can disagree about where mail goes.
+    router = Router(config, channels=frozenset({"local", "smtp"}))
+    smtp = build_smtp_channel(
+        config, reactor, **{"route": router.route, **dict(smtp_options or {})}
+    )
     attach(ChannelsService(local, smtp), top, "channels")
     channels: dict[str, IChannel] = {"local": local, "smtp": smtp}
-    deliverer = build_deliverer(config, spool, channels, reactor)
+    deliverer = build_deliverer(config, spool, channels, reactor, router=router)
     attach(deliverer, top, "deliverer")
     spool.flusher = deliverer.flush
     queue_ready: Deferred[IQueue] = spool.when_ready().addCallback(lambda queue: queue)
-    attach(build_gateway(config, queue_ready, local_recipients, reactor), top, "smtp")
+    gateway = build_gateway(config, queue_ready, local_recipients, reactor, router=router)
+    attach(gateway, top, "smtp")
     return top
 
 

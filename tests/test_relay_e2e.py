@@ -173,3 +173,30 @@ async def test_relay_flush_revives_a_dead_destination(tmp_path: Path, sinks: Sin
         await _wait_until(lambda: not queue.entries(), limit=30)
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rcpt_to_a_channel_that_does_not_run_is_refused(tmp_path: Path) -> None:
+    """Mail routed to the phone channel (not in this build) is refused at RCPT, not bounced."""
+    port = _free_port()
+    (tmp_path / "secret").write_text("s3cret\n")
+    text = _config_text(port, _free_port(), "1s") + (
+        '\n[[route]]\ndomain = "site-b.test"\nchannel = "phone"\nsite = "site-b"\n'
+        '\n[phone.sites.site-b]\nsecret_file = "secret"\n'
+    )
+    (tmp_path / "mail").mkdir()
+    service = build_service(parse_config(text, tmp_path), reactor)
+    service.startService()
+    try:
+        await service.getServiceNamed("spool").when_ready()
+
+        def rcpt() -> tuple[int, bytes]:
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                client.ehlo("client.example.test")
+                client.mail("sender@example.test")
+                return client.rcpt("someone@site-b.test")
+
+        code, _ = await deferToThread(rcpt)
+        assert code // 100 == 5
+    finally:
+        await service.stopService()

@@ -208,6 +208,7 @@ def build_deliverer(
     stop_grace: float = 10.0,
     active_limit: int = 20_000,
     log: Logger | None = None,
+    router: Router | None = None,
 ) -> DelivererService:
     """The deliverer for ``config``, delivering from ``queue`` through ``channels``.
 
@@ -218,7 +219,8 @@ def build_deliverer(
     stop waits for transactions in progress; ``active_limit`` how many messages are
     worked on at once.
     """
-    router = Router(config, channels=frozenset(channels))
+    if router is None:
+        router = Router(config, channels=frozenset(channels))
     return DelivererService(
         queue,
         channels,

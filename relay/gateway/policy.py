@@ -63,9 +63,13 @@ class RecipientDecision:
 class RelayPolicy:
     """The acceptance rules for one configuration; build once, ask per command."""
 
-    def __init__(self, config: Config, local_recipients: ILocalRecipients) -> None:
+    def __init__(
+        self, config: Config, local_recipients: ILocalRecipients, router: Router | None = None
+    ) -> None:
+        """``router`` is the relay's one router (so RCPT never accepts what the deliverer
+        cannot route, e.g. to a channel that is not running); a fresh one if None."""
         self._config = config
-        self._router = Router(config)
+        self._router = router if router is not None else Router(config)
         self._local = local_recipients
 
     def is_trusted(self, client_ip: str) -> bool:

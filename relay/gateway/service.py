@@ -41,6 +41,7 @@ from relay.gateway.policy import RelayPolicy
 from relay.gateway.protocol import GatewayFactory, SessionLimiter, Timeouts
 from relay.gateway.tls import load_server_tls
 from relay.interfaces import ILocalRecipients, IQueue
+from relay.policy.routing import Router
 from relay.sansio.smtp.server import Limits, ServerSettings
 from relay.sansio.smtp.wire import SmtpReply
 from relay.services import attach, named_multiservice
@@ -151,6 +152,7 @@ def build_gateway(
     max_text_in_memory: int | None = None,
     auth_max_failures: int | None = None,
     auth_failure_window: float | None = None,
+    router: Router | None = None,
 ) -> IService:
     """The SMTP gateway's services for ``config``.
 
@@ -174,7 +176,7 @@ def build_gateway(
         max_failures=_given(auth_max_failures, smtp.auth_max_failures),
         window=_given(auth_failure_window, smtp.auth_failure_window),
     )
-    policy = RelayPolicy(config, local_recipients)
+    policy = RelayPolicy(config, local_recipients, router)
     timeouts = Timeouts(
         idle=smtp.idle_timeout,
         session=smtp.session_timeout,
