@@ -43,6 +43,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TypeVar
 
+from relay.address import AddressError, parse_mailbox
 from relay.durations import DurationError, format_duration, parse_duration
 from relay.errors import RelayError
 
@@ -615,15 +616,13 @@ def _domain_pattern(value: object) -> str:
     raise _expected("a domain like 'partner.test' or '*.partner.test'", value)
 
 
-_LOCAL_PART = re.compile(r"[^\s@<>()\[\],;:\\\"]+")
-
-
 def _address(value: object) -> str:
-    """A mail address ``local@domain``; the domain is lowercased."""
+    """A mail address ``local@domain`` as the gateway and the DSN builder parse it."""
     if isinstance(value, str):
-        local, at, domain = value.rpartition("@")
-        if at and _LOCAL_PART.fullmatch(local) and domain.isascii() and _is_domain(domain.lower()):
-            return f"{local}@{domain.lower()}"
+        try:
+            return str(parse_mailbox(value))
+        except AddressError:
+            pass
     raise _expected("an address like 'postmaster@example.test'", value)
 
 

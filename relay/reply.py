@@ -262,6 +262,8 @@ def from_smtp(code: int, text: str = "", enhanced: str | None = None) -> Reply:
         mmdf = ReplyCode.AGN
     if mmdf.action is Action.RETRY and code_class == 5:
         mmdf = ReplyCode.NO
+    if code == 421 and mmdf.action is not Action.HOST_DEAD:
+        mmdf = ReplyCode.DHST  # whatever the enhanced status says, the peer is closing
     return Reply(mmdf, text, code, enhanced)
 
 

@@ -1059,3 +1059,11 @@ def test_arbitrary_text_never_crashes(text: str) -> None:
 def test_arbitrary_documents_never_crash(text: str) -> None:
     """Configuration-shaped TOML with values of any type parses or raises ConfigError."""
     _parses_or_explains(text)
+
+
+@pytest.mark.parametrize("postmaster", ["a..b@x.test", ".x@x.test", "x.@x.test", "x@-bad.test"])
+def test_postmaster_is_checked_by_the_address_parser(tmp_path: Path, postmaster: str) -> None:
+    """A postmaster address the relay's own parser refuses is a configuration error."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(f'[relay]\nhostname = "h.test"\npostmaster = "{postmaster}"\n', tmp_path)
+    assert any(p.startswith("relay.postmaster:") for p in caught.value.problems)

@@ -127,6 +127,8 @@ def test_reply_text_is_one_line() -> None:
         (452, "4.5.3", ReplyCode.AGN),
         (450, "4.1.1", ReplyCode.AGN),
         (503, "5.5.1", ReplyCode.PROT),
+        (421, "4.7.1", ReplyCode.DHST),
+        (421, "4.3.1", ReplyCode.DHST),
     ],
 )
 def test_from_smtp(code: int, enhanced: str | None, expected: ReplyCode) -> None:
