@@ -10,7 +10,7 @@ CODE   := relay tests twisted $(wildcard bench)
 .PHONY: run test lint typecheck pytest peers bench clean
 
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV) || { apt-get update -q && apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); apt-get update -q && apt-get install -y -q python3-venv && $(PYTHON) -m venv $(VENV); }
 
 $(STAMP): pyproject.toml $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip setuptools wheel

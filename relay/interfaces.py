@@ -190,8 +190,9 @@ class IChannelSession(Interface):
 class IReadSession(Interface):
     """The receiving side: a channel delivers messages *to* the relay (MMDF's read-mail).
 
-    The SMTP gateway and the slave side of the phone link read messages this way; the
-    caller answers each address and each text, and those answers go back to the peer.
+    The slave side of the phone link is to read messages this way (nothing implements
+    it yet; the SMTP gateway stores straight through :meth:`IQueue.store`); the caller
+    answers each address and each text, and those answers go back to the peer.
     """
 
     def next_message() -> Deferred[tuple[str, Address | None] | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -187,6 +188,8 @@ def test_twistd_starts_logs_summary_and_stops_on_sigterm(tmp_path: Path, with_co
     try:
         content = _wait_for(log, "running:", proc)
         assert ("t.example.test" if with_config else "localhost:") in content
+        if not with_config:
+            _mail_the_default_postmaster(tmp_path)
         proc.send_signal(signal.SIGTERM)
         # twistd re-raises the signal that stopped it after a clean shutdown, so that a
         # supervisor sees "terminated by SIGTERM"; any other status is a crash.
@@ -198,6 +201,29 @@ def test_twistd_starts_logs_summary_and_stops_on_sigterm(tmp_path: Path, with_co
     content = log.read_text()
     assert "stopped" in content
     assert "Traceback" not in content
+
+
+def _mail_the_default_postmaster(where: Path) -> None:
+    """On the embedded default: postmaster@localhost gets a Maildir copy, nobody a 550."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client = smtplib.SMTP("127.0.0.1", 2525, timeout=30)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    with client:
+        client.ehlo("client.example.test")
+        client.mail("someone@localhost")
+        assert client.rcpt("nobody@localhost")[0] == 550
+        assert client.rcpt("postmaster@localhost")[0] == 250
+        assert client.data(b"Subject: smoke\r\n\r\nhello\r\n")[0] == 250
+    new = where / "var" / "mail" / "postmaster" / "new"
+    while not (new.is_dir() and any(new.iterdir())):
+        assert time.monotonic() < deadline, "no delivery to the postmaster's Maildir"
+        time.sleep(0.05)
 
 
 def test_unusable_tls_files_are_a_usage_error(tmp_path: Path) -> None:
