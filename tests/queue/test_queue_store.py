@@ -357,6 +357,37 @@ async def test_a_failed_sync_fails_the_store_and_leaves_nothing(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_log_that_cannot_be_cut_back_refuses_later_appends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If a failed batch cannot be truncated away, every later store fails too."""
+    queue = await open_queue(tmp_path)
+    try:
+        first = await queue.store(make_envelope(), b"first")
+        real_sync, real_truncate = os.fdatasync, os.ftruncate
+        failures = [OSError(errno.EIO, "Input/output error")]
+
+        def failing_sync(fd: int) -> None:
+            if failures:
+                raise failures.pop()
+            real_sync(fd)
+
+        def failing_truncate(fd: int, length: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(os, "fdatasync", failing_sync)
+        monkeypatch.setattr(os, "ftruncate", failing_truncate)
+        with pytest.raises(SpoolError):
+            await queue.store(make_envelope(), b"lost")
+        monkeypatch.setattr(os, "ftruncate", real_truncate)
+        with pytest.raises(SpoolError, match="unusable"):
+            await queue.store(make_envelope(), b"refused")
+        assert [e.queue_id for e in queue.entries()] == [first]
+    finally:
+        await queue.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_record_over_the_format_limit_fails_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
