@@ -181,7 +181,19 @@ def _check_sink(sink: Sink, messages: int, who: str) -> None:
 # --------------------------------------------------------------------------- the relay side
 
 
-def serve(port: int, sink_port: int, work: Path, profile: str | None) -> None:
+def _worker_cpu(pids: list[int]) -> float:
+    """User + system CPU so far of the gateway worker processes, from /proc."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def serve(port: int, sink_port: int, work: Path, profile: str | None, workers: int) -> None:
     """Run the whole relay; answer ``status`` lines on stdin; stop at EOF or SIGTERM."""
     sys.path.insert(0, str(ROOT))
     import resource
@@ -206,6 +218,7 @@ spool = "spool"
 listen = ["tcp:{port}:interface=127.0.0.1:backlog=256"]
 max_sessions = 500
 max_sessions_per_client = 500
+workers = {workers}
 
 [[route]]
 domain = "sink.test"
@@ -223,13 +236,22 @@ tls = "none"
 
         profiler = cProfile.Profile()
 
+    def worker_processes() -> list[Any]:
+        gateway = service.getServiceNamed("smtp")
+        names = {child.name for child in gateway}
+        return (
+            list(gateway.getServiceNamed("workers").workers.values()) if "workers" in names else []
+        )
+
     def cpu() -> tuple[float, float]:
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime, time.thread_time()
+        pids = [w.pid for w in worker_processes() if w.pid]
+        return usage.ru_utime + usage.ru_stime + _worker_cpu(pids), time.thread_time()
 
     def accepted() -> int:
         gateway = service.getServiceNamed("smtp")
-        return sum(getattr(getattr(child, "factory", None), "accepted", 0) for child in gateway)
+        here = sum(getattr(getattr(child, "factory", None), "accepted", 0) for child in gateway)
+        return here + sum(w.server.stored for w in worker_processes())
 
     class Control(LineReceiver):
         delimiter = b"\n"
@@ -253,6 +275,15 @@ tls = "none"
         service.startService()
 
         def ready(queue: Any) -> None:
+            # The gateway workers start once the spool is open: give them time to import.
+            reactor.callLater(2.0 if workers else 0.0, measure, queue)
+
+        def measure(queue: Any) -> None:
+            if os.environ.get("RELAY_MAIN_NO_ACCEPT"):
+                for child in service.getServiceNamed("smtp"):
+                    port = getattr(getattr(child, "endpoint", None), "port", None)
+                    if port is not None:
+                        port.stopReading()
             baseline.extend((*cpu(), queue.writer.batches))
             if profiler is not None:
                 profiler.enable()
@@ -277,8 +308,11 @@ tls = "none"
 class RelayChild:
     """The relay in a child process, with a line-based control channel on its stdio."""
 
-    def __init__(self, port: int, sink_port: int, work: Path, profile: str | None) -> None:
+    def __init__(
+        self, port: int, sink_port: int, work: Path, profile: str | None, workers: int
+    ) -> None:
         command = [sys.executable, __file__, "--serve", str(port), str(sink_port), str(work)]
+        command += ["--workers", str(workers)]
         if profile:
             command += ["--profile", profile]
         self.process = subprocess.Popen(
@@ -330,7 +364,9 @@ class RelayChild:
             self.process.wait(timeout=10)
 
 
-def bench_relay(messages: int, sessions: int, size: int, profile: str | None) -> Sample:
+def bench_relay(
+    messages: int, sessions: int, size: int, profile: str | None, workers: int
+) -> Sample:
     """One relay run; see the module docstring."""
     work = Path(tempfile.mkdtemp(prefix="bench-relay-"))
     sink: Sink | None = None
@@ -338,7 +374,7 @@ def bench_relay(messages: int, sessions: int, size: int, profile: str | None) ->
     try:
         sink = Sink()
         port = free_port()
-        child = RelayChild(port, sink.port, work, profile)
+        child = RelayChild(port, sink.port, work, profile, workers)
         sample = _timed_load(sink, port, messages, sessions, size)
         deadline = time.monotonic() + DRAIN_LIMIT
         while True:
@@ -400,17 +436,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs; medians")
     parser.add_argument("--profile", metavar="FILE")
     parser.add_argument("--relay-only", action="store_true")
+    parser.add_argument("--workers", type=int, default=1, help="[smtp] workers (default 1)")
     parser.add_argument("--serve", nargs=3, metavar=("PORT", "SINK_PORT", "WORK"))
     args = parser.parse_args()
     if args.serve:
-        serve(int(args.serve[0]), int(args.serve[1]), Path(args.serve[2]), args.profile)
+        serve(
+            int(args.serve[0]), int(args.serve[1]), Path(args.serve[2]), args.profile, args.workers
+        )
         return
     # SIGTERM unwinds like Ctrl-C, so the finally clauses stop every process we started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     relay: list[Sample] = []
     postfix: list[Sample] = []
     for _ in range(args.rounds):  # alternate, so both see the same background load
-        relay.append(bench_relay(args.messages, args.sessions, args.size, args.profile))
+        relay.append(
+            bench_relay(args.messages, args.sessions, args.size, args.profile, args.workers)
+        )
         if not args.relay_only:
             postfix.append(bench_postfix(args.messages, args.sessions, args.size))
     n = args.messages
@@ -424,6 +465,7 @@ def main() -> None:
         "sessions": args.sessions,
         "size": args.size,
         "rounds": args.rounds,
+        "workers": args.workers,
         "relay_msgs_per_s": round(rate(relay), 1),
         "relay_samples": [round(n / s.seconds) for s in relay],
         "relay_inbound_msgs_per_s": round(statistics.median(n / s.inbound_seconds for s in relay)),

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import shutil
 import signal
 import statistics
@@ -40,30 +40,41 @@ ROOT = Path(__file__).resolve().parent.parent
 # --------------------------------------------------------------------------- the relay side
 
 
-def serve(port: int, spool: Path, profile: str | None) -> None:
-    """Run the gateway with a real spool until SIGTERM; then print how many it stored."""
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU so far of these processes (all their threads), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def serve(port: int, spool: Path, profile: str | None, workers: int) -> None:
+    """Run the gateway (and its workers) on a real spool until SIGTERM; print the count.
+
+    Built as ``relay.tap`` builds it, without the deliverer (the messages stay queued,
+    as Postfix's stay on hold): the gateway with its share of the limits, and
+    ``workers`` gateway worker processes handing their messages to this one.
+    """
     sys.path.insert(0, str(ROOT))
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
-    from zope.interface import implementer
 
     from relay.config import parse_config
-    from relay.gateway.service import build_gateway
-    from relay.interfaces import ILocalRecipients
+    from relay.gateway.service import build_gateway, shared_listeners
+    from relay.gateway.workers import GatewayWorkers
+    from relay.local_users import build_local_recipients
     from relay.queue.store import SpoolQueue
 
     log = (spool.parent / "relay.log").open("w")
     globalLogBeginner.beginLoggingTo([textFileLogObserver(log)], redirectStandardIO=False)
 
-    @implementer(ILocalRecipients)
-    class Everyone:
-        def exists(self, address: object) -> bool:
-            return True
-
     config = parse_config(
         '[relay]\nhostname = "bench.test"\nlocal_domains = ["y.test"]\n'
         f'[smtp]\nlisten = ["tcp:{port}:interface=127.0.0.1:backlog=256"]\n'
-        "max_sessions = 500\nmax_sessions_per_client = 500\n",
+        f"max_sessions = 500\nmax_sessions_per_client = 500\nworkers = {workers}\n"
+        '[local]\nusers = ["to"]\n',
         spool.parent,
     )
     services = []
@@ -74,15 +85,32 @@ def serve(port: int, spool: Path, profile: str | None) -> None:
 
         profiler = cProfile.Profile()
 
+    def pids() -> list[int]:
+        tree = services[0][2]
+        return [os.getpid(), *(w.pid for w in tree.workers.values() if w.pid)]
+
     def start() -> None:
         def opened(queue: SpoolQueue) -> None:
-            service = build_gateway(config, queue, Everyone(), reactor)
-            service.startService()
-            services.append((service, queue))
+            gateway = build_gateway(
+                config, queue, build_local_recipients(config), reactor, processes=1 + workers
+            )
+            tree = GatewayWorkers(
+                config, workers, lambda: shared_listeners(gateway), queue, {"local"}, reactor
+            )
+            gateway.startService()
+            tree.startService()
+            services.append((gateway, queue, tree))
+            reactor.callLater(2.0 if workers else 0.0, ready)  # the workers' imports
+
+        def ready() -> None:
+            if os.environ.get("RELAY_MAIN_NO_ACCEPT"):
+                for child in services[0][0]:
+                    port = getattr(getattr(child, "endpoint", None), "port", None)
+                    if port is not None:
+                        port.stopReading()
             if profiler is not None:
                 profiler.enable()
-            usage = resource.getrusage(resource.RUSAGE_SELF)
-            started.append(usage.ru_utime + usage.ru_stime)
+            started.append(_cpu_seconds(pids()))
             print("ready", flush=True)
 
         SpoolQueue.open(spool, reactor).addCallback(opened)  # type: ignore[arg-type]
@@ -91,13 +119,17 @@ def serve(port: int, spool: Path, profile: str | None) -> None:
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(profile)
-        service, queue = services[0]
-        accepted = sum(getattr(getattr(child, "factory", None), "accepted", 0) for child in service)
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        cpu = usage.ru_utime + usage.ru_stime - started[0]
-        print(f"cpu {cpu:.3f} accepted {accepted}", flush=True)
-        service.stopService()
-        return queue.close()
+        gateway, queue, tree = services[0]
+        cpu = _cpu_seconds(pids()) - started[0]
+
+        def report(stored: list[str]) -> object:
+            print(f"cpu {cpu:.3f} accepted {len(stored)}", flush=True)
+            return tree.stopService()
+
+        d = queue.list_messages().addCallback(report)
+        d.addCallback(lambda _: gateway.stopService())
+        d.addCallback(lambda _: queue.close())
+        return d
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", stop)
@@ -106,12 +138,13 @@ def serve(port: int, spool: Path, profile: str | None) -> None:
 
 
 def bench_relay(
-    work: Path, messages: int, sessions: int, size: int, profile: str | None
+    work: Path, messages: int, sessions: int, size: int, profile: str | None, workers: int
 ) -> dict[str, float]:
     port = free_port()
     spool = work / "relay" / "spool"
     spool.parent.mkdir(parents=True)
     command = [sys.executable, __file__, "--serve", str(port), str(spool)]
+    command += ["--workers", str(workers)]
     if profile:
         command += ["--profile", profile]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -175,17 +208,20 @@ def main() -> None:
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "SPOOL"))
     parser.add_argument("--profile", metavar="FILE")
     parser.add_argument("--relay-only", action="store_true")
+    parser.add_argument("--workers", type=int, default=1, help="[smtp] workers (default 1)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs; medians")
     args = parser.parse_args()
     if args.serve:
-        serve(int(args.serve[0]), Path(args.serve[1]), args.profile)
+        serve(int(args.serve[0]), Path(args.serve[1]), args.profile, args.workers)
         return
     rates: dict[str, list[float]] = {"relay": [], "postfix": []}
     cpu: list[float] = []
     for _ in range(args.rounds):  # alternate, so both see the same background load
         work = Path(tempfile.mkdtemp(prefix="bench-smtp-in-"))
         try:
-            relay = bench_relay(work, args.messages, args.sessions, args.size, args.profile)
+            relay = bench_relay(
+                work, args.messages, args.sessions, args.size, args.profile, args.workers
+            )
             rates["relay"].append(relay["per_second"])
             cpu.append(relay["cpu_per_msg"])
             if not args.relay_only:
@@ -199,6 +235,7 @@ def main() -> None:
         "sessions": args.sessions,
         "size": args.size,
         "fsync": True,
+        "workers": args.workers,
         "rounds": args.rounds,
         "relay_msgs_per_s": round(statistics.median(rates["relay"]), 1),
         "relay_cpu_us_per_msg": round(statistics.median(cpu) * 1e6),

@@ -30,7 +30,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "Address",
@@ -53,6 +53,11 @@ _ATEXT_ASCII = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~"
 )
 _LDH = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+# One atom of a Dot-string: ASCII atext or any non-ASCII character (RFC 6531 extends
+# atext with UTF8-non-ascii).  The same set as _ATEXT_ASCII, as a regex character class,
+# because matching a whole local part at C speed is what every address costs.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]+"
+_DOT_STRING = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
 _IPV4_CHARS = frozenset("0123456789.")
 _IPV6_CHARS = frozenset("0123456789abcdefABCDEF:.")
 
@@ -94,12 +99,15 @@ class Address:
     local_part: str
     domain: str
     route: tuple[str, ...] = ()
+    # str(self), made once: the spool, the logs, the policy and the wire all ask for it.
+    _text: str = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         _check_local_value(self.local_part)
         object.__setattr__(self, "domain", _normalise_domain(self.domain))
         object.__setattr__(self, "route", tuple(_normalise_hop(h) for h in self.route))
-        if len(_utf8(str(self))) > MAX_MAILBOX:
+        object.__setattr__(self, "_text", f"{_quote_local(self.local_part)}@{self.domain}")
+        if len(_utf8(self._text)) > MAX_MAILBOX:
             raise AddressError(f"mailbox longer than {MAX_MAILBOX} octets")
         if len(_utf8(self.smtp_path())) > MAX_PATH:
             raise AddressError(f"path longer than {MAX_PATH} octets")
@@ -151,12 +159,13 @@ class Address:
 
     def __str__(self) -> str:
         """The canonical ``local@domain`` text without route or brackets (the spool form)."""
-        return f"{self.quoted_local_part()}@{self.domain}"
+        return self._text
 
     def smtp_path(self) -> str:
         """The path as sent in MAIL FROM / RCPT TO, including any source route."""
-        route = f"@{',@'.join(self.route)}:" if self.route else ""
-        return f"<{route}{self}>"
+        if not self.route:
+            return f"<{self._text}>"
+        return f"<@{',@'.join(self.route)}:{self._text}>"
 
     def lower_local(self) -> str:
         """The casefolded local part, for matching local users case-insensitively."""
@@ -360,12 +369,7 @@ def _scan_dot_string(text: str, smtputf8: bool) -> tuple[str, str]:
 
 def _is_dot_string(value: str) -> bool:
     """Whether ``value`` can be written unquoted (RFC 5321 Dot-string, RFC 6531 atext)."""
-    if not value:
-        return False
-    for atom in value.split("."):
-        if not atom or not all(c in _ATEXT_ASCII or not c.isascii() for c in atom):
-            return False
-    return True
+    return _DOT_STRING.fullmatch(value) is not None
 
 
 def _quote_local(value: str) -> str:

@@ -28,6 +28,7 @@ documents every key. ``relay/default.toml`` is the embedded default (:data:`DEFA
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import json
@@ -204,6 +205,7 @@ class SmtpSection:
     max_text_in_memory: int = 256 * 1024 * 1024
     auth_max_failures: int = 5
     auth_failure_window: float = 900.0
+    workers: int = 1
 
     def is_trusted(self, address: str) -> bool:
         """Whether a client at IP ``address`` may relay (IPv4-mapped IPv6 counts as IPv4)."""
@@ -328,6 +330,9 @@ class Config:
     routes: tuple[Route, ...]
     phone: PhoneSection
     smtp_client: SmtpClientSection = field(default_factory=SmtpClientSection)
+    # What it was read from, so a gateway worker process builds exactly this configuration.
+    text: str = field(default="", compare=False, repr=False)
+    base_dir: Path = field(default_factory=Path.cwd, compare=False, repr=False)
 
     def route_for(self, domain: str) -> Route | None:
         """The first route matching ``domain``, or None (SMTP by MX, or local)."""
@@ -377,7 +382,7 @@ def parse_config(text: str, base_dir: Path, *, source: Path | None = None) -> Co
     config = _read_config(data, base_dir.absolute(), source, problems)
     if problems:
         raise ConfigError(problems)
-    return config
+    return dataclasses.replace(config, text=text, base_dir=base_dir.absolute())
 
 
 def default_config(base_dir: Path | None = None) -> Config:
@@ -539,6 +544,12 @@ def _any_string(value: object) -> str:
 def _boolean(value: object) -> bool:
     if not isinstance(value, bool):
         raise _expected("true or false", value)
+    return value
+
+
+def _worker_count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 64:
+        raise _expected("a number of processes from 0 to 64", value)
     return value
 
 
@@ -937,6 +948,7 @@ def _read_smtp(t: _Table, paths: _Paths) -> SmtpSection:
         max_text_in_memory=t.get("max_text_in_memory", _positive_int, 256 * 1024 * 1024),
         auth_max_failures=t.get("auth_max_failures", _positive_int, 5),
         auth_failure_window=t.get("auth_failure_window", _positive_duration, 900.0),
+        workers=t.get("workers", _worker_count, 1),
     )
     _check_smtp_tls(t, smtp)
     return smtp

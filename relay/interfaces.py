@@ -79,6 +79,7 @@ __all__ = [
     "IMessage",
     "IQueue",
     "IReadSession",
+    "IStore",
     "ISubmitPickup",
     "ITextReader",
     "SequencingMode",
@@ -236,12 +237,9 @@ class ISubmitPickup(Interface):
 # --- the queue and the deliverer ---------------------------------------------------------
 
 
-class IQueue(Interface):
-    """The spool: where accepted mail waits, durably, with per-recipient state.
-
-    Every Deferred that reports a change fires only after the change is on disk
-    (fsynced), so a caller may say "yes" to a peer as soon as it fires.
-    """
+class IStore(Interface):
+    """Where the SMTP gateway puts what it accepts: the spool, or (in a gateway worker
+    process) a link to the process that owns the spool."""
 
     def store(envelope: Envelope, text: bytes) -> Deferred[str]:
         """Write a new message durably; fire with its queue id (unique, sortable by arrival).
@@ -249,6 +247,14 @@ class IQueue(Interface):
         Fails (and leaves nothing visible) when the message cannot be made durable,
         e.g. on a full disk: the SMTP gateway then answers 452 4.3.1.
         """
+
+
+class IQueue(IStore):
+    """The spool: where accepted mail waits, durably, with per-recipient state.
+
+    Every Deferred that reports a change fires only after the change is on disk
+    (fsynced), so a caller may say "yes" to a peer as soon as it fires.
+    """
 
     def load(queue_id: str) -> Deferred[tuple[Envelope, Sequence[RecipientStatus]]]:
         """Fire with a message's envelope and its recipients' states (not its text)."""

@@ -2,8 +2,9 @@
 
 This is the one place that wires classes together.  The tree is a ``MultiService``
 named ``relay`` whose children are the relay's parts, each a named service
-(``status``, ``spool``, ``channels``, ``deliverer``, ``smtp``; with the phone channel,
-``phone``), so an operator's ``twistd`` log and a test can find each by name.
+(``status``, ``spool``, ``channels``, ``deliverer``, ``smtp``, the last with its gateway
+worker processes under ``workers``; with the phone channel, ``phone``), so an operator's
+``twistd`` log and a test can find each by name.
 Configuration problems are found in ``Options.postOptions``, before anything starts,
 and reported all at once.
 """
@@ -25,7 +26,8 @@ from relay.channels.local import LocalChannel, build_local_channel
 from relay.channels.smtp.channel import SmtpChannel, build_smtp_channel
 from relay.config import Config, ConfigError, default_config, load_config
 from relay.deliver.service import build_deliverer
-from relay.gateway.service import build_gateway
+from relay.gateway.service import build_gateway, shared_listeners
+from relay.gateway.workers import GatewayWorkers
 from relay.interfaces import IChannel, IQueue
 from relay.local_users import LocalRecipients, build_local_recipients
 from relay.policy.routing import Router
@@ -142,7 +144,21 @@ def build_service(
     attach(deliverer, top, "deliverer")
     spool.flusher = deliverer.flush
     queue_ready: Deferred[IQueue] = spool.when_ready().addCallback(lambda queue: queue)
-    gateway = build_gateway(config, queue_ready, local_recipients, reactor, router=router)
+    processes = 1 + config.smtp.workers
+    gateway = build_gateway(
+        config, queue_ready, local_recipients, reactor, router=router, processes=processes
+    )
+    if config.smtp.workers:
+        # Attached after the listeners: started once they are bound, stopped first.
+        workers = GatewayWorkers(
+            config,
+            config.smtp.workers,
+            lambda: shared_listeners(gateway),
+            queue_ready,
+            router.channels,
+            reactor,
+        )
+        attach(workers, gateway, "workers")  # type: ignore[arg-type]
     attach(gateway, top, "smtp")
     return top
 

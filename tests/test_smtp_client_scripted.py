@@ -7,12 +7,11 @@ returned (and what the deliverer records from them), and what the server saw.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 
 from relay.channels.smtp import SmtpChannel
 from relay.channels.smtp.policy import RoutePolicies
@@ -21,21 +20,13 @@ from relay.dns.mx import MxResolver
 from relay.envelope import BodyType, Destination
 from relay.reply import Action, ReplyCode
 
+from reactor_helpers import until
 from smtp_harness import Outcome, channel_for, deliver, deliver_on, make_message, serving
 from smtpserver import CLOSE, Script
 from tlsfiles import TlsFiles, make_tls_files
 
 A, B, C = "a@dest.test", "b@dest.test", "c@dest.test"
 OK_ACTIONS = [Action.COMMIT] * 3
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Let the reactor run until ``condition()`` holds (a few loopback round trips)."""
-    for _ in range(200):
-        if condition():
-            return
-        await task.deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("condition never became true")
 
 
 def _dest(port: int) -> str:

@@ -6,11 +6,15 @@ next pass and disarms EPOLLOUT: two ``epoll_ctl`` calls and one more event dispa
 reply, for a send the socket could have taken immediately.  On ``bench/smtp_in.py``
 (seven replies per message) that path was about a quarter of the gateway's CPU.
 
-When the transport is plain TCP (not TLS), connected, not closing, and Twisted holds no
-unsent bytes for it, sending now is exactly what its ``doWrite`` would do a moment later,
-in the same order.  In every other case (TLS, bytes already queued, a partial send,
-``EAGAIN``, an error) the rest goes to ``transport.write``, so Twisted keeps ordering,
-flow control and error handling.
+The same holds for the UNIX socket between a gateway worker and the spool's process
+(:mod:`relay.handoff`): one small frame per message each way, ``unix.Server`` being a
+``tcp.Server`` underneath.
+
+When the transport is plain TCP or a UNIX stream (not TLS), connected, not closing, and
+Twisted holds no unsent bytes for it, sending now is exactly what its ``doWrite`` would
+do a moment later, in the same order.  In every other case (TLS, bytes already queued, a
+partial send, ``EAGAIN``, an error) the rest goes to ``transport.write``, so Twisted
+keeps ordering, flow control and error handling.
 
 The check reads state that is Twisted's own, not its API: ``tcp.Server``'s
 ``_tempDataLen`` and ``_writeDisconnected``, ``offset`` and ``dataBuffer``.  Every one is
@@ -24,16 +28,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import tcp, unix
 
 __all__ = ["is_idle_plain_tcp", "write_now"]
 
-_SERVER: Any = getattr(tcp, "Server", None)
+_SERVERS: tuple[type, ...] = tuple(
+    kind for kind in (getattr(tcp, "Server", None), getattr(unix, "Server", None)) if kind
+)
 
 
 def is_idle_plain_tcp(transport: Any) -> bool:
-    """Whether ``transport`` is a connected plain-TCP server socket with nothing queued."""
-    if _SERVER is None or type(transport) is not _SERVER:
+    """Whether ``transport`` is a connected plain TCP (or UNIX) socket with nothing queued."""
+    if type(transport) not in _SERVERS:
         return False
     buffer = getattr(transport, "dataBuffer", None)
     offset = getattr(transport, "offset", None)

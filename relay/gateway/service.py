@@ -12,6 +12,10 @@ relay at start.  The tree it returns is a ``MultiService`` named ``smtp`` holdin
   with ``421 4.3.2`` so clients retry elsewhere instead of hanging (a session waiting for
   the spool gets the store's reply first).
 
+In a gateway worker process (:mod:`relay.gateway.worker`) the listeners are
+``adopted:<fd>`` services instead: sockets the spool's process bound and passed down
+(:func:`shared_listeners` finds them), so both processes accept on the same ports.
+
 All listeners share one :class:`~relay.gateway.protocol.SessionLimiter`, so
 ``max_sessions`` and ``max_sessions_per_client`` hold across them, one
 :class:`~relay.gateway.limits.TextBudget` (``max_text_in_memory`` bytes of message text
@@ -21,15 +25,19 @@ in memory across all sessions) and one :class:`~relay.gateway.limits.AuthThrottl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString, wrapServerTLS
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -40,13 +48,20 @@ from relay.gateway.limits import AuthThrottle, TextBudget
 from relay.gateway.policy import RelayPolicy
 from relay.gateway.protocol import GatewayFactory, SessionLimiter, Timeouts
 from relay.gateway.tls import load_server_tls
-from relay.interfaces import ILocalRecipients, IQueue
+from relay.interfaces import ILocalRecipients, IStore
 from relay.policy.routing import Router
 from relay.sansio.smtp.server import Limits, ServerSettings
 from relay.sansio.smtp.wire import SmtpReply
 from relay.services import attach, named_multiservice
 
-__all__ = ["RecordingEndpoint", "build_gateway", "settings_from_config"]
+__all__ = [
+    "AdoptedListener",
+    "RecordingEndpoint",
+    "SharedListener",
+    "build_gateway",
+    "settings_from_config",
+    "shared_listeners",
+]
 
 _log = Logger()
 _V = TypeVar("_V")
@@ -69,6 +84,62 @@ class RecordingEndpoint:
 
         d: Deferred[IListeningPort] = self._endpoint.listen(protocolFactory)
         return d.addCallback(record)
+
+
+@dataclass(frozen=True, slots=True)
+class SharedListener:
+    """A listening socket of this process that a gateway worker process may accept on."""
+
+    fd: int
+    family: int  # socket.AF_INET, AF_INET6 or AF_UNIX
+    tls: bool  # implicit TLS (a ``listen_tls`` endpoint)
+
+
+def shared_listeners(gateway: IService) -> list[SharedListener]:
+    """The running gateway's listening sockets that a worker can adopt.
+
+    Plain TCP and UNIX listeners qualify (``listen`` and ``listen_tls``: the worker wraps
+    its own factory in TLS for the latter).  An ``ssl:`` endpoint does not: its TLS lives
+    in the listening port itself, so only this process serves it.
+    """
+    found: list[SharedListener] = []
+    for child in gateway:  # type: ignore[attr-defined]
+        name = getattr(child, "name", "") or ""
+        endpoint = getattr(child, "endpoint", None)
+        port = getattr(endpoint, "port", None)
+        if not name.startswith(("listen:", "listen_tls:")) or type(port) not in (
+            tcp.Port,
+            unix.Port,
+        ):
+            continue
+        sock = port.socket  # type: ignore[union-attr]
+        found.append(SharedListener(sock.fileno(), sock.family, name.startswith("listen_tls:")))
+    return found
+
+
+class AdoptedListener(Service):
+    """Accepts on a listening socket handed down by the spool's process."""
+
+    def __init__(self, reactor: Any, listener: SharedListener, factory: IProtocolFactory):
+        self._reactor = reactor
+        self._listener = listener
+        self._factory = factory
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        """Accept on the socket (Twisted duplicates the descriptor)."""
+        super().startService()  # type: ignore[no-untyped-call]
+        listener = self._listener
+        self.port = self._reactor.adoptStreamPort(listener.fd, listener.family, self._factory)
+
+    def stopService(self) -> Deferred[None] | None:
+        """Stop accepting; the spool's process (or another worker) goes on."""
+        super().stopService()  # type: ignore[no-untyped-call]
+        port, self.port = self.port, None
+        if port is None:
+            return None
+        stopped: Deferred[None] | None = port.stopListening()
+        return stopped
 
 
 class _SessionsService(Service):
@@ -144,7 +215,7 @@ def _given(value: _V | None, configured: _V) -> _V:
 
 def build_gateway(
     config: Config,
-    queue: IQueue | Deferred[IQueue],
+    queue: IStore | Deferred[Any],
     local_recipients: ILocalRecipients,
     reactor: Any,
     *,
@@ -153,6 +224,8 @@ def build_gateway(
     auth_max_failures: int | None = None,
     auth_failure_window: float | None = None,
     router: Router | None = None,
+    processes: int = 1,
+    adopted: Sequence[SharedListener] | None = None,
 ) -> IService:
     """The SMTP gateway's services for ``config``.
 
@@ -163,14 +236,22 @@ def build_gateway(
     ``452 4.3.1``); a client with ``auth_max_failures`` failed AUTH within
     ``auth_failure_window`` seconds gets ``454 4.7.0`` to AUTH until they age out.
     Each of these comes from ``[smtp]`` unless given here (tests give them).
+
+    ``processes`` is how many processes share the listeners (this one and the gateway
+    workers): each takes that share of ``max_sessions`` and ``max_text_in_memory``, so
+    the totals hold.  A worker passes ``adopted``, the listening sockets it was handed,
+    instead of listening on the configured endpoints, and leaves the "stored" log line
+    to the spool's process.
     """
     smtp = config.smtp
     tls_options: CertificateOptions | None = None
     if smtp.tls_cert_file is not None and smtp.tls_key_file is not None:
         tls_options = load_server_tls(smtp.tls_cert_file, smtp.tls_key_file)
     checker = PasswordChecker(smtp.auth_users_file, reactor) if smtp.auth_users_file else None
-    limiter = SessionLimiter(smtp.max_sessions, smtp.max_sessions_per_client)
-    text_budget = TextBudget(_given(max_text_in_memory, smtp.max_text_in_memory))
+    limiter = SessionLimiter(max(1, smtp.max_sessions // processes), smtp.max_sessions_per_client)
+    text_budget = TextBudget(
+        max(1, _given(max_text_in_memory, smtp.max_text_in_memory) // processes)
+    )
     auth_throttle = AuthThrottle(
         reactor,
         max_failures=_given(auth_max_failures, smtp.auth_max_failures),
@@ -197,11 +278,20 @@ def build_gateway(
             text_budget=text_budget,
             auth_throttle=auth_throttle,
         )
+        made.log_stored = adopted is None
         factories.append(made)
         return made
 
     top: MultiService = named_multiservice("smtp")
     attach(_SessionsService(limiter, checker, config.relay.hostname), top, "sessions")
+    if adopted is not None:
+        for shared in adopted:
+            made: IProtocolFactory = factory(tls_active=shared.tls)
+            if shared.tls:
+                assert tls_options is not None  # the configuration requires a certificate
+                made = TLSMemoryBIOFactory(tls_options, False, made)
+            attach(AdoptedListener(reactor, shared, made), top, f"adopted:{shared.fd}")
+        return top
     for description in smtp.listen:
         endpoint = RecordingEndpoint(_endpoint(reactor, description))
         attach(_listener(endpoint, factory(tls_active=False)), top, f"listen:{description}")
@@ -212,7 +302,7 @@ def build_gateway(
         attach(listener, top, f"listen_tls:{description}")
     if isinstance(queue, Deferred):
 
-        def ready(opened: IQueue) -> IQueue:
+        def ready(opened: IStore) -> IStore:
             for made in factories:
                 made.queue = opened
             return opened

@@ -89,6 +89,11 @@ class Router:
         self._sites = frozenset(config.phone.sites)
         self._routes = tuple(self._compile(route) for route in config.routes)
 
+    @property
+    def channels(self) -> frozenset[str]:
+        """The channels this router sends mail to (the ones that run)."""
+        return frozenset(self._channels)
+
     def route(self, address: Address) -> Destination:
         """The destination of ``address``; raises :class:`NoRoute` if it has none."""
         domain = address.domain

@@ -1,0 +1,170 @@
+"""A gateway worker process: ``python -m relay.gateway.worker`` (started by the relay).
+
+It is started by :class:`relay.gateway.workers.GatewayWorkers`, never by hand: it gets
+one end of a UNIX socket pair as ``--link FD`` and the listening sockets as
+``--listen FD:FAMILY:plain|tls``, waits for the spool's process to say HELLO (the
+configuration text, the running channels, its share of the limits), builds the same
+gateway as the spool's process runs on the adopted sockets, and stores every message it
+accepts through the link.  Its log goes to stderr, one ``LEVEL text`` line per event,
+which the spool's process puts in the relay's log.
+
+It ends when the link closes (the spool's process is gone: no spool, no mail) or on
+SIGTERM, after the stores still in flight have been answered (at most
+:data:`DRAIN_LIMIT` seconds).  Exit codes follow sysexits: 64 for bad arguments, 78 for
+a configuration the spool's process sent that does not load here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+from twisted.application.service import IService
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
+from twisted.logger import (
+    FileLogObserver,
+    LogEvent,
+    Logger,
+    LogLevel,
+    eventAsText,
+    globalLogBeginner,
+)
+
+from relay.config import ConfigError, parse_config
+from relay.gateway.service import SharedListener, build_gateway
+from relay.handoff.codec import Hello
+from relay.handoff.worker_side import StoreClient
+from relay.local_users import build_local_recipients
+from relay.policy.routing import Router
+
+__all__ = ["DRAIN_LIMIT", "main"]
+
+_log = Logger()
+
+DRAIN_LIMIT = 20.0  # seconds a stopping worker waits for answers to stores in flight
+EX_USAGE = 64
+EX_CONFIG = 78
+
+
+def _listener(text: str) -> SharedListener:
+    """``FD:FAMILY:plain|tls`` from the command line."""
+    try:
+        fd, family, kind = text.split(":")
+        if kind not in ("plain", "tls"):
+            raise ValueError(kind)
+        return SharedListener(int(fd), int(family), kind == "tls")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not FD:FAMILY:plain|tls: {text!r}") from None
+
+
+def _line_observer(out: IO[str]) -> FileLogObserver:
+    """``LEVEL text`` lines (tracebacks included): the spool's process adds the rest."""
+
+    def line(event: LogEvent) -> str:
+        level = event.get("log_level", LogLevel.info)
+        text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+        return "".join(f"{level.name} {part}\n" for part in text.splitlines() or [""])
+
+    return FileLogObserver(out, line)
+
+
+class _Worker:
+    """The worker's state: the link, then (after HELLO) the gateway."""
+
+    def __init__(self, reactor: Any, listeners: list[SharedListener]) -> None:
+        self.reactor = reactor
+        self.listeners = listeners
+        self.client = StoreClient(self.hello, self.lost)
+        self.gateway: IService | None = None
+        self.exit_code = 0
+        self._stopping = False
+
+    def hello(self, hello: Hello) -> None:
+        """Build and start the gateway the spool's process described."""
+        try:
+            config = parse_config(hello.config_text, Path(hello.base_dir))
+        except ConfigError as e:
+            for problem in e.problems:
+                print(f"critical configuration: {problem}", file=sys.stderr, flush=True)
+            self.exit_code = EX_CONFIG
+            self.request_stop()
+            return
+        recipients = build_local_recipients(config)
+        router = Router(config, channels=frozenset(hello.channels))
+        gateway = build_gateway(
+            config,
+            self.client,
+            recipients,
+            self.reactor,
+            router=router,
+            processes=hello.processes,
+            adopted=self.listeners,
+        )
+        gateway.startService()  # type: ignore[no-untyped-call]
+        for shared in self.listeners:  # adopted (duplicated) by now
+            os.close(shared.fd)
+        self.gateway = gateway
+        _log.info(
+            "accepting on {count} socket(s), {share} of the session limits",
+            count=len(self.listeners),
+            share=f"1/{hello.processes}",
+        )
+
+    def lost(self, why: str) -> None:
+        """No link, no spool: stop accepting and exit."""
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        """Stop the reactor, once (SIGTERM may come from the relay and a supervisor)."""
+        if not self._stopping and self.reactor.running:
+            self._stopping = True
+            self.reactor.stop()
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        """SIGTERM/SIGINT: stop at the reactor's next turn."""
+        self.reactor.callFromThread(self.request_stop)
+
+    def stop(self) -> Deferred[None] | None:
+        """Stop listening and end idle sessions; wait for stores in flight."""
+        gateway = self.gateway
+        if gateway is None:
+            return None
+        gateway.stopService()  # type: ignore[no-untyped-call]
+        drained = self.client.drained()
+        drained.addTimeout(DRAIN_LIMIT, self.reactor)
+        drained.addErrback(lambda _: None)
+        return drained
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one worker until its link closes or it is told to stop."""
+    parser = argparse.ArgumentParser(prog="relay.gateway.worker", description=__doc__)
+    parser.add_argument("--link", type=int, required=True, metavar="FD")
+    parser.add_argument("--listen", type=_listener, action="append", default=[])
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return EX_USAGE if e.code else 0
+    from twisted.internet import reactor
+
+    globalLogBeginner.beginLoggingTo([_line_observer(sys.stderr)], redirectStandardIO=False)
+    worker = _Worker(reactor, args.listen)
+    reactor.adoptStreamConnection(  # type: ignore[attr-defined]
+        args.link, socket.AF_UNIX, Factory.forProtocol(lambda: worker.client)
+    )
+    os.close(args.link)
+    reactor.addSystemEventTrigger("before", "shutdown", worker.stop)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, worker.on_signal)
+    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
+    return worker.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Gateway worker processes: more SMTP sessions than one reactor thread can carry.
+
+Why: a Python SMTP session costs a few hundred microseconds of CPU per message (Twisted's
+per-event dispatch, the engine, the policy, the syscalls), all in the one reactor thread,
+so one process tops out at one core while the machine has more.  Postfix answers the same
+problem with many ``smtpd`` processes; so does this.
+
+How: the spool's process binds every listener itself (so a port it cannot bind stops the
+relay at start, and a privileged port needs no privileges in the workers), then starts
+``[smtp] workers`` copies of :mod:`relay.gateway.worker`, each handed the listening
+sockets (plain TCP/UNIX; implicit-TLS ones too, the worker doing the TLS) and one end of
+a UNIX socket pair.  All the processes accept on the same sockets: the kernel gives each
+connection to whichever process asks first, so a busy process takes fewer.  A worker
+runs the same gateway as the spool's process, built from the same configuration text
+(sent in the link's HELLO), but stores each message through the link
+(:mod:`relay.handoff`): the spool's process writes it, fsyncs, and only then does the
+worker answer 250.
+
+Limits: ``max_sessions`` and ``max_text_in_memory`` are divided among the processes, so
+their totals hold; ``max_sessions_per_client`` and the failed-AUTH count are kept by each
+process for its own sessions.
+
+A worker that exits is started again (after 1 s, doubling to 60 s while it keeps dying
+young); its output is logged here line by line.  A worker whose link closes (the spool's
+process went away) exits.  At stop, workers get SIGTERM, finish what is storing, and are
+killed if they are still there after :data:`STOP_GRACE` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+import relay
+from relay.config import Config
+from relay.gateway.service import SharedListener
+from relay.handoff.codec import Hello
+from relay.handoff.spool_side import StoreServer, frame_limit
+from relay.interfaces import IQueue
+
+__all__ = ["STOP_GRACE", "GatewayWorkers"]
+
+_log = Logger()
+
+STOP_GRACE = 30.0  # seconds a stopping worker has before SIGKILL
+_FIRST_DELAY = 1.0
+_MAX_DELAY = 60.0
+_YOUNG = 10.0  # a worker that dies younger than this doubles the restart delay
+_MAX_LINE = 64 * 1024
+
+
+class GatewayWorkers(Service):
+    """Starts, watches and stops the gateway worker processes."""
+
+    def __init__(
+        self,
+        config: Config,
+        count: int,
+        listeners: Callable[[], Sequence[SharedListener]],
+        queue: IQueue | Deferred[Any],
+        channels: frozenset[str],
+        reactor: Any,
+    ) -> None:
+        """``listeners`` is asked at start (the ports are bound by then); ``queue`` may
+        be the spool's ``when_ready()``: workers start once it has fired."""
+        self._config = config
+        self._count = count
+        self._listeners = listeners
+        self._queue: IQueue | None = None if isinstance(queue, Deferred) else queue
+        self._queue_ready = queue if isinstance(queue, Deferred) else None
+        self._channels = channels
+        self._reactor = reactor
+        self.workers: dict[int, _Worker] = {}
+        self._restarts: dict[int, IDelayedCall] = {}
+        self._delays: dict[int, float] = {}
+
+    def startService(self) -> None:
+        """Start every worker once the spool is open."""
+        super().startService()  # type: ignore[no-untyped-call]
+        if self._queue is not None:
+            self._start_all(self._queue)
+        elif self._queue_ready is not None:
+            self._queue_ready.addCallback(self._start_all)
+
+    def _start_all(self, queue: IQueue) -> IQueue:
+        self._queue = queue
+        if self.running:
+            for index in range(1, self._count + 1):
+                self._spawn(index)
+        return queue
+
+    def stopService(self) -> Deferred[list[None]]:
+        """SIGTERM every worker; fire when all have exited (SIGKILL after the grace)."""
+        super().stopService()  # type: ignore[no-untyped-call]
+        for call in self._restarts.values():
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
+        waiting = [worker.stop(self._reactor) for worker in self.workers.values()]
+        return defer.gatherResults(waiting, consumeErrors=True)
+
+    # --- one worker ---------------------------------------------------------------------
+
+    def _spawn(self, index: int) -> None:
+        self._restarts.pop(index, None)
+        if not self.running:
+            return
+        config = self._config
+        hello = Hello(
+            config_text=config.text,
+            base_dir=str(config.base_dir),
+            channels=tuple(sorted(self._channels)),
+            index=index,
+            processes=self._count + 1,
+        )
+        server = StoreServer(hello, self._queue, frame_limit(config.smtp.max_message_size))
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, _OneProtocol(server))
+            args = [sys.executable, "-m", "relay.gateway.worker", "--link", "3"]
+            child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r", 3: theirs.fileno()}
+            for fd, shared in enumerate(self._listeners(), start=4):
+                child_fds[fd] = shared.fd
+                kind = "tls" if shared.tls else "plain"
+                args += ["--listen", f"{fd}:{int(shared.family)}:{kind}"]
+            worker = _Worker(self, index, server, self._reactor.seconds())
+            worker.process = self._reactor.spawnProcess(
+                worker, sys.executable, args, env=_environment(), childFDs=child_fds
+            )
+        finally:
+            ours.close()
+            theirs.close()
+        self.workers[index] = worker
+        _log.info("smtp worker {index} started (pid {pid})", index=index, pid=worker.pid)
+
+    def _ended(self, worker: _Worker, reason: Failure) -> None:
+        if self.workers.get(worker.index) is worker:
+            del self.workers[worker.index]
+        if not self.running:
+            return
+        lived = self._reactor.seconds() - worker.started
+        delay = self._delays.get(worker.index, _FIRST_DELAY)
+        delay = min(delay * 2, _MAX_DELAY) if lived < _YOUNG else _FIRST_DELAY
+        self._delays[worker.index] = delay
+        _log.warn(
+            "smtp worker {index} (pid {pid}) exited: {why}; starting another in {delay:.0f}s",
+            index=worker.index,
+            pid=worker.pid,
+            why=reason.getErrorMessage(),
+            delay=delay,
+        )
+        self._restarts[worker.index] = self._reactor.callLater(delay, self._spawn, worker.index)
+
+
+def _environment() -> dict[str, str]:
+    """The worker's environment: ours, with this ``relay`` package first on its path."""
+    env = dict(os.environ)
+    package_root = str(Path(relay.__file__).resolve().parent.parent)
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = package_root if not path else f"{package_root}{os.pathsep}{path}"
+    return env
+
+
+class _OneProtocol(Factory):
+    """Hands the one prepared protocol to an adopted connection."""
+
+    def __init__(self, protocol: StoreServer) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> StoreServer:
+        self._protocol.factory = self
+        return self._protocol
+
+
+class _Worker(ProcessProtocol):
+    """One worker process: its output to our log, its end to the service."""
+
+    def __init__(
+        self, service: GatewayWorkers, index: int, server: StoreServer, started: float
+    ) -> None:
+        self.service = service
+        self.index = index
+        self.server = server
+        self.started = started
+        self.process: Any = None
+        self._partial = {1: b"", 2: b""}
+        self._exited: Deferred[None] = Deferred()
+        self._gone = False
+
+    @property
+    def pid(self) -> int | None:
+        return getattr(self.process, "pid", None)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        """Log the worker's output, a line at a time (a long line is cut, never kept)."""
+        buffered = self._partial.get(childFD, b"") + data
+        *lines, rest = buffered.split(b"\n")
+        if len(rest) > _MAX_LINE:
+            lines.append(rest[:_MAX_LINE])
+            rest = b""
+        self._partial[childFD] = rest
+        for line in lines:
+            self._log_line(line)
+
+    def _log_line(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip()
+        if not line:
+            return
+        level, _, text = line.partition(" ")
+        emit = {
+            "warn": _log.warn,
+            "error": _log.error,
+            "critical": _log.critical,
+        }.get(level, _log.info)
+        shown = text if level in ("debug", "info", "warn", "error", "critical") else line
+        emit("smtp worker {index}: {line}", index=self.index, line=shown)
+
+    def processEnded(self, reason: Failure) -> None:
+        """Flush what is left of its output; tell the service."""
+        for fd, rest in self._partial.items():
+            if rest:
+                self._log_line(rest)
+            self._partial[fd] = b""
+        self._gone = True
+        self.service._ended(self, reason)
+        self._exited.callback(None)
+
+    def stop(self, reactor: Any) -> Deferred[None]:
+        """SIGTERM now, SIGKILL after the grace; fire when it has exited."""
+        if self._gone:
+            return defer.succeed(None)
+        with contextlib.suppress(ProcessExitedAlready):  # it is exiting already
+            self.process.signalProcess("TERM")
+        kill = reactor.callLater(STOP_GRACE, self._kill)
+
+        def exited(result: None) -> None:
+            if kill.active():
+                kill.cancel()
+
+        return self._exited.addCallback(exited)
+
+    def _kill(self) -> None:
+        if not self._gone:
+            _log.warn("smtp worker {index} did not stop; killing it", index=self.index)
+            with contextlib.suppress(ProcessExitedAlready):
+                self.process.signalProcess("KILL")

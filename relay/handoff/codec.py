@@ -1,0 +1,179 @@
+"""The frames between a gateway worker process and the spool's process (sans-I/O).
+
+A worker runs SMTP sessions but owns no spool: each message it accepts travels to the
+spool's process in a ``STORE`` frame, and the ``250`` goes to the client only when the
+answer (``STORED`` with the queue id, after the fsync) comes back.  The spool's process
+opens the conversation with ``HELLO``, which carries everything the worker needs to build
+the same gateway as the spool's process runs (the configuration's text, among others).
+
+Each frame is one string of Twisted's ``Int32StringReceiver`` (a 4-byte big-endian
+length, then the payload; Twisted does that framing).  This module is the payload: one
+kind byte, then
+
+* ``H`` HELLO: UTF-8 JSON (:class:`Hello`);
+* ``S`` STORE: request number (u32), envelope length (u32), the envelope as the spool
+  encodes it (:func:`relay.queue.payload.encode_envelope`), then the message text;
+* ``K`` STORED: request number (u32), the queue id (ASCII);
+* ``F`` FAILED: request number (u32), a disk-full flag (u8), a UTF-8 reason.
+
+Anything else, or a frame whose parts do not add up, is a :class:`HandoffError`: both
+ends then drop the connection (the worker exits and is started again), since a peer that
+sends garbage on a private socket is a bug, not a client to argue with.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+from relay.errors import RelayError
+from relay.queue.queueid import is_valid_queue_id
+
+__all__ = [
+    "Frame",
+    "HandoffError",
+    "Hello",
+    "StoreFailed",
+    "StoreRequest",
+    "Stored",
+    "decode",
+    "encode",
+    "framed",
+]
+
+_U32 = struct.Struct(">I")
+_STORE = struct.Struct(">II")
+_FAILED = struct.Struct(">IB")
+MAX_REQUEST = 0xFFFFFFFF
+
+
+class HandoffError(RelayError):
+    """A frame that is not one this protocol knows, or one whose parts do not add up."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """What the spool's process tells a new worker: enough to build its gateway.
+
+    ``config_text`` and ``base_dir`` are the configuration as the spool's process read it
+    (so a worker never reads a file changed since); ``channels`` are the channels that
+    run there (the router refuses mail for the others at RCPT); ``index`` names the
+    worker in the log; ``processes`` is how many processes share the listeners, each
+    taking that share of the session and memory limits.
+    """
+
+    config_text: str
+    base_dir: str
+    channels: tuple[str, ...]
+    index: int
+    processes: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreRequest:
+    """A message to store: the envelope as JSON (the spool's encoding) and the text."""
+
+    request: int
+    envelope_json: bytes
+    text: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """The message of ``request`` is on disk under ``queue_id``."""
+
+    request: int
+    queue_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoreFailed:
+    """The message of ``request`` was not kept; ``disk_full`` picks 452 over 451."""
+
+    request: int
+    disk_full: bool
+    reason: str
+
+
+Frame = Hello | StoreRequest | Stored | StoreFailed
+
+
+def encode(frame: Frame) -> bytes:
+    """The payload for ``frame`` (without the length prefix Twisted adds)."""
+    if isinstance(frame, StoreRequest):
+        head = _STORE.pack(frame.request, len(frame.envelope_json))
+        return b"".join((b"S", head, frame.envelope_json, frame.text))
+    if isinstance(frame, Stored):
+        return b"K" + _U32.pack(frame.request) + frame.queue_id.encode("ascii")
+    if isinstance(frame, StoreFailed):
+        return b"F" + _FAILED.pack(frame.request, frame.disk_full) + frame.reason.encode()
+    body = {
+        "config_text": frame.config_text,
+        "base_dir": frame.base_dir,
+        "channels": list(frame.channels),
+        "index": frame.index,
+        "processes": frame.processes,
+    }
+    return b"H" + json.dumps(body).encode()
+
+
+def framed(payload: bytes) -> bytes:
+    """``payload`` with the length prefix ``Int32StringReceiver`` reads (4 bytes, big-endian)."""
+    return _U32.pack(len(payload)) + payload
+
+
+def decode(payload: bytes) -> Frame:
+    """The frame in ``payload``; HandoffError if it is not a well-formed one."""
+    kind = payload[:1]
+    if kind == b"S":
+        if len(payload) < 1 + _STORE.size:
+            raise HandoffError("STORE frame too short")
+        request, envelope_length = _STORE.unpack_from(payload, 1)
+        start = 1 + _STORE.size
+        if envelope_length > len(payload) - start:
+            raise HandoffError("STORE frame: envelope longer than the frame")
+        end = start + envelope_length
+        return StoreRequest(request, payload[start:end], payload[end:])
+    if kind == b"K":
+        if len(payload) < 1 + _U32.size:
+            raise HandoffError("STORED frame too short")
+        (request,) = _U32.unpack_from(payload, 1)
+        queue_id = payload[1 + _U32.size :].decode("ascii", "replace")
+        if not is_valid_queue_id(queue_id):
+            raise HandoffError("STORED frame: not a queue id")
+        return Stored(request, queue_id)
+    if kind == b"F":
+        if len(payload) < 1 + _FAILED.size:
+            raise HandoffError("FAILED frame too short")
+        request, disk_full = _FAILED.unpack_from(payload, 1)
+        if disk_full > 1:
+            raise HandoffError("FAILED frame: disk-full flag is neither 0 nor 1")
+        reason = payload[1 + _FAILED.size :].decode("utf-8", "replace")
+        return StoreFailed(request, bool(disk_full), reason)
+    if kind == b"H":
+        return _hello(payload[1:])
+    raise HandoffError(f"unknown frame kind {kind!r}")
+
+
+def _hello(body: bytes) -> Hello:
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise HandoffError(f"HELLO frame: not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise HandoffError("HELLO frame: not a JSON object")
+    config_text, base_dir = data.get("config_text"), data.get("base_dir")
+    channels, index, processes = data.get("channels"), data.get("index"), data.get("processes")
+    if not isinstance(config_text, str) or not isinstance(base_dir, str):
+        raise HandoffError("HELLO frame: config_text and base_dir must be strings")
+    if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
+        raise HandoffError("HELLO frame: channels must be a list of strings")
+    if not _count(index, 0) or not _count(processes, 1):
+        raise HandoffError("HELLO frame: index and processes must be counts")
+    assert isinstance(index, int) and isinstance(processes, int)
+    return Hello(config_text, base_dir, tuple(channels), index, processes)
+
+
+def _count(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and least <= value <= 1024

@@ -1,0 +1,121 @@
+"""The spool's end of a gateway worker's link: store what the worker accepted, answer.
+
+One :class:`StoreServer` per worker process, on a UNIX socket pair made when the worker
+is started (:mod:`relay.gateway.workers`).  It greets the worker with the ``HELLO`` the
+worker builds its gateway from, then answers each ``STORE`` with ``STORED`` once the
+spool's Deferred has fired (the message is fsynced: the worker may now say 250) or with
+``FAILED`` (the worker says 451, or 452 for a full disk).  The "stored" log line is
+written here, where the queue id is known, exactly as the in-process gateway writes it.
+
+A malformed frame is a bug in one of the two processes, not hostile input (the socket
+is private): it is logged, counted in :attr:`StoreServer.rejected`, and the link is
+dropped, which ends the worker (its clients get no 250 for anything not yet stored, so
+they send it again); the workers service starts a new one.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
+
+from relay.gateway.fastwrite import write_now
+from relay.gateway.protocol import disk_full, log_stored
+from relay.handoff.codec import (
+    HandoffError,
+    Hello,
+    Stored,
+    StoreFailed,
+    StoreRequest,
+    decode,
+    encode,
+    framed,
+)
+from relay.interfaces import IQueue
+from relay.queue.payload import PayloadError, decode_envelope
+
+__all__ = ["StoreServer", "frame_limit"]
+
+_log = Logger()
+
+
+def frame_limit(max_message_size: int) -> int:
+    """The largest STORE frame to take: the biggest message, its header and envelope."""
+    return max_message_size + 4 * 1024 * 1024
+
+
+class StoreServer(Int32StringReceiver):
+    """Stores the messages one worker hands over, and answers it."""
+
+    def sendString(self, string: bytes) -> None:
+        """Send one frame, straight to the socket when nothing is queued (fastwrite)."""
+        write_now(self.transport, framed(string))
+
+    def __init__(self, hello: Hello, queue: IQueue | None, max_length: int) -> None:
+        self.hello = hello
+        self.queue = queue  # None until the spool is open: stores are then refused
+        self.MAX_LENGTH = max_length
+        self.stored = 0
+        self.rejected = 0
+        self.lost = False
+
+    def connectionMade(self) -> None:
+        """Tell the worker what to build."""
+        self.sendString(encode(self.hello))
+
+    def stringReceived(self, string: bytes) -> None:
+        """A frame from the worker: a message to store (anything else ends the link)."""
+        try:
+            frame = decode(string)
+            if not isinstance(frame, StoreRequest):
+                raise HandoffError(f"a worker may only send STORE, not {type(frame).__name__}")
+            envelope = decode_envelope(frame.envelope_json)
+        except (HandoffError, PayloadError) as e:
+            self._reject(str(e))
+            return
+        queue = self.queue
+        if queue is None:
+            self._answer(StoreFailed(frame.request, False, "the spool is not open yet"))
+            return
+        text = frame.text
+        d: Deferred[str] = queue.store(envelope, text)
+
+        def stored(queue_id: str) -> None:
+            self.stored += 1
+            log_stored(queue_id, envelope, len(text))
+            self._answer(Stored(frame.request, queue_id))
+
+        def failed(failure: Failure) -> None:
+            _log.failure(
+                "smtp worker {index}: cannot store message from {client}",
+                failure,
+                index=self.hello.index,
+                client=envelope.submitter.client_address,
+            )
+            full = disk_full(failure.value)
+            self._answer(StoreFailed(frame.request, full, failure.getErrorMessage()))
+
+        d.addCallbacks(stored, failed)
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        """A frame longer than any message may be: the worker is broken."""
+        self._reject(f"a frame of {length} bytes (limit {self.MAX_LENGTH})")
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        """The worker is gone; answers still due are dropped (its clients retry)."""
+        self.lost = True
+
+    def _answer(self, frame: Stored | StoreFailed) -> None:
+        if not self.lost:
+            self.sendString(encode(frame))
+
+    def _reject(self, why: str) -> None:
+        self.rejected += 1
+        _log.error(
+            "smtp worker {index}: malformed frame ({why}); dropping the link",
+            index=self.hello.index,
+            why=why,
+        )
+        if self.transport is not None:
+            self.transport.loseConnection()

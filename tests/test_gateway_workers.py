@@ -1,0 +1,222 @@
+"""Gateway worker processes: real processes accepting on the relay's port, storing in its spool.
+
+The relay is built as twistd builds it (``relay.tap.build_service``) with ``[smtp]
+workers = 1``; mail goes in with smtplib.  To be sure the worker (not the relay's own
+gateway) takes the connections, the test stops the main process's listener from
+accepting: the socket stays open, so only the worker can answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+from twisted.logger import LogEvent
+
+from relay.config import parse_config
+from relay.gateway.workers import GatewayWorkers
+from relay.handoff.codec import Hello, encode, framed
+from relay.tap import build_service
+
+from reactor_helpers import logged_events, until
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _config(tmp_path: Path, port: int, workers: int) -> Any:
+    return parse_config(
+        f"""
+[relay]
+hostname = "hub.example.test"
+local_domains = ["example.test"]
+spool = "spool"
+[smtp]
+listen = ["tcp:{port}:interface=127.0.0.1"]
+workers = {workers}
+[local]
+mail_root = "mail"
+users = ["alice"]
+""",
+        tmp_path,
+    )
+
+
+@pytest.fixture
+def events() -> Iterator[list[LogEvent]]:
+    with logged_events() as seen:
+        yield seen
+
+
+async def _until(check: Any, limit: float = 20.0) -> None:
+    await until(check, limit)
+
+
+def _ready_workers(events: list[LogEvent]) -> list[int]:
+    return [
+        e["index"]
+        for e in events
+        if e.get("log_format") == "smtp worker {index}: {line}" and "accepting on" in e["line"]
+    ]
+
+
+def _send(port: int, count: int, start: int = 0) -> None:
+    for n in range(start, start + count):
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            body = f"Subject: {n}\r\nX-Marker: {n}\r\n\r\nmessage {n}\r\n"
+            client.sendmail("sender@far.test", ["alice@example.test"], body)
+
+
+def _maildir(tmp_path: Path) -> list[bytes]:
+    new = tmp_path / "mail" / "alice" / "new"
+    return [p.read_bytes() for p in new.iterdir()] if new.exists() else []
+
+
+def _stop_main_accepting(service: Any) -> None:
+    for child in service.getServiceNamed("smtp"):
+        port = getattr(getattr(child, "endpoint", None), "port", None)
+        if port is not None:
+            port.stopReading()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_takes_mail_into_the_spool_and_is_restarted_when_it_dies(
+    tmp_path: Path, events: list[LogEvent]
+) -> None:
+    port = _free_port()
+    service = build_service(_config(tmp_path, port, workers=1), reactor)
+    service.startService()
+    pids: list[int] = []
+    try:
+        workers = service.getServiceNamed("smtp").getServiceNamed("workers")
+        assert isinstance(workers, GatewayWorkers)
+        await _until(lambda: _ready_workers(events) == [1])
+        _stop_main_accepting(service)
+        first = workers.workers[1]
+        pids.append(first.pid)
+
+        await deferToThread(_send, port, 20)
+        await _until(lambda: len(_maildir(tmp_path)) == 20)
+        assert first.server.stored == 20
+        gateway = service.getServiceNamed("smtp")
+        assert sum(getattr(getattr(c, "factory", None), "accepted", 0) for c in gateway) == 0
+        texts = _maildir(tmp_path)
+        assert sorted(t.split(b"X-Marker: ")[1].split(b"\n")[0] for t in texts) == sorted(
+            str(n).encode() for n in range(20)
+        )
+        assert all(b"Received: from" in t and b"by hub.example.test" in t for t in texts)
+        stored_lines = [e for e in events if str(e.get("summary", "")).startswith("smtp: ")]
+        assert len(stored_lines) == 20  # logged once each, by the spool's process
+
+        os.kill(pids[0], signal.SIGKILL)
+        await _until(lambda: 1 in workers.workers and workers.workers[1] is not first)
+        await _until(lambda: _ready_workers(events) == [1, 1])
+        second = workers.workers[1]
+        pids.append(second.pid)
+        assert any("exited" in str(e.get("log_format")) for e in events)
+        await deferToThread(_send, port, 1, 20)
+        await _until(lambda: len(_maildir(tmp_path)) == 21)
+        assert second.server.stored == 1
+
+        # A worker whose link to the spool closes exits (and is started again).
+        assert second.server.transport is not None
+        second.server.transport.loseConnection()
+        await _until(lambda: not _alive(pids[1]))
+        await _until(lambda: _ready_workers(events) == [1, 1, 1])
+        pids.append(workers.workers[1].pid)
+    finally:
+        await service.stopService()
+    assert not any(_alive(pid) for pid in pids)
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_workers_means_no_worker_service(tmp_path: Path) -> None:
+    service = build_service(_config(tmp_path, _free_port(), workers=0), reactor)
+    names = [child.name for child in service.getServiceNamed("smtp")]
+    assert "workers" not in names and "sessions" in names
+
+
+def test_the_processes_share_the_session_and_memory_limits(tmp_path: Path) -> None:
+    from relay.gateway.service import build_gateway
+    from relay.local_users import build_local_recipients
+
+    config = _config(tmp_path, _free_port(), workers=3)
+    gateway = build_gateway(
+        config,
+        object(),
+        build_local_recipients(config),
+        reactor,
+        processes=4,  # type: ignore[arg-type]
+    )
+    factory = next(c.factory for c in gateway if c.name.startswith("listen:"))  # type: ignore[attr-defined]
+    assert factory.limiter.max_sessions == config.smtp.max_sessions // 4
+    assert factory.limiter.max_per_client == config.smtp.max_sessions_per_client
+    assert factory.text_budget.limit == config.smtp.max_text_in_memory // 4
+    assert factory.log_stored is True
+
+
+def _run_worker(args: list[str], hello: bytes | None) -> subprocess.CompletedProcess[str]:
+    ours, theirs = socket.socketpair()
+    with ours:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "relay.gateway.worker", "--link", str(theirs.fileno()), *args],
+            pass_fds=[theirs.fileno()],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        theirs.close()
+        if hello is not None:
+            ours.sendall(framed(hello))
+        else:
+            ours.shutdown(socket.SHUT_RDWR)
+        _, err = process.communicate(timeout=60)
+    return subprocess.CompletedProcess(process.args, process.returncode, "", err)
+
+
+def test_a_worker_given_a_configuration_it_cannot_load_exits_78(tmp_path: Path) -> None:
+    hello = Hello("[relay]\nhostname = 'x.test'\n[smtp]\nworkerz = 1\n", str(tmp_path), (), 1, 2)
+    done = _run_worker([], encode(hello))
+    assert done.returncode == 78
+    assert "critical configuration: smtp.workerz: unknown key" in done.stderr
+
+
+def test_a_worker_exits_when_its_link_closes_before_hello() -> None:
+    done = _run_worker([], None)
+    assert done.returncode == 0
+
+
+def test_a_worker_with_bad_arguments_exits_64() -> None:
+    done = _run_worker(["--listen", "4:two:plain"], None)
+    assert done.returncode == 64
+    assert "FD:FAMILY" in done.stderr
+
+
+def test_the_config_text_survives_the_hello(tmp_path: Path) -> None:
+    config = _config(tmp_path, 2525, workers=1)
+    hello = Hello(config.text, str(config.base_dir), ("local",), 1, 2)
+    assert parse_config(hello.config_text, Path(hello.base_dir)) == config
+    assert json.loads(encode(hello)[1:])["base_dir"] == str(tmp_path)

@@ -1,0 +1,99 @@
+"""The worker ⇄ spool frames: every frame reads back as written; garbage is a HandoffError."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relay.handoff.codec import (
+    HandoffError,
+    Hello,
+    Stored,
+    StoreFailed,
+    StoreRequest,
+    decode,
+    encode,
+    framed,
+)
+
+requests = st.integers(min_value=0, max_value=0xFFFFFFFF)
+queue_ids = st.text(alphabet="0123456789ABCDEF", min_size=14, max_size=14)
+counts = st.integers(min_value=1, max_value=1024)
+
+frames = st.one_of(
+    st.builds(StoreRequest, requests, st.binary(max_size=300), st.binary(max_size=3000)),
+    st.builds(Stored, requests, queue_ids),
+    st.builds(StoreFailed, requests, st.booleans(), st.text(max_size=200)),
+    st.builds(
+        Hello,
+        st.text(max_size=500),
+        st.text(max_size=100),
+        st.lists(st.text(max_size=10), max_size=4).map(tuple),
+        st.integers(min_value=0, max_value=1024),
+        counts,
+    ),
+)
+
+
+@given(frames)
+def test_every_frame_reads_back_as_written(frame: object) -> None:
+    assert decode(encode(frame)) == frame  # type: ignore[arg-type]
+
+
+@given(st.binary(max_size=400))
+def test_any_bytes_are_a_frame_or_a_handoff_error(payload: bytes) -> None:
+    """Never another exception: the link's owner can always log, count and drop."""
+    try:
+        frame = decode(payload)
+    except HandoffError:
+        return
+    assert isinstance(frame, Hello | StoreRequest | Stored | StoreFailed)
+
+
+@given(frames, st.data())
+def test_a_cut_frame_is_refused_or_reads_as_less(frame: object, data: st.DataObject) -> None:
+    """A truncated STORED/FAILED/HELLO/STORE never decodes to the original."""
+    payload = encode(frame)  # type: ignore[arg-type]
+    cut = data.draw(st.integers(min_value=0, max_value=len(payload) - 1))
+    try:
+        decoded = decode(payload[:cut])
+    except HandoffError:
+        return
+    assert decoded != frame
+
+
+def test_framed_adds_the_big_endian_length_twisted_reads() -> None:
+    assert framed(b"abc") == b"\x00\x00\x00\x03abc"
+
+
+def _hello(**changes: object) -> bytes:
+    fields = {"config_text": "", "base_dir": "/", "channels": [], "index": 1, "processes": 2}
+    return b"H" + json.dumps({**fields, **changes}).encode()
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        (b"", "unknown frame kind"),
+        (b"Z123", "unknown frame kind"),
+        (b"S\x00\x00", "too short"),
+        (b"S" + struct.pack(">II", 1, 10) + b"short", "envelope longer than the frame"),
+        (b"K\x00\x00\x00\x01" + b"not-an-id", "not a queue id"),
+        (b"K\x00\x00\x00\x01", "not a queue id"),
+        (b"F\x00\x00\x00\x01\x02why", "neither 0 nor 1"),
+        (b"H[1]", "not a JSON object"),
+        (b"H{", "not JSON"),
+        (b"H\xff", "not JSON"),
+        (_hello(config_text=1), "strings"),
+        (_hello(channels=[1]), "channels"),
+        (_hello(index=True), "counts"),
+        (_hello(processes=0), "counts"),
+    ],
+)
+def test_malformed_frames_say_what_is_wrong(payload: bytes, problem: str) -> None:
+    with pytest.raises(HandoffError, match=problem):
+        decode(payload)

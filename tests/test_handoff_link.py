@@ -1,0 +1,206 @@
+"""A worker's store over a real UNIX socket pair to a spool: answers, failures, a lost link."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import LogEvent
+from zope.interface.verify import verifyObject
+
+from relay.address import Address
+from relay.envelope import Envelope, Recipient, Submitter
+from relay.errors import SpoolError
+from relay.handoff.codec import HandoffError, Hello, StoreRequest, encode, framed
+from relay.handoff.spool_side import StoreServer, frame_limit
+from relay.handoff.worker_side import StoreClient
+from relay.interfaces import IStore
+from relay.queue.payload import encode_envelope
+
+from memqueue import MemoryQueue
+from reactor_helpers import logged_events, until
+
+HELLO = Hello("[relay]\nhostname = 'x.test'\n", "/tmp", ("local", "smtp"), 1, 2)
+
+
+def _envelope(n: int = 1) -> Envelope:
+    return Envelope(
+        return_path=Address("sender", "x.test"),
+        recipients=tuple(Recipient(Address(f"rcpt{i}", "y.test")) for i in range(n)),
+        arrival=1_700_000_000.0,
+        submitter=Submitter("ESMTP", client_address="192.0.2.7", helo="client.test"),
+    )
+
+
+@dataclass
+class Link:
+    server: StoreServer
+    client: StoreClient
+    queue: MemoryQueue
+    hellos: list[Hello] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+
+
+class _One(Factory):
+    def __init__(self, protocol: Protocol) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        self.protocol_instance.factory = self
+        return self.protocol_instance
+
+
+@pytest.fixture
+def events() -> Iterator[list[LogEvent]]:
+    with logged_events() as seen:
+        yield seen
+
+
+async def _link(queue: MemoryQueue | None = None) -> Link:
+    memory = MemoryQueue(reactor) if queue is None else queue
+    server = StoreServer(HELLO, memory, frame_limit(1024 * 1024))
+    hellos: list[Hello] = []
+    lost: list[str] = []
+    client = StoreClient(hellos.append, lost.append)
+    ours, theirs = socket.socketpair()
+    try:
+        reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, _One(server))
+        reactor.adoptStreamConnection(theirs.fileno(), socket.AF_UNIX, _One(client))
+    finally:
+        ours.close()
+        theirs.close()
+    link = Link(server, client, memory, hellos, lost)
+    await until(lambda: hellos)
+    return link
+
+
+def _close(link: Link) -> None:
+    for end in (link.server, link.client):
+        if end.transport is not None:
+            end.transport.loseConnection()
+
+
+def test_the_worker_end_provides_istore() -> None:
+    assert verifyObject(IStore, StoreClient(lambda hello: None, lambda why: None))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_is_answered_with_the_spools_queue_id(events: list[LogEvent]) -> None:
+    link = await _link()
+    try:
+        assert link.hellos == [HELLO]
+        envelope = _envelope(3)
+        text = b"Subject: hi\r\n\r\n" + bytes(range(256)) * 40
+        queue_id = await link.client.store(envelope, text)
+        assert link.queue.texts[queue_id] == text
+        assert link.queue.journal[0] == ("store", queue_id, envelope)
+        assert link.server.stored == 1 and link.client.in_flight == 0
+        stored = [e for e in events if e.get("queue_id") == queue_id]
+        assert stored and "stored from=<sender@x.test> nrcpt=3" in stored[0]["summary"]
+        assert stored[0]["client"] == "192.0.2.7"
+    finally:
+        _close(link)
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_stores_in_flight_each_get_their_own_answer() -> None:
+    link = await _link()
+    try:
+        texts = [f"Subject: {i}\r\n\r\n{i}\r\n".encode() * (i + 1) for i in range(50)]
+        ids = await defer.gatherResults([link.client.store(_envelope(), t) for t in texts])
+        assert [link.queue.texts[queue_id] for queue_id in ids] == texts
+        assert len(set(ids)) == 50
+    finally:
+        _close(link)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_disk_comes_back_as_enospc_and_other_failures_as_handoff_errors() -> None:
+    queue = MemoryQueue(reactor)
+    link = await _link(queue)
+    try:
+        queue.fail_stores = 1
+        queue.store_error = SpoolError("no space")
+        queue.store_error.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+        with pytest.raises(OSError) as full:
+            await link.client.store(_envelope(), b"x\r\n")
+        assert full.value.errno == errno.ENOSPC
+        queue.fail_stores = 1
+        queue.store_error = SpoolError("disk on fire")
+        with pytest.raises(HandoffError, match="disk on fire"):
+            await link.client.store(_envelope(), b"x\r\n")
+        assert queue.texts == {}
+    finally:
+        _close(link)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_spool_not_open_yet_refuses_the_store() -> None:
+    link = await _link()
+    try:
+        link.server.queue = None
+        with pytest.raises(HandoffError, match="not open yet"):
+            await link.client.store(_envelope(), b"x\r\n")
+    finally:
+        _close(link)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lost_link_fails_what_waits_and_tells_the_worker() -> None:
+    queue = MemoryQueue(reactor, latency=60.0)  # never answers within the test
+    link = await _link(queue)
+    waiting = link.client.store(_envelope(), b"x\r\n")
+    drained = link.client.drained()
+    assert link.client.in_flight == 1 and not drained.called
+    assert link.server.transport is not None
+    link.server.transport.loseConnection()
+    with pytest.raises(HandoffError, match="went away"):
+        await waiting
+    await drained
+    await until(lambda: link.lost)
+    with pytest.raises(HandoffError, match="no link"):
+        await link.client.store(_envelope(), b"x\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_malformed_frame_from_a_worker_is_counted_and_drops_the_link(
+    events: list[LogEvent],
+) -> None:
+    link = await _link()
+    transport = link.client.transport
+    assert transport is not None
+    bad = StoreRequest(7, b'{"not": "an envelope"}', b"text")
+    transport.write(framed(encode(bad)))
+    await until(lambda: link.lost)
+    assert link.server.rejected == 1 and link.server.stored == 0
+    assert any("malformed frame" in str(e.get("log_format")) for e in events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_frame_over_the_limit_drops_the_link() -> None:
+    link = await _link()
+    link.server.MAX_LENGTH = 1000
+    envelope = encode_envelope(_envelope())
+    assert link.client.transport is not None
+    link.client.transport.write(framed(encode(StoreRequest(1, envelope, b"x" * 2000))))
+    await until(lambda: link.lost)
+    assert link.server.rejected == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_nobody_asked_for_ends_the_worker() -> None:
+    link = await _link()
+    assert link.server.transport is not None
+    link.server.transport.write(framed(b"K\x00\x00\x00\x09" + b"0123456789ABCD"))
+    await until(lambda: link.lost)
+
+
+def test_the_frame_limit_leaves_room_for_the_largest_message() -> None:
+    assert frame_limit(10 * 1024 * 1024) > 10 * 1024 * 1024 + 64 * 1024
