@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml $(BIN)/python
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/twistd --nodaemon --pidfile= relay
+	$(BIN)/twistd --nodaemon --pidfile= --logger relay.logfile.observer relay
 
 peers:
 	sh tests/install-peers.sh

@@ -199,14 +199,16 @@ def serve(port: int, sink_port: int, work: Path, profile: str | None, workers: i
     import resource
 
     from twisted.internet import reactor, stdio
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import globalLogBeginner
     from twisted.protocols.basic import LineReceiver
 
     from relay.config import parse_config
+    from relay.logfile import RelayLogObserver
     from relay.tap import build_service
 
     log = (work / "relay.log").open("w")
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(log)], redirectStandardIO=False)
+    # The observer `make run` uses (twistd --logger relay.logfile.observer).
+    globalLogBeginner.beginLoggingTo([RelayLogObserver(log, reactor)], redirectStandardIO=False)
     config = parse_config(
         f"""
 [relay]
@@ -279,11 +281,6 @@ tls = "none"
             reactor.callLater(2.0 if workers else 0.0, measure, queue)
 
         def measure(queue: Any) -> None:
-            if os.environ.get("RELAY_MAIN_NO_ACCEPT"):
-                for child in service.getServiceNamed("smtp"):
-                    port = getattr(getattr(child, "endpoint", None), "port", None)
-                    if port is not None:
-                        port.stopReading()
             baseline.extend((*cpu(), queue.writer.batches))
             if profiler is not None:
                 profiler.enable()

@@ -59,16 +59,18 @@ def serve(port: int, spool: Path, profile: str | None, workers: int) -> None:
     """
     sys.path.insert(0, str(ROOT))
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import globalLogBeginner
 
     from relay.config import parse_config
     from relay.gateway.service import build_gateway, shared_listeners
     from relay.gateway.workers import GatewayWorkers
     from relay.local_users import build_local_recipients
+    from relay.logfile import RelayLogObserver
     from relay.queue.store import SpoolQueue
 
     log = (spool.parent / "relay.log").open("w")
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(log)], redirectStandardIO=False)
+    # The observer `make run` uses (twistd --logger relay.logfile.observer).
+    globalLogBeginner.beginLoggingTo([RelayLogObserver(log, reactor)], redirectStandardIO=False)
 
     config = parse_config(
         '[relay]\nhostname = "bench.test"\nlocal_domains = ["y.test"]\n'
@@ -103,11 +105,6 @@ def serve(port: int, spool: Path, profile: str | None, workers: int) -> None:
             reactor.callLater(2.0 if workers else 0.0, ready)  # the workers' imports
 
         def ready() -> None:
-            if os.environ.get("RELAY_MAIN_NO_ACCEPT"):
-                for child in services[0][0]:
-                    port = getattr(getattr(child, "endpoint", None), "port", None)
-                    if port is not None:
-                        port.stopReading()
             if profiler is not None:
                 profiler.enable()
             started.append(_cpu_seconds(pids()))

@@ -18,6 +18,7 @@ from zope.interface.verify import verifyObject
 from relay.address import Address
 from relay.envelope import Envelope, Recipient, Submitter
 from relay.errors import SpoolError
+from relay.fastwrite import is_idle_plain_tcp
 from relay.handoff.codec import HandoffError, Hello, StoreRequest, encode, framed
 from relay.handoff.spool_side import StoreServer, frame_limit
 from relay.handoff.worker_side import StoreClient
@@ -102,6 +103,9 @@ async def test_a_store_is_answered_with_the_spools_queue_id(events: list[LogEven
         assert link.queue.texts[queue_id] == text
         assert link.queue.journal[0] == ("store", queue_id, envelope)
         assert link.server.stored == 1 and link.client.in_flight == 0
+        # both ends are UNIX sockets that fastwrite writes to directly
+        assert is_idle_plain_tcp(link.server.transport)
+        assert is_idle_plain_tcp(link.client.transport)
         stored = [e for e in events if e.get("queue_id") == queue_id]
         assert stored and "stored from=<sender@x.test> nrcpt=3" in stored[0]["summary"]
         assert stored[0]["client"] == "192.0.2.7"

@@ -98,11 +98,20 @@ def _config(tmp_path: Path) -> Path:
     return config
 
 
-def _start_twistd(tmp_path: Path, config: Path | None, log: Path) -> subprocess.Popen[bytes]:
+def _start_twistd(
+    tmp_path: Path, config: Path | None, log: Path, *, as_make_run: bool = False
+) -> subprocess.Popen[bytes]:
+    """twistd relay logging to ``log``: with --logfile, or as `make run` does (the relay's
+    own observer, --logger relay.logfile.observer, on standard output)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if as_make_run:
+        argv = [TWISTD, "--nodaemon", "--pidfile=", "--logger", "relay.logfile.observer", "relay"]
+        with log.open("wb") as out:
+            return subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=out)
     argv = [TWISTD, "--nodaemon", "--pidfile=", f"--logfile={log}", "relay"]
     if config is not None:
         argv += ["--config", str(config)]
-    return subprocess.Popen(argv, cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return subprocess.Popen(argv, cwd=tmp_path, env=env)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> int:
@@ -182,9 +191,12 @@ def test_relay_that_cannot_listen_exits_with_an_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("with_config", [False, True], ids=["embedded default", "--config"])
 def test_twistd_starts_logs_summary_and_stops_on_sigterm(tmp_path: Path, with_config: bool) -> None:
-    """twistd -n relay logs its configuration summary, and SIGTERM stops it cleanly."""
+    """twistd -n relay logs its configuration summary, and SIGTERM stops it cleanly.
+
+    The embedded default runs as `make run` runs it, with the relay's log observer."""
     log = tmp_path / "twistd.log"
-    proc = _start_twistd(tmp_path, _config(tmp_path) if with_config else None, log)
+    config = _config(tmp_path) if with_config else None
+    proc = _start_twistd(tmp_path, config, log, as_make_run=not with_config)
     try:
         content = _wait_for(log, "running:", proc)
         assert ("t.example.test" if with_config else "localhost:") in content

@@ -35,7 +35,7 @@ shared :class:`~relay.gateway.limits.AuthThrottle`; a client over its limit gets
 ``454 4.7.0`` without a password check.  A users file that cannot be read answers
 ``454 4.7.0`` too (our problem, not a wrong password).
 
-Replies go out through :func:`~relay.gateway.fastwrite.write_now`, which sends at once
+Replies go out through :func:`~relay.fastwrite.write_now`, which sends at once
 when the socket is idle plain TCP instead of waiting for the reactor's next pass (see
 there for why and when it falls back to ``transport.write``).
 """
@@ -58,8 +58,8 @@ from zope.interface import implementer
 
 from relay.address import Address
 from relay.envelope import Destination, Envelope, Recipient, Submitter
+from relay.fastwrite import write_now
 from relay.gateway.auth import AuthUnavailable, PasswordChecker
-from relay.gateway.fastwrite import write_now
 from relay.gateway.limits import AuthThrottle, TextBudget
 from relay.gateway.policy import RelayPolicy
 from relay.gateway.received import received_header

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
-from relay.gateway.fastwrite import write_now
+from relay.fastwrite import write_now
 from relay.gateway.protocol import disk_full, log_stored
 from relay.handoff.codec import (
     HandoffError,

@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.envelope import Envelope
-from relay.gateway.fastwrite import write_now
+from relay.fastwrite import write_now
 from relay.handoff.codec import (
     MAX_REQUEST,
     HandoffError,

@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.errors import RelayError
+from relay.fastwrite import write_now
 from relay.reply import Reply, ReplyCode, from_smtp
 from relay.sansio.smtp.client import (
     NEED_DATA,
@@ -91,20 +92,26 @@ class Timeouts:
 
     def for_command(self, command: Command) -> float:
         """The time allowed for the reply to ``command``."""
-        return {
-            Command.GREETING: self.greeting,
-            Command.EHLO: self.helo,
-            Command.HELO: self.helo,
-            Command.STARTTLS: self.starttls,
-            Command.AUTH: self.auth,
-            Command.MAIL: self.mail,
-            Command.RCPT: self.rcpt,
-            Command.DATA: self.data,
-            Command.END_OF_DATA: self.data_done,
-            Command.RSET: self.rset,
-            Command.NOOP: self.rset,
-            Command.QUIT: self.quit,
-        }[command]
+        value: float = getattr(self, _TIMEOUT_FIELD[command])
+        return value
+
+
+# Which Timeouts field bounds the reply to each command (a table built once: this is
+# asked for every command sent).
+_TIMEOUT_FIELD = {
+    Command.GREETING: "greeting",
+    Command.EHLO: "helo",
+    Command.HELO: "helo",
+    Command.STARTTLS: "starttls",
+    Command.AUTH: "auth",
+    Command.MAIL: "mail",
+    Command.RCPT: "rcpt",
+    Command.DATA: "data",
+    Command.END_OF_DATA: "data_done",
+    Command.RSET: "rset",
+    Command.NOOP: "rset",
+    Command.QUIT: "quit",
+}
 
 
 _PHASE = {
@@ -400,7 +407,7 @@ class SmtpClientProtocol(Protocol):
 
     def _write(self, data: bytes) -> None:
         assert self.transport is not None
-        self.transport.write(data)
+        write_now(self.transport, data)
 
     def _close(self) -> None:
         if self.transport is not None:

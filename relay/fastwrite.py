@@ -6,9 +6,10 @@ next pass and disarms EPOLLOUT: two ``epoll_ctl`` calls and one more event dispa
 reply, for a send the socket could have taken immediately.  On ``bench/smtp_in.py``
 (seven replies per message) that path was about a quarter of the gateway's CPU.
 
-The same holds for the UNIX socket between a gateway worker and the spool's process
-(:mod:`relay.handoff`): one small frame per message each way, ``unix.Server`` being a
-``tcp.Server`` underneath.
+The same holds for the SMTP channel's client connections (one command or a pipelined
+group at a time; ``tcp.Client`` shares ``tcp.Server``'s writing code) and for the UNIX
+socket between a gateway worker and the spool's process (:mod:`relay.handoff`: one small
+frame per message each way; ``unix.Server`` is a ``tcp.Server`` underneath).
 
 When the transport is plain TCP or a UNIX stream (not TLS), connected, not closing, and
 Twisted holds no unsent bytes for it, sending now is exactly what its ``doWrite`` would
@@ -32,14 +33,20 @@ from twisted.internet import tcp, unix
 
 __all__ = ["is_idle_plain_tcp", "write_now"]
 
-_SERVERS: tuple[type, ...] = tuple(
-    kind for kind in (getattr(tcp, "Server", None), getattr(unix, "Server", None)) if kind
+_PLAIN: tuple[type, ...] = tuple(
+    kind
+    for kind in (
+        getattr(tcp, "Server", None),
+        getattr(tcp, "Client", None),
+        getattr(unix, "Server", None),
+    )
+    if kind
 )
 
 
 def is_idle_plain_tcp(transport: Any) -> bool:
     """Whether ``transport`` is a connected plain TCP (or UNIX) socket with nothing queued."""
-    if type(transport) not in _SERVERS:
+    if type(transport) not in _PLAIN:
         return False
     buffer = getattr(transport, "dataBuffer", None)
     offset = getattr(transport, "offset", None)

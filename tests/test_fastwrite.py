@@ -1,6 +1,6 @@
 """fastwrite over real loopback sockets: Twisted's state it reads, ordering, TLS, fallbacks.
 
-:func:`relay.gateway.fastwrite.write_now` reads private state of Twisted's ``tcp.Server``.
+:func:`relay.fastwrite.write_now` reads private state of Twisted's ``tcp.Server``.
 These tests open real TCP connections on 127.0.0.1 so that a Twisted release that
 renames or changes that state fails here, loudly, instead of quietly sending every
 reply the slow way (or worse, out of order).
@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import abstract, reactor, ssl, task, tcp
+from twisted.internet import abstract, reactor, ssl, task, tcp, unix
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from relay.gateway.fastwrite import is_idle_plain_tcp, write_now
+from relay.fastwrite import is_idle_plain_tcp, write_now
 from relay.gateway.tls import load_server_tls
 
 from tlsfiles import TlsFiles, make_tls_files
@@ -148,6 +148,19 @@ async def test_a_live_tcp_transport_still_has_the_state_fastwrite_reads() -> Non
         assert not is_idle_plain_tcp(transport)
         await pair.client.wait_for(8)
         assert transport._tempDataLen == 0 and is_idle_plain_tcp(transport)
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_and_unix_transports_have_the_same_state() -> None:
+    """tcp.Client (the SMTP channel) qualifies too; unix.Server is a tcp.Server."""
+    async with connected() as pair:
+        client = pair.client.transport
+        assert type(client) is tcp.Client
+        assert [name for name in TWISTED_STATE if not hasattr(client, name)] == []
+        assert is_idle_plain_tcp(client)
+        write_now(client, b"EHLO client.test\r\n")
+        assert client._tempDataLen == 0 and client.dataBuffer == b""
+    assert issubclass(unix.Server, tcp.Server)  # the worker link: checked live there
 
 
 @pytest_twisted.ensureDeferred
