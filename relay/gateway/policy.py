@@ -50,6 +50,7 @@ _FORWARDING_TRICKS: Final = (
 SENDER_OK: Final = SmtpReply(250, "2.1.0", ("Ok",))
 RECIPIENT_OK: Final = SmtpReply(250, "2.1.5", ("Ok",))
 RELAY_DENIED: Final = SmtpReply(554, "5.7.1", ("Relay access denied",))
+_TRUST_CACHE: Final = 4096  # client addresses whose trust is remembered
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +72,17 @@ class RelayPolicy:
         self._config = config
         self._router = router if router is not None else Router(config)
         self._local = local_recipients
+        self._trusted: dict[str, bool] = {}  # asked at every RCPT; clients come back
 
     def is_trusted(self, client_ip: str) -> bool:
         """Whether the client is in ``trusted_networks``."""
-        return self._config.smtp.is_trusted(client_ip)
+        known = self._trusted.get(client_ip)
+        if known is None:
+            known = self._config.smtp.is_trusted(client_ip)
+            if len(self._trusted) >= _TRUST_CACHE:
+                self._trusted.clear()
+            self._trusted[client_ip] = known
+        return known
 
     def may_relay(self, client_ip: str, authenticated: bool) -> bool:
         """Whether a client may send to any domain: trusted network, or authenticated."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
@@ -86,6 +87,9 @@ def _literal(ip: str | None) -> str:
     return f"[{address}]"
 
 
+_UNSAFE_IN_COMMENT = re.compile(r"[^!-'*-\[\]-~]")  # printable ASCII but ( ) \\ and space
+
+
 def _comment(text: str) -> str:
     """``text`` safe inside a header comment: printable ASCII, no ``( ) \\``."""
-    return "".join(c if " " < c <= "~" and c not in "()\\" else "?" for c in text)[:255]
+    return _UNSAFE_IN_COMMENT.sub("?", text[:255])

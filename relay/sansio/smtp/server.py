@@ -274,6 +274,12 @@ def _reply(code: int, enhanced: str | None, text: str) -> SmtpReply:
     return SmtpReply(code, enhanced, (text.encode("ascii", "backslashreplace").decode("ascii"),))
 
 
+@functools.lru_cache(maxsize=512)
+def _hello_reply(lines: tuple[str, ...]) -> SmtpReply:
+    """The 250 to HELO/EHLO (cached: a client says the same name every time)."""
+    return SmtpReply(250, None, lines)
+
+
 _LOGIN_USER_PROMPT: Final = SmtpReply(334, None, (base64.b64encode(b"Username:").decode(),))
 _LOGIN_PASSWORD_PROMPT: Final = SmtpReply(334, None, (base64.b64encode(b"Password:").decode(),))
 _SASL_GO_AHEAD: Final = SmtpReply(334, None, ("",))
@@ -674,7 +680,7 @@ class ServerConnection:
             self.esmtp = extended
             self._reset_transaction()
 
-        return self._respond(SmtpReply(250, None, tuple(lines)), after, effect=effect)
+        return self._respond(_hello_reply(tuple(lines)), after, effect=effect)
 
     def _extensions(self) -> list[str]:
         lines = ["PIPELINING", f"SIZE {self.limits.max_message_size}", "8BITMIME", "SMTPUTF8"]
