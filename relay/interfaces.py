@@ -62,7 +62,7 @@ destination marked dead) and drops the session.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -255,6 +255,14 @@ class IQueue(IStore):
     Every Deferred that reports a change fires only after the change is on disk
     (fsynced), so a caller may say "yes" to a peer as soon as it fires.
     """
+
+    def store(
+        envelope: Envelope, text: bytes, *, on_durable: Callable[[str], object] | None = None
+    ) -> Deferred[str]:
+        """As :meth:`IStore.store`; and ``on_durable(queue_id)``, if given, is called the
+        moment the message is durable, possibly in another thread and before the Deferred
+        fires (a busy reactor does not delay it): it must be quick, thread-safe and never
+        block.  A gateway worker's link answers its worker from there."""
 
     def load(queue_id: str) -> Deferred[tuple[Envelope, Sequence[RecipientStatus]]]:
         """Fire with a message's envelope and its recipients' states (not its text)."""

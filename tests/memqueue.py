@@ -71,8 +71,17 @@ class MemoryQueue:
 
     # --- writing ----------------------------------------------------------------------------
 
-    def store(self, envelope: Envelope, text: bytes) -> Deferred[str]:
-        """Keep a new message; fire with its id (sortable by arrival)."""
+    def store(
+        self,
+        envelope: Envelope,
+        text: bytes,
+        *,
+        on_durable: Callable[[str], object] | None = None,
+    ) -> Deferred[str]:
+        """Keep a new message; fire with its id (sortable by arrival).
+
+        ``on_durable`` is called just before the Deferred fires (the spool calls it from
+        its writer thread, earlier; here "durable" and "fired" are the same moment)."""
         if self.fail_stores:
             self.fail_stores -= 1
             error = self.store_error
@@ -85,6 +94,8 @@ class MemoryQueue:
             self._messages[queue_id] = _Entry(envelope, text, statuses)
             self.texts[queue_id] = text
             self.journal.append(("store", queue_id, envelope))
+            if on_durable is not None:
+                on_durable(queue_id)
             self._changed(due_now=True)
             return queue_id
 

@@ -122,6 +122,7 @@ async def test_a_worker_takes_mail_into_the_spool_and_is_restarted_when_it_dies(
         await deferToThread(_send, port, 20)
         await _until(lambda: len(_maildir(tmp_path)) == 20)
         assert first.server.stored == 20
+        assert first.server.early == 20  # each STORED went straight from the writer thread
         gateway = service.getServiceNamed("smtp")
         assert sum(getattr(getattr(c, "factory", None), "accepted", 0) for c in gateway) == 0
         texts = _maildir(tmp_path)

@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import LogEvent
+from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from relay.address import Address
@@ -21,7 +23,7 @@ from relay.errors import SpoolError
 from relay.fastwrite import is_idle_plain_tcp
 from relay.handoff.codec import HandoffError, Hello, StoreRequest, encode, framed
 from relay.handoff.spool_side import StoreServer, frame_limit
-from relay.handoff.worker_side import StoreClient
+from relay.handoff.worker_side import AckReader, StoreClient
 from relay.interfaces import IStore
 from relay.queue.payload import encode_envelope
 
@@ -47,6 +49,7 @@ class Link:
     queue: MemoryQueue
     hellos: list[Hello] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
+    acks: AckReader | None = None
 
 
 class _One(Factory):
@@ -64,12 +67,21 @@ def events() -> Iterator[list[LogEvent]]:
         yield seen
 
 
-async def _link(queue: MemoryQueue | None = None) -> Link:
+async def _link(queue: MemoryQueue | None = None, *, early: bool = False) -> Link:
+    """A worker's link over a real socket pair; with ``early``, the datagram socket too."""
     memory = MemoryQueue(reactor) if queue is None else queue
-    server = StoreServer(HELLO, memory, frame_limit(1024 * 1024))
+    acks, their_acks = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    acks.setblocking(False)
+    server = StoreServer(HELLO, memory, frame_limit(1024 * 1024), acks=acks if early else None)
     hellos: list[Hello] = []
     lost: list[str] = []
     client = StoreClient(hellos.append, lost.append)
+    reader = AckReader(their_acks, client)
+    if early:
+        reactor.addReader(reader)
+    else:
+        acks.close()
+        their_acks.close()
     ours, theirs = socket.socketpair()
     try:
         reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, _One(server))
@@ -77,7 +89,7 @@ async def _link(queue: MemoryQueue | None = None) -> Link:
     finally:
         ours.close()
         theirs.close()
-    link = Link(server, client, memory, hellos, lost)
+    link = Link(server, client, memory, hellos, lost, reader if early else None)
     await until(lambda: hellos)
     return link
 
@@ -86,6 +98,10 @@ def _close(link: Link) -> None:
     for end in (link.server, link.client):
         if end.transport is not None:
             end.transport.loseConnection()
+    if link.acks is not None:
+        reactor.removeReader(link.acks)
+        link.server.close_acks()
+        link.acks.connectionLost(Failure(ConnectionDone()))
 
 
 def test_the_worker_end_provides_istore() -> None:
@@ -208,3 +224,31 @@ async def test_an_answer_nobody_asked_for_ends_the_worker() -> None:
 
 def test_the_frame_limit_leaves_room_for_the_largest_message() -> None:
     assert frame_limit(10 * 1024 * 1024) > 10 * 1024 * 1024 + 64 * 1024
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_early_answer_comes_as_a_datagram_and_only_once() -> None:
+    """With the datagram socket, STORED comes from the durable hook, not over the link."""
+    link = await _link(early=True)
+    try:
+        ids = [await link.client.store(_envelope(), b"x\r\n") for _ in range(5)]
+        assert link.server.early == 5 and link.server.stored == 5
+        assert all(link.queue.texts[queue_id] == b"x\r\n" for queue_id in ids)
+        assert link.client.in_flight == 0
+    finally:
+        _close(link)
+
+
+@pytest_twisted.ensureDeferred
+async def test_when_the_datagram_cannot_go_the_link_answers() -> None:
+    """A closed or full datagram socket costs nothing but the early answer."""
+    link = await _link(early=True)
+    try:
+        assert link.acks is not None
+        reactor.removeReader(link.acks)
+        link.acks.connectionLost(Failure(ConnectionDone()))  # the worker's end is gone
+        queue_id = await link.client.store(_envelope(), b"x\r\n")
+        assert link.server.early == 0 and link.queue.texts[queue_id] == b"x\r\n"
+        link.acks = None
+    finally:
+        _close(link)

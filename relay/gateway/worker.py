@@ -39,7 +39,7 @@ from twisted.logger import (
 from relay.config import ConfigError, parse_config
 from relay.gateway.service import SharedListener, build_gateway
 from relay.handoff.codec import Hello
-from relay.handoff.worker_side import StoreClient
+from relay.handoff.worker_side import AckReader, StoreClient
 from relay.local_users import build_local_recipients
 from relay.policy.routing import Router
 
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one worker until its link closes or it is told to stop."""
     parser = argparse.ArgumentParser(prog="relay.gateway.worker", description=__doc__)
     parser.add_argument("--link", type=int, required=True, metavar="FD")
+    parser.add_argument("--acks", type=int, metavar="FD", help="datagrams of early answers")
     parser.add_argument("--listen", type=_listener, action="append", default=[])
     try:
         args = parser.parse_args(argv)
@@ -159,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         args.link, socket.AF_UNIX, Factory.forProtocol(lambda: worker.client)
     )
     os.close(args.link)
+    if args.acks is not None:
+        acks = socket.socket(fileno=args.acks)
+        reactor.addReader(AckReader(acks, worker.client))
     reactor.addSystemEventTrigger("before", "shutdown", worker.stop)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, worker.on_signal)

@@ -127,13 +127,24 @@ class GatewayWorkers(Service):
             index=index,
             processes=self._count + 1,
         )
-        server = StoreServer(hello, self._queue, frame_limit(config.smtp.max_message_size))
+        # The link (a stream: STORE out, HELLO and refusals back) and the early answers
+        # (datagrams the spool's writer thread sends: see relay.handoff).
+        acks, their_acks = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        acks.setblocking(False)
+        limit = frame_limit(config.smtp.max_message_size)
+        server = StoreServer(hello, self._queue, limit, acks=acks)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, _OneProtocol(server))
-            args = [sys.executable, "-m", "relay.gateway.worker", "--link", "3"]
-            child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r", 3: theirs.fileno()}
-            for fd, shared in enumerate(self._listeners(), start=4):
+            args = [sys.executable, "-m", "relay.gateway.worker", "--link", "3", "--acks", "4"]
+            child_fds: dict[int, int | str] = {
+                0: "w",
+                1: "r",
+                2: "r",
+                3: theirs.fileno(),
+                4: their_acks.fileno(),
+            }
+            for fd, shared in enumerate(self._listeners(), start=5):
                 child_fds[fd] = shared.fd
                 kind = "tls" if shared.tls else "plain"
                 args += ["--listen", f"{fd}:{int(shared.family)}:{kind}"]
@@ -141,9 +152,13 @@ class GatewayWorkers(Service):
             worker.process = self._reactor.spawnProcess(
                 worker, sys.executable, args, env=_environment(), childFDs=child_fds
             )
+        except BaseException:
+            acks.close()
+            raise
         finally:
             ours.close()
             theirs.close()
+            their_acks.close()
         self.workers[index] = worker
         _log.info("smtp worker {index} started (pid {pid})", index=index, pid=worker.pid)
 
@@ -236,6 +251,7 @@ class _Worker(ProcessProtocol):
                 self._log_line(rest)
             self._partial[fd] = b""
         self._gone = True
+        self.server.close_acks()
         self.service._ended(self, reason)
         self._exited.callback(None)
 

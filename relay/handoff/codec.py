@@ -7,7 +7,8 @@ opens the conversation with ``HELLO``, which carries everything the worker needs
 the same gateway as the spool's process runs (the configuration's text, among others).
 
 Each frame is one string of Twisted's ``Int32StringReceiver`` (a 4-byte big-endian
-length, then the payload; Twisted does that framing).  This module is the payload: one
+length, then the payload; Twisted does that framing), or, for a STORED sent early by
+the spool's writer thread, one datagram holding the payload alone.  This module is the payload: one
 kind byte, then
 
 * ``H`` HELLO: UTF-8 JSON (:class:`Hello`);

@@ -2,8 +2,9 @@
 
 The worker's gateway calls :meth:`StoreClient.store` exactly as it would call the
 spool's; the Deferred fires with the queue id when the spool's process answers
-``STORED`` (after its fsync), so the gateway's promise (250 only for a message on
-disk) holds across the process boundary.  ``FAILED`` becomes the error the gateway maps
+``STORED`` (after its fsync; on the link, or early as a datagram: :class:`AckReader`),
+so the gateway's promise (250 only for a message on disk) holds across the process
+boundary.  ``FAILED`` becomes the error the gateway maps
 to 451, or an ``OSError(ENOSPC)`` for a full disk (452).  If the link drops, every store
 still waiting fails (the clients get 451 and send again) and ``on_lost`` ends the worker:
 a worker without its spool must not accept mail.
@@ -12,10 +13,12 @@ a worker without its spool must not accept mail.
 from __future__ import annotations
 
 import errno
+import socket
 from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
@@ -37,10 +40,11 @@ from relay.handoff.codec import (
 from relay.interfaces import IStore
 from relay.queue.payload import encode_envelope
 
-__all__ = ["StoreClient"]
+__all__ = ["AckReader", "StoreClient"]
 
 _log = Logger()
 _MAX_HELLO = 16 * 1024 * 1024  # frames from the spool's side: the HELLO is the biggest
+_MAX_ACK = 256  # a STORED datagram is 19 bytes
 
 
 @implementer(IStore)
@@ -91,6 +95,10 @@ class StoreClient(Int32StringReceiver):
         d: Deferred[None] = Deferred()
         self._drained.append(d)
         return d
+
+    def datagramReceived(self, datagram: bytes) -> None:
+        """An early answer, sent by the spool's writer thread (see :class:`AckReader`)."""
+        self.stringReceived(datagram)
 
     def stringReceived(self, string: bytes) -> None:
         """The spool's side speaks: HELLO once, then answers to our stores."""
@@ -145,3 +153,45 @@ def _failure_of(frame: StoreFailed) -> Exception:
     if frame.disk_full:
         return OSError(errno.ENOSPC, f"spool: {frame.reason}")
     return HandoffError(f"spool: {frame.reason}")
+
+
+@implementer(IReadDescriptor)
+class AckReader:
+    """Reads the early answers: datagrams on a UNIX socket, each one STORED frame.
+
+    The spool's writer thread sends STORED the moment a message is synced, on a socket
+    of its own, so the 250 does not wait for the spool process's reactor (busy with
+    deliveries) to get round to it.  A datagram arrives whole or not at all, so a
+    writer that must never block can send one without framing state.
+    """
+
+    def __init__(self, sock: socket.socket, client: StoreClient) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._client = client
+
+    def fileno(self) -> int:
+        """The socket's descriptor, for the reactor."""
+        return self._sock.fileno()
+
+    def logPrefix(self) -> str:
+        """How the reactor names it in the log."""
+        return "AckReader"
+
+    def doRead(self) -> None:
+        """Take every datagram waiting."""
+        while True:
+            try:
+                datagram = self._sock.recv(_MAX_ACK)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                _log.error("early answers: {error}", error=e)
+                return
+            if not datagram:
+                return
+            self._client.datagramReceived(datagram)
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The reactor is done with it."""
+        self._sock.close()

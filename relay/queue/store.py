@@ -26,6 +26,7 @@ the thread that runs recovery at :meth:`SpoolQueue.open`; never in the reactor t
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -189,8 +190,20 @@ class SpoolQueue:
 
     # --- IQueue -------------------------------------------------------------------------
 
-    def store(self, envelope: Envelope, text: bytes) -> Deferred[str]:
-        """Write a new message durably; fire with its queue id, or fail with SpoolError."""
+    def store(
+        self,
+        envelope: Envelope,
+        text: bytes,
+        *,
+        on_durable: Callable[[str], object] | None = None,
+    ) -> Deferred[str]:
+        """Write a new message durably; fire with its queue id, or fail with SpoolError.
+
+        ``on_durable(queue_id)`` is called in the spool's writer thread the moment the
+        message is synced, before the Deferred fires (see GroupCommitWriter.append): a
+        gateway worker's link uses it to send the 250's go-ahead without waiting for
+        this reactor.
+        """
         if self._closing:
             return defer.fail(SpoolError("the spool is closing"))
         if not isinstance(envelope, Envelope) or not isinstance(text, bytes):
@@ -219,7 +232,9 @@ class SpoolQueue:
                 self._notify()
             return queue_id
 
-        return self._writer.append(RecordType.MESSAGE, [prefix, text]).addCallback(stored)
+        hook = None if on_durable is None else functools.partial(on_durable, queue_id)
+        appended = self._writer.append(RecordType.MESSAGE, [prefix, text], on_durable=hook)
+        return appended.addCallback(stored)
 
     def load(self, queue_id: str) -> Deferred[tuple[Envelope, Sequence[RecipientStatus]]]:
         """Fire with a message's envelope and its recipients' states (not its text)."""

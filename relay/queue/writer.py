@@ -31,7 +31,7 @@ from __future__ import annotations
 import errno
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
@@ -62,6 +62,7 @@ class _Append:
     parts: Sequence[Buffer]
     deferred: Deferred[Written]
     size: int
+    on_durable: Callable[[], object] | None = None
 
 
 @dataclass(slots=True)
@@ -100,11 +101,23 @@ class GroupCommitWriter:
         """Start the writer thread."""
         self._thread.start()
 
-    def append(self, record_type: RecordType, parts: Sequence[Buffer]) -> Deferred[Written]:
-        """Queue one record; fire with where it is once it is durable, or fail with SpoolError."""
+    def append(
+        self,
+        record_type: RecordType,
+        parts: Sequence[Buffer],
+        *,
+        on_durable: Callable[[], object] | None = None,
+    ) -> Deferred[Written]:
+        """Queue one record; fire with where it is once it is durable, or fail with SpoolError.
+
+        ``on_durable``, if given, is called *in the writer thread* as soon as the record
+        is synced, before the Deferred fires in the reactor thread (which may be busy):
+        for a caller that can tell someone "it is on disk" without the reactor.  It must
+        be quick, thread-safe and never block; what it raises is logged and ignored.
+        """
         d: Deferred[Written] = Deferred()
         size = sum(len(p) for p in parts)
-        self._submit(_Append(record_type, parts, d, size))
+        self._submit(_Append(record_type, parts, d, size, on_durable))
         return d
 
     def delete_segment(self, number: int) -> Deferred[None]:
@@ -215,6 +228,12 @@ class GroupCommitWriter:
         positions = self._log.append(framed)
         self.batches += 1
         self.records += len(framed)
+        for request, _ in accepted:
+            if request.on_durable is not None:
+                try:
+                    request.on_durable()
+                except Exception:
+                    _log.failure("spool: an on_durable hook failed")
         results.extend(
             (request.deferred, Written(segment, offset, crc))
             for (request, crc), (segment, offset) in zip(accepted, positions, strict=True)

@@ -499,3 +499,63 @@ async def test_nothing_written_by_the_store_is_left_unreadable(tmp_path: Path) -
     assert found.quarantined == [] and found.torn_tails == 0
     assert sorted(found.state.messages) == ids[1::2]
     assert SpoolLayout(tmp_path).temp_files() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_on_durable_runs_in_the_writer_thread_before_the_deferred_fires(
+    tmp_path: Path,
+) -> None:
+    """The hook gets the queue id after the sync, in the writer thread, before the reactor."""
+    queue = await open_queue(tmp_path)
+    seen: list[tuple[str, str, int]] = []
+
+    def hook(queue_id: str) -> None:
+        # synced already: the writer has counted the batch
+        seen.append((queue_id, threading.current_thread().name, queue.writer.batches))
+
+    try:
+        d = queue.store(make_envelope(), b"Subject: x\r\n\r\nhi\r\n", on_durable=hook)
+        qid = await d
+        assert seen == [(qid, "spool-writer", seen[0][2])] and seen[0][2] >= 1
+        assert threading.current_thread().name != "spool-writer"
+    finally:
+        await queue.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_hook_costs_the_message_nothing(tmp_path: Path) -> None:
+    """What the hook raises is logged; the message is stored and its Deferred fires."""
+
+    def hook(queue_id: str) -> None:
+        raise RuntimeError("hook broke")
+
+    queue = await open_queue(tmp_path)
+    envelope = make_envelope()
+    try:
+        qid = await queue.store(envelope, b"Subject: x\r\n\r\nhi\r\n", on_durable=hook)
+        assert (await queue.load(qid))[0] == envelope
+    finally:
+        await queue.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_hook_for_a_store_that_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store whose sync fails is not durable: the hook is not called."""
+    queue = await open_queue(tmp_path)
+    called: list[str] = []
+
+    def broken_sync(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    try:
+        monkeypatch.setattr(os, "fdatasync", broken_sync)
+        with pytest.raises(SpoolError):
+            await queue.store(
+                make_envelope(), b"Subject: x\r\n\r\nhi\r\n", on_durable=called.append
+            )
+        assert called == []
+    finally:
+        monkeypatch.undo()
+        await queue.close()
