@@ -28,6 +28,7 @@ relay them, and a source route is kept only to be shown, never to route by.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -183,6 +184,15 @@ def parse_mailbox(text: str, *, smtputf8: bool = True) -> Address:
     return Address(local, domain)
 
 
+# Paths are parsed at every MAIL and RCPT, and again whenever an envelope is read (the
+# spool's recovery, each message a gateway worker hands over); the same senders and
+# recipients come back all the time, and an Address is immutable.  So the last parses
+# are kept, keyed by the text and the SMTPUTF8 flag; a path that fails is parsed anew
+# each time (lru_cache keeps no exceptions).
+_PATH_CACHE = 4096
+
+
+@functools.lru_cache(maxsize=_PATH_CACHE)
 def parse_forward_path(text: str, *, smtputf8: bool = False) -> Address:
     """Parse the argument of RCPT TO: ``<[@hop,@hop:]local@domain>``, brackets required.
 
@@ -196,6 +206,7 @@ def parse_forward_path(text: str, *, smtputf8: bool = False) -> Address:
     return _parse_path_content(inner, smtputf8)
 
 
+@functools.lru_cache(maxsize=_PATH_CACHE)
 def parse_reverse_path(text: str, *, smtputf8: bool = False) -> Address | None:
     """Parse the argument of MAIL FROM: a path as for RCPT TO, or ``<>`` giving ``None``.
 

@@ -15,7 +15,6 @@ gateway uses, so nothing reaches the spool that the parser would not accept.
 from __future__ import annotations
 
 import enum
-import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -179,7 +178,7 @@ class Envelope:
         if not isinstance(data, Mapping):
             raise EnvelopeError("envelope: expected an object")
         try:
-            return_path = _reverse_path(_get(data, "return_path", str))
+            return_path = parse_reverse_path(_get(data, "return_path", str), smtputf8=True)
         except AddressError as e:
             raise EnvelopeError(f"return_path: {e}") from e
         raw_recipients = _get(data, "recipients", list)
@@ -295,25 +294,9 @@ def reply_from_dict(data: Mapping[str, Any]) -> Reply:
     return reply
 
 
-# Reading an envelope parses its paths in full (the text may come from a damaged file or
-# a gateway worker); the same senders and recipients come back again and again, and an
-# Address is immutable, so parsed paths are kept (only successes: a bad one raises anew).
-_PATH_CACHE = 4096
-
-
-@functools.lru_cache(maxsize=_PATH_CACHE)
-def _reverse_path(text: str) -> Address | None:
-    return parse_reverse_path(text, smtputf8=True)
-
-
-@functools.lru_cache(maxsize=_PATH_CACHE)
-def _parsed_forward_path(text: str) -> Address:
-    return parse_forward_path(text, smtputf8=True)
-
-
 def _forward_path(text: str, what: str) -> Address:
     try:
-        return _parsed_forward_path(text)
+        return parse_forward_path(text, smtputf8=True)
     except AddressError as e:
         raise EnvelopeError(f"{what}: {e}") from e
 

@@ -7,6 +7,7 @@ so each test decides exactly when the spool answers.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import errno
 import socket
 import tracemalloc
@@ -344,6 +345,26 @@ def test_session_timeout_is_421_even_for_a_busy_client(harness: Harness) -> None
         session.send(b"NOOP\r\n")
     assert session.codes()[-1] == (421, "4.4.2")
     assert session.closed
+
+
+def test_a_session_keeps_one_timer_for_both_limits(harness: Harness) -> None:
+    """Idle and session limits share one lazy timer: one heap entry per session, not two."""
+    session = harness.connect()
+    assert len(harness.clock.getDelayedCalls()) == 1
+    session.send(b"EHLO client.test\r\n")
+    session.send(b"NOOP\r\n")
+    assert len(harness.clock.getDelayedCalls()) == 1
+
+
+def test_the_session_deadline_holds_when_it_comes_before_the_idle_limit(config: Config) -> None:
+    """A session limit shorter than the idle limit still ends the session on time."""
+    smtp = dataclasses.replace(config.smtp, session_timeout=10.0)
+    harness = make_harness(dataclasses.replace(config, smtp=smtp))
+    session = harness.connect()
+    harness.clock.advance(9.9)
+    assert not session.closed
+    harness.clock.advance(0.2)
+    assert session.codes()[-1] == (421, "4.4.2") and session.closed
 
 
 def test_greet_delay_catches_a_client_that_talks_first(config: Config) -> None:

@@ -220,9 +220,9 @@ class SmtpServerProtocol(Protocol):
         self._shutdown_after_store: SmtpReply | None = None
         self._paused_reading = False
         self._transaction = _Transaction()
-        self._idle_timer: IDelayedCall | None = None
+        self._idle_timer: IDelayedCall | None = None  # also watches the session deadline
         self._last_activity = 0.0
-        self._session_timer: IDelayedCall | None = None
+        self._session_deadline = float("inf")
         self._greet_timer: IDelayedCall | None = None
         self._auth_timer: IDelayedCall | None = None
         self._lost = False
@@ -252,7 +252,7 @@ class SmtpServerProtocol(Protocol):
         self._counted = True
         gateway.limiter.sessions.add(self)
         clock = gateway.clock
-        self._session_timer = clock.callLater(gateway.timeouts.session, self._timeout, "session")
+        self._session_deadline = clock.seconds() + gateway.timeouts.session
         self._touch()
         if gateway.timeouts.greet_delay > 0 and not gateway.policy.is_trusted(self.client_ip):
             self._greet_timer = clock.callLater(gateway.timeouts.greet_delay, self._greet)
@@ -289,7 +289,7 @@ class SmtpServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Release the session's slot and timers; an unfinished message is dropped."""
         self._lost = True
-        for timer in (self._idle_timer, self._session_timer, self._greet_timer, self._auth_timer):
+        for timer in (self._idle_timer, self._greet_timer, self._auth_timer):
             if timer is not None and timer.active():
                 timer.cancel()
         if self._counted:
@@ -588,25 +588,32 @@ class SmtpServerProtocol(Protocol):
     def _touch(self) -> None:
         """Note activity (input arrived, or we answered and now wait for input).
 
-        The idle timer is lazy: it is armed once and, when it fires, re-arms itself for
-        whatever is left since the last activity.  Resetting a timer on every read would
-        cost a reactor heap operation per packet on the hot path.
+        One timer per session watches both limits, and it is lazy: armed once for the
+        nearer of the idle limit and the session deadline, and when it fires it re-arms
+        itself for whatever is left.  Resetting a timer on every read (or keeping a
+        second one for the session) would cost reactor heap operations on the hot path.
         """
         clock = self.gateway.clock
-        self._last_activity = clock.seconds()
+        now = self._last_activity = clock.seconds()
         if self._idle_timer is None and not self._lost:
-            self._idle_timer = clock.callLater(self.gateway.timeouts.idle, self._idle_check)
+            wait = min(self.gateway.timeouts.idle, self._session_deadline - now)
+            self._idle_timer = clock.callLater(max(wait, 0.0), self._idle_check)
 
     def _idle_check(self) -> None:
         self._idle_timer = None
         if self._lost:
             return
         clock = self.gateway.clock
+        now = clock.seconds()
+        if now >= self._session_deadline:
+            self._timeout("session")
+            return
         if self._busy and self.engine.state is not State.TLS:
-            self._last_activity = clock.seconds()  # we are the slow one, not the client
-        remaining = self._last_activity + self.gateway.timeouts.idle - clock.seconds()
+            self._last_activity = now  # we are the slow one, not the client
+        remaining = self._last_activity + self.gateway.timeouts.idle - now
         if remaining > 0:
-            self._idle_timer = clock.callLater(remaining, self._idle_check)
+            wait = min(remaining, self._session_deadline - now)
+            self._idle_timer = clock.callLater(wait, self._idle_check)
             return
         self._timeout("idle")
 
