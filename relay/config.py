@@ -342,6 +342,8 @@ class Config:
         """One line saying what this configuration runs."""
         listeners = [*self.smtp.listen, *(f"{e} (tls)" for e in self.smtp.listen_tls)]
         smtp = f"smtp on {', '.join(listeners)}" if listeners else "no smtp listener"
+        if listeners and self.smtp.workers:
+            smtp += f" ({_count(1 + self.smtp.workers, 'process')})"
         return (
             f"{self.relay.hostname}: {_count(len(self.relay.local_domains), 'local domain')}, "
             f"{smtp}, {_count(len(self.routes), 'route')}, "
@@ -350,7 +352,7 @@ class Config:
 
 
 def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
 
 
 # --------------------------------------------------------------------------- entry points

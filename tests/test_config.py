@@ -134,8 +134,8 @@ def test_spec_example_routes_and_phone(spec: Config) -> None:
 def test_spec_example_summary(spec: Config) -> None:
     """summary() is one line with the counts and the listener."""
     assert spec.summary() == (
-        "hub.example.test: 1 local domain, smtp on tcp:2525:interface=127.0.0.1, "
-        f"2 routes, 2 phone sites, spool {DATA / 'var/spool'}"
+        "hub.example.test: 1 local domain, smtp on tcp:2525:interface=127.0.0.1 "
+        f"(2 processes), 2 routes, 2 phone sites, spool {DATA / 'var/spool'}"
     )
 
 
@@ -441,7 +441,9 @@ def test_full_smtp_section_with_tls_and_auth() -> None:
     assert config.smtp.tls_cert_file == DATA / "tls/cert.pem"
     assert config.smtp.auth_users_file == DATA / "aliases"
     assert config.smtp.trusted_networks == (ipaddress.ip_network("10.0.0.0/8"),)
-    assert config.summary().startswith("hub.example.test: 1 local domain, smtp on tcp:465 (tls),")
+    assert config.summary().startswith(
+        "hub.example.test: 1 local domain, smtp on tcp:465 (tls) (2 processes),"
+    )
 
 
 def test_smtp_client_defaults(tmp_path: Path) -> None:
