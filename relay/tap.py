@@ -157,6 +157,7 @@ def build_service(
             queue_ready,
             router.channels,
             reactor,
+            main_busy=lambda: deliverer.busy,
         )
         attach(workers, gateway, "workers")  # type: ignore[arg-type]
     attach(gateway, top, "smtp")

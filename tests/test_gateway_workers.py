@@ -2,8 +2,8 @@
 
 The relay is built as twistd builds it (``relay.tap.build_service``) with ``[smtp]
 workers = 1``; mail goes in with smtplib.  To be sure the worker (not the relay's own
-gateway) takes the connections, the test stops the main process's listener from
-accepting: the socket stays open, so only the worker can answer.
+gateway) takes the connections, the first test makes the deliverer look busy: then the
+relay's own process stops accepting once a worker is READY (relay.gateway.workers).
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent
 
 from relay.config import parse_config
+from relay.deliver.service import DelivererService
 from relay.gateway.workers import GatewayWorkers
 from relay.handoff.codec import Hello, encode, framed
 from relay.tap import build_service
@@ -88,11 +89,18 @@ def _maildir(tmp_path: Path) -> list[bytes]:
     return [p.read_bytes() for p in new.iterdir()] if new.exists() else []
 
 
-def _stop_main_accepting(service: Any) -> None:
-    for child in service.getServiceNamed("smtp"):
-        port = getattr(getattr(child, "endpoint", None), "port", None)
-        if port is not None:
-            port.stopReading()
+def _main_ports(service: Any) -> list[Any]:
+    return [
+        child.endpoint.port
+        for child in service.getServiceNamed("smtp")
+        if child.name.startswith("listen:")
+    ]
+
+
+def _main_reads(service: Any) -> bool:
+    """Whether the relay's own process is accepting on its (only) SMTP socket."""
+    (port,) = _main_ports(service)
+    return port in reactor.getReaders()
 
 
 def _alive(pid: int) -> bool:
@@ -105,8 +113,9 @@ def _alive(pid: int) -> bool:
 
 @pytest_twisted.ensureDeferred
 async def test_a_worker_takes_mail_into_the_spool_and_is_restarted_when_it_dies(
-    tmp_path: Path, events: list[LogEvent]
+    tmp_path: Path, events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(DelivererService, "busy", property(lambda self: True))
     port = _free_port()
     service = build_service(_config(tmp_path, port, workers=1), reactor)
     service.startService()
@@ -114,8 +123,10 @@ async def test_a_worker_takes_mail_into_the_spool_and_is_restarted_when_it_dies(
     try:
         workers = service.getServiceNamed("smtp").getServiceNamed("workers")
         assert isinstance(workers, GatewayWorkers)
+        assert _main_reads(service)  # until a worker is READY, the relay accepts itself
         await _until(lambda: _ready_workers(events) == [1])
-        _stop_main_accepting(service)
+        await _until(lambda: not _main_reads(service))  # busy delivering: left to the worker
+        assert not workers.main_accepting
         first = workers.workers[1]
         pids.append(first.pid)
 
@@ -134,8 +145,10 @@ async def test_a_worker_takes_mail_into_the_spool_and_is_restarted_when_it_dies(
         assert len(stored_lines) == 20  # logged once each, by the spool's process
 
         os.kill(pids[0], signal.SIGKILL)
+        await _until(lambda: _main_reads(service))  # no worker: the relay accepts again
         await _until(lambda: 1 in workers.workers and workers.workers[1] is not first)
         await _until(lambda: _ready_workers(events) == [1, 1])
+        await _until(lambda: not _main_reads(service))
         second = workers.workers[1]
         pids.append(second.pid)
         assert any("exited" in str(e.get("log_format")) for e in events)
@@ -152,6 +165,22 @@ async def test_a_worker_takes_mail_into_the_spool_and_is_restarted_when_it_dies(
     finally:
         await service.stopService()
     assert not any(_alive(pid) for pid in pids)
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_nothing_to_deliver_both_processes_accept(
+    tmp_path: Path, events: list[LogEvent]
+) -> None:
+    """An idle deliverer: the relay keeps accepting beside its READY worker."""
+    service = build_service(_config(tmp_path, _free_port(), workers=1), reactor)
+    service.startService()
+    try:
+        workers = service.getServiceNamed("smtp").getServiceNamed("workers")
+        await _until(lambda: _ready_workers(events) == [1])
+        await task.deferLater(reactor, 0.3, lambda: None)  # a few balance checks
+        assert workers.main_accepting and _main_reads(service)
+    finally:
+        await service.stopService()
 
 
 @pytest_twisted.ensureDeferred

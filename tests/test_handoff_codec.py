@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from relay.handoff.codec import (
     HandoffError,
     Hello,
+    Ready,
     Stored,
     StoreFailed,
     StoreRequest,
@@ -28,6 +29,7 @@ frames = st.one_of(
     st.builds(StoreRequest, requests, st.binary(max_size=300), st.binary(max_size=3000)),
     st.builds(Stored, requests, queue_ids),
     st.builds(StoreFailed, requests, st.booleans(), st.text(max_size=200)),
+    st.just(Ready()),
     st.builds(
         Hello,
         st.text(max_size=500),
@@ -51,7 +53,7 @@ def test_any_bytes_are_a_frame_or_a_handoff_error(payload: bytes) -> None:
         frame = decode(payload)
     except HandoffError:
         return
-    assert isinstance(frame, Hello | StoreRequest | Stored | StoreFailed)
+    assert isinstance(frame, Hello | StoreRequest | Stored | StoreFailed | Ready)
 
 
 @given(frames, st.data())
@@ -85,6 +87,7 @@ def _hello(**changes: object) -> bytes:
         (b"K\x00\x00\x00\x01" + b"not-an-id", "not a queue id"),
         (b"K\x00\x00\x00\x01", "not a queue id"),
         (b"F\x00\x00\x00\x01\x02why", "neither 0 nor 1"),
+        (b"R!", "READY frame with a body"),
         (b"H[1]", "not a JSON object"),
         (b"H{", "not JSON"),
         (b"H\xff", "not JSON"),

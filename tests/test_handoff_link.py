@@ -252,3 +252,15 @@ async def test_when_the_datagram_cannot_go_the_link_answers() -> None:
         link.acks = None
     finally:
         _close(link)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ready_tells_the_spool_side_that_the_worker_accepts() -> None:
+    link = await _link()
+    try:
+        assert not link.server.ready
+        link.client.ready()
+        await until(lambda: link.server.ready)
+        assert not link.lost and link.server.rejected == 0
+    finally:
+        _close(link)

@@ -108,6 +108,11 @@ class DelivererService(Service):
         if IQueue.providedBy(queue):
             self._attach(queue)
 
+    @property
+    def busy(self) -> bool:
+        """Whether any message is being delivered (or waits for a session) right now."""
+        return len(self.claims) > 0
+
     def _attach(self, queue: IQueue) -> None:
         self.queue = queue
         self.recorder = Recorder(

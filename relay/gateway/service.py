@@ -26,7 +26,7 @@ in memory across all sessions) and one :class:`~relay.gateway.limits.AuthThrottl
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from twisted.application.internet import StreamServerEndpointService
@@ -93,6 +93,7 @@ class SharedListener:
     fd: int
     family: int  # socket.AF_INET, AF_INET6 or AF_UNIX
     tls: bool  # implicit TLS (a ``listen_tls`` endpoint)
+    port: Any = field(default=None, compare=False, repr=False)  # this process's port
 
 
 def shared_listeners(gateway: IService) -> list[SharedListener]:
@@ -113,7 +114,8 @@ def shared_listeners(gateway: IService) -> list[SharedListener]:
         ):
             continue
         sock = port.socket  # type: ignore[union-attr]
-        found.append(SharedListener(sock.fileno(), sock.family, name.startswith("listen_tls:")))
+        tls = name.startswith("listen_tls:")
+        found.append(SharedListener(sock.fileno(), sock.family, tls, port))
     return found
 
 

@@ -110,6 +110,7 @@ class _Worker:
         for shared in self.listeners:  # adopted (duplicated) by now
             os.close(shared.fd)
         self.gateway = gateway
+        self.client.ready()
         _log.info(
             "accepting on {count} socket(s), {share} of the session limits",
             count=len(self.listeners),

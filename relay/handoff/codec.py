@@ -15,7 +15,8 @@ kind byte, then
 * ``S`` STORE: request number (u32), envelope length (u32), the envelope as the spool
   encodes it (:func:`relay.queue.payload.encode_envelope`), then the message text;
 * ``K`` STORED: request number (u32), the queue id (ASCII);
-* ``F`` FAILED: request number (u32), a disk-full flag (u8), a UTF-8 reason.
+* ``F`` FAILED: request number (u32), a disk-full flag (u8), a UTF-8 reason;
+* ``R`` READY: nothing more (the worker's gateway accepts now).
 
 Anything else, or a frame whose parts do not add up, is a :class:`HandoffError`: both
 ends then drop the connection (the worker exits and is started again), since a peer that
@@ -35,6 +36,7 @@ __all__ = [
     "Frame",
     "HandoffError",
     "Hello",
+    "Ready",
     "StoreFailed",
     "StoreRequest",
     "Stored",
@@ -97,7 +99,12 @@ class StoreFailed:
     reason: str
 
 
-Frame = Hello | StoreRequest | Stored | StoreFailed
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The worker accepts on its sockets now (the spool's process may leave them to it)."""
+
+
+Frame = Hello | StoreRequest | Stored | StoreFailed | Ready
 
 
 def encode(frame: Frame) -> bytes:
@@ -107,6 +114,8 @@ def encode(frame: Frame) -> bytes:
         return b"".join((b"S", head, frame.envelope_json, frame.text))
     if isinstance(frame, Stored):
         return b"K" + _U32.pack(frame.request) + frame.queue_id.encode("ascii")
+    if isinstance(frame, Ready):
+        return b"R"
     if isinstance(frame, StoreFailed):
         return b"F" + _FAILED.pack(frame.request, frame.disk_full) + frame.reason.encode()
     body = {
@@ -152,6 +161,10 @@ def decode(payload: bytes) -> Frame:
             raise HandoffError("FAILED frame: disk-full flag is neither 0 nor 1")
         reason = payload[1 + _FAILED.size :].decode("utf-8", "replace")
         return StoreFailed(request, bool(disk_full), reason)
+    if kind == b"R":
+        if len(payload) != 1:
+            raise HandoffError("READY frame with a body")
+        return Ready()
     if kind == b"H":
         return _hello(payload[1:])
     raise HandoffError(f"unknown frame kind {kind!r}")

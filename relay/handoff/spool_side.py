@@ -39,6 +39,7 @@ from relay.gateway.protocol import disk_full, log_stored
 from relay.handoff.codec import (
     HandoffError,
     Hello,
+    Ready,
     Stored,
     StoreFailed,
     StoreRequest,
@@ -80,6 +81,7 @@ class StoreServer(Int32StringReceiver):
         self.stored = 0
         self.rejected = 0
         self.early = 0  # answers the spool's writer thread sent itself
+        self.ready = False  # the worker said it accepts connections
         self.lost = False
         self._acks = acks
         self._acks_lock = threading.Lock()  # the writer thread sends, the reactor closes
@@ -93,8 +95,11 @@ class StoreServer(Int32StringReceiver):
         """A frame from the worker: a message to store (anything else ends the link)."""
         try:
             frame = decode(string)
+            if isinstance(frame, Ready):
+                self.ready = True
+                return
             if not isinstance(frame, StoreRequest):
-                raise HandoffError(f"a worker may only send STORE, not {type(frame).__name__}")
+                raise HandoffError(f"a worker sends STORE or READY, not {type(frame).__name__}")
             envelope = decode_envelope(frame.envelope_json)
         except (HandoffError, PayloadError) as e:
             self._reject(str(e))

@@ -30,6 +30,7 @@ from relay.handoff.codec import (
     MAX_REQUEST,
     HandoffError,
     Hello,
+    Ready,
     Stored,
     StoreFailed,
     StoreRequest,
@@ -96,6 +97,11 @@ class StoreClient(Int32StringReceiver):
         self._drained.append(d)
         return d
 
+    def ready(self) -> None:
+        """Tell the spool's process that this worker's gateway accepts connections now."""
+        if not self._lost and self.transport is not None:
+            self.sendString(encode(Ready()))
+
     def datagramReceived(self, datagram: bytes) -> None:
         """An early answer, sent by the spool's writer thread (see :class:`AckReader`)."""
         self.stringReceived(datagram)
@@ -110,8 +116,8 @@ class StoreClient(Int32StringReceiver):
                 self._hello = frame
                 self._on_hello(frame)
                 return
-            if isinstance(frame, StoreRequest):
-                raise HandoffError("the spool's side sent a STORE")
+            if isinstance(frame, StoreRequest | Ready):
+                raise HandoffError(f"the spool's side sent a {type(frame).__name__}")
             d = self._pending.pop(frame.request, None)
             if d is None:
                 raise HandoffError(f"an answer to request {frame.request}, which is not waiting")
