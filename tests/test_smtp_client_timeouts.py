@@ -25,7 +25,7 @@ from relay.envelope import Destination, Envelope, Recipient, Submitter
 from relay.errors import SessionFailed
 from relay.interfaces import IChannel, IChannelSession
 from relay.reply import Reply, ReplyCode
-from relay.sansio.smtp.client import Ehlo
+from relay.sansio.smtp.client import Data, Ehlo, MailFrom, RcptTo
 
 from fakes import BytesMessage
 
@@ -359,3 +359,58 @@ def test_commands_are_not_held_back_by_nagle() -> None:
     transport = _NoDelayTransport()
     proto.makeConnection(transport)
     assert transport.no_delay
+
+
+class CountingTransport(StringTransport):
+    """Counts write() calls: one per send the protocol makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
+def _pipelining_protocol(ehlo: bytes = EHLO) -> tuple[SmtpClientProtocol, CountingTransport, Any]:
+    reactor = MemoryReactorClock()
+    proto = SmtpClientProtocol(reactor, Timeouts(), "mx.test[127.0.0.1]:25")
+    transport = CountingTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"220 server.test ESMTP\r\n")
+    proto.command(Ehlo("client.test"))
+    proto.dataReceived(ehlo)
+    transport.clear()
+    transport.writes = 0
+    return proto, transport, reactor
+
+
+def test_a_pipelined_group_leaves_in_one_write() -> None:
+    """MAIL and the RCPTs wait for DATA, which ends the group: one write for all (RFC 2920)."""
+    proto, transport, _ = _pipelining_protocol()
+    proto.command(MailFrom(Address("a", "x.test")))
+    proto.command(RcptTo(Address("b", "y.test")))
+    proto.command(RcptTo(Address("c", "y.test")))
+    assert transport.writes == 0
+    proto.command(Data())
+    assert transport.writes == 1
+    assert transport.value() == (
+        b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n"
+    )
+
+
+def test_a_held_command_goes_out_at_the_end_of_the_turn() -> None:
+    """A MAIL on its own (its reply awaited first) is not kept past the reactor's turn."""
+    proto, transport, reactor = _pipelining_protocol()
+    proto.command(MailFrom(Address("a", "x.test")))
+    assert transport.writes == 0
+    reactor.advance(0)
+    assert transport.value() == b"MAIL FROM:<a@x.test>\r\n" and transport.writes == 1
+
+
+def test_without_pipelining_every_command_goes_at_once() -> None:
+    """No PIPELINING: MAIL is written at once (nothing may follow it before its reply)."""
+    proto, transport, _ = _pipelining_protocol(b"250-server.test\r\n250 8BITMIME\r\n")
+    proto.command(MailFrom(Address("a", "x.test")))
+    assert transport.value() == b"MAIL FROM:<a@x.test>\r\n"

@@ -5,8 +5,10 @@
 what each reply answers; this class only
 
 * writes what the engine encodes and hands each reply to the Deferred of the command it
-  answers (:meth:`SmtpClientProtocol.command`), so a pipelined batch is just several
-  calls in one reactor turn, which Twisted sends in one write;
+  answers (:meth:`SmtpClientProtocol.command`).  A pipelined batch is just several calls
+  in one reactor turn: MAIL and RCPT (RFC 2920's commands that more may follow) are held
+  until the command that ends the group, or the end of the turn, so the batch leaves in
+  one ``send``; anything else goes out at once (:func:`relay.fastwrite.write_now`);
 * runs the RFC 5321 §4.5.3.2 timers on the injected clock: one timer, for the oldest
   command still waiting for its reply, with that command's limit (:class:`Timeouts`),
   and the data-block timer while a text write waits for the transport to drain;
@@ -52,7 +54,9 @@ from relay.sansio.smtp.client import (
     ConnectionClosed,
     EndOfText,
     LocalProtocolError,
+    MailFrom,
     Quit,
+    RcptTo,
     RemoteProtocolError,
     ServerReply,
     SmtpClient,
@@ -215,6 +219,8 @@ class SmtpClientProtocol(Protocol):
         self._lost: list[Deferred[None]] = []
         self._is_lost = False
         self._on_lost: list[Callable[[], None]] = []
+        self._held: list[bytes] = []  # MAIL/RCPT waiting for the rest of their group
+        self._held_flush: IDelayedCall | None = None
         self.greeting: Deferred[SmtpReply] = Deferred()
         self._waiters.append(self.greeting)
 
@@ -326,9 +332,23 @@ class SmtpClientProtocol(Protocol):
     def _send_now(self, event: ClientEvent, d: Deferred[SmtpReply]) -> None:
         data = self.engine.send(event)
         self._waiters.append(d)
-        self._write(data)
+        if isinstance(event, MailFrom | RcptTo) and self.engine.offers("PIPELINING"):
+            self._hold(data)
+        else:
+            self._write(data)
         if len(self._waiters) == 1:
             self._rearm()
+
+    def _hold(self, data: bytes) -> None:
+        """Keep a command more may follow until its group ends, at the latest this turn."""
+        self._held.append(data)
+        if self._held_flush is None:
+            self._held_flush = self._clock.callLater(0, self._write_held)
+
+    def _write_held(self) -> None:
+        self._held_flush = None
+        if self._held and self.transport is not None and not self._is_lost:
+            self._write(b"")
 
     def _flush_queue(self) -> None:
         """Send the queued commands the outstanding replies no longer hold back."""
@@ -407,7 +427,14 @@ class SmtpClientProtocol(Protocol):
 
     def _write(self, data: bytes) -> None:
         assert self.transport is not None
-        write_now(self.transport, data)
+        if self._held:  # the group's held commands go first, in the same write
+            data = b"".join((*self._held, data))
+            self._held.clear()
+            if self._held_flush is not None:
+                self._held_flush.cancel()
+                self._held_flush = None
+        if data:
+            write_now(self.transport, data)
 
     def _close(self) -> None:
         if self.transport is not None:
@@ -509,6 +536,10 @@ class SmtpClientProtocol(Protocol):
 
     def _cancel_timers(self) -> None:
         self._cancel_timer()
+        if self._held_flush is not None and self._held_flush.active():
+            self._held_flush.cancel()
+        self._held_flush = None
+        self._held.clear()
         if self._drain_timer is not None and self._drain_timer.active():
             self._drain_timer.cancel()
         self._drain_timer = None
