@@ -206,6 +206,25 @@ def test_text_waits_while_the_transport_is_full_and_times_out_after_3_minutes() 
     assert h.transport.disconnecting
 
 
+def test_a_small_text_leaves_with_its_final_dot() -> None:
+    """Text that fits the hold goes out with the dot, in one write, when the text ends."""
+    h = Harness()
+    _in_text(h)
+    result(h.session.write_text(b"Subject: x\r\n\r\nbody\r\n"))
+    assert h.sent() == b""  # held: the dot comes next in this turn
+    h.session.end_text()
+    assert h.sent() == b"Subject: x\r\n\r\nbody\r\n.\r\n"
+
+
+def test_held_text_is_written_by_the_end_of_the_turn() -> None:
+    """If the end does not come in the same turn, the held text does not wait for it."""
+    h = Harness()
+    _in_text(h)
+    result(h.session.write_text(b"body\r\n"))
+    h.reactor.advance(0)
+    assert h.sent() == b"body\r\n"
+
+
 def test_final_reply_timeout_is_ten_minutes() -> None:
     """No reply to the final dot within 10 minutes: TIME, saying the message may be duplicated."""
     h = Harness()

@@ -8,7 +8,8 @@ what each reply answers; this class only
   answers (:meth:`SmtpClientProtocol.command`).  A pipelined batch is just several calls
   in one reactor turn: MAIL and RCPT (RFC 2920's commands that more may follow) are held
   until the command that ends the group, or the end of the turn, so the batch leaves in
-  one ``send``; anything else goes out at once (:func:`relay.fastwrite.write_now`);
+  one ``send``; so is text up to :data:`_HOLD_TEXT` bytes, which then leaves with the
+  final dot; anything else goes out at once (:func:`relay.fastwrite.write_now`);
 * runs the RFC 5321 §4.5.3.2 timers on the injected clock: one timer, for the oldest
   command still waiting for its reply, with that command's limit (:class:`Timeouts`),
   and the data-block timer while a text write waits for the transport to drain;
@@ -63,6 +64,8 @@ from relay.sansio.smtp.client import (
     TextChunk,
 )
 from relay.sansio.smtp.wire import SmtpReply
+
+_HOLD_TEXT = 64 * 1024  # text held for the final dot's write; more is written at once
 
 __all__ = [
     "ConnectionLostError",
@@ -220,6 +223,7 @@ class SmtpClientProtocol(Protocol):
         self._is_lost = False
         self._on_lost: list[Callable[[], None]] = []
         self._held: list[bytes] = []  # MAIL/RCPT waiting for the rest of their group
+        self._held_bytes = 0
         self._held_flush: IDelayedCall | None = None
         self.greeting: Deferred[SmtpReply] = Deferred()
         self._waiters.append(self.greeting)
@@ -342,6 +346,7 @@ class SmtpClientProtocol(Protocol):
     def _hold(self, data: bytes) -> None:
         """Keep a command more may follow until its group ends, at the latest this turn."""
         self._held.append(data)
+        self._held_bytes += len(data)
         if self._held_flush is None:
             self._held_flush = self._clock.callLater(0, self._write_held)
 
@@ -369,7 +374,11 @@ class SmtpClientProtocol(Protocol):
         """Stuff and write a chunk; fire when the transport can take more."""
         if self._gone is not None:
             return defer.fail(self._gone)
-        self._write(self.engine.send(TextChunk(chunk)))
+        data = self.engine.send(TextChunk(chunk))
+        if not self._paused and len(data) + self._held_bytes <= _HOLD_TEXT:
+            self._hold(data)  # a small message leaves with its final dot, in one send
+        else:
+            self._write(data)
         if not self._paused:
             return defer.succeed(None)
         if self._drain_timer is None:
@@ -430,6 +439,7 @@ class SmtpClientProtocol(Protocol):
         if self._held:  # the group's held commands go first, in the same write
             data = b"".join((*self._held, data))
             self._held.clear()
+            self._held_bytes = 0
             if self._held_flush is not None:
                 self._held_flush.cancel()
                 self._held_flush = None
@@ -540,6 +550,7 @@ class SmtpClientProtocol(Protocol):
             self._held_flush.cancel()
         self._held_flush = None
         self._held.clear()
+        self._held_bytes = 0
         if self._drain_timer is not None and self._drain_timer.active():
             self._drain_timer.cancel()
         self._drain_timer = None
