@@ -64,7 +64,13 @@ def drive(
     sender: str = "from@x.test",
     recipient: str = "to@y.test",
 ) -> float:
-    """Run smtp-source against 127.0.0.1:port (one message per connection); return seconds."""
+    """Run smtp-source against 127.0.0.1:port (one message per connection); return seconds.
+
+    Each run starts with the page cache clean (``os.sync()`` first): otherwise the
+    writeback of the previous run's files (spools, the sink's dump) lands on this run's
+    fsyncs, and whichever server runs second pays for the first.
+    """
+    os.sync()
     command = [
         SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-l", str(size),
         "-f", sender, "-t", recipient, f"127.0.0.1:{port}",
