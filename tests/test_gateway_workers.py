@@ -250,3 +250,20 @@ def test_the_config_text_survives_the_hello(tmp_path: Path) -> None:
     hello = Hello(config.text, str(config.base_dir), ("local",), 1, 2)
     assert parse_config(hello.config_text, Path(hello.base_dir)) == config
     assert json.loads(encode(hello)[1:])["base_dir"] == str(tmp_path)
+
+
+def test_no_workers_start_when_the_spool_does_not_open(tmp_path: Path) -> None:
+    """The gateway turns a spool that failed to open into None: then no worker starts."""
+    from twisted.internet.defer import Deferred
+    from twisted.internet.testing import MemoryReactorClock
+
+    fake = MemoryReactorClock()
+    opened: Deferred[Any] = Deferred()
+    workers = GatewayWorkers(
+        _config(tmp_path, 2525, workers=1), 1, lambda: [], opened, frozenset(), fake
+    )
+    workers.startService()
+    opened.callback(None)
+    assert opened.result is None  # nothing failed in the workers' callback
+    assert workers.workers == {}
+    workers.stopService()

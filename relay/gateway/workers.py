@@ -113,7 +113,9 @@ class GatewayWorkers(Service):
             self._queue_ready.addCallback(self._start_all)
         self._balancer.start(BALANCE_INTERVAL, now=False)
 
-    def _start_all(self, queue: IQueue) -> IQueue:
+    def _start_all(self, queue: IQueue | None) -> IQueue | None:
+        if queue is None:  # the spool did not open (the gateway logged it): no workers
+            return queue
         self._queue = queue
         if self.running:
             for index in range(1, self._count + 1):
