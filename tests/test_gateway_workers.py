@@ -267,3 +267,34 @@ def test_no_workers_start_when_the_spool_does_not_open(tmp_path: Path) -> None:
     assert opened.result is None  # nothing failed in the workers' callback
     assert workers.workers == {}
     workers.stopService()
+
+
+def test_a_worker_that_cannot_be_started_is_tried_again_later(tmp_path: Path) -> None:
+    """spawnProcess failing (no descriptors, no memory) is logged and retried after 1 s."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    class NoProcesses(MemoryReactorClock):
+        attempts = 0
+
+        def adoptStreamConnection(self, fd: int, family: int, factory: Any) -> None:
+            pass
+
+        def spawnProcess(self, *args: Any, **kwargs: Any) -> Any:
+            self.attempts += 1
+            raise OSError(24, "Too many open files")
+
+    fake = NoProcesses()
+    with logged_events() as seen:
+        workers = GatewayWorkers(
+            _config(tmp_path, 2525, workers=1), 1, lambda: [], object(), frozenset(), fake
+        )
+        workers.startService()
+        assert fake.attempts == 1 and workers.workers == {}
+        fake.advance(1.0)
+        assert fake.attempts == 2
+        fake.advance(2.0)  # it keeps failing at once: the delay doubles
+        assert fake.attempts == 3
+        workers.stopService()
+        fake.advance(60.0)
+        assert fake.attempts == 3  # stopped: no more tries
+    assert any("could not be started" in str(e.get("log_format")) for e in seen)

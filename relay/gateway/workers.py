@@ -119,8 +119,17 @@ class GatewayWorkers(Service):
         self._queue = queue
         if self.running:
             for index in range(1, self._count + 1):
-                self._spawn(index)
+                self._start_one(index)
         return queue
+
+    def _start_one(self, index: int) -> None:
+        """Start worker ``index``; if that fails (no fds, no memory), try again later."""
+        self._restarts.pop(index, None)
+        try:
+            self._spawn(index)
+        except Exception:
+            _log.failure("smtp worker {index} could not be started", index=index)
+            self._retry(index, lived=0.0)
 
     def stopService(self) -> Deferred[list[None]]:
         """SIGTERM every worker; fire when all have exited (SIGKILL after the grace)."""
@@ -138,7 +147,6 @@ class GatewayWorkers(Service):
     # --- one worker ---------------------------------------------------------------------
 
     def _spawn(self, index: int) -> None:
-        self._restarts.pop(index, None)
         if not self.running:
             return
         config = self._config
@@ -208,10 +216,7 @@ class GatewayWorkers(Service):
             self._balance()  # no ready worker left: accept here at once
         if not self.running:
             return
-        lived = self._reactor.seconds() - worker.started
-        delay = self._delays.get(worker.index, _FIRST_DELAY)
-        delay = min(delay * 2, _MAX_DELAY) if lived < _YOUNG else _FIRST_DELAY
-        self._delays[worker.index] = delay
+        delay = self._retry(worker.index, lived=self._reactor.seconds() - worker.started)
         _log.warn(
             "smtp worker {index} (pid {pid}) exited: {why}; starting another in {delay:.0f}s",
             index=worker.index,
@@ -219,7 +224,15 @@ class GatewayWorkers(Service):
             why=reason.getErrorMessage(),
             delay=delay,
         )
-        self._restarts[worker.index] = self._reactor.callLater(delay, self._spawn, worker.index)
+
+    def _retry(self, index: int, lived: float) -> float:
+        """Start worker ``index`` again later: 1 s, doubling to 60 s while it dies young."""
+        previous = self._delays.get(index)
+        young = lived < _YOUNG
+        delay = _FIRST_DELAY if previous is None or not young else min(previous * 2, _MAX_DELAY)
+        self._delays[index] = delay
+        self._restarts[index] = self._reactor.callLater(delay, self._start_one, index)
+        return delay
 
 
 def _environment() -> dict[str, str]:
