@@ -29,6 +29,7 @@ It writes to the standard output twistd started with.
 from __future__ import annotations
 
 import sys
+import threading
 from string import Formatter
 from typing import IO, Any
 
@@ -52,15 +53,22 @@ class RelayLogObserver:
     """Classic Twisted log lines to a text file, buffered and flushed on a timer."""
 
     def __init__(self, out: IO[str], clock: Any = None) -> None:
-        """``clock`` schedules the flushes (the global reactor when None)."""
+        """``clock`` schedules the flushes (the global reactor when None).
+
+        The thread that makes the observer owns its timer (twistd makes it in the thread
+        that runs the reactor); events logged in other threads (the spool's writer, the
+        password checker) are written at once and ask that thread for the timer.
+        """
         if clock is None:
             from twisted.internet import reactor as clock
         self._out = out
         self._clock = clock
-        self._second = -1
-        self._stamp = ""
+        self._owner = threading.get_ident()
+        self._lock = threading.Lock()  # one line at a time into the file's buffer
+        self._stamp: tuple[int, str] = (-1, "")  # one tuple: two threads never mix halves
         self._plain: dict[str, bool] = {}  # format string → only plain {name} fields
         self._flush_call: Any = None
+        self._flush_wanted = False
         self._shutdown_hooked = False
 
     def __call__(self, event: LogEvent) -> None:
@@ -70,25 +78,39 @@ class RelayLogObserver:
             line = formatEventAsClassicLogText(event, self._format_time)
             if line is None:
                 return
-        self._out.write(line)
         level = event.get("log_level")
-        if level is not None and level >= LogLevel.warn:
-            self.flush()
-        elif self._flush_call is None:
+        urgent = level is not None and level >= LogLevel.warn
+        with self._lock:
+            self._out.write(line)
+            if urgent:
+                self._out.flush()
+            schedule = not urgent and not self._flush_wanted
+            if schedule:
+                self._flush_wanted = True
+        if not schedule:
+            return
+        if threading.get_ident() == self._owner:
             self._schedule_flush()
+        else:
+            try:
+                self._clock.callFromThread(self._schedule_flush)
+            except Exception:  # no reactor to ask (it is gone): be plain
+                self._timed_flush()
 
     def flush(self) -> None:
-        """Write out the buffered lines now."""
+        """Write out the buffered lines now (in the observer's own thread)."""
         call, self._flush_call = self._flush_call, None
         if call is not None and call.active():
             call.cancel()
-        self._out.flush()
+        self._timed_flush()
 
     def _schedule_flush(self) -> None:
+        if self._flush_call is not None:
+            return
         try:
             self._flush_call = self._clock.callLater(FLUSH_INTERVAL, self._timed_flush)
         except Exception:  # no clock to ask (the reactor is gone): be plain
-            self._out.flush()
+            self._timed_flush()
             return
         if not self._shutdown_hooked and hasattr(self._clock, "addSystemEventTrigger"):
             self._shutdown_hooked = True
@@ -96,7 +118,9 @@ class RelayLogObserver:
 
     def _timed_flush(self) -> None:
         self._flush_call = None
-        self._out.flush()
+        with self._lock:
+            self._flush_wanted = False
+            self._out.flush()
 
     def _fast_line(self, event: LogEvent) -> str | None:
         """The line for an ordinary event, or None to let Twisted format it."""
@@ -117,8 +141,8 @@ class RelayLogObserver:
             return None
         level = event.get("log_level")
         system = f"{event.get('log_namespace', '-')}#{getattr(level, 'name', '-')}"
-        text = text.replace("\n", "\n\t")
-        return f"{self._format_time(event.get('log_time'))} [{system}] {text}\n"
+        line = f"{self._format_time(event.get('log_time'))} [{system}] {text}"
+        return line.replace("\n", "\n\t") + "\n"
 
     def _is_plain(self, form: str) -> bool:
         """Whether every field of ``form`` is a plain name (Twisted allows calls, ``{f()}``)."""
@@ -136,11 +160,13 @@ class RelayLogObserver:
     def _format_time(self, when: float | None) -> str:
         if when is None:
             return "-"
-        second = int(when)
-        if second != self._second:
-            self._second = second
-            self._stamp = formatTime(second)
-        return self._stamp
+        # The second Twisted would print: datetime rounds to the microsecond first.
+        second = round(when * 1_000_000) // 1_000_000
+        cached_second, stamp = self._stamp
+        if second != cached_second:
+            stamp = formatTime(second)
+            self._stamp = (second, stamp)
+        return stamp
 
 
 def observer() -> RelayLogObserver:

@@ -145,8 +145,20 @@ def build_service(
     spool.flusher = deliverer.flush
     queue_ready: Deferred[IQueue] = spool.when_ready().addCallback(lambda queue: queue)
     processes = 1 + config.smtp.workers
+    workers: GatewayWorkers | None = None
+
+    def sessions(total: int, limit: int) -> None:
+        if workers is not None:
+            workers.main_sessions(total, limit)
+
     gateway = build_gateway(
-        config, queue_ready, local_recipients, reactor, router=router, processes=processes
+        config,
+        queue_ready,
+        local_recipients,
+        reactor,
+        router=router,
+        processes=processes,
+        on_sessions=sessions,
     )
     if config.smtp.workers:
         # Attached after the listeners: started once they are bound, stopped first.

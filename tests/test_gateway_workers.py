@@ -298,3 +298,39 @@ def test_a_worker_that_cannot_be_started_is_tried_again_later(tmp_path: Path) ->
         fake.advance(60.0)
         assert fake.attempts == 3  # stopped: no more tries
     assert any("could not be started" in str(e.get("log_format")) for e in seen)
+
+
+def _greetings(port: int, count: int) -> list[bytes]:
+    """Open ``count`` connections and keep them open; the first line each one got."""
+    held: list[socket.socket] = []
+    lines: list[bytes] = []
+    try:
+        for _ in range(count):
+            client = socket.create_connection(("127.0.0.1", port), timeout=10)
+            held.append(client)
+            lines.append(client.recv(200).split(b"\r\n")[0])
+    finally:
+        for client in held:
+            client.close()
+    return lines
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_worker_hands_the_sockets_back_before_it_refuses(
+    tmp_path: Path, events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_sessions 4 over two processes, deliverer busy: four clients get 220, a fifth 421."""
+    monkeypatch.setattr(DelivererService, "busy", property(lambda self: True))
+    port = _free_port()
+    text = _config(tmp_path, port, workers=1).text.replace(
+        "workers = 1", "workers = 1\nmax_sessions = 4\nmax_sessions_per_client = 10"
+    )
+    service = build_service(parse_config(text, tmp_path), reactor)
+    service.startService()
+    try:
+        await _until(lambda: _ready_workers(events) == [1])
+        await _until(lambda: not _main_reads(service))
+        greetings = await deferToThread(_greetings, port, 5)
+        assert [line[:3] for line in greetings] == [b"220"] * 4 + [b"421"], greetings
+    finally:
+        await service.stopService()

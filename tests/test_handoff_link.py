@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import LogEvent
@@ -258,9 +258,38 @@ async def test_when_the_datagram_cannot_go_the_link_answers() -> None:
 async def test_ready_tells_the_spool_side_that_the_worker_accepts() -> None:
     link = await _link()
     try:
+        changes: list[bool] = []
+        link.server.on_ready_change = lambda: changes.append(link.server.ready)
         assert not link.server.ready
         link.client.ready()
         await until(lambda: link.server.ready)
+        link.client.ready(False)  # full, or stopping
+        await until(lambda: not link.server.ready)
+        assert changes == [True, False]
         assert not link.lost and link.server.rejected == 0
+    finally:
+        _close(link)
+
+
+class _AnsweredThenFailed(MemoryQueue):
+    """A spool whose batch fails after the message was synced and announced (a defect)."""
+
+    def store(self, envelope: Envelope, text: bytes, *, on_durable: Any = None) -> Any:
+        if on_durable is not None:
+            on_durable("0660CB0F36073B")
+        return defer.fail(SpoolError("the writer failed the batch afterwards"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failure_after_an_early_answer_is_logged_not_sent(
+    events: list[LogEvent],
+) -> None:
+    """The worker said 250 already: a FAILED now would break the link for nothing."""
+    link = await _link(_AnsweredThenFailed(reactor), early=True)
+    try:
+        assert await link.client.store(_envelope(), b"x\r\n") == "0660CB0F36073B"
+        await task.deferLater(reactor, 0.05, lambda: None)
+        assert not link.lost and link.server.rejected == 0 and link.client.in_flight == 0
+        assert any("already answered failed" in str(e.get("log_format")) for e in events)
     finally:
         _close(link)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import sys
+import threading
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import task
+from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, LogPublisher, formatEventAsClassicLogText
 from twisted.python.failure import Failure
 
@@ -64,6 +66,9 @@ def _event(form: str, **fields: object) -> dict[str, object]:
         _event("{x}", x="", log_level=LogLevel.warn),
         {**_event("with a system"), "log_system": "TCP Port 2525"},
         {"log_format": "no time", "log_namespace": "n", "log_level": LogLevel.error},
+        _event("rounds up", log_time=1_795_000_020.9999996),  # datetime rounds to the µs
+        _event("before 1970", log_time=-1.5),
+        _event("odd namespace", log_namespace="two\nlines"),
     ],
 )
 def test_lines_are_the_ones_twisted_writes(event: dict[str, object]) -> None:
@@ -105,7 +110,6 @@ def test_warnings_and_worse_are_flushed_at_once() -> None:
     log.info("quiet")
     log.warn("loud {what}", what="disk full")
     assert "quiet" in out.flushed and "loud disk full" in out.flushed
-    assert clock.getDelayedCalls() == []  # the pending timed flush went with it
 
 
 def test_the_twistd_factory_writes_to_standard_output(capsys: pytest.CaptureFixture[str]) -> None:
@@ -113,3 +117,30 @@ def test_the_twistd_factory_writes_to_standard_output(capsys: pytest.CaptureFixt
     made(_event("hello {who}", who="operator", log_level=LogLevel.error))
     assert "[relay.test#error] hello operator" in capsys.readouterr().out
     assert sys.stdout is not None
+
+
+class ThreadClock(Clock):
+    """A Clock that also takes callFromThread (run at once, recorded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.from_threads: list[str] = []
+
+    def callFromThread(self, f: object, *args: object) -> None:
+        self.from_threads.append(threading.current_thread().name)
+        f(*args)  # type: ignore[operator]
+
+
+def test_a_line_from_another_thread_asks_the_owner_for_the_flush() -> None:
+    """The writer thread logs too: its line is written, the timer is the owner's to set."""
+    out, clock = Out(), ThreadClock()
+    observer = RelayLogObserver(out, clock)
+    worker = threading.Thread(
+        target=observer, args=(_event("from {who}", who="spool-writer"),), name="writer"
+    )
+    worker.start()
+    worker.join()
+    assert "from spool-writer" in out.getvalue()
+    assert clock.from_threads == ["writer"]
+    clock.advance(FLUSH_INTERVAL)
+    assert "from spool-writer" in out.flushed

@@ -433,3 +433,22 @@ def test_without_pipelining_every_command_goes_at_once() -> None:
     proto, transport, _ = _pipelining_protocol(b"250-server.test\r\n250 8BITMIME\r\n")
     proto.command(MailFrom(Address("a", "x.test")))
     assert transport.value() == b"MAIL FROM:<a@x.test>\r\n"
+
+
+def test_nothing_held_is_written_after_we_closed_the_connection() -> None:
+    """quit() with MAIL unanswered closes at once: the held MAIL must not follow."""
+    h = Harness()
+    h.proto.command(MailFrom(SENDER))  # held until the end of the turn
+    h.proto.quit()
+    assert h.transport.disconnecting
+    h.reactor.advance(0)
+    assert h.transport.value() == b""
+
+
+def test_nothing_held_is_written_after_a_421() -> None:
+    """A 421 makes the connection unusable: held commands are dropped, not written."""
+    h = Harness()
+    h.proto.command(MailFrom(SENDER))
+    h.feed(b"421 4.3.2 closing\r\n")
+    h.reactor.advance(0)
+    assert b"MAIL" not in h.transport.value()

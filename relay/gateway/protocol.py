@@ -45,6 +45,7 @@ from __future__ import annotations
 import errno
 import io
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +110,8 @@ class SessionLimiter:
         self.total = 0
         self.per_client: Counter[str] = Counter()
         self.sessions: set[SmtpServerProtocol] = set()
+        # Told (total, max_sessions) after each change: a gateway worker reports its room.
+        self.on_change: Callable[[int, int], object] | None = None
 
     def admit(self, client: str) -> str | None:
         """Count a new session; or say why not (and count nothing)."""
@@ -118,6 +121,8 @@ class SessionLimiter:
             return "too many sessions from your address"
         self.total += 1
         self.per_client[client] += 1
+        if self.on_change is not None:
+            self.on_change(self.total, self.max_sessions)
         return None
 
     def release(self, client: str) -> None:
@@ -126,6 +131,8 @@ class SessionLimiter:
         self.per_client[client] -= 1
         if self.per_client[client] <= 0:
             del self.per_client[client]
+        if self.on_change is not None:
+            self.on_change(self.total, self.max_sessions)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ in memory across all sessions) and one :class:`~relay.gateway.limits.AuthThrottl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -228,6 +228,7 @@ def build_gateway(
     router: Router | None = None,
     processes: int = 1,
     adopted: Sequence[SharedListener] | None = None,
+    on_sessions: Callable[[int, int], object] | None = None,
 ) -> IService:
     """The SMTP gateway's services for ``config``.
 
@@ -243,7 +244,8 @@ def build_gateway(
     workers): each takes that share of ``max_sessions`` and ``max_text_in_memory``, so
     the totals hold.  A worker passes ``adopted``, the listening sockets it was handed,
     instead of listening on the configured endpoints, and leaves the "stored" log line
-    to the spool's process.
+    to the spool's process; ``on_sessions(total, max)`` hears of every session opened
+    or closed (a worker reports its room from it).
     """
     smtp = config.smtp
     tls_options: CertificateOptions | None = None
@@ -251,6 +253,7 @@ def build_gateway(
         tls_options = load_server_tls(smtp.tls_cert_file, smtp.tls_key_file)
     checker = PasswordChecker(smtp.auth_users_file, reactor) if smtp.auth_users_file else None
     limiter = SessionLimiter(max(1, smtp.max_sessions // processes), smtp.max_sessions_per_client)
+    limiter.on_change = on_sessions
     text_budget = TextBudget(
         max(1, _given(max_text_in_memory, smtp.max_text_in_memory) // processes)
     )

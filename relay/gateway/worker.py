@@ -37,7 +37,7 @@ from twisted.logger import (
 )
 
 from relay.config import ConfigError, parse_config
-from relay.gateway.service import SharedListener, build_gateway
+from relay.gateway.service import AdoptedListener, SharedListener, build_gateway
 from relay.handoff.codec import Hello
 from relay.handoff.worker_side import AckReader, StoreClient
 from relay.local_users import build_local_recipients
@@ -84,6 +84,7 @@ class _Worker:
         self.gateway: IService | None = None
         self.exit_code = 0
         self._stopping = False
+        self._accepting = False  # what we last told the spool's process
 
     def hello(self, hello: Hello) -> None:
         """Build and start the gateway the spool's process described."""
@@ -105,17 +106,48 @@ class _Worker:
             router=router,
             processes=hello.processes,
             adopted=self.listeners,
+            on_sessions=self.sessions_changed,
         )
         gateway.startService()  # type: ignore[no-untyped-call]
         for shared in self.listeners:  # adopted (duplicated) by now
             os.close(shared.fd)
         self.gateway = gateway
-        self.client.ready()
+        self._report(True)
         _log.info(
             "accepting on {count} socket(s), {share} of the session limits",
             count=len(self.listeners),
             share=f"1/{hello.processes}",
         )
+
+    def sessions_changed(self, total: int, limit: int) -> None:
+        """Full (our share of max_sessions): stop accepting and say so; with room, resume."""
+        if self._stopping:
+            return
+        if self._accepting and total >= limit:
+            self._report(False)
+        elif not self._accepting and total < limit and self.gateway is not None:
+            self._report(True)
+
+    def _report(self, accepting: bool) -> None:
+        """Stop (or resume) accepting, and say so: the spool's process takes over."""
+        self._accepting = accepting
+        for port in self._ports():
+            if accepting:
+                port.startReading()
+            else:
+                port.stopReading()
+        self.client.ready(accepting)
+
+    def _ports(self) -> list[Any]:
+        """The listening ports this worker adopted (empty before HELLO)."""
+        gateway = self.gateway
+        if gateway is None:
+            return []
+        return [
+            child.port
+            for child in gateway  # type: ignore[attr-defined]
+            if isinstance(child, AdoptedListener) and child.port is not None
+        ]
 
     def lost(self, why: str) -> None:
         """No link, no spool: stop accepting and exit."""
@@ -136,6 +168,8 @@ class _Worker:
         gateway = self.gateway
         if gateway is None:
             return None
+        self._stopping = True
+        self.client.ready(False)  # before it stops listening: the spool's process takes over
         gateway.stopService()  # type: ignore[no-untyped-call]
         drained = self.client.drained()
         drained.addTimeout(DRAIN_LIMIT, self.reactor)

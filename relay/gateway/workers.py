@@ -18,20 +18,27 @@ worker answer 250.
 
 **Who accepts.**  The spool's process accepts on the sockets too, except while its
 deliverer is busy and at least one worker says it is READY: then it stops reading its
-listening sockets (checked every :data:`BALANCE_INTERVAL` seconds) and the workers take
-every connection.  A process that is delivering answers SMTP slowly, and its slow
-sessions hold the clients' connection slots: measured with ``bench/relay_e2e.py``, the
-relay passed on about 20 % more mail this way.  With no worker ready, or nothing to
-deliver, it accepts as before (``bench/smtp_in.py``: both processes take mail).
+listening sockets (checked every :data:`BALANCE_INTERVAL` seconds, and whenever a
+worker changes its READY) and the workers take every connection.  Why: a process that
+is delivering answers SMTP slowly, and its slow sessions hold the clients' connection
+slots; measured with ``bench/relay_e2e.py``, the relay passed on about 20 % more mail
+this way.  With no worker ready, or nothing to deliver, it accepts as before
+(``bench/smtp_in.py``: both processes take mail).
+
+A worker withdraws its READY and stops accepting when it holds its share of
+``max_sessions`` (both come back with the first free slot), when it stops, and when its
+link drops; and the spool's process stops accepting too while it holds its own share
+and a worker has room.  So a client is refused only when every process is full.
 
 Limits: ``max_sessions`` and ``max_text_in_memory`` are divided among the processes, so
 their totals hold; ``max_sessions_per_client`` and the failed-AUTH count are kept by each
 process for its own sessions.
 
-A worker that exits is started again (after 1 s, doubling to 60 s while it keeps dying
-young); its output is logged here line by line.  A worker whose link closes (the spool's
-process went away) exits.  At stop, workers get SIGTERM, finish what is storing, and are
-killed if they are still there after :data:`STOP_GRACE` seconds.
+A worker that exits, or cannot be started, is tried again (after 1 s, doubling to 60 s
+while it keeps dying young); its output is logged here line by line.  A worker whose
+link closes (the spool's process went away) exits.  At stop, workers get SIGTERM,
+finish what is storing, and are killed if they are still there after
+:data:`STOP_GRACE` seconds.
 """
 
 from __future__ import annotations
@@ -100,6 +107,7 @@ class GatewayWorkers(Service):
         self._restarts: dict[int, IDelayedCall] = {}
         self._delays: dict[int, float] = {}
         self._main_busy = main_busy
+        self._main_full = False
         self.main_accepting = True
         self._balancer = LoopingCall(self._balance)
         self._balancer.clock = reactor
@@ -163,6 +171,7 @@ class GatewayWorkers(Service):
         acks.setblocking(False)
         limit = frame_limit(config.smtp.max_message_size)
         server = StoreServer(hello, self._queue, limit, acks=acks)
+        server.on_ready_change = self._rebalance
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, _OneProtocol(server))
@@ -194,9 +203,24 @@ class GatewayWorkers(Service):
 
     def _balance(self) -> None:
         """Leave the sockets to the workers while this process is busy delivering."""
-        ready = any(worker.server.ready and not worker.gone for worker in self.workers.values())
+        ready = any(
+            worker.server.ready and not worker.server.lost and not worker.gone
+            for worker in self.workers.values()
+        )
         busy = self._main_busy is not None and self._main_busy()
-        self._set_main_accepting(not (ready and busy))
+        self._set_main_accepting(not (ready and (busy or self._main_full)))
+
+    def main_sessions(self, total: int, limit: int) -> None:
+        """The spool's process's own gateway opened or closed a session (its limiter)."""
+        full = total >= limit
+        if full != self._main_full:
+            self._main_full = full
+            self._rebalance()
+
+    def _rebalance(self) -> None:
+        """A worker said it is (no longer) taking connections: act on it now."""
+        if self.running:
+            self._balance()
 
     def _set_main_accepting(self, accept: bool) -> None:
         if accept == self.main_accepting:

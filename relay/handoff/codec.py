@@ -16,7 +16,8 @@ kind byte, then
   encodes it (:func:`relay.queue.payload.encode_envelope`), then the message text;
 * ``K`` STORED: request number (u32), the queue id (ASCII);
 * ``F`` FAILED: request number (u32), a disk-full flag (u8), a UTF-8 reason;
-* ``R`` READY: nothing more (the worker's gateway accepts now).
+* ``R`` READY: ``1`` (the worker takes new connections) or ``0`` (it does not: full or
+  stopping).
 
 Anything else, or a frame whose parts do not add up, is a :class:`HandoffError`: both
 ends then drop the connection (the worker exits and is started again), since a peer that
@@ -101,7 +102,14 @@ class StoreFailed:
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    """The worker accepts on its sockets now (the spool's process may leave them to it)."""
+    """Whether the worker takes new connections: it accepts on its sockets and has room.
+
+    A worker says ``accepting=True`` once its gateway listens, ``False`` when its sessions
+    near its share of ``max_sessions`` or when it is stopping, and ``True`` again when
+    room comes back: the spool's process leaves the sockets to it only while it does.
+    """
+
+    accepting: bool = True
 
 
 Frame = Hello | StoreRequest | Stored | StoreFailed | Ready
@@ -115,7 +123,7 @@ def encode(frame: Frame) -> bytes:
     if isinstance(frame, Stored):
         return b"K" + _U32.pack(frame.request) + frame.queue_id.encode("ascii")
     if isinstance(frame, Ready):
-        return b"R"
+        return b"R1" if frame.accepting else b"R0"
     if isinstance(frame, StoreFailed):
         return b"F" + _FAILED.pack(frame.request, frame.disk_full) + frame.reason.encode()
     body = {
@@ -162,9 +170,9 @@ def decode(payload: bytes) -> Frame:
         reason = payload[1 + _FAILED.size :].decode("utf-8", "replace")
         return StoreFailed(request, bool(disk_full), reason)
     if kind == b"R":
-        if len(payload) != 1:
-            raise HandoffError("READY frame with a body")
-        return Ready()
+        if payload not in (b"R0", b"R1"):
+            raise HandoffError("READY frame: not 0 or 1")
+        return Ready(payload == b"R1")
     if kind == b"H":
         return _hello(payload[1:])
     raise HandoffError(f"unknown frame kind {kind!r}")
@@ -173,7 +181,7 @@ def decode(payload: bytes) -> Frame:
 def _hello(body: bytes) -> Hello:
     try:
         data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, a 5000-digit number
         raise HandoffError(f"HELLO frame: not JSON: {e}") from None
     if not isinstance(data, dict):
         raise HandoffError("HELLO frame: not a JSON object")

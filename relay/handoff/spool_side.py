@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import socket
 import threading
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -81,7 +82,8 @@ class StoreServer(Int32StringReceiver):
         self.stored = 0
         self.rejected = 0
         self.early = 0  # answers the spool's writer thread sent itself
-        self.ready = False  # the worker said it accepts connections
+        self.ready = False  # the worker says it takes new connections
+        self.on_ready_change: Callable[[], object] | None = None
         self.lost = False
         self._acks = acks
         self._acks_lock = threading.Lock()  # the writer thread sends, the reactor closes
@@ -96,7 +98,9 @@ class StoreServer(Int32StringReceiver):
         try:
             frame = decode(string)
             if isinstance(frame, Ready):
-                self.ready = True
+                self.ready = frame.accepting
+                if self.on_ready_change is not None:
+                    self.on_ready_change()
                 return
             if not isinstance(frame, StoreRequest):
                 raise HandoffError(f"a worker sends STORE or READY, not {type(frame).__name__}")
@@ -123,6 +127,17 @@ class StoreServer(Int32StringReceiver):
                 self._answer(Stored(request, queue_id))
 
         def failed(failure: Failure) -> None:
+            if request in self._acked:
+                # Synced and answered early, then the writer failed the batch after all
+                # (a defect): the message is on disk and recovery will find it; telling
+                # the worker "failed" now would contradict the 250 it already gave.
+                self._acked.discard(request)
+                _log.failure(
+                    "smtp worker {index}: a store already answered failed afterwards",
+                    failure,
+                    index=self.hello.index,
+                )
+                return
             _log.failure(
                 "smtp worker {index}: cannot store message from {client}",
                 failure,
@@ -165,6 +180,9 @@ class StoreServer(Int32StringReceiver):
     def connectionLost(self, reason: Failure | None = None) -> None:
         """The worker is gone; answers still due are dropped (its clients retry)."""
         self.lost = True
+        self.ready = False
+        if self.on_ready_change is not None:
+            self.on_ready_change()
 
     def _answer(self, frame: Stored | StoreFailed) -> None:
         if not self.lost:

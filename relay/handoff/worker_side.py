@@ -97,10 +97,10 @@ class StoreClient(Int32StringReceiver):
         self._drained.append(d)
         return d
 
-    def ready(self) -> None:
-        """Tell the spool's process that this worker's gateway accepts connections now."""
+    def ready(self, accepting: bool = True) -> None:
+        """Tell the spool's process whether this worker takes new connections."""
         if not self._lost and self.transport is not None:
-            self.sendString(encode(Ready()))
+            self.sendString(encode(Ready(accepting)))
 
     def datagramReceived(self, datagram: bytes) -> None:
         """An early answer, sent by the spool's writer thread (see :class:`AckReader`)."""

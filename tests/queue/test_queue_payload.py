@@ -66,6 +66,14 @@ def test_any_bytes_decode_or_raise_payload_error_only(data: bytes) -> None:
             decode(data)
 
 
+def test_a_number_too_long_to_read_is_a_payload_error() -> None:
+    """Python refuses integers over 4 300 digits with a ValueError: still a PayloadError."""
+    huge = b'{"id": "0615E2A4C1B3F0", "arrival": ' + b"9" * 5000 + b"}"
+    for decode in (decode_status, decode_done, decode_message_prefix, decode_envelope):
+        with pytest.raises(PayloadError):
+            decode(huge)
+
+
 @pytest.mark.parametrize(
     "payload",
     [

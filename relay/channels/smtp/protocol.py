@@ -352,8 +352,21 @@ class SmtpClientProtocol(Protocol):
 
     def _write_held(self) -> None:
         self._held_flush = None
-        if self._held and self.transport is not None and not self._is_lost:
-            self._write(b"")
+        transport = self.transport
+        if not self._held or transport is None or self._is_lost or self._gone is not None:
+            return
+        if getattr(transport, "disconnecting", False):  # we closed it meanwhile
+            self._drop_held()
+            return
+        self._write(b"")
+
+    def _drop_held(self) -> None:
+        """Forget held commands: the connection is closing or unusable."""
+        if self._held_flush is not None and self._held_flush.active():
+            self._held_flush.cancel()
+        self._held_flush = None
+        self._held.clear()
+        self._held_bytes = 0
 
     def _flush_queue(self) -> None:
         """Send the queued commands the outstanding replies no longer hold back."""
@@ -418,10 +431,12 @@ class SmtpClientProtocol(Protocol):
             try:
                 d = self.command(Quit())
             except Exception:  # the state does not allow QUIT (e.g. in the text): just close
+                self._drop_held()
                 self.transport.loseConnection()
             else:
                 d.addBoth(lambda _: self._close())
                 return lost
+        self._drop_held()
         self.transport.loseConnection()
         return lost
 
@@ -493,6 +508,7 @@ class SmtpClientProtocol(Protocol):
         if self._gone is None:
             self._gone = error
         self._cancel_timer()
+        self._drop_held()
         waiters, self._waiters = self._waiters, deque()
         queued, self._queue = self._queue, deque()
         for d in [*waiters, *(d for _, d in queued)]:
@@ -546,11 +562,7 @@ class SmtpClientProtocol(Protocol):
 
     def _cancel_timers(self) -> None:
         self._cancel_timer()
-        if self._held_flush is not None and self._held_flush.active():
-            self._held_flush.cancel()
-        self._held_flush = None
-        self._held.clear()
-        self._held_bytes = 0
+        self._drop_held()
         if self._drain_timer is not None and self._drain_timer.active():
             self._drain_timer.cancel()
         self._drain_timer = None
