@@ -61,7 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from postfix_harness import Postfix, drive, free_port, wait_listening
+from postfix_harness import Postfix, drive, free_port, process_cpu_seconds, wait_listening
 
 ROOT = Path(__file__).resolve().parent.parent
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -181,16 +181,10 @@ def _check_sink(sink: Sink, messages: int, who: str) -> None:
 # --------------------------------------------------------------------------- the relay side
 
 
-def _worker_cpu(pids: list[int]) -> float:
-    """User + system CPU so far of the gateway worker processes, from /proc."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+# Who accepts SMTP connections while the relay delivers (relay.gateway.workers):
+# "auto" is the relay's own rule; "always" and "never" force the spool's process to
+# keep accepting or to leave every connection to the workers (for comparing them).
+MAIN_ACCEPTS = "auto"
 
 
 def serve(port: int, sink_port: int, work: Path, profile: str | None, workers: int) -> None:
@@ -231,6 +225,10 @@ tls = "none"
         work,
     )
     service = build_service(config, reactor)
+    if MAIN_ACCEPTS != "auto" and workers:
+        gateway_workers = service.getServiceNamed("smtp").getServiceNamed("workers")
+        forced = MAIN_ACCEPTS == "never"
+        gateway_workers.main_busy = lambda: forced
     baseline: list[float] = []
     profiler = None
     if profile:
@@ -248,7 +246,7 @@ tls = "none"
     def cpu() -> tuple[float, float]:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         pids = [w.pid for w in worker_processes() if w.pid]
-        return usage.ru_utime + usage.ru_stime + _worker_cpu(pids), time.thread_time()
+        return usage.ru_utime + usage.ru_stime + process_cpu_seconds(pids), time.thread_time()
 
     def accepted() -> int:
         gateway = service.getServiceNamed("smtp")
@@ -309,7 +307,7 @@ class RelayChild:
         self, port: int, sink_port: int, work: Path, profile: str | None, workers: int
     ) -> None:
         command = [sys.executable, __file__, "--serve", str(port), str(sink_port), str(work)]
-        command += ["--workers", str(workers)]
+        command += ["--workers", str(workers), "--main-accepts", MAIN_ACCEPTS]
         if profile:
             command += ["--profile", profile]
         self.process = subprocess.Popen(
@@ -434,8 +432,16 @@ def main() -> None:
     parser.add_argument("--profile", metavar="FILE")
     parser.add_argument("--relay-only", action="store_true")
     parser.add_argument("--workers", type=int, default=1, help="[smtp] workers (default 1)")
+    parser.add_argument(
+        "--main-accepts",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="while delivering, the relay's own process accepts: by its rule, always, never",
+    )
     parser.add_argument("--serve", nargs=3, metavar=("PORT", "SINK_PORT", "WORK"))
     args = parser.parse_args()
+    global MAIN_ACCEPTS
+    MAIN_ACCEPTS = args.main_accepts
     if args.serve:
         serve(
             int(args.serve[0]), int(args.serve[1]), Path(args.serve[2]), args.profile, args.workers
@@ -463,6 +469,7 @@ def main() -> None:
         "size": args.size,
         "rounds": args.rounds,
         "workers": args.workers,
+        "main_accepts": args.main_accepts,
         "relay_msgs_per_s": round(rate(relay), 1),
         "relay_samples": [round(n / s.seconds) for s in relay],
         "relay_inbound_msgs_per_s": round(statistics.median(n / s.inbound_seconds for s in relay)),

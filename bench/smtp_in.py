@@ -32,22 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from postfix_harness import Postfix, drive, free_port
+from postfix_harness import Postfix, drive, free_port, process_cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 # --------------------------------------------------------------------------- the relay side
-
-
-def _cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU so far of these processes (all their threads), from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / tick
 
 
 def serve(port: int, spool: Path, profile: str | None, workers: int) -> None:
@@ -107,7 +97,7 @@ def serve(port: int, spool: Path, profile: str | None, workers: int) -> None:
         def ready() -> None:
             if profiler is not None:
                 profiler.enable()
-            started.append(_cpu_seconds(pids()))
+            started.append(process_cpu_seconds(pids()))
             print("ready", flush=True)
 
         SpoolQueue.open(spool, reactor).addCallback(opened)  # type: ignore[arg-type]
@@ -117,7 +107,7 @@ def serve(port: int, spool: Path, profile: str | None, workers: int) -> None:
             profiler.disable()
             profiler.dump_stats(profile)
         gateway, queue, tree = services[0]
-        cpu = _cpu_seconds(pids()) - started[0]
+        cpu = process_cpu_seconds(pids()) - started[0]
 
         def report(stored: list[str]) -> object:
             print(f"cpu {cpu:.3f} accepted {len(stored)}", flush=True)

@@ -3,8 +3,9 @@
 Why: every message costs the relay three log events (stored, delivered, removed).
 Twisted's ``textFileLogObserver`` formats each with its own Python-level formatter,
 builds the time stamp with ``datetime`` and ``strftime``, and flushes the file after
-every line (one ``write`` system call per event).  Measured with ``bench/relay_e2e.py``,
-that was about 120 µs of the reactor thread per message, an eighth of it.
+every line (one ``write`` system call per event).  ``bench/logfile.py`` measures both
+on a real file: about 30 µs of CPU per event for Twisted's observer, 8 to 9 for this one,
+so some 65 µs saved per relayed message.
 
 This observer writes the same lines (``2026-11-21T15:31:47+0000 [namespace#info]
 text``), so nothing that reads the log needs to change, but:

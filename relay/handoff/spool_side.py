@@ -9,8 +9,9 @@ known, exactly as the in-process gateway writes it.
 
 **Early answers.**  This process's reactor is also the deliverer's, and under load a
 frame waits there for milliseconds, twice per message (the request, then the spool's
-answer coming back from its writer thread).  Measured on ``bench/relay_e2e.py``, that
-made the worker wait about 9 ms for each STORED, half the time a message took.  So the
+answer coming back from its writer thread).  Timing each STORED in the worker during
+``bench/relay_e2e.py`` runs (instrumentation not kept) gave a median of about 9 ms,
+about half the time a message took, of which the spool's own store was 4.  So the
 spool calls an ``on_durable`` hook in its writer thread right after the fsync, and the
 hook sends STORED at once as a datagram on a second socket (whole or not at all, never
 blocking: :meth:`StoreServer._ack_early`).  If that send fails (the worker's queue is
