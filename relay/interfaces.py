@@ -257,12 +257,21 @@ class IQueue(IStore):
     """
 
     def store(
-        envelope: Envelope, text: bytes, *, on_durable: Callable[[str], object] | None = None
+        envelope: Envelope,
+        text: bytes,
+        *,
+        on_durable: Callable[[str], object] | None = None,
+        envelope_json: bytes | None = None,
     ) -> Deferred[str]:
         """As :meth:`IStore.store`; and ``on_durable(queue_id)``, if given, is called the
         moment the message is durable, possibly in another thread and before the Deferred
         fires (a busy reactor does not delay it): it must be quick, thread-safe and never
-        block.  A gateway worker's link answers its worker from there."""
+        block.  A gateway worker's link answers its worker from there.
+
+        ``envelope_json``, if given, is the envelope exactly as
+        ``relay.queue.payload.encode_envelope`` writes it (a worker's link received it
+        so and decoded ``envelope`` from it): the spool may keep those bytes instead of
+        encoding the envelope again."""
 
     def load(queue_id: str) -> Deferred[tuple[Envelope, Sequence[RecipientStatus]]]:
         """Fire with a message's envelope and its recipients' states (not its text)."""

@@ -123,6 +123,49 @@ def test_any_json_is_an_envelope_or_an_envelope_error(data: object) -> None:
         Envelope.from_dict(data)  # type: ignore[arg-type]
 
 
+class _Careful(dict):  # type: ignore[type-arg]
+    """A dict that is not exactly a dict: from_dict reads it the field-by-field way."""
+
+
+def _slow(value: object) -> object:
+    """``value`` with every dict a :class:`_Careful` one."""
+    if isinstance(value, dict):
+        return _Careful({k: _slow(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return [_slow(v) for v in value]
+    return value
+
+
+def _outcome(data: object) -> object:
+    try:
+        return Envelope.from_dict(data)  # type: ignore[arg-type]
+    except EnvelopeError as e:
+        return str(e).replace("_Careful", "dict")
+
+
+FIELDS = st.sampled_from(
+    [
+        *[("return_path",), ("recipients",), ("arrival",), ("submitter",), ("body_type",)],
+        *[("smtputf8",), ("env_id",), ("recipients", 0), ("recipients", 1, "address")],
+        *[("recipients", 1, "channel"), ("recipients", 1, "host"), ("recipients", 1, "original")],
+        *[("submitter", "protocol"), ("submitter", "helo"), ("submitter", "tls")],
+    ]
+)
+
+
+@given(FIELDS, JSON | st.sampled_from(["<a@b.test>", "local", "8BITMIME", 1.5, 7, True]))
+def test_the_quick_reading_agrees_with_the_careful_one(
+    field: tuple[object, ...], value: object
+) -> None:
+    """Any one field changed: both ways of reading give the same envelope or the same error."""
+    data = json.loads(json.dumps(_envelope().to_dict()))
+    where = data
+    for key in field[:-1]:
+        where = where[key]
+    where[field[-1]] = value
+    assert _outcome(data) == _outcome(_slow(data))
+
+
 @given(
     st.fixed_dictionaries(
         {},

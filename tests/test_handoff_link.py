@@ -274,7 +274,7 @@ async def test_ready_tells_the_spool_side_that_the_worker_accepts() -> None:
 class _AnsweredThenFailed(MemoryQueue):
     """A spool whose batch fails after the message was synced and announced (a defect)."""
 
-    def store(self, envelope: Envelope, text: bytes, *, on_durable: Any = None) -> Any:
+    def store(self, envelope: Envelope, text: bytes, *, on_durable: Any = None, **_: Any) -> Any:
         if on_durable is not None:
             on_durable("0660CB0F36073B")
         return defer.fail(SpoolError("the writer failed the batch afterwards"))

@@ -116,7 +116,9 @@ class StoreServer(Int32StringReceiver):
         text = frame.text
         request = frame.request
         early = None if self._acks is None else functools.partial(self._ack_early, request)
-        d: Deferred[str] = queue.store(envelope, text, on_durable=early)
+        d: Deferred[str] = queue.store(
+            envelope, text, on_durable=early, envelope_json=frame.envelope_json
+        )
 
         def stored(queue_id: str) -> None:
             self.stored += 1

@@ -196,20 +196,25 @@ class SpoolQueue:
         text: bytes,
         *,
         on_durable: Callable[[str], object] | None = None,
+        envelope_json: bytes | None = None,
     ) -> Deferred[str]:
         """Write a new message durably; fire with its queue id, or fail with SpoolError.
 
         ``on_durable(queue_id)`` is called in the spool's writer thread the moment the
         message is synced, before the Deferred fires (see GroupCommitWriter.append): a
         gateway worker's link uses it to send the 250's go-ahead without waiting for
-        this reactor.
+        this reactor.  ``envelope_json`` is ``encode_envelope(envelope)`` when the
+        caller has it already (a worker's link decoded the envelope from exactly those
+        bytes): it is written as it is instead of being encoded a second time.
         """
         if self._closing:
             return defer.fail(SpoolError("the spool is closing"))
         if not isinstance(envelope, Envelope) or not isinstance(text, bytes):
             return defer.fail(TypeError("store() takes an Envelope and bytes"))
         queue_id = self._ids.next()
-        prefix = encode_message_prefix(queue_id, encode_envelope(envelope))
+        if envelope_json is None:
+            envelope_json = encode_envelope(envelope)
+        prefix = encode_message_prefix(queue_id, envelope_json)
 
         def stored(written: Written) -> str:
             entry = MessageEntry(

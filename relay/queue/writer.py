@@ -11,9 +11,9 @@ While it syncs, new records queue up and form the next batch; so the more concur
 writers there are, the bigger the batches, and throughput rises with concurrency
 instead of being capped at the disk's fsync rate.
 
-Nothing here blocks the reactor: the reactor thread only appends to a deque under a
-lock.  Framing and checksumming also happen in the writer thread (``zlib.crc32``
-releases the GIL for large buffers).
+Nothing here blocks the reactor: the reactor thread only puts requests in a queue.
+Framing and checksumming also happen in the writer thread (``zlib.crc32`` releases the
+GIL for large buffers).
 
 Order is kept: records are written in the order ``append`` was called, and the
 Deferreds of written records fire in that order, so callers can rely on log order =
@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import errno
 import threading
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from queue import Empty, SimpleQueue
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
@@ -88,10 +88,13 @@ class GroupCommitWriter:
         self._log = log
         self._reactor = reactor
         self._max_batch_bytes = max_batch_bytes
-        self._pending: deque[_Request] = deque()
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._stopping = False
+        # Requests go to the thread through a SimpleQueue (put and get are C, and a put
+        # wakes the thread only if it is waiting): a lock and a Condition cost the
+        # reactor thread several Python calls per record.  None marks the end.
+        self._requests: SimpleQueue[_Request | None] = SimpleQueue()
+        self._held: _Request | None = None  # writer thread: the first of the next batch
+        self._ending = False  # writer thread: the end mark has been taken
+        self._stopping = False  # reactor thread: no more requests are taken
         self._stopped: Deferred[None] = Deferred()
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
         self.batches = 0  # fdatasyncs done, for tests and the benchmark
@@ -128,22 +131,19 @@ class GroupCommitWriter:
 
     def stop(self) -> Deferred[None]:
         """Finish what is queued, close the log, and fire when the thread has ended."""
-        with self._lock:
+        if not self._stopping:
             self._stopping = True
-            self._wake.notify()
+            self._requests.put(None)  # after everything queued so far
         if self._thread.ident is None:  # never started
             self._log.close()
             self._stopped.callback(None)
         return self._stopped
 
     def _submit(self, request: _Request) -> None:
-        with self._lock:
-            refused = self._stopping
-            if not refused:
-                self._pending.append(request)
-                self._wake.notify()
-        if refused:
+        if self._stopping:
             request.deferred.errback(SpoolError("the spool is closing"))
+        else:
+            self._requests.put(request)
 
     # --- the writer thread -------------------------------------------------------------
 
@@ -165,19 +165,30 @@ class GroupCommitWriter:
             self._reactor.callFromThread(self._stopped.callback, None)
 
     def _take(self) -> list[_Request] | None:
-        """Wait for work; take everything waiting, up to the batch size."""
-        with self._lock:
-            while not self._pending and not self._stopping:
-                self._wake.wait()
-            if not self._pending:
+        """Wait for work; take everything waiting, up to the batch size (None: the end)."""
+        first = self._held
+        self._held = None
+        if first is None:
+            if self._ending:
                 return None
-            batch = [self._pending.popleft()]
-            total = _size(batch[0])
-            while self._pending and total + _size(self._pending[0]) <= self._max_batch_bytes:
-                request = self._pending.popleft()
-                total += _size(request)
-                batch.append(request)
-            return batch
+            first = self._requests.get()
+            if first is None:
+                return None
+        batch = [first]
+        total = _size(first)
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except Empty:
+                return batch
+            if request is None:
+                self._ending = True
+                return batch
+            total += _size(request)
+            if total > self._max_batch_bytes:
+                self._held = request
+                return batch
+            batch.append(request)
 
     def _process(self, batch: list[_Request]) -> list[_Result]:
         """Carry out a batch in order: runs of appends share one sync."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import threading
 from pathlib import Path
@@ -19,6 +20,7 @@ from relay.interfaces import IMessage, IQueue, ITextReader
 from relay.queue import record
 from relay.queue.layout import SpoolLayout
 from relay.queue.lock import SpoolLocked
+from relay.queue.payload import encode_envelope
 from relay.queue.recovery import recover
 from relay.queue.state import NoSuchMessage
 from relay.queue.store import SpoolQueue
@@ -518,6 +520,23 @@ async def test_on_durable_runs_in_the_writer_thread_before_the_deferred_fires(
         qid = await d
         assert seen == [(qid, "spool-writer", seen[0][2])] and seen[0][2] >= 1
         assert threading.current_thread().name != "spool-writer"
+    finally:
+        await queue.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_envelope_already_encoded_is_written_as_given(tmp_path: Path) -> None:
+    """A worker's link passes the envelope's bytes on: they go to disk unchanged."""
+    envelope = make_envelope(2)
+    given = json.dumps(envelope.to_dict(), indent=1).encode()  # same envelope, other bytes
+    assert given != encode_envelope(envelope)
+    queue = await open_queue(tmp_path)
+    try:
+        qid = await queue.store(envelope, b"Subject: x\r\n\r\nhi\r\n", envelope_json=given)
+        queue = await _reopen(queue)
+        assert (await queue.load(qid))[0] == envelope
+        segments = sorted(queue.layout.log_dir.iterdir())
+        assert any(given in path.read_bytes() for path in segments)
     finally:
         await queue.close()
 

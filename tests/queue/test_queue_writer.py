@@ -1,0 +1,72 @@
+"""The group-commit writer on its own: batches, their size limit, order, and stopping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+
+from relay.errors import SpoolError
+from relay.queue.layout import SpoolLayout
+from relay.queue.record import RecordType
+from relay.queue.segment import DEFAULT_SEGMENT_LIMIT, SegmentLog
+from relay.queue.writer import GroupCommitWriter, Written
+
+
+def _writer(tmp_path: Path, max_batch_bytes: int) -> GroupCommitWriter:
+    layout = SpoolLayout(tmp_path)
+    layout.make_dirs()
+    log = SegmentLog(layout, 1, 0, DEFAULT_SEGMENT_LIMIT)
+    return GroupCommitWriter(log, reactor, max_batch_bytes=max_batch_bytes)  # type: ignore[arg-type]
+
+
+async def _append_before_start(writer: GroupCommitWriter, sizes: list[int]) -> list[Written]:
+    """Queue records while the thread is not running yet, so the batches are predictable."""
+    waiting = [writer.append(RecordType.MESSAGE, [b"x" * size]) for size in sizes]
+    writer.start()
+    return list(await defer.gatherResults(waiting))
+
+
+@pytest_twisted.ensureDeferred
+async def test_everything_waiting_shares_one_sync(tmp_path: Path) -> None:
+    """Five records queued together are written in log order with one fdatasync."""
+    writer = _writer(tmp_path, 1 << 20)
+    try:
+        written = await _append_before_start(writer, [10, 20, 30, 40, 50])
+        assert writer.batches == 1 and writer.records == 5
+        offsets = [w.offset for w in written]
+        assert offsets == sorted(offsets) and len(set(offsets)) == 5
+    finally:
+        await writer.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_stops_at_its_size_limit(tmp_path: Path) -> None:
+    """Records that would make a batch too big wait for the next one; none is lost."""
+    writer = _writer(tmp_path, 100)
+    try:
+        written = await _append_before_start(writer, [60, 30, 60, 60, 150, 10])
+        # [60, 30] | [60] | [60] | [150] (alone, over the limit by itself) | [10]
+        assert writer.batches == 5 and writer.records == 6
+        offsets = [w.offset for w in written]
+        assert offsets == sorted(offsets)
+    finally:
+        await writer.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_writes_what_was_queued_and_refuses_the_rest(tmp_path: Path) -> None:
+    """Records queued before stop() are made durable; later ones fail with SpoolError."""
+    writer = _writer(tmp_path, 1 << 20)
+    before = [writer.append(RecordType.MESSAGE, [b"a" * 8]) for _ in range(3)]
+    writer.start()
+    stopped = writer.stop()
+    assert writer.stop() is stopped  # a second stop waits for the same end
+    after = writer.append(RecordType.MESSAGE, [b"late"])
+    with pytest.raises(SpoolError):
+        await after
+    assert len(await defer.gatherResults(before)) == 3
+    await stopped
+    assert writer.records == 3
