@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import blockingCallFromThread
 
 from relay.errors import SpoolError
+from relay.queue import writer as writer_module
 from relay.queue.layout import SpoolLayout
 from relay.queue.record import RecordType
 from relay.queue.segment import DEFAULT_SEGMENT_LIMIT, SegmentLog
@@ -19,7 +22,7 @@ def _writer(tmp_path: Path, max_batch_bytes: int) -> GroupCommitWriter:
     layout = SpoolLayout(tmp_path)
     layout.make_dirs()
     log = SegmentLog(layout, 1, 0, DEFAULT_SEGMENT_LIMIT)
-    return GroupCommitWriter(log, reactor, max_batch_bytes=max_batch_bytes)  # type: ignore[arg-type]
+    return GroupCommitWriter(log, reactor, max_batch_bytes=max_batch_bytes, commit_delay=0)  # type: ignore[arg-type]
 
 
 async def _append_before_start(writer: GroupCommitWriter, sizes: list[int]) -> list[Written]:
@@ -70,3 +73,37 @@ async def test_stop_writes_what_was_queued_and_refuses_the_rest(tmp_path: Path) 
     assert len(await defer.gatherResults(before)) == 3
     await stopped
     assert writer.records == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_writers_arriving_together_get_a_moment_to_share_a_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a batch of several, the thread waits for the next records; a lone one never waits."""
+    layout = SpoolLayout(tmp_path)
+    layout.make_dirs()
+    log = SegmentLog(layout, 1, 0, DEFAULT_SEGMENT_LIMIT)
+    writer = GroupCommitWriter(log, reactor, commit_delay=30.0)  # type: ignore[arg-type]
+    waits: list[float] = []
+    late: list[Deferred[Written]] = []
+
+    def wait(seconds: float) -> None:
+        """Instead of sleeping: the records that were on their way arrive meanwhile."""
+        waits.append(seconds)
+        late.extend(blockingCallFromThread(reactor, _append_three))  # not waiting for them
+
+    def _append_three() -> list[Deferred[Written]]:
+        return [writer.append(RecordType.MESSAGE, [b"late"]) for _ in range(3)]
+
+    monkeypatch.setattr(writer_module, "_sleep", wait)
+    try:
+        await _append_before_start(writer, [10])  # alone: no wait
+        assert waits == [] and writer.batches == 1
+        await defer.gatherResults([writer.append(RecordType.MESSAGE, [b"x"]) for _ in range(2)])
+        assert waits == [] and writer.batches == 2  # the last batch before was a lone one
+        await writer.append(RecordType.MESSAGE, [b"first"])  # after a batch of two: it waits
+        await defer.gatherResults(late)
+        assert waits == [30.0]
+        assert writer.batches == 3 and writer.records == 1 + 2 + 1 + 3  # one sync for four
+    finally:
+        await writer.stop()
