@@ -6,7 +6,9 @@ one end of a UNIX socket pair as ``--link FD`` and the listening sockets as
 configuration text, the running channels, its share of the limits), builds the same
 gateway as the spool's process runs on the adopted sockets, and stores every message it
 accepts through the link.  Its log goes to stderr, one ``LEVEL text`` line per event,
-which the spool's process puts in the relay's log.
+which the spool's process puts in the relay's log.  It runs on
+:class:`relay.leanreactor.LeanEPollReactor`, which drops the per-event log context that
+only such a system field would use.
 
 It ends when the link closes (the spool's process is gone: no spool, no mail) or on
 SIGTERM, after the stores still in flight have been answered (at most
@@ -40,6 +42,7 @@ from relay.config import ConfigError, parse_config
 from relay.gateway.service import AdoptedListener, SharedListener, build_gateway
 from relay.handoff.codec import Hello
 from relay.handoff.worker_side import AckReader, StoreClient
+from relay.leanreactor import install as install_lean_reactor
 from relay.local_users import build_local_recipients
 from relay.policy.routing import Router
 
@@ -187,11 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return EX_USAGE if e.code else 0
-    from twisted.internet import reactor
-
+    reactor = install_lean_reactor()  # its log lines carry no system field (see there)
     globalLogBeginner.beginLoggingTo([_line_observer(sys.stderr)], redirectStandardIO=False)
     worker = _Worker(reactor, args.listen)
-    reactor.adoptStreamConnection(  # type: ignore[attr-defined]
+    reactor.adoptStreamConnection(
         args.link, socket.AF_UNIX, Factory.forProtocol(lambda: worker.client)
     )
     os.close(args.link)
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", worker.stop)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, worker.on_signal)
-    reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
+    reactor.run(installSignalHandlers=False)
     return worker.exit_code
 
 
