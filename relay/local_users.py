@@ -85,7 +85,7 @@ class LocalRecipients:
         base, extension = self.split_extension(name)
         candidates = (name,) if extension is None else (name, base)
         return any(
-            self.aliases.get(candidate) is not None or self.find_user(candidate) is not None
+            self.aliases.get(candidate) is not None or self._is_user(candidate)
             for candidate in candidates
         )
 
@@ -114,6 +114,14 @@ class LocalRecipients:
         if self.local.system_users:
             return self._system_user(folded)
         return None
+
+    def _is_user(self, name: str) -> bool:
+        """As ``find_user(name) is not None``, without making the user's mailbox path
+        (RCPT asks this for every local recipient)."""
+        folded = name.casefold()
+        if folded in self._names:
+            return True
+        return self.local.system_users and self._system_user(folded) is not None
 
     def find_user_name(self, name: str) -> str | None:
         """The canonical name of the user called ``name``, for alias expansion."""

@@ -18,6 +18,7 @@ from relay.sansio.smtp.wire import (
     ReplyParser,
     ReplySyntaxError,
     SmtpReply,
+    _has_line_longer,
     dot_stuff,
     format_command,
     format_parameters,
@@ -389,3 +390,25 @@ def test_decoder_never_raises_and_holds_little(data: bytes, cuts: list[int]) -> 
         if rest is not None:
             break
         assert len(decoder._carry) <= 4
+
+
+@given(
+    st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=30),
+    st.integers(min_value=1, max_value=45),
+)
+def test_the_line_length_jump_agrees_with_splitting(lengths: list[int], limit: int) -> None:
+    """The jumping search finds a line over the limit exactly when splitting would."""
+    text = b"".join(b"x" * n + b"\r\n" for n in lengths)
+    stop = len(text) - 2  # the last line's CRLF
+    longest = max(map(len, text[:stop].split(b"\r\n")))
+    assert _has_line_longer(text, 0, stop, limit) == (longest > limit)
+
+
+@given(st.integers(min_value=0, max_value=3000))
+def test_a_text_line_is_refused_exactly_past_998_octets(length: int) -> None:
+    """Between short lines, a line of ``length`` octets is LINE_TOO_LONG iff it is over 998."""
+    wire = b"a\r\n" * 300 + b"y" * length + b"\r\n" + b"b\r\n" * 300 + b".\r\n"
+    _, rest, decoder = _decode_all(wire, [])
+    assert rest == b""
+    too_long = decoder.problem is DataProblem.LINE_TOO_LONG
+    assert too_long == (length > MAX_TEXT_LINE)
