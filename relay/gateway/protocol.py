@@ -246,11 +246,12 @@ class SmtpServerProtocol(Protocol):
         if set_no_delay is not None:
             set_no_delay(True)
         refusal = gateway.limiter.admit(self.client_ip)
-        reply = _reply(421, "4.7.0", f"{hostname} Error: {refusal}")
         if refusal is None and gateway.queue is None:
             gateway.limiter.release(self.client_ip)
             refusal = "spool not ready"
             reply = _reply(421, "4.3.2", f"{hostname} Service not available, try again later")
+        elif refusal is not None:
+            reply = _reply(421, "4.7.0", f"{hostname} Error: {refusal}")
         if refusal is not None:
             _log.info("smtp: refused {client}: {why}", client=self.client_ip, why=refusal)
             self._write(self.engine.send(Refuse(reply)))

@@ -70,7 +70,13 @@ class DoneReason:
 
 def encode_envelope(envelope: Envelope) -> bytes:
     """The envelope as compact UTF-8 JSON (SMTPUTF8 addresses stay readable)."""
-    return json.dumps(envelope.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
+    return _ENVELOPE_ENCODER.encode(envelope.to_dict()).encode()
+
+
+# Made once: json.dumps with these options builds a new JSONEncoder on every call (it
+# reuses its default one only for default options), a quarter of the cost for an
+# envelope, and every message is encoded once on its way in.
+_ENVELOPE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 def decode_envelope(data: Buffer) -> Envelope:

@@ -390,6 +390,8 @@ class ServerConnection:
 
     def send(self, event: SmtpReply | Greeting | Refuse | Shutdown) -> bytes:
         """The bytes for the adapter's answer; applies the state change it causes."""
+        if type(event) is SmtpReply:  # nearly every call: the others are once a session
+            return self._send_reply(event)
         if isinstance(event, Greeting):
             self._require_state(State.GREETING, "greeting")
             self.state = State.CONNECTED
