@@ -266,7 +266,9 @@ class IQueue(IStore):
         """As :meth:`IStore.store`; and ``on_durable(queue_id)``, if given, is called the
         moment the message is durable, possibly in another thread and before the Deferred
         fires (a busy reactor does not delay it): it must be quick, thread-safe and never
-        block.  A gateway worker's link answers its worker from there.
+        block.  A gateway worker's link answers its worker from there.  It may return a
+        callable: after every hook of the same sync has run, each distinct such callable
+        is called once (in the same thread), so answers can go out one batch at a time.
 
         ``envelope_json``, if given, is the envelope exactly as
         ``relay.queue.payload.encode_envelope`` writes it (a worker's link received it

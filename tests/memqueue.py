@@ -101,7 +101,9 @@ class MemoryQueue:
             self.texts[queue_id] = text
             self.journal.append(("store", queue_id, envelope))
             if on_durable is not None:
-                on_durable(queue_id)
+                finish = on_durable(queue_id)
+                if callable(finish):
+                    finish()
             self._changed(due_now=True)
             return queue_id
 

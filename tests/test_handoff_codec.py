@@ -19,6 +19,7 @@ from relay.handoff.codec import (
     decode,
     encode,
     framed,
+    unframed,
 )
 
 requests = st.integers(min_value=0, max_value=0xFFFFFFFF)
@@ -103,3 +104,31 @@ def _hello(**changes: object) -> bytes:
 def test_malformed_frames_say_what_is_wrong(payload: bytes, problem: str) -> None:
     with pytest.raises(HandoffError, match=problem):
         decode(payload)
+
+
+@given(st.lists(st.binary(max_size=40), max_size=20))
+def test_a_datagram_of_frames_splits_back_into_them(payloads: list[bytes]) -> None:
+    """Framed payloads put end to end come back one by one, in order."""
+    assert unframed(b"".join(framed(p) for p in payloads)) == payloads
+
+
+@given(st.binary(max_size=200))
+def test_any_datagram_splits_or_is_a_handoff_error(data: bytes) -> None:
+    """Arbitrary bytes: a list of payloads whose frames make up exactly ``data``, or refused."""
+    try:
+        payloads = unframed(data)
+    except HandoffError:
+        return
+    assert b"".join(framed(p) for p in payloads) == data
+
+
+@pytest.mark.parametrize(
+    "data,problem",
+    [
+        (framed(b"K1234") + b"\x00\x00", "length cut off"),
+        (framed(b"K1234") + b"\x00\x00\x00\x09abc", "longer than what is left"),
+    ],
+)
+def test_a_cut_datagram_says_what_is_wrong(data: bytes, problem: str) -> None:
+    with pytest.raises(HandoffError, match=problem):
+        unframed(data)

@@ -21,7 +21,17 @@ from relay.address import Address
 from relay.envelope import Envelope, Recipient, Submitter
 from relay.errors import SpoolError
 from relay.fastwrite import is_idle_plain_tcp
-from relay.handoff.codec import HandoffError, Hello, StoreRequest, encode, framed
+from relay.handoff.codec import (
+    MAX_ACK_DATAGRAM,
+    HandoffError,
+    Hello,
+    Stored,
+    StoreRequest,
+    decode,
+    encode,
+    framed,
+    unframed,
+)
 from relay.handoff.spool_side import StoreServer, frame_limit
 from relay.handoff.worker_side import AckReader, StoreClient
 from relay.interfaces import IStore
@@ -276,7 +286,9 @@ class _AnsweredThenFailed(MemoryQueue):
 
     def store(self, envelope: Envelope, text: bytes, *, on_durable: Any = None, **_: Any) -> Any:
         if on_durable is not None:
-            on_durable("0660CB0F36073B")
+            finish = on_durable("0660CB0F36073B")
+            if callable(finish):
+                finish()
         return defer.fail(SpoolError("the writer failed the batch afterwards"))
 
 
@@ -291,5 +303,74 @@ async def test_a_failure_after_an_early_answer_is_logged_not_sent(
         await task.deferLater(reactor, 0.05, lambda: None)
         assert not link.lost and link.server.rejected == 0 and link.client.in_flight == 0
         assert any("already answered failed" in str(e.get("log_format")) for e in events)
+    finally:
+        _close(link)
+
+
+def _answers_of_one_sync(count: int) -> tuple[StoreServer, list[bytes]]:
+    """``count`` answers noted by the spool's hooks, then its finishers run: the datagrams."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    theirs.setblocking(False)
+    server = StoreServer(HELLO, None, frame_limit(1024), acks=ours)
+    finishers = []
+    for n in range(count):
+        finish = server._ack_early(n, f"0660CB0F36{n:04X}")
+        if finish not in finishers:
+            finishers.append(finish)
+    for finish in finishers:
+        finish()
+    datagrams = []
+    while True:
+        try:
+            datagrams.append(theirs.recv(MAX_ACK_DATAGRAM * 2))
+        except BlockingIOError:
+            break
+    server.close_acks()
+    theirs.close()
+    return server, datagrams
+
+
+def test_the_answers_of_one_sync_leave_in_one_datagram() -> None:
+    """Three messages synced together: one finisher, one datagram, three STOREDs in order."""
+    server, datagrams = _answers_of_one_sync(3)
+    assert len(datagrams) == 1
+    frames = [decode(payload) for payload in unframed(datagrams[0])]
+    assert frames == [Stored(n, f"0660CB0F36{n:04X}") for n in range(3)]
+    assert server._acked == {0, 1, 2}  # the reactor will not answer them again
+
+
+def test_many_answers_are_cut_into_datagrams_that_fit() -> None:
+    """More answers than one datagram holds: several, each within the limit, none lost."""
+    server, datagrams = _answers_of_one_sync(2000)
+    assert len(datagrams) > 1 and all(len(d) <= MAX_ACK_DATAGRAM for d in datagrams)
+    frames = [decode(p) for d in datagrams for p in unframed(d)]
+    assert frames == [Stored(n, f"0660CB0F36{n:04X}") for n in range(2000)]
+    assert len(server._acked) == 2000
+
+
+class _Silent(MemoryQueue):
+    """A spool that never answers on the link: only datagrams answer the worker."""
+
+    def store(self, envelope: Envelope, text: bytes, **_: Any) -> Any:
+        return defer.Deferred()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_datagram_of_several_answers_fires_each_store() -> None:
+    """The worker takes every STORED of a datagram; a cut datagram ends the link."""
+    link = await _link(_Silent(reactor))
+    try:
+        first = link.client.store(_envelope(), b"x\r\n")
+        second = link.client.store(_envelope(), b"y\r\n")
+        both = framed(encode(Stored(0, "0660CB0F360000")))
+        both += framed(encode(Stored(1, "0660CB0F360001")))
+        link.client.datagramReceived(both)
+        assert await first == "0660CB0F360000" and await second == "0660CB0F360001"
+        assert link.client.in_flight == 0 and not link.lost
+        third = link.client.store(_envelope(), b"z\r\n")
+        link.client.datagramReceived(framed(encode(Stored(2, "0660CB0F360002")))[:-3])
+        await until(lambda: link.lost)
+        with pytest.raises(HandoffError):
+            await third  # the link is gone: the store fails, the client gets 451
     finally:
         _close(link)

@@ -7,9 +7,10 @@ opens the conversation with ``HELLO``, which carries everything the worker needs
 the same gateway as the spool's process runs (the configuration's text, among others).
 
 Each frame is one string of Twisted's ``Int32StringReceiver`` (a 4-byte big-endian
-length, then the payload; Twisted does that framing), or, for a STORED sent early by
-the spool's writer thread, one datagram holding the payload alone.  This module is the payload: one
-kind byte, then
+length, then the payload; Twisted does that framing), or, for the STOREDs the spool's
+writer thread sends early, one datagram holding one or more such framed frames (all of
+one sync's answers to a worker at once: :func:`unframed` splits them).  The payload is
+one kind byte, then
 
 * ``H`` HELLO: UTF-8 JSON (:class:`Hello`);
 * ``S`` STORE: request number (u32), envelope length (u32), the envelope as the spool
@@ -34,6 +35,7 @@ from relay.errors import RelayError
 from relay.queue.queueid import is_valid_queue_id
 
 __all__ = [
+    "MAX_ACK_DATAGRAM",
     "Frame",
     "HandoffError",
     "Hello",
@@ -44,12 +46,14 @@ __all__ = [
     "decode",
     "encode",
     "framed",
+    "unframed",
 ]
 
 _U32 = struct.Struct(">I")
 _STORE = struct.Struct(">II")
 _FAILED = struct.Struct(">IB")
 MAX_REQUEST = 0xFFFFFFFF
+MAX_ACK_DATAGRAM = 8192  # the spool's side sends at most this much in one datagram
 
 
 class HandoffError(RelayError):
@@ -139,6 +143,26 @@ def encode(frame: Frame) -> bytes:
 def framed(payload: bytes) -> bytes:
     """``payload`` with the length prefix ``Int32StringReceiver`` reads (4 bytes, big-endian)."""
     return _U32.pack(len(payload)) + payload
+
+
+def unframed(data: bytes) -> list[bytes]:
+    """The payloads of the framed frames that make up ``data`` (a datagram of answers).
+
+    HandoffError if ``data`` does not split exactly into frames: a datagram arrives whole
+    or not at all, so a cut one is a bug.
+    """
+    payloads: list[bytes] = []
+    at = 0
+    while at < len(data):
+        if len(data) - at < _U32.size:
+            raise HandoffError("datagram: a frame's length cut off")
+        (length,) = _U32.unpack_from(data, at)
+        at += _U32.size
+        if length > len(data) - at:
+            raise HandoffError("datagram: a frame longer than what is left")
+        payloads.append(data[at : at + length])
+        at += length
+    return payloads
 
 
 def decode(payload: bytes) -> Frame:

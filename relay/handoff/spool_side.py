@@ -12,11 +12,12 @@ frame waits there for milliseconds, twice per message (the request, then the spo
 answer coming back from its writer thread).  Timing each STORED in the worker during
 ``bench/relay_e2e.py`` runs (instrumentation not kept) gave a median of about 9 ms,
 about half the time a message took, of which the spool's own store was 4.  So the
-spool calls an ``on_durable`` hook in its writer thread right after the fsync, and the
-hook sends STORED at once as a datagram on a second socket (whole or not at all, never
-blocking: :meth:`StoreServer._ack_early`).  If that send fails (the worker's queue is
-full, it is gone), the reactor sends STORED on the link as before.  Refusals always go
-on the link.
+spool calls an ``on_durable`` hook in its writer thread right after the fsync; the hook
+notes the STORED, and the finisher it returns, which the spool calls once all of that
+sync's hooks have run, sends them together in one datagram on a second socket (whole or
+not at all, never blocking: :meth:`StoreServer._send_early`).  If that send fails (the
+worker's queue is full, it is gone), the reactor sends those STOREDs on the link as
+before.  Refusals always go on the link.
 
 A malformed frame is a bug in one of the two processes, not hostile input (the socket
 is private): it is logged, counted in :attr:`StoreServer.rejected`, and the link is
@@ -39,6 +40,7 @@ from twisted.python.failure import Failure
 from relay.fastwrite import write_now
 from relay.gateway.protocol import disk_full, log_stored
 from relay.handoff.codec import (
+    MAX_ACK_DATAGRAM,
     HandoffError,
     Hello,
     Ready,
@@ -89,6 +91,8 @@ class StoreServer(Int32StringReceiver):
         self._acks = acks
         self._acks_lock = threading.Lock()  # the writer thread sends, the reactor closes
         self._acked: set[int] = set()
+        self._early_due: list[bytes] = []  # writer thread: this sync's answers, framed
+        self._early_requests: list[int] = []  # ... and their requests
 
     def connectionMade(self) -> None:
         """Tell the worker what to build."""
@@ -160,21 +164,42 @@ class StoreServer(Int32StringReceiver):
             if acks is not None:
                 acks.close()
 
-    def _ack_early(self, request: int, queue_id: str) -> None:
-        """In the spool's writer thread, right after the fsync: tell the worker now.
+    def _ack_early(self, request: int, queue_id: str) -> Callable[[], None]:
+        """In the spool's writer thread, right after the fsync: an answer to send now.
 
-        A datagram (sent whole or not at all, never blocking); if it cannot go (the
-        worker's queue is full, it is gone), the reactor sends STORED as usual.
+        Noted here; :meth:`_send_early`, the finisher the spool calls once all of the
+        sync's hooks have run, sends them together.
         """
         with self._acks_lock:
+            self._early_due.append(framed(encode(Stored(request, queue_id))))
+            self._early_requests.append(request)
+        return self._send_early
+
+    def _send_early(self) -> None:
+        """In the writer thread: this sync's answers, in as few datagrams as fit.
+
+        A datagram goes whole or not at all, never blocking; the answers of one that
+        cannot go (the worker's queue is full, it is gone) are left to the reactor, which
+        sends them on the link as usual.
+        """
+        with self._acks_lock:
+            due, self._early_due = self._early_due, []
+            requests, self._early_requests = self._early_requests, []
             acks = self._acks
             if acks is None:
                 return
-            try:
-                acks.send(encode(Stored(request, queue_id)))
-            except OSError:
-                return
-            self._acked.add(request)
+            start = 0
+            while start < len(due):
+                end, size = start, 0
+                while end < len(due) and (end == start or size + len(due[end]) <= MAX_ACK_DATAGRAM):
+                    size += len(due[end])
+                    end += 1
+                try:
+                    acks.send(b"".join(due[start:end]))
+                except OSError:
+                    return
+                self._acked.update(requests[start:end])
+                start = end
 
     def lengthLimitExceeded(self, length: int) -> None:
         """A frame longer than any message may be: the worker is broken."""

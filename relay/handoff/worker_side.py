@@ -27,6 +27,7 @@ from zope.interface import implementer
 from relay.envelope import Envelope
 from relay.fastwrite import write_now
 from relay.handoff.codec import (
+    MAX_ACK_DATAGRAM,
     MAX_REQUEST,
     HandoffError,
     Hello,
@@ -37,6 +38,7 @@ from relay.handoff.codec import (
     decode,
     encode,
     framed,
+    unframed,
 )
 from relay.interfaces import IStore
 from relay.queue.payload import encode_envelope
@@ -45,7 +47,7 @@ __all__ = ["AckReader", "StoreClient"]
 
 _log = Logger()
 _MAX_HELLO = 16 * 1024 * 1024  # frames from the spool's side: the HELLO is the biggest
-_MAX_ACK = 256  # a STORED datagram is 19 bytes
+_MAX_ACK = MAX_ACK_DATAGRAM
 
 
 @implementer(IStore)
@@ -103,8 +105,14 @@ class StoreClient(Int32StringReceiver):
             self.sendString(encode(Ready(accepting)))
 
     def datagramReceived(self, datagram: bytes) -> None:
-        """An early answer, sent by the spool's writer thread (see :class:`AckReader`)."""
-        self.stringReceived(datagram)
+        """Early answers, sent by the spool's writer thread (see :class:`AckReader`)."""
+        try:
+            payloads = unframed(datagram)
+        except HandoffError as e:
+            self._malformed(e)
+            return
+        for payload in payloads:
+            self.stringReceived(payload)
 
     def stringReceived(self, string: bytes) -> None:
         """The spool's side speaks: HELLO once, then answers to our stores."""
@@ -122,15 +130,18 @@ class StoreClient(Int32StringReceiver):
             if d is None:
                 raise HandoffError(f"an answer to request {frame.request}, which is not waiting")
         except HandoffError as e:
-            _log.error("malformed frame from the spool's process ({why}); exiting", why=e)
-            if self.transport is not None:
-                self.transport.loseConnection()
+            self._malformed(e)
             return
         if isinstance(frame, Stored):
             d.callback(frame.queue_id)
         else:
             d.errback(_failure_of(frame))
         self._check_drained()
+
+    def _malformed(self, error: HandoffError) -> None:
+        _log.error("malformed frame from the spool's process ({why}); exiting", why=error)
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     def lengthLimitExceeded(self, length: int) -> None:
         """The spool's side sent more than any HELLO could be."""

@@ -137,6 +137,9 @@ class GroupCommitWriter:
         is synced, before the Deferred fires in the reactor thread (which may be busy):
         for a caller that can tell someone "it is on disk" without the reactor.  It must
         be quick, thread-safe and never block; what it raises is logged and ignored.
+        It may return a callable, a *finisher*: once every hook of the sync has run,
+        each distinct finisher (``==``) is called once, so a caller can send one
+        message for all its records of a batch instead of one each.
         """
         d: Deferred[Written] = Deferred()
         size = sum(len(p) for p in parts)
@@ -267,12 +270,21 @@ class GroupCommitWriter:
         positions = self._log.append(framed)
         self.batches += 1
         self.records += len(framed)
+        finishers: list[Callable[[], object]] = []
         for request, _ in accepted:
             if request.on_durable is not None:
                 try:
-                    request.on_durable()
+                    finish = request.on_durable()
                 except Exception:
                     _log.failure("spool: an on_durable hook failed")
+                    continue
+                if callable(finish) and finish not in finishers:
+                    finishers.append(finish)
+        for finish in finishers:
+            try:
+                finish()
+            except Exception:
+                _log.failure("spool: an on_durable hook's finisher failed")
         results.extend(
             (request.deferred, Written(segment, offset, crc))
             for (request, crc), (segment, offset) in zip(accepted, positions, strict=True)

@@ -9,6 +9,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import blockingCallFromThread
+from twisted.logger import LogEvent, globalLogPublisher
 
 from relay.errors import SpoolError
 from relay.queue import writer as writer_module
@@ -105,5 +106,57 @@ async def test_writers_arriving_together_get_a_moment_to_share_a_sync(
         await defer.gatherResults(late)
         assert waits == [30.0]
         assert writer.batches == 3 and writer.records == 1 + 2 + 1 + 3  # one sync for four
+    finally:
+        await writer.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hooks_of_one_sync_share_their_finishers(tmp_path: Path) -> None:
+    """Each distinct finisher returned by a sync's hooks runs once, after all the hooks."""
+    writer = _writer(tmp_path, 1 << 20)
+    calls: list[str] = []
+
+    class Link:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def hook(self, n: int) -> object:
+            calls.append(f"{self.name}{n}")
+            return self.finish
+
+        def finish(self) -> None:
+            calls.append(f"{self.name} done")
+
+    a, b = Link("a"), Link("b")
+    hooks = [lambda: a.hook(1), lambda: b.hook(1), lambda: a.hook(2), lambda: None]
+    waiting = [writer.append(RecordType.MESSAGE, [b"x"], on_durable=h) for h in hooks]
+    writer.start()
+    try:
+        await defer.gatherResults(waiting)
+        assert writer.batches == 1
+        assert calls == ["a1", "b1", "a2", "a done", "b done"]
+    finally:
+        await writer.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_finisher_costs_the_records_nothing(tmp_path: Path) -> None:
+    """What a finisher raises is logged; the records are durable and their Deferreds fire."""
+    writer = _writer(tmp_path, 1 << 20)
+
+    def broken() -> None:
+        raise RuntimeError("finisher broke")
+
+    writer.start()
+    try:
+        events: list[LogEvent] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            written = await writer.append(RecordType.MESSAGE, [b"x"], on_durable=lambda: broken)
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        assert written.offset == 0 and writer.records == 1
+        failures = [e["log_failure"] for e in events if "log_failure" in e]
+        assert [str(f.value) for f in failures] == ["finisher broke"]
     finally:
         await writer.stop()
