@@ -83,12 +83,19 @@ def serve(port: int, spool: Path, profile: str | None, workers: int) -> None:
 
     def start() -> None:
         def opened(queue: SpoolQueue) -> None:
+            trees: list[GatewayWorkers] = []
             gateway = build_gateway(
-                config, queue, build_local_recipients(config), reactor, processes=1 + workers
+                config,
+                queue,
+                build_local_recipients(config),
+                reactor,
+                processes=1 + workers,
+                on_sessions=lambda total, limit: trees[0].main_sessions(total, limit),
             )
             tree = GatewayWorkers(
                 config, workers, lambda: shared_listeners(gateway), queue, {"local"}, reactor
             )
+            trees.append(tree)
             gateway.startService()
             tree.startService()
             services.append((gateway, queue, tree))
