@@ -107,10 +107,11 @@ class Recipient:
             and (channel is None or (type(channel) is str and type(host) is str))
             and ((original := get("original")) is None or type(original) is str)
         ):  # the usual case, checked at once; anything else takes the way that names it
+            path = _forward_path(address, "recipient address")  # first, as below
             destination = (
                 None if channel is None else _build(Destination, "destination", channel, host)
             )
-            return cls(_forward_path(address, "recipient address"), destination, original)
+            return cls(path, destination, original)
         address = _forward_path(_get(data, "address", str), "recipient address")
         channel = _get_optional(data, "channel", str)
         destination = None
@@ -221,7 +222,7 @@ class Envelope:
             "envelope",
             return_path,
             recipients,
-            float(arrival),
+            _seconds(arrival),
             submitter,
             body_type,
             _get(data, "smtputf8", bool),
@@ -258,7 +259,7 @@ def _from_dict_fast(cls: type[Envelope], data: Mapping[str, Any]) -> Envelope | 
         "envelope",
         _reverse_path(return_path),
         tuple(Recipient.from_dict(r) for r in recipients),
-        float(arrival),
+        _seconds(arrival),
         Submitter.from_dict(submitter),
         body_type,
         smtputf8,
@@ -365,6 +366,14 @@ def reply_from_dict(data: Mapping[str, Any]) -> Reply:
         _get_optional(data, "enhanced", str),
     )
     return reply
+
+
+def _seconds(value: float) -> float:
+    """A time from JSON as a float (an integer too big for one is an error, not a crash)."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise EnvelopeError("arrival: out of range") from None
 
 
 def _reverse_path(text: str) -> Address | None:

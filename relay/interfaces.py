@@ -270,10 +270,9 @@ class IQueue(IStore):
         callable: after every hook of the same sync has run, each distinct such callable
         is called once (in the same thread), so answers can go out one batch at a time.
 
-        ``envelope_json``, if given, is the envelope exactly as
-        ``relay.queue.payload.encode_envelope`` writes it (a worker's link received it
-        so and decoded ``envelope`` from it): the spool may keep those bytes instead of
-        encoding the envelope again."""
+        ``envelope_json``, if given, is bytes that ``relay.queue.payload.decode_envelope``
+        reads as ``envelope`` (a worker's link decoded ``envelope`` from them): the
+        spool may keep those bytes instead of encoding the envelope again."""
 
     def load(queue_id: str) -> Deferred[tuple[Envelope, Sequence[RecipientStatus]]]:
         """Fire with a message's envelope and its recipients' states (not its text)."""

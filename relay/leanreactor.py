@@ -62,7 +62,9 @@ class LeanEPollReactor(EPollReactor):
                 continue
             try:
                 handle(selectable, fd, event)  # type: ignore[no-untyped-call]
-            except Exception:
+            except KeyboardInterrupt:
+                raise
+            except BaseException:  # as callWithLogger: log it, keep the loop going
                 log.err(None, "error while handling an I/O event")  # type: ignore[no-untyped-call]
 
     doIteration = doPoll

@@ -33,7 +33,7 @@ from zope.interface import implementer
 from relay.envelope import Destination, Envelope, RecipientState, RecipientStatus
 from relay.errors import SpoolError
 from relay.interfaces import IMessage, IQueue
-from relay.queue.payload import encode_envelope
+from relay.queue.payload import decode_envelope
 
 from fakes import BytesMessage
 
@@ -82,7 +82,7 @@ class MemoryQueue:
     ) -> Deferred[str]:
         """Keep a new message; fire with its id (sortable by arrival).
 
-        ``envelope_json`` must be the envelope's encoding when given (checked here).
+        ``envelope_json``, when given, must read back as ``envelope`` (checked here).
 
         ``on_durable`` is called just before the Deferred fires (the spool calls it from
         its writer thread, earlier; here "durable" and "fired" are the same moment)."""
@@ -90,7 +90,7 @@ class MemoryQueue:
             self.fail_stores -= 1
             error = self.store_error
             return self._later(lambda: _raise(error))
-        if envelope_json is not None and envelope_json != encode_envelope(envelope):
+        if envelope_json is not None and decode_envelope(envelope_json) != envelope:
             return self._later(lambda: _raise(ValueError("envelope_json is not the envelope")))
         self._serial += 1
         queue_id = f"{self._serial:014X}"

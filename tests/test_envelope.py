@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -153,17 +154,52 @@ FIELDS = st.sampled_from(
 )
 
 
-@given(FIELDS, JSON | st.sampled_from(["<a@b.test>", "local", "8BITMIME", 1.5, 7, True]))
-def test_the_quick_reading_agrees_with_the_careful_one(
-    field: tuple[object, ...], value: object
-) -> None:
-    """Any one field changed: both ways of reading give the same envelope or the same error."""
-    data = json.loads(json.dumps(_envelope().to_dict()))
-    where = data
+VALUES = JSON | st.sampled_from(["<a@b.test>", "local", "", "8BITMIME", 1.5, 7, True, 10**400])
+
+
+def _change(data: dict[str, Any], field: tuple[Any, ...], value: object) -> None:
+    """Set ``data[field...] = value`` if the way there still exists (an earlier change may
+    have replaced a part of it)."""
+    where: Any = data
     for key in field[:-1]:
-        where = where[key]
-    where[field[-1]] = value
+        in_dict = isinstance(where, dict) and key in where
+        in_list = isinstance(where, list) and isinstance(key, int) and key < len(where)
+        if in_dict or in_list:
+            where = where[key]
+        else:
+            return
+    if isinstance(where, dict):
+        where[field[-1]] = value
+
+
+@given(st.lists(st.tuples(FIELDS, VALUES), min_size=1, max_size=2))
+def test_the_quick_reading_agrees_with_the_careful_one(
+    changes: list[tuple[tuple[Any, ...], object]],
+) -> None:
+    """One or two fields changed: both ways of reading give the same envelope or error."""
+    data = json.loads(json.dumps(_envelope().to_dict()))
+    for field, value in changes:
+        _change(data, field, value)
     assert _outcome(data) == _outcome(_slow(data))
+
+
+def test_a_bad_address_is_named_before_a_bad_channel() -> None:
+    """Both wrong: either way of reading names the address first."""
+    data = _envelope().to_dict()
+    data["recipients"][0].update(address="not an address", channel="")
+    with pytest.raises(EnvelopeError, match="recipient address"):
+        Envelope.from_dict(data)
+    with pytest.raises(EnvelopeError, match="recipient address"):
+        Envelope.from_dict(_slow(data))  # type: ignore[arg-type]
+
+
+def test_an_arrival_too_big_for_a_float_is_an_envelope_error() -> None:
+    """A 400-digit arrival is refused with EnvelopeError, either way of reading."""
+    data = _envelope().to_dict()
+    data["arrival"] = 10**400
+    for reading in (data, _slow(data)):
+        with pytest.raises(EnvelopeError, match="arrival"):
+            Envelope.from_dict(reading)  # type: ignore[arg-type]
 
 
 @given(

@@ -374,3 +374,17 @@ async def test_a_datagram_of_several_answers_fires_each_store() -> None:
             await third  # the link is gone: the store fails, the client gets 451
     finally:
         _close(link)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_bad_frame_in_a_datagram_stops_the_rest_of_it(events: list[LogEvent]) -> None:
+    """The first bad answer ends the link; the answers after it are not read (nor logged)."""
+    link = await _link(_Silent(reactor))
+    try:
+        unknown = [framed(encode(Stored(n, f"0660CB0F36{n:04X}"))) for n in (7, 8, 9)]
+        link.client.datagramReceived(b"".join(unknown))  # none of them is waiting
+        await until(lambda: link.lost)
+        malformed = [e for e in events if "malformed frame" in str(e.get("log_format"))]
+        assert len(malformed) == 1
+    finally:
+        _close(link)

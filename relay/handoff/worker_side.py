@@ -69,6 +69,7 @@ class StoreClient(Int32StringReceiver):
         self._pending: dict[int, Deferred[str]] = {}
         self._next = 0
         self._lost = False
+        self._broken = False  # a malformed frame came: the link is being dropped
         self._drained: list[Deferred[None]] = []
 
     # --- IStore -------------------------------------------------------------------------
@@ -112,6 +113,8 @@ class StoreClient(Int32StringReceiver):
             self._malformed(e)
             return
         for payload in payloads:
+            if self._broken:  # an earlier frame of it was malformed: the link is going
+                return
             self.stringReceived(payload)
 
     def stringReceived(self, string: bytes) -> None:
@@ -139,6 +142,7 @@ class StoreClient(Int32StringReceiver):
         self._check_drained()
 
     def _malformed(self, error: HandoffError) -> None:
+        self._broken = True
         _log.error("malformed frame from the spool's process ({why}); exiting", why=error)
         if self.transport is not None:
             self.transport.loseConnection()
@@ -174,9 +178,10 @@ def _failure_of(frame: StoreFailed) -> Exception:
 
 @implementer(IReadDescriptor)
 class AckReader:
-    """Reads the early answers: datagrams on a UNIX socket, each one STORED frame.
+    """Reads the early answers: datagrams on a UNIX socket, each one or more framed
+    STORED frames (all of one sync's answers to this worker; ``codec.unframed``).
 
-    The spool's writer thread sends STORED the moment a message is synced, on a socket
+    The spool's writer thread sends them the moment the messages are synced, on a socket
     of its own, so the 250 does not wait for the spool process's reactor (busy with
     deliveries) to get round to it.  A datagram arrives whole or not at all, so a
     writer that must never block can send one without framing state.

@@ -203,9 +203,9 @@ class SpoolQueue:
         ``on_durable(queue_id)`` is called in the spool's writer thread the moment the
         message is synced, before the Deferred fires (see GroupCommitWriter.append): a
         gateway worker's link uses it to send the 250's go-ahead without waiting for
-        this reactor.  ``envelope_json`` is ``encode_envelope(envelope)`` when the
-        caller has it already (a worker's link decoded the envelope from exactly those
-        bytes): it is written as it is instead of being encoded a second time.
+        this reactor.  ``envelope_json``, when the caller has it (a worker's link
+        decoded ``envelope`` from those bytes), is written as it is instead of the
+        envelope being encoded a second time.
         """
         if self._closing:
             return defer.fail(SpoolError("the spool is closing"))

@@ -15,9 +15,10 @@ Nothing here blocks the reactor: the reactor thread only puts requests in a queu
 Framing and checksumming also happen in the writer thread (``zlib.crc32`` releases the
 GIL for large buffers).
 
-Commit delay: when the last batch held more than one record, so that writers are
-plainly arriving together, the thread waits :data:`COMMIT_DELAY` (1 ms) after the first
-record of the next batch before taking it, as PostgreSQL's ``commit_delay`` does when
+Commit delay: when the last batch held more than one record and ended less than
+:data:`RECENT` (10 ms) ago, so that writers are plainly arriving together, the thread
+waits :data:`COMMIT_DELAY` (1 ms) after the first record of the next batch before taking
+it, as PostgreSQL's ``commit_delay`` does when
 enough transactions are open.  Every batch costs a sync and, worse in Python, a round
 of GIL hand-offs between this thread and the reactor's; waiting for the records that are
 about to come makes batches bigger and both rarer.  Alternating runs with and without
@@ -26,7 +27,8 @@ per message fell from 0.50-0.60 to 0.19-0.27, the relay's CPU per message from 1
 to 1 150-1 250 µs, and the rate rose 4-7 % in each of three pairs; on
 ``bench/smtp_in.py`` this thread's CPU per message fell from 70-93 to 50-77 µs (the
 rates, ±15 % from run to run there, rose in three pairs of four).  A lone writer never
-waits (its batches hold one record), so a quiet relay answers as fast as before.
+waits (its batches hold one record), nor does the first record after a quiet spell, so
+a quiet relay answers as fast as before.
 
 Order is kept: records are written in the order ``append`` was called, and the
 Deferreds of written records fire in that order, so callers can rely on log order =
@@ -59,7 +61,9 @@ from relay.queue.segment import SegmentLog
 __all__ = ["COMMIT_DELAY", "GroupCommitWriter", "Written"]
 
 COMMIT_DELAY = 0.001  # seconds to gather a batch once writers arrive together (see above)
+RECENT = 0.010  # seconds: a batch that ended longer ago says nothing about who is coming
 _sleep = time.sleep  # replaceable in tests
+_now = time.monotonic  # replaceable in tests
 
 _log = Logger()
 
@@ -107,7 +111,8 @@ class GroupCommitWriter:
         self._reactor = reactor
         self._max_batch_bytes = max_batch_bytes
         self._commit_delay = commit_delay
-        self._last_batch = 0  # writer thread: records in the batch before
+        self._last_batch = 0  # writer thread: records appended by the batch before
+        self._last_done = float("-inf")  # writer thread: when that batch was written
         # Requests go to the thread through a SimpleQueue (put and get are C, and a put
         # wakes the thread only if it is waiting): a lock and a Condition cost the
         # reactor thread several Python calls per record.  None marks the end.
@@ -182,6 +187,7 @@ class GroupCommitWriter:
                     _log.failure("spool: the writer thread failed a batch")
                     failure = SpoolError(f"spool writer failed: {e}")
                     results = [(request.deferred, failure) for request in batch]
+                self._last_done = _now()
                 self._reactor.callFromThread(_deliver, results)
         finally:
             self._log.close()
@@ -197,10 +203,14 @@ class GroupCommitWriter:
             first = self._requests.get()
             if first is None:
                 return None
-            if self._last_batch > 1 and self._commit_delay > 0:
+            if (
+                self._last_batch > 1
+                and self._commit_delay > 0
+                and _now() - self._last_done < RECENT
+            ):
                 _sleep(self._commit_delay)  # the others are on their way: wait for them
         batch = self._fill([first])
-        self._last_batch = len(batch)
+        self._last_batch = sum(isinstance(request, _Append) for request in batch)
         return batch
 
     def _fill(self, batch: list[_Request]) -> list[_Request]:

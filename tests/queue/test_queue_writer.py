@@ -80,7 +80,8 @@ async def test_stop_writes_what_was_queued_and_refuses_the_rest(tmp_path: Path) 
 async def test_writers_arriving_together_get_a_moment_to_share_a_sync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """After a batch of several, the thread waits for the next records; a lone one never waits."""
+    """After a batch of several, the thread waits for the next records; a lone one, or one
+    after a quiet spell, never waits."""
     layout = SpoolLayout(tmp_path)
     layout.make_dirs()
     log = SegmentLog(layout, 1, 0, DEFAULT_SEGMENT_LIMIT)
@@ -97,6 +98,8 @@ async def test_writers_arriving_together_get_a_moment_to_share_a_sync(
         return [writer.append(RecordType.MESSAGE, [b"late"]) for _ in range(3)]
 
     monkeypatch.setattr(writer_module, "_sleep", wait)
+    clock = [0.0]  # the writer's monotonic clock: batches end "just now" until moved on
+    monkeypatch.setattr(writer_module, "_now", lambda: clock[0])
     try:
         await _append_before_start(writer, [10])  # alone: no wait
         assert waits == [] and writer.batches == 1
@@ -106,6 +109,9 @@ async def test_writers_arriving_together_get_a_moment_to_share_a_sync(
         await defer.gatherResults(late)
         assert waits == [30.0]
         assert writer.batches == 3 and writer.records == 1 + 2 + 1 + 3  # one sync for four
+        clock[0] += 60.0  # a quiet minute: the next record does not wait, despite the four
+        await writer.append(RecordType.MESSAGE, [b"after a while"])
+        assert waits == [30.0] and writer.batches == 4
     finally:
         await writer.stop()
 
