@@ -33,9 +33,10 @@ CPU (user + system, all threads: reactor, spool writer and readers) from start t
 empty queue, per message; ``relay_reactor_cpu_us_per_msg`` the reactor thread alone
 (the relay's bottleneck: one core); ``relay_fsyncs_per_msg`` the spool's fdatasync
 batches per message (its store and its removal each need one durable record).
-``--profile FILE`` writes cProfile stats of the relay's reactor thread (the last
-round's) to FILE; ``--relay-only`` skips Postfix.  ``--serve ...`` is internal: it runs
-the relay side.
+``--commit-delay SECONDS`` sets the spool writer's commit delay (``0``: none), so that
+``relay/queue/writer.py``'s figures can be measured again.  ``--profile FILE`` writes
+cProfile stats of the relay's reactor thread (the last round's) to FILE;
+``--relay-only`` skips Postfix.  ``--serve ...`` is internal: it runs the relay side.
 
 Every process is started by this script and stopped by it, on failure too (SIGTERM to
 the script unwinds the same way); a run that stalls fails after bounded waits
@@ -185,6 +186,8 @@ def _check_sink(sink: Sink, messages: int, who: str) -> None:
 # "auto" is the relay's own rule; "always" and "never" force the spool's process to
 # keep accepting or to leave every connection to the workers (for comparing them).
 MAIN_ACCEPTS = "auto"
+# --commit-delay: the spool writer's commit delay in seconds (None: relay's default).
+COMMIT_DELAY: float | None = None
 
 
 def serve(port: int, sink_port: int, work: Path, profile: str | None, workers: int) -> None:
@@ -198,7 +201,11 @@ def serve(port: int, sink_port: int, work: Path, profile: str | None, workers: i
 
     from relay.config import parse_config
     from relay.logfile import RelayLogObserver
+    from relay.queue import writer
     from relay.tap import build_service
+
+    if COMMIT_DELAY is not None:
+        writer.COMMIT_DELAY = COMMIT_DELAY
 
     log = (work / "relay.log").open("w")
     # The observer `make run` uses (twistd --logger relay.logfile.observer).
@@ -308,6 +315,8 @@ class RelayChild:
     ) -> None:
         command = [sys.executable, __file__, "--serve", str(port), str(sink_port), str(work)]
         command += ["--workers", str(workers), "--main-accepts", MAIN_ACCEPTS]
+        if COMMIT_DELAY is not None:
+            command += ["--commit-delay", str(COMMIT_DELAY)]
         if profile:
             command += ["--profile", profile]
         self.process = subprocess.Popen(
@@ -438,10 +447,17 @@ def main() -> None:
         default="auto",
         help="while delivering, the relay's own process accepts: by its rule, always, never",
     )
+    parser.add_argument(
+        "--commit-delay",
+        type=float,
+        metavar="SECONDS",
+        help="the spool writer's commit delay (default: relay.queue.writer.COMMIT_DELAY)",
+    )
     parser.add_argument("--serve", nargs=3, metavar=("PORT", "SINK_PORT", "WORK"))
     args = parser.parse_args()
-    global MAIN_ACCEPTS
+    global MAIN_ACCEPTS, COMMIT_DELAY
     MAIN_ACCEPTS = args.main_accepts
+    COMMIT_DELAY = args.commit_delay
     if args.serve:
         serve(
             int(args.serve[0]), int(args.serve[1]), Path(args.serve[2]), args.profile, args.workers
@@ -470,6 +486,7 @@ def main() -> None:
         "rounds": args.rounds,
         "workers": args.workers,
         "main_accepts": args.main_accepts,
+        "commit_delay": args.commit_delay,
         "relay_msgs_per_s": round(rate(relay), 1),
         "relay_samples": [round(n / s.seconds) for s in relay],
         "relay_inbound_msgs_per_s": round(statistics.median(n / s.inbound_seconds for s in relay)),

@@ -8,19 +8,15 @@ The only reader of that context is the legacy ``twisted.python.log`` API
 from.  A gateway worker has no use for that label: its log lines are written without a
 system field, for the relay to put in its own log (:mod:`relay.gateway.worker`).  What
 it pays for it is real: an SMTP session as ``smtp-source`` runs it is about fifteen
-events.  Measured on this project's 2-core VM (alternating runs, 8 000 messages of
-4 KiB, 20 sessions):
-
-* a minimal Twisted SMTP acceptor (no parsing, no spool) took 220/255/260 µs of CPU
-  per session on Twisted's reactor and 174/205/243 on this one;
-* the gateway worker, taking every session of ``bench/smtp_in.py`` (the relay's own
-  process told not to accept), took 408-553 µs of CPU per session on Twisted's reactor
-  and 307-472 on this one, less in 10 of 12 pairs of runs; the relay's message rate
-  rose in those 10 (by 12-41 %) and fell in the other 2 (by 5 and 10 %).
+events.  ``bench/lean_reactor.py`` runs the gateway on each reactor in turn (real
+sockets, a store that answers at once, 5 000 messages of 4 KiB, 20 sessions, nine
+alternating rounds): on this project's 2-core VM, two runs gave 296 µs of CPU per
+session on Twisted's reactor against 268 and 258 on this one (9.5 and 12.8 % less), lower in
+every one of the 18 rounds.
 
 The relay's own process keeps Twisted's reactor: its log lines do show the system
-field, and the same comparison there (its share of the sessions, and the spool) gave
-no difference that stood out of this machine's noise.
+field, and there the gateway's share of the CPU is smaller (the spool and the
+deliverer run there too).
 
 What changes for the code running on it: a legacy ``log.msg``/``log.err`` made while
 an event is handled is labelled ``-`` instead of the connection's prefix.  Nothing

@@ -8,16 +8,14 @@ or 452 for a full disk).  The "stored" log line is written here, where the queue
 known, exactly as the in-process gateway writes it.
 
 **Early answers.**  This process's reactor is also the deliverer's, and under load a
-frame waits there for milliseconds, twice per message (the request, then the spool's
-answer coming back from its writer thread).  Timing each STORED in the worker during
-``bench/relay_e2e.py`` runs (instrumentation not kept) gave a median of about 9 ms,
-about half the time a message took, of which the spool's own store was 4.  So the
-spool calls an ``on_durable`` hook in its writer thread right after the fsync; the hook
-notes the STORED, and the finisher it returns, which the spool calls once all of that
-sync's hooks have run, sends them together in one datagram on a second socket (whole or
-not at all, never blocking: :meth:`StoreServer._send_early`).  If that send fails (the
-worker's queue is full, it is gone), the reactor sends those STOREDs on the link as
-before.  Refusals always go on the link.
+frame waits there behind the deliverer's work, twice per message (the request, then the
+spool's answer coming back from its writer thread), while the worker's client waits for
+its 250.  So the spool calls an ``on_durable`` hook in its writer thread right after
+the fsync; the hook notes the STORED, and the finisher it returns, which the spool calls
+once all of that sync's hooks have run, sends them together in one datagram on a second
+socket (whole or not at all, never blocking: :meth:`StoreServer._send_early`).  If that
+send fails (the worker's queue is full, it is gone), the reactor sends those STOREDs on
+the link as before.  Refusals always go on the link.
 
 A malformed frame is a bug in one of the two processes, not hostile input (the socket
 is private): it is logged, counted in :attr:`StoreServer.rejected`, and the link is

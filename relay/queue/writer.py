@@ -18,17 +18,15 @@ GIL for large buffers).
 Commit delay: when the last batch held more than one record and ended less than
 :data:`RECENT` (10 ms) ago, so that writers are plainly arriving together, the thread
 waits :data:`COMMIT_DELAY` (1 ms) after the first record of the next batch before taking
-it, as PostgreSQL's ``commit_delay`` does when
-enough transactions are open.  Every batch costs a sync and, worse in Python, a round
-of GIL hand-offs between this thread and the reactor's; waiting for the records that are
-about to come makes batches bigger and both rarer.  Alternating runs with and without
-it (20 sessions, one gateway worker, this 2-core VM): on ``bench/relay_e2e.py`` the syncs
-per message fell from 0.50-0.60 to 0.19-0.27, the relay's CPU per message from 1 250-1 370
-to 1 150-1 250 µs, and the rate rose 4-7 % in each of three pairs; on
-``bench/smtp_in.py`` this thread's CPU per message fell from 70-93 to 50-77 µs (the
-rates, ±15 % from run to run there, rose in three pairs of four).  A lone writer never
-waits (its batches hold one record), nor does the first record after a quiet spell, so
-a quiet relay answers as fast as before.
+it, as PostgreSQL's ``commit_delay`` does when enough transactions are open.  Every
+batch costs a sync and, in Python, a round of GIL hand-offs between this thread and the
+reactor's; waiting for the records that are about to come makes batches bigger and
+both rarer.  ``bench/relay_e2e.py --relay-only --commit-delay 0`` against the same
+without the flag (20 sessions, one gateway worker, this 2-core VM, three alternating
+pairs): the syncs per message fell from 0.55-0.56 to 0.21-0.23 in every pair; the rate
+moved by less than this machine's run-to-run noise (±15 %), up in one pair and down in
+two.  A lone writer never waits (its batches hold one record), nor does the first
+record after a quiet spell, so a quiet relay answers as fast as before.
 
 Order is kept: records are written in the order ``append`` was called, and the
 Deferreds of written records fire in that order, so callers can rely on log order =
@@ -105,12 +103,13 @@ class GroupCommitWriter:
         reactor: IReactorFromThreads,
         *,
         max_batch_bytes: int = 16 * 1024 * 1024,
-        commit_delay: float = COMMIT_DELAY,
+        commit_delay: float | None = None,
     ) -> None:
         self._log = log
         self._reactor = reactor
         self._max_batch_bytes = max_batch_bytes
-        self._commit_delay = commit_delay
+        # None: the module's COMMIT_DELAY as it is now (bench/relay_e2e.py --commit-delay)
+        self._commit_delay = COMMIT_DELAY if commit_delay is None else commit_delay
         self._last_batch = 0  # writer thread: records appended by the batch before
         self._last_done = float("-inf")  # writer thread: when that batch was written
         # Requests go to the thread through a SimpleQueue (put and get are C, and a put
@@ -209,13 +208,13 @@ class GroupCommitWriter:
                 and _now() - self._last_done < RECENT
             ):
                 _sleep(self._commit_delay)  # the others are on their way: wait for them
-        batch = self._fill([first])
+        batch = self._fill(first)
         self._last_batch = sum(isinstance(request, _Append) for request in batch)
         return batch
 
-    def _fill(self, batch: list[_Request]) -> list[_Request]:
-        """Add what else is waiting to ``batch``, up to the batch size."""
-        first = batch[0]
+    def _fill(self, first: _Request) -> list[_Request]:
+        """``first`` and what else is waiting, up to the batch size."""
+        batch = [first]
         total = _size(first)
         while True:
             try:

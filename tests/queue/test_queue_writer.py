@@ -85,7 +85,9 @@ async def test_writers_arriving_together_get_a_moment_to_share_a_sync(
     layout = SpoolLayout(tmp_path)
     layout.make_dirs()
     log = SegmentLog(layout, 1, 0, DEFAULT_SEGMENT_LIMIT)
-    writer = GroupCommitWriter(log, reactor, commit_delay=30.0)  # type: ignore[arg-type]
+    # The default delay is the module's COMMIT_DELAY when the writer is made (a bench sets it).
+    monkeypatch.setattr(writer_module, "COMMIT_DELAY", 30.0)
+    writer = GroupCommitWriter(log, reactor)  # type: ignore[arg-type]
     waits: list[float] = []
     late: list[Deferred[Written]] = []
 
