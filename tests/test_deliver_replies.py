@@ -293,6 +293,22 @@ def test_session_failed_reply_applies_to_every_address(code: ReplyCode) -> None:
     assert harness.violations() == []
 
 
+def test_stop_records_the_transaction_in_flight_and_keeps_no_session_idle() -> None:
+    """A stop waits for the transaction in flight, records it, and ends its session at once."""
+    answer: Deferred[Reply] = Deferred()
+    channel = ScriptedChannel(LIST, end_text=lambda: answer)
+    harness = Harness(channel, DiscardChannel(LIST, name="smtp")).start()
+    queue_id = harness.store(envelope("a@dest.test"))
+    stopped = harness.service.stopService()
+    harness.clock.advance(1)
+    assert not stopped.called  # the transaction still waits for its final reply
+    answer.callback(Reply(ReplyCode.OK))
+    harness.clock.advance(0)  # no idle timeout: a stopping pool keeps no session open
+    assert stopped.called
+    assert harness.queue.statuses(queue_id)[0].state is RecipientState.DELIVERED
+    assert channel.names(1)[-1] == "end_session"
+
+
 def test_stop_cancels_a_hanging_transaction_and_records_nothing() -> None:
     """A transaction that hangs is cancelled after the stop grace; its recipient stays due."""
     hang: Deferred[Reply] = Deferred()
