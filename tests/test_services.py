@@ -52,6 +52,12 @@ def _tree(journal: list[str], *children: Any) -> OrderedMultiService:
     return parent
 
 
+def _finish(child: _Child) -> None:
+    """End the stop ``child`` began."""
+    assert child.stopping is not None, f"{child.name} was not asked to stop"
+    child.stopping.callback(None)
+
+
 def _fired(d: Deferred[Any]) -> bool:
     results: list[Any] = []
     d.addBoth(results.append)
@@ -69,16 +75,13 @@ def test_children_start_in_order_and_stop_in_reverse_each_awaited() -> None:
 
     stopped = parent.stopService()
     assert journal == ["stop smtp"]
-    assert smtp.stopping is not None
-    smtp.stopping.callback(None)
+    _finish(smtp)
     assert journal == ["stop smtp", "stop deliverer"]
-    assert deliverer.stopping is not None
     assert not _fired(stopped)
-    deliverer.stopping.callback(None)
+    _finish(deliverer)
     assert journal == ["stop smtp", "stop deliverer", "stop spool"]
-    assert spool.stopping is not None
     assert not _fired(stopped)
-    spool.stopping.callback(None)
+    _finish(spool)
     assert _fired(stopped)
     assert not parent.running
 
@@ -104,8 +107,7 @@ def test_a_failed_stop_is_logged_and_the_rest_still_stop() -> None:
     with logged_events() as events:
         stopped = parent.stopService()
         assert journal == ["stop deliverer", "stop spool"]
-        assert spool.stopping is not None
-        spool.stopping.callback(None)
+        _finish(spool)
     assert _fired(stopped)
     failures = [e for e in events if "log_failure" in e]
     assert len(failures) == 1
@@ -125,12 +127,10 @@ def test_a_nested_container_is_awaited_as_a_whole() -> None:
     journal.clear()
     stopped = parent.stopService()
     assert journal == ["stop workers"]
-    assert workers.stopping is not None
-    workers.stopping.callback(None)
+    _finish(workers)
     assert journal == ["stop workers", "stop listener"]
-    assert listener.stopping is not None
-    listener.stopping.callback(None)
+    _finish(listener)
     assert journal == ["stop workers", "stop listener", "stop spool"]
-    assert spool.stopping is not None
-    spool.stopping.callback(None)
+    assert not _fired(stopped)
+    _finish(spool)
     assert _fired(stopped)

@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -31,18 +30,13 @@ from twisted.internet.threads import deferToThread
 
 from reactor_helpers import until
 from smtpserver import Script, ScriptedSmtpFactory, start_server
+from smtpsink import free_port
+from test_tap import _stop
 
 BIN = Path(sys.executable).parent
 MESSAGES = 200
 CLIENTS = 4
 MESSAGE_ID = re.compile(rb"^Message-ID: (<[^>]*>)\r?$", re.MULTILINE | re.IGNORECASE)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _shipped_config(where: Path, smtp_port: int, server_port: int) -> Path:
@@ -122,18 +116,6 @@ def _queue_listing(config: Path) -> list[Any]:
     return listing
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> int:
-    """SIGTERM and wait for the exit status (blocking: runs in a thread)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=90)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 def _arrived(factory: ScriptedSmtpFactory) -> Counter[bytes]:
     """How often each Message-ID reached the server (a message counts at its final dot)."""
     seen: Counter[bytes] = Counter()
@@ -155,7 +137,7 @@ async def test_sigterm_during_deliveries_loses_and_duplicates_nothing(tmp_path: 
     """SIGTERM with transactions in flight, then a restart: every message arrives once."""
     script = Script(final_delay=0.5)
     port, factory = start_server(reactor, script)
-    smtp_port = _free_port()
+    smtp_port = free_port()
     config = _shipped_config(tmp_path, smtp_port, port.getHost().port)
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     relay = _start(config, first_log)
