@@ -588,7 +588,8 @@ def _prepare(
             time.sleep(0.05)
     try:
         recovered = recover(layout, repair=True)
-        log = SegmentLog(layout, recovered.last_segment or 1, recovered.end_offset, segment_limit)
+        key, segment, offset = recovered.append_at()
+        log = SegmentLog(layout, key, segment, offset, segment_limit)
     except BaseException:
         lock.release()
         raise

@@ -15,10 +15,9 @@ from twisted.python.failure import Failure
 
 from relay.errors import SpoolError
 from relay.queue.layout import SpoolLayout
-from relay.queue.record import scan
 from relay.queue.store import SpoolQueue
 
-from queue_helpers import make_envelope, open_queue, read_all
+from queue_helpers import make_envelope, open_queue, read_all, scan_segment
 
 
 @pytest.fixture
@@ -58,7 +57,7 @@ async def _fill(queue: SpoolQueue, size: int) -> tuple[dict[str, bytes], Failure
 
 def _sound(root: Path) -> None:
     for number in SpoolLayout(root).segment_numbers():
-        result = scan(SpoolLayout(root).segment_path(number).read_bytes())
+        result = scan_segment(root, number)
         assert result.stop is None and not result.damaged, f"segment {number}: {result.stop}"
 
 
