@@ -96,7 +96,7 @@ def test_a_flipped_bit_costs_only_the_record_it_is_in(
     items: list[tuple[RecordType, bytes]], data: st.DataObject
 ) -> None:
     """Any single bit flipped in a keyed stream damages one record; every other one is found."""
-    stream, ends = _stream(items)
+    stream, _ = _stream(items)
     if not stream:
         return
     position = data.draw(st.integers(min_value=0, max_value=len(stream) - 1))
