@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,28 +97,6 @@ class _Logged:
 
     def __exit__(self, *exc: object) -> None:
         globalLogPublisher.removeObserver(self)
-
-
-@pytest.fixture
-def read_only_quarantine(tmp_path: Path) -> Iterator[SpoolLayout]:
-    """A spool whose quarantine/ is a read-only tmpfs (root ignores mode bits, not this)."""
-    layout = SpoolLayout(tmp_path / "spool")
-    layout.make_dirs()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(layout.quarantine_dir)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.fail(
-            "the unwritable-quarantine test needs to mount a read-only tmpfs (run as root, "
-            f"with mount permitted): mount said: {done.stderr.strip() or done.returncode}"
-        )
-    try:
-        yield layout
-    finally:
-        subprocess.run(["umount", "-l", str(layout.quarantine_dir)], check=False)
 
 
 def test_a_torn_tail_of_the_last_segment_is_cut_off(tmp_path: Path) -> None:
