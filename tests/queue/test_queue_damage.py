@@ -9,6 +9,7 @@ from opening instead of being dropped.
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -19,6 +20,8 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.logger import globalLogPublisher
 
+from relay.cli import exitcodes
+from relay.cli.main import main
 from relay.envelope import RecipientState, RecipientStatus
 from relay.errors import SpoolError
 from relay.queue.key import load_key
@@ -214,3 +217,24 @@ async def test_the_service_refuses_a_spool_whose_damage_cannot_be_set_aside(
     assert line["log_level"].name == "critical" and "log_failure" not in line
     assert "\n" not in line["reason"] and str(SpoolLayout(root).quarantine_dir) in line["reason"]
     assert SpoolLayout(root).segment_path(1).read_bytes() == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_command_on_a_stopped_spool_refuses_too(
+    read_only_quarantine: SpoolLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``relay queue hold`` exits 74 with the reason and cuts nothing; ``list`` still looks."""
+    layout = read_only_quarantine
+    places = await _stored(layout.root, TEXTS[:3])
+    _flip(layout.root, places[2][1] + 5)  # the last record: a damaged tail, to be cut
+    before = layout.segment_path(1).read_bytes()
+    config = layout.root.parent / "relay.toml"
+    config.write_text('[relay]\nhostname = "hub.example.test"\nspool = "spool"\n')
+    code = main(["queue", "-c", str(config), "hold", places[0][0]])
+    err = capsys.readouterr().err
+    assert code == exitcodes.IOERR and err.count("\n") == 1
+    assert "cannot set aside" in err and "refusing to open the spool" in err
+    assert layout.segment_path(1).read_bytes() == before
+    assert main(["queue", "-c", str(config), "--json"]) == exitcodes.OK
+    listed = json.loads(capsys.readouterr().out)
+    assert sorted(m["id"] for m in listed) == sorted(q for q, _, _ in places[:2])
