@@ -126,10 +126,8 @@ class Framing:
     def _check(self, fields: Buffer, offset: int) -> bytes:
         if self.key is None:
             return _LEGACY_HCRC.pack(zlib.crc32(fields))
-        position = _POSITION.pack(self.segment, offset)
-        mac = hashlib.blake2b(fields, digest_size=_TAG_SIZE, key=self.key)
-        mac.update(position)
-        return mac.digest()
+        signed = bytes(fields) + _POSITION.pack(self.segment, offset)
+        return hashlib.blake2b(signed, digest_size=_TAG_SIZE, key=self.key).digest()
 
     def header_sound(self, buf: Buffer, offset: int) -> bool:
         """Whether the header check at ``offset`` (a whole header is there) holds."""
