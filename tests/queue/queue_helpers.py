@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -76,3 +80,23 @@ def scan_segment(root: Path, number: int) -> ScanResult:
     layout = SpoolLayout(root)
     framing = segment_framing(load_key(layout), number)
     return scan(layout.segment_path(number).read_bytes(), framing)
+
+
+@contextmanager
+def mounted_tmpfs(directory: Path, options: str, purpose: str) -> Iterator[None]:
+    """A tmpfs mounted on ``directory`` for the block; the test fails if it cannot be."""
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.fail(
+            f"{purpose} needs a tmpfs mounted (run as root, with mount permitted): "
+            f"mount said: {done.stderr.strip() or done.returncode}"
+        )
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)

@@ -381,39 +381,36 @@ def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
+@pytest.mark.parametrize(
+    ("segment", "where", "reason"),
+    [
+        (1, 9, "bad header check"),  # mid-segment: would be resynchronised past
+        (1, -1, "bad payload checksum"),  # a damaged text: would be skipped
+        (2, 3, "bad magic (damaged tail)"),  # the last record: would be cut
+    ],
+    ids=["header", "body", "tail"],
+)
 def test_an_unwritable_quarantine_refuses_to_open_and_leaves_the_segments_alone(
-    read_only_quarantine: SpoolLayout,
+    read_only_quarantine: SpoolLayout, segment: int, where: int, reason: str
 ) -> None:
     """If damage cannot be copied aside, recovery raises one clear line and cuts nothing."""
     layout = read_only_quarantine
     key = open_key(layout)
-    older = _Segment(key, 1, _message(1), _message(2), _message(3))
-    older.data[older.record(1)[0] + 9] ^= 0x01
-    last = _Segment(key, 2, _message(4), _message(5))
-    last.data[last.record(1)[0] + 3] ^= 0x01  # a damaged tail: would be cut after its copy
-    _write(layout, [older, last])
+    segments = [
+        _Segment(key, 1, _message(1), _message(2), _message(3)),
+        _Segment(key, 2, _message(4), _message(5)),
+    ]
+    start, end = segments[segment - 1].record(1)
+    segments[segment - 1].data[start + where if where >= 0 else end + where] ^= 0x01
+    _write(layout, segments)
     before = _snapshot(layout)
     with pytest.raises(SpoolError) as raised:
         recover(layout)
     message = str(raised.value)
     assert "\n" not in message
-    assert "cannot set aside" in message and "segment 1" in message
-    assert str(layout.quarantine_dir) in message
+    assert f"segment {segment} at offset {start} ({reason})" in message
+    assert "cannot set aside" in message and str(layout.quarantine_dir) in message
     assert _snapshot(layout) == before
-
-
-def test_a_damaged_body_with_an_unwritable_quarantine_is_not_skipped(
-    read_only_quarantine: SpoolLayout,
-) -> None:
-    """A record whose copy failed is neither skipped nor lost: the spool refuses to open."""
-    layout = read_only_quarantine
-    key = open_key(layout)
-    segment = _Segment(key, 1, _message(1), _message(2), _message(3))
-    segment.data[segment.record(1)[1] - 1] ^= 0x01
-    _write(layout, [segment])
-    with pytest.raises(SpoolError, match="bad payload checksum"):
-        recover(layout)
-    assert layout.segment_path(1).read_bytes() == bytes(segment.data)
 
 
 @pytest_twisted.ensureDeferred
