@@ -38,25 +38,13 @@ def _free_port() -> int:
 def _config(tmp_path: Path, smtp_port: int) -> Path:
     """Mail for dead.test goes to a smarthost nobody listens on: it stays queued."""
     config = tmp_path / "relay.toml"
+    dead_end = f"127.0.0.1:{_free_port()}"
     config.write_text(
-        f"""
-[relay]
-hostname = "hub.example.test"
-local_domains = ["example.test"]
-spool = "spool"
-
-[smtp]
-listen = ["tcp:{smtp_port}:interface=127.0.0.1"]
-
-[deliver]
-retry_min = "1h"
-
-[[route]]
-domain = "dead.test"
-channel = "smtp"
-smarthost = "127.0.0.1:{_free_port()}"
-tls = "none"
-"""
+        f'[relay]\nhostname = "hub.example.test"\nspool = "spool"\n'
+        f'[smtp]\nlisten = ["tcp:{smtp_port}:interface=127.0.0.1"]\n'
+        '[deliver]\nretry_min = "1h"\n'
+        f'[[route]]\ndomain = "dead.test"\nchannel = "smtp"\nsmarthost = "{dead_end}"\n'
+        'tls = "none"\n'
     )
     return config
 
