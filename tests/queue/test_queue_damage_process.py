@@ -79,8 +79,20 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def _connect(port: int) -> smtplib.SMTP:
+    """A session, once the relay takes mail (it answers 421 until its spool is open)."""
+    for _ in range(300):
+        try:
+            return smtplib.SMTP("127.0.0.1", port, timeout=60)
+        except smtplib.SMTPConnectError as e:
+            if e.smtp_code != 421:
+                raise
+            time.sleep(0.1)
+    raise AssertionError("the relay never took mail")
+
+
 def _send(port: int, count: int) -> None:
-    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+    with _connect(port) as client:
         client.ehlo("client.example.test")
         for number in range(count):
             message = EmailMessage()
@@ -127,7 +139,7 @@ def test_a_restarted_relay_keeps_every_message_but_the_damaged_one(tmp_path: Pat
     spool = tmp_path / "spool"
     proc = _start(tmp_path, config, tmp_path / "first.log")
     try:
-        _wait_for(tmp_path / "first.log", "running:", proc)
+        _wait_for(tmp_path / "first.log", "records replayed", proc)  # the spool is open
         _send(port, 5)
     finally:
         _stop(proc)
@@ -139,7 +151,7 @@ def test_a_restarted_relay_keeps_every_message_but_the_damaged_one(tmp_path: Pat
 
     proc = _start(tmp_path, config, tmp_path / "second.log")
     try:
-        _wait_for(tmp_path / "second.log", "running:", proc)
+        _wait_for(tmp_path / "second.log", "records replayed", proc)  # the spool is open
         assert _listed(config) == sorted(set(places) - {damaged})
         assert "1 regions quarantined" in (tmp_path / "second.log").read_text()
     finally:
