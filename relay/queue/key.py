@@ -31,7 +31,7 @@ every record unreadable.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from relay.errors import SpoolError
 from relay.queue.layout import SpoolLayout, write_file_durably
@@ -46,7 +46,7 @@ _TITLE = "relay spool key 1"
 class SpoolKey:
     """The key of one spool, and the first segment its headers are keyed in."""
 
-    key: bytes
+    key: bytes = field(repr=False)  # a secret: kept out of logs and tracebacks
     keyed_from: int
 
     def framing(self, segment: int) -> Framing:

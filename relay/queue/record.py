@@ -41,11 +41,12 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import hmac
 import mmap
 import struct
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -100,7 +101,7 @@ class Framing:
     resynchronised in).
     """
 
-    key: bytes | None
+    key: bytes | None = field(repr=False)  # a secret: kept out of logs and tracebacks
     segment: int
 
     @property
@@ -133,7 +134,7 @@ class Framing:
         """Whether the header check at ``offset`` (a whole header is there) holds."""
         end = offset + _FIELDS.size
         check = self._check(buf[offset:end], offset)
-        return check == buf[end : end + len(check)]
+        return hmac.compare_digest(check, bytes(buf[end : end + len(check)]))
 
 
 @dataclass(frozen=True, slots=True)

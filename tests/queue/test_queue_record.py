@@ -199,3 +199,8 @@ def test_header_sizes_are_the_documented_ones() -> None:
     assert len(encode(KEYED, RecordType.DONE, b"", 0)) == 24
     assert len(encode(LEGACY, RecordType.DONE, b"", 0)) == 20
     assert encode(KEYED, RecordType.DONE, b"", 0).startswith(MAGIC)
+
+
+def test_the_key_never_shows_in_a_repr() -> None:
+    """A framing printed in a log line or a traceback does not give the spool's key away."""
+    assert KEY.hex() not in repr(KEYED) and repr(KEY) not in repr(KEYED)
