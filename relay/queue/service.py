@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relay.errors import SpoolError
 from relay.queue.control import Flusher, listen_control
 from relay.queue.segment import DEFAULT_SEGMENT_LIMIT
 from relay.queue.store import SpoolQueue
@@ -91,7 +92,12 @@ class SpoolService(Service):
             self._port = await listen_control(queue, self._reactor, self._flush)
         except Exception as e:
             self._failure = failure = Failure(e)  # type: ignore[no-untyped-call]
-            _log.failure("spool: cannot open {path}", failure, path=str(self.spool_dir))
+            if isinstance(e, SpoolError):  # a reason meant for the operator: one line
+                _log.critical(
+                    "spool: cannot open {path}: {reason}", path=str(self.spool_dir), reason=str(e)
+                )
+            else:
+                _log.failure("spool: cannot open {path}", failure, path=str(self.spool_dir))
             waiting, self._waiting = self._waiting, []
             for d in waiting:
                 d.errback(failure)

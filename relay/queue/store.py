@@ -146,7 +146,9 @@ class SpoolQueue:
 
         Fails with :class:`~relay.queue.lock.SpoolLocked` if another process keeps the
         lock for ``lock_timeout`` seconds, or SpoolError/OSError if the spool cannot be
-        used at all.  Damage found in the log never fails it (see recovery).
+        used at all.  Damage found in the log never fails it (see recovery) unless its
+        bytes cannot be set aside in ``quarantine/``, or the spool's key is missing: then
+        it fails with a SpoolError whose message is one line for the operator.
         """
         layout = SpoolLayout(Path(spool_dir))
         the_clock = clock if clock is not None else cast(IReactorTime, reactor)
@@ -593,7 +595,8 @@ def _prepare(
             time.sleep(0.05)
     try:
         recovered = recover(layout, repair=True)
-        log = SegmentLog(layout, recovered.last_segment or 1, recovered.end_offset, segment_limit)
+        key, segment, offset = recovered.append_at()
+        log = SegmentLog(layout, key, segment, offset, segment_limit)
     except BaseException:
         lock.release()
         raise
