@@ -223,7 +223,8 @@ class SmtpClientSection:
     """``[smtp_client]``: how the SMTP channel talks to other servers (times in seconds).
 
     The defaults here are the built-in defaults (the reader takes them from this class):
-    the timeouts of RFC 5321 §4.5.3.2, and Postfix's connection cache time.
+    the timeouts of RFC 5321 §4.5.3.2, Postfix's connection cache time, and its
+    ``smtp_line_length_limit`` (998: RFC 5321's text line without its CRLF).
     ``dns_servers`` empty means the system's ``/etc/resolv.conf``; ``ca_file`` None
     means the system trust store.
     """
@@ -238,6 +239,7 @@ class SmtpClientSection:
     data_done_timeout: float = 600.0
     connection_cache_time: float = 2.0
     max_messages_per_connection: int = 100
+    line_length_limit: int = 998
     dns_servers: tuple[tuple[str, int], ...] = ()
     ca_file: Path | None = None
 
@@ -559,6 +561,12 @@ def _positive_int(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _expected("a positive integer", value)
     return value
+
+
+def _line_length_limit(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and (value == 0 or value >= 2):
+        return value
+    raise _expected("0 (never break lines) or a length of at least 2 octets", value)
 
 
 _DURATION_EXAMPLES = "a duration like '30s', '5m', '4h', '5d' or seconds"
@@ -988,6 +996,7 @@ def _read_smtp_client(t: _Table, paths: _Paths) -> SmtpClientSection:
         max_messages_per_connection=t.get(
             "max_messages_per_connection", _positive_int, d.max_messages_per_connection
         ),
+        line_length_limit=t.get("line_length_limit", _line_length_limit, d.line_length_limit),
         dns_servers=t.get_list(
             "dns_servers", _dns_server, d.dns_servers, "name server addresses", unique=True
         ),

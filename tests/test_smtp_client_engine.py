@@ -73,8 +73,8 @@ def feed(client: SmtpClient, data: bytes) -> list[ServerReply | ConnectionClosed
     return events(client)
 
 
-def ready(extensions: tuple[str, ...] = ALL_EXTENSIONS) -> SmtpClient:
-    client = SmtpClient()
+def ready(extensions: tuple[str, ...] = ALL_EXTENSIONS, **options: int) -> SmtpClient:
+    client = SmtpClient(**options)
     [greeting] = feed(client, b"220 server.test ESMTP\r\n")
     assert isinstance(greeting, ServerReply) and greeting.command is Command.GREETING
     assert client.send(Ehlo("client.test")) == b"EHLO client.test\r\n"
@@ -525,7 +525,31 @@ def test_text_is_stuffed_the_same_however_it_is_chunked(text: bytes, cuts: list[
     wire = b"".join(client.send(TextChunk(p)) for p in _split(text, cuts))
     wire += client.send(EndOfText())
     assert wire == dot_stuff(text)
-    decoded, rest = DataDecoder(max_line=10_000).feed(wire)
+    decoded, rest = DataDecoder().feed(wire)
     assert rest == b""
     expected = text if not text or text.endswith(b"\r\n") else text + b"\r\n"
     assert decoded == expected
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        (None, b"x" * 998 + b"\r\n" + b" " + b"x" * 997 + b"\r\n" + b" " + b"x" * 5),
+        (1000, b"x" * 1000 + b"\r\n" + b" " + b"x" * 999 + b"\r\n" + b" x"),
+        (0, b"x" * 2000),
+    ],
+)
+def test_long_text_lines_are_broken_at_the_configured_limit(
+    limit: int | None, expected: bytes
+) -> None:
+    """By default a 2 000-octet line leaves as 998 + SP 997 + SP 5; 0 sends it whole."""
+    client = ready() if limit is None else ready(line_length_limit=limit)
+    _to_text(client)
+    wire = client.send(TextChunk(b"x" * 1500)) + client.send(TextChunk(b"x" * 500 + b"\r\n"))
+    assert wire + client.send(EndOfText()) == expected + b"\r\n.\r\n"
+
+
+def test_a_limit_that_cannot_break_lines_is_refused_at_once() -> None:
+    """SmtpClient(line_length_limit=1) raises ValueError before any byte is exchanged."""
+    with pytest.raises(ValueError, match="line length limit"):
+        SmtpClient(line_length_limit=1)
