@@ -300,6 +300,8 @@ def test_relay_hostname_is_required() -> None:
             "smtp_client.dns_servers[0]: expected a name server address like '192.0.2.53'",
         ),
         ("[smtp_client]\ndns_servers = ['127.0.0.1:0']", "smtp_client.dns_servers[0]: expected"),
+        ("[smtp_client]\nline_length_limit = 1", "smtp_client.line_length_limit: expected 0 ("),
+        ("[smtp_client]\nline_length_limit = -5", "smtp_client.line_length_limit: expected 0 ("),
         ("[smtp_client]\ndns_servers = ['2001:db8::1:53:']", "smtp_client.dns_servers[0]: "),
         ("[smtp_client]\ndns_servers = [53]", "smtp_client.dns_servers[0]: expected a name"),
         ("[smtp_client]\nca_file = 'missing.pem'", "smtp_client.ca_file: file not found: "),
@@ -459,6 +461,7 @@ def test_smtp_client_defaults(tmp_path: Path) -> None:
     assert (client.data_block_timeout, client.data_done_timeout) == (180.0, 600.0)
     assert (client.connection_cache_time, client.max_messages_per_connection) == (2.0, 100)
     assert client.dns_servers == () and client.ca_file is None
+    assert client.line_length_limit == 998
 
 
 def test_full_smtp_client_section(tmp_path: Path) -> None:
@@ -474,6 +477,7 @@ def test_full_smtp_client_section(tmp_path: Path) -> None:
         + "mail_timeout = '2m'\nrcpt_timeout = '3m'\ndata_timeout = '4m'\n"
         + "data_block_timeout = '5m'\ndata_done_timeout = '1h'\n"
         + "connection_cache_time = 0\nmax_messages_per_connection = 7\n"
+        + "line_length_limit = 0\n"
         + "dns_servers = ['192.0.2.53', '127.0.0.1:5353', '::1', '[::1]:5300', '[192.0.2.9]',"
         + " '192.0.2.53:53']\n"
         + "ca_file = 'tls/ca.pem'\n",
@@ -490,6 +494,7 @@ def test_full_smtp_client_section(tmp_path: Path) -> None:
         data_done_timeout=3600.0,
         connection_cache_time=0.0,
         max_messages_per_connection=7,
+        line_length_limit=0,
         dns_servers=(
             ("192.0.2.53", 53),
             ("127.0.0.1", 5353),

@@ -374,7 +374,7 @@ def test_a_long_line_comes_out_as_it_arrives() -> None:
     """Each piece of an unfinished 100 000-octet line is returned whole as it is fed."""
     decoder = DataDecoder()
     out = b""
-    for number in range(100):
+    for _ in range(100):
         got, rest = decoder.feed(b"v" * 1000)
         assert rest is None and got == b"v" * 1000 and not decoder._carry
         out += got
@@ -502,5 +502,5 @@ def test_breaking_matches_postfix_however_the_text_is_chunked(
     wire += stuffer.finish()
     assert wire == _postfix_breaks(text, limit)
     assert all(len(line.removeprefix(b".")) <= limit for line in wire.split(b"\r\n"))
-    got, rest, decoder = _decode_all(wire, [])
+    _, rest, decoder = _decode_all(wire, [])
     assert rest == b"" and decoder.problem is None

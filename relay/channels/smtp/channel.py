@@ -262,11 +262,12 @@ def build_smtp_channel(
 
     EHLO uses ``[relay] hostname`` (also the name MX loops are detected by); TLS policy
     and credentials come from the SMTP ``[[route]]`` tables; timeouts, connection cache
-    time, message cap, CA file and line length limit from ``[smtp_client]``.  ``resolver`` defaults to a
-    twisted.names client over ``[smtp_client] dns_servers`` (if empty, the servers of
-    ``/etc/resolv.conf``).  ``options`` go to :class:`SmtpChannel` (``port``,
-    ``ca_file``, ``timeouts``, ``max_messages``, ``route``) and win over the
-    configuration: tests and benchmarks use them.
+    time, message cap, CA file and line length limit from ``[smtp_client]``.
+    ``resolver`` defaults to a twisted.names client over ``[smtp_client] dns_servers``
+    (if empty, the servers of ``/etc/resolv.conf``).  ``options`` go to
+    :class:`SmtpChannel` (``port``, ``ca_file``, ``timeouts``, ``max_messages``,
+    ``route``, ``line_length_limit``) and win over the configuration: tests and
+    benchmarks use them.
     """
     client = config.smtp_client
     if resolver is None:
