@@ -69,6 +69,7 @@ __all__ = [
     "TlsPolicy",
     "Transport",
     "default_config",
+    "domain_matches",
     "load_config",
     "parse_config",
     "parse_transport",
@@ -206,6 +207,12 @@ class SmtpSection:
     auth_max_failures: int = 5
     auth_failure_window: float = 900.0
     workers: int = 1
+    relay_domains: tuple[str, ...] = ()
+
+    def relays_to(self, domain: str) -> bool:
+        """Whether mail for ``domain`` is accepted from anyone and relayed (Postfix's
+        ``relay_domains``): it matches an entry, exactly or as ``*.parent``."""
+        return any(domain_matches(pattern, domain) for pattern in self.relay_domains)
 
     def is_trusted(self, address: str) -> bool:
         """Whether a client at IP ``address`` may relay (IPv4-mapped IPv6 counts as IPv4)."""
@@ -290,10 +297,16 @@ class Route:
 
     def matches(self, domain: str) -> bool:
         """Whether mail for ``domain`` takes this route (``*.x`` matches below x, not x)."""
-        wanted = domain.lower().rstrip(".")
-        if self.domain.startswith("*."):
-            return wanted.endswith(self.domain[1:])
-        return wanted == self.domain
+        return domain_matches(self.domain, domain)
+
+
+def domain_matches(pattern: str, domain: str) -> bool:
+    """Whether ``domain`` (any case, a trailing dot ignored) matches a lower-case
+    ``pattern``: the same name, or for ``*.x`` any name below x (not x itself)."""
+    wanted = domain.lower().rstrip(".")
+    if pattern.startswith("*."):
+        return wanted.endswith(pattern[1:])
+    return wanted == pattern
 
 
 @dataclass(frozen=True, slots=True)
@@ -959,6 +972,7 @@ def _read_smtp(t: _Table, paths: _Paths) -> SmtpSection:
         auth_max_failures=t.get("auth_max_failures", _positive_int, 5),
         auth_failure_window=t.get("auth_failure_window", _positive_duration, 900.0),
         workers=t.get("workers", _worker_count, 1),
+        relay_domains=t.get_list("relay_domains", _domain_pattern, (), "domains", unique=True),
     )
     _check_smtp_tls(t, smtp)
     return smtp

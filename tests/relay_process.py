@@ -17,9 +17,31 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RelayProcess", "free_port", "start_relay", "wait_for"]
+__all__ = ["RelayProcess", "free_port", "mailbox_texts", "start_relay", "wait_for", "write_config"]
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
+
+
+def write_config(directory: Path, port: int, extra: str = "") -> Path:
+    """``directory/relay.toml``: the shipped defaults but for the paths, the SMTP port, the
+    local domain example.test whose one user alice is also the postmaster, and ``extra``
+    (routes, say)."""
+    (directory / "mail").mkdir(exist_ok=True)
+    config = directory / "relay.toml"
+    config.write_text(
+        '[relay]\nhostname = "hub.example.test"\nlocal_domains = ["example.test"]\n'
+        'spool = "spool"\npostmaster = "alice@example.test"\n'
+        f'[smtp]\nlisten = ["tcp:{port}:interface=127.0.0.1"]\n'
+        '[local]\nmail_root = "mail"\nusers = ["alice"]\n' + extra
+    )
+    return config
+
+
+def mailbox_texts(directory: Path, user: str = "alice") -> list[bytes]:
+    """The messages in ``user``'s Maildir under ``directory/mail``, oldest first."""
+    new = directory / "mail" / user / "new"
+    paths = sorted(new.iterdir(), key=lambda p: p.stat().st_mtime_ns) if new.is_dir() else []
+    return [path.read_bytes() for path in paths]
 
 
 def free_port() -> int:

@@ -17,11 +17,12 @@ DATA = Path(__file__).parent / "data" / "config"
 
 
 def test_check_config_on_a_good_file(capsys: pytest.CaptureFixture[str]) -> None:
-    """A valid file exits 0 and prints a one-line summary naming the hostname."""
+    """A valid file exits 0 and prints a one-line summary naming the hostname, after a note
+    for its phone route, whose domain is not in relay_domains."""
     assert main(["check-config", "-c", str(DATA / "spec.toml")]) == exitcodes.OK
-    out = capsys.readouterr().out
-    assert out.count("\n") == 1
-    assert "hub.example.test" in out
+    note, summary = capsys.readouterr().out.splitlines()
+    assert summary.startswith("relay: configuration ok: hub.example.test")
+    assert note.startswith("relay: note: route 'site-b.test' (phone site site-b) is not in")
 
 
 def test_check_config_lists_every_problem(capsys: pytest.CaptureFixture[str]) -> None:
@@ -133,3 +134,81 @@ def test_check_config_loads_the_tls_certificate(
     )
     assert main(["check-config", "-c", str(config)]) == exitcodes.CONFIG
     assert "smtp.tls_cert_file/tls_key_file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("relay", "local", "aliases"),
+    [
+        ("", 'users = ["alice"]', None),  # the default postmaster@h.example.test: nobody
+        ('postmaster = "bob@h.example.test"\n', 'users = ["alice"]', None),
+        ('postmaster = "Postmaster@[127.0.0.1]"\n', 'users = ["alice"]', "alice: bob@x.test\n"),
+    ],
+)
+def test_check_config_fails_when_the_postmaster_receives_nothing(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    relay: str,
+    local: str,
+    aliases: str | None,
+) -> None:
+    """A local [relay] postmaster that is neither a user nor an alias: exit 78, saying so."""
+    if aliases is not None:
+        (tmp_path / "aliases").write_text(aliases)
+        local += '\naliases = "aliases"'
+    config = _config_with(tmp_path, f"{relay}[local]\n{local}\n")
+    assert main(["check-config", "-c", str(config)]) == exitcodes.CONFIG
+    err = capsys.readouterr().err
+    assert (
+        "relay.postmaster:" in err and "is a local address but neither a user nor an alias" in err
+    )
+
+
+@pytest.mark.parametrize(
+    ("relay", "local", "aliases"),
+    [
+        ('postmaster = "alice@h.example.test"\n', 'users = ["alice"]', None),  # a user
+        ("", 'users = ["alice"]', "PostMaster: alice\n"),  # an alias, any case
+        ("", 'users = ["postmaster"]', None),  # a user called postmaster
+        ("", "system_users = false\n[local.mailboxes]\npostmaster = 'box'", None),
+        ('postmaster = "hostmaster@elsewhere.test"\n', "users = []", None),  # not local
+    ],
+)
+def test_check_config_accepts_a_postmaster_that_receives(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    relay: str,
+    local: str,
+    aliases: str | None,
+) -> None:
+    """A postmaster that is a user, an alias, a mailbox or a remote address passes."""
+    if aliases is not None:
+        (tmp_path / "aliases").write_text(aliases)
+        local += '\naliases = "aliases"'
+    config = _config_with(tmp_path, f"{relay}[local]\n{local}\n")
+    assert main(["check-config", "-c", str(config)]) == exitcodes.OK, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith("relay: configuration ok:")
+
+
+def test_check_config_notes_a_phone_route_outside_relay_domains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A phone route not in relay_domains gets a note (exit 0); one in it gets none."""
+    (tmp_path / "secret").write_text("s3cret\n")
+    phone = (
+        '[phone.sites.site-b]\nsecret_file = "secret"\n'
+        '[[route]]\ndomain = "site-b.test"\nchannel = "phone"\nsite = "site-b"\n'
+        '[[route]]\ndomain = "*.far.test"\nchannel = "phone"\nsite = "site-b"\n'
+    )
+    users = '[local]\nusers = ["postmaster"]\n'
+    config = _config_with(tmp_path, users + phone)
+    assert main(["check-config", "-c", str(config)]) == exitcodes.OK
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" (")[0] for line in lines[:2]] == [
+        "relay: note: route 'site-b.test'",
+        "relay: note: route '*.far.test'",
+    ]
+    assert lines[2].startswith("relay: configuration ok:")
+    relayed = '[smtp]\nrelay_domains = ["site-b.test", "*.far.test"]\n'
+    config.write_text(config.read_text().replace("[local]", relayed + "[local]"))
+    assert main(["check-config", "-c", str(config)]) == exitcodes.OK
+    assert "relay: note:" not in capsys.readouterr().out

@@ -1074,3 +1074,24 @@ def test_postmaster_is_checked_by_the_address_parser(tmp_path: Path, postmaster:
     with pytest.raises(ConfigError) as caught:
         parse_config(f'[relay]\nhostname = "h.test"\npostmaster = "{postmaster}"\n', tmp_path)
     assert any(p.startswith("relay.postmaster:") for p in caught.value.problems)
+
+
+def test_relay_domains_match_exactly_or_below_a_star() -> None:
+    """relay_domains: lower-cased, repeats dropped; 'x' matches x only, '*.x' below x only."""
+    smtp = parse_config(
+        HEAD + "[smtp]\nrelay_domains = ['Partner.TEST', '*.sub.test', 'partner.test']", DATA
+    ).smtp
+    assert smtp.relay_domains == ("partner.test", "*.sub.test")
+    assert smtp.relays_to("PARTNER.test") and smtp.relays_to("partner.test.")
+    assert smtp.relays_to("a.sub.test") and smtp.relays_to("a.b.sub.test")
+    assert not smtp.relays_to("sub.test") and not smtp.relays_to("x.partner.test")
+    assert not smtp.relays_to("partner.test.evil.test")
+    assert parse_config(HEAD, DATA).smtp.relay_domains == ()
+
+
+@pytest.mark.parametrize("bad", ["['.partner.test']", "['a..b']", "'partner.test'", "[1]"])
+def test_bad_relay_domains_are_named(bad: str) -> None:
+    """A relay_domains entry that is not a domain (or *.domain) is a problem naming it."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(HEAD + f"[smtp]\nrelay_domains = {bad}", DATA)
+    assert caught.value.problems[0].startswith("smtp.relay_domains")

@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from relay_process import RelayProcess, free_port, start_relay, wait_for
+from relay_process import (
+    RelayProcess,
+    free_port,
+    mailbox_texts,
+    start_relay,
+    wait_for,
+    write_config,
+)
 from smtpsink import Sink, SinkPool
 
 SWAKS = "/usr/bin/swaks"
@@ -36,31 +43,11 @@ def sink() -> Iterator[Sink]:
 def relay(tmp_path: Path, sink: Sink) -> Iterator[RelayProcess]:
     """twistd relay on the shipped defaults but for paths, ports, users and one route."""
     port = free_port()
-    (tmp_path / "mail").mkdir()
-    config = tmp_path / "relay.toml"
-    config.write_text(
-        f"""
-[relay]
-hostname = "hub.example.test"
-local_domains = ["example.test"]
-spool = "spool"
-postmaster = "alice@example.test"
-
-[smtp]
-listen = ["tcp:{port}:interface=127.0.0.1"]
-
-[local]
-mail_root = "mail"
-users = ["alice"]
-
-[[route]]
-domain = "sink.test"
-channel = "smtp"
-smarthost = "127.0.0.1:{sink.port}"
-tls = "none"
-"""
+    route = (
+        '[[route]]\ndomain = "sink.test"\nchannel = "smtp"\n'
+        f'smarthost = "127.0.0.1:{sink.port}"\ntls = "none"\n'
     )
-    running = start_relay(config, port)
+    running = start_relay(write_config(tmp_path, port, route), port)
     try:
         yield running
     finally:
@@ -71,11 +58,6 @@ def _line(length: int, seed: str) -> bytes:
     """A line of ``length`` printable octets that differ from place to place."""
     unit = "".join(chr(33 + (i * 7 + len(seed)) % 94) for i in range(97)).encode()
     return (seed.encode() + unit * (length // 97 + 1))[:length]
-
-
-def _mailbox_texts(tmp_path: Path) -> list[bytes]:
-    new = tmp_path / "mail" / "alice" / "new"
-    return [path.read_bytes() for path in new.iterdir()] if new.is_dir() else []
 
 
 def _postfix_pieces(line: bytes, limit: int = 998) -> bytes:
@@ -103,8 +85,8 @@ def test_smtplib_4000_octet_line_is_kept_whole_and_relayed_broken(
             "sender@client.test", ["alice@example.test", "rcpt@sink.test"], text
         )
         assert refused == {}
-    wait_for(lambda: _mailbox_texts(tmp_path), what="the mailbox copy")
-    (stored,) = _mailbox_texts(tmp_path)
+    wait_for(lambda: mailbox_texts(tmp_path), what="the mailbox copy")
+    (stored,) = mailbox_texts(tmp_path)
     assert b"\nbefore\n" + line + b"\nafter\n" in stored
     wait_for(lambda: b"\nafter\n" in sink.dump.read_bytes(), what="the relayed copy")
     dumped = sink.dump.read_bytes()
@@ -130,8 +112,8 @@ def test_swaks_line_as_long_as_the_size_limit_allows(
     transcript = result.stdout.decode("utf-8", "replace") + result.stderr.decode()
     assert result.returncode == 0, transcript
     assert "250 2.0.0 Ok: queued as" in transcript
-    wait_for(lambda: _mailbox_texts(tmp_path), what="the mailbox copy")
-    (stored,) = _mailbox_texts(tmp_path)
+    wait_for(lambda: mailbox_texts(tmp_path), what="the mailbox copy")
+    (stored,) = mailbox_texts(tmp_path)
     assert stored.endswith(b"\n\n" + line + b"\n")
     pieces = _postfix_pieces(line)
     wait_for(lambda: sink.dump.stat().st_size > len(pieces), limit=120, what="relayed copy")
