@@ -17,12 +17,11 @@ DATA = Path(__file__).parent / "data" / "config"
 
 
 def test_check_config_on_a_good_file(capsys: pytest.CaptureFixture[str]) -> None:
-    """A valid file exits 0 and prints a one-line summary naming the hostname, after a note
-    for its phone route, whose domain is not in relay_domains."""
+    """A valid file exits 0 and prints a one-line summary naming the hostname."""
     assert main(["check-config", "-c", str(DATA / "spec.toml")]) == exitcodes.OK
-    note, summary = capsys.readouterr().out.splitlines()
-    assert summary.startswith("relay: configuration ok: hub.example.test")
-    assert note.startswith("relay: note: route 'site-b.test' (phone site site-b) is not in")
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    assert "hub.example.test" in out
 
 
 def test_check_config_lists_every_problem(capsys: pytest.CaptureFixture[str]) -> None:

@@ -83,6 +83,7 @@ def test_spec_example_relay_and_smtp(spec: Config) -> None:
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
     )
+    assert spec.smtp.relay_domains == ("site-b.test",)
     assert spec.smtp.max_message_size == 10485760
     assert (spec.smtp.max_recipients, spec.smtp.max_errors) == (100, 10)
     assert (spec.smtp.max_sessions, spec.smtp.max_sessions_per_client) == (100, 20)
