@@ -70,8 +70,6 @@ def advise(config: Config, recipients: LocalRecipients) -> Advice:
         f"route {route.domain!r} (phone site {route.site}) is not in smtp.relay_domains: "
         "only trusted networks and authenticated clients may send mail for it over SMTP"
         for route in config.routes
-        if route.channel is Channel.PHONE
-        and route.domain not in config.smtp.relay_domains
-        and not config.smtp.relays_to(route.domain)
+        if route.channel is Channel.PHONE and not config.smtp.relays_to(route.domain)
     )
     return Advice(() if problem is None else (problem,), notes)

@@ -13,11 +13,20 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RelayProcess", "free_port", "mailbox_texts", "start_relay", "wait_for", "write_config"]
+__all__ = [
+    "RelayProcess",
+    "free_port",
+    "mailbox_texts",
+    "relay_routing_to",
+    "start_relay",
+    "wait_for",
+    "write_config",
+]
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 
@@ -108,3 +117,19 @@ def start_relay(config: Path, port: int) -> RelayProcess:
         relay.stop()
         raise
     return relay
+
+
+@contextmanager
+def relay_routing_to(directory: Path, domain: str, port: int) -> Iterator[RelayProcess]:
+    """A relay of :func:`write_config` whose one ``[[route]]`` sends ``domain`` to the SMTP
+    server on 127.0.0.1:``port`` (an smtp-sink, say); stopped afterwards."""
+    route = (
+        f'[[route]]\ndomain = "{domain}"\nchannel = "smtp"\n'
+        f'smarthost = "127.0.0.1:{port}"\ntls = "none"\n'
+    )
+    smtp_port = free_port()
+    running = start_relay(write_config(directory, smtp_port, route), smtp_port)
+    try:
+        yield running
+    finally:
+        running.stop()

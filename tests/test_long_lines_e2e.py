@@ -16,15 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from relay_process import (
-    RelayProcess,
-    free_port,
-    mailbox_texts,
-    start_relay,
-    wait_for,
-    write_config,
-)
-from smtpsink import Sink, SinkPool
+from relay_process import RelayProcess, mailbox_texts, relay_routing_to, wait_for
+from smtpsink import Sink, running_sink
 
 SWAKS = "/usr/bin/swaks"
 MAX_MESSAGE_SIZE = 10485760  # the shipped default of [smtp] max_message_size
@@ -32,26 +25,15 @@ MAX_MESSAGE_SIZE = 10485760  # the shipped default of [smtp] max_message_size
 
 @pytest.fixture
 def sink() -> Iterator[Sink]:
-    pool = SinkPool()
-    try:
-        yield pool.start()
-    finally:
-        pool.stop()
+    with running_sink() as sink:
+        yield sink
 
 
 @pytest.fixture
 def relay(tmp_path: Path, sink: Sink) -> Iterator[RelayProcess]:
     """twistd relay on the shipped defaults but for paths, ports, users and one route."""
-    port = free_port()
-    route = (
-        '[[route]]\ndomain = "sink.test"\nchannel = "smtp"\n'
-        f'smarthost = "127.0.0.1:{sink.port}"\ntls = "none"\n'
-    )
-    running = start_relay(write_config(tmp_path, port, route), port)
-    try:
+    with relay_routing_to(tmp_path, "sink.test", sink.port) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def _line(length: int, seed: str) -> bytes:

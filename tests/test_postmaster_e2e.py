@@ -14,40 +14,22 @@ from pathlib import Path
 
 import pytest
 
-from relay_process import (
-    RelayProcess,
-    free_port,
-    mailbox_texts,
-    start_relay,
-    wait_for,
-    write_config,
-)
-from smtpsink import Sink, SinkPool
+from relay_process import RelayProcess, mailbox_texts, relay_routing_to, wait_for
+from smtpsink import Sink, running_sink
 
 
 @pytest.fixture
 def refusing_sink() -> Iterator[Sink]:
     """smtp-sink refusing every RCPT with a 5xx: mail for it bounces at once."""
-    pool = SinkPool()
-    try:
-        yield pool.start("-f", "RCPT")
-    finally:
-        pool.stop()
+    with running_sink("-f", "RCPT") as sink:
+        yield sink
 
 
 @pytest.fixture
 def relay(tmp_path: Path, refusing_sink: Sink) -> Iterator[RelayProcess]:
     """twistd relay with alice as postmaster and a route to the refusing smtp-sink."""
-    port = free_port()
-    route = (
-        '[[route]]\ndomain = "bounce.test"\nchannel = "smtp"\n'
-        f'smarthost = "127.0.0.1:{refusing_sink.port}"\ntls = "none"\n'
-    )
-    running = start_relay(write_config(tmp_path, port, route), port)
-    try:
+    with relay_routing_to(tmp_path, "bounce.test", refusing_sink.port) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def test_postmaster_is_accepted_and_delivered_to_the_configured_postmaster(
