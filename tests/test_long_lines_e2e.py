@@ -45,28 +45,43 @@ def _line(length: int, seed: str) -> bytes:
 def _postfix_pieces(line: bytes, limit: int = 998) -> bytes:
     """``line`` as Postfix sends it at ``limit`` (LF line ends, as smtp-sink dumps it)."""
     pieces = [line[:limit]]
-    rest = line[limit:]
-    while rest:
-        pieces.append(b" " + rest[: limit - 1])
-        rest = rest[limit - 1 :]
+    pieces += [b" " + line[at : at + limit - 1] for at in range(limit, len(line), limit - 1)]
     return b"\n".join(pieces)
 
 
-def test_smtplib_4000_octet_line_is_kept_whole_and_relayed_broken(
-    tmp_path: Path, relay: RelayProcess, sink: Sink
+def _send(client: str, port: int, text: bytes, tmp_path: Path) -> None:
+    """``text`` (CRLF lines) from sender@client.test to alice here and rcpt@sink.test, by
+    smtplib or by swaks; the client must report the 250 after DATA."""
+    recipients = ["alice@example.test", "rcpt@sink.test"]
+    if client == "smtplib":
+        with smtplib.SMTP("127.0.0.1", port, timeout=120) as smtp:
+            smtp.ehlo("client.test")
+            assert smtp.sendmail("sender@client.test", recipients, text) == {}
+        return
+    data = tmp_path / "message.eml"
+    data.write_bytes(text.removesuffix(b"\r\n"))  # swaks ends it with CRLF . CRLF
+    result = subprocess.run(
+        [SWAKS, "--server", f"127.0.0.1:{port}", "--from", "sender@client.test",
+         "--to", ",".join(recipients), "--data", str(data), "--suppress-data"],
+        capture_output=True, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        timeout=300, check=False,
+    )  # fmt: skip
+    transcript = result.stdout.decode("utf-8", "replace") + result.stderr.decode()
+    assert result.returncode == 0, transcript
+    assert "250 2.0.0 Ok: queued as" in transcript
+
+
+@pytest.mark.parametrize("client", ["smtplib", "swaks"])
+def test_a_4000_octet_line_is_kept_whole_and_relayed_broken(
+    tmp_path: Path, relay: RelayProcess, sink: Sink, client: str
 ) -> None:
     """A 4 000-octet line: 250 after DATA, whole in the mailbox, CRLF SP-broken at smtp-sink."""
-    line = _line(4000, "smtplib")
+    line = _line(4000, client)
     text = (
         b"From: sender@client.test\r\nTo: alice@example.test, rcpt@sink.test\r\n"
         b"Subject: a long line\r\n\r\nbefore\r\n" + line + b"\r\nafter\r\n"
     )
-    with smtplib.SMTP("127.0.0.1", relay.port, timeout=60) as client:
-        client.ehlo("client.test")
-        refused = client.sendmail(
-            "sender@client.test", ["alice@example.test", "rcpt@sink.test"], text
-        )
-        assert refused == {}
+    _send(client, relay.port, text, tmp_path)
     wait_for(lambda: mailbox_texts(tmp_path), what="the mailbox copy")
     (stored,) = mailbox_texts(tmp_path)
     assert b"\nbefore\n" + line + b"\nafter\n" in stored
@@ -76,24 +91,14 @@ def test_smtplib_4000_octet_line_is_kept_whole_and_relayed_broken(
     assert max(len(x) for x in dumped.split(b"\n")) <= 998
 
 
-def test_swaks_line_as_long_as_the_size_limit_allows(
-    tmp_path: Path, relay: RelayProcess, sink: Sink
+@pytest.mark.parametrize("client", ["smtplib", "swaks"])
+def test_a_line_as_long_as_the_size_limit_allows(
+    tmp_path: Path, relay: RelayProcess, sink: Sink, client: str
 ) -> None:
-    """swaks sends one body line filling max_message_size: accepted, kept, relayed broken."""
+    """One body line filling max_message_size: accepted, kept whole, relayed broken."""
     headers = b"From: sender@client.test\r\nSubject: one huge line\r\n\r\n"
-    line = _line(MAX_MESSAGE_SIZE - len(headers) - 2, "swaks")
-    data = tmp_path / "message.eml"
-    data.write_bytes(headers + line)  # swaks adds the CRLF . CRLF
-    result = subprocess.run(
-        [SWAKS, "--server", f"127.0.0.1:{relay.port}", "--from", "sender@client.test",
-         "--to", "alice@example.test,rcpt@sink.test", "--data", str(data),
-         "--suppress-data"],
-        capture_output=True, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        timeout=300, check=False,
-    )  # fmt: skip
-    transcript = result.stdout.decode("utf-8", "replace") + result.stderr.decode()
-    assert result.returncode == 0, transcript
-    assert "250 2.0.0 Ok: queued as" in transcript
+    line = _line(MAX_MESSAGE_SIZE - len(headers) - 2, client)
+    _send(client, relay.port, headers + line + b"\r\n", tmp_path)
     wait_for(lambda: mailbox_texts(tmp_path), what="the mailbox copy")
     (stored,) = mailbox_texts(tmp_path)
     assert stored.endswith(b"\n\n" + line + b"\n")
