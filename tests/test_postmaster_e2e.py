@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from relay_process import RelayProcess, mailbox_texts, relay_routing_to, wait_for
+from relay_process import (
+    RelayProcess,
+    free_port,
+    mailbox_texts,
+    relay_routing_to,
+    start_relay,
+    wait_for,
+    write_config,
+)
 from smtpsink import Sink, running_sink
 
 
@@ -65,3 +73,17 @@ def test_a_double_bounce_reaches_the_postmaster(tmp_path: Path, relay: RelayProc
     (text,) = mailbox_texts(tmp_path)
     assert b"Subject: Undeliverable Delivery Status Notification" in text
     assert b"ghost@example.test" in text
+
+
+def test_twistd_warns_of_a_postmaster_nobody_receives(tmp_path: Path) -> None:
+    """With users = ["alice"] and the default postmaster, the relay starts but logs why
+    postmaster@ and double bounces would be lost (check-config fails on it)."""
+    port = free_port()
+    config = write_config(tmp_path, port)
+    config.write_text(config.read_text().replace('postmaster = "alice@example.test"\n', ""))
+    running = start_relay(config, port)
+    try:
+        wait_for(lambda: "relay.postmaster:" in running.log.read_text(), what="the warning")
+    finally:
+        running.stop()
+    assert "postmaster@example.test is a local address but neither" in running.log.read_text()
