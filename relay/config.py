@@ -69,6 +69,7 @@ __all__ = [
     "TlsPolicy",
     "Transport",
     "default_config",
+    "domain_matches",
     "load_config",
     "parse_config",
     "parse_transport",
@@ -206,6 +207,12 @@ class SmtpSection:
     auth_max_failures: int = 5
     auth_failure_window: float = 900.0
     workers: int = 1
+    relay_domains: tuple[str, ...] = ()
+
+    def relays_to(self, domain: str) -> bool:
+        """Whether mail for ``domain`` is accepted from anyone and relayed (Postfix's
+        ``relay_domains``): it matches an entry, exactly or as ``*.parent``."""
+        return any(domain_matches(pattern, domain) for pattern in self.relay_domains)
 
     def is_trusted(self, address: str) -> bool:
         """Whether a client at IP ``address`` may relay (IPv4-mapped IPv6 counts as IPv4)."""
@@ -223,7 +230,8 @@ class SmtpClientSection:
     """``[smtp_client]``: how the SMTP channel talks to other servers (times in seconds).
 
     The defaults here are the built-in defaults (the reader takes them from this class):
-    the timeouts of RFC 5321 §4.5.3.2, and Postfix's connection cache time.
+    the timeouts of RFC 5321 §4.5.3.2, Postfix's connection cache time, and its
+    ``smtp_line_length_limit`` (998: RFC 5321's text line without its CRLF).
     ``dns_servers`` empty means the system's ``/etc/resolv.conf``; ``ca_file`` None
     means the system trust store.
     """
@@ -238,6 +246,7 @@ class SmtpClientSection:
     data_done_timeout: float = 600.0
     connection_cache_time: float = 2.0
     max_messages_per_connection: int = 100
+    line_length_limit: int = 998
     dns_servers: tuple[tuple[str, int], ...] = ()
     ca_file: Path | None = None
 
@@ -288,10 +297,16 @@ class Route:
 
     def matches(self, domain: str) -> bool:
         """Whether mail for ``domain`` takes this route (``*.x`` matches below x, not x)."""
-        wanted = domain.lower().rstrip(".")
-        if self.domain.startswith("*."):
-            return wanted.endswith(self.domain[1:])
-        return wanted == self.domain
+        return domain_matches(self.domain, domain)
+
+
+def domain_matches(pattern: str, domain: str) -> bool:
+    """Whether ``domain`` (any case, a trailing dot ignored) matches a lower-case
+    ``pattern``: the same name, or for ``*.x`` any name below x (not x itself)."""
+    wanted = domain.lower().rstrip(".")
+    if pattern.startswith("*."):
+        return wanted.endswith(pattern[1:])
+    return wanted == pattern
 
 
 @dataclass(frozen=True, slots=True)
@@ -559,6 +574,12 @@ def _positive_int(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _expected("a positive integer", value)
     return value
+
+
+def _line_length_limit(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and (value == 0 or value >= 2):
+        return value
+    raise _expected("0 (never break lines) or a length of at least 2 octets", value)
 
 
 _DURATION_EXAMPLES = "a duration like '30s', '5m', '4h', '5d' or seconds"
@@ -951,6 +972,7 @@ def _read_smtp(t: _Table, paths: _Paths) -> SmtpSection:
         auth_max_failures=t.get("auth_max_failures", _positive_int, 5),
         auth_failure_window=t.get("auth_failure_window", _positive_duration, 900.0),
         workers=t.get("workers", _worker_count, 1),
+        relay_domains=t.get_list("relay_domains", _domain_pattern, (), "domains", unique=True),
     )
     _check_smtp_tls(t, smtp)
     return smtp
@@ -988,6 +1010,7 @@ def _read_smtp_client(t: _Table, paths: _Paths) -> SmtpClientSection:
         max_messages_per_connection=t.get(
             "max_messages_per_connection", _positive_int, d.max_messages_per_connection
         ),
+        line_length_limit=t.get("line_length_limit", _line_length_limit, d.line_length_limit),
         dns_servers=t.get_list(
             "dns_servers", _dns_server, d.dns_servers, "name server addresses", unique=True
         ),

@@ -35,7 +35,7 @@ from relay.gateway.workers import GatewayWorkers
 from relay.interfaces import IChannel, IQueue
 from relay.local_users import LocalRecipients, build_local_recipients
 from relay.policy.routing import Router
-from relay.preflight import PreflightError, preflight
+from relay.preflight import PreflightError, advise, preflight
 from relay.queue.service import SpoolService
 from relay.services import attach, named_multiservice
 
@@ -77,11 +77,18 @@ def config_for_twistd(path: str | None) -> Config:
 
 
 def local_recipients_for_twistd(config: Config) -> LocalRecipients:
-    """The local users and aliases, after the preflight checks; problems as a UsageError."""
+    """The local users and aliases, after the preflight checks; problems as a UsageError.
+
+    What only ``relay check-config`` refuses (a postmaster nobody receives) is logged as a
+    warning: the relay runs, but the operator should hear of it.
+    """
     try:
-        return preflight(config)
+        recipients = preflight(config)
     except PreflightError as e:
         raise usage.UsageError("\n".join(e.problems)) from e
+    for problem in advise(config, recipients).problems:
+        _log.warn("configuration: {problem}", problem=problem)
+    return recipients
 
 
 class StatusService(Service):

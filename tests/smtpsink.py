@@ -14,10 +14,12 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SMTP_SINK", "Sink", "SinkPool", "free_port"]
+__all__ = ["SMTP_SINK", "Sink", "SinkPool", "free_port", "running_sink"]
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 
@@ -74,6 +76,16 @@ class SinkPool:
             if sink.process.stderr is not None:
                 sink.process.stderr.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+@contextmanager
+def running_sink(*options: str) -> Iterator[Sink]:
+    """One smtp-sink started with ``options`` for a with-block, stopped afterwards."""
+    pool = SinkPool()
+    try:
+        yield pool.start(*options)
+    finally:
+        pool.stop()
 
 
 def free_port() -> int:

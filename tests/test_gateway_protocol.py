@@ -654,7 +654,6 @@ def test_budget_counts_bdat_chunks(tmp_path: Path) -> None:
         pytest.param(lambda s: s.send((b"z" * 990 + b"\r\n") * 3 + b".\r\n"), id="552"),
         pytest.param(lambda s: s.lose(), id="client-gone"),
         pytest.param(lambda s: s.protocol._timeout("idle"), id="timeout"),
-        pytest.param(lambda s: s.send(b"\xff" * 999 + b"\r\n.\r\n"), id="long-line"),
     ],
 )
 def test_budget_is_given_back_when_the_text_is_refused_or_dropped(

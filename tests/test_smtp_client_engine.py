@@ -73,8 +73,8 @@ def feed(client: SmtpClient, data: bytes) -> list[ServerReply | ConnectionClosed
     return events(client)
 
 
-def ready(extensions: tuple[str, ...] = ALL_EXTENSIONS) -> SmtpClient:
-    client = SmtpClient()
+def ready(extensions: tuple[str, ...] = ALL_EXTENSIONS, **options: int) -> SmtpClient:
+    client = SmtpClient(**options)
     [greeting] = feed(client, b"220 server.test ESMTP\r\n")
     assert isinstance(greeting, ServerReply) and greeting.command is Command.GREETING
     assert client.send(Ehlo("client.test")) == b"EHLO client.test\r\n"
@@ -517,15 +517,46 @@ def test_replies_split_anywhere_give_the_same_events(count: int, cuts: list[int]
 @given(
     text=st.binary(max_size=300).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"\r\n")),
     cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=8),
+    limit=st.sampled_from([998, 0, 2, 9, 40]),
 )
-def test_text_is_stuffed_the_same_however_it_is_chunked(text: bytes, cuts: list[int]) -> None:
-    """The engine's text bytes equal wire.dot_stuff of the whole text, and decode back."""
-    client = ready()
+def test_text_is_stuffed_the_same_however_it_is_chunked(
+    text: bytes, cuts: list[int], limit: int
+) -> None:
+    """The engine's text bytes equal wire.dot_stuff of the whole text at the engine's line
+    length limit, and decode back (to the text itself when no line was broken)."""
+    client = ready(line_length_limit=limit)
     _to_text(client)
     wire = b"".join(client.send(TextChunk(p)) for p in _split(text, cuts))
     wire += client.send(EndOfText())
-    assert wire == dot_stuff(text)
-    decoded, rest = DataDecoder(max_line=10_000).feed(wire)
+    assert wire == dot_stuff(text, limit)
+    decoded, rest = DataDecoder().feed(wire)
     assert rest == b""
     expected = text if not text or text.endswith(b"\r\n") else text + b"\r\n"
-    assert decoded == expected
+    if limit in (0, 998):  # no line of 300 octets is broken
+        assert decoded == expected
+    else:
+        assert decoded.replace(b"\r\n ", b"") == expected.replace(b"\r\n ", b"")
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        (None, b"x" * 998 + b"\r\n" + b" " + b"x" * 997 + b"\r\n" + b" " + b"x" * 5),
+        (1000, b"x" * 1000 + b"\r\n" + b" " + b"x" * 999 + b"\r\n" + b" x"),
+        (0, b"x" * 2000),
+    ],
+)
+def test_long_text_lines_are_broken_at_the_configured_limit(
+    limit: int | None, expected: bytes
+) -> None:
+    """By default a 2 000-octet line leaves as 998 + SP 997 + SP 5; 0 sends it whole."""
+    client = ready() if limit is None else ready(line_length_limit=limit)
+    _to_text(client)
+    wire = client.send(TextChunk(b"x" * 1500)) + client.send(TextChunk(b"x" * 500 + b"\r\n"))
+    assert wire + client.send(EndOfText()) == expected + b"\r\n.\r\n"
+
+
+def test_a_limit_that_cannot_break_lines_is_refused_at_once() -> None:
+    """SmtpClient(line_length_limit=1) raises ValueError before any byte is exchanged."""
+    with pytest.raises(ValueError, match="line length limit"):
+        SmtpClient(line_length_limit=1)

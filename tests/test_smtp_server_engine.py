@@ -402,11 +402,42 @@ def test_command_line_limit_is_512_including_crlf() -> None:
     assert driver.codes()[1:] == [(250, "2.0.0"), (500, "5.5.2")]
 
 
-def test_overlong_text_line_is_500_after_the_end() -> None:
-    """A 999-octet text line: the text is read to its end and refused with 500 5.5.2."""
-    driver = assert_same_everywhere([HELLO, ENVELOPE, b"y" * 999 + b"\r\n.\r\nNOOP\r\n"])
-    assert driver.codes()[-2:] == [(500, "5.5.2"), (250, "2.0.0")]
+def test_a_4000_octet_text_line_is_accepted_whole() -> None:
+    """A 4 000-octet text line (fed whole and split at every byte) is stored as it came."""
+    text = b"Subject: long\r\n\r\n" + b"y" * 4000 + b"\r\n.end\r\n"
+    assert len(text) <= SETTINGS.limits.max_message_size
+    driver = assert_same_everywhere([HELLO, ENVELOPE, dot_stuff(text) + b"NOOP\r\n"])
+    assert driver.codes()[-2:] == [(250, "2.0.0"), (250, "2.0.0")]
+    assert driver.messages == [text]
+
+
+def test_a_line_as_long_as_the_size_limit_is_accepted_one_octet_more_is_552() -> None:
+    """One line filling max_message_size exactly is kept; one octet longer is 552 5.3.4."""
+    limit = SETTINGS.limits.max_message_size
+    fits = b"z" * (limit - 2) + b"\r\n"
+    driver = converse([HELLO, ENVELOPE, dot_stuff(fits)])
+    assert driver.codes()[-1] == (250, "2.0.0")
+    assert driver.messages == [fits]
+    driver = converse([HELLO, ENVELOPE, dot_stuff(b"z" + fits)])
+    assert driver.codes()[-1] == (552, "5.3.4")
     assert driver.messages == []
+
+
+def test_a_long_line_is_passed_on_in_pieces_not_buffered() -> None:
+    """A 16 MiB line fed in 64 KiB pieces: each piece comes out at once, nothing piles up."""
+    settings = ServerSettings("mx.test", Limits(max_message_size=32 * 1024 * 1024))
+    driver = Driver(settings)
+    driver.feed(HELLO)
+    driver.feed(ENVELOPE)
+    piece = b"w" * 65536
+    for _ in range(256):
+        before = len(driver._text)
+        driver.feed(piece)
+        assert driver.conn.buffered == 0
+        assert len(driver._text) - before >= len(piece) - 4  # at most a terminator's start
+    driver.feed(b"\r\n.\r\n")
+    assert driver.codes()[-1] == (250, "2.0.0")
+    assert driver.messages == [piece * 256 + b"\r\n"]
 
 
 def test_oversized_text_is_552_after_the_end_and_not_kept() -> None:
@@ -660,23 +691,33 @@ def test_any_command_sequence_gives_replies_never_an_exception(words: list[bytes
         assert replies[-1].code in (221, 421, 554, 501)
 
 
+_text_line = st.one_of(
+    st.binary(max_size=80),
+    st.binary(min_size=990, max_size=4200),  # around and far past RFC 5321's 998 octets
+    st.builds(lambda n, dots: b"." * dots + b"q" * n, st.integers(990, 4200), st.integers(0, 2)),
+).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+
+
+@settings(max_examples=200)
 @given(
-    st.lists(
-        st.binary(max_size=80).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=20
-    ),
-    st.integers(0, 5000),
+    st.lists(_text_line, max_size=8),
+    st.lists(st.integers(0, 12000), max_size=6),
 )
-def test_any_crlf_text_is_delivered_exactly(lines: list[bytes], cut: int) -> None:
-    """Any CRLF text, stuffed by the client and split anywhere, arrives byte-identical."""
+def test_any_crlf_text_is_delivered_exactly(lines: list[bytes], cuts: list[int]) -> None:
+    """Any CRLF text, long lines too, stuffed and split anywhere, arrives byte-identical."""
     text = b"".join(line + b"\r\n" for line in lines)
     driver = converse([HELLO, ENVELOPE])
-    wire = dot_stuff(text)
-    driver.feed(wire[:cut])
-    driver.feed(wire[cut:])
+    wire = dot_stuff(text) + b"NOOP\r\n"
+    start = 0
+    for cut in [*sorted(cuts), len(wire)]:
+        driver.feed(wire[start:cut])
+        start = max(start, cut)
+        assert driver.conn.buffered <= 512
     if len(text) <= 4096:
         assert driver.messages == [text]
+        assert driver.codes()[-2:] == [(250, "2.0.0"), (250, "2.0.0")]
     else:
-        assert driver.codes()[-1] == (552, "5.3.4")
+        assert driver.codes()[-2:] == [(552, "5.3.4"), (250, "2.0.0")]
 
 
 # --------------------------------------------------------------------------- CHUNKING (BDAT)

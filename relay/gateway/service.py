@@ -52,7 +52,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.address import AddressError, parse_mailbox
+from relay.address import Address, AddressError, parse_mailbox
 from relay.config import Config
 from relay.gateway.auth import PasswordChecker
 from relay.gateway.limits import AuthThrottle, TextBudget
@@ -60,6 +60,7 @@ from relay.gateway.policy import RelayPolicy
 from relay.gateway.protocol import GatewayFactory, SessionLimiter, SmtpServerProtocol, Timeouts
 from relay.gateway.tls import load_server_tls
 from relay.interfaces import ILocalRecipients, IStore
+from relay.local_users import POSTMASTER
 from relay.policy.routing import Router
 from relay.sansio.smtp.server import Limits, ServerSettings
 from relay.sansio.smtp.wire import SmtpReply
@@ -224,10 +225,19 @@ def _listener(endpoint: IStreamServerEndpoint, factory: GatewayFactory) -> IServ
 
 
 def settings_from_config(config: Config, *, tls_active: bool) -> ServerSettings:
-    """The engine's settings for one listener (implicit TLS or not)."""
+    """The engine's settings for one listener (implicit TLS or not).
+
+    The domain-less ``RCPT TO:<postmaster>`` means ``postmaster@`` the first local domain,
+    which every local domain has (:mod:`relay.local_users`), so it is accepted from any
+    client even when ``[relay] postmaster`` is remote; without local domains it is
+    ``[relay] postmaster`` itself.
+    """
     smtp = config.smtp
+    domains = config.relay.local_domains
     try:
-        postmaster = parse_mailbox(config.relay.postmaster)
+        postmaster = (
+            Address(POSTMASTER, domains[0]) if domains else parse_mailbox(config.relay.postmaster)
+        )
     except AddressError:
         postmaster = None
     return ServerSettings(

@@ -47,6 +47,7 @@ from relay.config import TlsPolicy
 from relay.dns.mx import DnsError, MailHost, MxResolver
 from relay.errors import SessionFailed
 from relay.reply import Reply, ReplyCode
+from relay.sansio.smtp.wire import MAX_TEXT_LINE
 
 __all__ = ["Connector", "Target", "parse_destination"]
 
@@ -100,8 +101,10 @@ class Connector:
         helo_name: str,
         timeouts: Timeouts,
         tls: TlsContexts,
+        line_length_limit: int = MAX_TEXT_LINE,
     ) -> None:
         self._reactor = reactor
+        self._line_length_limit = line_length_limit
         self._clock: IReactorTime = reactor
         self._mx = mx
         self._helo_name = helo_name
@@ -163,7 +166,9 @@ class Connector:
         self, host: MailHost, address: str, port: int, policy: RoutePolicy
     ) -> SmtpClientProtocol:
         peer = _peer(host.name, address, port)
-        proto = SmtpClientProtocol(self._clock, self._timeouts, peer)
+        proto = SmtpClientProtocol(
+            self._clock, self._timeouts, peer, line_length_limit=self._line_length_limit
+        )
         endpoint_class = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
         endpoint = endpoint_class(self._reactor, address, port, timeout=self._timeouts.connect)
         connecting: Deferred[Any] = connectProtocol(endpoint, proto)  # type: ignore[no-untyped-call]

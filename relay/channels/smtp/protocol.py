@@ -63,7 +63,7 @@ from relay.sansio.smtp.client import (
     SmtpClient,
     TextChunk,
 )
-from relay.sansio.smtp.wire import SmtpReply
+from relay.sansio.smtp.wire import MAX_TEXT_LINE, SmtpReply
 
 _HOLD_TEXT = 64 * 1024  # text held for the final dot's write; more is written at once
 
@@ -203,8 +203,16 @@ class SmtpClientProtocol(Protocol):
 
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, timeouts: Timeouts, peer: str) -> None:
-        self.engine = SmtpClient()
+    def __init__(
+        self,
+        clock: IReactorTime,
+        timeouts: Timeouts,
+        peer: str,
+        *,
+        line_length_limit: int = MAX_TEXT_LINE,
+    ) -> None:
+        """``line_length_limit``: the engine breaks longer text lines (0: never)."""
+        self.engine = SmtpClient(line_length_limit=line_length_limit)
         self.peer = peer
         self.tls_active = False
         self.messages = 0  # transactions completed on this connection

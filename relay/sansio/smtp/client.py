@@ -6,7 +6,9 @@ No I/O: the adapter (:mod:`relay.channels.smtp.protocol`) gives the engine the s
 bytes (:meth:`SmtpClient.receive_data`, ``b""`` at end of stream), takes events out
 (:meth:`SmtpClient.next_event`) and turns the commands it wants to send into bytes
 (:meth:`SmtpClient.send`).  Formatting, reply parsing and dot-stuffing are
-:mod:`relay.sansio.smtp.wire`'s, shared with the server engine.
+:mod:`relay.sansio.smtp.wire`'s, shared with the server engine; so is breaking text
+lines longer than 998 octets (or the configured limit), which the server engine takes
+whole but RFC 5321 section 4.5.3.1.6 does not let us send.
 
 Two things move the engine:
 
@@ -53,10 +55,12 @@ from relay.envelope import BodyType
 from relay.sansio.smtp.events import Data, Noop, Quit, Rset
 from relay.sansio.smtp.wire import (
     MAX_AUTH_LINE,
+    MAX_TEXT_LINE,
     DotStuffer,
     ReplyParser,
     SmtpReply,
     WireError,
+    check_line_length_limit,
     format_command,
     format_parameters,
     parse_ehlo_reply,
@@ -365,7 +369,10 @@ _COMMAND_OF: Final[Mapping[type, Command]] = {
 class SmtpClient:
     """One client connection's protocol state.  See the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, line_length_limit: int = MAX_TEXT_LINE) -> None:
+        """``line_length_limit``: text lines longer than this are broken as Postfix's
+        ``smtp_line_length_limit`` breaks them (see :class:`~.wire.DotStuffer`); 0 never."""
+        self._line_length_limit = check_line_length_limit(line_length_limit)
         self._state = ClientState.GREETING
         self._parser = ReplyParser()
         self._replies: deque[SmtpReply] = deque()
@@ -629,7 +636,7 @@ class SmtpClient:
                 self._server_name = words[0] if words else ""
                 self._extensions, self._esmtp = {}, False
         elif command is Command.DATA and self._state is ClientState.TEXT:
-            self._stuffer = DotStuffer()
+            self._stuffer = DotStuffer(self._line_length_limit)
         elif (
             command is Command.STARTTLS
             and self._state is ClientState.TLS_HANDSHAKE

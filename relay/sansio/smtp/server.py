@@ -48,10 +48,13 @@ still read and thrown away before the 503, as RFC 3030 requires, so its octets a
 taken for commands; a BDAT whose length cannot be read closes the session for the same
 reason.
 
-**Limits** live here: line lengths (512 for commands, 12288 for AUTH, 998 for text),
-message size (SIZE= and the actual text), recipients per message, errors per session.
-A line over its limit is answered when the limit is reached and the rest of it is
-dropped as it arrives: the engine never holds more than one line's limit of a line.
+**Limits** live here: command line lengths (512, 12288 for AUTH), message size (SIZE=
+and the actual text), recipients per message, errors per session.  A command line over
+its limit is answered when the limit is reached and the rest of it is dropped as it
+arrives: the engine never holds more than one line's limit of a line.  Lines of message
+text have no limit of their own (Postfix and Exim take long lines, and so must a relay
+that serves them): the text is handed on in pieces as it arrives, whatever its lines,
+so only the message size bounds it and a session's memory does not grow with a line.
 
 **Sync points** (RFC 2920 section 3.1, RFC 3207, RFC 4954): HELO, EHLO, DATA, STARTTLS
 and AUTH must end a pipelined group.  If bytes follow such a command when the engine
@@ -102,11 +105,9 @@ from relay.sansio.smtp.wire import (
     CRLF,
     MAX_AUTH_LINE,
     MAX_COMMAND_LINE,
-    MAX_TEXT_LINE,
     CommandLine,
     CommandSyntaxError,
     DataDecoder,
-    DataProblem,
     SmtpReply,
     parse_command_line,
     parse_parameters,
@@ -203,7 +204,6 @@ class Limits:
     max_errors: int = 10
     max_command_line: int = MAX_COMMAND_LINE
     max_auth_line: int = MAX_AUTH_LINE
-    max_text_line: int = MAX_TEXT_LINE
 
     def __post_init__(self) -> None:
         if min(self.max_message_size, self.max_recipients, self.max_errors) < 1:
@@ -718,7 +718,7 @@ class ServerConnection:
 
     def _on_data(self, command: Command, after: State) -> Event:
         def effect(reply: SmtpReply) -> None:
-            self._decoder = DataDecoder(self.limits.max_text_line)
+            self._decoder = DataDecoder()
             self._data_ended = False
 
         return self._respond(
@@ -899,10 +899,8 @@ class ServerConnection:
             self._reset_transaction()
 
         problem = decoder.problem
-        if problem in (DataProblem.BARE_LF, DataProblem.BARE_CR):
+        if problem is not None:
             reply = _reply(554, "5.5.0", f"Message rejected: {problem.value} (RFC 5321 2.3.8)")
-        elif problem is DataProblem.LINE_TOO_LONG:
-            reply = _reply(500, "5.5.2", "Message rejected: line too long")
         elif decoder.size > self.limits.max_message_size:
             reply = _reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
         else:
