@@ -181,6 +181,7 @@ class RelaySection:
     local_domains: tuple[str, ...]
     spool: Path
     postmaster: str
+    maildrop: Path = Path("var/maildrop")  # where ``relay sendmail`` drops mail (any user)
 
 
 @dataclass(frozen=True, slots=True)
@@ -922,7 +923,8 @@ def _read_relay(t: _Table, paths: _Paths) -> RelaySection:
     postmaster = t.get("postmaster", _address, None)
     if postmaster is None:
         postmaster = f"postmaster@{(local_domains or (hostname,))[0]}"
-    return RelaySection(hostname, local_domains, spool, postmaster)
+    maildrop = t.get("maildrop", paths.path, paths.base / "var/maildrop")
+    return RelaySection(hostname, local_domains, spool, postmaster, maildrop)
 
 
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))

@@ -30,6 +30,7 @@ from relay.gateway.service import build_gateway, shared_listeners
 from relay.gateway.workers import GatewayWorkers
 from relay.interfaces import IChannel, IQueue
 from relay.local_users import LocalRecipients, build_local_recipients
+from relay.maildrop.pickup import build_pickup
 from relay.policy.routing import Router
 from relay.preflight import PreflightError, preflight
 from relay.queue.service import SpoolService
@@ -143,6 +144,7 @@ def build_service(
     deliverer = build_deliverer(config, spool, channels, reactor, router=router)
     attach(deliverer, top, "deliverer")
     spool.flusher = deliverer.flush
+    attach(build_pickup(config, spool.when_ready(), reactor), top, "pickup")
     queue_ready: Deferred[IQueue] = spool.when_ready().addCallback(lambda queue: queue)
     processes = 1 + config.smtp.workers
     workers: GatewayWorkers | None = None

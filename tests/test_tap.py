@@ -48,6 +48,7 @@ def test_service_tree_has_named_children() -> None:
         "spool",
         "channels",
         "deliverer",
+        "pickup",
         "smtp",
     ]
     assert IService(service.getServiceNamed("spool")).name == "spool"

@@ -39,7 +39,7 @@ from relay.queue.protocol import (
 from relay.queue.state import NoSuchMessage
 from relay.queue.view import format_details, format_listing
 
-__all__ = ["register", "send"]
+__all__ = ["register", "run_request", "send"]
 
 # How long to keep trying when the spool is locked but its socket does not answer yet.
 DAEMON_WAIT = 10.0
@@ -100,7 +100,7 @@ def queue_command(args: argparse.Namespace) -> int:
     except ProtocolError as e:
         print(f"relay: queue {action}: {e}", file=sys.stderr)
         return exitcodes.USAGE
-    return _run(args, request)
+    return run_request(args, request)
 
 
 def flush_command(args: argparse.Namespace) -> int:
@@ -110,10 +110,11 @@ def flush_command(args: argparse.Namespace) -> int:
     except ProtocolError as e:
         print(f"relay: flush: {e}", file=sys.stderr)
         return exitcodes.USAGE
-    return _run(args, request)
+    return run_request(args, request)
 
 
-def _run(args: argparse.Namespace, request: Request) -> int:
+def run_request(args: argparse.Namespace, request: Request) -> int:
+    """Carry out ``request`` for ``args`` (``config``, ``json``); print it; the exit code."""
     try:
         config = config_from_args(args)
     except ConfigError as e:
