@@ -24,6 +24,7 @@ from relay.maildrop.dropfile import DropFile, parse_drop_file
 BIN = Path(sys.executable).parent
 SENDMAIL = str(BIN / "relay-sendmail")
 TWISTD = str(BIN / "twistd")
+RELAY = str(BIN / "relay")
 
 
 def _config(tmp_path: Path, *, maildrop: str = "maildrop", extra: str = "") -> Path:
@@ -222,6 +223,15 @@ def test_exit_0_and_mailq_and_newaliases_by_program_name(tmp_path: Path) -> None
     newaliases = _sendmail(config, [], program=str(tmp_path / "newaliases"))
     assert newaliases.returncode == 0
     assert b"no aliases file configured" in newaliases.stdout
+
+
+def test_relay_sendmail_is_the_same_command(tmp_path: Path) -> None:
+    """``relay sendmail ARGS`` takes sendmail's own options, not argparse's."""
+    config = _config(tmp_path)
+    result = _sendmail(config, ["sendmail", "-t", "-oi"], b"To: bob\n\nx\n", program=RELAY)
+    assert result.returncode == 0, result.stderr
+    [dropped] = _dropped(tmp_path)
+    assert [str(r) for r in dropped.recipients] == ["bob@example.test"]
 
 
 # --- with the daemon -------------------------------------------------------------------
