@@ -25,7 +25,7 @@ from relay import __version__
 from relay.channels.local import LocalChannel, build_local_channel
 from relay.channels.smtp.channel import SmtpChannel, build_smtp_channel
 from relay.config import Config, ConfigError, default_config, load_config
-from relay.deliver.service import build_deliverer
+from relay.deliver.service import DelivererService, build_deliverer
 from relay.gateway.service import build_gateway, shared_listeners
 from relay.gateway.workers import GatewayWorkers
 from relay.interfaces import IChannel, IQueue
@@ -34,6 +34,7 @@ from relay.maildrop.pickup import build_pickup
 from relay.policy.routing import Router
 from relay.preflight import PreflightError, preflight
 from relay.queue.service import SpoolService
+from relay.report import DaemonReport
 from relay.services import attach, named_multiservice
 
 _log = Logger()
@@ -144,7 +145,6 @@ def build_service(
     deliverer = build_deliverer(config, spool, channels, reactor, router=router)
     attach(deliverer, top, "deliverer")
     spool.flusher = deliverer.flush
-    attach(build_pickup(config, spool.when_ready(), reactor), top, "pickup")
     queue_ready: Deferred[IQueue] = spool.when_ready().addCallback(lambda queue: queue)
     processes = 1 + config.smtp.workers
     workers: GatewayWorkers | None = None
@@ -175,7 +175,27 @@ def build_service(
         )
         attach(workers, gateway, "workers")  # type: ignore[arg-type]
     attach(gateway, top, "smtp")
+    _attach_operator_services(top, config, reactor, spool, deliverer, router)
     return top
+
+
+def _attach_operator_services(
+    top: MultiService,
+    config: Config,
+    reactor: Any,
+    spool: SpoolService,
+    deliverer: DelivererService,
+    router: Router,
+) -> None:
+    """The maildrop's pickup (``relay sendmail``) and ``relay status``'s report.
+
+    Attached last, so they start once the rest is built and stop first: no new mail is
+    picked up while the relay shuts down.
+    """
+    report = DaemonReport(reactor, deliverer.history)
+    spool.reporter = report.report
+    attach(report, top, "report")
+    attach(build_pickup(config, spool.when_ready(), reactor, router.route), top, "pickup")
 
 
 class ChannelsService(Service):

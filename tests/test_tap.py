@@ -48,8 +48,9 @@ def test_service_tree_has_named_children() -> None:
         "spool",
         "channels",
         "deliverer",
-        "pickup",
         "smtp",
+        "report",
+        "pickup",
     ]
     assert IService(service.getServiceNamed("spool")).name == "spool"
 

@@ -20,11 +20,13 @@ from relay.cli import (
     passwd_commands,
     queue_commands,
     sendmail,
+    status_commands,
 )
 
 # The subcommand modules, in the order ``relay --help`` lists them.
 SUBCOMMANDS: tuple[ModuleType, ...] = (
     config_commands,
+    status_commands,
     queue_commands,
     aliases_commands,
     passwd_commands,

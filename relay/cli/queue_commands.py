@@ -30,6 +30,7 @@ from relay.queue.layout import SpoolLayout
 from relay.queue.lock import SpoolLock, SpoolLocked
 from relay.queue.offline import OfflineSpool
 from relay.queue.protocol import (
+    READ_ONLY_OPS,
     ProtocolError,
     Request,
     error_response,
@@ -37,7 +38,7 @@ from relay.queue.protocol import (
     parse_request,
 )
 from relay.queue.state import NoSuchMessage
-from relay.queue.view import format_details, format_listing
+from relay.queue.view import format_details, format_listing, queue_status
 
 __all__ = ["register", "run_request", "send"]
 
@@ -154,7 +155,7 @@ def send(spool: Path, request: Request, *, wait: float | None = None) -> dict[st
                 time.sleep(0.1)  # a daemon starting up, or another command: try again
                 continue
         try:
-            writable = request.op not in ("list", "show")
+            writable = request.op not in READ_ONLY_OPS
             spool_ = OfflineSpool(layout, writable=writable, now=time.time)
             if spool_.quarantined:
                 print(
@@ -174,6 +175,9 @@ def _on_missing_spool(request: Request) -> dict[str, Any]:
     """The answers for a spool that was never created: nothing is queued."""
     if request.op == "list":
         return {"ok": True, "messages": []}
+    if request.op == "status":
+        queue = queue_status([], time.time())
+        return {"ok": True, "status": {"daemon": {"running": False}, "queue": queue}}
     if request.ids is None:
         return {"ok": True, "changed": 0}
     missing = [failed_result(qid, NoSuchMessage(qid)) for qid in request.ids]

@@ -48,12 +48,13 @@ from twisted.python.filepath import FilePath
 
 from relay.address import Address
 from relay.config import Config
-from relay.envelope import BodyType, Envelope, Recipient, Submitter
+from relay.envelope import BodyType, Destination, Envelope, Recipient, Submitter
 from relay.fileio import fsync_directory
 from relay.gateway.received import local_received_header
 from relay.interfaces import IStore
 from relay.maildrop.dropfile import MAX_ENVELOPE, DropFile, DropFileError, parse_drop_file
 from relay.maildrop.layout import MaildropLayout, is_drop_name
+from relay.policy.routing import NoRoute
 
 __all__ = ["BATCH_FILES", "POLL_INTERVAL", "RESCAN_INTERVAL", "PickupService", "build_pickup"]
 
@@ -96,9 +97,16 @@ class PickupService(Service):
         *,
         hostname: str,
         max_text: int,
+        route: Callable[[Address], Destination] | None = None,
         inotify: bool = True,
     ) -> None:
-        """``queue`` is the spool's ``when_ready()``; ``max_text`` the largest text taken."""
+        """``queue`` is the spool's ``when_ready()``; ``max_text`` the largest text taken.
+
+        ``route`` is the relay's router: recipients are stored with their destination, as
+        the gateway stores them (one it cannot route is left to the deliverer, which
+        fails it with the reason).
+        """
+        self._route = route
         self.layout = layout
         self._queue_ready = queue
         self._reactor = reactor
@@ -258,13 +266,21 @@ class PickupService(Service):
         everyone: list[Address | None] = [drop.sender, *drop.recipients]
         envelope = Envelope(
             return_path=drop.sender,
-            recipients=tuple(Recipient(a) for a in drop.recipients),
+            recipients=tuple(Recipient(a, self._destination(a)) for a in drop.recipients),
             arrival=now,
             submitter=Submitter(protocol="local", helo=drop.helo),
             body_type=BodyType.SEVEN_BIT if text.isascii() else BodyType.EIGHT_BIT_MIME,
             smtputf8=any(a is not None and a.needs_smtputf8 for a in everyone),
         )
         return envelope, text
+
+    def _destination(self, address: Address) -> Destination | None:
+        if self._route is None:
+            return None
+        try:
+            return self._route(address)
+        except NoRoute:
+            return None
 
     # --- in a thread ------------------------------------------------------------------
 
@@ -348,7 +364,12 @@ def _read_up_to(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def build_pickup(config: Config, queue: Deferred[Any], reactor: Any) -> PickupService:
+def build_pickup(
+    config: Config,
+    queue: Deferred[Any],
+    reactor: Any,
+    route: Callable[[Address], Destination] | None = None,
+) -> PickupService:
     """The pickup for ``config``'s maildrop, storing into the spool ``queue`` will give."""
     return PickupService(
         MaildropLayout(config.relay.maildrop),
@@ -356,4 +377,5 @@ def build_pickup(config: Config, queue: Deferred[Any], reactor: Any) -> PickupSe
         reactor,
         hostname=config.relay.hostname,
         max_text=config.smtp.max_message_size,
+        route=route,
     )
