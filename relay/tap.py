@@ -31,6 +31,7 @@ from relay.gateway.workers import GatewayWorkers
 from relay.interfaces import IChannel, IQueue
 from relay.local_users import LocalRecipients, build_local_recipients
 from relay.maildrop.pickup import build_pickup
+from relay.metrics.service import build_metrics
 from relay.policy.routing import Router
 from relay.preflight import PreflightError, preflight
 from relay.queue.service import SpoolService
@@ -175,7 +176,7 @@ def build_service(
         )
         attach(workers, gateway, "workers")  # type: ignore[arg-type]
     attach(gateway, top, "smtp")
-    _attach_operator_services(top, config, reactor, spool, deliverer, router)
+    _attach_operator_services(top, config, reactor, spool, deliverer, router, gateway)
     return top
 
 
@@ -186,8 +187,10 @@ def _attach_operator_services(
     spool: SpoolService,
     deliverer: DelivererService,
     router: Router,
+    gateway: IService,
 ) -> None:
-    """The maildrop's pickup (``relay sendmail``) and ``relay status``'s report.
+    """The maildrop's pickup (``relay sendmail``), ``relay status``'s report, and the
+    Prometheus endpoint if ``[metrics] listen`` is set.
 
     Attached last, so they start once the rest is built and stop first: no new mail is
     picked up while the relay shuts down.
@@ -196,6 +199,8 @@ def _attach_operator_services(
     spool.reporter = report.report
     attach(report, top, "report")
     attach(build_pickup(config, spool.when_ready(), reactor, router.route), top, "pickup")
+    if config.metrics.listen is not None:
+        attach(build_metrics(config.metrics.listen, reactor, spool, gateway), top, "metrics")
 
 
 class ChannelsService(Service):

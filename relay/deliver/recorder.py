@@ -51,6 +51,7 @@ from relay.deliver.logging import DispositionStatus, log_disposition
 from relay.deliver.work import Claims, MessageWork, Outcome, Parked
 from relay.envelope import RecipientState, RecipientStatus
 from relay.interfaces import IQueue
+from relay.metrics.series import BOUNCES, DELAY_WARNINGS, DELIVERIES, DELIVERY_LATENCY
 from relay.policy.dsn import DsnRecipient, is_double_bounce
 from relay.policy.retry import Disposition, decide, expired_reply, is_expired, next_attempt
 from relay.reply import Reply
@@ -142,6 +143,10 @@ class Recorder:
                 delay=now - arrival,
                 attempt=attempt,
             )
+            channel = outcome.destination.channel if outcome.destination else "unrouted"
+            DELIVERIES.labels(channel, status.value).inc()
+            if status is not DispositionStatus.DEFERRED:
+                DELIVERY_LATENCY.labels(channel).observe(now - arrival)
             if self._history is not None:
                 self._history.note(
                     when=now,
@@ -397,6 +402,7 @@ class Recorder:
             return b""
 
     def _log_notice(self, queue_id: str, notice: Notice, dsn_id: str) -> None:
+        (DELAY_WARNINGS if notice.kind == "delay" else BOUNCES).inc()
         self._log.info(
             "{queue_id}: {kind} notice queued as {dsn_id} for <{recipient}>",
             queue_id=queue_id,

@@ -148,7 +148,7 @@ class _SessionsService(Service):
     """Starts the password checker; at stop, ends the sessions still open."""
 
     def __init__(self, limiter: SessionLimiter, checker: PasswordChecker | None, hostname: str):
-        self._limiter = limiter
+        self.limiter = limiter  # every listener's: the metrics read its counts
         self._checker = checker
         self._hostname = hostname
 
@@ -160,7 +160,7 @@ class _SessionsService(Service):
     def stopService(self) -> None:
         super().stopService()  # type: ignore[no-untyped-call]
         reply = SmtpReply(421, "4.3.2", (f"{self._hostname} Service shutting down",))
-        for session in list(self._limiter.sessions):
+        for session in list(self.limiter.sessions):
             # One waiting for the spool gets the store's real answer first (if the spool
             # answers in time), then this one; shutdown() sees to the order.
             if session.storing or not session.busy:

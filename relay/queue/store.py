@@ -45,6 +45,7 @@ from zope.interface import implementer
 from relay.envelope import Destination, Envelope, RecipientStatus
 from relay.errors import SpoolError
 from relay.interfaces import IMessage, IQueue
+from relay.metrics.series import RECEIVED, source_of
 from relay.queue.index import DueIndex
 from relay.queue.layout import SpoolLayout
 from relay.queue.lock import SpoolLock, SpoolLocked
@@ -235,11 +236,17 @@ class SpoolQueue:
                 self._fresh_bytes += len(text)
             if self._reindex(entry):
                 self._notify()
+            RECEIVED.labels(source, "accepted").inc()
             return queue_id
 
+        def failed(failure: Failure) -> Failure:
+            RECEIVED.labels(source, "failed").inc()
+            return failure
+
+        source = source_of(envelope.submitter.protocol)
         hook = None if on_durable is None else functools.partial(on_durable, queue_id)
         appended = self._writer.append(RecordType.MESSAGE, [prefix, text], on_durable=hook)
-        return appended.addCallback(stored)
+        return appended.addCallbacks(stored, failed)
 
     def load(self, queue_id: str) -> Deferred[tuple[Envelope, Sequence[RecipientStatus]]]:
         """Fire with a message's envelope and its recipients' states (not its text)."""

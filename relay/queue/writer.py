@@ -53,6 +53,7 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
 from relay.errors import SpoolError
+from relay.metrics.series import BATCH_RECORDS, SPOOL_SYNC
 from relay.queue.record import Buffer, RecordType, encode_parts
 from relay.queue.segment import SegmentLog
 
@@ -276,7 +277,10 @@ class GroupCommitWriter:
             accepted.append((request, crc))
         if not framed:
             return results
+        started = _now()
         positions = self._log.append(framed)
+        SPOOL_SYNC.observe(_now() - started)
+        BATCH_RECORDS.observe(len(framed))
         self.batches += 1
         self.records += len(framed)
         finishers: list[Callable[[], object]] = []
