@@ -892,7 +892,7 @@ def test_metrics_are_off_unless_listen_is_set(tmp_path: Path) -> None:
     assert default_config(tmp_path).metrics.listen is None
     text = '[relay]\nhostname = "h"\n[metrics]\nlisten = "tcp:9125:interface=127.0.0.1"\n'
     assert parse_config(text, tmp_path).metrics.listen == "tcp:9125:interface=127.0.0.1"
-    with pytest.raises(ConfigError, match="metrics.listen: expected a server endpoint"):
+    with pytest.raises(ConfigError, match=r"metrics\.listen: expected a server endpoint"):
         parse_config('[relay]\nhostname = "h"\n[metrics]\nlisten = "http://x"\n', tmp_path)
 
 
