@@ -112,14 +112,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_worker_takes_mail_into_the_spool_and_is_restarted_when_it_dies(
-    tmp_path: Path, events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _start_busy_relay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, int]:
+    """The relay with one worker, started, its deliverer looking busy (so the worker
+    takes the connections once it is READY); and its SMTP port."""
     monkeypatch.setattr(DelivererService, "busy", property(lambda self: True))
     port = _free_port()
     service = build_service(_config(tmp_path, port, workers=1), reactor)
     service.startService()
+    return service, port
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_takes_mail_into_the_spool_and_is_restarted_when_it_dies(
+    tmp_path: Path, events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service, port = _start_busy_relay(tmp_path, monkeypatch)
     pids: list[int] = []
     try:
         workers = service.getServiceNamed("smtp").getServiceNamed("workers")
@@ -342,10 +349,7 @@ async def test_a_workers_sessions_reach_the_metrics_of_the_relay(
     tmp_path: Path, events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A session open in a worker is counted by the relay's collector, and its end too."""
-    monkeypatch.setattr(DelivererService, "busy", property(lambda self: True))
-    port = _free_port()
-    service = build_service(_config(tmp_path, port, workers=1), reactor)
-    service.startService()
+    service, port = _start_busy_relay(tmp_path, monkeypatch)
     try:
         gateway = service.getServiceNamed("smtp")
         collector = RelayCollector(reactor, service.getServiceNamed("spool"), gateway)

@@ -14,16 +14,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer, reactor
 
 from relay.address import parse_forward_path, parse_reverse_path
-from relay.maildrop.compose import (
-    MessageTooLarge,
-    assemble,
-    header_recipients,
-    missing_fields,
-    read_text,
-    split_header,
-    to_crlf,
-    without_fields,
-)
+from relay.maildrop import compose
 from relay.maildrop.dropfile import DropFileError, encode_drop_file, parse_drop_file
 from relay.maildrop.layout import DROP_MODE, MaildropLayout
 from relay.maildrop.pickup import PickupService
@@ -104,78 +95,82 @@ def test_parsing_any_bytes_raises_only_drop_file_error(data: bytes) -> None:
 
 def test_bare_lf_becomes_crlf_and_crlf_stays() -> None:
     """Mixed line ends all come out CRLF, and a last line gets its line end."""
-    assert to_crlf(b"a\nb\r\nc") == b"a\r\nb\r\nc\r\n"
+    assert compose.to_crlf(b"a\nb\r\nc") == b"a\r\nb\r\nc\r\n"
 
 
 @given(st.binary(max_size=200))
 def test_to_crlf_leaves_no_bare_lf(data: bytes) -> None:
     """After to_crlf every LF is preceded by CR, and a second pass changes nothing."""
-    out = to_crlf(data)
+    out = compose.to_crlf(data)
     assert out.count(b"\n") == out.count(b"\r\n")
-    assert to_crlf(out) == out
+    assert compose.to_crlf(out) == out
 
 
 def test_a_lone_dot_ends_the_text_unless_told_otherwise() -> None:
     """Without -i a '.' line ends the message; with -i it is text."""
     text = b"one\n.\ntwo\n"
-    assert read_text(io.BytesIO(text), dot_ends=True, limit=100) == b"one\n"
-    assert read_text(io.BytesIO(text), dot_ends=False, limit=100) == text
+    assert compose.read_text(io.BytesIO(text), dot_ends=True, limit=100) == b"one\n"
+    assert compose.read_text(io.BytesIO(text), dot_ends=False, limit=100) == text
 
 
 def test_reading_stops_at_the_size_limit() -> None:
-    """More than the limit on standard input is MessageTooLarge, in both modes."""
+    """More than the limit on standard input is compose.MessageTooLarge, in both modes."""
     for dot_ends in (True, False):
-        with pytest.raises(MessageTooLarge):
-            read_text(io.BytesIO(b"x\n" * 100), dot_ends=dot_ends, limit=50)
+        with pytest.raises(compose.MessageTooLarge):
+            compose.read_text(io.BytesIO(b"x\n" * 100), dot_ends=dot_ends, limit=50)
 
 
 def test_the_header_splits_into_fields_with_their_continuations() -> None:
     """A folded field stays one field; the body starts after the empty line."""
-    fields, body = split_header(b"To: a@b,\r\n c@d\r\nSubject: s\r\n\r\nbody\r\n")
+    fields, body = compose.split_header(b"To: a@b,\r\n c@d\r\nSubject: s\r\n\r\nbody\r\n")
     assert fields == [b"To: a@b,\r\n c@d\r\n", b"Subject: s\r\n"]
     assert body == b"body\r\n"
 
 
 def test_a_text_without_header_is_all_body() -> None:
     """A first line that is not a field starts the body (nothing is lost)."""
-    fields, body = split_header(b"hello there\r\n")
+    fields, body = compose.split_header(b"hello there\r\n")
     assert (fields, body) == ([], b"hello there\r\n")
-    assert assemble(fields, body) == b"\r\nhello there\r\n"
+    assert compose.assemble(fields, body) == b"\r\nhello there\r\n"
 
 
 @given(st.binary(max_size=300))
 def test_splitting_and_assembling_keeps_every_octet(data: bytes) -> None:
     """Fields plus body are the text, with at most the one empty line added."""
-    text = to_crlf(data)
-    fields, body = split_header(text)
+    text = compose.to_crlf(data)
+    fields, body = compose.split_header(text)
     head = b"".join(fields)
     assert text.startswith(head)
     assert text[len(head) :] in (body, b"\r\n" + body)
-    assert assemble(fields, body) == head + b"\r\n" + body
+    assert compose.assemble(fields, body) == head + b"\r\n" + body
 
 
 def test_recipients_come_from_to_cc_and_bcc_and_bcc_can_go() -> None:
     """-t reads every address of To, Cc and Bcc; Bcc is then removed."""
-    fields, _ = split_header(
+    fields, _ = compose.split_header(
         b"To: Alice <alice@x.test>, bob@x.test\r\nCc: carol@x.test\r\n"
         b"Bcc: dave@x.test\r\nSubject: s\r\n\r\n"
     )
-    assert header_recipients(fields) == [
+    assert compose.header_recipients(fields) == [
         "alice@x.test",
         "bob@x.test",
         "carol@x.test",
         "dave@x.test",
     ]
-    assert [f[:3] for f in without_fields(fields, ["bcc"])] == [b"To:", b"Cc:", b"Sub"]
+    assert [f[:3] for f in compose.without_fields(fields, ["bcc"])] == [b"To:", b"Cc:", b"Sub"]
 
 
 def test_missing_fields_are_made_and_present_ones_kept() -> None:
     """From, Date and Message-ID are added only where missing, with the given identity."""
-    made = missing_fields([], sender="a@x.test", full_name="Ann", hostname="h.test", now=0.0)
+    made = compose.missing_fields(
+        [], sender="a@x.test", full_name="Ann", hostname="h.test", now=0.0
+    )
     text = b"".join(made).decode()
     assert "From: Ann <a@x.test>\r\n" in text
     assert "Date: " in text and "@h.test>" in text
-    assert missing_fields(made, sender="a@x.test", full_name=None, hostname="h", now=0) == []
+    assert (
+        compose.missing_fields(made, sender="a@x.test", full_name=None, hostname="h", now=0) == []
+    )
 
 
 # --- the pickup service ----------------------------------------------------------------
@@ -239,7 +234,7 @@ async def test_a_file_dropped_while_running_is_taken(tmp_path: Path, inotify: bo
 
 @pytest_twisted.ensureDeferred
 async def test_bad_files_are_quarantined_and_logged_escaped(tmp_path: Path) -> None:
-    """Garbage, a symlink, a FIFO and a hard-linked file go to quarantine, each logged."""
+    """Garbage, a symlink, a FIFO, a hard link and a long name go to quarantine, logged."""
     layout = MaildropLayout(tmp_path / "maildrop")
     layout.prepare()
     (layout.drop_dir / "garbage\x1b[31m").write_bytes(b"\x1b[2J not mail")
@@ -247,19 +242,20 @@ async def test_bad_files_are_quarantined_and_logged_escaped(tmp_path: Path) -> N
     os.mkfifo(layout.drop_dir / "fifo")
     (tmp_path / "original").write_bytes(_good())
     os.link(tmp_path / "original", layout.drop_dir / "hardlink")
+    (layout.drop_dir / ("long" * 60)).write_bytes(b"a name near NAME_MAX")
     queue = MemoryQueue(reactor)
     service = _service(layout.root, queue)
     with logged_events() as events:
         service.startService()
         try:
-            await until(lambda: service.quarantined == 4)
+            await until(lambda: service.quarantined == 5)
         finally:
             await service.stopService()
     assert queue.stored() == []
     assert os.listdir(layout.drop_dir) == []
-    assert len(os.listdir(layout.quarantine_dir)) == 4
+    assert len(os.listdir(layout.quarantine_dir)) == 5
     lines = [e for e in events if "quarantined" in e.get("log_format", "")]
-    assert len(lines) == 4
+    assert len(lines) == 5
     assert all("\x1b" not in str(e["name"]) + str(e["reason"]) for e in lines)
 
 

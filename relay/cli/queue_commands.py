@@ -40,7 +40,7 @@ from relay.queue.protocol import (
 from relay.queue.state import NoSuchMessage
 from relay.queue.view import format_details, format_listing, queue_status
 
-__all__ = ["register", "run_request", "send"]
+__all__ = ["ask", "register", "run_request", "send"]
 
 # How long to keep trying when the spool is locked but its socket does not answer yet.
 DAEMON_WAIT = 10.0
@@ -116,20 +116,28 @@ def flush_command(args: argparse.Namespace) -> int:
 
 def run_request(args: argparse.Namespace, request: Request) -> int:
     """Carry out ``request`` for ``args`` (``config``, ``json``); print it; the exit code."""
+    response = ask(args, request)
+    if isinstance(response, int):
+        return response
+    return _report(request, response, json_output=bool(getattr(args, "json", False)))
+
+
+def ask(args: argparse.Namespace, request: Request) -> dict[str, Any] | int:
+    """The response to ``request`` on the spool of ``args.config``; or, having said why
+    on stderr, the exit code for not getting one."""
     try:
         config = config_from_args(args)
     except ConfigError as e:
         print_config_error(e, args.config)
         return exitcodes.CONFIG
     try:
-        response = send(config.relay.spool, request)
+        return send(config.relay.spool, request)
     except SpoolLocked as e:
         print(f"relay: {e}", file=sys.stderr)
         return exitcodes.TEMPFAIL
     except (SpoolError, OSError, ProtocolError) as e:
         print(f"relay: {request.op}: {e}", file=sys.stderr)
         return exitcodes.IOERR
-    return _report(request, response, json_output=bool(getattr(args, "json", False)))
 
 
 def send(spool: Path, request: Request, *, wait: float | None = None) -> dict[str, Any]:

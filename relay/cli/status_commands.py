@@ -21,12 +21,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from relay.cli import exitcodes
-from relay.cli.common import add_config_option, config_from_args, print_config_error
-from relay.cli.queue_commands import send
-from relay.config import ConfigError
-from relay.errors import SpoolError
-from relay.queue.lock import SpoolLocked
-from relay.queue.protocol import ProtocolError, Request
+from relay.cli.common import add_config_option
+from relay.cli.queue_commands import ask
+from relay.queue.protocol import Request
 
 __all__ = ["format_status", "register", "status_command"]
 
@@ -43,19 +40,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def status_command(args: argparse.Namespace) -> int:
     """``relay status [--json]``."""
-    try:
-        config = config_from_args(args)
-    except ConfigError as e:
-        print_config_error(e, args.config)
-        return exitcodes.CONFIG
-    try:
-        response = send(config.relay.spool, Request("status"))
-    except SpoolLocked as e:
-        print(f"relay: {e}", file=sys.stderr)
-        return exitcodes.TEMPFAIL
-    except (SpoolError, OSError, ProtocolError) as e:
-        print(f"relay: status: {e}", file=sys.stderr)
-        return exitcodes.IOERR
+    response = ask(args, Request("status"))
+    if isinstance(response, int):
+        return response
     if not response.get("ok"):
         print(f"relay: status: {response.get('error', 'failed')}", file=sys.stderr)
         return exitcodes.IOERR

@@ -333,7 +333,8 @@ class PickupService(Service):
                 os.unlink(drop_dir / name)
         for b in bad:
             try:
-                os.rename(drop_dir / b.name, quarantine / f"{time.time_ns():x}-{b.name}")
+                # the time keeps names apart; the cut keeps them under NAME_MAX
+                os.rename(drop_dir / b.name, quarantine / f"{time.time_ns():x}-{b.name[:200]}")
             except OSError as e:  # left where it is, and said so: tried again next pass
                 _log.error("pickup: cannot quarantine {name}: {e}", name=ascii(b.name), e=e)
             else:
