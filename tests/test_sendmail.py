@@ -225,6 +225,24 @@ def test_exit_0_and_mailq_and_newaliases_by_program_name(tmp_path: Path) -> None
     assert b"no aliases file configured" in newaliases.stdout
 
 
+def test_the_configuration_is_c_then_relay_config(tmp_path: Path) -> None:
+    """-C wins over $RELAY_CONFIG; a $RELAY_CONFIG naming no file is exit 78."""
+    config = _config(tmp_path)
+    missing = tmp_path / "missing.toml"
+    result = _sendmail(missing, ["-C", str(config), "alice"], b"x\n")
+    assert result.returncode == 0, result.stderr
+    assert len(_dropped(tmp_path)) == 1
+    result = _sendmail(missing, ["alice"], b"x\n")
+    assert result.returncode == 78
+    assert b"file not found" in result.stderr
+
+
+def test_q_flushes_the_queue(tmp_path: Path) -> None:
+    """-q is relay flush: with nothing deferred it flushes nothing, and exits 0."""
+    result = _sendmail(_config(tmp_path), ["-q"])
+    assert (result.returncode, result.stdout) == (0, b"relay: flushed 0 recipients\n")
+
+
 def test_relay_sendmail_is_the_same_command(tmp_path: Path) -> None:
     """``relay sendmail ARGS`` takes sendmail's own options, not argparse's."""
     config = _config(tmp_path)
