@@ -54,7 +54,7 @@ from relay.gateway.received import local_received_header
 from relay.interfaces import IStore
 from relay.maildrop.dropfile import MAX_ENVELOPE, DropFile, DropFileError, parse_drop_file
 from relay.maildrop.layout import MaildropLayout, is_drop_name
-from relay.metrics.series import RECEIVED
+from relay.metrics.series import received
 from relay.policy.routing import NoRoute
 
 __all__ = ["BATCH_FILES", "POLL_INTERVAL", "RESCAN_INTERVAL", "PickupService", "build_pickup"]
@@ -245,7 +245,7 @@ class PickupService(Service):
             quarantined = await self._in_thread(self._finish, done, bad)
         for b in quarantined:
             self.quarantined += 1
-            RECEIVED.labels("sendmail", "quarantined").inc()
+            received("local", "quarantined").inc()
             _log.error(
                 "pickup: {name} (uid {uid}) quarantined in {where}: {reason}",
                 name=ascii(b.name),

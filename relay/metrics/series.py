@@ -20,12 +20,14 @@ The gauges (queue sizes, oldest message age, SMTP sessions open) and the session
 refused are read at scrape time by :mod:`relay.metrics.collectors`.  Names follow
 Prometheus' conventions: the ``relay_`` prefix, ``_total`` counters, seconds.
 
-Counting costs a lock and an addition; label children are looked up once per call,
-which is cheap next to what each event already costs (a disposition, a store, a sync).
+Counting costs a lock and an addition.  On the spool's store, once per message, the
+labelled child is taken from a small cache (:func:`received`): looking it up by labels
+costs about four times the increment itself.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Final
 
 from prometheus_client import Counter, Histogram
@@ -40,6 +42,7 @@ __all__ = [
     "DELIVERY_LATENCY",
     "RECEIVED",
     "SPOOL_SYNC",
+    "received",
     "source_of",
 ]
 
@@ -75,6 +78,12 @@ BATCH_RECORDS: Final = Histogram(
     "Records made durable by one fdatasync of the spool (its group commit's size).",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
+
+
+@functools.lru_cache(maxsize=64)
+def received(protocol: str, result: str) -> Counter:
+    """The ``relay_messages_received_total`` child for a submitter protocol and a result."""
+    return RECEIVED.labels(source_of(protocol), result)
 
 
 def source_of(protocol: str) -> str:

@@ -45,7 +45,7 @@ from zope.interface import implementer
 from relay.envelope import Destination, Envelope, RecipientStatus
 from relay.errors import SpoolError
 from relay.interfaces import IMessage, IQueue
-from relay.metrics.series import RECEIVED, source_of
+from relay.metrics.series import received
 from relay.queue.index import DueIndex
 from relay.queue.layout import SpoolLayout
 from relay.queue.lock import SpoolLock, SpoolLocked
@@ -236,14 +236,13 @@ class SpoolQueue:
                 self._fresh_bytes += len(text)
             if self._reindex(entry):
                 self._notify()
-            RECEIVED.labels(source, "accepted").inc()
+            received(envelope.submitter.protocol, "accepted").inc()
             return queue_id
 
         def failed(failure: Failure) -> Failure:
-            RECEIVED.labels(source, "failed").inc()
+            received(envelope.submitter.protocol, "failed").inc()
             return failure
 
-        source = source_of(envelope.submitter.protocol)
         hook = None if on_durable is None else functools.partial(on_durable, queue_id)
         appended = self._writer.append(RecordType.MESSAGE, [prefix, text], on_durable=hook)
         return appended.addCallbacks(stored, failed)
