@@ -188,7 +188,9 @@ def submit(inv: Invocation, config: Config, stdin: BinaryIO) -> int:
     )
     text = assemble(fields, body)
     if len(text) > config.smtp.max_message_size:
-        return _fail(exitcodes.DATAERR, f"message larger than {config.smtp.max_message_size}")
+        return _fail(
+            exitcodes.DATAERR, f"message larger than {config.smtp.max_message_size} octets"
+        )
     return drop_message(config, encode_drop_file(sender, recipients, text))
 
 
