@@ -8,11 +8,13 @@ the mail was submitted, and one feed it a malformed drop file while it runs.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import smtplib
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +22,13 @@ from pathlib import Path
 import pytest
 
 from relay.maildrop.dropfile import DropFile, parse_drop_file
+from relay.maildrop.layout import MaildropLayout
 
 BIN = Path(sys.executable).parent
 SENDMAIL = str(BIN / "relay-sendmail")
 TWISTD = str(BIN / "twistd")
 RELAY = str(BIN / "relay")
+NOBODY = 65534
 
 
 def _config(tmp_path: Path, *, maildrop: str = "maildrop", extra: str = "") -> Path:
@@ -330,3 +334,52 @@ def test_a_malformed_drop_file_is_quarantined_and_the_relay_goes_on(
     assert _sendmail(config, ["bob"], b"Subject: after\n\nstill here\n").returncode == 0
     _wait(lambda: _delivered(tmp_path, "bob"), proc, daemon_log)
     assert proc.poll() is None
+
+
+# Run as nobody, with one capability left: reading and searching any directory, because
+# the interpreter may live where nobody may not look (pyenv under /root).  It gives no
+# right to write: the drop directory's own mode (1733) is what lets nobody create a file.
+AS_NOBODY = [
+    "setpriv",
+    f"--reuid={NOBODY}",
+    f"--regid={NOBODY}",
+    "--clear-groups",
+    "--inh-caps=-all,+dac_read_search",
+    "--ambient-caps=-all,+dac_read_search",
+]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as another user needs root")
+def test_any_user_can_submit_without_privileges_and_is_traced_by_uid(
+    daemon_log: Path, running: list[subprocess.Popen[bytes]]
+) -> None:
+    """An unprivileged user (nobody) drops mail; the relay's trace names its uid."""
+    base = Path(tempfile.mkdtemp(prefix="relay-sendmail-", dir="/tmp"))
+    try:
+        config = _config(base)
+        MaildropLayout(base / "maildrop").prepare()  # as the relay does at its start
+        env = {**os.environ, "RELAY_CONFIG": str(config)}
+        result = subprocess.run(
+            [*AS_NOBODY, SENDMAIL, "-oi", "alice"],
+            input=b"Subject: from nobody\n\nhi\n",
+            capture_output=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        drop_dir = base / "maildrop" / "drop"
+        assert oct(drop_dir.stat().st_mode & 0o7777) == "0o1733"
+        [name] = os.listdir(drop_dir)
+        assert (drop_dir / name).stat().st_uid == NOBODY
+        touch = subprocess.run([*AS_NOBODY, "touch", str(base / "x")], check=False, timeout=60)
+        assert touch.returncode != 0  # it really may write nowhere else
+        proc = _start(base, config, daemon_log)
+        running.append(proc)
+        _wait(lambda: _delivered(base, "alice"), proc, daemon_log)
+        [mail] = _delivered(base, "alice")
+        assert f"(relay, from userid {NOBODY})".encode() in mail
+    finally:
+        for proc in running:
+            _stop(proc)
+        shutil.rmtree(base, ignore_errors=True)
