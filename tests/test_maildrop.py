@@ -276,3 +276,53 @@ async def test_a_file_the_spool_cannot_take_stays_for_later(tmp_path: Path) -> N
         await until(lambda: not os.listdir(layout.drop_dir))
     finally:
         await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stored_file_that_cannot_be_removed_is_not_taken_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the unlink after the store fails, the file is skipped from then on, loudly."""
+    layout = MaildropLayout(tmp_path / "maildrop")
+    drop(layout, _good())
+
+    def refuse(path: object) -> None:
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr("relay.maildrop.pickup.os.unlink", refuse)
+    queue = MemoryQueue(reactor)
+    service = _service(layout.root, queue)
+    with logged_events() as events:
+        service.startService()
+        try:
+            await until(lambda: service.stored == 1)
+            await until(lambda: any("cannot be removed" in e.get("log_format", "") for e in events))
+            for _ in range(3):
+                service.wake()
+                await until(lambda: service._running_pass is None)
+        finally:
+            await service.stopService()
+    assert len(queue.stored()) == 1
+    assert len(os.listdir(layout.drop_dir)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_drop_directory_the_relay_does_not_own_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay that could not remove what it takes does not take anything, and says why."""
+    layout = MaildropLayout(tmp_path / "maildrop")
+    drop(layout, _good())
+    owner = layout.drop_dir.stat().st_uid
+    monkeypatch.setattr("relay.maildrop.pickup.os.geteuid", lambda: owner + 4242)
+    queue = MemoryQueue(reactor)
+    service = _service(layout.root, queue)
+    with logged_events() as events:
+        service.startService()
+        try:
+            await until(lambda: any("not taking mail" in e.get("log_format", "") for e in events))
+        finally:
+            await service.stopService()
+    [line] = [e for e in events if "not taking mail" in e.get("log_format", "")]
+    assert f"belongs to uid {owner}" in line["why"]
+    assert queue.stored() == []

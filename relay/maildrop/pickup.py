@@ -27,7 +27,6 @@ next trigger starts a fresh one.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
@@ -121,18 +120,40 @@ class PickupService(Service):
         self._again = False
         self.stored = 0  # files taken into the spool, for tests and the log
         self.quarantined = 0  # files set aside
+        self._stuck: set[str] = set()  # stored, but the unlink failed: never taken again
 
     # --- service ----------------------------------------------------------------------
 
     def startService(self) -> None:
         """Make the directories, then watch them once the spool is open."""
         super().startService()  # type: ignore[no-untyped-call]
-        prepared = self._in_thread(self.layout.prepare)
+        prepared = self._in_thread(self._prepare)
         d = defer.gatherResults([prepared, self._queue_ready], consumeErrors=True)
         d.addCallbacks(self._ready, self._not_ready)
 
-    def _not_ready(self, failure: Any) -> None:
-        _log.failure("pickup: not taking mail from {path}", failure, path=str(self.layout.drop_dir))
+    def _prepare(self) -> None:
+        """In a thread: make the directories; refuse a drop directory we could not empty.
+
+        In a sticky directory only a file's owner or the directory's may remove it: a
+        relay that does not own the drop directory (say ``relay sendmail`` run as root
+        made it before the relay, running as its own user, ever started) could store
+        files but not remove them, and would store them again on every pass.
+        """
+        self.layout.prepare()
+        owner = self.layout.drop_dir.stat().st_uid
+        if owner != os.geteuid() and os.geteuid() != 0:
+            raise PermissionError(
+                f"{self.layout.drop_dir} belongs to uid {owner}, not to this relay "
+                f"(uid {os.geteuid()}): chown it (and its maildrop) to the relay's user"
+            )
+
+    def _not_ready(self, failure: Failure) -> None:
+        inner = getattr(failure.value, "subFailure", failure)  # gatherResults' FirstError
+        _log.critical(
+            "pickup: not taking mail from {path}: {why}",
+            path=str(self.layout.drop_dir),
+            why=inner.getErrorMessage(),
+        )
 
     def _ready(self, results: list[Any]) -> None:
         if not self.running:
@@ -209,7 +230,8 @@ class PickupService(Service):
 
     def _list(self) -> list[str]:
         """In a thread: the finished files of the drop directory, oldest name first."""
-        return sorted(name for name in os.listdir(self.layout.drop_dir) if is_drop_name(name))
+        names = os.listdir(self.layout.drop_dir)
+        return sorted(n for n in names if is_drop_name(n) and n not in self._stuck)
 
     async def _batch(self, queue: IStore, names: list[str]) -> bool:
         """Read, store and remove one batch; False if the spool failed a store."""
@@ -329,8 +351,20 @@ class PickupService(Service):
         moved: list[_Bad] = []
         drop_dir, quarantine = self.layout.drop_dir, self.layout.quarantine_dir
         for name in done:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(drop_dir / name)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                # Stored already: taking it again would deliver it twice.  Skipped from
+                # now on (until a restart), and said so: the operator removes it.
+                self._stuck.add(name)
+                _log.critical(
+                    "pickup: {name} is stored but cannot be removed ({e}); remove it by "
+                    "hand or it is taken again when the relay restarts",
+                    name=ascii(name),
+                    e=e,
+                )
         for b in bad:
             try:
                 # the time keeps names apart; the cut keeps them under NAME_MAX
