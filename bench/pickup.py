@@ -38,7 +38,7 @@ from relay.queue.store import SpoolQueue
 MESSAGE_SIZE = 4096
 
 
-async def run(reactor: Any, args: argparse.Namespace) -> None:
+async def measure(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
     parent = Path(args.dir) if args.dir else Path(__file__).resolve().parent.parent / "var"
     parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-pickup-", dir=parent))
@@ -67,26 +67,29 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
         await pickup.stopService()
         syncs = queue.writer.batches
         await queue.close()
-        result = {
-            "bench": "pickup",
-            "messages": args.messages,
-            "message_size": MESSAGE_SIZE,
-            "drops_per_s": round(drops, 1),
-            "picked_per_s": round(picked, 1),
-            "syncs_per_message": round(syncs / args.messages, 3),
-            "dir": str(parent),
-        }
-        sys.stdout.write(json.dumps(result) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return {
+        "bench": "pickup",
+        "messages": args.messages,
+        "message_size": MESSAGE_SIZE,
+        "drops_per_s": round(drops, 1),
+        "picked_per_s": round(picked, 1),
+        "syncs_per_message": round(syncs / args.messages, 3),
+        "dir": str(parent),
+    }
+
+
+async def run(reactor: Any, args: argparse.Namespace) -> None:
+    """Measure, then print the one JSON line."""
+    sys.stdout.write(json.dumps(await measure(reactor, args)) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=1000, help="files dropped, then taken")
-    parser.add_argument("--dir", help="parent directory (default: ./var)")
-    args = parser.parse_args()
-    task.react(lambda reactor: defer.ensureDeferred(run(reactor, args)))
+    parser.add_argument("--dir", help="parent directory for maildrop and spool (./var)")
+    task.react(lambda reactor: defer.ensureDeferred(run(reactor, parser.parse_args())))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -191,13 +192,22 @@ def _good() -> bytes:
     return encode_drop_file(ALICE, [BOB], b"Subject: hi\r\n\r\nhello\r\n")
 
 
-@pytest_twisted.ensureDeferred
-async def test_files_dropped_before_start_are_taken_at_start(tmp_path: Path) -> None:
-    """Mail left while the relay was down is stored, traced with the owner's uid, and removed."""
+def _one_dropped(tmp_path: Path) -> tuple[MaildropLayout, MemoryQueue, PickupService]:
+    """A maildrop holding one good file, an empty queue, and a pickup not yet started."""
     layout = MaildropLayout(tmp_path / "maildrop")
     drop(layout, _good())
     queue = MemoryQueue(reactor)
-    service = _service(layout.root, queue)
+    return layout, queue, _service(layout.root, queue)
+
+
+def _logged(events: list[Any], text: str) -> list[Any]:
+    return [e for e in events if text in e.get("log_format", "")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_files_dropped_before_start_are_taken_at_start(tmp_path: Path) -> None:
+    """Mail left while the relay was down is stored, traced with the owner's uid, and removed."""
+    layout, queue, service = _one_dropped(tmp_path)
     service.startService()
     try:
         await until(lambda: queue.stored())
@@ -254,7 +264,7 @@ async def test_bad_files_are_quarantined_and_logged_escaped(tmp_path: Path) -> N
     assert queue.stored() == []
     assert os.listdir(layout.drop_dir) == []
     assert len(os.listdir(layout.quarantine_dir)) == 5
-    lines = [e for e in events if "quarantined" in e.get("log_format", "")]
+    lines = _logged(events, "quarantined")
     assert len(lines) == 5
     assert all("\x1b" not in str(e["name"]) + str(e["reason"]) for e in lines)
 
@@ -262,11 +272,8 @@ async def test_bad_files_are_quarantined_and_logged_escaped(tmp_path: Path) -> N
 @pytest_twisted.ensureDeferred
 async def test_a_file_the_spool_cannot_take_stays_for_later(tmp_path: Path) -> None:
     """When the store fails the file is kept, and taken once the spool works again."""
-    layout = MaildropLayout(tmp_path / "maildrop")
-    drop(layout, _good())
-    queue = MemoryQueue(reactor)
+    layout, queue, service = _one_dropped(tmp_path)
     queue.fail_stores = 1
-    service = _service(layout.root, queue)
     service.startService()
     try:
         await until(lambda: queue.fail_stores == 0)
@@ -283,20 +290,16 @@ async def test_a_stored_file_that_cannot_be_removed_is_not_taken_twice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """If the unlink after the store fails, the file is skipped from then on, loudly."""
-    layout = MaildropLayout(tmp_path / "maildrop")
-    drop(layout, _good())
+    layout, queue, service = _one_dropped(tmp_path)
 
     def refuse(path: object) -> None:
         raise PermissionError(1, "Operation not permitted", str(path))
 
     monkeypatch.setattr("relay.maildrop.pickup.os.unlink", refuse)
-    queue = MemoryQueue(reactor)
-    service = _service(layout.root, queue)
     with logged_events() as events:
         service.startService()
         try:
-            await until(lambda: service.stored == 1)
-            await until(lambda: any("cannot be removed" in e.get("log_format", "") for e in events))
+            await until(lambda: _logged(events, "cannot be removed"))
             for _ in range(3):
                 service.wake()
                 await until(lambda: service._running_pass is None)
@@ -311,18 +314,15 @@ async def test_a_drop_directory_the_relay_does_not_own_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A relay that could not remove what it takes does not take anything, and says why."""
-    layout = MaildropLayout(tmp_path / "maildrop")
-    drop(layout, _good())
+    layout, queue, service = _one_dropped(tmp_path)
     owner = layout.drop_dir.stat().st_uid
     monkeypatch.setattr("relay.maildrop.pickup.os.geteuid", lambda: owner + 4242)
-    queue = MemoryQueue(reactor)
-    service = _service(layout.root, queue)
     with logged_events() as events:
         service.startService()
         try:
-            await until(lambda: any("not taking mail" in e.get("log_format", "") for e in events))
+            await until(lambda: _logged(events, "not taking mail"))
         finally:
             await service.stopService()
-    [line] = [e for e in events if "not taking mail" in e.get("log_format", "")]
+    [line] = _logged(events, "not taking mail")
     assert f"belongs to uid {owner}" in line["why"]
     assert queue.stored() == []
