@@ -1,10 +1,14 @@
 """``twistd relay``: build the relay's service tree from its configuration.
 
-This is the one place that wires classes together.  The tree is a ``MultiService``
-named ``relay`` whose children are the relay's parts, each a named service
-(``status``, ``spool``, ``channels``, ``deliverer``, ``smtp``, the last with its gateway
-worker processes under ``workers``; with the phone channel, ``phone``), so an operator's
-``twistd`` log and a test can find each by name.
+This is the one place that wires classes together.  The tree is an
+:class:`~relay.services.OrderedMultiService` named ``relay`` whose children are the
+relay's parts, each a named service (``status``, ``spool``, ``channels``, ``deliverer``,
+``smtp``, the last with its gateway worker processes under ``workers``; with the phone
+channel, ``phone``), so an operator's ``twistd`` log and a test can find each by name.
+They start in that order and stop one after another in the reverse order, each stop
+waited for (see :func:`build_service`): a SIGTERM never closes the spool under a
+delivery that is still finishing, so what was delivered is recorded and not sent again
+after a restart.
 Configuration problems are found in ``Options.postOptions``, before anything starts,
 and reported all at once.
 """
@@ -16,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -101,7 +105,7 @@ class StatusService(Service):
         )
 
     def stopService(self) -> None:
-        """Log that the relay stopped (after the other children, since it starts first)."""
+        """Log that the relay stopped (the other children have: it was attached first)."""
         self.log.info("relay {version} stopped", version=__version__)
         return super().stopService()  # type: ignore[no-untyped-call,no-any-return]
 
@@ -117,9 +121,20 @@ def build_service(
 
     ``reactor`` is the one every part uses (threads, sockets, time); twistd's global
     reactor when None.  Children start in the order they are attached and stop in the
-    reverse order: the spool opens first and closes last; the channels close after the
-    deliverer has stopped using them; the SMTP listeners stop first, so no new mail is
-    accepted while the rest shuts down.  The SMTP channel takes its settings from
+    reverse order, one at a time, each stop awaited before the next begins:
+
+    0. ``metrics`` (if configured), ``pickup`` and ``report``: the endpoint closes, the
+       maildrop's pickup finishes its pass (stores, then removals) and takes no more;
+    1. ``smtp``: the gateway worker processes exit once their stores in flight are
+       answered, the listeners close, then the sessions still open are ended with 421
+       (one waiting for the spool gets the store's answer first), so no new mail comes in;
+    2. ``deliverer``: no new transactions; those in flight get the deliverer's stop grace
+       to finish, and what they did is recorded, DSNs and forwarded copies included;
+    3. ``channels``: idle SMTP connections say QUIT, the local channel's threads end;
+    4. ``spool``: the queued writes finish and the lock is given up;
+    5. ``status`` logs that the relay stopped.
+
+    The SMTP channel takes its settings from
     ``[smtp_client]``; ``smtp_options`` override them (tests and benchmarks use them for
     a ``port``, a ``resolver`` or ``ca_file``).
     """
@@ -211,11 +226,16 @@ class ChannelsService(Service):
         self.smtp = smtp
 
     def stopService(self) -> Deferred[None]:
-        """QUIT idle SMTP connections and stop the local channel's threads."""
+        """QUIT idle SMTP connections and stop the local channel's threads; fire when done."""
         super().stopService()  # type: ignore[no-untyped-call]
-        closing = self.smtp.close_idle()
-        self.local.close()
-        return closing
+        return ensureDeferred(self._close())
+
+    async def _close(self) -> None:
+        local = self.local.close()
+        try:
+            await self.smtp.close_idle()
+        finally:
+            await local
 
 
 def _stop_without_spool(failure: Failure, reactor: Any) -> None:

@@ -7,7 +7,8 @@ import mailbox
 import os
 import pwd
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +43,13 @@ DAEMON = pwd.getpwnam("daemon")
 NOBODY = pwd.getpwnam("nobody")
 
 
-@pytest.fixture
-def made() -> Iterator[list[LocalChannel]]:
+@pytest_twisted.async_yield_fixture
+async def made() -> AsyncIterator[list[LocalChannel]]:
     """Channels made by a test; their thread pools are stopped afterwards."""
     channels: list[LocalChannel] = []
     yield channels
     for channel in channels:
-        channel.close()
+        await channel.close()
 
 
 @pytest.fixture
@@ -89,6 +90,26 @@ async def test_channel_and_session_provide_the_contract(tmp_path: Path, made: li
     session = await channel.open_session(Destination("local", ""))
     assert verifyObject(IChannelSession, session)
     assert verifyObject(IMessage, make_message())
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_ends_the_threads_without_joining_them_in_the_reactor(
+    tmp_path: Path, made: list[Any]
+) -> None:
+    """close() returns at once and fires once every thread of the channel's pool has ended."""
+    channel = _channel(made, make_config(tmp_path, 'users = ["alice"]'))
+    replies = await deliver(channel, make_message(TEXT), "alice@example.test")  # threads start
+    assert [r.code for r in replies] == [ReplyCode.MOK]
+
+    def pool_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if "relay-local" in t.name]
+
+    assert pool_threads()
+    closing = channel.close()
+    assert not closing.called  # the joining is left to another thread
+    await closing
+    assert pool_threads() == []
+    assert (await channel.close()) is None  # a second close has nothing to do
 
 
 @pytest_twisted.ensureDeferred

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from smtpsink import free_port
+
 BIN = Path(sys.executable).parent
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _scrape(port: int) -> Samples:
@@ -63,7 +57,7 @@ def _wait_for(port: int, check: Callable[[Samples], bool], limit: float = 30.0) 
 
 @pytest.fixture
 def relay(tmp_path: Path) -> Iterator[tuple[Path, int, int]]:
-    smtp_port, metrics_port = _free_port(), _free_port()
+    smtp_port, metrics_port = free_port(), free_port()
     config = tmp_path / "relay.toml"
     config.write_text(
         '[relay]\nhostname = "hub.example.test"\nlocal_domains = ["example.test"]\n'

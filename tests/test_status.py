@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,14 +20,9 @@ from typing import Any
 
 import pytest
 
+from smtpsink import free_port
+
 BIN = Path(sys.executable).parent
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _config(tmp_path: Path) -> Path:
@@ -40,7 +34,7 @@ def _config(tmp_path: Path) -> Path:
         '[deliver]\nretry_min = "1h"\nretry_max = "2h"\n'
         '[local]\nmail_root = "mail"\nusers = ["alice", "bob"]\n'
         f'[[route]]\ndomain = "remote.test"\nchannel = "smtp"\n'
-        f'smarthost = "[127.0.0.1]:{_closed_port()}"\n'
+        f'smarthost = "[127.0.0.1]:{free_port()}"\n'
     )
     return path
 

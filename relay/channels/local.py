@@ -178,12 +178,22 @@ class LocalChannel:
         """``xx_init``: nothing to connect to; a session is ready at once."""
         return defer.succeed(LocalSession(self))
 
-    def close(self) -> None:
-        """Stop the thread pool (also done at reactor shutdown); deliveries must be over."""
-        if self._shutdown_trigger is not None:
-            self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
-            self._shutdown_trigger = None
-            self._pool.stop()
+    def close(self) -> Deferred[None]:
+        """Stop the thread pool; fire once its threads have ended.
+
+        The deliverer must have stopped: a mailbox write still running is finished, not
+        interrupted.  Stopping a pool joins its threads, which may wait for an fsync, so it
+        runs in a thread of the reactor's own pool, never in the reactor thread.  (If the
+        channel is never closed, the reactor stops the pool as it shuts down.)
+        """
+        if self._shutdown_trigger is None:
+            return defer.succeed(None)
+        self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+        self._shutdown_trigger = None
+        stopped: Deferred[None] = deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), self._pool.stop
+        )
+        return stopped
 
     # --- one address -------------------------------------------------------------------
 

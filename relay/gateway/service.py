@@ -10,7 +10,12 @@ relay at start.  The tree it returns is a ``MultiService`` named ``smtp`` holdin
   TLS (``wrapServerTLS``): SMTP submission over implicit TLS;
 * ``sessions`` — owns the password checker's threads and, on stop, ends open sessions
   with ``421 4.3.2`` so clients retry elsewhere instead of hanging (a session waiting for
-  the spool gets the store's reply first).
+  the spool gets the store's reply first), and waits for them to close.
+
+It is an :class:`~relay.services.OrderedMultiService`: it stops the gateway workers
+(``workers``, which ``relay.tap`` attaches last) first, then the listeners, then the
+sessions, each stop awaited; so the spool, which the relay stops after the gateway,
+is still open while the stores in flight are answered.
 
 In a gateway worker process (:mod:`relay.gateway.worker`) the listeners are
 ``adopted:<fd>`` services instead: sockets the spool's process bound and passed down
@@ -32,10 +37,16 @@ from typing import Any, TypeVar
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import tcp, unix
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString, wrapServerTLS
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.internet.ssl import CertificateOptions
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -46,7 +57,7 @@ from relay.config import Config
 from relay.gateway.auth import PasswordChecker
 from relay.gateway.limits import AuthThrottle, TextBudget
 from relay.gateway.policy import RelayPolicy
-from relay.gateway.protocol import GatewayFactory, SessionLimiter, Timeouts
+from relay.gateway.protocol import GatewayFactory, SessionLimiter, SmtpServerProtocol, Timeouts
 from relay.gateway.tls import load_server_tls
 from relay.interfaces import ILocalRecipients, IStore
 from relay.policy.routing import Router
@@ -65,6 +76,8 @@ __all__ = [
 
 _log = Logger()
 _V = TypeVar("_V")
+
+SESSIONS_STOP_LIMIT = 10.0  # seconds a stop waits for the sessions it ended to close
 
 
 @implementer(IStreamServerEndpoint)
@@ -147,26 +160,48 @@ class AdoptedListener(Service):
 class _SessionsService(Service):
     """Starts the password checker; at stop, ends the sessions still open."""
 
-    def __init__(self, limiter: SessionLimiter, checker: PasswordChecker | None, hostname: str):
+    def __init__(
+        self,
+        limiter: SessionLimiter,
+        checker: PasswordChecker | None,
+        hostname: str,
+        clock: IReactorTime,
+    ):
         self.limiter = limiter  # every listener's: the metrics read its counts
         self._checker = checker
         self._hostname = hostname
+        self._clock = clock
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         if self._checker is not None:
             self._checker.start()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None]:
+        """421 to the sessions; fire once they have closed (at most ``SESSIONS_STOP_LIMIT``).
+
+        Waiting keeps the spool open (it stops after this) until a store in flight has
+        been answered and that answer has left: the client must learn its message was kept.
+        """
         super().stopService()  # type: ignore[no-untyped-call]
         reply = SmtpReply(421, "4.3.2", (f"{self._hostname} Service shutting down",))
+        ending: list[SmtpServerProtocol] = []
         for session in list(self.limiter.sessions):
             # One waiting for the spool gets the store's real answer first (if the spool
             # answers in time), then this one; shutdown() sees to the order.
             if session.storing or not session.busy:
                 session.shutdown(reply)
+                ending.append(session)
         if self._checker is not None:
             self._checker.stop()
+        return ensureDeferred(self._until_closed(ending))
+
+    async def _until_closed(self, sessions: list[SmtpServerProtocol]) -> None:
+        deadline = self._clock.seconds() + SESSIONS_STOP_LIMIT
+        while any(s in self.limiter.sessions for s in sessions):
+            if self._clock.seconds() >= deadline:
+                return
+            await deferLater(self._clock, 0.05, lambda: None)
 
 
 def _endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
@@ -288,7 +323,7 @@ def build_gateway(
         return made
 
     top: MultiService = named_multiservice("smtp")
-    attach(_SessionsService(limiter, checker, config.relay.hostname), top, "sessions")
+    attach(_SessionsService(limiter, checker, config.relay.hostname, reactor), top, "sessions")
     if adopted is not None:
         for shared in adopted:
             made: IProtocolFactory = factory(tls_active=shared.tls)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from twisted.application.service import IService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Factory
 from twisted.logger import (
     FileLogObserver,
@@ -190,11 +190,14 @@ class _Worker:
             return None
         self._stopping = True
         self.client.ready(False)  # before it stops listening: the spool's process takes over
-        gateway.stopService()  # type: ignore[no-untyped-call]
-        drained = self.client.drained()
-        drained.addTimeout(DRAIN_LIMIT, self.reactor)
-        drained.addErrback(lambda _: None)
-        return drained
+        # The gateway stops its listeners, then its sessions (one child after another):
+        # only then is no store left to begin.
+        stopped: Deferred[None] = maybeDeferred(gateway.stopService)
+        stopped.addErrback(lambda f: _log.failure("stopping the gateway failed", f))
+        stopped.addCallback(lambda _: self.client.drained())
+        stopped.addTimeout(DRAIN_LIMIT, self.reactor)
+        stopped.addErrback(lambda _: None)
+        return stopped
 
 
 def main(argv: list[str] | None = None) -> int:

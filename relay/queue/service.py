@@ -3,7 +3,9 @@
 ``relay.tap`` adds one :class:`SpoolService` to the service tree; the gateway and the
 deliverer wait on :meth:`SpoolService.when_ready` for the queue.  Opening runs recovery
 in a thread, so a large spool does not freeze the reactor while it loads; stopping
-finishes the writes already queued before the lock is given up.
+finishes the writes already queued before the lock is given up.  The queue closes only
+when this service stops (not by itself when the reactor begins to shut down), so the
+services stopped before it can still record what they did.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class SpoolService(Service):
                 self._reactor,
                 self._clock,
                 segment_limit=self._segment_limit,
+                close_at_shutdown=False,  # stopService closes it, after the deliverer
             )
             self.queue = queue
             self._port = await listen_control(queue, self._reactor, self._flush, self._report)

@@ -137,8 +137,13 @@ class SpoolQueue:
         segment_limit: int = DEFAULT_SEGMENT_LIMIT,
         lock_timeout: float = 10.0,
         fresh_text_budget: int = FRESH_TEXT_BUDGET,
+        close_at_shutdown: bool = True,
     ) -> Deferred[SpoolQueue]:
         """Take the spool's lock, recover it in a thread, and fire with the open queue.
+
+        The queue closes itself when the reactor begins to shut down, unless
+        ``close_at_shutdown`` is False: then its owner closes it, in its turn (the spool
+        service, after the deliverer has recorded what it delivered).
 
         Fails with :class:`~relay.queue.lock.SpoolLocked` if another process keeps the
         lock for ``lock_timeout`` seconds, or SpoolError/OSError if the spool cannot be
@@ -158,7 +163,7 @@ class SpoolQueue:
                 the_clock,
                 fresh_text_budget=fresh_text_budget,
             )
-            core = IReactorCore(reactor, None)
+            core = IReactorCore(reactor, None) if close_at_shutdown else None
             if core is not None:  # finish queued writes even if nobody calls close()
 
                 def at_shutdown() -> Deferred[None]:
