@@ -56,6 +56,7 @@ __all__ = [
     "DeliverSection",
     "LocalSection",
     "MailboxFormat",
+    "MetricsSection",
     "PhoneSection",
     "PhoneSite",
     "RelaySection",
@@ -182,6 +183,7 @@ class RelaySection:
     local_domains: tuple[str, ...]
     spool: Path
     postmaster: str
+    maildrop: Path = Path("var/maildrop")  # where ``relay sendmail`` drops mail (any user)
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +336,13 @@ class PhoneSection:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSection:
+    """``[metrics]``: the Prometheus endpoint (``listen``, a server endpoint; None: off)."""
+
+    listen: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration."""
 
@@ -345,6 +354,7 @@ class Config:
     routes: tuple[Route, ...]
     phone: PhoneSection
     smtp_client: SmtpClientSection = field(default_factory=SmtpClientSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     # What it was read from, so a gateway worker process builds exactly this configuration.
     text: str = field(default="", compare=False, repr=False)
     base_dir: Path = field(default_factory=Path.cwd, compare=False, repr=False)
@@ -911,7 +921,7 @@ def _shown(path: Path) -> str:
 # --------------------------------------------------------------------------- the sections
 
 
-_SECTIONS = ("relay", "smtp", "smtp_client", "deliver", "local", "route", "phone")
+_SECTIONS = ("relay", "smtp", "smtp_client", "deliver", "local", "route", "phone", "metrics")
 
 
 def _read_config(
@@ -926,8 +936,9 @@ def _read_config(
     local = _finished(top.table("local"), lambda t: _read_local(t, paths))
     phone = _finished(top.table("phone"), lambda t: _read_phone(t, paths))
     routes = _read_routes(top, paths, phone)
+    metrics = _finished(top.table("metrics"), _read_metrics)
     top.finish()
-    return Config(source, relay, smtp, deliver, local, routes, phone, smtp_client)
+    return Config(source, relay, smtp, deliver, local, routes, phone, smtp_client, metrics)
 
 
 def _finished(table: _Table, read: Callable[[_Table], T]) -> T:
@@ -943,7 +954,8 @@ def _read_relay(t: _Table, paths: _Paths) -> RelaySection:
     postmaster = t.get("postmaster", _address, None)
     if postmaster is None:
         postmaster = f"postmaster@{(local_domains or (hostname,))[0]}"
-    return RelaySection(hostname, local_domains, spool, postmaster)
+    maildrop = t.get("maildrop", paths.path, paths.base / "var/maildrop")
+    return RelaySection(hostname, local_domains, spool, postmaster, maildrop)
 
 
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -1146,6 +1158,10 @@ def _check_route_site(t: _Table, route: Route, phone: PhoneSection) -> None:
         t.problem("site", "required with channel 'phone'")
     elif route.site is not None and route.site not in phone.sites:
         t.problem("site", f"no such site in [phone.sites]: {route.site!r}")
+
+
+def _read_metrics(t: _Table) -> MetricsSection:
+    return MetricsSection(listen=t.get("listen", _endpoint, None))
 
 
 def _read_phone(t: _Table, paths: _Paths) -> PhoneSection:

@@ -29,14 +29,17 @@ from relay import __version__
 from relay.channels.local import LocalChannel, build_local_channel
 from relay.channels.smtp.channel import SmtpChannel, build_smtp_channel
 from relay.config import Config, ConfigError, default_config, load_config
-from relay.deliver.service import build_deliverer
+from relay.deliver.service import DelivererService, build_deliverer
 from relay.gateway.service import build_gateway, shared_listeners
 from relay.gateway.workers import GatewayWorkers
 from relay.interfaces import IChannel, IQueue
 from relay.local_users import LocalRecipients, build_local_recipients
+from relay.maildrop.pickup import build_pickup
+from relay.metrics.service import build_metrics
 from relay.policy.routing import Router
 from relay.preflight import PreflightError, advise, preflight
 from relay.queue.service import SpoolService
+from relay.report import DaemonReport
 from relay.services import attach, named_multiservice
 
 _log = Logger()
@@ -127,6 +130,8 @@ def build_service(
     reactor when None.  Children start in the order they are attached and stop in the
     reverse order, one at a time, each stop awaited before the next begins:
 
+    0. ``metrics`` (if configured), ``pickup`` and ``report``: the endpoint closes, the
+       maildrop's pickup finishes its pass (stores, then removals) and takes no more;
     1. ``smtp``: the gateway worker processes exit once their stores in flight are
        answered, the listeners close, then the sessions still open are ended with 421
        (one waiting for the spool gets the store's answer first), so no new mail comes in;
@@ -193,7 +198,31 @@ def build_service(
         )
         attach(workers, gateway, "workers")  # type: ignore[arg-type]
     attach(gateway, top, "smtp")
+    _attach_operator_services(top, config, reactor, spool, deliverer, router, gateway)
     return top
+
+
+def _attach_operator_services(
+    top: MultiService,
+    config: Config,
+    reactor: Any,
+    spool: SpoolService,
+    deliverer: DelivererService,
+    router: Router,
+    gateway: IService,
+) -> None:
+    """The maildrop's pickup (``relay sendmail``), ``relay status``'s report, and the
+    Prometheus endpoint if ``[metrics] listen`` is set.
+
+    Attached last, so they start once the rest is built and stop first: no new mail is
+    picked up while the relay shuts down.
+    """
+    report = DaemonReport(reactor, deliverer.history)
+    spool.reporter = report.report
+    attach(report, top, "report")
+    attach(build_pickup(config, spool.when_ready(), reactor, router.route), top, "pickup")
+    if config.metrics.listen is not None:
+        attach(build_metrics(config.metrics.listen, reactor, spool, gateway), top, "metrics")
 
 
 class ChannelsService(Service):

@@ -811,7 +811,8 @@ def test_every_config_object_is_frozen(spec: Config) -> None:
 # --- hostile input -------------------------------------------------------------------
 
 KNOWN_KEYS: dict[str, list[str]] = {
-    "relay": ["hostname", "local_domains", "spool", "postmaster"],
+    "relay": ["hostname", "local_domains", "spool", "postmaster", "maildrop"],
+    "metrics": ["listen"],
     "smtp": [
         "listen",
         "listen_tls",
@@ -890,6 +891,22 @@ def _setting(kind: str, key: str) -> str:
     if kind == "site":
         return _toml_document({"relay": relay, "phone": {"sites": {"b": {key: 0}}}})
     return _toml_document({"relay": relay, kind: {key: 0}})
+
+
+def test_metrics_are_off_unless_listen_is_set(tmp_path: Path) -> None:
+    """No [metrics]: no endpoint; listen must be a server endpoint string."""
+    assert default_config(tmp_path).metrics.listen is None
+    text = '[relay]\nhostname = "h"\n[metrics]\nlisten = "tcp:9125:interface=127.0.0.1"\n'
+    assert parse_config(text, tmp_path).metrics.listen == "tcp:9125:interface=127.0.0.1"
+    with pytest.raises(ConfigError, match=r"metrics\.listen: expected a server endpoint"):
+        parse_config('[relay]\nhostname = "h"\n[metrics]\nlisten = "http://x"\n', tmp_path)
+
+
+def test_maildrop_defaults_beside_the_spool_and_is_relative_to_the_file(tmp_path: Path) -> None:
+    """[relay] maildrop is var/maildrop unless set; a relative path is the file's."""
+    assert default_config(tmp_path).relay.maildrop == tmp_path / "var/maildrop"
+    text = '[relay]\nhostname = "h"\nmaildrop = "drop-here"\n'
+    assert parse_config(text, tmp_path).relay.maildrop == tmp_path / "drop-here"
 
 
 def test_every_key_is_known_and_documented() -> None:

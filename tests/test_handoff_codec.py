@@ -13,6 +13,7 @@ from relay.handoff.codec import (
     HandoffError,
     Hello,
     Ready,
+    Sessions,
     Stored,
     StoreFailed,
     StoreRequest,
@@ -31,6 +32,13 @@ frames = st.one_of(
     st.builds(Stored, requests, queue_ids),
     st.builds(StoreFailed, requests, st.booleans(), st.text(max_size=200)),
     st.builds(Ready, st.booleans()),
+    st.builds(
+        Sessions,
+        st.integers(min_value=0, max_value=2**62),
+        st.dictionaries(
+            st.text(max_size=64), st.integers(min_value=0, max_value=2**62), max_size=16
+        ),
+    ),
     st.builds(
         Hello,
         st.text(max_size=500),
@@ -99,6 +107,12 @@ def _hello(**changes: object) -> bytes:
         (_hello(channels=[1]), "channels"),
         (_hello(index=True), "counts"),
         (_hello(processes=0), "counts"),
+        (b"N[]", "not a JSON object"),
+        (b"N{", "not JSON"),
+        (b'N{"open": -1, "refused": {}}', "open must be a count"),
+        (b'N{"open": true, "refused": {}}', "open must be a count"),
+        (b'N{"open": 1, "refused": []}', "open must be a count"),
+        (b'N{"open": 1, "refused": {"x": "1"}}', "reasons to counts"),
     ],
 )
 def test_malformed_frames_say_what_is_wrong(payload: bytes, problem: str) -> None:

@@ -54,6 +54,8 @@ def test_service_tree_has_named_children() -> None:
         "channels",
         "deliverer",
         "smtp",
+        "report",
+        "pickup",
     ]
     assert IService(service.getServiceNamed("spool")).name == "spool"
 

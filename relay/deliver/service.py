@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from relay.config import Config, DeliverSection
+from relay.deliver.history import DeliveryHistory
 from relay.deliver.recorder import Recorder
 from relay.deliver.scheduler import Scheduler
 from relay.deliver.sequencer import TEXT_CHUNK
@@ -82,6 +83,7 @@ class DelivererService(Service):
         self.clock = clock
         self.dead_hosts = DeadHosts(settings.dead_host_delay)
         self.claims = Claims()
+        self.history = DeliveryHistory()  # the last delivery and failure per channel
         self.pool = SessionPool(
             clock,
             self.channels,
@@ -127,6 +129,7 @@ class DelivererService(Service):
             hostname=self._hostname,
             postmaster=self._postmaster,
             log=self._log,
+            history=self.history,
         )
         self.scheduler = Scheduler(
             queue,

@@ -110,20 +110,29 @@ class SessionLimiter:
         self.total = 0
         self.per_client: Counter[str] = Counter()
         self.sessions: set[SmtpServerProtocol] = set()
+        self.refused: Counter[str] = Counter()  # sessions refused, by REFUSALS reason
         # Told (total, max_sessions) after each change: a gateway worker reports its room.
         self.on_change: Callable[[int, int], object] | None = None
 
     def admit(self, client: str) -> str | None:
-        """Count a new session; or say why not (and count nothing)."""
+        """Count a new session; or say why not (and count only the refusal)."""
         if self.total >= self.max_sessions:
+            self.refuse("max_sessions")
             return "too many sessions"
         if self.per_client[client] >= self.max_per_client:
+            self.refuse("max_sessions_per_client")
             return "too many sessions from your address"
         self.total += 1
         self.per_client[client] += 1
         if self.on_change is not None:
             self.on_change(self.total, self.max_sessions)
         return None
+
+    def refuse(self, reason: str) -> None:
+        """Count a session refused at connect, by reason (a metric label)."""
+        self.refused[reason] += 1
+        if self.on_change is not None:
+            self.on_change(self.total, self.max_sessions)
 
     def release(self, client: str) -> None:
         """A counted session ended."""
@@ -248,6 +257,7 @@ class SmtpServerProtocol(Protocol):
         refusal = gateway.limiter.admit(self.client_ip)
         if refusal is None and gateway.queue is None:
             gateway.limiter.release(self.client_ip)
+            gateway.limiter.refuse("spool_not_ready")
             refusal = "spool not ready"
             reply = _reply(421, "4.3.2", f"{hostname} Service not available, try again later")
         elif refusal is not None:

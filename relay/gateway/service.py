@@ -168,7 +168,7 @@ class _SessionsService(Service):
         hostname: str,
         clock: IReactorTime,
     ):
-        self._limiter = limiter
+        self.limiter = limiter  # every listener's: the metrics read its counts
         self._checker = checker
         self._hostname = hostname
         self._clock = clock
@@ -187,7 +187,7 @@ class _SessionsService(Service):
         super().stopService()  # type: ignore[no-untyped-call]
         reply = SmtpReply(421, "4.3.2", (f"{self._hostname} Service shutting down",))
         ending: list[SmtpServerProtocol] = []
-        for session in list(self._limiter.sessions):
+        for session in list(self.limiter.sessions):
             # One waiting for the spool gets the store's real answer first (if the spool
             # answers in time), then this one; shutdown() sees to the order.
             if session.storing or not session.busy:
@@ -199,7 +199,7 @@ class _SessionsService(Service):
 
     async def _until_closed(self, sessions: list[SmtpServerProtocol]) -> None:
         deadline = self._clock.seconds() + SESSIONS_STOP_LIMIT
-        while any(s in self._limiter.sessions for s in sessions):
+        while any(s in self.limiter.sessions for s in sessions):
             if self._clock.seconds() >= deadline:
                 return
             await deferLater(self._clock, 0.05, lambda: None)

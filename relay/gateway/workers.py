@@ -48,6 +48,7 @@ import contextlib
 import os
 import socket
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,8 @@ class GatewayWorkers(Service):
         self._channels = channels
         self._reactor = reactor
         self.workers: dict[int, _Worker] = {}
+        # Sessions refused by workers that have exited: the metric never goes back.
+        self.retired_refused: Counter[str] = Counter()
         self._restarts: dict[int, IDelayedCall] = {}
         self._delays: dict[int, float] = {}
         self.main_busy = main_busy  # replaceable: bench/relay_e2e.py --main-accepts
@@ -237,6 +240,7 @@ class GatewayWorkers(Service):
     def _ended(self, worker: _Worker, reason: Failure) -> None:
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
+        self.retired_refused.update(worker.server.sessions.refused)
         if self.running:
             self._balance()  # no ready worker left: accept here at once
         if not self.running:

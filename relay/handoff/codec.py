@@ -18,7 +18,10 @@ one kind byte, then
 * ``K`` STORED: request number (u32), the queue id (ASCII);
 * ``F`` FAILED: request number (u32), a disk-full flag (u8), a UTF-8 reason;
 * ``R`` READY: ``1`` (the worker takes new connections) or ``0`` (it does not: full or
-  stopping).
+  stopping);
+* ``N`` SESSIONS: UTF-8 JSON ``{"open": n, "refused": {reason: count}}``, the worker's
+  SMTP sessions open now and those it refused since it started (for the metrics; sent
+  at most once a second, when they changed).
 
 Anything else, or a frame whose parts do not add up, is a :class:`HandoffError`: both
 ends then drop the connection (the worker exits and is started again), since a peer that
@@ -40,6 +43,7 @@ __all__ = [
     "HandoffError",
     "Hello",
     "Ready",
+    "Sessions",
     "StoreFailed",
     "StoreRequest",
     "Stored",
@@ -116,7 +120,15 @@ class Ready:
     accepting: bool = True
 
 
-Frame = Hello | StoreRequest | Stored | StoreFailed | Ready
+@dataclass(frozen=True, slots=True)
+class Sessions:
+    """A worker's SMTP sessions: open now, and refused since it started (by reason)."""
+
+    open: int
+    refused: dict[str, int]
+
+
+Frame = Hello | StoreRequest | Stored | StoreFailed | Ready | Sessions
 
 
 def encode(frame: Frame) -> bytes:
@@ -130,6 +142,8 @@ def encode(frame: Frame) -> bytes:
         return b"R1" if frame.accepting else b"R0"
     if isinstance(frame, StoreFailed):
         return b"F" + _FAILED.pack(frame.request, frame.disk_full) + frame.reason.encode()
+    if isinstance(frame, Sessions):
+        return b"N" + json.dumps({"open": frame.open, "refused": frame.refused}).encode()
     body = {
         "config_text": frame.config_text,
         "base_dir": frame.base_dir,
@@ -197,6 +211,8 @@ def decode(payload: bytes) -> Frame:
         if payload not in (b"R0", b"R1"):
             raise HandoffError("READY frame: not 0 or 1")
         return Ready(payload == b"R1")
+    if kind == b"N":
+        return _sessions(payload[1:])
     if kind == b"H":
         return _hello(payload[1:])
     raise HandoffError(f"unknown frame kind {kind!r}")
@@ -219,6 +235,26 @@ def _hello(body: bytes) -> Hello:
         raise HandoffError("HELLO frame: index and processes must be counts")
     assert isinstance(index, int) and isinstance(processes, int)
     return Hello(config_text, base_dir, tuple(channels), index, processes)
+
+
+def _sessions(body: bytes) -> Sessions:
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise HandoffError(f"SESSIONS frame: not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise HandoffError("SESSIONS frame: not a JSON object")
+    open_, refused = data.get("open"), data.get("refused")
+    if not _number(open_) or not isinstance(refused, dict) or len(refused) > 16:
+        raise HandoffError("SESSIONS frame: open must be a count, refused an object")
+    if not all(isinstance(k, str) and len(k) <= 64 and _number(v) for k, v in refused.items()):
+        raise HandoffError("SESSIONS frame: refused must map reasons to counts")
+    assert isinstance(open_, int)
+    return Sessions(open_, dict(refused))
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
 def _count(value: object, least: int) -> bool:

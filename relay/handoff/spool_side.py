@@ -42,6 +42,7 @@ from relay.handoff.codec import (
     HandoffError,
     Hello,
     Ready,
+    Sessions,
     Stored,
     StoreFailed,
     StoreRequest,
@@ -84,6 +85,7 @@ class StoreServer(Int32StringReceiver):
         self.rejected = 0
         self.early = 0  # answers the spool's writer thread sent itself
         self.ready = False  # the worker says it takes new connections
+        self.sessions = Sessions(0, {})  # its last report of SMTP sessions (metrics)
         self.on_ready_change: Callable[[], object] | None = None
         self.lost = False
         self._acks = acks
@@ -104,6 +106,9 @@ class StoreServer(Int32StringReceiver):
                 self.ready = frame.accepting
                 if self.on_ready_change is not None:
                     self.on_ready_change()
+                return
+            if isinstance(frame, Sessions):
+                self.sessions = frame
                 return
             if not isinstance(frame, StoreRequest):
                 raise HandoffError(f"a worker sends STORE or READY, not {type(frame).__name__}")

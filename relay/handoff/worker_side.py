@@ -32,6 +32,7 @@ from relay.handoff.codec import (
     HandoffError,
     Hello,
     Ready,
+    Sessions,
     Stored,
     StoreFailed,
     StoreRequest,
@@ -105,6 +106,11 @@ class StoreClient(Int32StringReceiver):
         if not self._lost and self.transport is not None:
             self.sendString(encode(Ready(accepting)))
 
+    def sessions(self, open_sessions: int, refused: dict[str, int]) -> None:
+        """Tell the spool's process how many sessions are open and how many were refused."""
+        if not self._lost and self.transport is not None:
+            self.sendString(encode(Sessions(open_sessions, refused)))
+
     def datagramReceived(self, datagram: bytes) -> None:
         """Early answers, sent by the spool's writer thread (see :class:`AckReader`)."""
         try:
@@ -127,7 +133,7 @@ class StoreClient(Int32StringReceiver):
                 self._hello = frame
                 self._on_hello(frame)
                 return
-            if isinstance(frame, StoreRequest | Ready):
+            if isinstance(frame, StoreRequest | Ready | Sessions):
                 raise HandoffError(f"the spool's side sent a {type(frame).__name__}")
             d = self._pending.pop(frame.request, None)
             if d is None:

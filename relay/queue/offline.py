@@ -26,7 +26,7 @@ from relay.queue.record import RecordType, checksum
 from relay.queue.recovery import recover
 from relay.queue.segment import DEFAULT_SEGMENT_LIMIT, SegmentLog, Unframed
 from relay.queue.state import MessageEntry, NoSuchMessage, merge_statuses
-from relay.queue.view import HEADER_READ_LIMIT, details, summary
+from relay.queue.view import HEADER_READ_LIMIT, details, queue_status, summary
 
 __all__ = ["OfflineSpool"]
 
@@ -63,6 +63,9 @@ class OfflineSpool:
         if request.op == "list":
             entries = [self._state.messages[q] for q in sorted(self._state.messages)]
             return {"ok": True, "messages": [summary(e) for e in entries]}
+        if request.op == "status":
+            queue = queue_status(self._state.messages.values(), self._now())
+            return {"ok": True, "status": {"daemon": {"running": False}, "queue": queue}}
         ids = request.ids
         if request.op == "show":
             assert ids is not None

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relay.errors import SpoolError
-from relay.queue.control import Flusher, listen_control
+from relay.queue.control import Flusher, Reporter, listen_control
 from relay.queue.segment import DEFAULT_SEGMENT_LIMIT
 from relay.queue.store import SpoolQueue
 
@@ -52,6 +52,7 @@ class SpoolService(Service):
         self._failure: Failure | None = None
         self._starting: Deferred[None] | None = None
         self.flusher: Flusher | None = None
+        self.reporter: Reporter | None = None  # the daemon's part of ``relay status``
 
     def when_ready(self) -> Deferred[SpoolQueue]:
         """Fire with the open queue (at once if it is open), or fail if it cannot open."""
@@ -74,6 +75,10 @@ class SpoolService(Service):
         assert self.queue is not None
         return self.queue.flush(queue_ids, channel)
 
+    def _report(self) -> dict[str, Any]:
+        """``relay status`` from the control socket: what :attr:`reporter` says."""
+        return self.reporter() if self.reporter is not None else {"running": True}
+
     def startService(self) -> None:
         """Open the spool and serve the control socket."""
         super().startService()  # type: ignore[no-untyped-call]
@@ -89,7 +94,7 @@ class SpoolService(Service):
                 close_at_shutdown=False,  # stopService closes it, after the deliverer
             )
             self.queue = queue
-            self._port = await listen_control(queue, self._reactor, self._flush)
+            self._port = await listen_control(queue, self._reactor, self._flush, self._report)
         except Exception as e:
             self._failure = failure = Failure(e)  # type: ignore[no-untyped-call]
             if isinstance(e, SpoolError):  # a reason meant for the operator: one line

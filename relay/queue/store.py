@@ -45,6 +45,7 @@ from zope.interface import implementer
 from relay.envelope import Destination, Envelope, RecipientStatus
 from relay.errors import SpoolError
 from relay.interfaces import IMessage, IQueue
+from relay.metrics.series import received
 from relay.queue.index import DueIndex
 from relay.queue.layout import SpoolLayout
 from relay.queue.lock import SpoolLock, SpoolLocked
@@ -242,11 +243,16 @@ class SpoolQueue:
                 self._fresh_bytes += len(text)
             if self._reindex(entry):
                 self._notify()
+            received(envelope.submitter.protocol, "accepted").inc()
             return queue_id
+
+        def failed(failure: Failure) -> Failure:
+            received(envelope.submitter.protocol, "failed").inc()
+            return failure
 
         hook = None if on_durable is None else functools.partial(on_durable, queue_id)
         appended = self._writer.append(RecordType.MESSAGE, [prefix, text], on_durable=hook)
-        return appended.addCallback(stored)
+        return appended.addCallbacks(stored, failed)
 
     def load(self, queue_id: str) -> Deferred[tuple[Envelope, Sequence[RecipientStatus]]]:
         """Fire with a message's envelope and its recipients' states (not its text)."""

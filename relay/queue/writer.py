@@ -53,6 +53,7 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
 from relay.errors import SpoolError
+from relay.metrics.series import BATCH_RECORDS, SPOOL_SYNC
 from relay.queue.record import Buffer, RecordType, checksum
 from relay.queue.segment import SegmentLog, Unframed
 
@@ -276,7 +277,10 @@ class GroupCommitWriter:
             accepted.append((request, crc))
         if not unframed:
             return results
+        started = _now()
         positions = self._log.append(unframed)
+        SPOOL_SYNC.observe(_now() - started)
+        BATCH_RECORDS.observe(len(unframed))
         self.batches += 1
         self.records += len(unframed)
         finishers: list[Callable[[], object]] = []
