@@ -490,8 +490,8 @@ async def test_relay_denied_and_long_line_over_a_socket(tmp_path: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_per_client_session_limit_over_a_socket(tmp_path: Path) -> None:
-    """Past max_sessions_per_client, a new connection gets 421 4.7.0 at once."""
-    async with gateway(tmp_path, "max_sessions_per_client = 1") as running:
+    """Past max_sessions_per_client, an untrusted client's new connection gets 421 4.7.0."""
+    async with gateway(tmp_path, "max_sessions_per_client = 1\ntrusted_networks = []") as running:
 
         def two_sessions() -> tuple[bytes, bytes]:
             with socket.create_connection(("127.0.0.1", running.port), timeout=10) as first:

@@ -50,6 +50,7 @@ from relay.deliver.logging import DispositionStatus, log_disposition
 from relay.deliver.work import Claims, MessageWork, Outcome, Parked
 from relay.envelope import RecipientState, RecipientStatus
 from relay.interfaces import IQueue
+from relay.oneline import escape
 from relay.policy.dsn import DsnRecipient, is_double_bounce
 from relay.policy.retry import Disposition, decide, expired_reply, is_expired, next_attempt
 from relay.reply import Reply
@@ -389,7 +390,7 @@ class Recorder:
             queue_id=queue_id,
             kind=notice.kind,
             dsn_id=dsn_id,
-            recipient=str(notice.envelope.recipients[0].address),
+            recipient=escape(str(notice.envelope.recipients[0].address)),
         )
 
     # --- stopping -------------------------------------------------------------------------
