@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
-from twisted.logger import eventAsJSON, eventFromJSON, formatEvent
+from twisted.logger import LogEvent, Logger, eventAsJSON, eventFromJSON, formatEvent
 
+from relay.address import Address
 from relay.channels.discard import DiscardChannel
-from relay.envelope import Destination
+from relay.deliver.logging import DispositionStatus, log_disposition
+from relay.envelope import Destination, Recipient
 from relay.interfaces import SequencingMode
 from relay.reply import Reply, ReplyCode
 
@@ -108,3 +110,27 @@ def test_a_recipient_destination_override_is_logged() -> None:
     (event,) = harness.dispositions()
     assert (event["channel"], event["destination"]) == ("smtp", "far.test")
     assert smtp.calls[0].detail == Destination("smtp", "far.test")
+
+
+def test_addresses_and_remote_reply_texts_are_logged_escaped() -> None:
+    """A recipient, ORCPT or remote reply holding a line separator is logged as one line."""
+    log = Logger(observer=lambda event: seen.append(event))
+    seen: list[LogEvent] = []
+    recipient = Recipient(Address("a\u2028b", "dest.test"), original="rfc822;x\r\ny@dest.test")
+    reply = Reply(ReplyCode.USER, "no such\u0085user \x1b[31m", 550, "5.1.1")
+    log_disposition(
+        log,
+        queue_id="0123456789ABCD",
+        recipient=recipient,
+        destination=Destination("smtp", "dest.test"),
+        reply=reply,
+        status=DispositionStatus.BOUNCED,
+        delay=1.0,
+        attempt=1,
+    )
+    (event,) = seen
+    line = formatEvent(event)
+    assert line.isprintable(), line
+    assert "to=<a\\u2028b@dest.test>" in line
+    assert "(550 5.1.1 no such\\x85user \\x1b[31m [USER])" in line
+    assert event["orig_recipient"] == "rfc822;x\\r\\ny@dest.test"

@@ -22,7 +22,7 @@ from relay.envelope import Destination, Submitter
 from relay.errors import SpoolError
 from relay.interfaces import IChannel, IChannelSession, IMessage, SequencingMode
 from relay.queue.store import SpoolQueue
-from relay.reply import Reply, ReplyCode
+from relay.reply import ReplyCode
 
 from fakes import BytesMessage
 from memqueue import MemoryQueue
