@@ -111,9 +111,10 @@ def running_relay(tmp_path: Path, smtp: str = "") -> Iterator[Relay]:
 
 
 def _smtp_source(port: int, sessions: int, messages: int) -> subprocess.CompletedProcess[str]:
+    argv = [SMTP_SOURCE, "-s", str(sessions), "-m", str(messages)]
+    argv += ["-f", "sender@example.test", "-t", "alice@example.test", f"127.0.0.1:{port}"]
     return subprocess.run(
-        [SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-f", "sender@example.test"]
-        + ["-t", "alice@example.test", f"127.0.0.1:{port}"],
+        argv,
         capture_output=True,
         text=True,
         timeout=300,
@@ -171,7 +172,7 @@ def _dropped(sock: socket.socket, limit: float) -> bool:
 
 @pytest.mark.timeout(600)
 def test_a_client_that_does_not_read_cannot_grow_the_relay(tmp_path: Path) -> None:
-    """2 000 000 pipelined VRFY never read: the relay's memory stays flat and it drops the client."""
+    """2 000 000 pipelined VRFY never read: the relay's memory stays flat; the client is dropped."""
     with running_relay(tmp_path, 'idle_timeout = "5s"') as relay:
         with socket.create_connection(("127.0.0.1", relay.port), timeout=30) as warm_up:
             warm_up.recv(1024)  # one session first: both processes have run a session
