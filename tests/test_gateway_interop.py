@@ -12,7 +12,9 @@ import re
 import smtplib
 import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -523,3 +525,56 @@ async def test_bdat_over_a_socket_is_stored_byte_identical(tmp_path: Path) -> No
         assert b"CHUNKING" in received
         assert [code for code, _ in _codes(received)][-5:] == [250, 250, 250, 250, 221]
         assert await running.single_text() == MESSAGE
+
+
+# --------------------------------------------------------------------------- AUTH hardening
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtplib_auth_plain_as_another_identity_is_535(tmp_path: Path) -> None:
+    """AUTH PLAIN admin\\0carol\\0password fails with 535 (RFC 4616); carol\\0carol\\0… works."""
+    smtp = "trusted_networks = []\nauth_requires_tls = false"
+    async with gateway(tmp_path, smtp, users=True) as running:
+
+        def attempt(authzid: str) -> int:
+            with smtplib.SMTP("127.0.0.1", running.port) as client:
+                client.ehlo("client.test")
+                try:
+                    code, _ = client.auth(
+                        "PLAIN", lambda challenge=None: f"{authzid}\0carol\0{PASSWORD}"
+                    )
+                except smtplib.SMTPAuthenticationError as e:
+                    return e.smtp_code
+                return code
+
+        assert await in_thread(lambda: attempt("admin")) == 535
+        assert await in_thread(lambda: attempt("carol")) == 235
+        assert await in_thread(lambda: attempt("")) == 235
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtplib_parallel_auth_is_held_to_auth_max_failures(tmp_path: Path) -> None:
+    """Twelve sessions guessing at once: five passwords are checked (535), seven get 454."""
+    smtp = "trusted_networks = []\nauth_requires_tls = false\nauth_max_failures = 5"
+    async with gateway(tmp_path, smtp, users=True) as running:
+        # The shipped cost: each check takes long enough for all twelve to be waiting.
+        (tmp_path / "smtp-users").write_text(make_user_line("carol", PASSWORD) + "\n")
+        ready = threading.Barrier(12)
+
+        def guess(number: int) -> int:
+            with smtplib.SMTP("127.0.0.1", running.port, timeout=60) as client:
+                client.ehlo("client.test")
+                client.user, client.password = "carol", f"guess {number}"
+                ready.wait(timeout=60)
+                try:  # AUTH PLAIN once (login() would try LOGIN after a failure too)
+                    client.auth("PLAIN", client.auth_plain)
+                except smtplib.SMTPAuthenticationError as e:
+                    return e.smtp_code
+                return 235
+
+        def all_at_once() -> list[int]:
+            with ThreadPoolExecutor(max_workers=12) as pool:
+                return list(pool.map(guess, range(12)))
+
+        codes = await in_thread(all_at_once)
+        assert sorted(codes) == [454] * 7 + [535] * 5
