@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
+from twisted.logger import formatEvent
 from zope.interface.verify import verifyClass, verifyObject
 
 from relay import fileio
@@ -26,6 +27,7 @@ from relay.reply import ReplyCode
 
 from fakes import BytesMessage
 from memqueue import MemoryQueue
+from reactor_helpers import logged_events
 from test_local_support import (
     channel_for,
     deliver,
@@ -739,3 +741,23 @@ async def test_a_defect_is_answered_not_raised(
     [reply] = await deliver(channel, make_message(TEXT), "alice@example.test")
     assert reply.code is ReplyCode.MOK
     assert channel.failed == 1 and channel.delivered == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_defect_is_logged_with_the_address_escaped(
+    tmp_path: Path, made: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The "failed unexpectedly" line shows a recipient holding U+2028 escaped, on one line."""
+    import relay.channels.local as local
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("defect")
+
+    channel = _channel(made, make_config(tmp_path, 'users = ["alice"]'))
+    monkeypatch.setattr(local, "expand", broken)
+    with logged_events() as events:
+        [reply] = await deliver(channel, make_message(TEXT), "a\u2028b@example.test")
+    assert reply.code is ReplyCode.LIO
+    (event,) = [e for e in events if "failed unexpectedly" in e.get("log_format", "")]
+    line = formatEvent(event)
+    assert line.isprintable() and "a\\u2028b@example.test" in line
