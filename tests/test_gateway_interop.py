@@ -316,6 +316,32 @@ async def test_smtplib_implicit_tls_listener(tmp_path: Path, tls_files: TlsFiles
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_server_closes_a_tls_session_after_quit(
+    tmp_path: Path, tls_files: TlsFiles
+) -> None:
+    """After QUIT over TLS the gateway closes the connection itself (its producer let go)."""
+    smtp = 'listen_tls = ["tcp:0:interface=127.0.0.1"]'
+    async with gateway(tmp_path, smtp, tls=tls_files) as running:
+
+        def quit_and_wait() -> bytes:
+            context = _client_context(tls_files)
+            port = running.ports["listen_tls"]
+            raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.recv(1024)  # the greeting
+                tls.sendall(b"QUIT\r\n")
+                received = b""
+                try:
+                    while chunk := tls.recv(1024):  # until the server closes
+                        received += chunk
+                except ssl.SSLEOFError:
+                    pass
+                return received
+
+        assert (await in_thread(quit_and_wait)).startswith(b"221 2.0.0")
+
+
+@pytest_twisted.ensureDeferred
 async def test_smtplib_over_ipv6(tmp_path: Path) -> None:
     """An IPv6 listener works and the client shows as an IPv6 literal."""
     listen = 'listen = ["tcp6:0:interface=\\\\:\\\\:1"]'

@@ -433,6 +433,7 @@ def test_a_session_is_released_when_it_ends_not_when_the_close_arrives(harness: 
     first, second = harness.connect("192.0.2.1"), harness.connect("192.0.2.1")
     first.send(b"QUIT\r\n")
     assert first.codes()[-1] == (221, "2.0.0") and first.closed
+    assert first.transport.producer is None  # else a TLS transport would never close
     third = harness.connect("192.0.2.1")  # first's connectionLost has not come yet
     assert third.codes() == [(220, None)]
     first.lose()  # ...and when it comes, nothing is released twice

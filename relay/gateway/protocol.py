@@ -256,6 +256,7 @@ class SmtpServerProtocol(Protocol):
         self._shutdown_after_store: SmtpReply | None = None
         self._paused_reading = False
         self._output_full = False  # the transport paused us: too much output unsent
+        self._producing = False  # registered as the transport's producer
         self._transaction = _Transaction()
         self._idle_timer: IDelayedCall | None = None  # also watches the session deadline
         self._last_activity = 0.0
@@ -291,6 +292,7 @@ class SmtpServerProtocol(Protocol):
         self._counted = True
         gateway.limiter.sessions.add(self)
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        self._producing = True
         clock = gateway.clock
         self._session_deadline = clock.seconds() + gateway.timeouts.session
         self._touch()
@@ -358,7 +360,9 @@ class SmtpServerProtocol(Protocol):
             if self._shutdown_after_store is None:
                 self._shutdown_after_store = reply
             return
-        if self._output_full:  # it does not read: a reply would only wait in our buffer
+        if self._output_full or self.engine.closed:
+            # It does not read: a reply would only wait in our buffer, as the last one
+            # (221, 421) of a session already closing does.
             _log.info(
                 "smtp: {client}: dropped: it leaves its replies unread", client=self.client_ip
             )
@@ -718,6 +722,9 @@ class SmtpServerProtocol(Protocol):
         self._drop_text()
         self._release()  # the session is over: its slot is free before the client's FIN
         if not self._lost and self.transport is not None:
+            if self._producing:  # a transport closes only once its producer is gone
+                self._producing = False
+                self.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.transport.loseConnection()
 
     def _release(self) -> None:
