@@ -183,7 +183,7 @@ def test_a_client_that_does_not_read_cannot_grow_the_relay(tmp_path: Path) -> No
             time.sleep(2.0)  # let the relay answer what it has read
             after = relay.rss_kib()
             print(f"VRFY taken {taken}; RSS before {before} KiB, after {after} KiB")
-            assert after - before < 16 * 1024
+            assert after - before < 4 * 1024  # KiB: the session holds at most ~320 KiB
             assert taken < 2_000_000  # it stopped reading: the rest stayed with the client
             relay.wait_for_log(r"dropped: it leaves its replies unread")
             assert _dropped(sock, 60.0)
