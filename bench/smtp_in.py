@@ -65,7 +65,7 @@ def serve(port: int, spool: Path, profile: str | None, workers: int) -> None:
     config = parse_config(
         '[relay]\nhostname = "bench.test"\nlocal_domains = ["y.test"]\n'
         f'[smtp]\nlisten = ["tcp:{port}:interface=127.0.0.1:backlog=256"]\n'
-        f"max_sessions = 500\nmax_sessions_per_client = 500\nworkers = {workers}\n"
+        f"workers = {workers}\n"
         '[local]\nusers = ["to"]\n',
         spool.parent,
     )

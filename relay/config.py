@@ -972,7 +972,7 @@ def _read_smtp(t: _Table, paths: _Paths) -> SmtpSection:
         max_recipients=t.get("max_recipients", _positive_int, 100),
         max_errors=t.get("max_errors", _positive_int, 10),
         max_sessions=t.get("max_sessions", _positive_int, 100),
-        max_sessions_per_client=t.get("max_sessions_per_client", _positive_int, 20),
+        max_sessions_per_client=t.get("max_sessions_per_client", _positive_int, 50),
         idle_timeout=t.get("idle_timeout", _positive_duration, 300.0),
         session_timeout=t.get("session_timeout", _positive_duration, 1800.0),
         tls_cert_file=t.get("tls_cert_file", paths.file, None),

@@ -86,7 +86,7 @@ def test_spec_example_relay_and_smtp(spec: Config) -> None:
     assert spec.smtp.relay_domains == ("site-b.test",)
     assert spec.smtp.max_message_size == 10485760
     assert (spec.smtp.max_recipients, spec.smtp.max_errors) == (100, 10)
-    assert (spec.smtp.max_sessions, spec.smtp.max_sessions_per_client) == (100, 20)
+    assert (spec.smtp.max_sessions, spec.smtp.max_sessions_per_client) == (100, 50)
     assert (spec.smtp.idle_timeout, spec.smtp.session_timeout) == (300.0, 1800.0)
     assert spec.smtp.tls_cert_file is None and spec.smtp.tls_key_file is None
     assert spec.smtp.auth_users_file is None and spec.smtp.auth_requires_tls is True

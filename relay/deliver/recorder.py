@@ -52,6 +52,7 @@ from relay.deliver.work import Claims, MessageWork, Outcome, Parked
 from relay.envelope import RecipientState, RecipientStatus
 from relay.interfaces import IQueue
 from relay.metrics.series import BOUNCES, DELAY_WARNINGS, DELIVERIES, DELIVERY_LATENCY
+from relay.oneline import escape
 from relay.policy.dsn import DsnRecipient, is_double_bounce
 from relay.policy.retry import Disposition, decide, expired_reply, is_expired, next_attempt
 from relay.reply import Reply
@@ -408,7 +409,7 @@ class Recorder:
             queue_id=queue_id,
             kind=notice.kind,
             dsn_id=dsn_id,
-            recipient=str(notice.envelope.recipients[0].address),
+            recipient=escape(str(notice.envelope.recipients[0].address)),
         )
 
     # --- stopping -------------------------------------------------------------------------

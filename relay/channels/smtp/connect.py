@@ -46,6 +46,7 @@ from relay.channels.smtp.tls import TlsContexts
 from relay.config import TlsPolicy
 from relay.dns.mx import DnsError, MailHost, MxResolver
 from relay.errors import SessionFailed
+from relay.oneline import escape
 from relay.reply import Reply, ReplyCode
 from relay.sansio.smtp.wire import MAX_TEXT_LINE
 
@@ -122,13 +123,13 @@ class Connector:
                 last = e.reply
                 continue
             if not addresses:
-                _log.info("{host}: no address", host=host.name)
+                _log.info("{host}: no address", host=escape(host.name))
                 continue
             for address in addresses:
                 try:
                     return await self._attempt(host, address, target.port, policy)
                 except AttemptFailed as e:
-                    _log.info("{reason}", reason=e.reply.description)
+                    _log.info("{reason}", reason=escape(e.reply.description))
                     last = e.reply
         if last is None:
             what = "MX host" if any(not h.implicit for h in hosts) else "host"
@@ -158,7 +159,7 @@ class Connector:
         except AttemptFailed as e:
             if not (e.tls_handshake and policy.tls is TlsPolicy.OPPORTUNISTIC):
                 raise
-            _log.info("{reason}; trying again without TLS", reason=e.reply.description)
+            _log.info("{reason}; trying again without TLS", reason=escape(e.reply.description))
             plain = RoutePolicy(TlsPolicy.NONE, policy.credentials)
             return await self._attempt_once(host, address, port, plain)
 

@@ -46,6 +46,7 @@ from zope.interface import implementer
 
 from relay.errors import RelayError
 from relay.fastwrite import write_now
+from relay.oneline import escape, one_line
 from relay.reply import Reply, ReplyCode, from_smtp
 from relay.sansio.smtp.client import (
     NEED_DATA,
@@ -169,7 +170,7 @@ class ServerClosing(SmtpClientError):
 
     def reply(self) -> Reply:
         r = self.smtp_reply
-        return from_smtp(r.code, _one_line(self.message), r.enhanced)
+        return from_smtp(r.code, one_line(self.message), r.enhanced)
 
 
 class ReplyTimeout(SmtpClientError):
@@ -191,10 +192,6 @@ class TlsHandshakeFailed(SmtpClientError):
 
     def reply(self) -> Reply:
         return Reply(ReplyCode.BHST, self.message, enhanced="4.7.5")
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 @implementer(IHandshakeListener, IPushProducer)
@@ -479,7 +476,9 @@ class SmtpClientProtocol(Protocol):
             try:
                 event = self.engine.next_event()
             except RemoteProtocolError as e:
-                self._log.warn("protocol error from {peer}: {error}", peer=self.peer, error=e)
+                self._log.warn(
+                    "protocol error from {peer}: {error}", peer=self.peer, error=escape(str(e))
+                )
                 self._go(PeerProtocolError(f"protocol error from {self.peer}: {e}"))
                 self.abort()
                 return
@@ -585,4 +584,4 @@ def _describe(reason: Failure) -> str:
         if reasons:
             return ", ".join(reasons)
     text = str(value) or type(value).__name__
-    return _one_line(text)
+    return one_line(text)
