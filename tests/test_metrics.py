@@ -63,7 +63,7 @@ def relay(tmp_path: Path) -> Iterator[tuple[Path, int, int]]:
         '[relay]\nhostname = "hub.example.test"\nlocal_domains = ["example.test"]\n'
         'spool = "spool"\nmaildrop = "maildrop"\n'
         f'[smtp]\nlisten = ["tcp:{smtp_port}:interface=127.0.0.1"]\nworkers = 0\n'
-        "max_sessions_per_client = 2\n"
+        "max_sessions_per_client = 2\ntrusted_networks = []\n"  # the limit spares trusted ones
         '[local]\nmail_root = "mail"\nusers = ["alice", "bob"]\n'
         f'[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n'
     )

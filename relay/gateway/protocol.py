@@ -354,6 +354,11 @@ class SmtpServerProtocol(Protocol):
         return self._busy
 
     @property
+    def closed(self) -> bool:
+        """Whether the connection is gone (its slot may have been given back earlier)."""
+        return self._lost
+
+    @property
     def storing(self) -> bool:
         """Whether the session waits for the spool to store a message."""
         return self._storing

@@ -199,7 +199,7 @@ class _SessionsService(Service):
 
     async def _until_closed(self, sessions: list[SmtpServerProtocol]) -> None:
         deadline = self._clock.seconds() + SESSIONS_STOP_LIMIT
-        while any(s in self.limiter.sessions for s in sessions):
+        while not all(s.closed for s in sessions):
             if self._clock.seconds() >= deadline:
                 return
             await deferLater(self._clock, 0.05, lambda: None)
