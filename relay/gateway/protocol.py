@@ -157,6 +157,10 @@ class SessionLimiter:
             self.on_change(self.total, self.max_sessions)
         return None
 
+    def room(self) -> int:
+        """How many more sessions may open now (0 when full)."""
+        return max(0, self.max_sessions - self.total)
+
     def refuse(self, reason: str) -> None:
         """Count a session refused at connect, by reason (a metric label)."""
         self.refused[reason] += 1

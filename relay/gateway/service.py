@@ -134,19 +134,42 @@ def shared_listeners(gateway: IService) -> list[SharedListener]:
 
 
 class AdoptedListener(Service):
-    """Accepts on a listening socket handed down by the spool's process."""
+    """Accepts on a listening socket handed down by the spool's process.
 
-    def __init__(self, reactor: Any, listener: SharedListener, factory: IProtocolFactory):
+    A worker must never take more connections at once than it has room for: Twisted's
+    TCP port accepts up to its ``numberAccepts`` connections in one read, whatever
+    happens to the first ones, so a worker that becomes full within a burst would answer
+    the rest 421 although the spool's process (which takes over once the worker says it
+    is full) has room.  So each read of the port is bounded by ``room()``, the sessions
+    the worker may still open.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        listener: SharedListener,
+        factory: IProtocolFactory,
+        room: Callable[[], int],
+    ):
         self._reactor = reactor
         self._listener = listener
         self._factory = factory
+        self._room = room
         self.port: IListeningPort | None = None
 
     def startService(self) -> None:
         """Accept on the socket (Twisted duplicates the descriptor)."""
         super().startService()  # type: ignore[no-untyped-call]
         listener = self._listener
-        self.port = self._reactor.adoptStreamPort(listener.fd, listener.family, self._factory)
+        port = self._reactor.adoptStreamPort(listener.fd, listener.family, self._factory)
+        read = port.doRead
+
+        def read_within_room() -> object:
+            port.numberAccepts = max(1, self._room())  # tcp.Port's public batch size
+            return read()
+
+        port.doRead = read_within_room
+        self.port = port
 
     def stopService(self) -> Deferred[None] | None:
         """Stop accepting; the spool's process (or another worker) goes on."""
@@ -340,7 +363,9 @@ def build_gateway(
             if shared.tls:
                 assert tls_options is not None  # the configuration requires a certificate
                 made = TLSMemoryBIOFactory(tls_options, False, made)
-            attach(AdoptedListener(reactor, shared, made), top, f"adopted:{shared.fd}")
+            attach(
+                AdoptedListener(reactor, shared, made, limiter.room), top, f"adopted:{shared.fd}"
+            )
         return top
     for description in smtp.listen:
         endpoint = RecordingEndpoint(_endpoint(reactor, description))
