@@ -21,6 +21,7 @@ from relay.address import Address
 from relay.envelope import Envelope, Recipient, Submitter
 from relay.errors import SpoolError
 from relay.fastwrite import is_idle_plain_tcp
+from relay.gateway.limits import AuthThrottle
 from relay.handoff.codec import (
     MAX_ACK_DATAGRAM,
     HandoffError,
@@ -82,7 +83,9 @@ async def _link(queue: MemoryQueue | None = None, *, early: bool = False) -> Lin
     memory = MemoryQueue(reactor) if queue is None else queue
     acks, their_acks = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     acks.setblocking(False)
-    server = StoreServer(HELLO, memory, frame_limit(1024 * 1024), acks=acks if early else None)
+    limit = frame_limit(1024 * 1024)
+    auth = AuthThrottle(reactor, max_failures=2)
+    server = StoreServer(HELLO, memory, limit, acks=acks if early else None, auth=auth)
     hellos: list[Hello] = []
     lost: list[str] = []
     client = StoreClient(hellos.append, lost.append)
@@ -311,7 +314,7 @@ def _answers_of_one_sync(count: int) -> tuple[StoreServer, list[bytes]]:
     """``count`` answers noted by the spool's hooks, then its finishers run: the datagrams."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     theirs.setblocking(False)
-    server = StoreServer(HELLO, None, frame_limit(1024), acks=ours)
+    server = StoreServer(HELLO, None, frame_limit(1024), acks=ours, auth=AuthThrottle(task.Clock()))
     finishers = []
     for n in range(count):
         finish = server._ack_early(n, f"0660CB0F36{n:04X}")
