@@ -13,20 +13,19 @@ import contextlib
 import os
 import re
 import signal
-import smtplib
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from relay.gateway.auth import make_user_line
+
+from auth_guesses import guess_in_parallel
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 SMTP_SOURCE = "/usr/sbin/smtp-source"
@@ -197,33 +196,13 @@ def test_a_client_that_does_not_read_cannot_grow_the_relay(tmp_path: Path) -> No
             assert later.recv(1024).startswith(b"220 ")  # its slot is free again
 
 
-def _guess_in_parallel(port: int, sessions: int) -> list[int]:
-    """``sessions`` smtplib clients, each sending one AUTH PLAIN with a wrong password at
-    the same moment: the reply code each got."""
-    ready = threading.Barrier(sessions)
-
-    def guess(number: int) -> int:
-        with smtplib.SMTP("127.0.0.1", port, timeout=120) as client:
-            client.ehlo("client.test")
-            client.user, client.password = "carol", f"guess {number}"
-            ready.wait(timeout=120)
-            try:  # AUTH PLAIN once (login() would try LOGIN after a failure too)
-                client.auth("PLAIN", client.auth_plain)
-            except smtplib.SMTPAuthenticationError as e:
-                return e.smtp_code
-            return 235
-
-    with ThreadPoolExecutor(max_workers=sessions) as pool:
-        return list(pool.map(guess, range(sessions)))
-
-
 @pytest.mark.timeout(300)
 def test_parallel_auth_guesses_are_held_to_auth_max_failures_relay_wide(tmp_path: Path) -> None:
     """12 parallel wrong AUTHs at a relay with its worker: 5 passwords checked (535), 7 get 454."""
     (tmp_path / "smtp-users").write_text(make_user_line("carol", "right") + "\n")
     smtp = 'trusted_networks = []\nauth_requires_tls = false\nauth_users_file = "smtp-users"'
     with running_relay(tmp_path, smtp) as relay:
-        codes = _guess_in_parallel(relay.port, 12)
+        codes = guess_in_parallel(relay.port, 12)
         log = relay.log_text()
     checked = re.findall(r"(smtp worker 1: )?smtp: 127\.0\.0\.1 failed AUTH PLAIN", log)
     refused = re.findall(r"(smtp worker 1: )?smtp: 127\.0\.0\.1 refused AUTH PLAIN", log)

@@ -1031,13 +1031,19 @@ class ControlledThrottle:
         self.ended.append((client, failed))
 
 
-def test_auth_without_a_verdict_is_454_and_checks_nothing(config: Config) -> None:
-    """The question fails (a worker's link went): 454 4.7.0 at once, no password checked."""
+def _asking(config: Config) -> tuple[ControlledThrottle, Harness, Session]:
+    """A session whose AUTH waits for the verdict of a throttle the test controls."""
     throttle = ControlledThrottle()
     harness = make_harness(config, auth=throttle)
     session = make_session(harness)
     session.send(b"EHLO c.test\r\n")
     session.send(_auth_line("carol", "guess"))
+    return throttle, harness, session
+
+
+def test_auth_without_a_verdict_is_454_and_checks_nothing(config: Config) -> None:
+    """The question fails (a worker's link went): 454 4.7.0 at once, no password checked."""
+    throttle, harness, session = _asking(config)
     assert session.codes()[-1] == (250, None)  # waiting for the verdict
     throttle.asked[0].errback(HandoffError("the link to the spool's process went away"))
     assert session.replies()[-1] == SmtpReply(454, "4.7.0", ("Temporary authentication failure",))
@@ -1048,11 +1054,7 @@ def test_auth_without_a_verdict_is_454_and_checks_nothing(config: Config) -> Non
 
 def test_a_verdict_for_a_session_gone_meanwhile_checks_nothing(config: Config) -> None:
     """The client left while the session asked: the allowed attempt ends, unchecked, unfailed."""
-    throttle = ControlledThrottle()
-    harness = make_harness(config, auth=throttle)
-    session = make_session(harness)
-    session.send(b"EHLO c.test\r\n")
-    session.send(_auth_line("carol", "guess"))
+    throttle, harness, session = _asking(config)
     session.lose()
     throttle.asked[0].callback(AuthVerdict(True, 0, 1, 60.0))
     assert harness.checker.calls == [] and throttle.ended == [("192.0.2.9", False)]
@@ -1060,11 +1062,7 @@ def test_a_verdict_for_a_session_gone_meanwhile_checks_nothing(config: Config) -
 
 def test_a_remote_verdict_logs_the_relay_wide_counts(config: Config) -> None:
     """A refusal's log line names the counts the verdict brought (the spool's process's)."""
-    throttle = ControlledThrottle()
-    harness = make_harness(config, auth=throttle)
-    session = make_session(harness)
-    session.send(b"EHLO c.test\r\n")
-    session.send(_auth_line("carol", "guess"))
+    throttle, harness, session = _asking(config)
     with logged_events() as events:
         throttle.asked[0].callback(AuthVerdict(False, 4, 1, 900.0))
     harness.clock.advance(1.01)

@@ -79,6 +79,19 @@ def test_any_bytes_are_a_frame_or_a_handoff_error(payload: bytes) -> None:
     assert isinstance(frame, Frame)
 
 
+@given(st.sampled_from([b"A", b"V", b"E"]), st.binary(max_size=300))
+def test_any_bytes_after_an_auth_kind_are_a_frame_or_a_handoff_error(
+    kind: bytes, rest: bytes
+) -> None:
+    """AUTH, VERDICT and ENDED with any body: the frame of that kind, or a HandoffError."""
+    try:
+        frame = decode(kind + rest)
+    except HandoffError:
+        return
+    assert isinstance(frame, AuthBegin | AuthAnswer | AuthEnd)
+    assert encode(frame) == kind + rest  # nothing in it was read loosely
+
+
 @given(frames, st.data())
 def test_a_cut_frame_is_refused_or_reads_as_less(frame: object, data: st.DataObject) -> None:
     """A truncated STORED/FAILED/HELLO/STORE never decodes to the original."""
