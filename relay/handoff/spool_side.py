@@ -183,8 +183,7 @@ class StoreServer(Int32StringReceiver):
         """Answer whether a client may have a password checked; count what is done."""
         client = frame.client
         if isinstance(frame, AuthEnd):
-            if not self.auth_in_progress[client]:
-                del self.auth_in_progress[client]
+            if not self.auth_in_progress[client]:  # (reading a Counter adds no key)
                 raise HandoffError("ENDED for an AUTH attempt that was not allowed")
             self.auth_in_progress[client] -= 1
             if not self.auth_in_progress[client]:
