@@ -30,7 +30,8 @@ from relay.channels.local import LocalChannel, build_local_channel
 from relay.channels.smtp.channel import SmtpChannel, build_smtp_channel
 from relay.config import Config, ConfigError, default_config, load_config
 from relay.deliver.service import DelivererService, build_deliverer
-from relay.gateway.service import build_gateway, shared_listeners
+from relay.gateway.limits import LocalAuthThrottle
+from relay.gateway.service import build_auth_throttle, build_gateway, shared_listeners
 from relay.gateway.workers import GatewayWorkers
 from relay.interfaces import IChannel, IQueue
 from relay.local_users import LocalRecipients, build_local_recipients
@@ -176,6 +177,7 @@ def build_service(
         if workers is not None:
             workers.main_sessions(total, limit)
 
+    auth = build_auth_throttle(config, reactor)  # the relay's one: workers ask it too
     gateway = build_gateway(
         config,
         queue_ready,
@@ -184,6 +186,7 @@ def build_service(
         router=router,
         processes=processes,
         on_sessions=sessions,
+        auth_throttle=LocalAuthThrottle(auth),
     )
     if config.smtp.workers:
         # Attached after the listeners: started once they are bound, stopped first.
@@ -195,6 +198,7 @@ def build_service(
             router.channels,
             reactor,
             main_busy=lambda: deliverer.busy,
+            auth=auth,
         )
         attach(workers, gateway, "workers")  # type: ignore[arg-type]
     attach(gateway, top, "smtp")

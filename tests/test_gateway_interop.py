@@ -12,9 +12,7 @@ import re
 import smtplib
 import socket
 import ssl
-import threading
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from relay.interfaces import ILocalRecipients
 from relay.queue.store import SpoolQueue
 from relay.sansio.smtp.wire import ReplyParser
 
+from auth_guesses import guess_in_parallel
 from tlsfiles import TlsFiles, make_tls_files
 
 SWAKS = "/usr/bin/swaks"
@@ -585,22 +584,5 @@ async def test_smtplib_parallel_auth_is_held_to_auth_max_failures(tmp_path: Path
     async with gateway(tmp_path, smtp, users=True) as running:
         # The shipped cost: each check takes long enough for all twelve to be waiting.
         (tmp_path / "smtp-users").write_text(make_user_line("carol", PASSWORD) + "\n")
-        ready = threading.Barrier(12)
-
-        def guess(number: int) -> int:
-            with smtplib.SMTP("127.0.0.1", running.port, timeout=60) as client:
-                client.ehlo("client.test")
-                client.user, client.password = "carol", f"guess {number}"
-                ready.wait(timeout=60)
-                try:  # AUTH PLAIN once (login() would try LOGIN after a failure too)
-                    client.auth("PLAIN", client.auth_plain)
-                except smtplib.SMTPAuthenticationError as e:
-                    return e.smtp_code
-                return 235
-
-        def all_at_once() -> list[int]:
-            with ThreadPoolExecutor(max_workers=12) as pool:
-                return list(pool.map(guess, range(12)))
-
-        codes = await in_thread(all_at_once)
+        codes = await in_thread(lambda: guess_in_parallel(running.port, 12))
         assert sorted(codes) == [454] * 7 + [535] * 5

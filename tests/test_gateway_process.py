@@ -1,9 +1,10 @@
 """The gateway in a real relay process (``twistd -n relay``) against real clients.
 
 The relay runs on the shipped defaults apart from its paths and port (and, where a test
-says so, one timeout), with its gateway worker process, as an operator runs it:
-Postfix's ``smtp-source`` bursts from loopback, and a raw socket client that pipelines
-without reading, watched through ``/proc`` (the relay's and its worker's resident size).
+says so, one timeout or an AUTH users file), with its gateway worker process, as an
+operator runs it: Postfix's ``smtp-source`` bursts from loopback, a raw socket client
+that pipelines without reading, watched through ``/proc`` (the relay's and its worker's
+resident size), and smtplib clients guessing a password in parallel.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from relay.gateway.auth import make_user_line
+
+from auth_guesses import guess_in_parallel
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 SMTP_SOURCE = "/usr/sbin/smtp-source"
@@ -189,3 +194,28 @@ def test_a_client_that_does_not_read_cannot_grow_the_relay(tmp_path: Path) -> No
             assert _dropped(sock, 60.0)
         with socket.create_connection(("127.0.0.1", relay.port), timeout=30) as later:
             assert later.recv(1024).startswith(b"220 ")  # its slot is free again
+
+
+@pytest.mark.timeout(300)
+def test_parallel_auth_guesses_are_held_to_auth_max_failures_relay_wide(tmp_path: Path) -> None:
+    """12 parallel wrong AUTHs at a relay with its worker: 5 passwords checked (535), 7 get 454."""
+    (tmp_path / "smtp-users").write_text(make_user_line("carol", "right") + "\n")
+    smtp = 'trusted_networks = []\nauth_requires_tls = false\nauth_users_file = "smtp-users"'
+    with running_relay(tmp_path, smtp) as relay:
+        # The kernel may give one process every connection of a round, which would not
+        # test the count across processes: then another round, from another loopback
+        # address (a count of its own), until the sessions of one were split.
+        for host in range(1, 6):
+            source = f"127.0.0.{host}"
+            codes = guess_in_parallel(relay.port, 12, source=source)
+            assert sorted(codes) == [454] * 7 + [535] * 5, f"{source}: {sorted(codes)}"
+            lines = rf"smtp: {re.escape(source)} (failed|refused) AUTH PLAIN"
+            relay.wait_for_log(lines, 12)
+            log = relay.log_text()
+            checked = re.findall(rf"smtp: {re.escape(source)} failed AUTH PLAIN", log)
+            in_worker = re.findall(rf"smtp worker 1: {lines}", log)
+            print(f"{source}: codes {sorted(codes)}; {len(in_worker)} of 12 in the worker")
+            assert len(checked) == 5  # passwords checked, in both processes together
+            if 0 < len(in_worker) < 12:
+                return
+    raise AssertionError("five rounds, and the kernel never split one between the processes")

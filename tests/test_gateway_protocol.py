@@ -30,7 +30,7 @@ from relay.config import Config, parse_config
 from relay.envelope import BodyType, Destination, Envelope, Recipient, Submitter
 from relay.errors import SpoolError
 from relay.gateway.auth import AuthUnavailable
-from relay.gateway.limits import AuthThrottle, TextBudget
+from relay.gateway.limits import AuthThrottle, AuthVerdict, LocalAuthThrottle, TextBudget
 from relay.gateway.policy import RelayPolicy
 from relay.gateway.protocol import (
     GatewayFactory,
@@ -40,7 +40,8 @@ from relay.gateway.protocol import (
     log_stored,
 )
 from relay.gateway.service import settings_from_config
-from relay.interfaces import ILocalRecipients
+from relay.handoff.codec import HandoffError
+from relay.interfaces import IAuthThrottle, ILocalRecipients
 from relay.sansio.smtp.wire import ReplyParser, SmtpReply, dot_stuff
 
 from reactor_helpers import logged_events
@@ -153,6 +154,7 @@ def make_harness(
     *,
     text_budget: TextBudget | None = None,
     throttle: Callable[[Clock], AuthThrottle] | None = None,
+    auth: IAuthThrottle | None = None,
     **timeouts: float,
 ) -> Harness:
     clock = Clock()
@@ -169,7 +171,7 @@ def make_harness(
         ),
         checker=checker,  # type: ignore[arg-type]
         text_budget=text_budget,
-        auth_throttle=None if throttle is None else throttle(clock),
+        auth_throttle=auth if throttle is None else LocalAuthThrottle(throttle(clock)),
     )
     return Harness(factory, queue, checker, clock)
 
@@ -916,7 +918,7 @@ def test_unreadable_users_file_is_454_not_535(harness: Harness) -> None:
     session.send(_auth_line("carol", "pw"))
     harness.checker.calls[0][2].errback(AuthUnavailable("users: Permission denied"))
     assert session.replies()[-1] == SmtpReply(454, "4.7.0", ("Temporary authentication failure",))
-    assert harness.factory.auth_throttle.failures("192.0.2.9") == 0
+    assert harness.factory.auth_throttle.throttle.failures("192.0.2.9") == 0
     assert session.protocol.engine.authenticated_user is None
     session.send(b"NOOP\r\n")
     assert session.codes()[-1] == (250, "2.0.0")
@@ -989,8 +991,8 @@ def test_auth_attempts_in_parallel_count_when_they_start(tmp_path: Path) -> None
         checked.callback(False)
     harness.clock.advance(1.01)
     assert [s.codes()[-1] for s in sessions[:5]] == [(535, "5.7.8")] * 5
-    assert harness.factory.auth_throttle.failures("192.0.2.9") == 5
-    assert harness.factory.auth_throttle.pending("192.0.2.9") == 0
+    assert harness.factory.auth_throttle.throttle.failures("192.0.2.9") == 5
+    assert harness.factory.auth_throttle.throttle.pending("192.0.2.9") == 0
 
 
 def test_a_successful_attempt_no_longer_counts_once_it_succeeds(config: Config) -> None:
@@ -1009,7 +1011,65 @@ def test_a_successful_attempt_no_longer_counts_once_it_succeeds(config: Config) 
     second.send(_auth_line("carol", "right"))
     assert len(harness.checker.calls) == 2  # the success did not count as a failure
     harness.checker.calls[1][2].errback(AuthUnavailable("users: gone"))
-    assert harness.factory.auth_throttle.pending("192.0.2.9") == 0
+    assert harness.factory.auth_throttle.throttle.pending("192.0.2.9") == 0
+
+
+@implementer(IAuthThrottle)
+class ControlledThrottle:
+    """begin() hands back a Deferred the test fires, as a worker's link to the spool does."""
+
+    def __init__(self) -> None:
+        self.asked: list[Deferred[AuthVerdict]] = []
+        self.ended: list[tuple[str, bool]] = []
+
+    def begin(self, client: str) -> Deferred[AuthVerdict]:
+        d: Deferred[AuthVerdict] = Deferred()
+        self.asked.append(d)
+        return d
+
+    def end(self, client: str, failed: bool) -> None:
+        self.ended.append((client, failed))
+
+
+def _asking(config: Config) -> tuple[ControlledThrottle, Harness, Session]:
+    """A session whose AUTH waits for the verdict of a throttle the test controls."""
+    throttle = ControlledThrottle()
+    harness = make_harness(config, auth=throttle)
+    session = make_session(harness)
+    session.send(b"EHLO c.test\r\n")
+    session.send(_auth_line("carol", "guess"))
+    return throttle, harness, session
+
+
+def test_auth_without_a_verdict_is_454_and_checks_nothing(config: Config) -> None:
+    """The question fails (a worker's link went): 454 4.7.0 at once, no password checked."""
+    throttle, harness, session = _asking(config)
+    assert session.codes()[-1] == (250, None)  # waiting for the verdict
+    throttle.asked[0].errback(HandoffError("the link to the spool's process went away"))
+    assert session.replies()[-1] == SmtpReply(454, "4.7.0", ("Temporary authentication failure",))
+    assert harness.checker.calls == [] and throttle.ended == []
+    session.send(b"NOOP\r\n")
+    assert session.codes()[-1] == (250, "2.0.0")
+
+
+def test_a_verdict_for_a_session_gone_meanwhile_checks_nothing(config: Config) -> None:
+    """The client left while the session asked: the allowed attempt ends, unchecked, unfailed."""
+    throttle, harness, session = _asking(config)
+    session.lose()
+    throttle.asked[0].callback(AuthVerdict(True, 0, 1, 60.0))
+    assert harness.checker.calls == [] and throttle.ended == [("192.0.2.9", False)]
+
+
+def test_a_remote_verdict_logs_the_relay_wide_counts(config: Config) -> None:
+    """A refusal's log line names the counts the verdict brought (the spool's process's)."""
+    throttle, harness, session = _asking(config)
+    with logged_events() as events:
+        throttle.asked[0].callback(AuthVerdict(False, 4, 1, 900.0))
+    harness.clock.advance(1.01)
+    assert session.codes()[-1] == (454, "4.7.0") and harness.checker.calls == []
+    assert [formatEvent(e) for e in events] == [
+        "smtp: 192.0.2.9 refused AUTH PLAIN for carol: 4 failures in 900s, 1 in progress"
+    ]
 
 
 def make_session(harness: Harness) -> Session:
@@ -1031,7 +1091,7 @@ def test_auth_plain_as_another_identity_is_535(harness: Harness) -> None:
     harness.clock.advance(1.01)
     assert session.codes()[-1] == (535, "5.7.8")
     assert session.protocol.engine.authenticated_user is None
-    assert harness.factory.auth_throttle.failures("192.0.2.9") == 1
+    assert harness.factory.auth_throttle.throttle.failures("192.0.2.9") == 1
     session.send(_plain("bob", "bob", "secret"))  # authzid = the user: allowed
     harness.checker.calls[0][2].callback(True)
     assert session.codes()[-1] == (235, "2.7.0")

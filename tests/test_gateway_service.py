@@ -188,7 +188,8 @@ def test_listeners_share_the_text_budget_and_the_auth_throttle(tmp_path: Path) -
     assert first.text_budget is second.text_budget
     assert first.text_budget.limit == 12345
     assert first.auth_throttle is second.auth_throttle
-    assert (first.auth_throttle.max_failures, first.auth_throttle.window) == (7, 60.0)
+    throttle = first.auth_throttle.throttle  # the relay's count, behind LocalAuthThrottle
+    assert (throttle.max_failures, throttle.window) == (7, 60.0)
     service.stopService()
 
 
@@ -205,7 +206,8 @@ def test_limits_come_from_the_configuration(tmp_path: Path) -> None:
     service.startService()
     factory = reactor.tcpServers[0][1]
     assert factory.text_budget.limit == 4321
-    assert (factory.auth_throttle.max_failures, factory.auth_throttle.window) == (2, 60.0)
+    throttle = factory.auth_throttle.throttle  # the relay's count, behind LocalAuthThrottle
+    assert (throttle.max_failures, throttle.window) == (2, 60.0)
     assert factory.timeouts.greet_delay == 3.0
     service.stopService()
 

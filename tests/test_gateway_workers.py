@@ -27,6 +27,7 @@ from twisted.logger import LogEvent
 
 from relay.config import parse_config
 from relay.deliver.service import DelivererService
+from relay.gateway.limits import AuthThrottle
 from relay.gateway.workers import GatewayWorkers
 from relay.handoff.codec import Hello, encode, framed
 from relay.metrics.collectors import RelayCollector
@@ -267,9 +268,9 @@ def test_no_workers_start_when_the_spool_does_not_open(tmp_path: Path) -> None:
 
     fake = MemoryReactorClock()
     opened: Deferred[Any] = Deferred()
-    workers = GatewayWorkers(
-        _config(tmp_path, 2525, workers=1), 1, lambda: [], opened, frozenset(), fake
-    )
+    config = _config(tmp_path, 2525, workers=1)
+    auth = AuthThrottle(fake)
+    workers = GatewayWorkers(config, 1, lambda: [], opened, frozenset(), fake, auth=auth)
     workers.startService()
     opened.callback(None)
     assert opened.result is None  # nothing failed in the workers' callback
@@ -293,9 +294,9 @@ def test_a_worker_that_cannot_be_started_is_tried_again_later(tmp_path: Path) ->
 
     fake = NoProcesses()
     with logged_events() as seen:
-        workers = GatewayWorkers(
-            _config(tmp_path, 2525, workers=1), 1, lambda: [], object(), frozenset(), fake
-        )
+        config = _config(tmp_path, 2525, workers=1)
+        auth = AuthThrottle(fake)
+        workers = GatewayWorkers(config, 1, lambda: [], object(), frozenset(), fake, auth=auth)
         workers.startService()
         assert fake.attempts == 1 and workers.workers == {}
         fake.advance(1.0)

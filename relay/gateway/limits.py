@@ -19,16 +19,34 @@ it time and costs us no scrypt.  An attempt counts against the limit from the mo
 check starts (:meth:`AuthThrottle.begin`), not only once it has failed: a check takes a
 while in a thread, and a client that opens many sessions at once and sends AUTH in each
 would otherwise have every password checked before the first failure is counted.
+
+Sessions reach it through :class:`~relay.interfaces.IAuthThrottle`, asynchronous
+because a gateway worker process asks the spool's process, which holds the relay's one
+:class:`AuthThrottle` (:class:`relay.handoff.remote_auth.RemoteAuthThrottle`): with
+workers, the count still holds across every process.  In the spool's process the
+sessions ask it directly, through :class:`LocalAuthThrottle`.
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
+from dataclasses import dataclass
 from typing import Final
 
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
 
-__all__ = ["DEFAULT_TEXT_BUDGET", "AuthThrottle", "TextBudget"]
+from relay.interfaces import IAuthThrottle
+
+__all__ = [
+    "DEFAULT_TEXT_BUDGET",
+    "AuthThrottle",
+    "AuthVerdict",
+    "LocalAuthThrottle",
+    "TextBudget",
+]
 
 DEFAULT_TEXT_BUDGET: Final = 256 * 1024 * 1024
 """Bytes of message text all sessions together may hold in memory."""
@@ -56,6 +74,18 @@ class TextBudget:
         if size > self.used:
             raise ValueError(f"releasing {size} bytes but only {self.used} are reserved")
         self.used -= size
+
+
+@dataclass(frozen=True, slots=True)
+class AuthVerdict:
+    """Whether an AUTH attempt may have its password checked (it is then counted), and
+    the client's counts when it asked: its failures within ``window`` seconds and its
+    attempts being checked (the log line of a refusal names them)."""
+
+    allowed: bool
+    failures: int
+    pending: int
+    window: float
 
 
 class AuthThrottle:
@@ -98,6 +128,11 @@ class AuthThrottle:
             return False
         self._pending[client] += 1
         return True
+
+    def ask(self, client: str) -> AuthVerdict:
+        """:meth:`begin`, with the counts behind the answer."""
+        allowed = self.begin(client)
+        return AuthVerdict(allowed, self.failures(client), self.pending(client), self.window)
 
     def end(self, client: str, *, failed: bool) -> None:
         """An attempt :meth:`begin` counted is done; a failed one counts on in the window."""
@@ -152,3 +187,19 @@ class AuthThrottle:
             del self._failures[client]
         while len(self._failures) > self._max_clients:
             del self._failures[next(iter(self._failures))]
+
+
+@implementer(IAuthThrottle)
+class LocalAuthThrottle:
+    """The sessions of the process that holds the :class:`AuthThrottle` ask it directly."""
+
+    def __init__(self, throttle: AuthThrottle) -> None:
+        self.throttle = throttle
+
+    def begin(self, client: str) -> Deferred[AuthVerdict]:
+        """The verdict, at once."""
+        return defer.succeed(self.throttle.ask(client))
+
+    def end(self, client: str, failed: bool) -> None:
+        """Done: a failed attempt counts on in the window."""
+        self.throttle.end(client, failed=failed)

@@ -43,9 +43,11 @@ gateway-wide :class:`~relay.gateway.limits.TextBudget` until the spool's Deferre
 fires; a message that does not fit is read and thrown away, and answered ``452 4.3.1``.
 
 **AUTH.**  A failed AUTH is answered after a delay and counted per client address in the
-shared :class:`~relay.gateway.limits.AuthThrottle`; a client over its limit gets
-``454 4.7.0`` without a password check.  A users file that cannot be read answers
-``454 4.7.0`` too (our problem, not a wrong password).
+relay's :class:`~relay.gateway.limits.AuthThrottle`, which the session asks through an
+:class:`~relay.interfaces.IAuthThrottle` before each password check (in a gateway worker
+that asks the spool's process); a client over its limit gets ``454 4.7.0`` without a
+password check.  A users file that cannot be read, or a question that cannot be asked
+(a worker's link gone), answers ``454 4.7.0`` too (our problem, not a wrong password).
 
 Replies go out through :func:`~relay.fastwrite.write_now`, which sends at once
 when the socket is idle plain TCP instead of waiting for the reactor's next pass (see
@@ -78,11 +80,11 @@ from relay.address import Address
 from relay.envelope import Destination, Envelope, Recipient, Submitter
 from relay.fastwrite import write_now
 from relay.gateway.auth import AuthUnavailable, PasswordChecker
-from relay.gateway.limits import AuthThrottle, TextBudget
+from relay.gateway.limits import AuthThrottle, AuthVerdict, LocalAuthThrottle, TextBudget
 from relay.gateway.policy import RelayPolicy
 from relay.gateway.received import received_header
 from relay.gateway.tls import tls_description
-from relay.interfaces import IStore
+from relay.interfaces import IAuthThrottle, IStore
 from relay.oneline import escape
 from relay.sansio.smtp.events import (
     AuthCredentials,
@@ -224,7 +226,7 @@ class GatewayFactory(Factory):
         tls_options: CertificateOptions | None = None,
         checker: PasswordChecker | None = None,
         text_budget: TextBudget | None = None,
-        auth_throttle: AuthThrottle | None = None,
+        auth_throttle: IAuthThrottle | None = None,
     ) -> None:
         """``text_budget`` and ``auth_throttle`` are shared by all listeners' factories
         (:func:`~relay.gateway.service.build_gateway`); by default each factory has its own.
@@ -238,7 +240,9 @@ class GatewayFactory(Factory):
         self.tls_options = tls_options
         self.checker = checker
         self.text_budget = TextBudget() if text_budget is None else text_budget
-        self.auth_throttle = AuthThrottle(clock) if auth_throttle is None else auth_throttle
+        self.auth_throttle: IAuthThrottle = (
+            LocalAuthThrottle(AuthThrottle(clock)) if auth_throttle is None else auth_throttle
+        )
         self.accepted = 0  # messages stored, for the benchmark and tests
         # A gateway worker leaves the "stored" line to the spool's process, which logs
         # it when it stores (relay.handoff.spool_side): one line per message either way.
@@ -614,24 +618,42 @@ class SmtpServerProtocol(Protocol):
         self._finish_async(reply)
 
     def _authenticate(self, event: AuthCredentials) -> None:
+        self._busy = True
+        if self.gateway.checker is None:  # the engine only offers AUTH with a checker
+            self._finish_async(_reply(454, "4.7.0", "Temporary authentication failure"))
+            return
+        asked = self.gateway.auth_throttle.begin(self.client_ip)
+        asked.addCallbacks(self._auth_verdict, self._auth_not_asked, callbackArgs=(event,))
+
+    def _auth_not_asked(self, failure: Failure) -> None:
+        """No verdict (a worker's link to the spool's process went): check nothing, 454."""
+        _log.warn(
+            "smtp: cannot check AUTH for {client}: {why}",
+            client=self.client_ip,
+            why=failure.getErrorMessage(),
+        )
+        self._finish_async(_reply(454, "4.7.0", "Temporary authentication failure"))
+
+    def _auth_verdict(self, verdict: AuthVerdict, event: AuthCredentials) -> None:
         checker = self.gateway.checker
         throttle = self.gateway.auth_throttle
         client = self.client_ip
         user = escape(event.username)  # the client's bytes: never raw into the log
-        self._busy = True
-        if checker is None:  # the engine only offers AUTH with a checker
-            self._finish_async(_reply(454, "4.7.0", "Temporary authentication failure"))
+        assert checker is not None  # _authenticate asks only with one
+        if self._lost:  # the client left while we asked: nothing to check
+            if verdict.allowed:
+                throttle.end(client, failed=False)
             return
-        if not throttle.begin(client):
+        if not verdict.allowed:
             _log.info(
                 "smtp: {client} refused AUTH {mechanism} for {user}: "
                 "{failures} failures in {window:.0f}s, {pending} in progress",
                 client=client,
                 mechanism=event.mechanism,
                 user=user,
-                failures=throttle.failures(client),
-                pending=throttle.pending(client),
-                window=throttle.window,
+                failures=verdict.failures,
+                pending=verdict.pending,
+                window=verdict.window,
             )
             self._answer_later(
                 _reply(454, "4.7.0", "Too many failed authentications, try again later")

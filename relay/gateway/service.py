@@ -24,8 +24,9 @@ In a gateway worker process (:mod:`relay.gateway.worker`) the listeners are
 All listeners share one :class:`~relay.gateway.protocol.SessionLimiter`, so
 ``max_sessions`` and ``max_sessions_per_client`` hold across them, one
 :class:`~relay.gateway.limits.TextBudget` (``max_text_in_memory`` bytes of message text
-in memory across all sessions) and one :class:`~relay.gateway.limits.AuthThrottle`
-(failed AUTH per client address).
+in memory across all sessions) and one :class:`~relay.interfaces.IAuthThrottle`
+(failed AUTH per client address): the relay's :class:`~relay.gateway.limits.AuthThrottle`
+(:func:`build_auth_throttle`), which a worker asks over its link.
 """
 
 from __future__ import annotations
@@ -55,11 +56,11 @@ from zope.interface import implementer
 from relay.address import Address, AddressError, parse_mailbox
 from relay.config import Config
 from relay.gateway.auth import PasswordChecker
-from relay.gateway.limits import AuthThrottle, TextBudget
+from relay.gateway.limits import AuthThrottle, LocalAuthThrottle, TextBudget
 from relay.gateway.policy import RelayPolicy
 from relay.gateway.protocol import GatewayFactory, SessionLimiter, SmtpServerProtocol, Timeouts
 from relay.gateway.tls import load_server_tls
-from relay.interfaces import ILocalRecipients, IStore
+from relay.interfaces import IAuthThrottle, ILocalRecipients, IStore
 from relay.local_users import POSTMASTER
 from relay.policy.routing import Router
 from relay.sansio.smtp.server import Limits, ServerSettings
@@ -70,6 +71,7 @@ __all__ = [
     "AdoptedListener",
     "RecordingEndpoint",
     "SharedListener",
+    "build_auth_throttle",
     "build_gateway",
     "settings_from_config",
     "shared_listeners",
@@ -283,6 +285,22 @@ def _given(value: _V | None, configured: _V) -> _V:
     return configured if value is None else value
 
 
+def build_auth_throttle(
+    config: Config,
+    clock: IReactorTime,
+    *,
+    max_failures: int | None = None,
+    window: float | None = None,
+) -> AuthThrottle:
+    """The relay's failed-AUTH count, from ``[smtp]`` unless given (one per relay: the
+    spool's process holds it, and its gateway workers ask it)."""
+    return AuthThrottle(
+        clock,
+        max_failures=_given(max_failures, config.smtp.auth_max_failures),
+        window=_given(window, config.smtp.auth_failure_window),
+    )
+
+
 def build_gateway(
     config: Config,
     queue: IStore | Deferred[Any],
@@ -297,6 +315,7 @@ def build_gateway(
     processes: int = 1,
     adopted: Sequence[SharedListener] | None = None,
     on_sessions: Callable[[int, int], object] | None = None,
+    auth_throttle: IAuthThrottle | None = None,
 ) -> IService:
     """The SMTP gateway's services for ``config``.
 
@@ -307,6 +326,8 @@ def build_gateway(
     ``452 4.3.1``); a client with ``auth_max_failures`` failed AUTH within
     ``auth_failure_window`` seconds gets ``454 4.7.0`` to AUTH until they age out.
     Each of these comes from ``[smtp]`` unless given here (tests give them).
+    ``auth_throttle`` is where sessions count AUTH attempts; by default a count of this
+    gateway's own (``relay.tap`` passes the relay's, a worker its link's).
 
     ``processes`` is how many processes share the listeners (this one and the gateway
     workers): each takes that share of ``max_sessions`` and ``max_text_in_memory``, so
@@ -325,11 +346,12 @@ def build_gateway(
     text_budget = TextBudget(
         max(1, _given(max_text_in_memory, smtp.max_text_in_memory) // processes)
     )
-    auth_throttle = AuthThrottle(
-        reactor,
-        max_failures=_given(auth_max_failures, smtp.auth_max_failures),
-        window=_given(auth_failure_window, smtp.auth_failure_window),
-    )
+    if auth_throttle is None:
+        auth_throttle = LocalAuthThrottle(
+            build_auth_throttle(
+                config, reactor, max_failures=auth_max_failures, window=auth_failure_window
+            )
+        )
     policy = RelayPolicy(config, local_recipients, router)
     timeouts = Timeouts(
         idle=smtp.idle_timeout,

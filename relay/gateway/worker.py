@@ -112,6 +112,7 @@ class _Worker:
             processes=hello.processes,
             adopted=self.listeners,
             on_sessions=self.sessions_changed,
+            auth_throttle=self.client.auth,  # the relay's count, in the spool's process
         )
         gateway.startService()  # type: ignore[no-untyped-call]
         for shared in self.listeners:  # adopted (duplicated) by now
