@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -72,14 +72,13 @@ from relay.address import Address
 from relay.envelope import Destination, Envelope, Recipient, RecipientStatus
 from relay.reply import Reply
 
-if TYPE_CHECKING:
-    from relay.gateway.limits import AuthVerdict
-
 __all__ = [
+    "AuthVerdict",
     "IAuthThrottle",
     "IChannel",
     "IChannelSession",
     "IDeliverer",
+    "IHandoffStore",
     "ILocalRecipients",
     "IMessage",
     "IQueue",
@@ -152,6 +151,11 @@ class IChannelSession(Interface):
 
     A session carries any number of messages, one at a time, until ``end_session``.
     """
+
+    pipelines_addresses = Attribute(
+        "bool: whether the deliverer may send every address of a message before the first"
+        " reply comes back (SMTP PIPELINING); False makes it wait for each reply in turn"
+    )
 
     def begin_message(mode: str, return_path: Address | None, message: IMessage) -> Deferred[None]:
         """``xx_winit`` (+ ``xx_wainit``): a message follows.
@@ -254,6 +258,18 @@ class IStore(Interface):
         """
 
 
+@dataclass(frozen=True, slots=True)
+class AuthVerdict:
+    """Whether an AUTH attempt may have its password checked (it is then counted), and
+    the client's counts when it asked: its failures within ``window`` seconds and its
+    attempts being checked (the log line of a refusal names them)."""
+
+    allowed: bool
+    failures: int
+    pending: int
+    window: float
+
+
 class IAuthThrottle(Interface):
     """Where an SMTP session asks before it checks a password, and tells the outcome after:
     the failed-AUTH count of :class:`relay.gateway.limits.AuthThrottle`, in this process
@@ -277,24 +293,6 @@ class IQueue(IStore):
     Every Deferred that reports a change fires only after the change is on disk
     (fsynced), so a caller may say "yes" to a peer as soon as it fires.
     """
-
-    def store(
-        envelope: Envelope,
-        text: bytes,
-        *,
-        on_durable: Callable[[str], object] | None = None,
-        envelope_json: bytes | None = None,
-    ) -> Deferred[str]:
-        """As :meth:`IStore.store`; and ``on_durable(queue_id)``, if given, is called the
-        moment the message is durable, possibly in another thread and before the Deferred
-        fires (a busy reactor does not delay it): it must be quick, thread-safe and never
-        block.  A gateway worker's link answers its worker from there.  It may return a
-        callable: after every hook of the same sync has run, each distinct such callable
-        is called once (in the same thread), so answers can go out one batch at a time.
-
-        ``envelope_json``, if given, is bytes that ``relay.queue.payload.decode_envelope``
-        reads as ``envelope`` (a worker's link decoded ``envelope`` from them): the
-        spool may keep those bytes instead of encoding the envelope again."""
 
     def load(queue_id: str) -> Deferred[tuple[Envelope, Sequence[RecipientStatus]]]:
         """Fire with a message's envelope and its recipients' states (not its text)."""
@@ -358,6 +356,29 @@ class IQueue(IStore):
 
     def flush(queue_ids: Iterable[str] | None = None, channel: str | None = None) -> Deferred[int]:
         """:meth:`flush_message` for each id (every message if None); fire with the total."""
+
+
+class IHandoffStore(IStore):
+    """The spool as the gateway workers' link needs it (:mod:`relay.handoff.spool_side`):
+    answering a worker the moment its message is durable, not when the reactor gets to it."""
+
+    def store(
+        envelope: Envelope,
+        text: bytes,
+        *,
+        on_durable: Callable[[str], object] | None = None,
+        envelope_json: bytes | None = None,
+    ) -> Deferred[str]:
+        """As :meth:`IStore.store`; and ``on_durable(queue_id)``, if given, is called the
+        moment the message is durable, possibly in another thread and before the Deferred
+        fires (a busy reactor does not delay it): it must be quick, thread-safe and never
+        block.  A gateway worker's link answers its worker from there.  It may return a
+        callable: after every hook of the same sync has run, each distinct such callable
+        is called once (in the same thread), so answers can go out one batch at a time.
+
+        ``envelope_json``, if given, is bytes that ``relay.queue.payload.decode_envelope``
+        reads as ``envelope`` (a worker's link decoded ``envelope`` from them): the
+        spool may keep those bytes instead of encoding the envelope again."""
 
 
 class IDeliverer(Interface):

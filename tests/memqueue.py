@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from relay.envelope import Destination, Envelope, RecipientState, RecipientStatus
 from relay.errors import SpoolError
-from relay.interfaces import IMessage, IQueue
+from relay.interfaces import IHandoffStore, IMessage, IQueue
 from relay.queue.payload import decode_envelope
 
 from fakes import BytesMessage
@@ -51,7 +51,7 @@ class _Entry:
     statuses: list[RecipientStatus]
 
 
-@implementer(IQueue)
+@implementer(IQueue, IHandoffStore)
 class MemoryQueue:
     """A complete IQueue held in memory, driven by an IReactorTime."""
 

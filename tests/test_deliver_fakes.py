@@ -34,7 +34,14 @@ from relay.envelope import (
     RecipientStatus,
     Submitter,
 )
-from relay.interfaces import IChannel, IChannelSession, IMessage, IQueue, SequencingMode
+from relay.interfaces import (
+    IChannel,
+    IChannelSession,
+    IHandoffStore,
+    IMessage,
+    IQueue,
+    SequencingMode,
+)
 from relay.policy.dsn import is_dsn
 from relay.reply import Reply, ReplyCode
 
@@ -125,6 +132,7 @@ class ScriptedSession:
     message: IMessage | None = None
     accepted: list[str] = field(default_factory=list)
     chunks: list[bytes] = field(default_factory=list)
+    pipelines_addresses: bool = False  # a test sets it to drive the pipelined sequence
 
     def _do(self, name: str, detail: Any, default: Callable[[], object], *args: Any) -> Any:
         self.channel.calls.append(Call(self.number, name, detail))
@@ -288,8 +296,9 @@ def test_scripted_answers_replace_the_default() -> None:
 
 
 def test_memory_queue_provides_iqueue() -> None:
-    """The in-memory queue verifies against IQueue."""
+    """The in-memory queue verifies against IQueue and IHandoffStore, as the spool does."""
     assert verifyObject(IQueue, MemoryQueue(Clock()))
+    assert verifyObject(IHandoffStore, MemoryQueue(Clock()))
 
 
 def test_memory_queue_makes_changes_visible_only_when_durable() -> None:

@@ -71,6 +71,8 @@ def hang():
 
 @implementer(IChannelSession)
 class Session:
+    pipelines_addresses = False
+
     def begin_message(self, mode_, return_path, message):
         self.message = message
         self.accepted = []

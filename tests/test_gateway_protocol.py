@@ -30,18 +30,18 @@ from relay.config import Config, parse_config
 from relay.envelope import BodyType, Destination, Envelope, Recipient, Submitter
 from relay.errors import SpoolError
 from relay.gateway.auth import AuthUnavailable
-from relay.gateway.limits import AuthThrottle, AuthVerdict, LocalAuthThrottle, TextBudget
+from relay.gateway.limits import AuthThrottle, LocalAuthThrottle, TextBudget
 from relay.gateway.policy import RelayPolicy
 from relay.gateway.protocol import (
     GatewayFactory,
     SessionLimiter,
     SmtpServerProtocol,
     Timeouts,
-    log_stored,
 )
 from relay.gateway.service import settings_from_config
 from relay.handoff.codec import HandoffError
-from relay.interfaces import IAuthThrottle, ILocalRecipients
+from relay.interfaces import AuthVerdict, IAuthThrottle, ILocalRecipients
+from relay.queue.intake import log_stored
 from relay.sansio.smtp.wire import ReplyParser, SmtpReply, dot_stuff
 
 from reactor_helpers import logged_events

@@ -15,7 +15,7 @@ from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from relay.gateway.limits import AuthThrottle, AuthVerdict, LocalAuthThrottle
+from relay.gateway.limits import AuthThrottle, LocalAuthThrottle
 from relay.handoff.codec import (
     AuthAnswer,
     AuthBegin,
@@ -29,7 +29,7 @@ from relay.handoff.codec import (
 from relay.handoff.remote_auth import RemoteAuthThrottle
 from relay.handoff.spool_side import StoreServer, frame_limit
 from relay.handoff.worker_side import StoreClient
-from relay.interfaces import IAuthThrottle
+from relay.interfaces import AuthVerdict, IAuthThrottle
 
 from reactor_helpers import logged_events
 
@@ -130,7 +130,7 @@ def test_a_question_that_cannot_be_sent_fails_at_once() -> None:
 
 
 def _server(throttle: AuthThrottle) -> tuple[StoreServer, StringTransport]:
-    server = StoreServer(HELLO, None, frame_limit(1024), auth=throttle)
+    server = StoreServer(HELLO, None, frame_limit(1024), auth=LocalAuthThrottle(throttle))
     transport = StringTransport()
     server.makeConnection(transport)
     transport.clear()  # the HELLO

@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.gateway.limits import AuthVerdict
 from relay.handoff.codec import (
     MAX_CLIENT,
     AuthAnswer,
@@ -28,6 +27,7 @@ from relay.handoff.codec import (
     framed,
     unframed,
 )
+from relay.interfaces import AuthVerdict
 
 requests = st.integers(min_value=0, max_value=0xFFFFFFFF)
 queue_ids = st.text(alphabet="0123456789ABCDEF", min_size=14, max_size=14)

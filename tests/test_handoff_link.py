@@ -21,7 +21,7 @@ from relay.address import Address
 from relay.envelope import Envelope, Recipient, Submitter
 from relay.errors import SpoolError
 from relay.fastwrite import is_idle_plain_tcp
-from relay.gateway.limits import AuthThrottle, AuthVerdict
+from relay.gateway.limits import AuthThrottle, LocalAuthThrottle
 from relay.handoff.codec import (
     MAX_ACK_DATAGRAM,
     HandoffError,
@@ -35,7 +35,7 @@ from relay.handoff.codec import (
 )
 from relay.handoff.spool_side import StoreServer, frame_limit
 from relay.handoff.worker_side import AckReader, StoreClient
-from relay.interfaces import IStore
+from relay.interfaces import AuthVerdict, IStore
 from relay.queue.payload import encode_envelope
 
 from memqueue import MemoryQueue
@@ -85,7 +85,9 @@ async def _link(queue: MemoryQueue | None = None, *, early: bool = False) -> Lin
     acks.setblocking(False)
     limit = frame_limit(1024 * 1024)
     auth = AuthThrottle(reactor, max_failures=2)
-    server = StoreServer(HELLO, memory, limit, acks=acks if early else None, auth=auth)
+    server = StoreServer(
+        HELLO, memory, limit, acks=acks if early else None, auth=LocalAuthThrottle(auth)
+    )
     hellos: list[Hello] = []
     lost: list[str] = []
     client = StoreClient(hellos.append, lost.append)
@@ -314,7 +316,13 @@ def _answers_of_one_sync(count: int) -> tuple[StoreServer, list[bytes]]:
     """``count`` answers noted by the spool's hooks, then its finishers run: the datagrams."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     theirs.setblocking(False)
-    server = StoreServer(HELLO, None, frame_limit(1024), acks=ours, auth=AuthThrottle(task.Clock()))
+    server = StoreServer(
+        HELLO,
+        None,
+        frame_limit(1024),
+        acks=ours,
+        auth=LocalAuthThrottle(AuthThrottle(task.Clock())),
+    )
     finishers = []
     for n in range(count):
         finish = server._ack_early(n, f"0660CB0F36{n:04X}")
@@ -406,7 +414,7 @@ async def test_auth_questions_over_the_link_and_a_link_that_drops() -> None:
         with pytest.raises(HandoffError):
             await waiting
         await until(lambda: link.server.lost and link.lost)
-        throttle = link.server.auth
+        throttle = link.server.auth.throttle  # the LocalAuthThrottle's count
         assert (throttle.failures("192.0.2.9"), throttle.pending("192.0.2.9")) == (1, 0)
     finally:
         _close(link)

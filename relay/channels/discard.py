@@ -45,6 +45,8 @@ class DiscardChannel:
 class DiscardSession:
     """One session of the discard channel; counts what it discarded."""
 
+    pipelines_addresses = False  # each address is answered before the next is asked
+
     def __init__(self, channel: DiscardChannel) -> None:
         self._channel = channel
         self._message: IMessage | None = None

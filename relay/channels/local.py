@@ -577,6 +577,8 @@ def build_local_channel(
 class LocalSession:
     """One session of the local channel: MMDF's write-mail calls, text per address."""
 
+    pipelines_addresses = False  # each address is a whole delivery, answered in turn
+
     def __init__(self, channel: LocalChannel) -> None:
         self._channel = channel
         self._message: IMessage | None = None

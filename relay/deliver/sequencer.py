@@ -207,7 +207,7 @@ class Transaction:
         # leave in one write (RFC 2920) instead of one round trip per call.  The replies
         # are still taken one at a time, in order, with the same checks; after a stop,
         # the addresses whose replies were never awaited count as unasked, as before.
-        pipelined = bool(getattr(self._session, "pipelines_addresses", False))
+        pipelined = bool(self._session.pipelines_addresses)
         asked: list[Deferred[Any]] = []
         awaited = 0
         try:

@@ -30,7 +30,6 @@ sessions ask it directly, through :class:`LocalAuthThrottle`.
 from __future__ import annotations
 
 from collections import Counter, deque
-from dataclasses import dataclass
 from typing import Final
 
 from twisted.internet import defer
@@ -38,12 +37,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from relay.interfaces import IAuthThrottle
+from relay.interfaces import AuthVerdict, IAuthThrottle
 
 __all__ = [
     "DEFAULT_TEXT_BUDGET",
     "AuthThrottle",
-    "AuthVerdict",
     "LocalAuthThrottle",
     "TextBudget",
 ]
@@ -74,18 +72,6 @@ class TextBudget:
         if size > self.used:
             raise ValueError(f"releasing {size} bytes but only {self.used} are reserved")
         self.used -= size
-
-
-@dataclass(frozen=True, slots=True)
-class AuthVerdict:
-    """Whether an AUTH attempt may have its password checked (it is then counted), and
-    the client's counts when it asked: its failures within ``window`` seconds and its
-    attempts being checked (the log line of a refusal names them)."""
-
-    allowed: bool
-    failures: int
-    pending: int
-    window: float
 
 
 class AuthThrottle:

@@ -56,7 +56,6 @@ there for why and when it falls back to ``transport.write``).
 
 from __future__ import annotations
 
-import errno
 import io
 from collections import Counter
 from collections.abc import Callable
@@ -80,12 +79,13 @@ from relay.address import Address
 from relay.envelope import Destination, Envelope, Recipient, Submitter
 from relay.fastwrite import write_now
 from relay.gateway.auth import AuthUnavailable, PasswordChecker
-from relay.gateway.limits import AuthThrottle, AuthVerdict, LocalAuthThrottle, TextBudget
+from relay.gateway.limits import AuthThrottle, LocalAuthThrottle, TextBudget
 from relay.gateway.policy import RelayPolicy
 from relay.gateway.received import received_header
 from relay.gateway.tls import tls_description
-from relay.interfaces import IAuthThrottle, IStore
+from relay.interfaces import AuthVerdict, IAuthThrottle, IStore
 from relay.oneline import escape
+from relay.queue.intake import disk_full, log_stored
 from relay.sansio.smtp.events import (
     AuthCredentials,
     EndOfMessage,
@@ -107,8 +107,6 @@ __all__ = [
     "SessionLimiter",
     "SmtpServerProtocol",
     "Timeouts",
-    "disk_full",
-    "log_stored",
 ]
 
 _log = Logger()
@@ -774,35 +772,3 @@ class SmtpServerProtocol(Protocol):
             self._counted = False
             self.gateway.limiter.release(self.client_ip)
             self.gateway.limiter.sessions.discard(self)
-
-
-def log_stored(queue_id: str, envelope: Envelope, size: int) -> None:
-    """The log line for a message the spool has taken (where it came from, how big)."""
-    # One preformatted field for the text (the observer formats it per event, on the hot
-    # path), the same values as separate keys for structured observers.
-    sender = escape(envelope.sender_text)  # the client's words: escaped, like the HELO
-    submitter = envelope.submitter
-    client, protocol = submitter.client_address, submitter.protocol
-    helo = None if submitter.helo is None else escape(submitter.helo)
-    _log.info(
-        "{summary}",
-        summary=f"smtp: {queue_id} stored from=<{sender}> nrcpt={len(envelope.recipients)} "
-        f"size={size} client={client} helo={helo} proto={protocol}",
-        queue_id=queue_id,
-        sender=sender,
-        client=client,
-        helo=helo,
-        proto=protocol,
-        size=size,
-    )
-
-
-def disk_full(error: BaseException | None) -> bool:
-    """Whether a store failure is a full disk (ENOSPC/EDQUOT anywhere in its causes)."""
-    seen = 0
-    while error is not None and seen < 10:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        error = error.__cause__ or error.__context__
-        seen += 1
-    return False

@@ -66,11 +66,11 @@ from twisted.python.failure import Failure
 
 import relay
 from relay.config import Config
-from relay.gateway.limits import AuthThrottle
+from relay.gateway.limits import AuthThrottle, LocalAuthThrottle
 from relay.gateway.service import SharedListener
 from relay.handoff.codec import Hello
 from relay.handoff.spool_side import StoreServer, frame_limit
-from relay.interfaces import IQueue
+from relay.interfaces import IHandoffStore
 
 __all__ = ["BALANCE_INTERVAL", "STOP_GRACE", "GatewayWorkers"]
 
@@ -92,7 +92,7 @@ class GatewayWorkers(Service):
         config: Config,
         count: int,
         listeners: Callable[[], Sequence[SharedListener]],
-        queue: IQueue | Deferred[Any],
+        queue: IHandoffStore | Deferred[Any],
         channels: frozenset[str],
         reactor: Any,
         main_busy: Callable[[], bool] | None = None,
@@ -108,7 +108,7 @@ class GatewayWorkers(Service):
         self._auth = auth
         self._count = count
         self._listeners = listeners
-        self._queue: IQueue | None = None if isinstance(queue, Deferred) else queue
+        self._queue: IHandoffStore | None = None if isinstance(queue, Deferred) else queue
         self._queue_ready = queue if isinstance(queue, Deferred) else None
         self._channels = channels
         self._reactor = reactor
@@ -132,7 +132,7 @@ class GatewayWorkers(Service):
             self._queue_ready.addCallback(self._start_all)
         self._balancer.start(BALANCE_INTERVAL, now=False)
 
-    def _start_all(self, queue: IQueue | None) -> IQueue | None:
+    def _start_all(self, queue: IHandoffStore | None) -> IHandoffStore | None:
         if queue is None:  # the spool did not open (the gateway logged it): no workers
             return queue
         self._queue = queue
@@ -181,7 +181,9 @@ class GatewayWorkers(Service):
         acks, their_acks = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         acks.setblocking(False)
         limit = frame_limit(config.smtp.max_message_size)
-        server = StoreServer(hello, self._queue, limit, acks=acks, auth=self._auth)
+        server = StoreServer(
+            hello, self._queue, limit, acks=acks, auth=LocalAuthThrottle(self._auth)
+        )
         server.on_ready_change = self._rebalance
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

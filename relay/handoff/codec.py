@@ -46,7 +46,7 @@ import struct
 from dataclasses import dataclass
 
 from relay.errors import RelayError
-from relay.gateway.limits import AuthVerdict
+from relay.interfaces import AuthVerdict
 from relay.queue.queueid import is_valid_queue_id
 
 __all__ = [

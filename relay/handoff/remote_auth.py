@@ -21,9 +21,8 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from relay.gateway.limits import AuthVerdict
 from relay.handoff.codec import MAX_REQUEST, AuthAnswer, AuthBegin, AuthEnd, Frame, HandoffError
-from relay.interfaces import IAuthThrottle
+from relay.interfaces import AuthVerdict, IAuthThrottle
 
 __all__ = ["RemoteAuthThrottle"]
 

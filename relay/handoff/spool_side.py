@@ -44,8 +44,6 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
 from relay.fastwrite import write_now
-from relay.gateway.limits import AuthThrottle
-from relay.gateway.protocol import disk_full, log_stored
 from relay.handoff.codec import (
     MAX_ACK_DATAGRAM,
     AuthAnswer,
@@ -62,7 +60,8 @@ from relay.handoff.codec import (
     encode,
     framed,
 )
-from relay.interfaces import IQueue
+from relay.interfaces import AuthVerdict, IAuthThrottle, IHandoffStore
+from relay.queue.intake import disk_full, log_stored
 from relay.queue.payload import PayloadError, decode_envelope
 
 __all__ = ["StoreServer", "frame_limit"]
@@ -85,14 +84,15 @@ class StoreServer(Int32StringReceiver):
     def __init__(
         self,
         hello: Hello,
-        queue: IQueue | None,
+        queue: IHandoffStore | None,
         max_length: int,
         acks: socket.socket | None = None,
         *,
-        auth: AuthThrottle,
+        auth: IAuthThrottle,
     ) -> None:
         """``acks`` is this end of the worker's datagram socket for early answers;
-        ``auth`` the relay's failed-AUTH count, which this process's sessions share."""
+        ``auth`` the relay's failed-AUTH count as this process's sessions ask it (a
+        :class:`~relay.gateway.limits.LocalAuthThrottle`, whose verdicts come at once)."""
         self.hello = hello
         self.auth = auth
         self.auth_in_progress: Counter[str] = Counter()  # allowed here, not ended yet
@@ -188,12 +188,15 @@ class StoreServer(Int32StringReceiver):
             self.auth_in_progress[client] -= 1
             if not self.auth_in_progress[client]:
                 del self.auth_in_progress[client]
-            self.auth.end(client, failed=frame.failed)
+            self.auth.end(client, frame.failed)
             return
-        verdict = self.auth.ask(client)
-        if verdict.allowed:
-            self.auth_in_progress[client] += 1
-        self._answer(AuthAnswer(frame.request, verdict))
+
+        def answer(verdict: AuthVerdict) -> None:
+            if verdict.allowed:
+                self.auth_in_progress[client] += 1
+            self._answer(AuthAnswer(frame.request, verdict))
+
+        self.auth.begin(client).addCallback(answer)
 
     def close_acks(self) -> None:
         """The worker is gone: no more early answers (the writer thread may still try)."""
@@ -259,7 +262,7 @@ class StoreServer(Int32StringReceiver):
                 client=client,
             )
             for _ in range(count):
-                self.auth.end(client, failed=True)
+                self.auth.end(client, True)
         if self.on_ready_change is not None:
             self.on_ready_change()
 

@@ -14,6 +14,7 @@ One job per module (the design is in ``docs/spool.md``):
 ``index``     which recipients are due, per destination, with one timer
 ``reader``    ``IMessage`` / ``ITextReader`` over a text in a segment
 ``store``     ``SpoolQueue``, the ``IQueue``
+``intake``    the "stored" log line and the full-disk test, for both SMTP store paths
 ``ops``       hold, release and flush as pure functions
 ``lock``      the spool's owner lock
 ``protocol``  the control protocol (JSON lines); ``view``: how the queue is shown

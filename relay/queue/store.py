@@ -44,7 +44,7 @@ from zope.interface import implementer
 
 from relay.envelope import Destination, Envelope, RecipientStatus
 from relay.errors import SpoolError
-from relay.interfaces import IMessage, IQueue
+from relay.interfaces import IHandoffStore, IMessage, IQueue
 from relay.metrics.series import received
 from relay.queue.index import DueIndex
 from relay.queue.layout import SpoolLayout
@@ -80,7 +80,7 @@ FRESH_TEXT_BUDGET = 32 * 1024 * 1024
 _log = Logger()
 
 
-@implementer(IQueue)
+@implementer(IQueue, IHandoffStore)
 class SpoolQueue:
     """A spool directory opened by its owner: durable store, per-recipient state, due index."""
 
@@ -196,7 +196,7 @@ class SpoolQueue:
         )
         return d.addCallback(opened)
 
-    # --- IQueue -------------------------------------------------------------------------
+    # --- IQueue (store: IHandoffStore's, a superset of IStore's) ----------------------
 
     def store(
         self,

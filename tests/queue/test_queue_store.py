@@ -16,7 +16,7 @@ from zope.interface.verify import verifyObject
 
 from relay.envelope import RecipientState, RecipientStatus
 from relay.errors import SpoolError
-from relay.interfaces import IMessage, IQueue, ITextReader
+from relay.interfaces import IHandoffStore, IMessage, IQueue, ITextReader
 from relay.queue import record
 from relay.queue.layout import SpoolLayout
 from relay.queue.lock import SpoolLocked
@@ -43,12 +43,13 @@ async def _reopen(queue: SpoolQueue, **kw: object) -> SpoolQueue:
 
 @pytest_twisted.ensureDeferred
 async def test_the_queue_provides_the_interfaces(tmp_path: Path) -> None:
-    """SpoolQueue, its messages and their text readers provide IQueue, IMessage, ITextReader."""
+    """SpoolQueue (IQueue, IHandoffStore), its messages and text readers verify as declared."""
     queue = await open_queue(tmp_path)
     try:
         qid = await queue.store(make_envelope(), b"Subject: x\r\n\r\nhi\r\n")
         message = queue.open_message(qid)
         assert verifyObject(IQueue, queue)
+        assert verifyObject(IHandoffStore, queue)
         assert verifyObject(IMessage, message)
         reader = message.open_text()
         assert verifyObject(ITextReader, reader)

@@ -49,7 +49,7 @@ happens when the connection reached its message cap (:attr:`SmtpChannel.max_mess
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -67,10 +67,7 @@ from relay.reply import Reply, ReplyCode, from_smtp
 from relay.sansio.smtp.client import Data, MailFrom, RcptTo, Rset
 from relay.sansio.smtp.wire import SmtpReply
 
-if TYPE_CHECKING:
-    from relay.channels.smtp.channel import SmtpChannel
-
-__all__ = ["SmtpSession"]
+__all__ = ["ConnectionSource", "SmtpSession"]
 
 T = TypeVar("T")
 
@@ -120,6 +117,23 @@ class _Transaction:
         self.final: Reply | None = None  # the final reply, known before the end of text
 
 
+class ConnectionSource(Protocol):
+    """What a session asks of its channel (:class:`~.channel.SmtpChannel`): new and parked
+    connections and the routing rule.  Declared here, so the session does not import the
+    channel that makes it."""
+
+    max_messages: int
+
+    def travels_to(self, recipient: Recipient, destination: Destination) -> bool:
+        """Whether ``recipient`` may travel in a transaction to ``destination``."""
+
+    async def connect(self, destination: Destination) -> SmtpClientProtocol:
+        """A new connection, ready for MAIL; raises SessionFailed."""
+
+    def park(self, destination: Destination, conn: SmtpClientProtocol) -> None:
+        """Keep ``conn`` for the next session to ``destination`` (or close it)."""
+
+
 @implementer(IChannelSession)
 class SmtpSession:
     """A session of the SMTP channel to one destination.  See the module docstring."""
@@ -127,7 +141,7 @@ class SmtpSession:
     pipelines_addresses = True  # the deliverer may ask every address before any reply
 
     def __init__(
-        self, channel: SmtpChannel, destination: Destination, conn: SmtpClientProtocol
+        self, channel: ConnectionSource, destination: Destination, conn: SmtpClientProtocol
     ) -> None:
         self._channel = channel
         self._destination = destination
