@@ -4,7 +4,7 @@ For each queue and each sequencing mode it queues ``--messages`` messages of
 ``--recipients`` recipients (4 KiB of text, all for the discard channel, already
 routed), starts the deliverer, and measures until the queue is empty:
 
-* ``queue: "memory"`` — the in-memory IQueue of the tests (``tests/memqueue.py``) on a
+* ``queue: "memory"`` — the in-memory IQueue of the tests (``tests/support/memqueue.py``) on a
   ``task.Clock``: every Deferred fires at once, so this is the deliverer's own cost
   (scan, claims, sequencing, decisions, log events, status records) and nothing else.
   ``cpu_us_per_message`` is ``time.process_time()`` over the run / messages.
@@ -50,7 +50,7 @@ from relay.envelope import Destination, Envelope, Recipient, Submitter  # noqa: 
 from relay.interfaces import IQueue, SequencingMode  # noqa: E402
 from relay.queue.store import SpoolQueue  # noqa: E402
 
-from memqueue import MemoryQueue  # noqa: E402
+from support.memqueue import MemoryQueue  # noqa: E402
 
 CONFIG = """
 [relay]

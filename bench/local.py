@@ -33,7 +33,7 @@ from relay.channels.local import build_local_channel
 from relay.config import parse_config
 from relay.envelope import Destination, Envelope, Recipient, Submitter
 
-from fakes import BytesMessage
+from support.fakes import BytesMessage
 
 MESSAGE_BYTES = 4096
 CONCURRENCY = 4

@@ -19,8 +19,8 @@ from relay.policy.dsn import DOUBLE_BOUNCE_PROTOCOL, DSN_PROTOCOL
 from relay.policy.retry import decide
 from relay.reply import Reply, ReplyCode
 
-from test_deliver_fakes import envelope, make_config
-from test_deliver_sequencer import CountingMessage
+from support.deliver_fakes import envelope, make_config
+from support.fakes import CountingMessage
 
 SETTINGS = make_config().deliver
 

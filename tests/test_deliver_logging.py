@@ -14,7 +14,7 @@ from relay.errors import SessionFailed
 from relay.interfaces import SequencingMode
 from relay.reply import Reply, ReplyCode
 
-from test_deliver_fakes import PER_ADDRESS, Harness, ScriptedChannel, envelope
+from support.deliver_fakes import PER_ADDRESS, Harness, ScriptedChannel, envelope
 
 FIELDS = {
     "queue_id": str,

@@ -20,7 +20,7 @@ from relay.errors import SessionFailed
 from relay.interfaces import SequencingMode
 from relay.reply import Action, Reply, ReplyCode
 
-from test_deliver_fakes import (
+from support.deliver_fakes import (
     LIST,
     PER_ADDRESS,
     TEXT,

@@ -27,7 +27,7 @@ from relay.policy.dsn import DOUBLE_BOUNCE_PROTOCOL, DSN_PROTOCOL
 from relay.policy.routing import Router
 from relay.reply import Reply, ReplyCode
 
-from test_deliver_fakes import (
+from support.deliver_fakes import (
     LIST,
     PER_ADDRESS,
     T0,

@@ -16,7 +16,7 @@ from relay.envelope import Destination, RecipientState
 from relay.errors import SessionFailed
 from relay.reply import Reply, ReplyCode
 
-from test_deliver_fakes import (
+from support.deliver_fakes import (
     LIST,
     PER_ADDRESS,
     T0,

@@ -35,7 +35,7 @@ from relay.interfaces import SequencingMode
 from relay.queue.store import SpoolQueue
 from relay.reply import Reply, ReplyCode
 
-from test_deliver_fakes import LIST, PER_ADDRESS, TEXT, ScriptedChannel, envelope, make_config
+from support.deliver_fakes import LIST, PER_ADDRESS, TEXT, ScriptedChannel, envelope, make_config
 
 MESSAGES = 3
 RECIPIENTS = 3

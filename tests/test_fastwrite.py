@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from relay.fastwrite import is_idle_plain_tcp, write_now
 from relay.gateway.tls import load_server_tls
 
-from tlsfiles import TlsFiles, make_tls_files
+from support.tlsfiles import TlsFiles, make_tls_files
 
 # The state of tcp.Server that fastwrite reads: spelled out here on purpose (not
 # imported from the module), so that this list is what Twisted is checked against.

@@ -33,8 +33,8 @@ from relay.interfaces import ILocalRecipients
 from relay.queue.store import SpoolQueue
 from relay.sansio.smtp.wire import ReplyParser
 
-from auth_guesses import guess_in_parallel
-from tlsfiles import TlsFiles, make_tls_files
+from support.auth_guesses import guess_in_parallel
+from support.tlsfiles import TlsFiles, make_tls_files
 
 SWAKS = "/usr/bin/swaks"
 PASSWORD = "correct horse battery staple"

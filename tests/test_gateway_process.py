@@ -25,7 +25,7 @@ import pytest
 
 from relay.gateway.auth import make_user_line
 
-from auth_guesses import guess_in_parallel
+from support.auth_guesses import guess_in_parallel
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 SMTP_SOURCE = "/usr/sbin/smtp-source"

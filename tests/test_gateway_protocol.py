@@ -44,7 +44,7 @@ from relay.interfaces import AuthVerdict, IAuthThrottle, ILocalRecipients
 from relay.queue.intake import log_stored
 from relay.sansio.smtp.wire import ReplyParser, SmtpReply, dot_stuff
 
-from reactor_helpers import logged_events
+from support.reactor_helpers import logged_events
 
 
 @implementer(ILocalRecipients)

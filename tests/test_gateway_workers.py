@@ -33,7 +33,7 @@ from relay.handoff.codec import Hello, encode, framed
 from relay.metrics.collectors import RelayCollector
 from relay.tap import build_service
 
-from reactor_helpers import logged_events, until
+from support.reactor_helpers import logged_events, until
 
 
 def _free_port() -> int:
@@ -127,6 +127,8 @@ def _start_busy_relay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[
 async def test_a_worker_takes_mail_into_the_spool_and_is_restarted_when_it_dies(
     tmp_path: Path, events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A worker takes connections while the relay is busy, stores into the spool, and is
+    started again after it dies."""
     service, port = _start_busy_relay(tmp_path, monkeypatch)
     pids: list[int] = []
     try:
@@ -194,12 +196,14 @@ async def test_with_nothing_to_deliver_both_processes_accept(
 
 @pytest_twisted.ensureDeferred
 async def test_no_workers_means_no_worker_service(tmp_path: Path) -> None:
+    """With workers = 0 the gateway has its sessions and no workers service."""
     service = build_service(_config(tmp_path, _free_port(), workers=0), reactor)
     names = [child.name for child in service.getServiceNamed("smtp")]
     assert "workers" not in names and "sessions" in names
 
 
 def test_the_processes_share_the_session_and_memory_limits(tmp_path: Path) -> None:
+    """Each of the processes gets its share of the session limit and of the text budget."""
     from relay.gateway.service import build_gateway
     from relay.local_users import build_local_recipients
 
@@ -237,6 +241,7 @@ def _run_worker(args: list[str], hello: bytes | None) -> subprocess.CompletedPro
 
 
 def test_a_worker_given_a_configuration_it_cannot_load_exits_78(tmp_path: Path) -> None:
+    """A worker whose HELLO carries a configuration it cannot load exits 78 and names the key."""
     hello = Hello("[relay]\nhostname = 'x.test'\n[smtp]\nworkerz = 1\n", str(tmp_path), (), 1, 2)
     done = _run_worker([], encode(hello))
     assert done.returncode == 78
@@ -244,17 +249,20 @@ def test_a_worker_given_a_configuration_it_cannot_load_exits_78(tmp_path: Path) 
 
 
 def test_a_worker_exits_when_its_link_closes_before_hello() -> None:
+    """A worker whose link closes before the HELLO exits 0."""
     done = _run_worker([], None)
     assert done.returncode == 0
 
 
 def test_a_worker_with_bad_arguments_exits_64() -> None:
+    """A worker given a malformed --listen exits 64 and says the form it wants."""
     done = _run_worker(["--listen", "4:two:plain"], None)
     assert done.returncode == 64
     assert "FD:FAMILY" in done.stderr
 
 
 def test_the_config_text_survives_the_hello(tmp_path: Path) -> None:
+    """The configuration a worker rebuilds from the HELLO equals the relay's own."""
     config = _config(tmp_path, 2525, workers=1)
     hello = Hello(config.text, str(config.base_dir), ("local",), 1, 2)
     assert parse_config(hello.config_text, Path(hello.base_dir)) == config

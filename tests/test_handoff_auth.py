@@ -31,7 +31,7 @@ from relay.handoff.spool_side import StoreServer, frame_limit
 from relay.handoff.worker_side import StoreClient
 from relay.interfaces import AuthVerdict, IAuthThrottle
 
-from reactor_helpers import logged_events
+from support.reactor_helpers import logged_events
 
 HELLO = Hello("", "/tmp", ("local",), 1, 2)
 CLIENT = "192.0.2.9"

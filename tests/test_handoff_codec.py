@@ -105,6 +105,7 @@ def test_a_cut_frame_is_refused_or_reads_as_less(frame: object, data: st.DataObj
 
 
 def test_framed_adds_the_big_endian_length_twisted_reads() -> None:
+    """framed prefixes the 4-byte big-endian length that Int32StringReceiver reads."""
     assert framed(b"abc") == b"\x00\x00\x00\x03abc"
 
 
@@ -187,5 +188,6 @@ def test_any_datagram_splits_or_is_a_handoff_error(data: bytes) -> None:
     ],
 )
 def test_a_cut_datagram_says_what_is_wrong(data: bytes, problem: str) -> None:
+    """A cut or malformed datagram of answers raises HandoffError saying what is wrong."""
     with pytest.raises(HandoffError, match=problem):
         unframed(data)

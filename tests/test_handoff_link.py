@@ -38,8 +38,8 @@ from relay.handoff.worker_side import AckReader, StoreClient
 from relay.interfaces import AuthVerdict, IStore
 from relay.queue.payload import encode_envelope
 
-from memqueue import MemoryQueue
-from reactor_helpers import logged_events, until
+from support.memqueue import MemoryQueue
+from support.reactor_helpers import logged_events, until
 
 HELLO = Hello("[relay]\nhostname = 'x.test'\n", "/tmp", ("local", "smtp"), 1, 2)
 
@@ -120,11 +120,14 @@ def _close(link: Link) -> None:
 
 
 def test_the_worker_end_provides_istore() -> None:
+    """The worker's end of the link verifies against IStore."""
     assert verifyObject(IStore, StoreClient(lambda hello: None, lambda why: None))
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_store_is_answered_with_the_spools_queue_id(events: list[LogEvent]) -> None:
+    """A store over the link fires with the spool's queue id; the text is kept byte for
+    byte and logged as stored."""
     link = await _link()
     try:
         assert link.hellos == [HELLO]
@@ -146,6 +149,7 @@ async def test_a_store_is_answered_with_the_spools_queue_id(events: list[LogEven
 
 @pytest_twisted.ensureDeferred
 async def test_many_stores_in_flight_each_get_their_own_answer() -> None:
+    """Fifty stores in flight at once each fire with the id of their own text."""
     link = await _link()
     try:
         texts = [f"Subject: {i}\r\n\r\n{i}\r\n".encode() * (i + 1) for i in range(50)]
@@ -158,6 +162,8 @@ async def test_many_stores_in_flight_each_get_their_own_answer() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_full_disk_comes_back_as_enospc_and_other_failures_as_handoff_errors() -> None:
+    """A full disk in the spool fails the worker's store with ENOSPC, any other failure
+    with HandoffError."""
     queue = MemoryQueue(reactor)
     link = await _link(queue)
     try:
@@ -178,6 +184,7 @@ async def test_a_full_disk_comes_back_as_enospc_and_other_failures_as_handoff_er
 
 @pytest_twisted.ensureDeferred
 async def test_a_spool_not_open_yet_refuses_the_store() -> None:
+    """While the spool is not open the store fails with HandoffError."""
     link = await _link()
     try:
         link.server.queue = None
@@ -189,6 +196,8 @@ async def test_a_spool_not_open_yet_refuses_the_store() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_lost_link_fails_what_waits_and_tells_the_worker() -> None:
+    """A lost link fails the stores waiting on it, drains, tells the worker, and refuses
+    later stores."""
     queue = MemoryQueue(reactor, latency=60.0)  # never answers within the test
     link = await _link(queue)
     waiting = link.client.store(_envelope(), b"x\r\n")
@@ -208,6 +217,7 @@ async def test_a_lost_link_fails_what_waits_and_tells_the_worker() -> None:
 async def test_a_malformed_frame_from_a_worker_is_counted_and_drops_the_link(
     events: list[LogEvent],
 ) -> None:
+    """A malformed STORE frame is logged, counted in rejected, and drops the link."""
     link = await _link()
     transport = link.client.transport
     assert transport is not None
@@ -220,6 +230,7 @@ async def test_a_malformed_frame_from_a_worker_is_counted_and_drops_the_link(
 
 @pytest_twisted.ensureDeferred
 async def test_a_frame_over_the_limit_drops_the_link() -> None:
+    """A frame longer than the spool side's limit is counted in rejected and drops the link."""
     link = await _link()
     link.server.MAX_LENGTH = 1000
     envelope = encode_envelope(_envelope())
@@ -231,6 +242,7 @@ async def test_a_frame_over_the_limit_drops_the_link() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_an_answer_nobody_asked_for_ends_the_worker() -> None:
+    """A STORED answer for a request the worker never made ends the link."""
     link = await _link()
     assert link.server.transport is not None
     link.server.transport.write(framed(b"K\x00\x00\x00\x09" + b"0123456789ABCD"))
@@ -238,6 +250,7 @@ async def test_an_answer_nobody_asked_for_ends_the_worker() -> None:
 
 
 def test_the_frame_limit_leaves_room_for_the_largest_message() -> None:
+    """frame_limit leaves room for the largest message plus its envelope and header."""
     assert frame_limit(10 * 1024 * 1024) > 10 * 1024 * 1024 + 64 * 1024
 
 
@@ -271,6 +284,7 @@ async def test_when_the_datagram_cannot_go_the_link_answers() -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_ready_tells_the_spool_side_that_the_worker_accepts() -> None:
+    """READY frames tell the spool side, in order, whether the worker accepts connections."""
     link = await _link()
     try:
         changes: list[bool] = []

@@ -14,7 +14,7 @@ from relay.envelope import Destination, Envelope, Recipient, Submitter
 from relay.interfaces import IChannel, IChannelSession, IMessage, ITextReader, SequencingMode
 from relay.reply import Reply, ReplyCode
 
-from fakes import BytesMessage
+from support.fakes import BytesMessage
 
 T = TypeVar("T")
 TEXT = b"Subject: hi\r\n\r\n" + b"x" * 200_000 + b"\r\n"

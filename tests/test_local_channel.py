@@ -26,10 +26,8 @@ from relay.interfaces import IChannel, IChannelSession, IMessage, SequencingMode
 from relay.queue.store import SpoolQueue
 from relay.reply import ReplyCode
 
-from fakes import BytesMessage
-from memqueue import MemoryQueue
-from reactor_helpers import logged_events
-from test_local_support import (
+from support.fakes import BytesMessage
+from support.local_channel import (
     channel_for,
     deliver,
     make_config,
@@ -37,6 +35,8 @@ from test_local_support import (
     recipient,
     shared_directory,
 )
+from support.memqueue import MemoryQueue
+from support.reactor_helpers import logged_events
 
 TEXT = b"Subject: test\r\nFrom: someone@remote.test\r\n\r\nFrom the start\r\nHello.\r\n"
 LF_TEXT = TEXT.replace(b"\r\n", b"\n")

@@ -14,7 +14,7 @@ from relay.interfaces import ILocalRecipients
 from relay.local_users import LocalRecipients, build_local_recipients, local_domain_test
 from relay.mailbox.identity import Identity
 
-from test_local_support import address, make_config
+from support.local_channel import address, make_config
 
 
 def _recipients(tmp_path: Path, local: str = "", aliases: str | None = None) -> LocalRecipients:

@@ -72,10 +72,12 @@ def _event(form: str, **fields: object) -> dict[str, object]:
     ],
 )
 def test_lines_are_the_ones_twisted_writes(event: dict[str, object]) -> None:
+    """Our observer writes the same line as Twisted's file observer for each sample event."""
     assert _ours(event) == _twisted_line(event)
 
 
 def test_a_failure_gets_its_traceback_as_twisted_writes_it() -> None:
+    """An event with a failure gets the traceback Twisted's observer writes."""
     failure = Failure(ZeroDivisionError("division by zero"))
     event = _event("it broke: {what}", what="division", log_failure=failure)
     assert _ours(event) == _twisted_line(event)
@@ -83,16 +85,19 @@ def test_a_failure_gets_its_traceback_as_twisted_writes_it() -> None:
 
 
 def test_an_event_without_text_writes_nothing() -> None:
+    """An event with no format and no text writes nothing."""
     assert _ours({"log_time": WHEN, "log_namespace": "n"}) == ""
 
 
 @given(st.text(), st.integers(), st.sampled_from(list(LogLevel.iterconstants())))
 def test_any_values_render_as_twisted_renders_them(text: str, number: int, level: object) -> None:
+    """Any text, number and level render as Twisted's observer renders them."""
     event = _event("a {text} and {number:d} end", text=text, number=number, log_level=level)
     assert _ours(event) == _twisted_line(event)
 
 
 def test_lines_wait_in_the_buffer_for_the_flush_interval() -> None:
+    """Info lines wait in the buffer until the flush interval passes, leaving no timer after."""
     out, clock = Out(), task.Clock()
     log = Logger(namespace="relay.test", observer=LogPublisher(RelayLogObserver(out, clock)))
     log.info("one {n}", n=1)
@@ -105,6 +110,7 @@ def test_lines_wait_in_the_buffer_for_the_flush_interval() -> None:
 
 
 def test_warnings_and_worse_are_flushed_at_once() -> None:
+    """A warning flushes at once, with the lines buffered before it."""
     out, clock = Out(), task.Clock()
     log = Logger(namespace="relay.test", observer=LogPublisher(RelayLogObserver(out, clock)))
     log.info("quiet")
@@ -113,6 +119,7 @@ def test_warnings_and_worse_are_flushed_at_once() -> None:
 
 
 def test_the_twistd_factory_writes_to_standard_output(capsys: pytest.CaptureFixture[str]) -> None:
+    """The observer twistd's --logger makes writes to standard output."""
     made = observer()
     made(_event("hello {who}", who="operator", log_level=LogLevel.error))
     assert "[relay.test#error] hello operator" in capsys.readouterr().out

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from relay_process import RelayProcess, mailbox_texts, relay_routing_to, wait_for
-from smtpsink import Sink, running_sink
+from support.relay_process import RelayProcess, mailbox_texts, relay_routing_to, wait_for
+from support.smtpsink import Sink, running_sink
 
 SWAKS = "/usr/bin/swaks"
 MAX_MESSAGE_SIZE = 10485760  # the shipped default of [smtp] max_message_size

@@ -21,8 +21,8 @@ from relay.maildrop.layout import DROP_MODE, MaildropLayout
 from relay.maildrop.pickup import PickupService
 from relay.maildrop.submit import drop
 
-from memqueue import MemoryQueue
-from reactor_helpers import logged_events, until
+from support.memqueue import MemoryQueue
+from support.reactor_helpers import logged_events, until
 
 ALICE = parse_reverse_path("<alice@example.test>")
 BOB = parse_forward_path("<bob@example.test>")

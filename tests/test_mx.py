@@ -14,7 +14,7 @@ from twisted.names import dns
 from relay.dns.mx import DnsError, MailHost, MxResolver, make_resolver
 from relay.reply import ReplyCode
 
-from dnsserver import DnsServer, _Record, a, aaaa, cname, mx, start_dns_server
+from support.dnsserver import DnsServer, _Record, a, aaaa, cname, mx, start_dns_server
 
 reactor: Any = _reactor
 

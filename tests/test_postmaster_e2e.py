@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from relay_process import (
+from support.relay_process import (
     RelayProcess,
     free_port,
     mailbox_texts,
@@ -23,7 +23,7 @@ from relay_process import (
     wait_for,
     write_config,
 )
-from smtpsink import Sink, running_sink
+from support.smtpsink import Sink, running_sink
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from relay.config import Config, load_config, parse_config
 from relay.envelope import RecipientState
 from relay.tap import build_service
 
-from smtpsink import Sink, SinkPool
+from support.smtpsink import Sink, SinkPool
 
 MESSAGES = 1000
 CLIENTS = 10

@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred
 
 from relay.services import OrderedMultiService, attach, named_multiservice
 
-from reactor_helpers import logged_events
+from support.reactor_helpers import logged_events
 
 
 class _Child(Service):

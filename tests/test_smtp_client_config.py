@@ -24,10 +24,10 @@ from relay.errors import SessionFailed
 from relay.interfaces import IChannelSession
 from relay.reply import Action, ReplyCode
 
-from dnsserver import a, mx, start_dns_server
-from smtp_harness import Outcome, deliver, make_message, serving
-from smtpserver import Script
-from tlsfiles import TlsFiles, make_tls_files
+from support.dnsserver import a, mx, start_dns_server
+from support.smtp_harness import Outcome, deliver, make_message, serving
+from support.smtpserver import Script
+from support.tlsfiles import TlsFiles, make_tls_files
 
 T = TypeVar("T")
 HEAD = '[relay]\nhostname = "relay.test"\n'

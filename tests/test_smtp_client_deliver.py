@@ -26,8 +26,8 @@ from relay.dns.mx import make_resolver
 from relay.envelope import Envelope, Recipient, RecipientState, Submitter
 from relay.queue.store import SpoolQueue
 
-from dnsserver import start_dns_server
-from smtpsink import SinkPool
+from support.dnsserver import start_dns_server
+from support.smtpsink import SinkPool
 
 R: Any = reactor
 TEXT = b"From: sender@origin.test\r\nSubject: e2e\r\n\r\n.a dot line\r\nHello.\r\n"

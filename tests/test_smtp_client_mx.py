@@ -26,10 +26,10 @@ from relay.dns.mx import make_resolver
 from relay.interfaces import IChannel, SequencingMode
 from relay.reply import Action, ReplyCode
 
-from dnsserver import _Record, a, aaaa, cname, mx, start_dns_server
-from smtp_harness import Outcome, deliver, make_message
-from smtpserver import Script, ScriptedSmtpFactory
-from tlsfiles import TlsFiles, make_tls_files
+from support.dnsserver import _Record, a, aaaa, cname, mx, start_dns_server
+from support.smtp_harness import Outcome, deliver, make_message
+from support.smtpserver import Script, ScriptedSmtpFactory
+from support.tlsfiles import TlsFiles, make_tls_files
 
 R: Any = reactor
 RCPT = "user@example.test"

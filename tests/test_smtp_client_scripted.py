@@ -21,10 +21,10 @@ from relay.dns.mx import MxResolver
 from relay.envelope import BodyType, Destination
 from relay.reply import Action, ReplyCode
 
-from reactor_helpers import logged_events, until
-from smtp_harness import Outcome, channel_for, deliver, deliver_on, make_message, serving
-from smtpserver import CLOSE, Script
-from tlsfiles import TlsFiles, make_tls_files
+from support.reactor_helpers import logged_events, until
+from support.smtp_harness import Outcome, channel_for, deliver, deliver_on, make_message, serving
+from support.smtpserver import CLOSE, Script
+from support.tlsfiles import TlsFiles, make_tls_files
 
 A, B, C = "a@dest.test", "b@dest.test", "c@dest.test"
 OK_ACTIONS = [Action.COMMIT] * 3

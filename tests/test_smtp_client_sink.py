@@ -22,8 +22,8 @@ from relay.config import parse_config
 from relay.envelope import BodyType
 from relay.reply import Action, ReplyCode
 
-from smtp_harness import channel_for, deliver, make_message
-from smtpsink import Sink, SinkPool
+from support.smtp_harness import channel_for, deliver, make_message
+from support.smtpsink import Sink, SinkPool
 
 A, B, C = "a@dest.test", "b@dest.test", "c@dest.test"
 StartSink = Callable[..., Sink]

@@ -26,9 +26,9 @@ from relay.errors import SpoolError
 from relay.interfaces import IMessage, ITextReader
 from relay.reply import Action, ReplyCode
 
-from fakes import BytesMessage
-from smtp_harness import Outcome, channel_for, deliver, make_message, serving
-from smtpserver import Script, ScriptedSmtpFactory
+from support.fakes import BytesMessage
+from support.smtp_harness import Outcome, channel_for, deliver, make_message, serving
+from support.smtpserver import Script, ScriptedSmtpFactory
 
 WITH = Script()  # offers SMTPUTF8 (and PIPELINING, SIZE, 8BITMIME)
 WITHOUT = Script(extensions=("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"))

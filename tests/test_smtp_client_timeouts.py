@@ -27,7 +27,7 @@ from relay.interfaces import IChannel, IChannelSession
 from relay.reply import Reply, ReplyCode
 from relay.sansio.smtp.client import Data, Ehlo, MailFrom, RcptTo
 
-from fakes import BytesMessage
+from support.fakes import BytesMessage
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from smtpsink import free_port
+from support.smtpsink import free_port
 
 BIN = Path(sys.executable).parent
 

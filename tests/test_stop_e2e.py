@@ -28,10 +28,10 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 
-from reactor_helpers import until
-from smtpserver import Script, ScriptedSmtpFactory, start_server
-from smtpsink import free_port
-from test_tap import _stop
+from support.reactor_helpers import until
+from support.relay_process import stop_process
+from support.smtpserver import Script, ScriptedSmtpFactory, start_server
+from support.smtpsink import free_port
 
 BIN = Path(sys.executable).parent
 MESSAGES = 200
@@ -155,7 +155,7 @@ async def test_sigterm_during_deliveries_loses_and_duplicates_nothing(tmp_path: 
         await task.deferLater(reactor, max(0.0, began + 1.0 - reactor.seconds()), lambda: None)
         await until(lambda: factory.holding() > 0, limit=60)
         in_flight, before = factory.holding(), sum(_arrived(factory).values())
-        status = await deferToThread(_stop, relay)
+        status = await deferToThread(stop_process, relay)
         assert status in (0, -signal.SIGTERM), first_log.read_text(errors="replace")
         assert before < MESSAGES, "everything was delivered before SIGTERM: nothing was tested"
 
@@ -168,7 +168,7 @@ async def test_sigterm_during_deliveries_loses_and_duplicates_nothing(tmp_path: 
             await task.deferLater(reactor, 0.2, lambda: None)
         assert await deferToThread(_queue_listing, config) == []
     finally:
-        await deferToThread(_stop, relay)
+        await deferToThread(stop_process, relay)
         await port.stopListening()
     arrived = _arrived(factory)
     duplicates = sum(arrived.values()) - len(arrived)

@@ -19,6 +19,8 @@ from twisted.python import usage
 from relay import slave_tap, tap
 from relay.services import OrderedMultiService
 
+from support.relay_process import stop_process
+
 DATA = Path(__file__).parent / "data" / "config"
 TWISTD = str(Path(sys.executable).parent / "twistd")
 
@@ -121,17 +123,6 @@ def _start_twistd(
     return subprocess.Popen(argv, cwd=tmp_path, env=env)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 def test_running_relay_answers_relay_queue_over_its_control_socket(tmp_path: Path) -> None:
     """While twistd relay runs, `relay queue` reaches it through the spool's control socket."""
     config = _config(tmp_path)
@@ -153,7 +144,7 @@ def test_running_relay_answers_relay_queue_over_its_control_socket(tmp_path: Pat
         assert listing.returncode == 0, listing.stderr
         assert listing.stdout.strip().startswith(("[", "{"))
     finally:
-        assert _stop(proc) in (0, -signal.SIGTERM)
+        assert stop_process(proc) in (0, -signal.SIGTERM)
     assert not control.exists()
 
 
@@ -169,10 +160,10 @@ def test_second_relay_on_the_same_spool_stops(tmp_path: Path) -> None:
             second.wait(timeout=60)  # it exits by itself; a hang fails here
             assert "cannot run without its spool" in second_log.read_text()
         finally:
-            _stop(second)
+            stop_process(second)
         assert first.poll() is None
     finally:
-        _stop(first)
+        stop_process(first)
 
 
 def test_relay_that_cannot_listen_exits_with_an_error(tmp_path: Path) -> None:
@@ -191,7 +182,7 @@ def test_relay_that_cannot_listen_exits_with_an_error(tmp_path: Path) -> None:
         try:
             code = proc.wait(timeout=60)
         finally:
-            _stop(proc)
+            stop_process(proc)
     assert code not in (0, -signal.SIGTERM)
     assert "Couldn't listen" in log.read_text()
 

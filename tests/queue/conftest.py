@@ -9,7 +9,7 @@ import pytest
 
 from relay.queue.layout import SpoolLayout
 
-from queue_helpers import mounted_tmpfs
+from support.queue_helpers import mounted_tmpfs
 
 
 @pytest.fixture

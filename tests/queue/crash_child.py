@@ -24,6 +24,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for support/
+
 from twisted.internet import defer, reactor, task
 from twisted.python.failure import Failure
 
@@ -31,7 +33,7 @@ from relay.envelope import Envelope, RecipientState, RecipientStatus
 from relay.queue.store import SpoolQueue
 from relay.reply import Reply, ReplyCode
 
-from queue_helpers import LOCAL_DEST, SMTP_DEST, make_envelope
+from support.queue_helpers import LOCAL_DEST, SMTP_DEST, make_envelope
 
 SEGMENT_LIMIT = 64 * 1024
 CONCURRENCY = 32

@@ -19,7 +19,7 @@ from relay.queue.lock import SpoolLock
 from relay.queue.store import SpoolQueue
 from relay.reply import Reply, ReplyCode
 
-from queue_helpers import LOCAL_DEST, SMTP_DEST, make_envelope, open_queue
+from support.queue_helpers import LOCAL_DEST, SMTP_DEST, make_envelope, open_queue
 
 TEXT = b"From: alice@example.test\r\nSubject: hello\x1b[2J\r\n\r\nbody\r\n"
 

@@ -37,7 +37,7 @@ from relay.queue.layout import SpoolLayout
 from relay.queue.recovery import recover
 from relay.queue.state import MessageEntry
 
-from queue_helpers import scan_segment
+from support.queue_helpers import scan_segment
 
 CHILD = Path(__file__).with_name("crash_child.py")
 ROUNDS = 20

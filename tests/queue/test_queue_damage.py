@@ -31,7 +31,7 @@ from relay.queue.record import HEADER_SIZE, LEGACY_MAGIC, Framing, RecordType, e
 from relay.queue.service import SpoolService
 from relay.queue.store import SpoolQueue
 
-from queue_helpers import make_envelope, open_queue, read_all
+from support.queue_helpers import make_envelope, open_queue, read_all
 
 TEXTS = [b"Subject: %d\r\n\r\n" % n + b"line of message %d\r\n" % n * (20 * n) for n in range(5)]
 

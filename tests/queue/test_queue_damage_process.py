@@ -24,7 +24,7 @@ from relay.queue.payload import encode_envelope, encode_message_prefix
 from relay.queue.record import HEADER_SIZE
 from relay.queue.recovery import recover
 
-from queue_helpers import mounted_tmpfs
+from support.queue_helpers import mounted_tmpfs
 
 BIN = Path(sys.executable).parent
 

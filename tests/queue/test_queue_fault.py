@@ -16,7 +16,7 @@ from relay.errors import SpoolError
 from relay.queue.layout import SpoolLayout
 from relay.queue.store import SpoolQueue
 
-from queue_helpers import make_envelope, mounted_tmpfs, open_queue, read_all, scan_segment
+from support.queue_helpers import make_envelope, mounted_tmpfs, open_queue, read_all, scan_segment
 
 
 @pytest.fixture

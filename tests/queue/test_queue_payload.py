@@ -23,7 +23,7 @@ from relay.queue.payload import (
 from relay.queue.queueid import QueueIdGenerator, is_valid_queue_id
 from relay.reply import Reply, ReplyCode
 
-from queue_helpers import make_envelope
+from support.queue_helpers import make_envelope
 
 QID = "0615E2A4C1B3F0"
 

@@ -25,7 +25,7 @@ from relay.queue.payload import (
 from relay.queue.record import Framing, RecordType, encode
 from relay.queue.recovery import recover
 
-from queue_helpers import make_envelope, open_queue, read_all, scan_segment
+from support.queue_helpers import make_envelope, open_queue, read_all, scan_segment
 
 Item = tuple[RecordType, bytes]
 

@@ -15,7 +15,7 @@ from relay.queue.lock import SpoolLock, SpoolLocked
 from relay.queue.service import SpoolService
 from relay.queue.store import SpoolQueue
 
-from queue_helpers import make_envelope
+from support.queue_helpers import make_envelope
 
 
 @pytest_twisted.ensureDeferred

@@ -5,7 +5,7 @@ from __future__ import annotations
 from relay.envelope import RecipientState, RecipientStatus
 from relay.queue.state import MessageEntry, SpoolState, initial_statuses
 
-from queue_helpers import make_envelope
+from support.queue_helpers import make_envelope
 
 DELIVERED = RecipientStatus(RecipientState.DELIVERED, 1)
 DEFERRED = RecipientStatus(RecipientState.DEFERRED, 1, 50.0)

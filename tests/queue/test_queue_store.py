@@ -26,7 +26,7 @@ from relay.queue.state import NoSuchMessage
 from relay.queue.store import SpoolQueue
 from relay.reply import Reply, ReplyCode
 
-from queue_helpers import LOCAL_DEST, SMTP_DEST, make_envelope, open_queue, read_all
+from support.queue_helpers import LOCAL_DEST, SMTP_DEST, make_envelope, open_queue, read_all
 
 DELIVERED = RecipientStatus(RecipientState.DELIVERED, 1, last_reply=Reply(ReplyCode.MOK))
 FAILED = RecipientStatus(RecipientState.FAILED, 1, last_reply=Reply(ReplyCode.USER))

@@ -29,7 +29,7 @@ from relay.interfaces import IQueue
 from relay.local_users import local_domain_test
 from relay.reply import Reply
 
-from fakes import BytesMessage
+from support.fakes import BytesMessage
 
 __all__ = [
     "deliver",

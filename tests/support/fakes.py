@@ -9,6 +9,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from relay.envelope import Envelope
+from relay.errors import SpoolError
 from relay.interfaces import IMessage, ITextReader
 
 
@@ -52,5 +53,49 @@ class BytesMessage:
     def open_text(self) -> BytesReader:
         """A fresh reader from the first byte."""
         reader = BytesReader(self.text)
+        self.readers.append(reader)
+        return reader
+
+
+@implementer(ITextReader)
+class CountingReader:
+    """A reader that records each read's size and can fail at a given read."""
+
+    def __init__(self, data: bytes, fail_at: int | None = None) -> None:
+        self.data = data
+        self.position = 0
+        self.reads: list[int] = []
+        self.fail_at = fail_at
+        self.closed = False
+
+    def read(self, max_bytes: int) -> Deferred[bytes]:
+        """The next chunk; a SpoolError at read number ``fail_at``."""
+        self.reads.append(max_bytes)
+        if self.fail_at is not None and len(self.reads) == self.fail_at:
+            return defer.fail(SpoolError("text damaged on disk"))
+        chunk = self.data[self.position : self.position + max_bytes]
+        self.position += len(chunk)
+        return defer.succeed(chunk)
+
+    def close(self) -> None:
+        """Note that the reader was closed."""
+        self.closed = True
+
+
+@implementer(IMessage)
+class CountingMessage:
+    """A message whose readers are CountingReaders."""
+
+    def __init__(self, env: Envelope, text: bytes, fail_at: int | None = None) -> None:
+        self.queue_id = "q1"
+        self.envelope = env
+        self.size = len(text)
+        self.text = text
+        self.fail_at = fail_at
+        self.readers: list[CountingReader] = []
+
+    def open_text(self) -> CountingReader:
+        """A new CountingReader."""
+        reader = CountingReader(self.text, self.fail_at)
         self.readers.append(reader)
         return reader

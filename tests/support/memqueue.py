@@ -34,14 +34,11 @@ from relay.envelope import Destination, Envelope, RecipientState, RecipientStatu
 from relay.errors import SpoolError
 from relay.interfaces import IHandoffStore, IMessage, IQueue
 from relay.queue.payload import decode_envelope
+from relay.queue.state import NoSuchMessage
 
-from fakes import BytesMessage
+from support.fakes import BytesMessage
 
 _T = TypeVar("_T")
-
-
-class NoSuchMessage(KeyError):
-    """No message with this id is queued (as the spool's own NoSuchMessage)."""
 
 
 @dataclass

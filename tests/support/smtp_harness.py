@@ -28,8 +28,8 @@ from relay.errors import SessionFailed
 from relay.interfaces import IChannel, IChannelSession
 from relay.reply import Action, Reply, ReplyCode
 
-from fakes import BytesMessage
-from smtpserver import Script, ScriptedSmtpFactory, start_server
+from support.fakes import BytesMessage
+from support.smtpserver import Script, ScriptedSmtpFactory, start_server
 
 __all__ = ["Outcome", "channel_for", "deliver", "deliver_on", "make_message", "serving"]
 

@@ -24,6 +24,7 @@ __all__ = [
     "mailbox_texts",
     "relay_routing_to",
     "start_relay",
+    "stop_process",
     "wait_for",
     "write_config",
 ]
@@ -80,14 +81,19 @@ class RelayProcess:
 
     def stop(self) -> int:
         """SIGTERM, then wait (kill after 30 s); the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=30)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
+        return stop_process(self.process)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, then wait (kill after 30 s); the exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def start_relay(config: Path, port: int) -> RelayProcess:
