@@ -67,9 +67,8 @@ def test_memory_queue_provides_iqueue() -> None:
     assert verifyObject(IHandoffStore, MemoryQueue(Clock()))
 
 
-def test_memory_queue_makes_changes_visible_only_when_durable() -> None:
+def test_memory_queue_makes_changes_visible_only_when_durable(clock: Clock) -> None:
     """With latency, a stored message and an update appear only when their Deferreds fire."""
-    clock = Clock()
     queue = MemoryQueue(clock, latency=1.0)
     stored = queue.store(envelope("a@dest.test", "b@dest.test"), TEXT)
     assert not stored.called and queue.queued() == []
@@ -82,9 +81,8 @@ def test_memory_queue_makes_changes_visible_only_when_durable() -> None:
     assert update.called and queue.statuses(queue_id)[0] == delivered
 
 
-def test_memory_queue_wakes_listeners_when_mail_falls_due() -> None:
+def test_memory_queue_wakes_listeners_when_mail_falls_due(clock: Clock) -> None:
     """A deferred recipient wakes the listeners when its time comes, and leaves when final."""
-    clock = Clock()
     queue = MemoryQueue(clock)
     wakes: list[float] = []
     queue.add_listener(lambda: wakes.append(clock.seconds()))
@@ -100,9 +98,8 @@ def test_memory_queue_wakes_listeners_when_mail_falls_due() -> None:
     assert queue.queued() == [] and queue_id in queue.done
 
 
-def test_memory_queue_hold_release_flush() -> None:
+def test_memory_queue_hold_release_flush(clock: Clock) -> None:
     """Held recipients are never due; release and flush make them due again."""
-    clock = Clock()
     queue = MemoryQueue(clock)
     queue_id = _fired(queue.store(envelope("a@dest.test"), TEXT))
     _fired(queue.update(queue_id, {0: RecipientStatus(RecipientState.DEFERRED, 1, 900.0)}))

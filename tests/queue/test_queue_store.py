@@ -42,20 +42,16 @@ async def _reopen(queue: SpoolQueue, **kw: object) -> SpoolQueue:
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_queue_provides_the_interfaces(tmp_path: Path) -> None:
+async def test_the_queue_provides_the_interfaces(spool: SpoolQueue) -> None:
     """SpoolQueue (IQueue, IHandoffStore), its messages and text readers verify as declared."""
-    queue = await open_queue(tmp_path)
-    try:
-        qid = await queue.store(make_envelope(), b"Subject: x\r\n\r\nhi\r\n")
-        message = queue.open_message(qid)
-        assert verifyObject(IQueue, queue)
-        assert verifyObject(IHandoffStore, queue)
-        assert verifyObject(IMessage, message)
-        reader = message.open_text()
-        assert verifyObject(ITextReader, reader)
-        reader.close()
-    finally:
-        await queue.close()
+    qid = await spool.store(make_envelope(), b"Subject: x\r\n\r\nhi\r\n")
+    message = spool.open_message(qid)
+    assert verifyObject(IQueue, spool)
+    assert verifyObject(IHandoffStore, spool)
+    assert verifyObject(IMessage, message)
+    reader = message.open_text()
+    assert verifyObject(ITextReader, reader)
+    reader.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -110,14 +106,10 @@ async def test_stores_waiting_during_a_sync_share_the_next_one(
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_empty_text_is_a_valid_message(tmp_path: Path) -> None:
+async def test_an_empty_text_is_a_valid_message(spool: SpoolQueue) -> None:
     """A zero-octet text stores and reads back as b""."""
-    queue = await open_queue(tmp_path)
-    try:
-        qid = await queue.store(make_envelope(), b"")
-        assert await read_all(queue.open_message(qid)) == b""
-    finally:
-        await queue.close()
+    qid = await spool.store(make_envelope(), b"")
+    assert await read_all(spool.open_message(qid)) == b""
 
 
 @pytest_twisted.ensureDeferred
@@ -177,18 +169,14 @@ async def test_a_message_whose_recipients_are_all_final_is_removed(tmp_path: Pat
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_bad_update_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+async def test_a_bad_update_is_refused_and_writes_nothing(spool: SpoolQueue) -> None:
     """An index outside the envelope fails the update and leaves the states as they were."""
-    queue = await open_queue(tmp_path)
-    try:
-        qid = await queue.store(make_envelope(1), b"text")
-        records = queue.writer.records
-        with pytest.raises(IndexError):
-            await queue.update(qid, {0: DELIVERED, 5: DELIVERED})
-        assert queue.writer.records == records
-        assert (await queue.load(qid))[1] == (RecipientStatus(),)
-    finally:
-        await queue.close()
+    qid = await spool.store(make_envelope(1), b"text")
+    records = spool.writer.records
+    with pytest.raises(IndexError):
+        await spool.update(qid, {0: DELIVERED, 5: DELIVERED})
+    assert spool.writer.records == records
+    assert (await spool.load(qid))[1] == (RecipientStatus(),)
 
 
 @pytest_twisted.ensureDeferred
