@@ -529,14 +529,17 @@ async def test_remote_targets_are_requeued_as_one_new_message(
 async def test_the_queue_may_come_from_the_spool_service(tmp_path: Path, made: list[Any]) -> None:
     """Given something with when_ready() (the spool service), forwarding waits for it."""
     queue = MemoryQueue(task.Clock())
+    ready: defer.Deferred[MemoryQueue] = defer.Deferred()  # fired by hand, below
 
     class Service:
         def when_ready(self) -> defer.Deferred[MemoryQueue]:
-            return task.deferLater(reactor, 0.01, lambda: queue)
+            return ready
 
     config = make_config(tmp_path, aliases="fwd: someone@remote.test\n")
     channel = _channel(made, config, Service())
-    [reply] = await deliver(channel, make_message(TEXT), "fwd@example.test")
+    delivering = defer.ensureDeferred(deliver(channel, make_message(TEXT), "fwd@example.test"))
+    ready.callback(queue)
+    [reply] = await delivering
     assert reply.code is ReplyCode.MOK
     assert len(await queue.list_messages()) == 1
 

@@ -24,7 +24,7 @@ leaves it so for ``idle_timeout`` (it sends nothing we read meanwhile) is droppe
 once, without the ``421`` it would not read.
 
 **The 250 after DATA is written only when the spool's Deferred has fired**, i.e. when
-the message is fsynced (IQueue.store's contract).  If the store fails the reply is
+the message is fsynced (IStore.store's contract).  If the store fails the reply is
 ``451 4.3.0``, or ``452 4.3.1`` when the disk is full, and the spool keeps nothing.
 Nothing ends a session while its store is in flight: a timeout or a service stop that
 comes then waits for the store's reply to be written, and only then sends its ``421``.

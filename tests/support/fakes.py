@@ -57,29 +57,20 @@ class BytesMessage:
         return reader
 
 
-@implementer(ITextReader)
-class CountingReader:
-    """A reader that records each read's size and can fail at a given read."""
+class CountingReader(BytesReader):
+    """A BytesReader that records each read's size and can fail at a given read."""
 
     def __init__(self, data: bytes, fail_at: int | None = None) -> None:
-        self.data = data
-        self.position = 0
+        super().__init__(data)
         self.reads: list[int] = []
         self.fail_at = fail_at
-        self.closed = False
 
     def read(self, max_bytes: int) -> Deferred[bytes]:
         """The next chunk; a SpoolError at read number ``fail_at``."""
         self.reads.append(max_bytes)
         if self.fail_at is not None and len(self.reads) == self.fail_at:
             return defer.fail(SpoolError("text damaged on disk"))
-        chunk = self.data[self.position : self.position + max_bytes]
-        self.position += len(chunk)
-        return defer.succeed(chunk)
-
-    def close(self) -> None:
-        """Note that the reader was closed."""
-        self.closed = True
+        return super().read(max_bytes)
 
 
 @implementer(IMessage)
