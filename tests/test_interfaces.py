@@ -11,7 +11,16 @@ from zope.interface.verify import verifyClass, verifyObject
 from relay.address import parse_forward_path, parse_reverse_path
 from relay.channels.discard import DiscardChannel, DiscardSession
 from relay.envelope import Destination, Envelope, Recipient, Submitter
-from relay.interfaces import IChannel, IChannelSession, IMessage, ITextReader, SequencingMode
+from relay.interfaces import (
+    IChannel,
+    IChannelSession,
+    IHandoffStore,
+    IMessage,
+    IQueue,
+    IStore,
+    ITextReader,
+    SequencingMode,
+)
 from relay.reply import Reply, ReplyCode
 
 from support.fakes import BytesMessage
@@ -97,3 +106,19 @@ def test_a_channel_never_answers_both_aok_and_mok(mode: SequencingMode) -> None:
     replies, _ = _answers(DiscardChannel(mode), _message())
     expected = ReplyCode.AOK if mode is SequencingMode.ADDRESS_THEN_TEXT else ReplyCode.MOK
     assert {r.code for r in replies} == {expected}
+
+
+def test_a_session_declares_whether_it_pipelines_addresses() -> None:
+    """pipelines_addresses, which the deliverer reads, is part of IChannelSession."""
+    assert "pipelines_addresses" in IChannelSession.names()
+    assert (
+        DiscardSession(DiscardChannel(SequencingMode.ADDRESS_THEN_TEXT)).pipelines_addresses
+        is False
+    )
+
+
+def test_the_queue_stores_as_every_store_does() -> None:
+    """IQueue's store is IStore's; the worker link's hooks are declared in IHandoffStore only."""
+    assert IQueue["store"].interface is IStore
+    assert IHandoffStore["store"].interface is IHandoffStore
+    assert not IQueue.isOrExtends(IHandoffStore)
