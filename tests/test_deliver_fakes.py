@@ -81,9 +81,11 @@ def test_memory_queue_makes_changes_visible_only_when_durable(clock: Clock) -> N
     assert update.called and queue.statuses(queue_id)[0] == delivered
 
 
-def test_memory_queue_wakes_listeners_when_mail_falls_due(clock: Clock) -> None:
+def test_memory_queue_wakes_listeners_when_mail_falls_due(
+    clock: Clock, memory_queue: MemoryQueue
+) -> None:
     """A deferred recipient wakes the listeners when its time comes, and leaves when final."""
-    queue = MemoryQueue(clock)
+    queue = memory_queue  # on the test's clock
     wakes: list[float] = []
     queue.add_listener(lambda: wakes.append(clock.seconds()))
     queue_id = _fired(queue.store(envelope("a@dest.test"), TEXT))
@@ -98,9 +100,9 @@ def test_memory_queue_wakes_listeners_when_mail_falls_due(clock: Clock) -> None:
     assert queue.queued() == [] and queue_id in queue.done
 
 
-def test_memory_queue_hold_release_flush(clock: Clock) -> None:
+def test_memory_queue_hold_release_flush(clock: Clock, memory_queue: MemoryQueue) -> None:
     """Held recipients are never due; release and flush make them due again."""
-    queue = MemoryQueue(clock)
+    queue = memory_queue  # on the test's clock
     queue_id = _fired(queue.store(envelope("a@dest.test"), TEXT))
     _fired(queue.update(queue_id, {0: RecipientStatus(RecipientState.DEFERRED, 1, 900.0)}))
     assert _fired(queue.hold(queue_id)) == 1
