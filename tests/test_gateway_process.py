@@ -26,6 +26,7 @@ import pytest
 from relay.gateway.auth import make_user_line
 
 from support.auth_guesses import guess_in_parallel
+from support.ports import free_port
 
 TWISTD = str(Path(sys.executable).parent / "twistd")
 SMTP_SOURCE = "/usr/sbin/smtp-source"
@@ -69,17 +70,10 @@ class Relay:
         return total
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def running_relay(tmp_path: Path, smtp: str = "") -> Iterator[Relay]:
     """``twistd -n relay --config FILE`` on the shipped defaults; SIGTERM at the end."""
-    port = _free_port()
+    port = free_port()
     (tmp_path / "mail").mkdir()
     config = tmp_path / "relay.toml"
     config.write_text(

@@ -33,14 +33,8 @@ from relay.handoff.codec import Hello, encode, framed
 from relay.metrics.collectors import RelayCollector
 from relay.tap import build_service
 
+from support.ports import free_port
 from support.reactor_helpers import logged_events, until
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _config(tmp_path: Path, port: int, workers: int) -> Any:
@@ -117,7 +111,7 @@ def _start_busy_relay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[
     """The relay with one worker, started, its deliverer looking busy (so the worker
     takes the connections once it is READY); and its SMTP port."""
     monkeypatch.setattr(DelivererService, "busy", property(lambda self: True))
-    port = _free_port()
+    port = free_port()
     service = build_service(_config(tmp_path, port, workers=1), reactor)
     service.startService()
     return service, port
@@ -183,7 +177,7 @@ async def test_with_nothing_to_deliver_both_processes_accept(
     tmp_path: Path, events: list[LogEvent]
 ) -> None:
     """An idle deliverer: the relay keeps accepting beside its READY worker."""
-    service = build_service(_config(tmp_path, _free_port(), workers=1), reactor)
+    service = build_service(_config(tmp_path, free_port(), workers=1), reactor)
     service.startService()
     try:
         workers = service.getServiceNamed("smtp").getServiceNamed("workers")
@@ -197,7 +191,7 @@ async def test_with_nothing_to_deliver_both_processes_accept(
 @pytest_twisted.ensureDeferred
 async def test_no_workers_means_no_worker_service(tmp_path: Path) -> None:
     """With workers = 0 the gateway has its sessions and no workers service."""
-    service = build_service(_config(tmp_path, _free_port(), workers=0), reactor)
+    service = build_service(_config(tmp_path, free_port(), workers=0), reactor)
     names = [child.name for child in service.getServiceNamed("smtp")]
     assert "workers" not in names and "sessions" in names
 
@@ -207,7 +201,7 @@ def test_the_processes_share_the_session_and_memory_limits(tmp_path: Path) -> No
     from relay.gateway.service import build_gateway
     from relay.local_users import build_local_recipients
 
-    config = _config(tmp_path, _free_port(), workers=3)
+    config = _config(tmp_path, free_port(), workers=3)
     gateway = build_gateway(
         config,
         object(),
@@ -338,7 +332,7 @@ async def test_a_full_worker_hands_the_sockets_back_before_it_refuses(
 ) -> None:
     """max_sessions 4 over two processes, deliverer busy: four clients get 220, a fifth 421."""
     monkeypatch.setattr(DelivererService, "busy", property(lambda self: True))
-    port = _free_port()
+    port = free_port()
     text = _config(tmp_path, port, workers=1).text.replace(
         "workers = 1", "workers = 1\nmax_sessions = 4\nmax_sessions_per_client = 10"
     )

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support.smtpsink import free_port
+from support.ports import free_port
 
 BIN = Path(sys.executable).parent
 

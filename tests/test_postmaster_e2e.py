@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from support.ports import free_port
 from support.relay_process import (
     RelayProcess,
-    free_port,
     mailbox_texts,
     relay_routing_to,
     start_relay,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import smtplib
-import socket
 from collections import Counter
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -21,6 +20,7 @@ from relay.config import Config, load_config, parse_config
 from relay.envelope import RecipientState
 from relay.tap import build_service
 
+from support.ports import free_port
 from support.smtpsink import Sink, SinkPool
 
 MESSAGES = 1000
@@ -40,13 +40,6 @@ def sinks() -> Iterator[SinkPool]:
 @pytest.fixture
 def sink(sinks: SinkPool) -> Sink:
     return sinks.start()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _config(tmp_path: Path, smtp_port: int, sink_port: int, retry_min: str = "1s") -> Config:
@@ -113,7 +106,7 @@ async def _wait_until(predicate: Any, limit: float = 90.0) -> None:
 @pytest_twisted.ensureDeferred
 async def test_thousand_messages_reach_smtp_sink_exactly_once(tmp_path: Path, sink: Sink) -> None:
     """1 000 messages accepted over SMTP are relayed to smtp-sink, each exactly once."""
-    port = _free_port()
+    port = free_port()
     service = build_service(_config(tmp_path, port, sink.port), reactor)
     service.startService()
     try:
@@ -146,7 +139,7 @@ async def test_thousand_messages_reach_smtp_sink_exactly_once(tmp_path: Path, si
 @pytest_twisted.ensureDeferred
 async def test_relay_flush_revives_a_dead_destination(tmp_path: Path, sinks: SinkPool) -> None:
     """After a refused connection marks the smarthost dead, `relay flush` delivers at once."""
-    port, sink_port = _free_port(), _free_port()
+    port, sink_port = free_port(), free_port()
     config_path = tmp_path / "relay.toml"
     config_path.write_text(_config_text(port, sink_port, retry_min="60m"))
     (tmp_path / "mail").mkdir()
@@ -178,9 +171,9 @@ async def test_relay_flush_revives_a_dead_destination(tmp_path: Path, sinks: Sin
 @pytest_twisted.ensureDeferred
 async def test_rcpt_to_a_channel_that_does_not_run_is_refused(tmp_path: Path) -> None:
     """Mail routed to the phone channel (not in this build) is refused at RCPT, not bounced."""
-    port = _free_port()
+    port = free_port()
     (tmp_path / "secret").write_text("s3cret\n")
-    text = _config_text(port, _free_port(), "1s") + (
+    text = _config_text(port, free_port(), "1s") + (
         '\n[[route]]\ndomain = "site-b.test"\nchannel = "phone"\nsite = "site-b"\n'
         '\n[phone.sites.site-b]\nsecret_file = "secret"\n'
     )

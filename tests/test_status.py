@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from support.smtpsink import free_port
+from support.ports import free_port
 
 BIN = Path(sys.executable).parent
 

@@ -28,10 +28,10 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 
+from support.ports import free_port
 from support.reactor_helpers import until
 from support.relay_process import stop_process
 from support.smtpserver import Script, ScriptedSmtpFactory, start_server
-from support.smtpsink import free_port
 
 BIN = Path(sys.executable).parent
 MESSAGES = 200

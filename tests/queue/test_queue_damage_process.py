@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -24,21 +23,16 @@ from relay.queue.payload import encode_envelope, encode_message_prefix
 from relay.queue.record import HEADER_SIZE
 from relay.queue.recovery import recover
 
+from support.ports import free_port
 from support.queue_helpers import mounted_tmpfs
 
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _config(tmp_path: Path, smtp_port: int) -> Path:
     """Mail for dead.test goes to a smarthost nobody listens on: it stays queued."""
     config = tmp_path / "relay.toml"
-    dead_end = f"127.0.0.1:{_free_port()}"
+    dead_end = f"127.0.0.1:{free_port()}"
     config.write_text(
         f'[relay]\nhostname = "hub.example.test"\nspool = "spool"\n'
         f'[smtp]\nlisten = ["tcp:{smtp_port}:interface=127.0.0.1"]\n'
@@ -134,7 +128,7 @@ def _listed(config: Path) -> list[str]:
 
 def test_a_restarted_relay_keeps_every_message_but_the_damaged_one(tmp_path: Path) -> None:
     """Five queued by SMTP, one header octet flipped: four come back, and no bytes are lost."""
-    port = _free_port()
+    port = free_port()
     config = _config(tmp_path, port)
     spool = tmp_path / "spool"
     proc = _start(tmp_path, config, tmp_path / "first.log")

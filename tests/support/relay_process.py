@@ -18,9 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from support.ports import free_port
+
 __all__ = [
     "RelayProcess",
-    "free_port",
     "mailbox_texts",
     "relay_routing_to",
     "start_relay",
@@ -52,14 +53,6 @@ def mailbox_texts(directory: Path, user: str = "alice") -> list[bytes]:
     new = directory / "mail" / user / "new"
     paths = sorted(new.iterdir(), key=lambda p: p.stat().st_mtime_ns) if new.is_dir() else []
     return [path.read_bytes() for path in paths]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_for(condition: Callable[[], object], limit: float = 60.0, what: str = "") -> None:

@@ -19,7 +19,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SMTP_SINK", "Sink", "SinkPool", "free_port", "running_sink"]
+from support.ports import free_port
+
+__all__ = ["SMTP_SINK", "Sink", "SinkPool", "running_sink"]
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 
@@ -86,14 +88,6 @@ def running_sink(*options: str) -> Iterator[Sink]:
         yield pool.start(*options)
     finally:
         pool.stop()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
