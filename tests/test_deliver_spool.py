@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
 from relay.deliver import build_deliverer
@@ -36,6 +36,7 @@ from relay.queue.store import SpoolQueue
 from relay.reply import Reply, ReplyCode
 
 from support.deliver_fakes import LIST, PER_ADDRESS, TEXT, ScriptedChannel, envelope, make_config
+from support.reactor_helpers import until
 
 MESSAGES = 3
 RECIPIENTS = 3
@@ -165,14 +166,6 @@ async def _store(spool: Path) -> list[str]:
     return ids
 
 
-async def _eventually(check: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        await task.deferLater(reactor, 0.01, lambda: None)
-
-
 async def _unrecorded(spool: Path, ids: list[str]) -> tuple[SpoolQueue, set[tuple[str, str]]]:
     """Reopen the spool from disk; the recipients it has not recorded as delivered."""
     queue = await SpoolQueue.open(spool, reactor)
@@ -194,7 +187,7 @@ async def _second_run(queue: SpoolQueue, mode: SequencingMode) -> set[tuple[str,
     service = build_deliverer(config, queue, {"fake": channel}, reactor)
     service.startService()
     try:
-        await _eventually(lambda: not queue.entries())
+        await until(lambda: not queue.entries(), 30)
     finally:
         await service.stopService()
         await queue.close()
@@ -232,7 +225,7 @@ async def test_kill_9_mid_delivery_redelivers_exactly_the_unrecorded(
         stderr=subprocess.PIPE,
     )
     try:
-        await _eventually(lambda: marker.exists() or child.poll() is not None, timeout=60)
+        await until(lambda: marker.exists() or child.poll() is not None, 60)
         assert child.poll() is None, child.stderr.read() if child.stderr else ""
     finally:
         os.kill(child.pid, signal.SIGKILL)
@@ -284,7 +277,7 @@ async def test_stop_mid_delivery_then_restart_redelivers_exactly_the_unrecorded(
     config = make_config(initial_destination_concurrency=1)
     service = build_deliverer(config, queue, {"fake": channel}, reactor, stop_grace=0.05)
     service.startService()
-    await _eventually(lambda: [e.queue_id for e in queue.entries()] == [ids[HANGS_ON]])
+    await until(lambda: [e.queue_id for e in queue.entries()] == [ids[HANGS_ON]], 30)
     await service.stopService()
     assert hang.called  # cancelled by the stop
     await queue.close()

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 
 from relay.address import parse_forward_path, parse_reverse_path
 from relay.channels.smtp import build_smtp_channel
@@ -27,6 +27,7 @@ from relay.envelope import Envelope, Recipient, RecipientState, Submitter
 from relay.queue.store import SpoolQueue
 
 from support.dnsserver import start_dns_server
+from support.reactor_helpers import until
 from support.smtpsink import SinkPool
 
 R: Any = reactor
@@ -65,14 +66,6 @@ smarthost = "127.0.0.1:{soft}"
 """
 
 
-async def _eventually(check: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        await task.deferLater(R, 0.02, lambda: None)
-
-
 @pytest_twisted.ensureDeferred
 async def test_deliverer_and_spool_record_what_the_smtp_sinks_answered(
     tmp_path: Path, sinks: SinkPool
@@ -103,13 +96,14 @@ async def test_deliverer_and_spool_record_what_the_smtp_sinks_answered(
             entry = next(e for e in queue.entries() if e.queue_id == queue_id)
             return [s.state for s in entry.statuses]
 
-        await _eventually(
+        await until(
             lambda: (
                 states()
                 == [RecipientState.DELIVERED, RecipientState.FAILED, RecipientState.DEFERRED]
-            )
+            ),
+            30,
         )
-        await _eventually(lambda: "X-Mail-Args: <>" in accepting.dumped())
+        await until(lambda: "X-Mail-Args: <>" in accepting.dumped(), 30)
         entry = next(e for e in queue.entries() if e.queue_id == queue_id)
     finally:
         await service.stopService()
