@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
+from twisted.logger import LogEvent
 
 from relay.queue.store import SpoolQueue
 
 from support.clocks import pending_timers
 from support.memqueue import MemoryQueue
 from support.queue_helpers import open_queue
+from support.reactor_helpers import logged_events
 
 
 @pytest.fixture
@@ -45,3 +47,10 @@ async def spool(tmp_path: Path) -> AsyncIterator[SpoolQueue]:
 def memory_queue(clock: Clock) -> MemoryQueue:
     """The in-memory IQueue of the deliverer's tests, on the test's Clock."""
     return MemoryQueue(clock)
+
+
+@pytest.fixture
+def events() -> Iterator[list[LogEvent]]:
+    """Every event logged through twisted.logger while the test runs."""
+    with logged_events() as seen:
+        yield seen

@@ -15,7 +15,6 @@ import smtplib
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +52,6 @@ users = ["alice"]
 """,
         tmp_path,
     )
-
-
-@pytest.fixture
-def events() -> Iterator[list[LogEvent]]:
-    with logged_events() as seen:
-        yield seen
 
 
 async def _until(check: Any, limit: float = 20.0) -> None:

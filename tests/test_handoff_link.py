@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +38,7 @@ from relay.interfaces import AuthVerdict, IStore
 from relay.queue.payload import encode_envelope
 
 from support.memqueue import MemoryQueue
-from support.reactor_helpers import logged_events, until
+from support.reactor_helpers import until
 
 HELLO = Hello("[relay]\nhostname = 'x.test'\n", "/tmp", ("local", "smtp"), 1, 2)
 
@@ -70,12 +69,6 @@ class _One(Factory):
     def buildProtocol(self, addr: Any) -> Protocol:
         self.protocol_instance.factory = self
         return self.protocol_instance
-
-
-@pytest.fixture
-def events() -> Iterator[list[LogEvent]]:
-    with logged_events() as seen:
-        yield seen
 
 
 async def _link(queue: MemoryQueue | None = None, *, early: bool = False) -> Link:
