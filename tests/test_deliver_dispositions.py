@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import random
-from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import ensureDeferred
 
 from relay.deliver.dispositions import (
     HEADER_LIMIT,
@@ -19,24 +18,18 @@ from relay.policy.dsn import DOUBLE_BOUNCE_PROTOCOL, DSN_PROTOCOL
 from relay.policy.retry import decide
 from relay.reply import Reply, ReplyCode
 
+from support.deferreds import fired
 from support.deliver_fakes import envelope, make_config
 from support.fakes import CountingMessage
 
 SETTINGS = make_config().deliver
 
 
-def _fired(d: Deferred[Any]) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results and not hasattr(results[0], "raiseException")
-    return results[0]
-
-
 def test_headers_are_read_only_up_to_the_blank_line() -> None:
     """A DSN reads the header section and stops: the body is never read."""
     head = b"Subject: x\r\nFrom: a@b.test\r\n\r\n"
     message = CountingMessage(envelope("a@dest.test"), head + b"body\r\n" * 1_000_000)
-    headers = _fired(ensureDeferred(read_headers(message)))
+    headers = fired(ensureDeferred(read_headers(message)))
     assert headers.startswith(head)
     reader = message.readers[0]
     assert len(reader.reads) == 1 and reader.closed
@@ -46,7 +39,7 @@ def test_headers_without_an_end_are_cut_at_the_limit() -> None:
     """A text with no blank line is read no further than HEADER_LIMIT octets."""
     text = b"X-Long: " + b"y" * 1_000_000
     message = CountingMessage(envelope("a@dest.test"), text)
-    headers = _fired(ensureDeferred(read_headers(message)))
+    headers = fired(ensureDeferred(read_headers(message)))
     assert len(headers) == HEADER_LIMIT
     assert sum(message.readers[0].reads) == HEADER_LIMIT
 

@@ -27,6 +27,7 @@ from relay.policy.dsn import DOUBLE_BOUNCE_PROTOCOL, DSN_PROTOCOL
 from relay.policy.routing import Router
 from relay.reply import Reply, ReplyCode
 
+from support.deferreds import fired
 from support.deliver_fakes import (
     LIST,
     PER_ADDRESS,
@@ -316,7 +317,7 @@ def test_flush_makes_deferred_mail_due_now() -> None:
     harness.advance(60)
     flushed = harness.service.flush()
     harness.clock.advance(0)
-    assert _result(flushed) == 1
+    assert fired(flushed) == 1
     assert times == [0.0, 60.0]
     assert harness.queue.statuses(queue_id)[0].state is RecipientState.DELIVERED
 
@@ -328,8 +329,8 @@ def test_flush_by_queue_id_and_channel_only_touches_the_matching_mail() -> None:
     first = harness.store(envelope("a@dest.test"))
     second = harness.store(envelope("b@dest.test"))
     harness.advance(60)
-    assert _result(harness.service.flush(channel="other")) == 0
-    assert _result(harness.service.flush([second])) == 1
+    assert fired(harness.service.flush(channel="other")) == 0
+    assert fired(harness.service.flush([second])) == 1
     harness.clock.advance(0)
     assert harness.queue.statuses(first)[0].attempts == 1
     assert harness.queue.statuses(second)[0].attempts == 2
@@ -359,15 +360,6 @@ def test_stop_then_start_again_resumes_delivery() -> None:
     assert channel.delivered == []
     harness.start()
     assert channel.delivered == [(queue_id, "a@dest.test")]
-
-
-def _result(d: Deferred[Any]) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "not fired"
-    if hasattr(results[0], "raiseException"):
-        results[0].raiseException()
-    return results[0]
 
 
 @pytest.mark.parametrize("mode", [LIST, PER_ADDRESS])
@@ -422,7 +414,7 @@ def test_a_message_removed_during_delivery_is_let_go() -> None:
     channel = ScriptedChannel(LIST, end_text=lambda: next(answers, Reply(ReplyCode.OK)))
     harness = Harness(channel, _smtp()).start()
     queue_id = harness.store(envelope("a@dest.test"))
-    _result(harness.queue.remove(queue_id))
+    fired(harness.queue.remove(queue_id))
     hang.callback(Reply(ReplyCode.OK))
     harness.advance(10)
     assert harness.service.claims.owner((queue_id, 0)) is None
@@ -506,4 +498,4 @@ def test_the_deliverer_waits_for_a_queue_that_opens_later() -> None:
     harness.clock.advance(0)
     assert channel.delivered == [(queue_id, "a@dest.test")]
     harness.clock.advance(10)
-    assert _result(service.stopService()) is None
+    assert fired(service.stopService()) is None

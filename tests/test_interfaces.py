@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TypeVar
 
 import pytest
-from twisted.internet.defer import Deferred
 from zope.interface.verify import verifyClass, verifyObject
 
 from relay.address import parse_forward_path, parse_reverse_path
@@ -23,6 +22,7 @@ from relay.interfaces import (
 )
 from relay.reply import Reply, ReplyCode
 
+from support.deferreds import fired
 from support.fakes import BytesMessage
 
 T = TypeVar("T")
@@ -48,7 +48,7 @@ def test_reference_channel_provides_the_contract(mode: SequencingMode) -> None:
     channel = DiscardChannel(mode)
     assert verifyObject(IChannel, channel)
     assert verifyClass(IChannelSession, DiscardSession)
-    session = _fired(channel.open_session(Destination("discard", "")))
+    session = fired(channel.open_session(Destination("discard", "")))
     assert verifyObject(IChannelSession, session)
     message = _message()
     assert verifyObject(IMessage, message)
@@ -57,26 +57,18 @@ def test_reference_channel_provides_the_contract(mode: SequencingMode) -> None:
 
 def _answers(channel: DiscardChannel, message: BytesMessage) -> tuple[list[Reply], Reply | None]:
     """Drive one message through a session in the channel's mode, as the deliverer will."""
-    session = _fired(channel.open_session(Destination("discard", "")))
-    assert _fired(session.begin_message("m", message.envelope.return_path, message)) is None
-    replies = [_fired(session.add_recipient(r)) for r in message.envelope.recipients]
-    assert _fired(session.end_recipients()) is None
+    session = fired(channel.open_session(Destination("discard", "")))
+    assert fired(session.begin_message("m", message.envelope.return_path, message)) is None
+    replies = [fired(session.add_recipient(r)) for r in message.envelope.recipients]
+    assert fired(session.end_recipients()) is None
     final = None
     if channel.mode is SequencingMode.ADDRESS_THEN_TEXT:
-        assert _fired(session.begin_text()) is None
+        assert fired(session.begin_text()) is None
         for start in range(0, len(message.text), 4096):
-            assert _fired(session.write_text(message.text[start : start + 4096])) is None
-        final = _fired(session.end_text())
-    assert _fired(session.end_session()) is None
+            assert fired(session.write_text(message.text[start : start + 4096])) is None
+        final = fired(session.end_text())
+    assert fired(session.end_session()) is None
     return replies, final
-
-
-def _fired(d: Deferred[T]) -> T:
-    """The result of a Deferred that must already have fired successfully."""
-    results: list[T] = []
-    d.addCallback(results.append)
-    assert results, "the Deferred has not fired"
-    return results[0]
 
 
 def test_address_then_text_answers_aok_then_one_final_reply() -> None:

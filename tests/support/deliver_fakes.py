@@ -39,6 +39,7 @@ from relay.interfaces import (
 from relay.policy.dsn import is_dsn
 from relay.reply import Reply, ReplyCode
 
+from support.deferreds import fired
 from support.memqueue import MemoryQueue
 
 Answer = Callable[..., object]
@@ -244,17 +245,6 @@ TEXT = (
 )
 
 
-def _fired(d: Deferred[Any]) -> Any:
-    """The result of a Deferred that has fired (fails the test if it has not)."""
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the Deferred has not fired"
-    result = results[0]
-    if hasattr(result, "raiseException"):
-        result.raiseException()
-    return result
-
-
 # --- a deliverer on a Clock -------------------------------------------------------------------
 
 T0 = 1_700_000_000.0  # the clock's start: a real date, so DSN dates look like dates
@@ -334,14 +324,14 @@ class Harness:
 
     def store(self, env: Envelope, text: bytes = TEXT) -> str:
         """Queue a message now (arrival = the clock's time) and let the deliverer see it."""
-        queue_id: str = _fired(self.queue.store(replace(env, arrival=self.clock.seconds()), text))
+        queue_id: str = fired(self.queue.store(replace(env, arrival=self.clock.seconds()), text))
         self.mine.add(queue_id)
         self.clock.advance(0)
         return queue_id
 
     def put(self, env: Envelope, text: bytes = TEXT) -> str:
         """Queue a message without letting the clock run: several puts make one scan."""
-        queue_id: str = _fired(self.queue.store(replace(env, arrival=self.clock.seconds()), text))
+        queue_id: str = fired(self.queue.store(replace(env, arrival=self.clock.seconds()), text))
         self.mine.add(queue_id)
         return queue_id
 
@@ -355,7 +345,7 @@ class Harness:
         """Stop the service; its Deferred must fire (the channels here never hang)."""
         done = self.service.stopService()
         self.clock.advance(0)
-        _fired(done)
+        fired(done)
 
     def dispositions(self, status: str | None = None) -> list[dict[str, Any]]:
         """The disposition events logged (with a given status, if asked)."""
