@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,12 +58,24 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class ParseContext:
-    """What a command line's meaning depends on, besides its own text."""
+    """What a command line's meaning depends on, besides its own text.
+
+    :meth:`of` gives the one shared instance for each combination: a session changes its
+    context twice or so and allocates nothing for it.
+    """
 
     max_message_size: int
     esmtp: bool = False  # EHLO was said: MAIL may carry parameters
     smtputf8: bool = False  # the transaction's MAIL asked for SMTPUTF8
     postmaster: Address | None = None  # what the domain-less <postmaster> means
+
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def of(
+        max_message_size: int, esmtp: bool, smtputf8: bool, postmaster: Address | None
+    ) -> ParseContext:
+        """The shared context for these values."""
+        return ParseContext(max_message_size, esmtp, smtputf8, postmaster)
 
 
 class MalformedInitialResponse(CommandSyntaxError):

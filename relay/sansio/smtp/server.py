@@ -224,7 +224,9 @@ class ServerConnection:
         self.authenticated_user: str | None = None
         self.mail: MailFrom | None = None
         self.recipients = 0
-        self._context = ParseContext(self.limits.max_message_size, postmaster=settings.postmaster)
+        self._context = ParseContext.of(
+            self.limits.max_message_size, False, False, settings.postmaster
+        )
         self._buffer = b""
         self._eof = False
         self._pending: _Pending | None = None
@@ -417,7 +419,7 @@ class ServerConnection:
         context = self._context
         smtputf8 = self.mail is not None and self.mail.smtputf8
         if context.esmtp is not self.esmtp or context.smtputf8 is not smtputf8:
-            self._context = ParseContext(
+            self._context = ParseContext.of(
                 context.max_message_size, self.esmtp, smtputf8, context.postmaster
             )
 

@@ -97,6 +97,8 @@ __all__ = [
 class ServerState(enum.Enum):
     """Where a server session is (RFC 5321 section 4.1.4, plus the non-command states)."""
 
+    __hash__ = object.__hash__  # members are singletons: the table lookups hash fast
+
     GREETING = "greeting"  # connected, greeting not sent: any input is a protocol error
     CONNECTED = "connected"  # greeted: HELO/EHLO expected
     READY = "ready"  # after HELO/EHLO: no transaction
@@ -114,6 +116,8 @@ class ServerState(enum.Enum):
 
 class ServerInput(enum.Enum):
     """The server engine's inputs that are not a parsed command line."""
+
+    __hash__ = object.__hash__  # members are singletons: the table lookups hash fast
 
     GREETING = "greeting"  # the adapter sends the 220
     REFUSE = "refuse"  # the adapter refuses the session at connect
@@ -238,6 +242,8 @@ def server_move(state: ServerState, key: type | ServerInput) -> Move:
 class ClientState(enum.Enum):
     """Where a client session stands, as far as what we may send next."""
 
+    __hash__ = object.__hash__  # members are singletons: the table lookups hash fast
+
     GREETING = "greeting"  # connected, waiting for the 220
     REFUSED = "refused"  # the greeting was 4xx/5xx: only QUIT
     HELLO = "hello"  # may send EHLO or HELO (after the greeting, a failed EHLO, or TLS)
@@ -274,6 +280,8 @@ class ReplyKind(enum.Enum):
 
 class ClientInput(enum.Enum):
     """The client engine's inputs that are neither an event sent nor an expected reply."""
+
+    __hash__ = object.__hash__  # members are singletons: the table lookups hash fast
 
     CLOSING_REPLY = "closing-reply"  # a 421 (to any command but QUIT, or unasked)
     END_OF_STREAM = "end-of-stream"
