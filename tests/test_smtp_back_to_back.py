@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.address import Address
-from relay.sansio.smtp.client import SmtpClient
+from relay.sansio.smtp.client import ClientEvent, SmtpClient
 from relay.sansio.smtp.errors import CLOSED, NEED_DATA, PAUSED, LocalProtocolError
 from relay.sansio.smtp.events import (
     Auth,
@@ -55,22 +55,6 @@ BOB = Address("bob", "example.test")
 NOBODY = Address("nobody", "example.test")  # the server's policy refuses this one
 SENDER = Address("sender", "client.test")
 TEXT = b"Subject: hi\r\n\r\n.a line with a leading dot\r\nsecond line\r\n"
-
-ClientAction = (
-    Ehlo
-    | Auth
-    | AuthResponse
-    | StartTls
-    | MailFrom
-    | RcptTo
-    | Data
-    | Bdat
-    | MessageData
-    | EndOfMessage
-    | Rset
-    | Noop
-    | Quit
-)
 
 
 @dataclass
@@ -170,11 +154,11 @@ class Pair:
             name = "unasked" if event.command is None else event.command.name
             self.replies.append((name, event.reply.code))
 
-    def allowed(self, event: ClientAction) -> bool:
+    def allowed(self, event: ClientEvent) -> bool:
         """Whether the client's table allows ``event`` now (pipelining aside)."""
         return (self.client.state, type(event)) in CLIENT_TRANSITIONS
 
-    def send(self, event: ClientAction) -> None:
+    def send(self, event: ClientEvent) -> None:
         """Send ``event`` once the client may (its replies have come back as needed)."""
         assert self.allowed(event), (self.client.state, event)
         assert self.client.may_send_now(event), (self.client.unanswered, event)
@@ -190,7 +174,7 @@ def _plain(user: str, password: str) -> bytes:
     return f"\0{user}\0{password}".encode()
 
 
-WHOLE_SESSION: list[ClientAction] = [
+WHOLE_SESSION: list[ClientEvent] = [
     Ehlo("client.test"),
     StartTls(),  # the server's adapter refuses it: 454, and the session goes on in clear
     Auth("LOGIN"),
@@ -243,7 +227,7 @@ EXPECTED_REPLIES = [
 ]
 
 
-def converse(script: Sequence[ClientAction], pair: Pair) -> Pair:
+def converse(script: Sequence[ClientEvent], pair: Pair) -> Pair:
     """Run ``script``: each event waits for the replies it must (a pipelining client)."""
     for event in script:
         pair.send(event)
@@ -282,35 +266,24 @@ def test_the_session_is_the_same_one_byte_at_a_time() -> None:
     assert converse(WHOLE_SESSION, Pair(bytewise=True)).transcript() == whole
 
 
+def _one_message(text: list[ClientEvent]) -> list[ClientEvent]:
+    """A session sending one message to ALICE with DATA, ``text`` its pieces."""
+    envelope: list[ClientEvent] = [Ehlo("client.test"), MailFrom(SENDER), RcptTo(ALICE)]
+    return [*envelope, Data(), *text, EndOfMessage(), Quit()]
+
+
 def test_long_text_lines_pass_whole_when_the_client_does_not_break_them() -> None:
     """A 5000-octet line crosses in pieces and arrives whole (line_length_limit=0)."""
     text = b"Subject: long\r\n\r\n" + b"y" * 5000 + b"\r\n"
-    script: list[ClientAction] = [
-        Ehlo("client.test"),
-        MailFrom(SENDER),
-        RcptTo(ALICE),
-        Data(),
-        MessageData(text[:3000]),
-        MessageData(text[3000:]),
-        EndOfMessage(),
-        Quit(),
-    ]
-    pair = converse(script, Pair(line_length_limit=0, bytewise=True))
+    pieces = [MessageData(text[:3000]), MessageData(text[3000:])]
+    pair = converse(_one_message(pieces), Pair(line_length_limit=0, bytewise=True))
     assert pair.messages == [((ALICE,), text)]
 
 
 def test_the_client_breaks_long_lines_by_default() -> None:
     """With the default line_length_limit the server receives lines of at most 998."""
     text = b"Subject: long\r\n\r\n" + b"y" * 2500 + b"\r\n"
-    script: list[ClientAction] = [
-        Ehlo("client.test"),
-        MailFrom(SENDER),
-        RcptTo(ALICE),
-        Data(),
-        MessageData(text),
-        EndOfMessage(),
-    ]
-    pair = converse(script, Pair())
+    pair = converse(_one_message([MessageData(text)]), Pair())
     [(_, stored)] = pair.messages
     assert max(len(line) for line in stored.split(b"\r\n")) <= 998
     assert stored.count(b"y") == 2500  # broken, not cut
@@ -318,7 +291,7 @@ def test_the_client_breaks_long_lines_by_default() -> None:
 
 # --- any sequence of commands ----------------------------------------------------------
 
-_ACTIONS: list[list[ClientAction]] = [
+_ACTIONS: list[list[ClientEvent]] = [
     [Ehlo("client.test")],
     [StartTls()],
     [Auth("PLAIN", _plain("alice", "secret"))],
@@ -358,7 +331,7 @@ _AGREE: dict[ClientState, set[ServerState]] = {
 }
 
 
-def _try(pair: Pair, action: list[ClientAction]) -> None:
+def _try(pair: Pair, action: list[ClientEvent]) -> None:
     """Send ``action``'s events while the client allows them (the rest is skipped)."""
     for event in action:
         if not pair.allowed(event) or not pair.client.may_send_now(event):
