@@ -366,11 +366,10 @@ _PEER_INPUTS_IN: dict[tuple[ServerState, ServerInput | type], bytes] = {
     (ServerState.AUTH_PLAIN, _I.SYNC_ERROR): b"=\r\nNOOP\r\n",
     (ServerState.AUTH_LOGIN_USER, _I.SYNC_ERROR): b"=\r\nNOOP\r\n",
     (ServerState.AUTH_LOGIN_PASSWORD, _I.SYNC_ERROR): b"=\r\nNOOP\r\n",
-    (ServerState.AUTH_PLAIN, _I.TOO_MANY_ERRORS): b"X" * 13000 + b"\r\n" * 5,
+    (ServerState.AUTH_PLAIN, _I.TOO_MANY_ERRORS): (b"X" * 13000 + b"\r\n") * 5,
     (ServerState.AUTH_LOGIN_USER, _I.TOO_MANY_ERRORS): (b"X" * 13000 + b"\r\n") * 5,
     (ServerState.AUTH_LOGIN_PASSWORD, _I.TOO_MANY_ERRORS): (b"X" * 13000 + b"\r\n") * 5,
 }
-_PEER_INPUTS_IN[ServerState.AUTH_PLAIN, _I.TOO_MANY_ERRORS] = (b"X" * 13000 + b"\r\n") * 5
 
 
 def _driver_in(state: ServerState, key: ServerInput | type) -> Driver:
@@ -463,7 +462,7 @@ def test_every_state_is_reached_and_left() -> None:
     for move in SERVER_TRANSITIONS.values():
         targets |= {move.positive, move.negative}
     assert targets == set(ServerState)
-    sources = {s for s, _ in SERVER_TRANSITIONS if SERVER_TRANSITIONS[s, _].positive is not s}
+    sources = {s for (s, _), move in SERVER_TRANSITIONS.items() if move.positive is not s}
     assert sources == set(ServerState) - {ServerState.CLOSED}
 
 
