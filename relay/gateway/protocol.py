@@ -99,7 +99,8 @@ from relay.sansio.smtp.events import (
     Shutdown,
     StartTls,
 )
-from relay.sansio.smtp.server import CLOSED, ServerConnection, ServerSettings, State
+from relay.sansio.smtp.server import CLOSED, ServerConnection, ServerSettings
+from relay.sansio.smtp.state import ServerState
 from relay.sansio.smtp.wire import SmtpReply
 
 __all__ = [
@@ -112,7 +113,7 @@ __all__ = [
 _log = Logger()
 
 _READ_PAUSE_BYTES = 256 * 1024
-_TEXT_STATES = (State.DATA, State.BDAT)  # the engine is reading a message's text
+_TEXT_STATES = (ServerState.DATA, ServerState.BDAT)  # the engine is reading a message's text
 
 
 def _reply(code: int, enhanced: str, text: str) -> SmtpReply:
@@ -338,7 +339,7 @@ class SmtpServerProtocol(Protocol):
     def handshakeCompleted(self) -> None:
         """TLS is up: after STARTTLS the engine starts over; for implicit TLS just note it."""
         self.tls_info = tls_description(self.transport)
-        if self._busy and self.engine.state is State.TLS:
+        if self._busy and self.engine.state is ServerState.TLS:
             self.engine.tls_started()
             self._busy = False
             self._update_reading()
@@ -733,7 +734,7 @@ class SmtpServerProtocol(Protocol):
         if now >= self._session_deadline:
             self._timeout("session")
             return
-        if self._busy and self.engine.state is not State.TLS:
+        if self._busy and self.engine.state is not ServerState.TLS:
             self._last_activity = now  # we are the slow one, not the client
         remaining = self._last_activity + self.gateway.timeouts.idle - now
         if remaining > 0:

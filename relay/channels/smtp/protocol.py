@@ -54,15 +54,15 @@ from relay.sansio.smtp.client import (
     ClientState,
     Command,
     ConnectionClosed,
-    EndOfText,
+    EndOfMessage,
     LocalProtocolError,
     MailFrom,
+    MessageData,
     Quit,
     RcptTo,
     RemoteProtocolError,
     ServerReply,
     SmtpClient,
-    TextChunk,
 )
 from relay.sansio.smtp.wire import MAX_TEXT_LINE, SmtpReply
 
@@ -392,7 +392,7 @@ class SmtpClientProtocol(Protocol):
         """Stuff and write a chunk; fire when the transport can take more."""
         if self._gone is not None:
             return defer.fail(self._gone)
-        data = self.engine.send(TextChunk(chunk))
+        data = self.engine.send(MessageData(chunk))
         if not self._paused and len(data) + self._held_bytes <= _HOLD_TEXT:
             self._hold(data)  # a small message leaves with its final dot, in one send
         else:
@@ -413,7 +413,7 @@ class SmtpClientProtocol(Protocol):
             self.transport.unregisterProducer()  # type: ignore[attr-defined]
             self._producing = False
         self._paused = False
-        return self.command(EndOfText())
+        return self.command(EndOfMessage())
 
     def start_tls(self, options: Any) -> Deferred[None]:
         """Start the TLS handshake (after the 220 to STARTTLS); fire when it completed."""

@@ -184,7 +184,9 @@ class SmtpSession:
         mail = MailFrom(
             return_path,
             size=int(message.size) if conn.engine.offers("SIZE") else None,
-            body=BodyType.EIGHT_BIT_MIME if envelope.body_type is BodyType.EIGHT_BIT_MIME else None,
+            body=BodyType.EIGHT_BIT_MIME
+            if envelope.body_type is BodyType.EIGHT_BIT_MIME
+            else BodyType.SEVEN_BIT,
             smtputf8=needs_utf8,
             env_id=envelope.env_id if conn.engine.offers("DSN") else None,
         )
