@@ -92,10 +92,15 @@ __all__ = [
     "ACK_DELAY",
     "INITIAL_RTO",
     "LOSS_HALF_LIFE",
+    "LOSS_PRIOR",
+    "LOSS_PRIOR_EVENTS",
+    "LOSS_PRIOR_HALF_LIFE",
     "MAX_FRAME_DATA",
     "MAX_RTO",
+    "MIN_PROBE",
     "MIN_RTO",
     "SACK_LIMIT",
+    "FrameFlag",
     "FrameKind",
     "Link",
     "LinkDead",
@@ -114,8 +119,8 @@ SACK_LIMIT: Final = 256
 _ACK_BLOCK_MAX: Final = 4 + 1 + SACK_LIMIT
 assert MAX_FRAME_DATA + _ACK_BLOCK_MAX <= MAX_PAYLOAD
 
-ACK_DELAY: Final = 0.05
-"""Seconds an acknowledgement for in-order data may wait for a second frame or for data."""
+ACK_DELAY: Final = 0.2
+"""Seconds an acknowledgement of in-order data may wait, to cover more data at once."""
 
 INITIAL_RTO: Final = 3.0
 """Retransmission timeout before any round trip was measured (slow lines: be patient)."""
@@ -123,11 +128,23 @@ INITIAL_RTO: Final = 3.0
 MIN_RTO: Final = 1.0
 """The smallest retransmission timeout (RFC 6298, 2.4)."""
 
+MIN_PROBE: Final = 0.1
+"""The shortest wait before probing for a lost last frame (twice the round trip, usually)."""
+
 MAX_RTO: Final = 30.0
 """The largest retransmission timeout, however often it was doubled."""
 
 LOSS_HALF_LIFE: Final = 64 * 1024
 """Bytes sent after which a loss counts half as much in the damage estimate."""
+
+LOSS_PRIOR: Final = 32 * 1024
+"""Bytes sent that the damage estimate starts from, with :data:`LOSS_PRIOR_EVENTS` losses."""
+
+LOSS_PRIOR_EVENTS: Final = 1.0
+"""Losses assumed before any was seen: start at a middling frame size, not the largest."""
+
+LOSS_PRIOR_HALF_LIFE: Final = 16 * 1024
+"""Bytes sent after which the assumed losses count half: a clean line soon gets big frames."""
 
 _SEQ_MODULUS: Final = 1 << 32
 _MAX_WINDOW: Final = 1 << 30
@@ -136,11 +153,22 @@ _U32: Final = struct.Struct(">I")
 
 
 class FrameKind(enum.IntEnum):
-    """What a frame carries; see the module's theory of operation."""
+    """What a frame carries (the low six bits of the frame's kind byte)."""
 
     DATA = 0x01
     ACK = 0x02
-    DATA_ACK = 0x81
+
+
+class FrameFlag(enum.IntFlag):
+    """The two high bits of a data frame's kind byte."""
+
+    PUSH = 0x40
+    """Nothing more was queued behind this frame: acknowledge it at once."""
+    ACK_BLOCK = 0x80
+    """An ack block comes before the data."""
+
+
+_KIND_MASK: Final = 0x3F
 
 
 @dataclass(frozen=True)
@@ -326,11 +354,14 @@ class Link:
         self._rttvar = 0.0
         self._rto = INITIAL_RTO
         self._rto_deadline: float | None = None
+        self._probe_deadline: float | None = None
         self._progress_at = now
         self._last_sent = now
         self._loss_events = 0.0
-        self._loss_bytes = float(LOSS_HALF_LIFE)
+        self._loss_assumed = LOSS_PRIOR_EVENTS
+        self._loss_bytes = float(LOSS_PRIOR)
         self._frame_data = params.max_frame_payload
+        self._adapt_frame_size()
         # Receiving.
         self._rcv_nxt = 0
         self._held: list[tuple[int, bytes]] = []
@@ -339,7 +370,7 @@ class Link:
         self._ack_owed = False
         self._ack_now = False
         self._ack_owed_since = now
-        self._frames_unacked = 0
+        self._bytes_unacked = 0
         self._last_heard = now
         # Accounting.
         self._wire_sent = 0
@@ -423,6 +454,8 @@ class Link:
         deadlines = [self._last_heard + params.dead_after, self._last_sent + params.keepalive]
         if self._rto_deadline is not None:
             deadlines.append(self._rto_deadline)
+        if self._probe_deadline is not None:
+            deadlines.append(self._probe_deadline)
         if self._segments:
             deadlines.append(self._progress_at + params.dead_after)
         ack_due = self._ack_due()
@@ -450,6 +483,12 @@ class Link:
                     break
             self._rto = min(self._rto * 2.0, MAX_RTO)
             self._rto_deadline = now + self._rto
+        if self._probe_deadline is not None and now >= self._probe_deadline:
+            self._probe_deadline = None
+            for segment in reversed(self._segments):
+                if not segment.sacked:
+                    segment.lost = True
+                    break
 
     def data_to_send(self, now: float, max_bytes: int | None = None) -> bytes:
         """Frames to put on the line now.
@@ -539,30 +578,35 @@ class Link:
     def _transmit(self, segment: _Segment, now: float, out: list[bytes]) -> int:
         base = self._snd_una
         data = bytes(self._out[segment.start - base : segment.end - base])
-        seq = segment.start % _SEQ_MODULUS
-        if self._ack_owed:
-            block = _U32.pack(self._rcv_nxt % _SEQ_MODULUS) + self._sack_block()
-            frame = Frame(FrameKind.DATA_ACK, seq, block + data)
+        kind = FrameKind.DATA | (FrameFlag.PUSH if segment.resent else 0)
+        if segment.end == base + len(self._out):
+            kind |= FrameFlag.PUSH
+        ack_due = self._ack_due()
+        if ack_due is not None and now >= ack_due:
+            data = _U32.pack(self._rcv_nxt % _SEQ_MODULUS) + self._sack_block() + data
+            kind |= FrameFlag.ACK_BLOCK
             self._ack_sent()
-        else:
-            frame = Frame(FrameKind.DATA, seq, data)
-        wire = encode_frame(frame)
+        wire = encode_frame(Frame(kind, segment.start % _SEQ_MODULUS, data))
         out.append(wire)
         self._xmit += 1
         segment.xmit = self._xmit
         segment.sent_at = now
         if self._rto_deadline is None:
             self._rto_deadline = now + self._rto
+        if kind & FrameFlag.PUSH:
+            self._arm_probe(now)
         decay = 0.5 ** (len(wire) / LOSS_HALF_LIFE)
         self._loss_bytes = self._loss_bytes * decay + len(wire)
         self._loss_events *= decay
+        self._loss_assumed *= 0.5 ** (len(wire) / LOSS_PRIOR_HALF_LIFE)
+        self._adapt_frame_size()
         return len(wire)
 
     def _ack_due(self) -> float | None:
         """When an acknowledgement must go out alone if no data carries it first."""
         if not self._ack_owed:
             return None
-        if self._ack_now or self._frames_unacked >= 2:
+        if self._ack_now or self._bytes_unacked >= self._params.window // 4:
             return self._ack_owed_since
         return self._ack_owed_since + ACK_DELAY
 
@@ -574,7 +618,7 @@ class Link:
     def _ack_sent(self) -> None:
         self._ack_owed = False
         self._ack_now = False
-        self._frames_unacked = 0
+        self._bytes_unacked = 0
 
     def _sack_block(self) -> bytes:
         """Count and (skip, length) pairs of the ranges held beyond the cumulative ack."""
@@ -604,21 +648,22 @@ class Link:
     # -- receiving -----------------------------------------------------------------
 
     def _on_frame(self, frame: Frame, now: float) -> None:
-        kind = frame.kind
-        if kind == FrameKind.DATA:
-            self._on_data(frame.seq, frame.payload, now)
-        elif kind == FrameKind.ACK:
+        kind = frame.kind & _KIND_MASK
+        if kind == FrameKind.ACK:
             cum = _unwrap(frame.seq, self._snd_una)
             ranges, _ = self._read_sack(frame.payload, 0, cum)
             self._on_ack(cum, ranges, now)
-        elif kind == FrameKind.DATA_ACK:
-            if len(frame.payload) < _U32.size:
-                raise PhoneProtocolError("data frame too short for its ack block")
-            (cum_wire,) = _U32.unpack_from(frame.payload, 0)
-            cum = _unwrap(cum_wire, self._snd_una)
-            ranges, pos = self._read_sack(frame.payload, _U32.size, cum)
-            self._on_ack(cum, ranges, now)
-            self._on_data(frame.seq, frame.payload[pos:], now)
+        elif kind == FrameKind.DATA:
+            payload = frame.payload
+            if frame.kind & FrameFlag.ACK_BLOCK:
+                if len(payload) < _U32.size:
+                    raise PhoneProtocolError("data frame too short for its ack block")
+                (cum_wire,) = _U32.unpack_from(payload, 0)
+                cum = _unwrap(cum_wire, self._snd_una)
+                ranges, pos = self._read_sack(payload, _U32.size, cum)
+                self._on_ack(cum, ranges, now)
+                payload = payload[pos:]
+            self._on_data(frame.seq, payload, now, push=bool(frame.kind & FrameFlag.PUSH))
         else:
             return  # a kind from a later version: skip it
         self._last_heard = now
@@ -681,6 +726,15 @@ class Link:
                 self._note_loss()
         outstanding = any(not segment.sacked for segment in segments)
         self._rto_deadline = now + self._rto if outstanding else None
+        self._probe_deadline = None
+        if outstanding and self._snd_nxt == self._snd_una + len(self._out):
+            self._arm_probe(now)
+
+    def _arm_probe(self, now: float) -> None:
+        """Resend the last frame if its acknowledgement is late: the tail has no later
+        frame whose acknowledgement would show it lost, and the timeout is long."""
+        if self._srtt is not None:
+            self._probe_deadline = now + max(2.0 * self._srtt, MIN_PROBE)
 
     def _sample_rtt(self, sample: float) -> None:
         if self._srtt is None:
@@ -698,19 +752,19 @@ class Link:
     def _adapt_frame_size(self) -> None:
         params = self._params
         self._frame_data = _best_frame_data(
-            self._loss_events / self._loss_bytes,
+            (self._loss_events + self._loss_assumed) / self._loss_bytes,
             params.min_frame_payload,
             params.max_frame_payload,
         )
 
-    def _on_data(self, seq: int, data: bytes, now: float) -> None:
+    def _on_data(self, seq: int, data: bytes, now: float, *, push: bool) -> None:
         if not data:
             return
         start = _unwrap(seq, self._rcv_nxt)
         end = start + len(data)
         window_end = self._rcv_nxt + self._params.window
         if end <= self._rcv_nxt:
-            self._owe_ack(now, at_once=True)  # a duplicate: our acknowledgement was lost
+            self._owe_ack(now, 0, at_once=True)  # a duplicate: our acknowledgement was lost
             return
         if start >= window_end or self._undelivered >= self._params.window:
             return  # no room: the peer will send it again
@@ -718,7 +772,7 @@ class Link:
             data = data[: window_end - start]
         if start > self._rcv_nxt:
             self._hold(start, data)
-            self._owe_ack(now, at_once=True)  # out of order: tell the peer of the gap now
+            self._owe_ack(now, len(data), at_once=True)  # out of order: report the gap now
             return
         self._deliver(data[self._rcv_nxt - start :])
         filled = False
@@ -727,7 +781,7 @@ class Link:
             filled = True
             if held_start + len(held) > self._rcv_nxt:
                 self._deliver(held[self._rcv_nxt - held_start :])
-        self._owe_ack(now, at_once=filled)
+        self._owe_ack(now, len(data), at_once=filled or push)
 
     def _hold(self, start: int, data: bytes) -> None:
         """Keep the bytes of ``data`` (at ``start``, beyond a gap) not held yet."""
@@ -759,12 +813,12 @@ class Link:
             self._undelivered += len(record)
             self._payload_received += len(record)
 
-    def _owe_ack(self, now: float, *, at_once: bool) -> None:
+    def _owe_ack(self, now: float, size: int, *, at_once: bool) -> None:
         if not self._ack_owed:
             self._ack_owed = True
             self._ack_owed_since = now
         self._ack_now = self._ack_now or at_once
-        self._frames_unacked += 1
+        self._bytes_unacked += size
 
     def _die(self, reason: str) -> None:
         if self._dead:
@@ -775,3 +829,4 @@ class Link:
         self._segments.clear()
         self._held.clear()
         self._rto_deadline = None
+        self._probe_deadline = None
