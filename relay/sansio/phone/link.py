@@ -108,6 +108,9 @@ __all__ = [
     "LinkParams",
     "LinkStats",
     "RecordReceived",
+    "decode_varint",
+    "encode_varint",
+    "unwrap_seq",
 ]
 
 MAX_FRAME_DATA: Final = 16 * 1024
@@ -132,9 +135,10 @@ MIN_PROBE: Final = 0.1
 """The shortest wait before probing for a lost last frame (twice the round trip, usually)."""
 
 MAX_RTO: Final = 30.0
-"""The largest retransmission timeout, however often it was doubled."""
+"""The largest retransmission timeout, however often it was doubled (and at most a
+quarter of ``dead_after``)."""
 
-LOSS_HALF_LIFE: Final = 64 * 1024
+LOSS_HALF_LIFE: Final = 32 * 1024
 """Bytes sent after which a loss counts half as much in the damage estimate."""
 
 LOSS_PRIOR: Final = 32 * 1024
@@ -264,7 +268,7 @@ def decode_varint(data: bytes, pos: int) -> tuple[int, int]:
     raise PhoneProtocolError("number longer than five bytes in an ack block")
 
 
-def _unwrap(wire: int, near: int) -> int:
+def unwrap_seq(wire: int, near: int) -> int:
     """The stream offset whose low 32 bits are ``wire`` nearest to ``near``."""
     delta = (wire - near) % _SEQ_MODULUS
     if delta >= _SEQ_MODULUS // 2:
@@ -458,7 +462,7 @@ class Link:
             deadlines.append(self._probe_deadline)
         if self._segments:
             deadlines.append(self._progress_at + params.dead_after)
-        ack_due = self._ack_due()
+        ack_due = self._ack_alone_due()
         if ack_due is not None:
             deadlines.append(ack_due)
         return min(deadlines)
@@ -481,7 +485,7 @@ class Link:
                         segment.lost = True
                         self._note_loss()
                     break
-            self._rto = min(self._rto * 2.0, MAX_RTO)
+            self._rto = min(self._rto * 2.0, self._max_rto())
             self._rto_deadline = now + self._rto
         if self._probe_deadline is not None and now >= self._probe_deadline:
             self._probe_deadline = None
@@ -511,19 +515,14 @@ class Link:
                 break
             size += self._resend(index, now, out)
             index += 1
-        window_end = self._snd_una + self._params.window
-        stream_end = self._snd_una + len(self._out)
-        while size < budget and self._snd_nxt < stream_end:
-            length = min(self._frame_data, stream_end - self._snd_nxt)
-            if window_end - self._snd_nxt < length:
-                break
+        while size < budget and (length := self._next_new_length()):
             segment = _Segment(self._snd_nxt, self._snd_nxt + length)
             if not self._segments:
                 self._progress_at = now
             self._segments.append(segment)
             self._snd_nxt = segment.end
             size += self._transmit(segment, now, out)
-        ack_due = self._ack_due()
+        ack_due = self._ack_alone_due()
         keepalive_due = not out and now >= self._last_sent + self._params.keepalive
         if (ack_due is not None and now >= ack_due) or keepalive_due:
             out.append(self._ack_frame())
@@ -554,6 +553,14 @@ class Link:
 
     # -- sending -------------------------------------------------------------------
 
+    def _next_new_length(self) -> int:
+        """How much new data the next frame carries; 0 if none, or the window is too
+        full for a whole frame (sending slivers would waste the line on headers)."""
+        waiting = len(self._out) - (self._snd_nxt - self._snd_una)
+        length = min(self._frame_data, waiting)
+        room = self._snd_una + self._params.window - self._snd_nxt
+        return length if length <= room else 0
+
     def _next_lost(self, index: int) -> int:
         segments = self._segments
         for position in range(index, len(segments)):
@@ -563,8 +570,12 @@ class Link:
 
     def _resend(self, index: int, now: float, out: list[bytes]) -> int:
         segment = self._segments[index]
-        if segment.end - segment.start > self._frame_data:
-            rest = _Segment(segment.start + self._frame_data, segment.end)
+        length = segment.end - segment.start
+        if length > self._frame_data * 5 // 4:
+            # Split what was lost into even pieces near the current size, not a full
+            # piece and a sliver.
+            pieces = -(-length // self._frame_data)
+            rest = _Segment(segment.start + -(-length // pieces), segment.end)
             rest.lost = True
             rest.resent = True
             segment.end = rest.start
@@ -610,6 +621,21 @@ class Link:
             return self._ack_owed_since
         return self._ack_owed_since + ACK_DELAY
 
+    def _ack_alone_due(self) -> float | None:
+        """When an acknowledgement must go in a frame of its own.
+
+        News of a gap goes at once.  An acknowledgement of in-order data waits for the
+        next data frame if data is ready (the driver asks again when its transmit buffer
+        has room): alone it would take a frame's overhead, and queue behind that frame
+        anyway.
+        """
+        due = self._ack_due()
+        if due is None or self._ack_now:
+            return due
+        if self._next_new_length() or self._next_lost(0) >= 0:
+            return None
+        return due
+
     def _ack_frame(self) -> bytes:
         frame = Frame(FrameKind.ACK, self._rcv_nxt % _SEQ_MODULUS, self._sack_block())
         self._ack_sent()
@@ -650,7 +676,7 @@ class Link:
     def _on_frame(self, frame: Frame, now: float) -> None:
         kind = frame.kind & _KIND_MASK
         if kind == FrameKind.ACK:
-            cum = _unwrap(frame.seq, self._snd_una)
+            cum = unwrap_seq(frame.seq, self._snd_una)
             ranges, _ = self._read_sack(frame.payload, 0, cum)
             self._on_ack(cum, ranges, now)
         elif kind == FrameKind.DATA:
@@ -659,7 +685,7 @@ class Link:
                 if len(payload) < _U32.size:
                     raise PhoneProtocolError("data frame too short for its ack block")
                 (cum_wire,) = _U32.unpack_from(payload, 0)
-                cum = _unwrap(cum_wire, self._snd_una)
+                cum = unwrap_seq(cum_wire, self._snd_una)
                 ranges, pos = self._read_sack(payload, _U32.size, cum)
                 self._on_ack(cum, ranges, now)
                 payload = payload[pos:]
@@ -743,7 +769,16 @@ class Link:
         else:
             self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - sample)
             self._srtt = 0.875 * self._srtt + 0.125 * sample
-        self._rto = min(MAX_RTO, max(MIN_RTO, self._srtt + max(0.01, 4.0 * self._rttvar)))
+        rto = self._srtt + max(0.01, 4.0 * self._rttvar)
+        self._rto = min(self._max_rto(), max(MIN_RTO, rto))
+
+    def _max_rto(self) -> float:
+        """The timeout's ceiling: a few tries fit in ``dead_after`` however long the wait.
+
+        A serial line has no congestion to back off from: losses are noise, and the
+        doubling only guards against a timeout that was too short.
+        """
+        return min(MAX_RTO, self._params.dead_after / 4.0)
 
     def _note_loss(self) -> None:
         self._loss_events += 1.0
@@ -760,7 +795,7 @@ class Link:
     def _on_data(self, seq: int, data: bytes, now: float, *, push: bool) -> None:
         if not data:
             return
-        start = _unwrap(seq, self._rcv_nxt)
+        start = unwrap_seq(seq, self._rcv_nxt)
         end = start + len(data)
         window_end = self._rcv_nxt + self._params.window
         if end <= self._rcv_nxt:
