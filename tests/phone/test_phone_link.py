@@ -386,6 +386,7 @@ def test_a_reader_that_falls_behind_holds_the_peer_back() -> None:
         exchange(receiver, sender, now)
     assert sender.queued_bytes > 80_000
     assert receiver.stats().payload_bytes_received <= 2 * params.window
+    assert receiver.buffered_bytes <= 2 * params.window
     taken = []
     while not sender.idle:
         while (event := receiver.next_event()) is not None:
@@ -450,3 +451,50 @@ def test_every_record_arrives_once_in_order_or_the_link_is_dead(
     )
     if conditions.silent_after == float("inf") and conditions.ber < 1e-3 and per_piece <= 0.15:
         assert outcome.a.received == sent_b and outcome.b.received == sent_a
+
+
+frame_strategy = st.builds(
+    Frame,
+    kind=st.sampled_from(
+        [
+            FrameKind.DATA,
+            FrameKind.DATA | FrameFlag.PUSH,
+            FrameKind.DATA | FrameFlag.ACK_BLOCK,
+            FrameKind.ACK,
+            0x3F,
+        ]
+    ),
+    seq=st.one_of(st.integers(0, 70_000), st.integers(0, (1 << 32) - 1)),
+    payload=st.binary(max_size=300),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(
+        st.one_of(frame_strategy.map(encode_frame), st.binary(min_size=1, max_size=200)),
+        max_size=30,
+    ),
+    outgoing=st.lists(st.binary(max_size=3000), max_size=3),
+)
+def test_hostile_frames_never_raise(pieces: list[bytes], outgoing: list[bytes]) -> None:
+    """Checked frames with arbitrary contents, mixed with noise, give events or LinkDead,
+    never an exception, and the link's memory stays within its window."""
+    params = LinkParams(window=8192, max_record=4096, max_frame_payload=1024)
+    link = Link(params, 0.0)
+    for record in outgoing:
+        link.send_record(record)
+    now = 0.0
+    for piece in pieces:
+        now += 0.25
+        link.data_to_send(now, max_bytes=1500)
+        link.receive_data(piece, now)
+        link.tick(now)
+        while (event := link.next_event()) is not None:
+            assert isinstance(event, RecordReceived | LinkDead)
+            if isinstance(event, RecordReceived):
+                assert len(event.record) <= params.max_record
+        assert link.stats().garbage_bytes <= link.stats().wire_bytes_received
+        bound = 2 * (params.window + params.max_record) + FrameDecoder.limit
+        assert link.buffered_bytes <= bound
+        assert link.queued_bytes <= sum(len(record) + 2 for record in outgoing)

@@ -286,6 +286,11 @@ class _RecordReader:
         self._shift = 0
         self._body = bytearray()
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of the record being put together."""
+        return len(self._body)
+
     def feed(self, data: bytes) -> list[bytes]:
         records: list[bytes] = []
         pos, size = 0, len(data)
@@ -406,6 +411,14 @@ class Link:
     def idle(self) -> bool:
         """Nothing queued, nothing in flight: the peer acknowledged everything we sent."""
         return not self._out
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held for the incoming side: held beyond a gap, a record being put
+        together, records not yet taken, and the frame decoder's.  Bounded by twice
+        ``window + max_record`` plus one frame, whatever the peer sends."""
+        held = sum(len(data) for _, data in self._held)
+        return held + self._reader.buffered + self._undelivered + self._decoder.buffered
 
     def reconfigure(self, params: LinkParams) -> None:
         """Switch to the settings both sides agreed on (data in flight is kept)."""
