@@ -242,6 +242,32 @@ def test_a_lost_last_frame_is_probed_before_the_timeout() -> None:
     assert 0 < resent_at - lost_at < MIN_RTO
 
 
+def test_a_lost_acknowledgement_is_repeated_when_the_data_comes_again() -> None:
+    """The peer resending what we hold means our ack was lost: we ack again at once,
+    without waiting for the keepalive."""
+
+    def drop_first_ack(direction: str, index: int, chunk: bytes) -> bytes:
+        return b"" if direction == "b>a" and index == 0 else chunk
+
+    sent = records(1, 1000)
+    outcome = simulate(sent, [], Conditions(), tamper=drop_first_ack)
+    assert outcome.b.received == sent and outcome.a.link.idle
+    assert outcome.a.link.stats().frames_resent >= 1
+    assert outcome.finished_at < LinkParams().keepalive - 1
+
+
+def test_the_sender_keeps_within_the_window() -> None:
+    """Without acknowledgements, no more than ``window`` bytes of new data go out (and
+    no sliver smaller than a frame to fill it to the last byte)."""
+    params = LinkParams(window=8192, max_frame_payload=1024)
+    link = Link(params, 0.0)
+    for record in records(50, 1000):
+        link.send_record(record)
+    sent = FrameDecoder().feed(b"".join(link.data_to_send(t / 2) for t in range(40)))
+    ends = [frame.seq + len(frame.payload) for frame in data_frames(sent)]
+    assert params.window - params.max_frame_payload < max(ends) <= params.window
+
+
 def test_acks_ride_on_data_when_both_ways_carry_data() -> None:
     """With data both ways, acknowledgements travel in data frames; few go alone."""
     sent = records(30, 4096)
