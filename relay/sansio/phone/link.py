@@ -149,9 +149,9 @@ MIN_RTO: Final = 1.0
 """The smallest retransmission timeout (RFC 6298, 2.4)."""
 
 INITIAL_FLIGHT: Final = 16 * 1024
-"""Bytes in flight before a delivery rate and a round trip were measured, and at least
-ever after: a first delivery-rate sample (one frame over a whole round trip) is far
-below the line's rate, and a limit from it would idle a long line while it grows."""
+"""Bytes in flight while starting up (until the measured rate stops growing): a first
+delivery-rate sample (one frame over a whole round trip) is far below the line's rate,
+and a limit from it would idle a long line while it grows."""
 
 FLIGHT_TIME: Final = 1.0
 """Seconds of line the flight limit allows at least (see ``Link._flight_limit``)."""
@@ -417,6 +417,10 @@ class Link:
         self._rate_samples: deque[tuple[float, float]] = deque()
         self._line_mark_at = now
         self._line_mark_bytes = 0
+        self._starting = True
+        self._round_ends = now
+        self._growth_mark = 0.0
+        self._flat_rounds = 0
         self._rttvar = 0.0
         self._rto = INITIAL_RTO
         self._rto_deadline: float | None = None
@@ -916,9 +920,20 @@ class Link:
         samples = self._rate_samples
         while samples and samples[0][0] < now - RATE_MEMORY:
             samples.popleft()
-        if newest.app_limited and (not samples or rate < max(r for _, r in samples)):
+        best = max((r for _, r in samples), default=0.0)
+        if newest.app_limited and rate < best:
             return  # the sender had nothing more to send: this says little of the line
         samples.append((now, rate))
+        if self._starting and now >= self._round_ends:
+            # Starting up ends once the best rate grew by less than a quarter in three
+            # round trips running: the line is full (BBR's test).
+            self._round_ends = now + (self._srtt or elapsed)
+            if max(rate, best) >= 1.25 * self._growth_mark:
+                self._growth_mark = max(rate, best)
+                self._flat_rounds = 0
+            else:
+                self._flat_rounds += 1
+                self._starting = self._flat_rounds < 3
 
     def _flight_limit(self) -> int:
         """How many bytes may be in flight (sent, neither acknowledged nor known lost).
@@ -929,16 +944,18 @@ class Link:
         bounded, so that acknowledgements riding behind it and resent frames are not
         held up for seconds.  The shortest round trip ever seen is used (usually from
         the handshake, before queues formed): a round trip that includes the peer's own
-        queue would let both ends' queues feed each other.  :data:`INITIAL_FLIGHT`
-        before anything was measured.
+        queue would let both ends' queues feed each other.  At least
+        :data:`INITIAL_FLIGHT` while starting up: the first samples (a frame over a
+        whole round trip) are far below the line's rate.
         """
         window = self._params.window
+        floor = INITIAL_FLIGHT if self._starting else 4 * self._frame_data
         if not self._rate_samples or self._min_rtt is None:
-            return min(window, INITIAL_FLIGHT)
+            return min(window, floor)
         rate = max(r for _, r in self._rate_samples)
         span = max(FLIGHT_TIME, 2.0 * self._min_rtt + ACK_DELAY)
         limit = rate * span + 2 * self._frame_data
-        return min(window, max(INITIAL_FLIGHT, int(limit)))
+        return min(window, max(floor, int(limit)))
 
     def _in_flight(self) -> int:
         return sum(
