@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.sansio.phone.errors import LocalPhoneError
+from relay.sansio.phone.estimate import MIN_RTO
 from relay.sansio.phone.frame import Frame, FrameDecoder, encode_frame
 from relay.sansio.phone.link import (
-    MIN_RTO,
     FrameFlag,
     FrameKind,
     Link,

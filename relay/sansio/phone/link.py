@@ -36,14 +36,15 @@ while it has not (the line does not reorder, so the later one overtaking it mean
 one was damaged): it is resent at once, before any new data, without waiting for a
 timer (the idea of RACK, RFC 8985).  Only segments nobody has acknowledged are resent.
 A retransmission timer (RFC 6298: smoothed round trip plus four deviations, at least
-:data:`MIN_RTO`, doubled on each expiry, samples only from segments sent once, per
-Karn) covers the rest, and a probe after two round trips resends the last frame of a
-burst, which has no later frame to show it lost.  The timer restarts whenever something
-new is acknowledged, so frames that queued behind a full transmit buffer do not fire it
+a second, doubled on each expiry, samples only from segments sent once, per Karn)
+covers the rest, and a probe after two round trips resends the last frame of a burst,
+which has no later frame to show it lost.  The timer restarts whenever something new
+is acknowledged, so frames that queued behind a full transmit buffer do not fire it
 while acknowledgements still flow; when it fires it resends only the oldest frame,
 unless nothing at all was heard for a whole timeout (the line went quiet).  A resend
 made on such a guess may be acknowledged by its first copy, so its acknowledgement is
-not taken as evidence against the frames sent before it.
+not taken as evidence against the frames sent before it.  The estimators (round trip,
+damage, delivery rate) live in :mod:`relay.sansio.phone.estimate`.
 
 **Flight limit.**  The driver's transport, the kernel's tty buffer and a modem can
 together hold many seconds of a slow line.  Whatever sits there delays the frames and
@@ -56,11 +57,9 @@ that rate stops growing) at least :data:`INITIAL_FLIGHT`.  The line rate itself 
 never configured.
 
 **Frame size.**  The sender estimates the chance ``q`` that a byte is hit from frames
-declared lost per byte sent (both counts decaying with a half-life of
-:data:`LOSS_HALF_LIFE` bytes sent; a run of consecutive losses counts once, since a
-line gone quiet says nothing of damage; a fading assumed loss,
-:data:`LOSS_PRIOR_EVENTS` in :data:`LOSS_PRIOR` bytes, keeps the first frames middling
-until the line has shown itself clean) and picks the data size that maximises
+declared lost per byte sent (a run of consecutive losses counts once, since a line gone
+quiet says nothing of damage; see :class:`~relay.sansio.phone.estimate.DamageEstimate`)
+and picks the data size that maximises
 ``size / (size + overhead) * (1 - q) ** (size + overhead)``: the largest allowed on a
 clean line, a few hundred bytes at a bit error rate of 1e-5, within
 ``min_frame_payload`` and ``max_frame_payload``.  Lost segments are resent at the
@@ -102,8 +101,14 @@ from dataclasses import dataclass
 from typing import Final
 
 from relay.sansio.phone.errors import LocalPhoneError, PhoneProtocolError
+from relay.sansio.phone.estimate import (
+    INITIAL_RTO,
+    DamageEstimate,
+    DeliveryRate,
+    RoundTrip,
+    SendState,
+)
 from relay.sansio.phone.frame import (
-    FRAME_OVERHEAD,
     MAX_PAYLOAD,
     Frame,
     FrameDecoder,
@@ -114,17 +119,8 @@ __all__ = [
     "ACK_DELAY",
     "FLIGHT_TIME",
     "INITIAL_FLIGHT",
-    "INITIAL_RTO",
-    "LINE_RATE_INTERVAL",
-    "LOSS_HALF_LIFE",
-    "LOSS_PRIOR",
-    "LOSS_PRIOR_EVENTS",
-    "LOSS_PRIOR_HALF_LIFE",
     "MAX_FRAME_DATA",
     "MAX_RTO",
-    "MIN_PROBE",
-    "MIN_RTO",
-    "RATE_MEMORY",
     "SACK_LIMIT",
     "FrameFlag",
     "FrameKind",
@@ -151,11 +147,6 @@ assert MAX_FRAME_DATA + _ACK_BLOCK_MAX <= MAX_PAYLOAD
 ACK_DELAY: Final = 0.2
 """Seconds an acknowledgement of in-order data may wait, to cover more data at once."""
 
-INITIAL_RTO: Final = 3.0
-"""Retransmission timeout before any round trip was measured (slow lines: be patient)."""
-
-MIN_RTO: Final = 1.0
-"""The smallest retransmission timeout (RFC 6298, 2.4)."""
 
 INITIAL_FLIGHT: Final = 16 * 1024
 """Bytes in flight while starting up (until the measured rate stops growing): a first
@@ -165,30 +156,11 @@ and a limit from it would idle a long line while it grows."""
 FLIGHT_TIME: Final = 1.0
 """Seconds of line the flight limit allows at least (see ``Link._flight_limit``)."""
 
-LINE_RATE_INTERVAL: Final = 1.0
-"""Seconds over which bytes received are counted for a rate sample."""
-
-RATE_MEMORY: Final = 10.0
-"""Seconds a delivery-rate sample counts towards the best recent rate."""
-
-MIN_PROBE: Final = 0.1
-"""The shortest wait before probing for a lost last frame (twice the round trip, usually)."""
 
 MAX_RTO: Final = 30.0
 """The largest retransmission timeout, however often it was doubled (and at most a
 quarter of ``dead_after``)."""
 
-LOSS_HALF_LIFE: Final = 32 * 1024
-"""Bytes sent after which a loss counts half as much in the damage estimate."""
-
-LOSS_PRIOR: Final = 32 * 1024
-"""Bytes sent that the damage estimate starts from, with :data:`LOSS_PRIOR_EVENTS` losses."""
-
-LOSS_PRIOR_EVENTS: Final = 1.0
-"""Losses assumed before any was seen: start at a middling frame size, not the largest."""
-
-LOSS_PRIOR_HALF_LIFE: Final = 16 * 1024
-"""Bytes sent after which the assumed losses count half: a clean line soon gets big frames."""
 
 _SEQ_MODULUS: Final = 1 << 32
 _MAX_WINDOW: Final = 1 << 30
@@ -365,13 +337,12 @@ class _Segment:
 
     __slots__ = (
         "app_limited",
-        "delivered",
-        "delivered_at",
+        "clean",
         "end",
-        "first_sent_at",
         "lost",
         "resent",
         "sacked",
+        "send_state",
         "sent_at",
         "speculative",
         "start",
@@ -387,20 +358,9 @@ class _Segment:
         self.sacked = False
         self.lost = False
         self.speculative = False  # marked lost by a timer, not by evidence
-        # The delivery count and its time when this was sent, for a rate sample.
-        self.delivered = 0
-        self.delivered_at = 0.0
-        self.first_sent_at = 0.0
+        self.send_state = SendState(0, 0.0, 0.0)  # for a delivery-rate sample
         self.app_limited = False
-
-
-def _best_frame_data(loss_per_byte: float, low: int, high: int) -> int:
-    """The data size that moves most data per line byte when each byte may be hit."""
-    if loss_per_byte <= 0.0:
-        return high
-    h = FRAME_OVERHEAD
-    best = (-h + math.sqrt(h * h + 4.0 * h / loss_per_byte)) / 2.0
-    return max(low, min(high, int(best)))
+        self.clean = False  # sent when nothing else was in flight
 
 
 class Link:
@@ -418,29 +378,16 @@ class Link:
         self._segments: list[_Segment] = []
         self._xmit = 0
         self._delivered_xmit = 0
-        self._srtt: float | None = None
-        self._min_rtt: float | None = None
-        self._delivered = 0
-        self._delivered_at = now
-        self._first_sent_at = now
-        self._rate_samples: deque[tuple[float, float]] = deque()
-        self._line_mark_at = now
-        self._line_mark_bytes = 0
-        self._starting = True
-        self._round_ends = now
-        self._growth_mark = 0.0
-        self._flat_rounds = 0
-        self._rttvar = 0.0
-        self._rto = INITIAL_RTO
+        self._round_trip = RoundTrip()
+        self._rate = DeliveryRate(now)
+        self._damage = DamageEstimate()
         self._rto_deadline: float | None = None
         self._probe_deadline: float | None = None
         self._progress_at = now
         self._last_sent = now
-        self._loss_events = 0.0
-        self._loss_assumed = LOSS_PRIOR_EVENTS
-        self._loss_bytes = float(LOSS_PRIOR)
-        self._frame_data = params.max_frame_payload
-        self._adapt_frame_size()
+        self._frame_data = self._damage.frame_data(
+            params.min_frame_payload, params.max_frame_payload
+        )
         # Receiving.
         self._rcv_nxt = 0
         self._held: list[tuple[int, bytes]] = []
@@ -517,7 +464,7 @@ class Link:
             self._die("line dropped")
             return
         self._wire_received += len(data)
-        self._sample_line_rate(now)
+        self._rate.on_received(self._wire_received, now)
         for frame in self._decoder.feed(data):
             try:
                 self._on_frame(frame, now)
@@ -570,7 +517,7 @@ class Link:
             # Heard nothing at all for a whole timeout: the line went quiet and took
             # everything with it.  Otherwise the oldest frame alone is a guess (its
             # acknowledgement may only be queued behind the peer's data).
-            outage = now - self._last_heard >= self._rto
+            outage = now - self._last_heard >= self._round_trip.rto
             run = False
             for segment in self._segments:
                 if not (segment.sacked or segment.lost):
@@ -582,8 +529,8 @@ class Link:
                         break
                 else:
                     run = False
-            self._rto = min(self._rto * 2.0, self._max_rto())
-            self._rto_deadline = now + self._rto
+            self._round_trip.back_off(self._max_rto())
+            self._rto_deadline = now + self._round_trip.rto
         if self._probe_deadline is not None and now >= self._probe_deadline:
             self._probe_deadline = None
             for segment in reversed(self._segments):
@@ -641,11 +588,11 @@ class Link:
             frames_sent=self._frames_sent,
             frames_resent=self._frames_resent,
             frames_damaged=self._decoder.bad_checksums + self._decoder.bad_headers,
-            rtt=self._srtt,
+            rtt=self._round_trip.srtt,
             bytes_resent=self._bytes_resent,
             garbage_bytes=self._decoder.garbage_bytes,
             frame_payload=self._frame_data,
-            rto=self._rto,
+            rto=self._round_trip.rto,
         )
 
     # -- sending -------------------------------------------------------------------
@@ -701,24 +648,17 @@ class Link:
             self._ack_sent()
         wire = encode_frame(Frame(kind, segment.start % _SEQ_MODULUS, data))
         out.append(wire)
-        if not self._in_flight():
-            # The line was idle: do not count the pause as slowness.
-            self._delivered_at = self._first_sent_at = now
-        segment.delivered = self._delivered
-        segment.delivered_at = self._delivered_at
-        segment.first_sent_at = self._first_sent_at
+        segment.clean = not self._in_flight()
+        segment.send_state = self._rate.on_send(now, line_idle=segment.clean)
         segment.app_limited = bool(kind & FrameFlag.PUSH)
         self._xmit += 1
         segment.xmit = self._xmit
         segment.sent_at = now
         if self._rto_deadline is None:
-            self._rto_deadline = now + self._rto
+            self._rto_deadline = now + self._round_trip.rto
         if kind & FrameFlag.PUSH:
             self._arm_probe(now)
-        decay = 0.5 ** (len(wire) / LOSS_HALF_LIFE)
-        self._loss_bytes = self._loss_bytes * decay + len(wire)
-        self._loss_events *= decay
-        self._loss_assumed *= 0.5 ** (len(wire) / LOSS_PRIOR_HALF_LIFE)
+        self._damage.sent(len(wire))
         self._adapt_frame_size()
         return len(wire)
 
@@ -868,12 +808,17 @@ class Link:
         if not progress:
             return
         self._progress_at = now
-        self._delivered += delivered
-        self._delivered_at = now
+        self._rate.on_delivered(delivered, now)
         if sampled is not None:
             # Karn: a resent segment's acknowledgement may be for either copy.
-            self._sample_rate(sampled, now)
-            self._sample_rtt(now - sampled.sent_at)
+            self._rate.sample(
+                sampled.send_state,
+                sampled.sent_at,
+                now,
+                app_limited=sampled.app_limited,
+                round_trip=self._round_trip,
+            )
+            self._round_trip.sample(now - sampled.sent_at, self._max_rto(), clean=sampled.clean)
         if newest is not None:
             self._delivered_xmit = max(self._delivered_xmit, newest.xmit)
         run = False
@@ -887,7 +832,7 @@ class Link:
             else:
                 run = False
         outstanding = any(not segment.sacked for segment in segments)
-        self._rto_deadline = now + self._rto if outstanding else None
+        self._rto_deadline = now + self._round_trip.rto if outstanding else None
         self._probe_deadline = None
         if outstanding and self._snd_nxt == self._snd_una + len(self._out):
             self._arm_probe(now)
@@ -895,58 +840,13 @@ class Link:
     def _arm_probe(self, now: float) -> None:
         """Resend the last frame if its acknowledgement is late: the tail has no later
         frame whose acknowledgement would show it lost, and the timeout is long."""
-        if self._srtt is not None:
-            self._probe_deadline = now + max(2.0 * self._srtt, MIN_PROBE)
-
-    def _sample_line_rate(self, now: float) -> None:
-        """Count what arrives per second as a rate the line can carry too.
-
-        With data both ways each end's round trip includes the other's queue; a flight
-        limit from delivery rates alone lets the end with the lower estimate starve
-        while the other keeps its queue full.  Serial lines carry the same rate both
-        ways, so the busier direction teaches the quieter one.
-        """
-        elapsed = now - self._line_mark_at
-        if elapsed < LINE_RATE_INTERVAL:
-            return
-        if self._line_mark_at > 0.0 or self._line_mark_bytes:
-            rate = (self._wire_received - self._line_mark_bytes) / elapsed
-            if self._rate_samples and rate > max(r for _, r in self._rate_samples):
-                self._rate_samples.append((now, rate))
-        self._line_mark_at = now
-        self._line_mark_bytes = self._wire_received
+        delay = self._round_trip.probe_delay()
+        if delay is not None:
+            self._probe_deadline = now + delay
 
     @staticmethod
     def _newer(best: _Segment | None, segment: _Segment) -> _Segment:
         return segment if best is None or segment.xmit > best.xmit else best
-
-    def _sample_rate(self, newest: _Segment, now: float) -> None:
-        """Note a delivery-rate sample: bytes delivered since ``newest`` was sent, over
-        the time they took (the way BBR measures, draft-cheng-iccrg-delivery-rate)."""
-        self._first_sent_at = newest.sent_at
-        # Over the longer of the sending and the acknowledging of those bytes: either
-        # alone can be squeezed (a burst sent at once, acknowledgements bunched up).
-        elapsed = max(now - newest.delivered_at, newest.sent_at - newest.first_sent_at)
-        if elapsed <= 0.0 or elapsed < (self._min_rtt or 0.0):
-            return  # over less than a round trip, bunched acknowledgements mislead
-        rate = (self._delivered - newest.delivered) / elapsed
-        samples = self._rate_samples
-        while samples and samples[0][0] < now - RATE_MEMORY:
-            samples.popleft()
-        best = max((r for _, r in samples), default=0.0)
-        if newest.app_limited and rate < best:
-            return  # the sender had nothing more to send: this says little of the line
-        samples.append((now, rate))
-        if self._starting and now >= self._round_ends:
-            # Starting up ends once the best rate grew by less than a quarter in three
-            # round trips running: the line is full (BBR's test).
-            self._round_ends = now + (self._srtt or elapsed)
-            if max(rate, best) >= 1.25 * self._growth_mark:
-                self._growth_mark = max(rate, best)
-                self._flat_rounds = 0
-            else:
-                self._flat_rounds += 1
-                self._starting = self._flat_rounds < 3
 
     def _flight_limit(self) -> int:
         """How many bytes may be in flight (sent, neither acknowledged nor known lost).
@@ -955,18 +855,18 @@ class Link:
         trips (whichever is longer), at the best recent delivery rate: enough to keep it
         busy, while what waits in the driver's transport, the kernel or a modem stays
         bounded, so that acknowledgements riding behind it and resent frames are not
-        held up for seconds.  The shortest round trip ever seen is used (usually from
-        the handshake, before queues formed): a round trip that includes the peer's own
-        queue would let both ends' queues feed each other.  At least
+        held up for seconds.  The shortest round trip of a frame sent on an idle line is
+        used (usually from the handshake, before queues formed): a round trip that
+        includes the peer's own queue would let both ends' queues feed each other.  At least
         :data:`INITIAL_FLIGHT` while starting up: the first samples (a frame over a
         whole round trip) are far below the line's rate.
         """
         window = self._params.window
-        floor = INITIAL_FLIGHT if self._starting else 4 * self._frame_data
-        if not self._rate_samples or self._min_rtt is None:
+        floor = INITIAL_FLIGHT if self._rate.starting else 4 * self._frame_data
+        rate, min_rtt = self._rate.best, self._round_trip.min_rtt
+        if rate is None:
             return min(window, floor)
-        rate = max(r for _, r in self._rate_samples)
-        span = max(FLIGHT_TIME, 2.0 * self._min_rtt + ACK_DELAY)
+        span = FLIGHT_TIME if min_rtt is None else max(FLIGHT_TIME, 2.0 * min_rtt + ACK_DELAY)
         limit = rate * span + 2 * self._frame_data
         return min(window, max(floor, int(limit)))
 
@@ -977,18 +877,6 @@ class Link:
             if not (segment.sacked or segment.lost)
         )
 
-    def _sample_rtt(self, sample: float) -> None:
-        if self._min_rtt is None or sample < self._min_rtt:
-            self._min_rtt = sample
-        if self._srtt is None:
-            self._srtt = sample
-            self._rttvar = sample / 2.0
-        else:
-            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - sample)
-            self._srtt = 0.875 * self._srtt + 0.125 * sample
-        rto = self._srtt + max(0.01, 4.0 * self._rttvar)
-        self._rto = min(self._max_rto(), max(MIN_RTO, rto))
-
     def _max_rto(self) -> float:
         """The timeout's ceiling: a few tries fit in ``dead_after`` however long the wait.
 
@@ -998,17 +886,15 @@ class Link:
         return min(MAX_RTO, self._params.dead_after / 4.0)
 
     def _note_loss(self) -> None:
-        """Count a loss for the damage estimate: one per run of consecutive frames lost,
-        since a burst (the line quiet for a while) says nothing of the bytes' damage."""
-        self._loss_events += 1.0
+        """Count a loss for the damage estimate (the callers count a run of consecutive
+        frames lost once: a line gone quiet says nothing of how often bytes are hit)."""
+        self._damage.lost()
         self._adapt_frame_size()
 
     def _adapt_frame_size(self) -> None:
         params = self._params
-        self._frame_data = _best_frame_data(
-            (self._loss_events + self._loss_assumed) / self._loss_bytes,
-            params.min_frame_payload,
-            params.max_frame_payload,
+        self._frame_data = self._damage.frame_data(
+            params.min_frame_payload, params.max_frame_payload
         )
 
     def _on_data(self, seq: int, data: bytes, now: float, *, push: bool) -> None:
