@@ -11,7 +11,6 @@ from relay.sansio.phone.estimate import (
     DamageEstimate,
     DeliveryRate,
     RoundTrip,
-    SendState,
     best_frame_data,
 )
 from relay.sansio.phone.frame import FRAME_OVERHEAD
@@ -89,39 +88,41 @@ def test_damage_estimate_shrinks_on_losses_and_grows_when_clean() -> None:
     assert damage.frame_data(64, 4096) == 4096
 
 
-def test_delivery_rate_from_acknowledged_bytes() -> None:
-    """Bytes delivered over the time since a frame was sent give the line's rate."""
+def measured() -> tuple[RoundTrip, DeliveryRate]:
+    """A round trip with one clean 100 ms sample, and a fresh delivery rate."""
     rtt = RoundTrip()
     rtt.sample(0.1, 60.0, clean=True)
-    rate = DeliveryRate(0.0)
-    state = rate.on_send(0.0, line_idle=True)
-    rate.on_delivered(11_520, 1.0)
-    rate.sample(state, 0.0, 1.0, app_limited=False, round_trip=rtt)
+    return rtt, DeliveryRate(0.0)
+
+
+def flight(
+    rtt: RoundTrip, rate: DeliveryRate, sent_at: float, acked_at: float, count: int, **kw: bool
+) -> None:
+    """One frame sent on an idle line at ``sent_at``, ``count`` bytes acked at ``acked_at``."""
+    state = rate.on_send(sent_at, line_idle=True)
+    rate.on_delivered(count, acked_at)
+    rate.sample(state, sent_at, acked_at, app_limited=kw.get("app_limited", False), round_trip=rtt)
+
+
+def test_delivery_rate_from_acknowledged_bytes() -> None:
+    """Bytes delivered over the time since a frame was sent give the line's rate."""
+    rtt, rate = measured()
+    flight(rtt, rate, 0.0, 1.0, 11_520)
     assert rate.best == pytest.approx(11_520)
 
 
 def test_app_limited_samples_do_not_lower_the_rate() -> None:
     """A sender with nothing to send delivers slowly; that is not the line's rate."""
-    rtt = RoundTrip()
-    rtt.sample(0.1, 60.0, clean=True)
-    rate = DeliveryRate(0.0)
-    first = rate.on_send(0.0, line_idle=True)
-    rate.on_delivered(10_000, 1.0)
-    rate.sample(first, 0.0, 1.0, app_limited=False, round_trip=rtt)
-    second = rate.on_send(1.0, line_idle=True)
-    rate.on_delivered(100, 3.0)
-    rate.sample(second, 1.0, 3.0, app_limited=True, round_trip=rtt)
+    rtt, rate = measured()
+    flight(rtt, rate, 0.0, 1.0, 10_000)
+    flight(rtt, rate, 1.0, 3.0, 100, app_limited=True)
     assert rate.best == pytest.approx(10_000)
 
 
 def test_bytes_arriving_teach_the_rate() -> None:
     """What arrives from the peer per second raises the best rate (never lowers it)."""
-    rtt = RoundTrip()
-    rtt.sample(0.1, 60.0, clean=True)
-    rate = DeliveryRate(0.0)
-    state = SendState(0, 0.0, 0.0)
-    rate.on_delivered(1000, 1.0)
-    rate.sample(state, 0.0, 1.0, app_limited=False, round_trip=rtt)
+    rtt, rate = measured()
+    flight(rtt, rate, 0.0, 1.0, 1000)
     rate.on_received(11_000, 1.0)
     assert rate.best == pytest.approx(11_000)
     rate.on_received(11_100, 2.0)
@@ -130,9 +131,7 @@ def test_bytes_arriving_teach_the_rate() -> None:
 
 def test_start_up_ends_when_the_rate_stops_growing() -> None:
     """Three round trips without a quarter more rate end the start-up phase."""
-    rtt = RoundTrip()
-    rtt.sample(0.1, 60.0, clean=True)
-    rate = DeliveryRate(0.0)
+    rtt, rate = measured()
     now = 0.0
     while rate.starting and now < 10:
         state = rate.on_send(now, line_idle=False)

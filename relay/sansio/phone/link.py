@@ -763,24 +763,14 @@ class Link:
             return  # older than one already seen
         if cum > self._snd_nxt or (ranges and ranges[-1][1] > self._snd_nxt):
             raise PhoneProtocolError("peer acknowledged data that was never sent")
-        progress = False
-        # Newly acknowledged and sent last; not a resend made on a guess, whose
-        # acknowledgement may be for the first copy, still queued when it was resent.
-        newest: _Segment | None = None
-        sampled: _Segment | None = None  # the same among those sent once
         segments = self._segments
+        newly: list[_Segment] = []  # acknowledged by this ack and not before
         delivered = 0
         if cum > self._snd_una:
             done = 0
             while done < len(segments) and segments[done].end <= cum:
-                segment = segments[done]
-                if not segment.sacked:
-                    progress = True
-                    delivered += segment.end - segment.start
-                    if not (segment.resent and segment.speculative):
-                        newest = self._newer(newest, segment)
-                    if not segment.resent:
-                        sampled = self._newer(sampled, segment)
+                if not segments[done].sacked:
+                    newly.append(segments[done])
                 done += 1
             del segments[:done]
             if segments and segments[0].start < cum:
@@ -798,19 +788,25 @@ class Link:
                 if segment.start >= start and not segment.sacked:
                     segment.sacked = True
                     segment.lost = False
-                    progress = True
-                    delivered += segment.end - segment.start
-                    if not (segment.resent and segment.speculative):
-                        newest = self._newer(newest, segment)
-                    if not segment.resent:
-                        sampled = self._newer(sampled, segment)
+                    newly.append(segment)
                 index += 1
-        if not progress:
+        if not (newly or delivered):
             return
+        delivered += sum(segment.end - segment.start for segment in newly)
+        # The newest sent is the evidence against older ones, unless it was resent on
+        # a guess (its acknowledgement may be the first copy's, queued before the
+        # frames it would condemn); only frames sent once give samples (Karn).
+        newest = max(
+            (seg for seg in newly if not (seg.resent and seg.speculative)),
+            key=lambda seg: seg.xmit,
+            default=None,
+        )
+        sampled = max(
+            (seg for seg in newly if not seg.resent), key=lambda seg: seg.xmit, default=None
+        )
         self._progress_at = now
         self._rate.on_delivered(delivered, now)
         if sampled is not None:
-            # Karn: a resent segment's acknowledgement may be for either copy.
             self._rate.sample(
                 sampled.send_state,
                 sampled.sent_at,
@@ -843,10 +839,6 @@ class Link:
         delay = self._round_trip.probe_delay()
         if delay is not None:
             self._probe_deadline = now + delay
-
-    @staticmethod
-    def _newer(best: _Segment | None, segment: _Segment) -> _Segment:
-        return segment if best is None or segment.xmit > best.xmit else best
 
     def _flight_limit(self) -> int:
         """How many bytes may be in flight (sent, neither acknowledged nor known lost).
