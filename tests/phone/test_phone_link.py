@@ -168,12 +168,12 @@ def test_params_are_validated() -> None:
             LinkParams(**bad)  # type: ignore[arg-type]
 
 
-def test_sequence_numbers_wrap_around_32_bits() -> None:
-    """A 32-bit sequence field is read as the offset nearest to the one expected."""
-    assert unwrap_seq(5, (1 << 32) - 10) == (1 << 32) + 5
-    assert unwrap_seq((1 << 32) - 3, 1 << 32) == (1 << 32) - 3
+def test_sequence_numbers_wrap_around_24_bits() -> None:
+    """A 24-bit sequence field is read as the offset nearest to the one expected."""
+    assert unwrap_seq(5, (1 << 24) - 10) == (1 << 24) + 5
+    assert unwrap_seq((1 << 24) - 3, 1 << 24) == (1 << 24) - 3
     assert unwrap_seq(100, 50) == 100
-    assert unwrap_seq(3, 10 * (1 << 32) + 1) == 10 * (1 << 32) + 3
+    assert unwrap_seq(3, 10 * (1 << 24) + 1) == 10 * (1 << 24) + 3
 
 
 def test_reconfigure_applies_agreed_values() -> None:
@@ -527,7 +527,7 @@ frame_strategy = st.builds(
             0x3F,
         ]
     ),
-    seq=st.one_of(st.integers(0, 70_000), st.integers(0, (1 << 32) - 1)),
+    seq=st.one_of(st.integers(0, 70_000), st.integers(0, (1 << 24) - 1)),
     payload=st.binary(max_size=300),
 )
 

@@ -6,8 +6,9 @@ Each direction is a byte stream.  :meth:`Link.send_record` appends the record to
 outgoing stream behind its length (a LEB128 varint); the receiver cuts the stream back
 into records (:class:`RecordReceived`), refusing any longer than its ``max_record``.
 Frames (:mod:`relay.sansio.phone.frame`) carry pieces of the stream; a frame's ``seq``
-is the stream offset of its first byte (mod 2**32; both ends keep exact offsets and
-read the 32-bit value as the one nearest to what they expect).  Record and frame
+is the stream offset of its first byte (mod 2**24; both ends keep exact offsets and
+read the 24-bit value as the one nearest to what they expect, which a window of at
+most 4 MiB keeps unambiguous).  Record and frame
 boundaries are independent: small records share a frame, large ones span many.
 
 Frame kinds (:class:`FrameKind`, the low six bits of the frame's kind byte; kinds this
@@ -20,12 +21,12 @@ version does not know are skipped):
   rest of the block.  It is also the keepalive.
 
 An **ack block** is the cumulative ack (the offset of the first byte the receiver does
-not have, 4 bytes; only on data frames), a count, and that many pairs of varints
+not have, 3 bytes; only on data frames), a count, and that many pairs of varints
 (skip, length): the ranges the receiver holds beyond the cumulative ack, each relative
 to the end of the one before (selective acknowledgement, as many ranges as fit in
 :data:`SACK_LIMIT` bytes, lowest first).  A data frame thus costs
-:data:`~relay.sansio.phone.frame.FRAME_OVERHEAD` bytes, five more when it carries an
-acknowledgement and no gap.
+:data:`~relay.sansio.phone.frame.FRAME_OVERHEAD` bytes, four more when it carries an
+acknowledgement and no gap (four more).
 
 **Sender.**  The stream bytes not yet acknowledged cumulatively are kept; what has been
 sent of them is a list of segments (one per frame sent), each remembering when it was
@@ -94,7 +95,6 @@ from __future__ import annotations
 
 import enum
 import math
-import struct
 from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
@@ -110,6 +110,7 @@ from relay.sansio.phone.estimate import (
 )
 from relay.sansio.phone.frame import (
     MAX_PAYLOAD,
+    SEQ_MODULUS,
     Frame,
     FrameDecoder,
     encode_frame,
@@ -141,7 +142,8 @@ MAX_FRAME_DATA: Final = 16 * 1024
 SACK_LIMIT: Final = 256
 """The most bytes of (skip, length) pairs in one ack block."""
 
-_ACK_BLOCK_MAX: Final = 4 + 1 + SACK_LIMIT
+_CUM_SIZE: Final = 3  # the cumulative ack at the head of a data frame's ack block
+_ACK_BLOCK_MAX: Final = _CUM_SIZE + 1 + SACK_LIMIT
 assert MAX_FRAME_DATA + _ACK_BLOCK_MAX <= MAX_PAYLOAD
 
 ACK_DELAY: Final = 0.2
@@ -162,10 +164,8 @@ MAX_RTO: Final = 30.0
 quarter of ``dead_after``)."""
 
 
-_SEQ_MODULUS: Final = 1 << 32
-_MAX_WINDOW: Final = 1 << 30
+_MAX_WINDOW: Final = SEQ_MODULUS // 4
 _MAX_RECORD: Final = (1 << 31) - 1
-_U32: Final = struct.Struct(">I")
 
 
 class FrameKind(enum.IntEnum):
@@ -281,10 +281,10 @@ def decode_varint(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def unwrap_seq(wire: int, near: int) -> int:
-    """The stream offset whose low 32 bits are ``wire`` nearest to ``near``."""
-    delta = (wire - near) % _SEQ_MODULUS
-    if delta >= _SEQ_MODULUS // 2:
-        delta -= _SEQ_MODULUS
+    """The stream offset whose low 24 bits are ``wire`` nearest to ``near``."""
+    delta = (wire - near) % SEQ_MODULUS
+    if delta >= SEQ_MODULUS // 2:
+        delta -= SEQ_MODULUS
     return near + delta
 
 
@@ -643,10 +643,11 @@ class Link:
             kind |= FrameFlag.PUSH
         ack_due = self._ack_due()
         if ack_due is not None and now >= ack_due:
-            data = _U32.pack(self._rcv_nxt % _SEQ_MODULUS) + self._sack_block() + data
+            cum = (self._rcv_nxt % SEQ_MODULUS).to_bytes(_CUM_SIZE, "big")
+            data = cum + self._sack_block() + data
             kind |= FrameFlag.ACK_BLOCK
             self._ack_sent()
-        wire = encode_frame(Frame(kind, segment.start % _SEQ_MODULUS, data))
+        wire = encode_frame(Frame(kind, segment.start % SEQ_MODULUS, data))
         out.append(wire)
         segment.clean = not self._in_flight()
         segment.send_state = self._rate.on_send(now, line_idle=segment.clean)
@@ -686,7 +687,7 @@ class Link:
         return due
 
     def _ack_frame(self) -> bytes:
-        frame = Frame(FrameKind.ACK, self._rcv_nxt % _SEQ_MODULUS, self._sack_block())
+        frame = Frame(FrameKind.ACK, self._rcv_nxt % SEQ_MODULUS, self._sack_block())
         self._ack_sent()
         return encode_frame(frame)
 
@@ -731,11 +732,11 @@ class Link:
         elif kind == FrameKind.DATA:
             payload = frame.payload
             if frame.kind & FrameFlag.ACK_BLOCK:
-                if len(payload) < _U32.size:
+                if len(payload) < _CUM_SIZE:
                     raise PhoneProtocolError("data frame too short for its ack block")
-                (cum_wire,) = _U32.unpack_from(payload, 0)
+                cum_wire = int.from_bytes(payload[:_CUM_SIZE], "big")
                 cum = unwrap_seq(cum_wire, self._snd_una)
-                ranges, pos = self._read_sack(payload, _U32.size, cum)
+                ranges, pos = self._read_sack(payload, _CUM_SIZE, cum)
                 self._on_ack(cum, ranges, now)
                 payload = payload[pos:]
             self._on_data(frame.seq, payload, now, push=bool(frame.kind & FrameFlag.PUSH))
