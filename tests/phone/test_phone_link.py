@@ -464,6 +464,18 @@ def test_a_due_acknowledgement_wakes_the_driver_once() -> None:
     assert [frame.kind for frame in acks] == [FrameKind.ACK]
 
 
+def test_settled_once_the_last_acknowledgement_is_out() -> None:
+    """After the peer's last frame (pushed) the link owes an ack at once; once it is
+    written the link is settled, with no delay to wait out."""
+    sender, receiver = Link(LinkParams(), 0.0), Link(LinkParams(), 0.0)
+    sender.send_record(b"bye")
+    receiver.receive_data(sender.data_to_send(0.0), 0.1)
+    assert receiver.idle and not receiver.settled
+    assert receiver.next_deadline() == 0.1
+    sender.receive_data(receiver.data_to_send(0.1), 0.2)
+    assert receiver.settled and sender.settled
+
+
 def test_varint_lengths() -> None:
     """Record lengths use LEB128: one byte below 128, more above."""
     assert encode_varint(0) == b"\x00"

@@ -431,6 +431,12 @@ class Link:
         return not self._out
 
     @property
+    def settled(self) -> bool:
+        """Idle, and no acknowledgement owed to the peer (none waiting to be sent): a
+        session may hang up once both ends are settled, without lingering."""
+        return self.idle and not self._ack_owed
+
+    @property
     def buffered_bytes(self) -> int:
         """Bytes held for the incoming side: held beyond a gap, a record being put
         together, records not yet taken, and the frame decoder's.  Bounded by twice
