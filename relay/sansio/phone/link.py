@@ -559,19 +559,23 @@ class Link:
         out: list[bytes] = []
         size = 0
         index = 0
+        flight = self._in_flight()  # kept up to date here: counting is linear
         while size < budget:
             index = self._next_lost(index)
             if index < 0:
                 break
-            size += self._resend(index, now, out)
+            segment = self._resendable(index)
+            size += self._transmit(segment, now, out, clean=not flight)
+            flight += segment.end - segment.start
             index += 1
-        while size < budget and (length := self._next_new_length()):
+        while size < budget and (length := self._next_new_length(flight)):
             segment = _Segment(self._snd_nxt, self._snd_nxt + length)
             if not self._segments:
                 self._progress_at = now
             self._segments.append(segment)
             self._snd_nxt = segment.end
-            size += self._transmit(segment, now, out)
+            size += self._transmit(segment, now, out, clean=not flight)
+            flight += length
         ack_due = self._ack_alone_due()
         keepalive_due = not out and now >= self._last_sent + self._params.keepalive
         if (ack_due is not None and now >= ack_due) or keepalive_due:
@@ -603,16 +607,18 @@ class Link:
 
     # -- sending -------------------------------------------------------------------
 
-    def _next_new_length(self) -> int:
+    def _next_new_length(self, flight: int | None = None) -> int:
         """How much new data the next frame carries; 0 if none, or the window or the
         flight limit has no room for a whole frame (slivers would waste the line on
-        headers)."""
+        headers).  ``flight``: the bytes in flight, if the caller knows."""
         waiting = len(self._out) - (self._snd_nxt - self._snd_una)
         length = min(self._frame_data, waiting)
         if not length:
             return 0
         room = self._snd_una + self._params.window - self._snd_nxt
-        room = min(room, self._flight_limit() - self._in_flight())
+        if flight is None:
+            flight = self._in_flight()
+        room = min(room, self._flight_limit() - flight)
         return length if length <= room else 0
 
     def _next_lost(self, index: int) -> int:
@@ -622,7 +628,8 @@ class Link:
                 return position
         return -1
 
-    def _resend(self, index: int, now: float, out: list[bytes]) -> int:
+    def _resendable(self, index: int) -> _Segment:
+        """The lost segment at ``index``, cut to the current frame size, marked resent."""
         segment = self._segments[index]
         length = segment.end - segment.start
         if length > self._frame_data * 5 // 4:
@@ -639,9 +646,10 @@ class Link:
         segment.resent = True
         self._frames_resent += 1
         self._bytes_resent += segment.end - segment.start
-        return self._transmit(segment, now, out)
+        return segment
 
-    def _transmit(self, segment: _Segment, now: float, out: list[bytes]) -> int:
+    def _transmit(self, segment: _Segment, now: float, out: list[bytes], *, clean: bool) -> int:
+        """Frame ``segment`` into ``out``; ``clean``: nothing else is in flight."""
         base = self._snd_una
         data = bytes(self._out[segment.start - base : segment.end - base])
         kind = FrameKind.DATA | (FrameFlag.PUSH if segment.resent else 0)
@@ -655,8 +663,8 @@ class Link:
             self._ack_sent()
         wire = encode_frame(Frame(kind, segment.start % SEQ_MODULUS, data))
         out.append(wire)
-        segment.clean = not self._in_flight()
-        segment.send_state = self._rate.on_send(now, line_idle=segment.clean)
+        segment.clean = clean
+        segment.send_state = self._rate.on_send(now, line_idle=clean)
         segment.app_limited = bool(kind & FrameFlag.PUSH)
         self._xmit += 1
         segment.xmit = self._xmit
