@@ -37,14 +37,15 @@ while it has not (the line does not reorder, so the later one overtaking it mean
 one was damaged): it is resent at once, before any new data, without waiting for a
 timer (the idea of RACK, RFC 8985).  Only segments nobody has acknowledged are resent.
 A retransmission timer (RFC 6298: smoothed round trip plus four deviations, at least
-a second, doubled on each expiry, samples only from segments sent once, per Karn)
+a second, doubled on each expiry; no samples from resends made on a guess, per Karn)
 covers the rest, and a probe after two round trips resends the last frame of a burst,
 which has no later frame to show it lost.  The timer restarts whenever something new
 is acknowledged, so frames that queued behind a full transmit buffer do not fire it
 while acknowledgements still flow; when it fires it resends only the oldest frame,
 unless nothing at all was heard for a whole timeout (the line went quiet).  A resend
-made on such a guess may be acknowledged by its first copy, so its acknowledgement is
-not taken as evidence against the frames sent before it.  The estimators (round trip,
+made on a guess while the peer was talking may be acknowledged by its first copy
+(queued behind the peer's data), so its acknowledgement is not taken as evidence
+against the frames sent before it.  The estimators (round trip,
 damage, delivery rate) live in :mod:`relay.sansio.phone.estimate`.
 
 **Flight limit.**  The driver's transport, the kernel's tty buffer and a modem can
@@ -527,7 +528,10 @@ class Link:
             run = False
             for segment in self._segments:
                 if not (segment.sacked or segment.lost):
-                    segment.lost = segment.speculative = True
+                    segment.lost = True
+                    # After an outage the first copies' acknowledgements would have
+                    # come by now: those of the resends are evidence like any other.
+                    segment.speculative = not outage
                     if not run:
                         self._note_loss()
                     run = True
@@ -808,29 +812,26 @@ class Link:
         if not (newly or delivered):
             return
         delivered += sum(segment.end - segment.start for segment in newly)
-        # The newest sent is the evidence against older ones, unless it was resent on
-        # a guess (its acknowledgement may be the first copy's, queued before the
-        # frames it would condemn); only frames sent once give samples (Karn).
+        # The newest sent is the evidence against older ones, and gives the samples,
+        # unless it was resent on a guess: its acknowledgement may be the first copy's
+        # (Karn).  A resend of a frame shown lost is no guess: the line does not
+        # reorder, so that first copy is gone.
         newest = max(
             (seg for seg in newly if not (seg.resent and seg.speculative)),
             key=lambda seg: seg.xmit,
             default=None,
         )
-        sampled = max(
-            (seg for seg in newly if not seg.resent), key=lambda seg: seg.xmit, default=None
-        )
         self._progress_at = now
         self._rate.on_delivered(delivered, now)
-        if sampled is not None:
+        if newest is not None:
             self._rate.sample(
-                sampled.send_state,
-                sampled.sent_at,
+                newest.send_state,
+                newest.sent_at,
                 now,
-                app_limited=sampled.app_limited,
+                app_limited=newest.app_limited,
                 round_trip=self._round_trip,
             )
-            self._round_trip.sample(now - sampled.sent_at, self._max_rto(), clean=sampled.clean)
-        if newest is not None:
+            self._round_trip.sample(now - newest.sent_at, self._max_rto(), clean=newest.clean)
             self._delivered_xmit = max(self._delivered_xmit, newest.xmit)
         run = False
         for segment in segments:
