@@ -81,6 +81,25 @@ def test_records_cross_both_ways_in_order() -> None:
     assert stats.frames_resent == 0
 
 
+def test_link_input_split_at_every_position_gives_the_same_records() -> None:
+    """However the line cuts the frames into reads, the receiver gets the same records."""
+    sent = [b"", b"x" * 200, bytes(range(256)) * 3, b"end"]
+    sender = Link(LinkParams(min_frame_payload=64, max_frame_payload=300), 0.0)
+    for record in sent:
+        sender.send_record(record)
+    wire = b"login: " + sender.data_to_send(0.0)
+    for cut in range(len(wire) + 1):
+        receiver = Link(LinkParams(), 0.0)
+        for piece in (wire[:cut], wire[cut:]):
+            if piece:
+                receiver.receive_data(piece, 0.1)
+        got = []
+        while (event := receiver.next_event()) is not None:
+            assert isinstance(event, RecordReceived)
+            got.append(event.record)
+        assert got == sent, cut
+
+
 def test_a_record_of_max_record_spans_many_frames() -> None:
     """A record as large as allowed goes through in frames of at most max_frame_payload."""
     params = LinkParams(max_record=200_000, max_frame_payload=1024)
