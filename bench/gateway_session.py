@@ -61,7 +61,7 @@ def main() -> None:
         globalLogBeginner.beginLoggingTo([RelayLogObserver(log, clock)], redirectStandardIO=False)
         config = parse_config(
             '[relay]\nhostname = "bench.test"\nlocal_domains = ["y.test"]\n'
-            '[smtp]\nlisten = ["tcp:0"]\nmax_sessions = 500\n[local]\nusers = ["to"]\n',
+            '[smtp]\nlisten = ["tcp:0"]\n[local]\nusers = ["to"]\n',
             Path(work),
         )
         gateway = build_gateway(config, AtOnce(), build_local_recipients(config), clock)

@@ -64,7 +64,7 @@ def serve(port: int, which: str, work: Path) -> None:
     config = parse_config(
         '[relay]\nhostname = "bench.test"\nlocal_domains = ["y.test"]\n'
         f'[smtp]\nlisten = ["tcp:{port}:interface=127.0.0.1:backlog=256"]\n'
-        'max_sessions = 500\nmax_sessions_per_client = 500\n[local]\nusers = ["to"]\n',
+        '[local]\nusers = ["to"]\n',
         work,
     )
     gateway = build_gateway(config, AtOnce(), build_local_recipients(config), reactor)

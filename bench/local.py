@@ -120,7 +120,7 @@ async def delivery_rate(
             [defer.ensureDeferred(worker()) for _ in range(concurrency)], consumeErrors=True
         )
     finally:
-        channel.close()
+        await channel.close()
     elapsed = time.monotonic() - start
     delivered = len(list((base / "var/mail/alice/new").iterdir()))
     if delivered != done:

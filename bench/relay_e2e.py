@@ -219,8 +219,6 @@ spool = "spool"
 
 [smtp]
 listen = ["tcp:{port}:interface=127.0.0.1:backlog=256"]
-max_sessions = 500
-max_sessions_per_client = 500
 workers = {workers}
 
 [[route]]

@@ -52,7 +52,8 @@ def serve(port: int, spool: Path, profile: str | None, workers: int) -> None:
     from twisted.logger import globalLogBeginner
 
     from relay.config import parse_config
-    from relay.gateway.service import build_gateway, shared_listeners
+    from relay.gateway.limits import LocalAuthThrottle
+    from relay.gateway.service import build_auth_throttle, build_gateway, shared_listeners
     from relay.gateway.workers import GatewayWorkers
     from relay.local_users import build_local_recipients
     from relay.logfile import RelayLogObserver
@@ -65,7 +66,7 @@ def serve(port: int, spool: Path, profile: str | None, workers: int) -> None:
     config = parse_config(
         '[relay]\nhostname = "bench.test"\nlocal_domains = ["y.test"]\n'
         f'[smtp]\nlisten = ["tcp:{port}:interface=127.0.0.1:backlog=256"]\n'
-        f"max_sessions = 500\nmax_sessions_per_client = 500\nworkers = {workers}\n"
+        f"workers = {workers}\n"
         '[local]\nusers = ["to"]\n',
         spool.parent,
     )
@@ -84,6 +85,7 @@ def serve(port: int, spool: Path, profile: str | None, workers: int) -> None:
     def start() -> None:
         def opened(queue: SpoolQueue) -> None:
             trees: list[GatewayWorkers] = []
+            auth = build_auth_throttle(config, reactor)
             gateway = build_gateway(
                 config,
                 queue,
@@ -91,9 +93,16 @@ def serve(port: int, spool: Path, profile: str | None, workers: int) -> None:
                 reactor,
                 processes=1 + workers,
                 on_sessions=lambda total, limit: trees[0].main_sessions(total, limit),
+                auth_throttle=LocalAuthThrottle(auth),
             )
             tree = GatewayWorkers(
-                config, workers, lambda: shared_listeners(gateway), queue, {"local"}, reactor
+                config,
+                workers,
+                lambda: shared_listeners(gateway),
+                queue,
+                {"local"},
+                reactor,
+                auth=auth,
             )
             trees.append(tree)
             gateway.startService()

@@ -56,6 +56,7 @@ __all__ = [
     "DeliverSection",
     "LocalSection",
     "MailboxFormat",
+    "MetricsSection",
     "PhoneSection",
     "PhoneSite",
     "RelaySection",
@@ -69,6 +70,7 @@ __all__ = [
     "TlsPolicy",
     "Transport",
     "default_config",
+    "domain_matches",
     "load_config",
     "parse_config",
     "parse_transport",
@@ -181,6 +183,7 @@ class RelaySection:
     local_domains: tuple[str, ...]
     spool: Path
     postmaster: str
+    maildrop: Path = Path("var/maildrop")  # where ``relay sendmail`` drops mail (any user)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +209,12 @@ class SmtpSection:
     auth_max_failures: int = 5
     auth_failure_window: float = 900.0
     workers: int = 1
+    relay_domains: tuple[str, ...] = ()
+
+    def relays_to(self, domain: str) -> bool:
+        """Whether mail for ``domain`` is accepted from anyone and relayed (Postfix's
+        ``relay_domains``): it matches an entry, exactly or as ``*.parent``."""
+        return any(domain_matches(pattern, domain) for pattern in self.relay_domains)
 
     def is_trusted(self, address: str) -> bool:
         """Whether a client at IP ``address`` may relay (IPv4-mapped IPv6 counts as IPv4)."""
@@ -223,7 +232,8 @@ class SmtpClientSection:
     """``[smtp_client]``: how the SMTP channel talks to other servers (times in seconds).
 
     The defaults here are the built-in defaults (the reader takes them from this class):
-    the timeouts of RFC 5321 §4.5.3.2, and Postfix's connection cache time.
+    the timeouts of RFC 5321 §4.5.3.2, Postfix's connection cache time, and its
+    ``smtp_line_length_limit`` (998: RFC 5321's text line without its CRLF).
     ``dns_servers`` empty means the system's ``/etc/resolv.conf``; ``ca_file`` None
     means the system trust store.
     """
@@ -238,6 +248,7 @@ class SmtpClientSection:
     data_done_timeout: float = 600.0
     connection_cache_time: float = 2.0
     max_messages_per_connection: int = 100
+    line_length_limit: int = 998
     dns_servers: tuple[tuple[str, int], ...] = ()
     ca_file: Path | None = None
 
@@ -288,10 +299,16 @@ class Route:
 
     def matches(self, domain: str) -> bool:
         """Whether mail for ``domain`` takes this route (``*.x`` matches below x, not x)."""
-        wanted = domain.lower().rstrip(".")
-        if self.domain.startswith("*."):
-            return wanted.endswith(self.domain[1:])
-        return wanted == self.domain
+        return domain_matches(self.domain, domain)
+
+
+def domain_matches(pattern: str, domain: str) -> bool:
+    """Whether ``domain`` (any case, a trailing dot ignored) matches a lower-case
+    ``pattern``: the same name, or for ``*.x`` any name below x (not x itself)."""
+    wanted = domain.lower().rstrip(".")
+    if pattern.startswith("*."):
+        return wanted.endswith(pattern[1:])
+    return wanted == pattern
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +336,13 @@ class PhoneSection:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSection:
+    """``[metrics]``: the Prometheus endpoint (``listen``, a server endpoint; None: off)."""
+
+    listen: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration."""
 
@@ -330,6 +354,7 @@ class Config:
     routes: tuple[Route, ...]
     phone: PhoneSection
     smtp_client: SmtpClientSection = field(default_factory=SmtpClientSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     # What it was read from, so a gateway worker process builds exactly this configuration.
     text: str = field(default="", compare=False, repr=False)
     base_dir: Path = field(default_factory=Path.cwd, compare=False, repr=False)
@@ -559,6 +584,12 @@ def _positive_int(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _expected("a positive integer", value)
     return value
+
+
+def _line_length_limit(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and (value == 0 or value >= 2):
+        return value
+    raise _expected("0 (never break lines) or a length of at least 2 octets", value)
 
 
 _DURATION_EXAMPLES = "a duration like '30s', '5m', '4h', '5d' or seconds"
@@ -890,7 +921,7 @@ def _shown(path: Path) -> str:
 # --------------------------------------------------------------------------- the sections
 
 
-_SECTIONS = ("relay", "smtp", "smtp_client", "deliver", "local", "route", "phone")
+_SECTIONS = ("relay", "smtp", "smtp_client", "deliver", "local", "route", "phone", "metrics")
 
 
 def _read_config(
@@ -905,8 +936,9 @@ def _read_config(
     local = _finished(top.table("local"), lambda t: _read_local(t, paths))
     phone = _finished(top.table("phone"), lambda t: _read_phone(t, paths))
     routes = _read_routes(top, paths, phone)
+    metrics = _finished(top.table("metrics"), _read_metrics)
     top.finish()
-    return Config(source, relay, smtp, deliver, local, routes, phone, smtp_client)
+    return Config(source, relay, smtp, deliver, local, routes, phone, smtp_client, metrics)
 
 
 def _finished(table: _Table, read: Callable[[_Table], T]) -> T:
@@ -922,7 +954,8 @@ def _read_relay(t: _Table, paths: _Paths) -> RelaySection:
     postmaster = t.get("postmaster", _address, None)
     if postmaster is None:
         postmaster = f"postmaster@{(local_domains or (hostname,))[0]}"
-    return RelaySection(hostname, local_domains, spool, postmaster)
+    maildrop = t.get("maildrop", paths.path, paths.base / "var/maildrop")
+    return RelaySection(hostname, local_domains, spool, postmaster, maildrop)
 
 
 _LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
@@ -939,7 +972,7 @@ def _read_smtp(t: _Table, paths: _Paths) -> SmtpSection:
         max_recipients=t.get("max_recipients", _positive_int, 100),
         max_errors=t.get("max_errors", _positive_int, 10),
         max_sessions=t.get("max_sessions", _positive_int, 100),
-        max_sessions_per_client=t.get("max_sessions_per_client", _positive_int, 20),
+        max_sessions_per_client=t.get("max_sessions_per_client", _positive_int, 50),
         idle_timeout=t.get("idle_timeout", _positive_duration, 300.0),
         session_timeout=t.get("session_timeout", _positive_duration, 1800.0),
         tls_cert_file=t.get("tls_cert_file", paths.file, None),
@@ -951,6 +984,7 @@ def _read_smtp(t: _Table, paths: _Paths) -> SmtpSection:
         auth_max_failures=t.get("auth_max_failures", _positive_int, 5),
         auth_failure_window=t.get("auth_failure_window", _positive_duration, 900.0),
         workers=t.get("workers", _worker_count, 1),
+        relay_domains=t.get_list("relay_domains", _domain_pattern, (), "domains", unique=True),
     )
     _check_smtp_tls(t, smtp)
     return smtp
@@ -988,6 +1022,7 @@ def _read_smtp_client(t: _Table, paths: _Paths) -> SmtpClientSection:
         max_messages_per_connection=t.get(
             "max_messages_per_connection", _positive_int, d.max_messages_per_connection
         ),
+        line_length_limit=t.get("line_length_limit", _line_length_limit, d.line_length_limit),
         dns_servers=t.get_list(
             "dns_servers", _dns_server, d.dns_servers, "name server addresses", unique=True
         ),
@@ -1123,6 +1158,10 @@ def _check_route_site(t: _Table, route: Route, phone: PhoneSection) -> None:
         t.problem("site", "required with channel 'phone'")
     elif route.site is not None and route.site not in phone.sites:
         t.problem("site", f"no such site in [phone.sites]: {route.site!r}")
+
+
+def _read_metrics(t: _Table) -> MetricsSection:
+    return MetricsSection(listen=t.get("listen", _endpoint, None))
 
 
 def _read_phone(t: _Table, paths: _Paths) -> PhoneSection:

@@ -210,7 +210,8 @@ class Envelope:
         recipients = tuple(
             Recipient.from_dict(_as_mapping(r, "recipients")) for r in raw_recipients
         )
-        arrival = _get(data, "arrival", (int, float))
+        # Converted before the submitter is read, in the order the fast path checks them.
+        arrival = _seconds(_get(data, "arrival", (int, float)))
         submitter = Submitter.from_dict(_as_mapping(_get(data, "submitter", dict), "submitter"))
         body = _get(data, "body_type", str)
         try:
@@ -222,7 +223,7 @@ class Envelope:
             "envelope",
             return_path,
             recipients,
-            _seconds(arrival),
+            arrival,
             submitter,
             body_type,
             _get(data, "smtputf8", bool),

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -71,7 +72,11 @@ from relay.address import Address
 from relay.envelope import Destination, Envelope, Recipient, RecipientStatus
 from relay.reply import Reply
 
+if TYPE_CHECKING:
+    from relay.gateway.limits import AuthVerdict
+
 __all__ = [
+    "IAuthThrottle",
     "IChannel",
     "IChannelSession",
     "IDeliverer",
@@ -247,6 +252,23 @@ class IStore(Interface):
         Fails (and leaves nothing visible) when the message cannot be made durable,
         e.g. on a full disk: the SMTP gateway then answers 452 4.3.1.
         """
+
+
+class IAuthThrottle(Interface):
+    """Where an SMTP session asks before it checks a password, and tells the outcome after:
+    the failed-AUTH count of :class:`relay.gateway.limits.AuthThrottle`, in this process
+    or (from a gateway worker process) in the spool's, so the limit holds relay-wide."""
+
+    def begin(client: str) -> Deferred[AuthVerdict]:
+        """Ask whether ``client`` may have a password checked now; fire with the verdict.
+
+        An allowed attempt is counted from now and must be ended with :meth:`end`.  Fails
+        when the answer cannot be had (the link to the spool's process is gone): the
+        session then answers ``454`` and checks nothing, so no check goes uncounted.
+        """
+
+    def end(client: str, failed: bool) -> None:
+        """An allowed attempt of ``client``'s is done; a failed one counts in the window."""
 
 
 class IQueue(IStore):

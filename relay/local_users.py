@@ -14,6 +14,13 @@ mailboxes owned by the relay, under ``mail_root`` or at their explicit path), th
 ``system_users`` is on, the accounts of the passwd database, whose mail is written as
 the account when the relay runs as root.  Passwd lookups are cached for a minute: the
 gateway asks in the reactor thread, and a name service can be slow.
+
+``postmaster`` exists in every local domain (RFC 5321 section 4.5.1 requires it): unless
+the aliases file says where it goes, :func:`build_local_recipients` adds the alias
+``postmaster: <[relay] postmaster>``, so mail to ``Postmaster@`` any local domain is
+accepted and delivered where double bounces go.  When ``[relay] postmaster`` is itself
+``postmaster@`` a local domain there is nothing to add: it must then be a user (or an
+alias in the file), which ``relay check-config`` insists on (:func:`postmaster_problem`).
 """
 
 from __future__ import annotations
@@ -22,19 +29,38 @@ import pwd
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 
 from zope.interface import implementer
 
-from relay.address import Address, AddressError
-from relay.aliases import Aliases, ExpansionContext, load_aliases
+from relay.address import Address, AddressError, parse_mailbox
+from relay.aliases import (
+    AliasEntry,
+    Aliases,
+    ExpansionContext,
+    Target,
+    TargetKind,
+    load_aliases,
+)
 from relay.config import Config, LocalSection, MailboxFormat
 from relay.interfaces import ILocalRecipients
 from relay.mailbox.identity import Identity
 from relay.policy.routing import LOCAL, NoRoute, Router
 
-__all__ = ["LocalRecipients", "LocalUser", "build_local_recipients", "local_domain_test"]
+__all__ = [
+    "POSTMASTER",
+    "LocalRecipients",
+    "LocalUser",
+    "build_local_recipients",
+    "local_domain_test",
+    "postmaster_problem",
+    "with_postmaster",
+]
+
+POSTMASTER = "postmaster"
+
 
 # The configuration's rule for user names: one safe path component, usable as a local part.
 _SAFE_NAME = re.compile(r"[^\s/@:\x00-\x1f\x7f]+")
@@ -173,15 +199,48 @@ class LocalRecipients:
         )
 
 
-def build_local_recipients(config: Config) -> LocalRecipients:
-    """The local users and aliases of ``config`` (for the SMTP gateway's RCPT checks).
+def build_local_recipients(config: Config, aliases: Aliases | None = None) -> LocalRecipients:
+    """The local users and aliases of ``config``, ``postmaster`` included (for the SMTP
+    gateway's RCPT checks, the local channel and ``relay aliases expand``).
 
-    Reads the aliases file now; raises :class:`relay.aliases.AliasesError` listing
-    every problem if it cannot be used, so the relay does not start with half its aliases.
+    Reads the aliases file now unless ``aliases`` are given; raises
+    :class:`relay.aliases.AliasesError` listing every problem if it cannot be used, so
+    the relay does not start with half its aliases.
     """
-    path = config.local.aliases
-    aliases = load_aliases(path) if path is not None else Aliases()
-    return LocalRecipients(config.local, aliases)
+    if aliases is None:
+        path = config.local.aliases
+        aliases = load_aliases(path) if path is not None else Aliases()
+    postmaster = parse_mailbox(config.relay.postmaster)
+    return LocalRecipients(
+        config.local, with_postmaster(aliases, postmaster, local_domain_test(config))
+    )
+
+
+def with_postmaster(
+    aliases: Aliases, postmaster: Address, is_local_domain: Callable[[str], bool]
+) -> Aliases:
+    """``aliases`` plus ``postmaster: <postmaster>``, unless the file has a postmaster
+    alias of its own or ``postmaster`` is ``postmaster@`` a local domain (itself)."""
+    if aliases.get(POSTMASTER) is not None:
+        return aliases
+    if postmaster.local_part.casefold() == POSTMASTER and is_local_domain(postmaster.domain):
+        return aliases
+    target = Target(TargetKind.ADDRESS, postmaster.local_part, postmaster.domain)
+    entry = AliasEntry(POSTMASTER, (target,), 0)
+    return replace(aliases, entries=MappingProxyType({**aliases.entries, POSTMASTER: entry}))
+
+
+def postmaster_problem(config: Config, recipients: LocalRecipients) -> str | None:
+    """Why ``[relay] postmaster`` cannot receive mail, or None: a local address must be a
+    user or an alias, or double bounces and mail to postmaster@ would be lost."""
+    postmaster = parse_mailbox(config.relay.postmaster)
+    if not local_domain_test(config)(postmaster.domain) or recipients.exists(postmaster):
+        return None
+    return (
+        f"relay.postmaster: {postmaster} is a local address but neither a user nor an alias "
+        "(mail to postmaster@ and double bounces would be lost): add it to local.users or "
+        "the aliases file, or name another address"
+    )
 
 
 def local_domain_test(config: Config) -> Callable[[str], bool]:

@@ -5,16 +5,24 @@ be judged by the part that uses them: the aliases file by its parser, the TLS
 certificate and key by loading them together.  ``relay check-config`` and
 ``twistd relay`` both run these checks, so a configuration that check-config calls ok
 is one the relay will start with.
+
+:func:`advise` is what only ``check-config`` says, about configurations the relay runs
+but an operator should hear about: a problem (exit 78) when ``[relay] postmaster`` is a
+local address nobody receives (RFC 5321 section 4.5.1: postmaster must work), and a note
+for a phone route whose domain is not in ``[smtp] relay_domains`` (mail for the site is
+then taken over SMTP only from trusted networks and authenticated clients).
 """
 
 from __future__ import annotations
 
-from relay.aliases import AliasesError
-from relay.config import Config
-from relay.gateway.tls import load_server_tls
-from relay.local_users import LocalRecipients, build_local_recipients
+from dataclasses import dataclass
 
-__all__ = ["PreflightError", "preflight"]
+from relay.aliases import AliasesError
+from relay.config import Channel, Config
+from relay.gateway.tls import load_server_tls
+from relay.local_users import LocalRecipients, build_local_recipients, postmaster_problem
+
+__all__ = ["Advice", "PreflightError", "advise", "preflight"]
 
 
 class PreflightError(Exception):
@@ -45,3 +53,23 @@ def preflight(config: Config) -> LocalRecipients:
     if problems or recipients is None:
         raise PreflightError(problems)
     return recipients
+
+
+@dataclass(frozen=True, slots=True)
+class Advice:
+    """What ``check-config`` says beyond "it will start": problems to fix, and notes."""
+
+    problems: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+def advise(config: Config, recipients: LocalRecipients) -> Advice:
+    """The problems and notes of :func:`preflight`'s valid ``config`` (module docstring)."""
+    problem = postmaster_problem(config, recipients)
+    notes = tuple(
+        f"route {route.domain!r} (phone site {route.site}) is not in smtp.relay_domains: "
+        "only trusted networks and authenticated clients may send mail for it over SMTP"
+        for route in config.routes
+        if route.channel is Channel.PHONE and not config.smtp.relays_to(route.domain)
+    )
+    return Advice(() if problem is None else (problem,), notes)

@@ -1,10 +1,14 @@
 """``twistd relay``: build the relay's service tree from its configuration.
 
-This is the one place that wires classes together.  The tree is a ``MultiService``
-named ``relay`` whose children are the relay's parts, each a named service
-(``status``, ``spool``, ``channels``, ``deliverer``, ``smtp``, the last with its gateway
-worker processes under ``workers``; with the phone channel, ``phone``), so an operator's
-``twistd`` log and a test can find each by name.
+This is the one place that wires classes together.  The tree is an
+:class:`~relay.services.OrderedMultiService` named ``relay`` whose children are the
+relay's parts, each a named service (``status``, ``spool``, ``channels``, ``deliverer``,
+``smtp``, the last with its gateway worker processes under ``workers``; with the phone
+channel, ``phone``), so an operator's ``twistd`` log and a test can find each by name.
+They start in that order and stop one after another in the reverse order, each stop
+waited for (see :func:`build_service`): a SIGTERM never closes the spool under a
+delivery that is still finishing, so what was delivered is recorded and not sent again
+after a restart.
 Configuration problems are found in ``Options.postOptions``, before anything starts,
 and reported all at once.
 """
@@ -16,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -25,14 +29,18 @@ from relay import __version__
 from relay.channels.local import LocalChannel, build_local_channel
 from relay.channels.smtp.channel import SmtpChannel, build_smtp_channel
 from relay.config import Config, ConfigError, default_config, load_config
-from relay.deliver.service import build_deliverer
-from relay.gateway.service import build_gateway, shared_listeners
+from relay.deliver.service import DelivererService, build_deliverer
+from relay.gateway.limits import LocalAuthThrottle
+from relay.gateway.service import build_auth_throttle, build_gateway, shared_listeners
 from relay.gateway.workers import GatewayWorkers
 from relay.interfaces import IChannel, IQueue
 from relay.local_users import LocalRecipients, build_local_recipients
+from relay.maildrop.pickup import build_pickup
+from relay.metrics.service import build_metrics
 from relay.policy.routing import Router
-from relay.preflight import PreflightError, preflight
+from relay.preflight import PreflightError, advise, preflight
 from relay.queue.service import SpoolService
+from relay.report import DaemonReport
 from relay.services import attach, named_multiservice
 
 _log = Logger()
@@ -73,11 +81,18 @@ def config_for_twistd(path: str | None) -> Config:
 
 
 def local_recipients_for_twistd(config: Config) -> LocalRecipients:
-    """The local users and aliases, after the preflight checks; problems as a UsageError."""
+    """The local users and aliases, after the preflight checks; problems as a UsageError.
+
+    What only ``relay check-config`` refuses (a postmaster nobody receives) is logged as a
+    warning: the relay runs, but the operator should hear of it.
+    """
     try:
-        return preflight(config)
+        recipients = preflight(config)
     except PreflightError as e:
         raise usage.UsageError("\n".join(e.problems)) from e
+    for problem in advise(config, recipients).problems:
+        _log.warn("configuration: {problem}", problem=problem)
+    return recipients
 
 
 class StatusService(Service):
@@ -98,7 +113,7 @@ class StatusService(Service):
         )
 
     def stopService(self) -> None:
-        """Log that the relay stopped (after the other children, since it starts first)."""
+        """Log that the relay stopped (the other children have: it was attached first)."""
         self.log.info("relay {version} stopped", version=__version__)
         return super().stopService()  # type: ignore[no-untyped-call,no-any-return]
 
@@ -114,9 +129,20 @@ def build_service(
 
     ``reactor`` is the one every part uses (threads, sockets, time); twistd's global
     reactor when None.  Children start in the order they are attached and stop in the
-    reverse order: the spool opens first and closes last; the channels close after the
-    deliverer has stopped using them; the SMTP listeners stop first, so no new mail is
-    accepted while the rest shuts down.  The SMTP channel takes its settings from
+    reverse order, one at a time, each stop awaited before the next begins:
+
+    0. ``metrics`` (if configured), ``pickup`` and ``report``: the endpoint closes, the
+       maildrop's pickup finishes its pass (stores, then removals) and takes no more;
+    1. ``smtp``: the gateway worker processes exit once their stores in flight are
+       answered, the listeners close, then the sessions still open are ended with 421
+       (one waiting for the spool gets the store's answer first), so no new mail comes in;
+    2. ``deliverer``: no new transactions; those in flight get the deliverer's stop grace
+       to finish, and what they did is recorded, DSNs and forwarded copies included;
+    3. ``channels``: idle SMTP connections say QUIT, the local channel's threads end;
+    4. ``spool``: the queued writes finish and the lock is given up;
+    5. ``status`` logs that the relay stopped.
+
+    The SMTP channel takes its settings from
     ``[smtp_client]``; ``smtp_options`` override them (tests and benchmarks use them for
     a ``port``, a ``resolver`` or ``ca_file``).
     """
@@ -151,6 +177,7 @@ def build_service(
         if workers is not None:
             workers.main_sessions(total, limit)
 
+    auth = build_auth_throttle(config, reactor)  # the relay's one: workers ask it too
     gateway = build_gateway(
         config,
         queue_ready,
@@ -159,6 +186,7 @@ def build_service(
         router=router,
         processes=processes,
         on_sessions=sessions,
+        auth_throttle=LocalAuthThrottle(auth),
     )
     if config.smtp.workers:
         # Attached after the listeners: started once they are bound, stopped first.
@@ -170,10 +198,35 @@ def build_service(
             router.channels,
             reactor,
             main_busy=lambda: deliverer.busy,
+            auth=auth,
         )
         attach(workers, gateway, "workers")  # type: ignore[arg-type]
     attach(gateway, top, "smtp")
+    _attach_operator_services(top, config, reactor, spool, deliverer, router, gateway)
     return top
+
+
+def _attach_operator_services(
+    top: MultiService,
+    config: Config,
+    reactor: Any,
+    spool: SpoolService,
+    deliverer: DelivererService,
+    router: Router,
+    gateway: IService,
+) -> None:
+    """The maildrop's pickup (``relay sendmail``), ``relay status``'s report, and the
+    Prometheus endpoint if ``[metrics] listen`` is set.
+
+    Attached last, so they start once the rest is built and stop first: no new mail is
+    picked up while the relay shuts down.
+    """
+    report = DaemonReport(reactor, deliverer.history)
+    spool.reporter = report.report
+    attach(report, top, "report")
+    attach(build_pickup(config, spool.when_ready(), reactor, router.route), top, "pickup")
+    if config.metrics.listen is not None:
+        attach(build_metrics(config.metrics.listen, reactor, spool, gateway), top, "metrics")
 
 
 class ChannelsService(Service):
@@ -184,11 +237,16 @@ class ChannelsService(Service):
         self.smtp = smtp
 
     def stopService(self) -> Deferred[None]:
-        """QUIT idle SMTP connections and stop the local channel's threads."""
+        """QUIT idle SMTP connections and stop the local channel's threads; fire when done."""
         super().stopService()  # type: ignore[no-untyped-call]
-        closing = self.smtp.close_idle()
-        self.local.close()
-        return closing
+        return ensureDeferred(self._close())
+
+    async def _close(self) -> None:
+        local = self.local.close()
+        try:
+            await self.smtp.close_idle()
+        finally:
+            await local
 
 
 def _stop_without_spool(failure: Failure, reactor: Any) -> None:

@@ -13,7 +13,10 @@ itself.  The test says how the server behaves through a :class:`Script`:
   sent and the connection closed after it, as a real server does;
 * ``broken_tls``: 220 to STARTTLS, then plain junk in answer to the TLS ClientHello;
 * ``close_in_text_after``: drop the connection once that many octets of message text
-  arrived (a server dying during DATA).
+  arrived (a server dying during DATA);
+* ``final_delay``: wait that many seconds (on the reactor given to
+  :func:`start_server`) before the reply to the end of data, reading nothing meanwhile
+  (a server whose disk is slow: the message is already in :attr:`SessionLog.transactions`).
 
 It records what it saw (:class:`SessionLog`): the command lines, which of them arrived
 in one TCP read (for pipelining checks: a client that does not pipeline can never have
@@ -56,6 +59,7 @@ class Script:
     broken_tls: bool = False  # answer STARTTLS with 220, then send plain garbage, not TLS
     users: dict[str, str] | None = None  # AUTH is offered, with these mechanisms
     auth_mechanisms: str = "PLAIN LOGIN"
+    final_delay: float = 0.0  # seconds before the reply to the final dot
 
 
 @dataclass
@@ -90,6 +94,7 @@ class _ScriptedSmtp(protocol.Protocol):
     def connectionMade(self) -> None:
         self.log = SessionLog()
         self.factory.sessions.append(self.log)
+        self.factory.connected.add(self)
         self.script = self.factory.script
         self.queues = self.factory.queues
         self.buffer = b""
@@ -98,11 +103,13 @@ class _ScriptedSmtp(protocol.Protocol):
         self.current: Transaction | None = None
         self.auth_login: list[str] | None = None
         self.greeted = False
+        self.delaying = False  # a delayed reply to the final dot is pending
         self.tls_garbage = False
         self._reply(self.script.greeting)
 
     def connectionLost(self, reason: Any = None) -> None:
         self.log.closed = True
+        self.factory.connected.discard(self)
 
     # --- input ---------------------------------------------------------------------
 
@@ -113,7 +120,7 @@ class _ScriptedSmtp(protocol.Protocol):
             return
         self.buffer += data
         batch: list[str] = []
-        while self.transport is not None and not self.log.closed:
+        while self.transport is not None and not self.log.closed and not self.delaying:
             if self.in_text:
                 if not self._take_text():
                     break
@@ -150,13 +157,27 @@ class _ScriptedSmtp(protocol.Protocol):
                 )
                 self.log.commands.append(".")
                 reply = self._next("."), "250 2.0.0 Ok: queued as SCRIPTED"
-                self._answer(reply[0] or reply[1])
                 self.current = None
+                if self.script.final_delay > 0:
+                    self.delaying = True
+                    self.factory.clock.callLater(
+                        self.script.final_delay, self._delayed_answer, reply[0] or reply[1]
+                    )
+                    return False
+                self._answer(reply[0] or reply[1])
                 return True
             self.text_lines.append(line)
             if limit is not None and self._text_size() >= limit:
                 self._close()
                 return False
+
+    def _delayed_answer(self, reply: str) -> None:
+        """The reply to the final dot, ``final_delay`` late; then the input read meanwhile."""
+        self.delaying = False
+        if self.log.closed:
+            return
+        if self._answer(reply):
+            self.dataReceived(b"")
 
     def _text_size(self) -> int:
         return sum(len(x) + 2 for x in self.text_lines)
@@ -322,6 +343,12 @@ class ScriptedSmtpFactory(protocol.Factory):
         # the first stopped (a script can fail the first attempt and accept the retry)
         self.queues = {verb: deque(replies) for verb, replies in script.replies.items()}
         self.sessions: list[SessionLog] = []
+        self.clock: Any = None  # the reactor start_server() listens with (for final_delay)
+        self.connected: set[_ScriptedSmtp] = set()  # the connections open now
+
+    def holding(self) -> int:
+        """How many open connections have a final dot whose reply is still delayed."""
+        return sum(1 for connection in self.connected if connection.delaying)
 
 
 def start_server(
@@ -329,5 +356,6 @@ def start_server(
 ) -> tuple[Any, ScriptedSmtpFactory]:
     """Listen on an ephemeral port; return (the listening port, the factory)."""
     factory = ScriptedSmtpFactory(script)
+    factory.clock = reactor
     port = reactor.listenTCP(0, factory, interface=interface)
     return port, factory

@@ -14,10 +14,12 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["SMTP_SINK", "Sink", "SinkPool"]
+__all__ = ["SMTP_SINK", "Sink", "SinkPool", "free_port", "running_sink"]
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 
@@ -54,7 +56,7 @@ class SinkPool:
         dump = self._dir / f"dump{len(self._sinks)}"
         dump.touch()
         dump.chmod(0o666)
-        port = _free_port() if port is None else port
+        port = free_port() if port is None else port
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         process = subprocess.Popen(
             [SMTP_SINK, *user, "-D", str(dump), *options, f"127.0.0.1:{port}", "16"],
@@ -76,7 +78,18 @@ class SinkPool:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def _free_port() -> int:
+@contextmanager
+def running_sink(*options: str) -> Iterator[Sink]:
+    """One smtp-sink started with ``options`` for a with-block, stopped afterwards."""
+    pool = SinkPool()
+    try:
+        yield pool.start(*options)
+    finally:
+        pool.stop()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]

@@ -133,3 +133,68 @@ def test_check_config_loads_the_tls_certificate(
     )
     assert main(["check-config", "-c", str(config)]) == exitcodes.CONFIG
     assert "smtp.tls_cert_file/tls_key_file" in capsys.readouterr().err
+
+
+_NOBODY = "is a local address but neither a user nor an alias"
+
+
+@pytest.mark.parametrize(
+    ("relay", "local", "aliases", "complaint"),
+    [
+        ("", 'users = ["alice"]', None, _NOBODY),  # the default postmaster@h.example.test
+        ('postmaster = "bob@h.example.test"\n', 'users = ["alice"]', None, _NOBODY),
+        ('postmaster = "Postmaster@[127.0.0.1]"\n', 'users = ["a"]', "a: b@x.test\n", _NOBODY),
+        ('postmaster = "alice@h.example.test"\n', 'users = ["alice"]', None, None),  # a user
+        ("", 'users = ["alice"]', "PostMaster: alice\n", None),  # an alias, any case
+        ("", 'users = ["postmaster"]', None, None),  # a user called postmaster
+        ("", "system_users = false\n[local.mailboxes]\npostmaster = 'box'", None, None),
+        ('postmaster = "hostmaster@elsewhere.test"\n', "users = []", None, None),  # remote
+    ],
+)
+def test_check_config_insists_that_a_local_postmaster_receives(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    relay: str,
+    local: str,
+    aliases: str | None,
+    complaint: str | None,
+) -> None:
+    """A local [relay] postmaster that is neither a user nor an alias fails check-config
+    (78, saying so); a user, an alias, a mailbox or a remote address passes."""
+    if aliases is not None:
+        (tmp_path / "aliases").write_text(aliases)
+        local += '\naliases = "aliases"'
+    config = _config_with(tmp_path, f"{relay}[local]\n{local}\n")
+    code = main(["check-config", "-c", str(config)])
+    out, err = capsys.readouterr()
+    if complaint is None:
+        assert (code, err) == (exitcodes.OK, "")
+        assert out.startswith("relay: configuration ok:")
+    else:
+        assert code == exitcodes.CONFIG
+        assert "relay.postmaster:" in err and complaint in err
+
+
+def test_check_config_notes_a_phone_route_outside_relay_domains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A phone route not in relay_domains gets a note (exit 0); one in it gets none."""
+    (tmp_path / "secret").write_text("s3cret\n")
+    phone = (
+        '[phone.sites.site-b]\nsecret_file = "secret"\n'
+        '[[route]]\ndomain = "site-b.test"\nchannel = "phone"\nsite = "site-b"\n'
+        '[[route]]\ndomain = "*.far.test"\nchannel = "phone"\nsite = "site-b"\n'
+    )
+    users = '[local]\nusers = ["postmaster"]\n'
+    config = _config_with(tmp_path, users + phone)
+    assert main(["check-config", "-c", str(config)]) == exitcodes.OK
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" (")[0] for line in lines[:2]] == [
+        "relay: note: route 'site-b.test'",
+        "relay: note: route '*.far.test'",
+    ]
+    assert lines[2].startswith("relay: configuration ok:")
+    relayed = '[smtp]\nrelay_domains = ["site-b.test", "*.far.test"]\n'
+    config.write_text(config.read_text().replace("[local]", relayed + "[local]"))
+    assert main(["check-config", "-c", str(config)]) == exitcodes.OK
+    assert "relay: note:" not in capsys.readouterr().out

@@ -83,9 +83,10 @@ def test_spec_example_relay_and_smtp(spec: Config) -> None:
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
     )
+    assert spec.smtp.relay_domains == ("site-b.test",)
     assert spec.smtp.max_message_size == 10485760
     assert (spec.smtp.max_recipients, spec.smtp.max_errors) == (100, 10)
-    assert (spec.smtp.max_sessions, spec.smtp.max_sessions_per_client) == (100, 20)
+    assert (spec.smtp.max_sessions, spec.smtp.max_sessions_per_client) == (100, 50)
     assert (spec.smtp.idle_timeout, spec.smtp.session_timeout) == (300.0, 1800.0)
     assert spec.smtp.tls_cert_file is None and spec.smtp.tls_key_file is None
     assert spec.smtp.auth_users_file is None and spec.smtp.auth_requires_tls is True
@@ -300,6 +301,8 @@ def test_relay_hostname_is_required() -> None:
             "smtp_client.dns_servers[0]: expected a name server address like '192.0.2.53'",
         ),
         ("[smtp_client]\ndns_servers = ['127.0.0.1:0']", "smtp_client.dns_servers[0]: expected"),
+        ("[smtp_client]\nline_length_limit = 1", "smtp_client.line_length_limit: expected 0 ("),
+        ("[smtp_client]\nline_length_limit = -5", "smtp_client.line_length_limit: expected 0 ("),
         ("[smtp_client]\ndns_servers = ['2001:db8::1:53:']", "smtp_client.dns_servers[0]: "),
         ("[smtp_client]\ndns_servers = [53]", "smtp_client.dns_servers[0]: expected a name"),
         ("[smtp_client]\nca_file = 'missing.pem'", "smtp_client.ca_file: file not found: "),
@@ -459,6 +462,7 @@ def test_smtp_client_defaults(tmp_path: Path) -> None:
     assert (client.data_block_timeout, client.data_done_timeout) == (180.0, 600.0)
     assert (client.connection_cache_time, client.max_messages_per_connection) == (2.0, 100)
     assert client.dns_servers == () and client.ca_file is None
+    assert client.line_length_limit == 998
 
 
 def test_full_smtp_client_section(tmp_path: Path) -> None:
@@ -474,6 +478,7 @@ def test_full_smtp_client_section(tmp_path: Path) -> None:
         + "mail_timeout = '2m'\nrcpt_timeout = '3m'\ndata_timeout = '4m'\n"
         + "data_block_timeout = '5m'\ndata_done_timeout = '1h'\n"
         + "connection_cache_time = 0\nmax_messages_per_connection = 7\n"
+        + "line_length_limit = 0\n"
         + "dns_servers = ['192.0.2.53', '127.0.0.1:5353', '::1', '[::1]:5300', '[192.0.2.9]',"
         + " '192.0.2.53:53']\n"
         + "ca_file = 'tls/ca.pem'\n",
@@ -490,6 +495,7 @@ def test_full_smtp_client_section(tmp_path: Path) -> None:
         data_done_timeout=3600.0,
         connection_cache_time=0.0,
         max_messages_per_connection=7,
+        line_length_limit=0,
         dns_servers=(
             ("192.0.2.53", 53),
             ("127.0.0.1", 5353),
@@ -805,7 +811,8 @@ def test_every_config_object_is_frozen(spec: Config) -> None:
 # --- hostile input -------------------------------------------------------------------
 
 KNOWN_KEYS: dict[str, list[str]] = {
-    "relay": ["hostname", "local_domains", "spool", "postmaster"],
+    "relay": ["hostname", "local_domains", "spool", "postmaster", "maildrop"],
+    "metrics": ["listen"],
     "smtp": [
         "listen",
         "listen_tls",
@@ -884,6 +891,22 @@ def _setting(kind: str, key: str) -> str:
     if kind == "site":
         return _toml_document({"relay": relay, "phone": {"sites": {"b": {key: 0}}}})
     return _toml_document({"relay": relay, kind: {key: 0}})
+
+
+def test_metrics_are_off_unless_listen_is_set(tmp_path: Path) -> None:
+    """No [metrics]: no endpoint; listen must be a server endpoint string."""
+    assert default_config(tmp_path).metrics.listen is None
+    text = '[relay]\nhostname = "h"\n[metrics]\nlisten = "tcp:9125:interface=127.0.0.1"\n'
+    assert parse_config(text, tmp_path).metrics.listen == "tcp:9125:interface=127.0.0.1"
+    with pytest.raises(ConfigError, match=r"metrics\.listen: expected a server endpoint"):
+        parse_config('[relay]\nhostname = "h"\n[metrics]\nlisten = "http://x"\n', tmp_path)
+
+
+def test_maildrop_defaults_beside_the_spool_and_is_relative_to_the_file(tmp_path: Path) -> None:
+    """[relay] maildrop is var/maildrop unless set; a relative path is the file's."""
+    assert default_config(tmp_path).relay.maildrop == tmp_path / "var/maildrop"
+    text = '[relay]\nhostname = "h"\nmaildrop = "drop-here"\n'
+    assert parse_config(text, tmp_path).relay.maildrop == tmp_path / "drop-here"
 
 
 def test_every_key_is_known_and_documented() -> None:
@@ -1069,3 +1092,24 @@ def test_postmaster_is_checked_by_the_address_parser(tmp_path: Path, postmaster:
     with pytest.raises(ConfigError) as caught:
         parse_config(f'[relay]\nhostname = "h.test"\npostmaster = "{postmaster}"\n', tmp_path)
     assert any(p.startswith("relay.postmaster:") for p in caught.value.problems)
+
+
+def test_relay_domains_match_exactly_or_below_a_star() -> None:
+    """relay_domains: lower-cased, repeats dropped; 'x' matches x only, '*.x' below x only."""
+    smtp = parse_config(
+        HEAD + "[smtp]\nrelay_domains = ['Partner.TEST', '*.sub.test', 'partner.test']", DATA
+    ).smtp
+    assert smtp.relay_domains == ("partner.test", "*.sub.test")
+    assert smtp.relays_to("PARTNER.test") and smtp.relays_to("partner.test.")
+    assert smtp.relays_to("a.sub.test") and smtp.relays_to("a.b.sub.test")
+    assert not smtp.relays_to("sub.test") and not smtp.relays_to("x.partner.test")
+    assert not smtp.relays_to("partner.test.evil.test")
+    assert parse_config(HEAD, DATA).smtp.relay_domains == ()
+
+
+@pytest.mark.parametrize("bad", ["['.partner.test']", "['a..b']", "'partner.test'", "[1]"])
+def test_bad_relay_domains_are_named(bad: str) -> None:
+    """A relay_domains entry that is not a domain (or *.domain) is a problem naming it."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(HEAD + f"[smtp]\nrelay_domains = {bad}", DATA)
+    assert caught.value.problems[0].startswith("smtp.relay_domains")

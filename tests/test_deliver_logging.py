@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
-from twisted.logger import eventAsJSON, eventFromJSON, formatEvent
+from twisted.logger import LogEvent, Logger, eventAsJSON, eventFromJSON, formatEvent
 
+from relay.address import Address, parse_reverse_path
 from relay.channels.discard import DiscardChannel
-from relay.envelope import Destination
+from relay.deliver.logging import DispositionStatus, log_disposition
+from relay.envelope import Destination, Envelope, Recipient, Submitter
+from relay.errors import SessionFailed
 from relay.interfaces import SequencingMode
 from relay.reply import Reply, ReplyCode
 
@@ -108,3 +111,58 @@ def test_a_recipient_destination_override_is_logged() -> None:
     (event,) = harness.dispositions()
     assert (event["channel"], event["destination"]) == ("smtp", "far.test")
     assert smtp.calls[0].detail == Destination("smtp", "far.test")
+
+
+def test_addresses_and_remote_reply_texts_are_logged_escaped() -> None:
+    """A recipient, ORCPT or remote reply holding a line separator is logged as one line."""
+    log = Logger(observer=lambda event: seen.append(event))
+    seen: list[LogEvent] = []
+    recipient = Recipient(Address("a\u2028b", "dest.test"), original="rfc822;x\r\ny@dest.test")
+    reply = Reply(ReplyCode.USER, "no such\u0085user \x1b[31m", 550, "5.1.1")
+    log_disposition(
+        log,
+        queue_id="0123456789ABCD",
+        recipient=recipient,
+        destination=Destination("smtp", "dest.test"),
+        reply=reply,
+        status=DispositionStatus.BOUNCED,
+        delay=1.0,
+        attempt=1,
+    )
+    (event,) = seen
+    line = formatEvent(event)
+    assert line.isprintable(), line
+    assert "to=<a\\u2028b@dest.test>" in line
+    assert "(550 5.1.1 no such\\x85user \\x1b[31m [USER])" in line
+    assert event["orig_recipient"] == "rfc822;x\\r\\ny@dest.test"
+
+
+def test_the_bounce_notice_line_escapes_the_senders_address() -> None:
+    """The "notice queued" line names the sender (an SMTPUTF8 address may hold U+2028) escaped."""
+    channel = ScriptedChannel(PER_ADDRESS, add_recipient=lambda r: Reply(ReplyCode.USER))
+    harness = Harness(channel, DiscardChannel(SequencingMode.ADDRESS_THEN_TEXT, name="smtp"))
+    harness.start()
+    sender = Envelope(
+        return_path=parse_reverse_path("<a\u2028forged@origin.test>", smtputf8=True),
+        recipients=envelope("gone@dest.test").recipients,
+        arrival=0.0,
+        submitter=Submitter("ESMTP"),
+        smtputf8=True,
+    )
+    harness.store(sender)
+    lines = [formatEvent(e) for e in harness.events if "notice queued" in formatEvent(e)]
+    assert len(lines) == 1 and lines[0].isprintable(), lines
+    assert "for <a\\u2028forged@origin.test>" in lines[0]
+
+
+def test_a_resting_destination_is_logged_with_the_reply_escaped() -> None:
+    """The "rests until" line carries the remote's reply text on one escaped line."""
+    channel = ScriptedChannel(PER_ADDRESS)
+    refusal = Reply(ReplyCode.DHST, "connection\u2028refused")
+    channel.answers["open_session"] = lambda destination: SessionFailed(refusal)
+    harness = Harness(channel, DiscardChannel(SequencingMode.ADDRESS_THEN_TEXT, name="smtp"))
+    harness.start()
+    harness.store(envelope("a@dest.test"))
+    lines = [formatEvent(e) for e in harness.events if "rests until" in formatEvent(e)]
+    assert len(lines) == 1 and lines[0].isprintable(), lines
+    assert "connection\\u2028refused" in lines[0]

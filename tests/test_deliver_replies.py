@@ -23,6 +23,7 @@ from relay.reply import Action, Reply, ReplyCode
 from test_deliver_fakes import (
     LIST,
     PER_ADDRESS,
+    TEXT,
     Harness,
     Raise,
     Raw,
@@ -291,6 +292,44 @@ def test_session_failed_reply_applies_to_every_address(code: ReplyCode) -> None:
         expect is Expect.DEAD
     )
     assert harness.violations() == []
+
+
+def test_stop_records_the_transaction_in_flight_and_keeps_no_session_idle() -> None:
+    """A stop waits for the transaction in flight, records it, and ends its session at once."""
+    answer: Deferred[Reply] = Deferred()
+    channel = ScriptedChannel(LIST, end_text=lambda: answer)
+    harness = Harness(channel, DiscardChannel(LIST, name="smtp")).start()
+    queue_id = harness.store(envelope("a@dest.test"))
+    stopped = harness.service.stopService()
+    harness.clock.advance(1)
+    assert not stopped.called  # the transaction still waits for its final reply
+    answer.callback(Reply(ReplyCode.OK))
+    harness.clock.advance(0)  # no idle timeout: a stopping pool keeps no session open
+    assert stopped.called
+    assert harness.queue.statuses(queue_id)[0].state is RecipientState.DELIVERED
+    assert channel.names(1)[-1] == "end_session"
+
+
+def test_stop_waits_for_the_bounce_of_a_transaction_in_flight() -> None:
+    """A transaction that fails during a stop: its DSN is stored and recorded before it ends."""
+    answer: Deferred[Reply] = Deferred()
+    channel = ScriptedChannel(LIST, end_text=lambda: answer)
+    harness = Harness(channel, DiscardChannel(LIST, name="smtp"), latency=1.0).start()
+    harness.queue.store(envelope("a@dest.test", arrival=harness.clock.seconds()), TEXT)
+    harness.clock.advance(1.0)  # durable: the deliverer starts the transaction
+    (queue_id,) = harness.queue.queued()
+    harness.mine.add(queue_id)
+    stopped = harness.service.stopService()
+    answer.callback(Reply(ReplyCode.NDEL, "no such user"))
+    seen_unfinished = False
+    for _ in range(10):  # each write takes a second on this queue
+        if stopped.called:
+            break
+        seen_unfinished = True
+        harness.clock.advance(1.0)
+    assert seen_unfinished and stopped.called
+    assert harness.queue.statuses(queue_id)[0].state is RecipientState.FAILED
+    assert len(harness.notices()) == 1
 
 
 def test_stop_cancels_a_hanging_transaction_and_records_nothing() -> None:

@@ -221,3 +221,13 @@ def test_any_status_dict_is_a_status_or_an_envelope_error(data: dict[str, object
     """Reading arbitrary status dicts yields a status or EnvelopeError, never another exception."""
     with contextlib.suppress(EnvelopeError):
         RecipientStatus.from_dict(data)
+
+
+def test_an_arrival_out_of_range_is_named_before_a_bad_submitter() -> None:
+    """Both wrong: either way of reading names the arrival first (hypothesis found them apart)."""
+    data = _envelope().to_dict()
+    data["arrival"] = 10**400
+    data["submitter"]["protocol"] = 1.5
+    for reading in (data, _slow(data)):
+        with pytest.raises(EnvelopeError, match="arrival"):
+            Envelope.from_dict(reading)  # type: ignore[arg-type]

@@ -33,6 +33,7 @@ from relay.interfaces import ILocalRecipients
 from relay.queue.store import SpoolQueue
 from relay.sansio.smtp.wire import ReplyParser
 
+from auth_guesses import guess_in_parallel
 from tlsfiles import TlsFiles, make_tls_files
 
 SWAKS = "/usr/bin/swaks"
@@ -314,6 +315,32 @@ async def test_smtplib_implicit_tls_listener(tmp_path: Path, tls_files: TlsFiles
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_server_closes_a_tls_session_after_quit(
+    tmp_path: Path, tls_files: TlsFiles
+) -> None:
+    """After QUIT over TLS the gateway closes the connection itself (its producer let go)."""
+    smtp = 'listen_tls = ["tcp:0:interface=127.0.0.1"]'
+    async with gateway(tmp_path, smtp, tls=tls_files) as running:
+
+        def quit_and_wait() -> bytes:
+            context = _client_context(tls_files)
+            port = running.ports["listen_tls"]
+            raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.recv(1024)  # the greeting
+                tls.sendall(b"QUIT\r\n")
+                received = b""
+                try:
+                    while chunk := tls.recv(1024):  # until the server closes
+                        received += chunk
+                except ssl.SSLEOFError:
+                    pass
+                return received
+
+        assert (await in_thread(quit_and_wait)).startswith(b"221 2.0.0")
+
+
+@pytest_twisted.ensureDeferred
 async def test_smtplib_over_ipv6(tmp_path: Path) -> None:
     """An IPv6 listener works and the client shows as an IPv6 literal."""
     listen = 'listen = ["tcp6:0:interface=\\\\:\\\\:1"]'
@@ -490,8 +517,8 @@ async def test_relay_denied_and_long_line_over_a_socket(tmp_path: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_per_client_session_limit_over_a_socket(tmp_path: Path) -> None:
-    """Past max_sessions_per_client, a new connection gets 421 4.7.0 at once."""
-    async with gateway(tmp_path, "max_sessions_per_client = 1") as running:
+    """Past max_sessions_per_client, an untrusted client's new connection gets 421 4.7.0."""
+    async with gateway(tmp_path, "max_sessions_per_client = 1\ntrusted_networks = []") as running:
 
         def two_sessions() -> tuple[bytes, bytes]:
             with socket.create_connection(("127.0.0.1", running.port), timeout=10) as first:
@@ -523,3 +550,39 @@ async def test_bdat_over_a_socket_is_stored_byte_identical(tmp_path: Path) -> No
         assert b"CHUNKING" in received
         assert [code for code, _ in _codes(received)][-5:] == [250, 250, 250, 250, 221]
         assert await running.single_text() == MESSAGE
+
+
+# --------------------------------------------------------------------------- AUTH hardening
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtplib_auth_plain_as_another_identity_is_535(tmp_path: Path) -> None:
+    """AUTH PLAIN admin\\0carol\\0password fails with 535 (RFC 4616); carol\\0carol\\0… works."""
+    smtp = "trusted_networks = []\nauth_requires_tls = false"
+    async with gateway(tmp_path, smtp, users=True) as running:
+
+        def attempt(authzid: str) -> int:
+            with smtplib.SMTP("127.0.0.1", running.port) as client:
+                client.ehlo("client.test")
+                try:
+                    code, _ = client.auth(
+                        "PLAIN", lambda challenge=None: f"{authzid}\0carol\0{PASSWORD}"
+                    )
+                except smtplib.SMTPAuthenticationError as e:
+                    return e.smtp_code
+                return code
+
+        assert await in_thread(lambda: attempt("admin")) == 535
+        assert await in_thread(lambda: attempt("carol")) == 235
+        assert await in_thread(lambda: attempt("")) == 235
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtplib_parallel_auth_is_held_to_auth_max_failures(tmp_path: Path) -> None:
+    """Twelve sessions guessing at once: five passwords are checked (535), seven get 454."""
+    smtp = "trusted_networks = []\nauth_requires_tls = false\nauth_max_failures = 5"
+    async with gateway(tmp_path, smtp, users=True) as running:
+        # The shipped cost: each check takes long enough for all twelve to be waiting.
+        (tmp_path / "smtp-users").write_text(make_user_line("carol", PASSWORD) + "\n")
+        codes = await in_thread(lambda: guess_in_parallel(running.port, 12))
+        assert sorted(codes) == [454] * 7 + [535] * 5

@@ -1,4 +1,4 @@
-"""The gateway's acceptance rules: local users, routed domains, relaying and routing tricks.
+"""The gateway's acceptance rules: local users, relay_domains, relaying and routing tricks.
 
 Each rule is pinned twice: on :class:`RelayPolicy` itself, and through the whole session
 (engine + adapter, no sockets) with the client's bytes split at every position.
@@ -29,6 +29,7 @@ hostname = "mx.example.test"
 local_domains = ["example.test"]
 [smtp]
 trusted_networks = ["10.0.0.0/8"]
+relay_domains = ["partner.test", "*.sub.test", "by-mx.test"]
 [[route]]
 domain = "partner.test"
 smarthost = "127.0.0.1:2526"
@@ -37,6 +38,9 @@ domain = "*.sub.test"
 [[route]]
 domain = "mailboxes.test"
 channel = "local"
+[[route]]
+domain = "outbound.test"
+smarthost = "127.0.0.1:2527"
 """
 
 TRUSTED = "10.1.2.3"
@@ -81,17 +85,22 @@ RULES = [
     ("<user%evil.test@example.test>", False, (250, "2.1.5")),  # really a local user
     ("<evil.test!alice@example.test>", False, (550, "5.1.1")),
     ('<"alice@evil.test"@example.test>', False, (550, "5.1.1")),
-    # rule 2: routed domains are accepted from anyone
+    # rule 3: relay_domains are accepted from anyone, routed or not
     ("<bob@partner.test>", False, (250, "2.1.5")),
+    ("<bob@PARTNER.test>", False, (250, "2.1.5")),
     ("<bob@x.sub.test>", False, (250, "2.1.5")),
     ("<bob@sub.test>", False, (554, "5.7.1")),  # "*.sub.test" is not sub.test itself
-    # rule 2, tricks: no onward relaying through a routed domain for untrusted clients
+    ("<bob@by-mx.test>", False, (250, "2.1.5")),
+    # rule 4: a route alone does not open a domain to everyone
+    ("<bob@outbound.test>", False, (554, "5.7.1")),
+    ("<bob@outbound.test>", True, (250, "2.1.5")),
+    # rule 3, tricks: no onward relaying through a relay domain for untrusted clients
     ("<bob%evil.test@partner.test>", False, (554, "5.7.1")),
     ("<evil.test!bob@partner.test>", False, (554, "5.7.1")),
     ('<"bob@evil.test"@partner.test>', False, (554, "5.7.1")),
     ("<bob%evil.test@partner.test>", True, (250, "2.1.5")),
     ("<@example.test:bob@partner.test>", False, (250, "2.1.5")),  # inert source route
-    # rule 3: everything else only for trusted or authenticated clients
+    # rule 2 / 4: everything else only for trusted or authenticated clients
     ("<bob@elsewhere.test>", False, (554, "5.7.1")),
     ("<bob@elsewhere.test>", True, (250, "2.1.5")),
     ("<@example.test:bob@evil.test>", False, (554, "5.7.1")),  # judged by its final domain
@@ -182,3 +191,61 @@ def test_policy_rule_through_a_session_split_everywhere(
         pieces = [rcpt[:cut], rcpt[cut:]]
         codes = _session_codes(config, client, head + [p for p in pieces if p])
         assert codes[-1] == expected, (cut, codes)
+
+
+# The classic open-relay battery: every way a client may ask a relay to pass mail on to
+# ``{T}``, through a local domain, the loopback literal or a source route.
+OPEN_RELAY_BATTERY = [
+    "<user@{T}>",
+    "<user@{U}>",
+    "<user@{T}.>",
+    "<user%{T}@example.test>",
+    "<user%{T}@[127.0.0.1]>",
+    "<user%{T}.@example.test>",
+    '<"user@{T}"@example.test>',
+    '<"user%{T}"@example.test>',
+    '<"user@{T}"@[127.0.0.1]>',
+    "<{T}!user@example.test>",
+    "<{T}!user@[127.0.0.1]>",
+    "<{T}!user%example.test@example.test>",
+    "<user%{T}%example.test@example.test>",
+    "<@example.test:user@{T}>",
+    "<@[127.0.0.1]:user@{T}>",
+    "<@example.test,@[127.0.0.1]:user@{T}>",
+    "<user%{T}@mx.example.test>",
+    "<user%{T}@partner.test>",
+    "<{T}!user@partner.test>",
+    '<"user@{T}"@partner.test>',
+    "<user%{T}@x.sub.test>",
+    "<@partner.test:user@{T}>",
+    "<user@{T}@example.test>",
+    "<USER@{U}>",
+]
+
+
+def _battery_reply(config: Config, template: str, target: str) -> tuple[int, str | None]:
+    path = template.replace("{T}", target).replace("{U}", target.upper())
+    head = [b"EHLO c.test\r\n", b"MAIL FROM:<s@c.test>\r\n"]
+    codes = _session_codes(config, UNTRUSTED, [*head, f"RCPT TO:{path}\r\n".encode()])
+    assert codes[:3] == [(220, None), (250, None), (250, "2.1.0")], codes
+    return codes[-1]
+
+
+@pytest.mark.parametrize("template", OPEN_RELAY_BATTERY)
+def test_open_relay_battery_from_an_untrusted_client(config: Config, template: str) -> None:
+    """From an untrusted address, every variant is refused, for a routed domain exactly as
+    for an unrouted one: 554 5.7.1 when the final domain is remote, 550 otherwise."""
+    unrouted = _battery_reply(config, template, "victim.test")
+    routed = _battery_reply(config, template, "outbound.test")
+    assert routed == unrouted
+    assert routed in ((554, "5.7.1"), (550, "5.1.1"), (501, "5.1.3"))
+    if template.endswith(("@{T}>", "@{U}>")) and "[" not in template:  # no literal route
+        assert routed == (554, "5.7.1")
+
+
+def test_relay_domains_are_accepted_from_an_untrusted_client(config: Config) -> None:
+    """relay_domains (exact, *.parent, routed or by MX) take mail from anyone; nothing else."""
+    for path in ("<bob@partner.test>", "<bob@deep.x.sub.test>", "<bob@by-mx.test>"):
+        assert _battery_reply(config, path, "") == (250, "2.1.5"), path
+    for path in ("<bob@outbound.test>", "<bob@sub.test>", "<bob@partner.test.evil.test>"):
+        assert _battery_reply(config, path, "") == (554, "5.7.1"), path

@@ -22,19 +22,29 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent
 from zope.interface import implementer
 
 from relay.address import Address
 from relay.config import Config, parse_config
-from relay.envelope import BodyType, Destination, Envelope
+from relay.envelope import BodyType, Destination, Envelope, Recipient, Submitter
 from relay.errors import SpoolError
 from relay.gateway.auth import AuthUnavailable
-from relay.gateway.limits import AuthThrottle, TextBudget
+from relay.gateway.limits import AuthThrottle, AuthVerdict, LocalAuthThrottle, TextBudget
 from relay.gateway.policy import RelayPolicy
-from relay.gateway.protocol import GatewayFactory, SessionLimiter, SmtpServerProtocol, Timeouts
+from relay.gateway.protocol import (
+    GatewayFactory,
+    SessionLimiter,
+    SmtpServerProtocol,
+    Timeouts,
+    log_stored,
+)
 from relay.gateway.service import settings_from_config
-from relay.interfaces import ILocalRecipients
+from relay.handoff.codec import HandoffError
+from relay.interfaces import IAuthThrottle, ILocalRecipients
 from relay.sansio.smtp.wire import ReplyParser, SmtpReply, dot_stuff
+
+from reactor_helpers import logged_events
 
 
 @implementer(ILocalRecipients)
@@ -101,12 +111,12 @@ class Harness:
     checker: ControlledChecker
     clock: Clock
 
-    def connect(self, host: str = "10.1.1.1") -> Session:
+    def connect(self, host: str = "10.1.1.1", transport: StringTransport | None = None) -> Session:
         address = (
             IPv6Address("TCP", host, 40000) if ":" in host else IPv4Address("TCP", host, 40000)
         )
         protocol = self.factory.buildProtocol(address)
-        transport = StringTransport(peerAddress=address)
+        transport = StringTransport(peerAddress=address) if transport is None else transport
         protocol.makeConnection(transport)
         return Session(protocol, transport)
 
@@ -144,6 +154,7 @@ def make_harness(
     *,
     text_budget: TextBudget | None = None,
     throttle: Callable[[Clock], AuthThrottle] | None = None,
+    auth: IAuthThrottle | None = None,
     **timeouts: float,
 ) -> Harness:
     clock = Clock()
@@ -160,7 +171,7 @@ def make_harness(
         ),
         checker=checker,  # type: ignore[arg-type]
         text_budget=text_budget,
-        auth_throttle=None if throttle is None else throttle(clock),
+        auth_throttle=auth if throttle is None else LocalAuthThrottle(throttle(clock)),
     )
     return Harness(factory, queue, checker, clock)
 
@@ -296,23 +307,143 @@ def test_no_queue_yet_refuses_with_421(config: Config) -> None:
     assert harness.factory.limiter.total == 0
 
 
+# ---------------------------------------------------------------- a client that does not read
+
+
+class SlowReaderTransport(StringTransport):
+    """A StringTransport whose client reads only when told to.
+
+    It pauses its registered producer while more than ``bufferSize`` bytes of output
+    are unread and resumes it when they have all been read, as Twisted's TCP transport
+    does with its send buffer.
+    """
+
+    bufferSize = 65536
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000))
+        self.unread = 0
+        self.most_unread = 0
+        self.producer_paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.unread += len(data)
+        self.most_unread = max(self.most_unread, self.unread)
+        if self.producer is not None and self.unread > self.bufferSize and not self.producer_paused:
+            self.producer_paused = True
+            self.producer.pauseProducing()
+
+    def client_reads(self) -> None:
+        """The client reads everything written so far."""
+        self.unread = 0
+        if self.producer_paused:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+
+
+def _pipeline_while_read(session: Session, commands: int, chunk: int = 8192) -> int:
+    """Send up to ``commands`` VRFYs in reads of ``chunk`` bytes while the transport reads."""
+    data = b"VRFY a\r\n" * commands
+    sent = 0
+    while sent < len(data) and session.transport.producerState == "producing":
+        session.send(data[sent : sent + chunk])
+        sent += chunk
+    return min(sent, len(data)) // len(b"VRFY a\r\n")
+
+
+def test_replies_stop_while_the_client_does_not_read_them(harness: Harness) -> None:
+    """Past 64 KiB of unread output no more replies are made and reading stops; both resume."""
+    transport = SlowReaderTransport()
+    session = harness.connect("192.0.2.7", transport)
+    assert transport.producer is session.protocol and transport.streaming
+    sent = _pipeline_while_read(session, 200_000)
+    assert sent < 200_000  # the transport stopped reading: the rest stays with the client
+    assert transport.producerState == "paused"
+    assert transport.most_unread < transport.bufferSize + 200  # one reply past the bound
+    assert session.protocol.engine.buffered < 256 * 1024 + 8192
+    answered = len(session.replies())
+    transport.client_reads()
+    assert len(session.replies()) > answered  # what was held is answered now
+    sent += _pipeline_while_read(session, 200_000 - sent)
+    while transport.producer_paused:
+        transport.client_reads()
+    assert transport.most_unread < transport.bufferSize + 200
+    replies = session.replies()
+    assert len(replies) == 1 + sent and replies[-1].code == 252
+    assert not session.closed
+
+
+def test_a_client_that_never_reads_is_dropped_after_the_idle_timeout(harness: Harness) -> None:
+    """A session whose output stays over the bound for idle_timeout is aborted, with no 421."""
+    transport = SlowReaderTransport()
+    session = harness.connect("192.0.2.7", transport)
+    _pipeline_while_read(session, 200_000)
+    assert transport.producer_paused
+    written = len(transport.value())
+    harness.clock.advance(59)
+    assert not session.closed
+    harness.clock.advance(2)
+    assert session.closed and transport.disconnected  # aborted: nothing left to flush
+    assert len(transport.value()) == written  # no 421 queued behind what it did not read
+    assert harness.factory.limiter.total == 0
+
+
+def test_a_paused_session_still_answers_its_store(harness: Harness) -> None:
+    """A store that completes while output is paused is answered; later commands wait."""
+    transport = SlowReaderTransport()
+    session = harness.connect("192.0.2.7", transport)
+    _deliver(session)
+    session.protocol.pauseProducing()  # as the transport would with a full buffer
+    harness.queue.calls[0][2].callback("0123456789ABCD")
+    assert session.codes()[-1] == (250, "2.0.0")  # the store's answer is written anyway
+    session.send(b"NOOP\r\n")
+    assert session.codes()[-1] == (250, "2.0.0") and len(session.codes()) == 6
+    session.protocol.resumeProducing()
+    assert session.codes()[-1] == (250, "2.0.0") and len(session.codes()) == 7
+
+
 # --------------------------------------------------------------------------- limits and timers
 
 
 def test_session_limits_refuse_at_connect(harness: Harness) -> None:
     """Past max_sessions_per_client, then max_sessions, connections get 421 4.7.0."""
-    a1, a2 = harness.connect("10.1.1.1"), harness.connect("10.1.1.1")
-    a3 = harness.connect("10.1.1.1")
+    a1, a2 = harness.connect("192.0.2.1"), harness.connect("192.0.2.1")
+    a3 = harness.connect("192.0.2.1")
     assert a3.codes() == [(421, "4.7.0")] and a3.closed
-    b1 = harness.connect("10.2.2.2")
-    b2 = harness.connect("10.3.3.3")
+    b1 = harness.connect("192.0.2.2")
+    b2 = harness.connect("192.0.2.3")
     assert b2.codes() == [(421, "4.7.0")]
     for ok in (a1, a2, b1):
         assert ok.codes() == [(220, None)]
     a1.lose()
     a3.lose()
-    assert harness.connect("10.4.4.4").codes() == [(220, None)]
-    assert harness.factory.limiter.per_client["10.1.1.1"] == 1
+    assert harness.connect("192.0.2.4").codes() == [(220, None)]
+    assert harness.factory.limiter.per_client["192.0.2.1"] == 1
+
+
+def test_trusted_clients_are_not_held_to_the_per_client_limit(harness: Harness) -> None:
+    """A client in trusted_networks may open up to max_sessions, past its per-client limit."""
+    sessions = [harness.connect("10.1.1.1") for _ in range(3)]  # per client 2, max 3
+    assert [s.codes() for s in sessions] == [[(220, None)]] * 3
+    assert harness.factory.limiter.per_client["10.1.1.1"] == 3
+    assert harness.connect("10.1.1.1").codes() == [(421, "4.7.0")]  # max_sessions holds
+
+
+def test_a_session_is_released_when_it_ends_not_when_the_close_arrives(harness: Harness) -> None:
+    """After QUIT's 221 the slot is free at once: a reconnect before the FIN is admitted."""
+    first, second = harness.connect("192.0.2.1"), harness.connect("192.0.2.1")
+    first.send(b"QUIT\r\n")
+    assert first.codes()[-1] == (221, "2.0.0") and first.closed
+    assert first.transport.producer is None  # else a TLS transport would never close
+    third = harness.connect("192.0.2.1")  # first's connectionLost has not come yet
+    assert third.codes() == [(220, None)]
+    first.lose()  # ...and when it comes, nothing is released twice
+    assert harness.factory.limiter.per_client["192.0.2.1"] == 2
+    assert harness.factory.limiter.total == 2
+    second.lose()
+    third.lose()
+    assert harness.factory.limiter.total == 0 and not harness.factory.limiter.per_client
 
 
 def test_idle_timeout_is_421(harness: Harness) -> None:
@@ -654,7 +785,6 @@ def test_budget_counts_bdat_chunks(tmp_path: Path) -> None:
         pytest.param(lambda s: s.send((b"z" * 990 + b"\r\n") * 3 + b".\r\n"), id="552"),
         pytest.param(lambda s: s.lose(), id="client-gone"),
         pytest.param(lambda s: s.protocol._timeout("idle"), id="timeout"),
-        pytest.param(lambda s: s.send(b"\xff" * 999 + b"\r\n.\r\n"), id="long-line"),
     ],
 )
 def test_budget_is_given_back_when_the_text_is_refused_or_dropped(
@@ -788,7 +918,7 @@ def test_unreadable_users_file_is_454_not_535(harness: Harness) -> None:
     session.send(_auth_line("carol", "pw"))
     harness.checker.calls[0][2].errback(AuthUnavailable("users: Permission denied"))
     assert session.replies()[-1] == SmtpReply(454, "4.7.0", ("Temporary authentication failure",))
-    assert harness.factory.auth_throttle.failures("192.0.2.9") == 0
+    assert harness.factory.auth_throttle.throttle.failures("192.0.2.9") == 0
     assert session.protocol.engine.authenticated_user is None
     session.send(b"NOOP\r\n")
     assert session.codes()[-1] == (250, "2.0.0")
@@ -834,3 +964,176 @@ async def test_replies_are_not_held_back_by_nagle(harness: Harness) -> None:
         client.transport.loseConnection()
     finally:
         await port.stopListening()
+
+
+# ---------------------------------------------------------------- AUTH in parallel, authzid, logs
+
+
+def test_auth_attempts_in_parallel_count_when_they_start(tmp_path: Path) -> None:
+    """Twelve sessions sending AUTH at once: only max_failures passwords are checked."""
+    users = tmp_path / "users"
+    users.write_text("")
+    roomy = TOML.replace("max_sessions = 3", "max_sessions = 20").replace(
+        "max_sessions_per_client = 2", "max_sessions_per_client = 20"
+    )
+    config = parse_config(
+        roomy + f'auth_users_file = "{users}"\nauth_requires_tls = false\n', tmp_path
+    )
+    harness = make_harness(config, throttle=lambda c: AuthThrottle(c, max_failures=5, window=60))
+    sessions = [make_session(harness) for _ in range(12)]
+    for session in sessions:
+        session.send(b"EHLO c.test\r\n")
+        session.send(_auth_line("carol", "guess"))
+    assert len(harness.checker.calls) == 5
+    harness.clock.advance(1.01)
+    assert [s.codes()[-1] for s in sessions[5:]] == [(454, "4.7.0")] * 7
+    for _, _, checked in harness.checker.calls:
+        checked.callback(False)
+    harness.clock.advance(1.01)
+    assert [s.codes()[-1] for s in sessions[:5]] == [(535, "5.7.8")] * 5
+    assert harness.factory.auth_throttle.throttle.failures("192.0.2.9") == 5
+    assert harness.factory.auth_throttle.throttle.pending("192.0.2.9") == 0
+
+
+def test_a_successful_attempt_no_longer_counts_once_it_succeeds(config: Config) -> None:
+    """An attempt in progress counts against the limit; once it succeeds it counts no more."""
+    harness = make_harness(config, throttle=lambda c: AuthThrottle(c, max_failures=1, window=60))
+    first, second = make_session(harness), make_session(harness)
+    for session in (first, second):
+        session.send(b"EHLO c.test\r\n")
+    first.send(_auth_line("carol", "right"))
+    second.send(_auth_line("carol", "right"))
+    assert len(harness.checker.calls) == 1  # the second waits on the first's check
+    harness.checker.calls[0][2].callback(True)
+    assert first.codes()[-1] == (235, "2.7.0")
+    harness.clock.advance(1.01)
+    assert second.codes()[-1] == (454, "4.7.0")
+    second.send(_auth_line("carol", "right"))
+    assert len(harness.checker.calls) == 2  # the success did not count as a failure
+    harness.checker.calls[1][2].errback(AuthUnavailable("users: gone"))
+    assert harness.factory.auth_throttle.throttle.pending("192.0.2.9") == 0
+
+
+@implementer(IAuthThrottle)
+class ControlledThrottle:
+    """begin() hands back a Deferred the test fires, as a worker's link to the spool does."""
+
+    def __init__(self) -> None:
+        self.asked: list[Deferred[AuthVerdict]] = []
+        self.ended: list[tuple[str, bool]] = []
+
+    def begin(self, client: str) -> Deferred[AuthVerdict]:
+        d: Deferred[AuthVerdict] = Deferred()
+        self.asked.append(d)
+        return d
+
+    def end(self, client: str, failed: bool) -> None:
+        self.ended.append((client, failed))
+
+
+def _asking(config: Config) -> tuple[ControlledThrottle, Harness, Session]:
+    """A session whose AUTH waits for the verdict of a throttle the test controls."""
+    throttle = ControlledThrottle()
+    harness = make_harness(config, auth=throttle)
+    session = make_session(harness)
+    session.send(b"EHLO c.test\r\n")
+    session.send(_auth_line("carol", "guess"))
+    return throttle, harness, session
+
+
+def test_auth_without_a_verdict_is_454_and_checks_nothing(config: Config) -> None:
+    """The question fails (a worker's link went): 454 4.7.0 at once, no password checked."""
+    throttle, harness, session = _asking(config)
+    assert session.codes()[-1] == (250, None)  # waiting for the verdict
+    throttle.asked[0].errback(HandoffError("the link to the spool's process went away"))
+    assert session.replies()[-1] == SmtpReply(454, "4.7.0", ("Temporary authentication failure",))
+    assert harness.checker.calls == [] and throttle.ended == []
+    session.send(b"NOOP\r\n")
+    assert session.codes()[-1] == (250, "2.0.0")
+
+
+def test_a_verdict_for_a_session_gone_meanwhile_checks_nothing(config: Config) -> None:
+    """The client left while the session asked: the allowed attempt ends, unchecked, unfailed."""
+    throttle, harness, session = _asking(config)
+    session.lose()
+    throttle.asked[0].callback(AuthVerdict(True, 0, 1, 60.0))
+    assert harness.checker.calls == [] and throttle.ended == [("192.0.2.9", False)]
+
+
+def test_a_remote_verdict_logs_the_relay_wide_counts(config: Config) -> None:
+    """A refusal's log line names the counts the verdict brought (the spool's process's)."""
+    throttle, harness, session = _asking(config)
+    with logged_events() as events:
+        throttle.asked[0].callback(AuthVerdict(False, 4, 1, 900.0))
+    harness.clock.advance(1.01)
+    assert session.codes()[-1] == (454, "4.7.0") and harness.checker.calls == []
+    assert [formatEvent(e) for e in events] == [
+        "smtp: 192.0.2.9 refused AUTH PLAIN for carol: 4 failures in 900s, 1 in progress"
+    ]
+
+
+def make_session(harness: Harness) -> Session:
+    """A new session from the untrusted test client 192.0.2.9."""
+    return harness.connect("192.0.2.9")
+
+
+def _plain(authzid: str, user: str, password: str) -> bytes:
+    token = f"{authzid}\0{user}\0{password}".encode()
+    return b"AUTH PLAIN " + base64.b64encode(token) + b"\r\n"
+
+
+def test_auth_plain_as_another_identity_is_535(harness: Harness) -> None:
+    """AUTH PLAIN admin\\0bob\\0secret is refused (RFC 4616): bob may not act as admin."""
+    session = harness.connect("192.0.2.9")
+    session.send(b"EHLO c.test\r\n")
+    session.send(_plain("admin", "bob", "secret"))
+    assert harness.checker.calls == []  # refused before any password check
+    harness.clock.advance(1.01)
+    assert session.codes()[-1] == (535, "5.7.8")
+    assert session.protocol.engine.authenticated_user is None
+    assert harness.factory.auth_throttle.throttle.failures("192.0.2.9") == 1
+    session.send(_plain("bob", "bob", "secret"))  # authzid = the user: allowed
+    harness.checker.calls[0][2].callback(True)
+    assert session.codes()[-1] == (235, "2.7.0")
+    assert session.protocol.engine.authenticated_user == "bob"
+
+
+def _formatted(events: list[Any]) -> list[str]:
+    return [
+        formatEvent(event) for event in events if event.get("log_namespace", "").startswith("relay")
+    ]
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_auth_user_names_are_escaped_in_the_log(harness: Harness, ok: bool) -> None:
+    """A user name holding CR LF cannot forge a log line: it is logged escaped."""
+    session = harness.connect("192.0.2.9")
+    session.send(b"EHLO c.test\r\n")
+    with logged_events() as events:
+        session.send(_plain("", "bob\r\nsmtp: 192.0.2.9 authenticated as root", "pw"))
+        harness.checker.calls[0][2].callback(ok)
+        harness.clock.advance(1.01)
+        session = harness.connect("192.0.2.9")
+        session.send(b"EHLO c.test\r\n")
+        session.send(_plain("x\u2028y", "bob", "pw"))
+        harness.clock.advance(1.01)
+    lines = _formatted(events)
+    assert len(lines) == 2
+    assert all(line.isprintable() for line in lines), lines
+    assert "bob\\r\\nsmtp: 192.0.2.9 authenticated as root" in lines[0]
+    assert "act as x\\u2028y" in lines[1]
+
+
+def test_the_stored_line_escapes_the_clients_words() -> None:
+    """log_stored writes the sender and HELO escaped (an SMTPUTF8 address may hold U+2028)."""
+    envelope = Envelope(
+        return_path=Address("a\u2028forged", "c.test"),
+        recipients=(Recipient(Address("alice", "example.test"), Destination("local", "")),),
+        arrival=0.0,
+        submitter=Submitter("ESMTP", "192.0.2.9", None, "h\x1bost", None, None),
+    )
+    with logged_events() as events:
+        log_stored("0123456789ABCD", envelope, 10)
+    (line,) = _formatted(events)
+    assert line.isprintable()
+    assert "from=<a\\u2028forged@c.test>" in line and "helo=h\\x1bost" in line

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.address import Address
-from relay.gateway.received import received_header
+from relay.gateway.received import local_received_header, received_header
 
 WHEN = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 +0000
 
@@ -78,5 +78,25 @@ def test_client_values_cannot_break_the_header(helo: str, user: str) -> None:
     assert lines[-1] == b""
     assert all(line[:1] in (b"\t",) for line in lines[1:-1])
     assert lines[0].count(b"(") == lines[0].count(b")") == 1
+    message = message_from_bytes(header + b"\r\nbody\r\n", policy=SMTP)
+    assert len(message.get_all("Received")) == 1
+
+
+def test_local_submission_names_the_uid() -> None:
+    """relay sendmail's mail is traced 'by host (relay, from userid N)', as Postfix does."""
+    header = local_received_header(uid=1000, hostname="hub.example.test", when=WHEN)
+    assert header.startswith(b"Received: by hub.example.test (relay, from userid 1000); ")
+    assert header.endswith(b"\r\n") and header.count(b"\r\n") == 1
+
+
+@given(st.text(max_size=40))
+def test_a_bs_dialogue_adds_its_helo_and_protocol_safely(helo: str) -> None:
+    """sendmail -bs: 'from HELO' and 'with ESMTP'; any HELO text stays one ASCII header."""
+    header = local_received_header(
+        uid=0, hostname="hub.example.test", when=WHEN, helo=helo or None, protocol="ESMTP"
+    )
+    header.decode("ascii")
+    lines = header.split(b"\r\n")
+    assert lines[-2].startswith((b"\tby ", b"Received: by ")) and b"with ESMTP; " in lines[-2]
     message = message_from_bytes(header + b"\r\nbody\r\n", policy=SMTP)
     assert len(message.get_all("Received")) == 1

@@ -188,7 +188,8 @@ def test_listeners_share_the_text_budget_and_the_auth_throttle(tmp_path: Path) -
     assert first.text_budget is second.text_budget
     assert first.text_budget.limit == 12345
     assert first.auth_throttle is second.auth_throttle
-    assert (first.auth_throttle.max_failures, first.auth_throttle.window) == (7, 60.0)
+    throttle = first.auth_throttle.throttle  # the relay's count, behind LocalAuthThrottle
+    assert (throttle.max_failures, throttle.window) == (7, 60.0)
     service.stopService()
 
 
@@ -205,6 +206,59 @@ def test_limits_come_from_the_configuration(tmp_path: Path) -> None:
     service.startService()
     factory = reactor.tcpServers[0][1]
     assert factory.text_budget.limit == 4321
-    assert (factory.auth_throttle.max_failures, factory.auth_throttle.window) == (2, 60.0)
+    throttle = factory.auth_throttle.throttle  # the relay's count, behind LocalAuthThrottle
+    assert (throttle.max_failures, throttle.window) == (2, 60.0)
     assert factory.timeouts.greet_delay == 3.0
     service.stopService()
+
+
+@implementer(ILocalRecipients)
+class Alice:
+    def exists(self, address: Address) -> bool:
+        return address.local_part == "alice"
+
+
+class HeldQueue:
+    """store() hands back a Deferred the test fires."""
+
+    def __init__(self) -> None:
+        self.calls: list[Deferred[str]] = []
+
+    def store(self, envelope: object, text: bytes) -> Deferred[str]:
+        d: Deferred[str] = Deferred()
+        self.calls.append(d)
+        return d
+
+
+def test_stop_answers_the_store_in_flight_and_ends_once_the_session_closed(
+    tmp_path: Path,
+) -> None:
+    """Stopping: 250 for the store in flight, then 421; the stop ends once the session closed."""
+    config = parse_config(
+        '[relay]\nhostname = "mx.test"\nlocal_domains = ["example.test"]\n'
+        '[smtp]\nlisten = ["tcp:2525:interface=127.0.0.1"]\n',
+        tmp_path,
+    )
+    reactor = MemoryReactorClock()
+    queue = HeldQueue()
+    service = build_gateway(config, queue, Alice(), reactor)  # type: ignore[arg-type]
+    service.startService()
+    address = IPv4Address("TCP", "127.0.0.1", 5000)
+    protocol = reactor.tcpServers[0][1].buildProtocol(address)
+    transport = StringTransport(peerAddress=address)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"EHLO c.test\r\n")
+    protocol.dataReceived(b"MAIL FROM:<s@c.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    protocol.dataReceived(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    assert len(queue.calls) == 1
+    stopped = service.stopService()
+    reactor.advance(1)
+    assert not stopped.called  # the store has not answered yet
+    queue.calls[0].callback("0123456789ABCD")
+    assert [r.code for r in ReplyParser().feed(transport.value())][-2:] == [250, 421]
+    assert transport.disconnecting
+    reactor.advance(1)
+    assert not stopped.called  # the answer has not left yet: the connection is open
+    protocol.connectionLost()
+    reactor.advance(1)
+    assert stopped.called

@@ -27,8 +27,10 @@ from twisted.logger import LogEvent
 
 from relay.config import parse_config
 from relay.deliver.service import DelivererService
+from relay.gateway.limits import AuthThrottle
 from relay.gateway.workers import GatewayWorkers
 from relay.handoff.codec import Hello, encode, framed
+from relay.metrics.collectors import RelayCollector
 from relay.tap import build_service
 
 from reactor_helpers import logged_events, until
@@ -111,14 +113,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_worker_takes_mail_into_the_spool_and_is_restarted_when_it_dies(
-    tmp_path: Path, events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _start_busy_relay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, int]:
+    """The relay with one worker, started, its deliverer looking busy (so the worker
+    takes the connections once it is READY); and its SMTP port."""
     monkeypatch.setattr(DelivererService, "busy", property(lambda self: True))
     port = _free_port()
     service = build_service(_config(tmp_path, port, workers=1), reactor)
     service.startService()
+    return service, port
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_takes_mail_into_the_spool_and_is_restarted_when_it_dies(
+    tmp_path: Path, events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service, port = _start_busy_relay(tmp_path, monkeypatch)
     pids: list[int] = []
     try:
         workers = service.getServiceNamed("smtp").getServiceNamed("workers")
@@ -259,9 +268,9 @@ def test_no_workers_start_when_the_spool_does_not_open(tmp_path: Path) -> None:
 
     fake = MemoryReactorClock()
     opened: Deferred[Any] = Deferred()
-    workers = GatewayWorkers(
-        _config(tmp_path, 2525, workers=1), 1, lambda: [], opened, frozenset(), fake
-    )
+    config = _config(tmp_path, 2525, workers=1)
+    auth = AuthThrottle(fake)
+    workers = GatewayWorkers(config, 1, lambda: [], opened, frozenset(), fake, auth=auth)
     workers.startService()
     opened.callback(None)
     assert opened.result is None  # nothing failed in the workers' callback
@@ -285,9 +294,9 @@ def test_a_worker_that_cannot_be_started_is_tried_again_later(tmp_path: Path) ->
 
     fake = NoProcesses()
     with logged_events() as seen:
-        workers = GatewayWorkers(
-            _config(tmp_path, 2525, workers=1), 1, lambda: [], object(), frozenset(), fake
-        )
+        config = _config(tmp_path, 2525, workers=1)
+        auth = AuthThrottle(fake)
+        workers = GatewayWorkers(config, 1, lambda: [], object(), frozenset(), fake, auth=auth)
         workers.startService()
         assert fake.attempts == 1 and workers.workers == {}
         fake.advance(1.0)
@@ -332,5 +341,25 @@ async def test_a_full_worker_hands_the_sockets_back_before_it_refuses(
         await _until(lambda: not _main_reads(service))
         greetings = await deferToThread(_greetings, port, 5)
         assert [line[:3] for line in greetings] == [b"220"] * 4 + [b"421"], greetings
+    finally:
+        await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_workers_sessions_reach_the_metrics_of_the_relay(
+    tmp_path: Path, events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session open in a worker is counted by the relay's collector, and its end too."""
+    service, port = _start_busy_relay(tmp_path, monkeypatch)
+    try:
+        gateway = service.getServiceNamed("smtp")
+        collector = RelayCollector(reactor, service.getServiceNamed("spool"), gateway)
+        await _until(lambda: not _main_reads(service))  # only the worker accepts now
+        client = await deferToThread(smtplib.SMTP, "127.0.0.1", port, timeout=30)
+        await _until(lambda: collector.snapshot().sessions_open == 1)
+        worker = gateway.getServiceNamed("workers").workers[1]
+        assert worker.server.sessions.open == 1  # it came from the worker's report
+        await deferToThread(client.quit)
+        await _until(lambda: collector.snapshot().sessions_open == 0)
     finally:
         await service.stopService()

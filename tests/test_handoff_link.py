@@ -21,6 +21,7 @@ from relay.address import Address
 from relay.envelope import Envelope, Recipient, Submitter
 from relay.errors import SpoolError
 from relay.fastwrite import is_idle_plain_tcp
+from relay.gateway.limits import AuthThrottle, AuthVerdict
 from relay.handoff.codec import (
     MAX_ACK_DATAGRAM,
     HandoffError,
@@ -82,7 +83,9 @@ async def _link(queue: MemoryQueue | None = None, *, early: bool = False) -> Lin
     memory = MemoryQueue(reactor) if queue is None else queue
     acks, their_acks = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     acks.setblocking(False)
-    server = StoreServer(HELLO, memory, frame_limit(1024 * 1024), acks=acks if early else None)
+    limit = frame_limit(1024 * 1024)
+    auth = AuthThrottle(reactor, max_failures=2)
+    server = StoreServer(HELLO, memory, limit, acks=acks if early else None, auth=auth)
     hellos: list[Hello] = []
     lost: list[str] = []
     client = StoreClient(hellos.append, lost.append)
@@ -311,7 +314,7 @@ def _answers_of_one_sync(count: int) -> tuple[StoreServer, list[bytes]]:
     """``count`` answers noted by the spool's hooks, then its finishers run: the datagrams."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     theirs.setblocking(False)
-    server = StoreServer(HELLO, None, frame_limit(1024), acks=ours)
+    server = StoreServer(HELLO, None, frame_limit(1024), acks=ours, auth=AuthThrottle(task.Clock()))
     finishers = []
     for n in range(count):
         finish = server._ack_early(n, f"0660CB0F36{n:04X}")
@@ -386,5 +389,24 @@ async def test_a_bad_frame_in_a_datagram_stops_the_rest_of_it(events: list[LogEv
         await until(lambda: link.lost)
         malformed = [e for e in events if "malformed frame" in str(e.get("log_format"))]
         assert len(malformed) == 1
+    finally:
+        _close(link)
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_questions_over_the_link_and_a_link_that_drops() -> None:
+    """Over a real socket pair a verdict comes back; when the link drops, the question
+    still waiting fails (454, nothing checked) and the allowed attempt counts as failed."""
+    link = await _link()
+    try:
+        assert await link.client.auth.begin("192.0.2.9") == AuthVerdict(True, 0, 1, 900.0)
+        waiting = link.client.auth.begin("192.0.2.9")
+        assert link.server.transport is not None
+        link.server.transport.loseConnection()  # before it reads the second question
+        with pytest.raises(HandoffError):
+            await waiting
+        await until(lambda: link.server.lost and link.lost)
+        throttle = link.server.auth
+        assert (throttle.failures("192.0.2.9"), throttle.pending("192.0.2.9")) == (1, 0)
     finally:
         _close(link)

@@ -7,13 +7,15 @@ import mailbox
 import os
 import pwd
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
+from twisted.logger import formatEvent
 from zope.interface.verify import verifyClass, verifyObject
 
 from relay import fileio
@@ -22,10 +24,11 @@ from relay.envelope import Destination, Submitter
 from relay.errors import SpoolError
 from relay.interfaces import IChannel, IChannelSession, IMessage, SequencingMode
 from relay.queue.store import SpoolQueue
-from relay.reply import Reply, ReplyCode
+from relay.reply import ReplyCode
 
 from fakes import BytesMessage
 from memqueue import MemoryQueue
+from reactor_helpers import logged_events
 from test_local_support import (
     channel_for,
     deliver,
@@ -42,13 +45,13 @@ DAEMON = pwd.getpwnam("daemon")
 NOBODY = pwd.getpwnam("nobody")
 
 
-@pytest.fixture
-def made() -> Iterator[list[LocalChannel]]:
+@pytest_twisted.async_yield_fixture
+async def made() -> AsyncIterator[list[LocalChannel]]:
     """Channels made by a test; their thread pools are stopped afterwards."""
     channels: list[LocalChannel] = []
     yield channels
     for channel in channels:
-        channel.close()
+        await channel.close()
 
 
 @pytest.fixture
@@ -89,6 +92,26 @@ async def test_channel_and_session_provide_the_contract(tmp_path: Path, made: li
     session = await channel.open_session(Destination("local", ""))
     assert verifyObject(IChannelSession, session)
     assert verifyObject(IMessage, make_message())
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_ends_the_threads_without_joining_them_in_the_reactor(
+    tmp_path: Path, made: list[Any]
+) -> None:
+    """close() returns at once and fires once every thread of the channel's pool has ended."""
+    channel = _channel(made, make_config(tmp_path, 'users = ["alice"]'))
+    replies = await deliver(channel, make_message(TEXT), "alice@example.test")  # threads start
+    assert [r.code for r in replies] == [ReplyCode.MOK]
+
+    def pool_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if "relay-local" in t.name]
+
+    assert pool_threads()
+    closing = channel.close()
+    assert not closing.called  # the joining is left to another thread
+    await closing
+    assert pool_threads() == []
+    assert (await channel.close()) is None  # a second close has nothing to do
 
 
 @pytest_twisted.ensureDeferred
@@ -725,7 +748,7 @@ async def test_an_unreadable_text_is_temporary(tmp_path: Path, made: list[Any]) 
 async def test_a_defect_is_answered_not_raised(
     tmp_path: Path, made: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An unexpected exception becomes LIO (temporary), and the session goes on."""
+    """An unexpected exception becomes LIO (temporary), logged with the address escaped."""
     import relay.channels.local as local
 
     def broken(*args: Any) -> Any:
@@ -733,16 +756,13 @@ async def test_a_defect_is_answered_not_raised(
 
     channel = _channel(made, make_config(tmp_path, 'users = ["alice"]'))
     monkeypatch.setattr(local, "expand", broken)
-    [reply] = await deliver(channel, make_message(TEXT), "alice@example.test")
+    with logged_events() as events:
+        [reply] = await deliver(channel, make_message(TEXT), "a\u2028b@example.test")
     assert reply.code is ReplyCode.LIO
+    (event,) = [e for e in events if "failed unexpectedly" in e.get("log_format", "")]
+    line = formatEvent(event)  # a U+2028 in the recipient does not break the line
+    assert line.isprintable() and "a\\u2028b@example.test" in line
     monkeypatch.undo()
     [reply] = await deliver(channel, make_message(TEXT), "alice@example.test")
     assert reply.code is ReplyCode.MOK
     assert channel.failed == 1 and channel.delivered == 1
-
-
-def test_every_reply_the_channel_gives_is_a_reply() -> None:
-    """Reply texts built by the channel are one line even from hostile paths and outputs."""
-    from relay.channels.local import _one_line
-
-    assert Reply(ReplyCode.AGN, _one_line("a\r\nb\x00c" + "x" * 1000)).text.startswith("a b c")

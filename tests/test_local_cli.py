@@ -121,3 +121,15 @@ def test_aliases_without_action_prints_usage(capsys: pytest.CaptureFixture[str])
     """``relay aliases`` alone is a usage error (64) with help on stderr."""
     assert _run(["aliases"]) == exitcodes.USAGE
     assert "check" in capsys.readouterr().err
+
+
+def test_expand_postmaster_shows_where_it_goes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a postmaster alias, expand PostMaster shows [relay] postmaster's mailbox."""
+    config = _setup(tmp_path, "team: alice\n")
+    config.write_text(CONFIG.replace("[local]", 'postmaster = "bob@example.test"\n[local]'))
+    assert _run(["aliases", "expand", "-c", str(config), "PostMaster"]) == exitcodes.OK
+    assert capsys.readouterr().out.splitlines() == [
+        f"bob@example.test: mailbox of bob maildir {tmp_path}/var/mail/bob"
+    ]

@@ -121,5 +121,5 @@ async def test_swaks_to_a_local_mailbox(tmp_path: Path, mailbox_format: str) -> 
     finally:
         await deliverer.stopService()
         await gateway.stopService()
-        channel.close()
+        await channel.close()
         await queue.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from zope.interface.verify import verifyObject
 
-from relay.aliases import AliasesError, parse_aliases
+from relay.aliases import AliasesError, MailboxDelivery, RemoteDelivery, expand, parse_aliases
 from relay.config import MailboxFormat, parse_config
 from relay.interfaces import ILocalRecipients
 from relay.local_users import LocalRecipients, build_local_recipients, local_domain_test
@@ -138,3 +138,59 @@ def test_local_domain_test_agrees_with_the_router(tmp_path: Path) -> None:
     assert is_local("[127.0.0.1]")
     assert not is_local("away.test")
     assert not is_local("elsewhere.test")
+
+
+def _with_postmaster(tmp_path: Path, postmaster: str, local: str) -> LocalRecipients:
+    text = (
+        f'[relay]\nhostname = "mx.example.test"\npostmaster = "{postmaster}"\n'
+        f'local_domains = ["example.test", "other.example.test"]\n[local]\n{local}\n'
+    )
+    return build_local_recipients(parse_config(text, tmp_path))
+
+
+def _expanded(recipients: LocalRecipients, tmp_path: Path, text: str) -> list[object]:
+    config = make_config(tmp_path)
+    context = recipients.expansion_context(
+        is_local_domain=local_domain_test(config), read_include=lambda path: ""
+    )
+    return expand(address(text), context)
+
+
+def test_postmaster_of_every_local_domain_is_the_configured_postmaster(tmp_path: Path) -> None:
+    """postmaster@ any local domain, in any case, exists and expands to [relay] postmaster."""
+    recipients = _with_postmaster(tmp_path, "alice@example.test", 'users = ["alice"]')
+    for text in (
+        "postmaster@example.test",
+        "PostMaster@other.example.test",
+        "POSTMASTER@[127.0.0.1]",
+    ):
+        assert recipients.exists(address(text)), text
+        assert _expanded(recipients, tmp_path, text) == [
+            MailboxDelivery("alice", "alice@example.test")
+        ]
+
+
+def test_a_remote_postmaster_is_forwarded(tmp_path: Path) -> None:
+    """With [relay] postmaster at another domain, postmaster@ here is forwarded there."""
+    recipients = _with_postmaster(tmp_path, "hostmaster@corp.test", "users = []")
+    assert recipients.exists(address("postmaster@example.test"))
+    assert _expanded(recipients, tmp_path, "postmaster@example.test") == [
+        RemoteDelivery(address("hostmaster@corp.test"))
+    ]
+
+
+def test_the_aliases_file_and_a_postmaster_user_come_first(tmp_path: Path) -> None:
+    """An alias postmaster in the file wins; postmaster@ itself is the user postmaster."""
+    (tmp_path / "aliases").write_text("Postmaster: bob\n")
+    filed = _with_postmaster(
+        tmp_path, "alice@example.test", 'users = ["alice", "bob"]\naliases = "aliases"'
+    )
+    assert _expanded(filed, tmp_path, "postmaster@example.test") == [
+        MailboxDelivery("bob", "bob@example.test")
+    ]
+    itself = _with_postmaster(tmp_path, "postmaster@example.test", 'users = ["postmaster"]')
+    assert _expanded(itself, tmp_path, "postmaster@other.example.test") == [
+        MailboxDelivery("postmaster", "postmaster@other.example.test")
+    ]
+    nobody = _with_postmaster(tmp_path, "postmaster@example.test", 'users = ["alice"]')
+    assert not nobody.exists(address("postmaster@example.test"))

@@ -12,8 +12,6 @@ from relay.address import Address
 from relay.envelope import BodyType
 from relay.sansio.smtp.client import (
     NEED_DATA,
-    REPLY_TRANSITIONS,
-    SEND_TRANSITIONS,
     Auth,
     AuthResponse,
     ClientEvent,
@@ -22,10 +20,11 @@ from relay.sansio.smtp.client import (
     ConnectionClosed,
     Data,
     Ehlo,
-    EndOfText,
+    EndOfMessage,
     Helo,
     LocalProtocolError,
     MailFrom,
+    MessageData,
     Noop,
     Quit,
     RcptTo,
@@ -34,8 +33,14 @@ from relay.sansio.smtp.client import (
     ServerReply,
     SmtpClient,
     StartTls,
-    TextChunk,
     decode_challenge,
+)
+from relay.sansio.smtp.events import Bdat
+from relay.sansio.smtp.state import (
+    CLIENT_STATELESS,
+    CLIENT_TRANSITIONS,
+    ClientInput,
+    ReplyKind,
 )
 from relay.sansio.smtp.wire import DataDecoder, SmtpReply, dot_stuff
 
@@ -48,6 +53,7 @@ ALL_EXTENSIONS = (
     "DSN",
     "STARTTLS",
     "AUTH PLAIN LOGIN",
+    "CHUNKING",
 )
 ALICE = Address("alice", "example.test")
 BOB = Address("bob", "example.test")
@@ -73,8 +79,8 @@ def feed(client: SmtpClient, data: bytes) -> list[ServerReply | ConnectionClosed
     return events(client)
 
 
-def ready(extensions: tuple[str, ...] = ALL_EXTENSIONS) -> SmtpClient:
-    client = SmtpClient()
+def ready(extensions: tuple[str, ...] = ALL_EXTENSIONS, **options: int) -> SmtpClient:
+    client = SmtpClient(**options)
     [greeting] = feed(client, b"220 server.test ESMTP\r\n")
     assert isinstance(greeting, ServerReply) and greeting.command is Command.GREETING
     assert client.send(Ehlo("client.test")) == b"EHLO client.test\r\n"
@@ -109,8 +115,8 @@ def test_a_pipelined_transaction_from_greeting_to_final_reply() -> None:
         (Command.DATA, 354),
     ]
     assert client.state is S.TEXT
-    wire = client.send(TextChunk(b".hidden\r\nline\r")) + client.send(TextChunk(b"\n.x"))
-    wire += client.send(EndOfText())
+    wire = client.send(MessageData(b".hidden\r\nline\r")) + client.send(MessageData(b"\n.x"))
+    wire += client.send(EndOfMessage())
     assert wire == b"..hidden\r\nline\r\n..x\r\n.\r\n"
     [final] = feed(client, b"250 2.0.0 queued\r\n")
     assert isinstance(final, ServerReply) and final.command is Command.END_OF_DATA
@@ -154,8 +160,9 @@ SAMPLES: list[ClientEvent] = [
     MailFrom(None),
     RcptTo(ALICE),
     Data(),
-    TextChunk(b"x"),
-    EndOfText(),
+    Bdat(1, False),
+    MessageData(b"x"),
+    EndOfMessage(),
     Rset(),
     Noop(),
     Quit(),
@@ -189,7 +196,9 @@ def _in(state: ClientState) -> SmtpClient:
         S.RCPT: mail,
         S.DATA_SENT: [*mail, Data()],
         S.TEXT: text,
-        S.END_OF_TEXT: [*text, EndOfText()],
+        S.CHUNK: [*mail, Bdat(2, False)],
+        S.BDAT: [*mail, Bdat(2, False), MessageData(b"xy")],
+        S.END_OF_TEXT: [*text, EndOfMessage()],
         S.QUIT_SENT: [Quit()],
         S.CLOSED: [b"421 bye\r\n"],
     }
@@ -214,23 +223,76 @@ def _to_text(client: SmtpClient) -> None:
 
 @pytest.mark.parametrize("state", list(ClientState), ids=lambda s: s.name)
 def test_every_state_and_event_pair_follows_the_table(state: ClientState) -> None:
-    """Each (state, event) pair in SEND_TRANSITIONS is allowed; every other pair is refused."""
+    """Each (state, event sent) pair in the table moves as written; every other is refused."""
     for sample in SAMPLES:
         client = _in(state)
         key = (state, type(sample))
-        if key in SEND_TRANSITIONS:
+        if key in CLIENT_TRANSITIONS:
             client.send(sample)
-            assert client.state is SEND_TRANSITIONS[key]
+            assert client.state is CLIENT_TRANSITIONS[key]
         else:
             with pytest.raises(LocalProtocolError):
                 client.send(sample)
+
+
+_REPLY_OF_KIND = {
+    ReplyKind.POSITIVE: b"250 ok\r\n",
+    ReplyKind.INTERMEDIATE: b"354 go on\r\n",
+    ReplyKind.NEGATIVE: b"554 no\r\n",
+}
+
+
+@pytest.mark.parametrize("state", list(ClientState), ids=lambda s: s.name)
+@pytest.mark.parametrize("kind", list(ReplyKind), ids=lambda k: k.name)
+def test_every_state_and_reply_pair_follows_the_table(state: ClientState, kind: ReplyKind) -> None:
+    """A reply to the command outstanding moves as the table says, or is a protocol error.
+
+    Replies to the commands in CLIENT_STATELESS move nothing but must not be 3xx.
+    """
+    client = _in(state)
+    if not client.unanswered:
+        return  # no reply is expected here (a reply would be one nobody asked for)
+    command = client.unanswered[0]
+    key = (state, (command, kind))
+    if key in CLIENT_TRANSITIONS:
+        feed(client, _REPLY_OF_KIND[kind])
+        assert client.state is CLIENT_TRANSITIONS[key]
+    elif command in CLIENT_STATELESS and kind is not ReplyKind.INTERMEDIATE:
+        feed(client, _REPLY_OF_KIND[kind])
+        assert client.state is state
+    else:
+        with pytest.raises(RemoteProtocolError):
+            feed(client, _REPLY_OF_KIND[kind])
+        assert client.state is S.ERROR
+
+
+@pytest.mark.parametrize("state", list(ClientState), ids=lambda s: s.name)
+def test_every_state_and_other_input_follows_the_table(state: ClientState) -> None:
+    """tls_started, a 421 and the end of the stream move as the table says (or are refused)."""
+    client = _in(state)
+    if (state, ClientInput.TLS_STARTED) in CLIENT_TRANSITIONS:
+        client.tls_started()
+        assert client.state is CLIENT_TRANSITIONS[state, ClientInput.TLS_STARTED]
+    else:
+        with pytest.raises(LocalProtocolError):
+            client.tls_started()
+        assert client.state is state
+    for key, data in ((ClientInput.END_OF_STREAM, b""), (ClientInput.CLOSING_REPLY, b"421 x\r\n")):
+        client = _in(state)
+        if state in (S.ERROR, S.CLOSED, S.TLS_HANDSHAKE) or (
+            key is ClientInput.CLOSING_REPLY and state is S.QUIT_SENT
+        ):
+            continue  # nothing is read there (or it is the expected reply to QUIT)
+        feed(client, data)
+        assert client.state is CLIENT_TRANSITIONS[state, key]
 
 
 def test_the_reply_table_names_only_real_states_and_commands() -> None:
     """Every reply transition starts in a state where that command can be outstanding."""
     waiting_states = {S.GREETING, S.HELLO_SENT, S.STARTTLS_SENT, S.AUTH, S.DATA_SENT}
     waiting_states |= {S.END_OF_TEXT, S.QUIT_SENT}
-    assert {state for state, _, _ in REPLY_TRANSITIONS} == waiting_states
+    replies = {state for state, key in CLIENT_TRANSITIONS if isinstance(key, tuple)}
+    assert replies == waiting_states
 
 
 # --- replies that change things ------------------------------------------------------------
@@ -517,15 +579,46 @@ def test_replies_split_anywhere_give_the_same_events(count: int, cuts: list[int]
 @given(
     text=st.binary(max_size=300).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"\r\n")),
     cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=8),
+    limit=st.sampled_from([998, 0, 2, 9, 40]),
 )
-def test_text_is_stuffed_the_same_however_it_is_chunked(text: bytes, cuts: list[int]) -> None:
-    """The engine's text bytes equal wire.dot_stuff of the whole text, and decode back."""
-    client = ready()
+def test_text_is_stuffed_the_same_however_it_is_chunked(
+    text: bytes, cuts: list[int], limit: int
+) -> None:
+    """The engine's text bytes equal wire.dot_stuff of the whole text at the engine's line
+    length limit, and decode back (to the text itself when no line was broken)."""
+    client = ready(line_length_limit=limit)
     _to_text(client)
-    wire = b"".join(client.send(TextChunk(p)) for p in _split(text, cuts))
-    wire += client.send(EndOfText())
-    assert wire == dot_stuff(text)
-    decoded, rest = DataDecoder(max_line=10_000).feed(wire)
+    wire = b"".join(client.send(MessageData(p)) for p in _split(text, cuts))
+    wire += client.send(EndOfMessage())
+    assert wire == dot_stuff(text, limit)
+    decoded, rest = DataDecoder().feed(wire)
     assert rest == b""
     expected = text if not text or text.endswith(b"\r\n") else text + b"\r\n"
-    assert decoded == expected
+    if limit in (0, 998):  # no line of 300 octets is broken
+        assert decoded == expected
+    else:
+        assert decoded.replace(b"\r\n ", b"") == expected.replace(b"\r\n ", b"")
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        (None, b"x" * 998 + b"\r\n" + b" " + b"x" * 997 + b"\r\n" + b" " + b"x" * 5),
+        (1000, b"x" * 1000 + b"\r\n" + b" " + b"x" * 999 + b"\r\n" + b" x"),
+        (0, b"x" * 2000),
+    ],
+)
+def test_long_text_lines_are_broken_at_the_configured_limit(
+    limit: int | None, expected: bytes
+) -> None:
+    """By default a 2 000-octet line leaves as 998 + SP 997 + SP 5; 0 sends it whole."""
+    client = ready() if limit is None else ready(line_length_limit=limit)
+    _to_text(client)
+    wire = client.send(MessageData(b"x" * 1500)) + client.send(MessageData(b"x" * 500 + b"\r\n"))
+    assert wire + client.send(EndOfMessage()) == expected + b"\r\n.\r\n"
+
+
+def test_a_limit_that_cannot_break_lines_is_refused_at_once() -> None:
+    """SmtpClient(line_length_limit=1) raises ValueError before any byte is exchanged."""
+    with pytest.raises(ValueError, match="line length limit"):
+        SmtpClient(line_length_limit=1)

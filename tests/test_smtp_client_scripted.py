@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.logger import formatEvent
 
 from relay.channels.smtp import SmtpChannel
 from relay.channels.smtp.policy import RoutePolicies
@@ -20,7 +21,7 @@ from relay.dns.mx import MxResolver
 from relay.envelope import BodyType, Destination
 from relay.reply import Action, ReplyCode
 
-from reactor_helpers import until
+from reactor_helpers import logged_events, until
 from smtp_harness import Outcome, channel_for, deliver, deliver_on, make_message, serving
 from smtpserver import CLOSE, Script
 from tlsfiles import TlsFiles, make_tls_files
@@ -503,3 +504,34 @@ async def test_next_message_after_a_dropped_connection_reconnects() -> None:
     assert first.final is not None and "more than once" in first.final.text
     assert second.actions() == [Action.COMMIT]
     assert len(factory.sessions) == 2 and channel.connections_opened == 2
+
+
+# --- what reaches the log -----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_remote_greeting_is_logged_escaped() -> None:
+    """A refusing server's text with Unicode line breaks is logged on one line."""
+    script = Script(greeting="554 5.7.1 no\u2028smtp: forged line\x85")
+    with logged_events() as events:
+        async with serving(script) as (port, _):
+            outcome = await deliver(channel_for(), _dest(port), make_message([A]))
+    assert outcome.session_failed
+    lines = [formatEvent(e) for e in events if "refused to talk" in formatEvent(e)]
+    assert lines and all(line.isprintable() for line in lines), lines
+    assert "no\\u2028smtp: forged line" in lines[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_starttls_is_logged_escaped(tls_files: TlsFiles) -> None:
+    """The text of a refused STARTTLS (opportunistic: go on in clear) is logged on one line."""
+    script = Script(
+        tls=tls_files.server_context(), replies={"STARTTLS": ["454 4.7.0 not\u2028now\x85"]}
+    )
+    with logged_events() as events:
+        async with serving(script) as (port, _):
+            outcome = await deliver(channel_for(), _dest(port), make_message([A]))
+    assert outcome.actions() == [Action.COMMIT]
+    lines = [formatEvent(e) for e in events if "refused STARTTLS" in formatEvent(e)]
+    assert lines and all(line.isprintable() for line in lines), lines
+    assert "454 4.7.0 not\\u2028now\\x85" in lines[0]

@@ -11,10 +11,14 @@ server (test_smtp_client_scripted.py) covers that.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 
+from relay.channels.smtp import build_smtp_channel
+from relay.config import parse_config
 from relay.envelope import BodyType
 from relay.reply import Action, ReplyCode
 
@@ -187,3 +191,29 @@ async def test_null_sender_and_envid(start_sink: StartSink) -> None:
     outcome = await deliver(channel_for(), sink.destination, message)
     assert outcome.actions() == [Action.COMMIT]
     assert "X-Mail-Args: <> ENVID=queue+2Bid+3D1" in sink.dumped()
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("limit", [998, 100, 0])
+async def test_long_lines_arrive_broken_at_the_configured_limit(
+    start_sink: StartSink, tmp_path: Path, limit: int
+) -> None:
+    """[smtp_client] line_length_limit: a 3 000-octet line reaches smtp-sink in CRLF SP
+    pieces of at most the limit (the space counted), or whole with 0."""
+    sink = start_sink()
+    config = parse_config(
+        f'[relay]\nhostname = "client.test"\n[smtp_client]\nline_length_limit = {limit}\n',
+        tmp_path,
+    )
+    channel = build_smtp_channel(config, reactor, resolver=object())
+    line = bytes(48 + i % 75 for i in range(3000))
+    text = b"Subject: long\r\n\r\n" + line + b"\r\nend\r\n"
+    outcome = await deliver(channel, sink.destination, make_message([A], text))
+    assert outcome.actions() == [Action.COMMIT]
+    if limit:
+        pieces = [line[:limit]] + [
+            b" " + line[at : at + limit - 1] for at in range(limit, len(line), limit - 1)
+        ]
+    else:
+        pieces = [line]
+    assert b"\n\n" + b"\n".join(pieces) + b"\nend\n" in sink.dump.read_bytes()

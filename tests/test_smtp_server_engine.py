@@ -21,6 +21,7 @@ from relay.sansio.smtp.events import (
     PAUSED,
     Auth,
     AuthCredentials,
+    AuthResponse,
     Bdat,
     Data,
     Ehlo,
@@ -42,13 +43,12 @@ from relay.sansio.smtp.events import (
 )
 from relay.sansio.smtp.server import (
     CLOSED,
-    TRANSITIONS,
     Limits,
     LocalProtocolError,
     ServerConnection,
     ServerSettings,
-    State,
 )
+from relay.sansio.smtp.state import SERVER_TRANSITIONS, ServerInput, ServerState
 from relay.sansio.smtp.wire import ReplyParser, SmtpReply, dot_stuff
 
 SETTINGS = ServerSettings(
@@ -301,10 +301,14 @@ def test_data_without_accepted_recipients_is_out_of_sequence() -> None:
     refuse = lambda a: SmtpReply(550, "5.1.1", ("unknown",))  # noqa: E731
     driver = converse([HELLO, ENVELOPE], rcpt=refuse)
     assert driver.codes()[1:] == [(250, "2.1.0"), (550, "5.1.1"), (503, "5.5.1")]
-    assert driver.conn.state is State.MAIL
+    assert driver.conn.state is ServerState.MAIL
 
 
 # --------------------------------------------------------------------------- the table
+
+_ENVELOPE = b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n"
+_GOOD_PLAIN = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0secret") + b"\r\n"
+_ALICE = base64.b64encode(b"alice") + b"\r\n"
 
 _COMMANDS: dict[type, bytes] = {
     Helo: b"HELO c.test\r\n",
@@ -318,32 +322,148 @@ _COMMANDS: dict[type, bytes] = {
     Vrfy: b"VRFY x\r\n",
     Help: b"HELP\r\n",
     StartTls: b"STARTTLS\r\n",
-    Auth: b"AUTH LOGIN\r\n",  # enters the SASL exchange
-    Bdat: b"BDAT 4\r\nabcd",
+    Auth: _GOOD_PLAIN,  # answered at once: 235
+    Bdat: b"BDAT 4\r\nab",  # half a chunk: the engine is reading it
 }
-_REACH: dict[State, list[bytes]] = {
-    State.CONNECTED: [],
-    State.READY: [HELLO],
-    State.MAIL: [HELLO, b"MAIL FROM:<a@b.test>\r\n"],
-    State.RCPT: [HELLO, b"MAIL FROM:<a@b.test>\r\n", b"RCPT TO:<c@d.test>\r\n"],
-    State.BDAT: [HELLO, b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nBDAT 2\r\nxy"],
+_REACH: dict[ServerState, list[bytes]] = {
+    ServerState.CONNECTED: [],
+    ServerState.READY: [HELLO],
+    ServerState.MAIL: [HELLO, b"MAIL FROM:<a@b.test>\r\n"],
+    ServerState.RCPT: [HELLO, _ENVELOPE],
+    ServerState.BDAT: [HELLO, _ENVELOPE + b"BDAT 2\r\nxy"],
+    ServerState.DATA: [HELLO, _ENVELOPE, b"DATA\r\n"],
+    ServerState.CHUNK: [HELLO, _ENVELOPE + b"BDAT 4\r\nab"],
+    ServerState.AUTH_PLAIN: [HELLO, b"AUTH PLAIN\r\n"],
+    ServerState.AUTH_LOGIN_USER: [HELLO, b"AUTH LOGIN\r\n"],
+    ServerState.AUTH_LOGIN_PASSWORD: [HELLO, b"AUTH LOGIN\r\n", _ALICE],
+    ServerState.TLS: [HELLO, b"STARTTLS\r\n"],
+    ServerState.CLOSED: [b"QUIT\r\n"],
+}
+_COMMAND_STATES = [ServerState.CONNECTED, ServerState.READY, ServerState.MAIL]
+_COMMAND_STATES += [ServerState.RCPT, ServerState.BDAT]
+
+# The bytes that make each input that is not a command (by state where it differs).
+_I = ServerInput
+_PEER_INPUTS: dict[ServerInput | type, bytes] = {
+    _I.EARLY_INPUT: b"EHLO c.test\r\n",
+    _I.LINE_TOO_LONG: b"X" * 13000 + b"\r\n",
+    _I.BAD_COMMAND: b"FOO\r\n",
+    _I.NOT_SMTP: b"GET / HTTP/1.0\r\n",
+    _I.BAD_BDAT: b"BDAT x\r\n",
+    _I.CHUNK_DISCARDED: b"BDAT 3\r\nabc",
+    _I.SYNC_ERROR: b"EHLO c.test\r\nNOOP\r\n",
+    _I.TEXT_END: b"text\r\n.\r\n",
+    _I.CHUNK_END: b"cd",
+    _I.LAST_CHUNK_END: b"cd",
+    _I.AUTH_PLAIN: b"AUTH PLAIN\r\n",
+    _I.AUTH_LOGIN: b"AUTH LOGIN\r\n",
+    _I.AUTH_LOGIN_USER: b"AUTH LOGIN " + _ALICE,
+    _I.TOO_MANY_ERRORS: b"FOO\r\n" * 5,
+    AuthResponse: b"*\r\n",
+}
+_PEER_INPUTS_IN: dict[tuple[ServerState, ServerInput | type], bytes] = {
+    (ServerState.AUTH_LOGIN_USER, _I.AUTH_LOGIN_USER): _ALICE,
+    (ServerState.AUTH_PLAIN, _I.SYNC_ERROR): b"=\r\nNOOP\r\n",
+    (ServerState.AUTH_LOGIN_USER, _I.SYNC_ERROR): b"=\r\nNOOP\r\n",
+    (ServerState.AUTH_LOGIN_PASSWORD, _I.SYNC_ERROR): b"=\r\nNOOP\r\n",
+    (ServerState.AUTH_PLAIN, _I.TOO_MANY_ERRORS): (b"X" * 13000 + b"\r\n") * 5,
+    (ServerState.AUTH_LOGIN_USER, _I.TOO_MANY_ERRORS): (b"X" * 13000 + b"\r\n") * 5,
+    (ServerState.AUTH_LOGIN_PASSWORD, _I.TOO_MANY_ERRORS): (b"X" * 13000 + b"\r\n") * 5,
 }
 
 
-@pytest.mark.parametrize("state", list(_REACH), ids=lambda s: s.name)
-@pytest.mark.parametrize("command", list(_COMMANDS), ids=lambda c: c.__name__)
-def test_every_state_and_command_pair_follows_the_table(state: State, command: type) -> None:
-    """A pair missing from TRANSITIONS is 503 5.5.1; a present one is not (and moves on)."""
-    driver = converse(_REACH[state])
+def _driver_in(state: ServerState, key: ServerInput | type) -> Driver:
+    """A driver whose engine is in ``state``, reached the way ``key`` needs."""
+    if state is ServerState.GREETING:
+        return Driver(greet=False)
+    settings = SETTINGS
+    if (state, key) == (ServerState.RCPT, _I.CHUNK_DISCARDED):
+        settings = ServerSettings("mx.test", SETTINGS.limits, chunking=False)
+    groups = _REACH[state]
+    if (state, key) == (ServerState.CHUNK, _I.LAST_CHUNK_END):
+        groups = [HELLO, _ENVELOPE + b"BDAT 4 LAST\r\nab"]
+    driver = converse(groups, settings=settings)
     assert driver.conn.state is state
-    driver.feed(_COMMANDS[command])
-    code, enhanced = driver.codes()[-1]
-    if (state, command) in TRANSITIONS:
-        assert (code, enhanced) != (503, "5.5.1")
-        assert driver.conn.state is TRANSITIONS[state, command]
+    return driver
+
+
+def _apply(driver: Driver, state: ServerState, key: ServerInput | type) -> None:
+    """Make the engine take input ``key`` (bytes from the client, or the adapter's call)."""
+    conn = driver.conn
+    if key is _I.GREETING:
+        driver.out += conn.send(Greeting())
+    elif key is _I.REFUSE:
+        driver.out += conn.send(Refuse(SmtpReply(421, "4.7.0", ("busy",))))
+    elif key is _I.SHUTDOWN:
+        driver.out += conn.send(Shutdown(SmtpReply(421, "4.4.2", ("bye",))))
+    elif key is _I.TLS_STARTED:
+        conn.tls_started()
+    elif key is _I.END_OF_STREAM:
+        driver.eof()
+    elif isinstance(key, type) and key is not AuthResponse:
+        driver.feed(_COMMANDS[key])
     else:
-        assert (code, enhanced) == (503, "5.5.1")
-        assert driver.conn.state is state
+        driver.feed(_PEER_INPUTS_IN.get((state, key), _PEER_INPUTS[key]))
+
+
+_ADAPTER_INPUTS = [_I.GREETING, _I.REFUSE, _I.SHUTDOWN, _I.TLS_STARTED]
+
+
+@pytest.mark.parametrize("key", list(SERVER_TRANSITIONS), ids=lambda k: f"{k[0].name}-{k[1]}")
+def test_every_pair_in_the_table_moves_as_it_says(key: tuple[ServerState, object]) -> None:
+    """Each (state, input) of the table, made from bytes or the adapter, moves as written."""
+    state, what = key
+    assert isinstance(what, ServerInput | type)
+    move = SERVER_TRANSITIONS[key]
+    driver = _driver_in(state, what)
+    before = len(driver.replies())
+    _apply(driver, state, what)
+    replies = driver.replies()[before:]
+    positive = not replies or replies[0].is_positive
+    assert driver.conn.state is (move.positive if positive else move.negative)
+    if what is _I.TOO_MANY_ERRORS:
+        assert replies[-1].code == 421
+
+
+@pytest.mark.parametrize("state", list(ServerState), ids=lambda s: s.name)
+@pytest.mark.parametrize("key", _ADAPTER_INPUTS, ids=lambda k: k.name)
+def test_adapter_inputs_missing_from_the_table_raise(state: ServerState, key: ServerInput) -> None:
+    """An adapter call the table does not allow in a state is a LocalProtocolError."""
+    if (state, key) in SERVER_TRANSITIONS:
+        return  # walked above
+    driver = _driver_in(state, key)
+    with pytest.raises(LocalProtocolError):
+        _apply(driver, state, key)
+    assert driver.conn.state is state
+
+
+@pytest.mark.parametrize("state", _COMMAND_STATES, ids=lambda s: s.name)
+@pytest.mark.parametrize("command", list(_COMMANDS), ids=lambda c: c.__name__)
+def test_commands_missing_from_the_table_are_503(state: ServerState, command: type) -> None:
+    """A command the table does not list in a state is 503 5.5.1 and moves nothing."""
+    if (state, command) in SERVER_TRANSITIONS:
+        return  # walked above
+    driver = _driver_in(state, command)
+    driver.feed(_COMMANDS[command] + (b"cd" if command is Bdat else b""))  # the whole chunk
+    assert driver.codes()[-1] == (503, "5.5.1")
+    assert driver.conn.state is state
+
+
+def test_commands_are_read_only_in_command_states() -> None:
+    """Only the states where lines are commands have commands in the table."""
+    command_classes = set(_COMMANDS)
+    states_with_commands = {s for s, k in SERVER_TRANSITIONS if k in command_classes}
+    assert states_with_commands == set(_COMMAND_STATES) | {ServerState.READY}
+
+
+def test_every_state_is_reached_and_left() -> None:
+    """No state of the table is unreachable or a dead end (but CLOSED)."""
+    targets = {ServerState.GREETING}
+    for move in SERVER_TRANSITIONS.values():
+        targets |= {move.positive, move.negative}
+    assert targets == set(ServerState)
+    sources = {s for (s, _), move in SERVER_TRANSITIONS.items() if move.positive is not s}
+    assert sources == set(ServerState) - {ServerState.CLOSED}
 
 
 # --------------------------------------------------------------------------- hostile input
@@ -402,11 +522,42 @@ def test_command_line_limit_is_512_including_crlf() -> None:
     assert driver.codes()[1:] == [(250, "2.0.0"), (500, "5.5.2")]
 
 
-def test_overlong_text_line_is_500_after_the_end() -> None:
-    """A 999-octet text line: the text is read to its end and refused with 500 5.5.2."""
-    driver = assert_same_everywhere([HELLO, ENVELOPE, b"y" * 999 + b"\r\n.\r\nNOOP\r\n"])
-    assert driver.codes()[-2:] == [(500, "5.5.2"), (250, "2.0.0")]
+def test_a_4000_octet_text_line_is_accepted_whole() -> None:
+    """A 4 000-octet text line (fed whole and split at every byte) is stored as it came."""
+    text = b"Subject: long\r\n\r\n" + b"y" * 4000 + b"\r\n.end\r\n"
+    assert len(text) <= SETTINGS.limits.max_message_size
+    driver = assert_same_everywhere([HELLO, ENVELOPE, dot_stuff(text) + b"NOOP\r\n"])
+    assert driver.codes()[-2:] == [(250, "2.0.0"), (250, "2.0.0")]
+    assert driver.messages == [text]
+
+
+def test_a_line_as_long_as_the_size_limit_is_accepted_one_octet_more_is_552() -> None:
+    """One line filling max_message_size exactly is kept; one octet longer is 552 5.3.4."""
+    limit = SETTINGS.limits.max_message_size
+    fits = b"z" * (limit - 2) + b"\r\n"
+    driver = converse([HELLO, ENVELOPE, dot_stuff(fits)])
+    assert driver.codes()[-1] == (250, "2.0.0")
+    assert driver.messages == [fits]
+    driver = converse([HELLO, ENVELOPE, dot_stuff(b"z" + fits)])
+    assert driver.codes()[-1] == (552, "5.3.4")
     assert driver.messages == []
+
+
+def test_a_long_line_is_passed_on_in_pieces_not_buffered() -> None:
+    """A 16 MiB line fed in 64 KiB pieces: each piece comes out at once, nothing piles up."""
+    settings = ServerSettings("mx.test", Limits(max_message_size=32 * 1024 * 1024))
+    driver = Driver(settings)
+    driver.feed(HELLO)
+    driver.feed(ENVELOPE)
+    piece = b"w" * 65536
+    for _ in range(256):
+        before = len(driver._text)
+        driver.feed(piece)
+        assert driver.conn.buffered == 0
+        assert len(driver._text) - before >= len(piece) - 4  # at most a terminator's start
+    driver.feed(b"\r\n.\r\n")
+    assert driver.codes()[-1] == (250, "2.0.0")
+    assert driver.messages == [piece * 256 + b"\r\n"]
 
 
 def test_oversized_text_is_552_after_the_end_and_not_kept() -> None:
@@ -460,7 +611,7 @@ def test_starttls_then_session_starts_over() -> None:
     """After the TLS handshake, HELO/auth/transaction are forgotten: MAIL needs EHLO again."""
     driver = converse([HELLO, b"STARTTLS\r\n"])
     assert driver.codes()[-1] == (220, "2.0.0")
-    assert driver.conn.state is State.TLS
+    assert driver.conn.state is ServerState.TLS
     driver.conn.tls_started()
     driver.feed(b"MAIL FROM:<a@b.test>\r\n")
     assert driver.codes()[-1] == (503, "5.5.1")
@@ -570,7 +721,7 @@ def test_auth_failures(groups: list[bytes], reply: tuple[int, str]) -> None:
     driver = converse([HELLO, *groups])
     assert driver.codes()[-1] == reply
     assert driver.conn.authenticated_user is None
-    assert driver.conn.state is State.READY
+    assert driver.conn.state is ServerState.READY
 
 
 def test_auth_twice_and_inside_a_transaction_are_refused() -> None:
@@ -652,7 +803,7 @@ def test_any_command_sequence_gives_replies_never_an_exception(words: list[bytes
     driver = Driver()
     for word in words:
         driver.feed(word)
-        if driver.conn.state is State.TLS:
+        if driver.conn.state is ServerState.TLS:
             driver.conn.tls_started()
     replies = driver.replies()
     assert all(200 <= r.code <= 559 for r in replies)
@@ -660,23 +811,33 @@ def test_any_command_sequence_gives_replies_never_an_exception(words: list[bytes
         assert replies[-1].code in (221, 421, 554, 501)
 
 
+_text_line = st.one_of(
+    st.binary(max_size=80),
+    st.binary(min_size=990, max_size=4200),  # around and far past RFC 5321's 998 octets
+    st.builds(lambda n, dots: b"." * dots + b"q" * n, st.integers(990, 4200), st.integers(0, 2)),
+).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+
+
+@settings(max_examples=200)
 @given(
-    st.lists(
-        st.binary(max_size=80).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=20
-    ),
-    st.integers(0, 5000),
+    st.lists(_text_line, max_size=8),
+    st.lists(st.integers(0, 12000), max_size=6),
 )
-def test_any_crlf_text_is_delivered_exactly(lines: list[bytes], cut: int) -> None:
-    """Any CRLF text, stuffed by the client and split anywhere, arrives byte-identical."""
+def test_any_crlf_text_is_delivered_exactly(lines: list[bytes], cuts: list[int]) -> None:
+    """Any CRLF text, long lines too, stuffed and split anywhere, arrives byte-identical."""
     text = b"".join(line + b"\r\n" for line in lines)
     driver = converse([HELLO, ENVELOPE])
-    wire = dot_stuff(text)
-    driver.feed(wire[:cut])
-    driver.feed(wire[cut:])
+    wire = dot_stuff(text) + b"NOOP\r\n"
+    start = 0
+    for cut in [*sorted(cuts), len(wire)]:
+        driver.feed(wire[start:cut])
+        start = max(start, cut)
+        assert driver.conn.buffered <= 512
     if len(text) <= 4096:
         assert driver.messages == [text]
+        assert driver.codes()[-2:] == [(250, "2.0.0"), (250, "2.0.0")]
     else:
-        assert driver.codes()[-1] == (552, "5.3.4")
+        assert driver.codes()[-2:] == [(552, "5.3.4"), (250, "2.0.0")]
 
 
 # --------------------------------------------------------------------------- CHUNKING (BDAT)
@@ -745,4 +906,4 @@ def test_data_inside_a_bdat_transaction_is_503_and_rset_recovers() -> None:
         [HELLO, ENVELOPE.replace(b"DATA\r\n", b"BDAT 1\r\nx"), b"DATA\r\n", b"RSET\r\n"]
     )
     assert driver.codes()[-2:] == [(503, "5.5.1"), (250, "2.0.0")]
-    assert driver.conn.state is State.READY
+    assert driver.conn.state is ServerState.READY

@@ -349,7 +349,6 @@ def test_stuff_then_unstuff_is_identity(text: bytes, cuts: list[int], after: byt
         (b"a\n.\r\nMAIL FROM:<x@y>\r\n.\r\n", DataProblem.BARE_LF),  # LF.CRLF
         (b"a\r\n.\nMAIL FROM:<x@y>\r\n.\r\n", DataProblem.BARE_LF),  # CRLF.LF
         (b"a\r\n.\rMAIL FROM:<x@y>\r\n.\r\n", DataProblem.BARE_CR),  # CRLF.CR
-        (b"x" * (MAX_TEXT_LINE + 1) + b"\r\n.\r\n", DataProblem.LINE_TOO_LONG),
     ],
 )
 def test_smuggled_end_of_data_is_text_not_an_end(wire: bytes, problem: DataProblem) -> None:
@@ -361,13 +360,34 @@ def test_smuggled_end_of_data_is_text_not_an_end(wire: bytes, problem: DataProbl
         assert text == b"" or b"MAIL" not in text
 
 
-def test_line_of_exactly_998_octets_is_fine() -> None:
-    """The 998-octet limit is inclusive, counted after unstuffing, across chunks."""
-    line = b"." + b"y" * (MAX_TEXT_LINE - 1)
-    wire = dot_stuff(line + b"\r\n")
-    for cut in range(0, len(wire), 97):
-        text, rest, decoder = _decode_all(wire, [cut])
-        assert (text, rest, decoder.problem) == (line + b"\r\n", b"", None)
+def test_lines_of_any_length_are_decoded_as_they_came() -> None:
+    """998, 999, 4 000 and 100 000-octet lines (one with a leading dot) decode exactly."""
+    for length in (MAX_TEXT_LINE, MAX_TEXT_LINE + 1, 4000, 100_000):
+        line = b"." + b"y" * (length - 1)
+        wire = dot_stuff(line + b"\r\n" + line + b"\r\n")
+        for cut in range(0, len(wire), 997):
+            text, rest, decoder = _decode_all(wire, [cut])
+            assert (text, rest, decoder.problem) == (line + b"\r\n" + line + b"\r\n", b"", None)
+
+
+def test_a_long_line_comes_out_as_it_arrives() -> None:
+    """Each piece of an unfinished 100 000-octet line is returned whole as it is fed."""
+    decoder = DataDecoder()
+    out = b""
+    for _ in range(100):
+        got, rest = decoder.feed(b"v" * 1000)
+        assert rest is None and got == b"v" * 1000 and not decoder._carry
+        out += got
+    got, rest = decoder.feed(b"\r\n.\r\n")
+    assert (rest, decoder.problem, decoder.size) == (b"", None, 100_002)
+    assert out + got == b"v" * 100_000 + b"\r\n"
+
+
+@pytest.mark.parametrize("cut", [0, 1, 2, 3])
+def test_an_empty_text_ends_however_its_dot_is_split(cut: int) -> None:
+    """``. CRLF`` straight after 354 ends the text even when split after the dot or CR."""
+    text, rest, decoder = _decode_all(b".\r\nNOOP\r\n", [cut])
+    assert (text, rest, decoder.size) == (b"", b"NOOP\r\n", 0)
 
 
 def test_decoder_discard_keeps_finding_the_end() -> None:
@@ -395,20 +415,92 @@ def test_decoder_never_raises_and_holds_little(data: bytes, cuts: list[int]) -> 
 @given(
     st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=30),
     st.integers(min_value=1, max_value=45),
+    st.sampled_from([b"\r\n", b"\n"]),
 )
-def test_the_line_length_jump_agrees_with_splitting(lengths: list[int], limit: int) -> None:
+def test_the_line_length_jump_agrees_with_splitting(
+    lengths: list[int], limit: int, eol: bytes
+) -> None:
     """The jumping search finds a line over the limit exactly when splitting would."""
-    text = b"".join(b"x" * n + b"\r\n" for n in lengths)
-    stop = len(text) - 2  # the last line's CRLF
-    longest = max(map(len, text[:stop].split(b"\r\n")))
-    assert _has_line_longer(text, 0, stop, limit) == (longest > limit)
+    text = b"".join(b"x" * n + eol for n in lengths)
+    stop = len(text) - len(eol)  # the last line's end
+    longest = max(map(len, text[:stop].split(eol)))
+    assert _has_line_longer(text, 0, stop, limit, eol) == (longest > limit)
 
 
-@given(st.integers(min_value=0, max_value=3000))
-def test_a_text_line_is_refused_exactly_past_998_octets(length: int) -> None:
-    """Between short lines, a line of ``length`` octets is LINE_TOO_LONG iff it is over 998."""
-    wire = b"a\r\n" * 300 + b"y" * length + b"\r\n" + b"b\r\n" * 300 + b".\r\n"
+# --------------------------------------------------------------------------- line breaking
+
+
+def _postfix_breaks(text: bytes, limit: int) -> bytes:
+    """Postfix's smtp_text_out, line by line: after ``limit`` octets of output, if the line
+    goes on, CRLF SP, the space counting towards the next piece (an independent model)."""
+    out = []
+    for line in text.split(b"\r\n")[:-1]:
+        pieces = [line[:limit]]
+        rest = line[limit:]
+        while rest:
+            pieces.append(b" " + rest[: limit - 1])
+            rest = rest[limit - 1 :]
+        if pieces[0].startswith(b"."):
+            pieces[0] = b"." + pieces[0]
+        out.append(b"\r\n".join(pieces) + b"\r\n")
+    return b"".join(out) + b".\r\n"
+
+
+def test_a_4000_octet_line_is_broken_as_postfix_breaks_it() -> None:
+    """At 998: 998 octets, then CRLF SP and 997 more, three times, then SP and the last 11."""
+    line = bytes(range(33, 127)) * 42 + b"abcd"
+    assert len(line) == 3952
+    line = line + b"0123456789" * 4 + b"ABCDEFGH"
+    assert len(line) == 4000
+    wire = dot_stuff(line + b"\r\nshort\r\n", MAX_TEXT_LINE)
+    lines = wire.split(b"\r\n")
+    assert [len(x) for x in lines] == [998, 998, 998, 998, 12, 5, 1, 0]
+    assert lines[0] == line[:998] and lines[1] == b" " + line[998:1995]
+    assert lines[4] == b" " + line[-11:]
+    assert wire == _postfix_breaks(line + b"\r\nshort\r\n", MAX_TEXT_LINE)
+
+
+def test_a_line_of_exactly_the_limit_is_not_broken() -> None:
+    """998 octets go whole; 999 become 998, CRLF, SP and one octet; 0 never breaks."""
+    assert dot_stuff(b"x" * 998 + b"\r\n", 998) == b"x" * 998 + b"\r\n.\r\n"
+    assert dot_stuff(b"x" * 999 + b"\r\n", 998) == b"x" * 998 + b"\r\n x\r\n.\r\n"
+    assert dot_stuff(b"x" * 5000 + b"\r\n", 0) == b"x" * 5000 + b"\r\n.\r\n"
+
+
+def test_the_stuffing_dot_is_not_counted() -> None:
+    """A leading dot is doubled on top of the limit; a continuation starts with SP, never a dot."""
+    assert dot_stuff(b"." * 7 + b"\r\n", 4) == b"....." + b"\r\n ...\r\n.\r\n"
+
+
+@pytest.mark.parametrize("limit", [-1, 1])
+def test_a_limit_that_cannot_break_is_refused(limit: int) -> None:
+    """A negative limit, or 1 (no room beside the space), is a ValueError."""
+    with pytest.raises(ValueError, match="line length limit"):
+        DotStuffer(limit)
+
+
+_breaking_text = st.lists(
+    st.one_of(
+        st.binary(max_size=12),
+        st.builds(lambda n, dot: b"." * dot + b"k" * n, st.integers(0, 60), st.integers(0, 2)),
+    ).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+    max_size=10,
+).map(lambda lines: b"".join(line + b"\r\n" for line in lines))
+
+
+@given(_breaking_text, st.integers(2, 20), st.lists(st.integers(0, 700), max_size=6))
+def test_breaking_matches_postfix_however_the_text_is_chunked(
+    text: bytes, limit: int, cuts: list[int]
+) -> None:
+    """Fed in any chunks, the stuffer's output equals the Postfix model; no line is over."""
+    stuffer = DotStuffer(limit)
+    wire = b""
+    start = 0
+    for cut in [*sorted(cuts), len(text)]:
+        wire += stuffer.feed(text[start:cut])
+        start = max(start, cut)
+    wire += stuffer.finish()
+    assert wire == _postfix_breaks(text, limit)
+    assert all(len(line.removeprefix(b".")) <= limit for line in wire.split(b"\r\n"))
     _, rest, decoder = _decode_all(wire, [])
-    assert rest == b""
-    too_long = decoder.problem is DataProblem.LINE_TOO_LONG
-    assert too_long == (length > MAX_TEXT_LINE)
+    assert rest == b"" and decoder.problem is None

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from twisted.application.service import IService, MultiService, ServiceMaker
+from twisted.application.service import IService, ServiceMaker
 from twisted.plugin import getPlugins
 from twisted.python import usage
 
 from relay import slave_tap, tap
+from relay.services import OrderedMultiService
 
 DATA = Path(__file__).parent / "data" / "config"
 TWISTD = str(Path(sys.executable).parent / "twistd")
@@ -37,11 +38,15 @@ def test_plugins_are_found() -> None:
 
 
 def test_service_tree_has_named_children() -> None:
-    """The tree is a MultiService named relay whose children are named services."""
+    """The tree is an OrderedMultiService named relay whose children are named services.
+
+    The children stop in the reverse order (``tests/test_services.py``): the gateway,
+    the deliverer, the channels, the spool; the gateway's own children likewise."""
     options = tap.Options()
     options.parseOptions(["--config", str(DATA / "spec.toml")])
     service = tap.makeService(options)
-    assert isinstance(service, MultiService)
+    assert isinstance(service, OrderedMultiService)
+    assert isinstance(service.getServiceNamed("smtp"), OrderedMultiService)
     assert service.name == "relay"
     assert [child.name for child in service] == [
         "status",
@@ -49,6 +54,8 @@ def test_service_tree_has_named_children() -> None:
         "channels",
         "deliverer",
         "smtp",
+        "report",
+        "pickup",
     ]
     assert IService(service.getServiceNamed("spool")).name == "spool"
 

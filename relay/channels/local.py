@@ -85,6 +85,7 @@ from relay.mailbox.maildir import MaildirDelivery, MaildirNamer
 from relay.mailbox.mbox import MboxDelivery, from_line
 from relay.mailbox.pipe import reply_for_outcome, run_command
 from relay.mailbox.text import MailboxText
+from relay.oneline import escape, one_line
 from relay.reply import Reply, ReplyCode
 
 __all__ = ["LocalChannel", "LocalSession", "QueueSource", "build_local_channel"]
@@ -121,7 +122,9 @@ class _UnreadableText(Exception):
 
     def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
-        self.reply = Reply(ReplyCode.AGN, _one_line(f"cannot read the queued text: {error}"))
+        self.reply = Reply(
+            ReplyCode.AGN, one_line(f"cannot read the queued text: {error}", _TEXT_LIMIT)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,12 +181,22 @@ class LocalChannel:
         """``xx_init``: nothing to connect to; a session is ready at once."""
         return defer.succeed(LocalSession(self))
 
-    def close(self) -> None:
-        """Stop the thread pool (also done at reactor shutdown); deliveries must be over."""
-        if self._shutdown_trigger is not None:
-            self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
-            self._shutdown_trigger = None
-            self._pool.stop()
+    def close(self) -> Deferred[None]:
+        """Stop the thread pool; fire once its threads have ended.
+
+        The deliverer must have stopped: a mailbox write still running is finished, not
+        interrupted.  Stopping a pool joins its threads, which may wait for an fsync, so it
+        runs in a thread of the reactor's own pool, never in the reactor thread.  (If the
+        channel is never closed, the reactor stops the pool as it shuts down.)
+        """
+        if self._shutdown_trigger is None:
+            return defer.succeed(None)
+        self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+        self._shutdown_trigger = None
+        stopped: Deferred[None] = deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), self._pool.stop
+        )
+        return stopped
 
     # --- one address -------------------------------------------------------------------
 
@@ -205,7 +218,7 @@ class LocalChannel:
             _log.failure(
                 "local delivery of {queue_id} to {address} failed unexpectedly",
                 queue_id=message.queue_id,
-                address=str(recipient.address),
+                address=escape(str(recipient.address)),
             )
             reply = Reply(ReplyCode.LIO, "internal error in the local channel (logged)")
         if reply.code.is_success:
@@ -284,7 +297,7 @@ class LocalChannel:
             return outcomes[0].reply
         if not failures:
             labels = ", ".join(o.label for o in succeeded)
-            return Reply(ReplyCode.MOK, _one_line(f"delivered to {labels}"))
+            return Reply(ReplyCode.MOK, one_line(f"delivered to {labels}", _TEXT_LIMIT))
         first = failures[0]
         if len(outcomes) == 1:
             return first.reply
@@ -292,12 +305,12 @@ class LocalChannel:
             if other is not first:
                 _log.warn(
                     "local delivery to {address}: {target}: {reply}",
-                    address=str(address),
-                    target=other.label,
-                    reply=str(other.reply),
+                    address=escape(str(address)),
+                    target=escape(other.label),
+                    reply=escape(str(other.reply)),
                 )
         others = f"; delivered to {len(succeeded)} of {len(outcomes)} targets" if succeeded else ""
-        text = _one_line(f"{first.label}: {first.reply.description}{others}")
+        text = one_line(f"{first.label}: {first.reply.description}{others}", _TEXT_LIMIT)
         return Reply(first.reply.code, text, first.reply.smtp_code, first.reply.enhanced)
 
     def _remember(self, memo_key: tuple[str, str], keys: frozenset[str]) -> None:
@@ -322,7 +335,7 @@ class LocalChannel:
             where = await self._append_mbox(self._user_mbox(user), message, return_path, headers)
         if isinstance(where, Reply):
             return where
-        return Reply(ReplyCode.MOK, _one_line(f"delivered to {item.address} ({where})"))
+        return Reply(ReplyCode.MOK, one_line(f"delivered to {item.address} ({where})", _TEXT_LIMIT))
 
     def _user_mbox(self, user: LocalUser) -> MboxDelivery:
         return MboxDelivery(
@@ -356,7 +369,7 @@ class LocalChannel:
             where = await self._append_mbox(mbox, message, return_path, headers)
         if isinstance(where, Reply):
             return where
-        return Reply(ReplyCode.MOK, _one_line(f"delivered to file {where}"))
+        return Reply(ReplyCode.MOK, one_line(f"delivered to file {where}", _TEXT_LIMIT))
 
     async def _append_mbox(
         self, mbox: MboxDelivery, message: IMessage, return_path: Address | None, headers: bytes
@@ -462,7 +475,9 @@ class LocalChannel:
                 setsid=self._setsid,
             )
         except OSError as error:
-            return Reply(ReplyCode.AGN, _one_line(f"cannot run |{item.command}: {error}"))
+            return Reply(
+                ReplyCode.AGN, one_line(f"cannot run |{item.command}: {error}", _TEXT_LIMIT)
+            )
         finally:
             reader.close()
         return reply_for_outcome(item.command, outcome)
@@ -497,9 +512,11 @@ class LocalChannel:
             queue_id = await queue.store(envelope, text)
         except Exception as error:
             _log.failure("cannot queue the forwarded copy of {queue_id}", queue_id=message.queue_id)
-            return Reply(ReplyCode.AGN, _one_line(f"cannot queue the forwarded copy: {error}"))
+            return Reply(
+                ReplyCode.AGN, one_line(f"cannot queue the forwarded copy: {error}", _TEXT_LIMIT)
+            )
         shown = ", ".join(str(a) for a in addresses)
-        return Reply(ReplyCode.MOK, _one_line(f"forwarded to {shown} as {queue_id}"))
+        return Reply(ReplyCode.MOK, one_line(f"forwarded to {shown} as {queue_id}", _TEXT_LIMIT))
 
     async def _the_queue(self) -> IQueue | None:
         """The queue, once open (the spool service may still be opening it)."""
@@ -671,9 +688,3 @@ def _write_last(sink: _Sink, data: bytes) -> Path:
 def _read_include(path: str) -> str:
     with open(path, encoding="utf-8") as file:
         return file.read()
-
-
-def _one_line(text: str) -> str:
-    """A reply text: one line, printable, not too long."""
-    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
-    return text if len(text) <= _TEXT_LIMIT else text[: _TEXT_LIMIT - 3] + "..."

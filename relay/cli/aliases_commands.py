@@ -41,7 +41,7 @@ from relay.aliases import (
 from relay.cli import exitcodes
 from relay.cli.common import add_config_option, config_from_args, print_config_error
 from relay.config import Config, ConfigError
-from relay.local_users import LocalRecipients, local_domain_test
+from relay.local_users import LocalRecipients, build_local_recipients, local_domain_test
 
 __all__ = ["check_aliases", "expand_address", "register"]
 
@@ -252,7 +252,7 @@ def expand_address(args: argparse.Namespace) -> int:
     except AddressError as error:
         print(f"relay: bad address {args.address!r}: {error}", file=sys.stderr)
         return exitcodes.DATAERR
-    recipients = LocalRecipients(config.local, aliases)
+    recipients = build_local_recipients(config, aliases)  # postmaster@ included
     context = recipients.expansion_context(
         is_local_domain=local_domain_test(config), read_include=_read_include
     )

@@ -13,11 +13,20 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from relay.cli import aliases_commands, config_commands, exitcodes, passwd_commands, queue_commands
+from relay.cli import (
+    aliases_commands,
+    config_commands,
+    exitcodes,
+    passwd_commands,
+    queue_commands,
+    sendmail,
+    status_commands,
+)
 
 # The subcommand modules, in the order ``relay --help`` lists them.
 SUBCOMMANDS: tuple[ModuleType, ...] = (
     config_commands,
+    status_commands,
     queue_commands,
     aliases_commands,
     passwd_commands,
@@ -33,11 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in SUBCOMMANDS:
         module.register(subparsers)
+    subparsers.add_parser(
+        "sendmail",
+        help="submit mail as /usr/sbin/sendmail does (its options: -t, -i, -f, -bs, ...)",
+        add_help=False,
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand and return its exit code (sysexits.h)."""
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["sendmail"]:  # sendmail's own option syntax, not argparse's
+        return sendmail.main(argv[1:], program="sendmail")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -30,6 +30,7 @@ from relay.queue.layout import SpoolLayout
 from relay.queue.lock import SpoolLock, SpoolLocked
 from relay.queue.offline import OfflineSpool
 from relay.queue.protocol import (
+    READ_ONLY_OPS,
     ProtocolError,
     Request,
     error_response,
@@ -37,9 +38,9 @@ from relay.queue.protocol import (
     parse_request,
 )
 from relay.queue.state import NoSuchMessage
-from relay.queue.view import format_details, format_listing
+from relay.queue.view import format_details, format_listing, queue_status
 
-__all__ = ["register", "send"]
+__all__ = ["ask", "register", "run_request", "send"]
 
 # How long to keep trying when the spool is locked but its socket does not answer yet.
 DAEMON_WAIT = 10.0
@@ -100,7 +101,7 @@ def queue_command(args: argparse.Namespace) -> int:
     except ProtocolError as e:
         print(f"relay: queue {action}: {e}", file=sys.stderr)
         return exitcodes.USAGE
-    return _run(args, request)
+    return run_request(args, request)
 
 
 def flush_command(args: argparse.Namespace) -> int:
@@ -110,24 +111,33 @@ def flush_command(args: argparse.Namespace) -> int:
     except ProtocolError as e:
         print(f"relay: flush: {e}", file=sys.stderr)
         return exitcodes.USAGE
-    return _run(args, request)
+    return run_request(args, request)
 
 
-def _run(args: argparse.Namespace, request: Request) -> int:
+def run_request(args: argparse.Namespace, request: Request) -> int:
+    """Carry out ``request`` for ``args`` (``config``, ``json``); print it; the exit code."""
+    response = ask(args, request)
+    if isinstance(response, int):
+        return response
+    return _report(request, response, json_output=bool(getattr(args, "json", False)))
+
+
+def ask(args: argparse.Namespace, request: Request) -> dict[str, Any] | int:
+    """The response to ``request`` on the spool of ``args.config``; or, having said why
+    on stderr, the exit code for not getting one."""
     try:
         config = config_from_args(args)
     except ConfigError as e:
         print_config_error(e, args.config)
         return exitcodes.CONFIG
     try:
-        response = send(config.relay.spool, request)
+        return send(config.relay.spool, request)
     except SpoolLocked as e:
         print(f"relay: {e}", file=sys.stderr)
         return exitcodes.TEMPFAIL
     except (SpoolError, OSError, ProtocolError) as e:
         print(f"relay: {request.op}: {e}", file=sys.stderr)
         return exitcodes.IOERR
-    return _report(request, response, json_output=bool(getattr(args, "json", False)))
 
 
 def send(spool: Path, request: Request, *, wait: float | None = None) -> dict[str, Any]:
@@ -153,7 +163,7 @@ def send(spool: Path, request: Request, *, wait: float | None = None) -> dict[st
                 time.sleep(0.1)  # a daemon starting up, or another command: try again
                 continue
         try:
-            writable = request.op not in ("list", "show")
+            writable = request.op not in READ_ONLY_OPS
             spool_ = OfflineSpool(layout, writable=writable, now=time.time)
             if spool_.quarantined:
                 print(
@@ -173,6 +183,9 @@ def _on_missing_spool(request: Request) -> dict[str, Any]:
     """The answers for a spool that was never created: nothing is queued."""
     if request.op == "list":
         return {"ok": True, "messages": []}
+    if request.op == "status":
+        queue = queue_status([], time.time())
+        return {"ok": True, "status": {"daemon": {"running": False}, "queue": queue}}
     if request.ids is None:
         return {"ok": True, "changed": 0}
     missing = [failed_result(qid, NoSuchMessage(qid)) for qid in request.ids]

@@ -20,6 +20,7 @@ from typing import Final
 from twisted.logger import Logger
 
 from relay.envelope import Destination, Recipient
+from relay.oneline import escape
 from relay.reply import Reply
 
 __all__ = [
@@ -65,11 +66,11 @@ def log_disposition(
     log.info(
         DISPOSITION_FORMAT,
         queue_id=queue_id,
-        recipient=str(recipient.address),
-        orig_recipient=recipient.original,
+        recipient=escape(str(recipient.address)),
+        orig_recipient=None if recipient.original is None else escape(recipient.original),
         channel=destination.channel if destination is not None else "none",
-        destination=destination.host if destination is not None else "",
-        reply=describe_reply(reply),
+        destination=escape(destination.host) if destination is not None else "",
+        reply=escape(describe_reply(reply)),
         reply_code=reply.code.name,
         smtp_code=reply.effective_smtp_code,
         enhanced=reply.effective_enhanced,

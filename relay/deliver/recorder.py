@@ -46,10 +46,13 @@ from relay.deliver.dispositions import (
     read_headers,
     wants_failure_notice,
 )
+from relay.deliver.history import DeliveryHistory
 from relay.deliver.logging import DispositionStatus, log_disposition
 from relay.deliver.work import Claims, MessageWork, Outcome, Parked
 from relay.envelope import RecipientState, RecipientStatus
 from relay.interfaces import IQueue
+from relay.metrics.series import BOUNCES, DELAY_WARNINGS, DELIVERIES, DELIVERY_LATENCY
+from relay.oneline import escape
 from relay.policy.dsn import DsnRecipient, is_double_bounce
 from relay.policy.retry import Disposition, decide, expired_reply, is_expired, next_attempt
 from relay.reply import Reply
@@ -82,7 +85,9 @@ class Recorder:
         on_released: Callable[[], None] = lambda: None,
         failure_backoff: float = 60.0,
         log: Logger | None = None,
+        history: DeliveryHistory | None = None,
     ) -> None:
+        """``history``, if given, hears of every disposition (``relay status``)."""
         self._queue = queue
         self._clock = clock
         self._settings = settings
@@ -94,6 +99,7 @@ class Recorder:
         self.on_released = on_released  # claims released late: their recipients are due
         self._failure_backoff = failure_backoff
         self._log = log if log is not None else _log
+        self._history = history
         self._writes: dict[MessageWork, list[Deferred[None]]] = {}
         self._busy: set[Deferred[Any]] = set()
         self._finishing: dict[str, Deferred[None]] = {}
@@ -138,6 +144,19 @@ class Recorder:
                 delay=now - arrival,
                 attempt=attempt,
             )
+            channel = outcome.destination.channel if outcome.destination else "unrouted"
+            DELIVERIES.labels(channel, status.value).inc()
+            if status is not DispositionStatus.DEFERRED:
+                DELIVERY_LATENCY.labels(channel).observe(now - arrival)
+            if self._history is not None:
+                self._history.note(
+                    when=now,
+                    queue_id=work.queue_id,
+                    recipient=str(recipient.address),
+                    destination=outcome.destination,
+                    status=status,
+                    reply=reply,
+                )
 
         if isinstance(outcome, Parked):
             if not is_expired(arrival, now, self._settings.give_up_after):
@@ -384,12 +403,13 @@ class Recorder:
             return b""
 
     def _log_notice(self, queue_id: str, notice: Notice, dsn_id: str) -> None:
+        (DELAY_WARNINGS if notice.kind == "delay" else BOUNCES).inc()
         self._log.info(
             "{queue_id}: {kind} notice queued as {dsn_id} for <{recipient}>",
             queue_id=queue_id,
             kind=notice.kind,
             dsn_id=dsn_id,
-            recipient=str(notice.envelope.recipients[0].address),
+            recipient=escape(str(notice.envelope.recipients[0].address)),
         )
 
     # --- stopping -------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from relay.deliver.work import Attempted, Claims, MessageWork, Outcome, Parked
 from relay.envelope import Destination, RecipientState, RecipientStatus
 from relay.errors import ContractViolation
 from relay.interfaces import IChannel, IChannelSession, IQueue
+from relay.oneline import REPLY_TEXT_LIMIT, escape, one_line
 from relay.policy.retry import DeadHosts
 from relay.policy.routing import NoRoute, Router
 from relay.reply import Action, Reply, ReplyCode
@@ -147,9 +148,9 @@ class Scheduler:
         self._dead_reasons[destination] = reply
         self.log.warn(
             "deliver: {destination} rests until {until:.0f} after {reply}; its mail waits",
-            destination=str(destination),
+            destination=escape(str(destination)),
             until=until,
-            reply=reply.smtp_line(),
+            reply=escape(reply.smtp_line()),
         )
         return until
 
@@ -180,7 +181,7 @@ class Scheduler:
             return Reply(ReplyCode.DHST, "delivery temporarily suspended")
         return Reply(
             reason.code,
-            _one_line(f"delivery temporarily suspended: {reason.description}"),
+            one_line(f"delivery temporarily suspended: {reason.description}", REPLY_TEXT_LIMIT),
             reason.effective_smtp_code,
             reason.effective_enhanced,
         )
@@ -469,7 +470,3 @@ def _not_running(destination: Destination) -> Reply:
         f"channel {destination.channel!r} is not running on this relay",
         enhanced="4.3.5",
     )
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:900]

@@ -61,6 +61,7 @@ from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fai
 from relay.envelope import Recipient
 from relay.errors import ContractViolation, SessionFailed
 from relay.interfaces import IChannelSession, IMessage, SequencingMode
+from relay.oneline import REPLY_TEXT_LIMIT, one_line
 from relay.reply import Action, Reply, ReplyCode
 
 __all__ = [
@@ -105,12 +106,14 @@ class TransactionOutcome:
 
 def violation_reply(violation: ContractViolation) -> Reply:
     """The temporary reply of addresses caught in a contract violation."""
-    return Reply(ReplyCode.AGN, _one_line(str(violation)), enhanced="4.3.0")
+    return Reply(ReplyCode.AGN, one_line(str(violation), REPLY_TEXT_LIMIT), enhanced="4.3.0")
 
 
 def broken_session_reply(what: str, error: BaseException) -> Reply:
     """``NET``: the reply of addresses whose session failed instead of answering."""
-    return Reply(ReplyCode.NET, _one_line(f"session failed during {what}: {error!r}"))
+    return Reply(
+        ReplyCode.NET, one_line(f"session failed during {what}: {error!r}", REPLY_TEXT_LIMIT)
+    )
 
 
 class _Stop(Exception):
@@ -368,9 +371,4 @@ class Transaction:
 
 
 def _unreadable(error: BaseException) -> Reply:
-    return Reply(ReplyCode.FIO, _one_line(f"cannot read the queued text: {error}"))
-
-
-def _one_line(text: str) -> str:
-    """A reply text is one line: fold any line breaks into spaces."""
-    return " ".join(text.split())[:900]
+    return Reply(ReplyCode.FIO, one_line(f"cannot read the queued text: {error}", REPLY_TEXT_LIMIT))

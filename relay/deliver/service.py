@@ -8,9 +8,12 @@ deliverer starts when the spool has opened.
 
 Stopping: no new scans; queued jobs are dropped (their recipients stay as they are in
 the queue); transactions in progress get ``stop_grace`` seconds, then are cancelled,
-and whatever they had finished is recorded; then every write begun is awaited.  So the
-deliverer must stop *before* the spool closes: in the service tree, add the spool
-first (MultiService stops its children in reverse order).
+and whatever they had finished is recorded; then every write begun is awaited (DSNs
+and their records included); the Deferred ``stopService`` returns fires after that.  So
+the spool must close only once it has fired, and the channels must stay open until then:
+``relay.tap`` adds the spool and the channels first to an
+:class:`~relay.services.OrderedMultiService`, which stops its children one at a time in
+reverse order, each awaited (Twisted's ``MultiService`` would start every stop at once).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from relay.config import Config, DeliverSection
+from relay.deliver.history import DeliveryHistory
 from relay.deliver.recorder import Recorder
 from relay.deliver.scheduler import Scheduler
 from relay.deliver.sequencer import TEXT_CHUNK
@@ -79,6 +83,7 @@ class DelivererService(Service):
         self.clock = clock
         self.dead_hosts = DeadHosts(settings.dead_host_delay)
         self.claims = Claims()
+        self.history = DeliveryHistory()  # the last delivery and failure per channel
         self.pool = SessionPool(
             clock,
             self.channels,
@@ -124,6 +129,7 @@ class DelivererService(Service):
             hostname=self._hostname,
             postmaster=self._postmaster,
             log=self._log,
+            history=self.history,
         )
         self.scheduler = Scheduler(
             queue,

@@ -337,7 +337,7 @@ class SessionPool:
                         self._rest(state)
                     break
                 job = self._next_job(worker)
-                if job is None:
+                if job is None and not self._stopping:  # a stopping pool keeps none idle
                     job = await self._idle(worker)
         except Exception:
             self._log.failure(

@@ -15,17 +15,38 @@ client retries later, as it would for a full disk.
 each failure after a window on the injected clock.  The per-session delay and error
 count alone let a client reconnect and guess again; past ``max_failures`` in the window
 its AUTH is refused with ``454 4.7.0`` without checking the password, so guessing costs
-it time and costs us no scrypt.
+it time and costs us no scrypt.  An attempt counts against the limit from the moment its
+check starts (:meth:`AuthThrottle.begin`), not only once it has failed: a check takes a
+while in a thread, and a client that opens many sessions at once and sends AUTH in each
+would otherwise have every password checked before the first failure is counted.
+
+Sessions reach it through :class:`~relay.interfaces.IAuthThrottle`, asynchronous
+because a gateway worker process asks the spool's process, which holds the relay's one
+:class:`AuthThrottle` (:class:`relay.handoff.remote_auth.RemoteAuthThrottle`): with
+workers, the count still holds across every process.  In the spool's process the
+sessions ask it directly, through :class:`LocalAuthThrottle`.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
+from dataclasses import dataclass
 from typing import Final
 
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from zope.interface import implementer
 
-__all__ = ["DEFAULT_TEXT_BUDGET", "AuthThrottle", "TextBudget"]
+from relay.interfaces import IAuthThrottle
+
+__all__ = [
+    "DEFAULT_TEXT_BUDGET",
+    "AuthThrottle",
+    "AuthVerdict",
+    "LocalAuthThrottle",
+    "TextBudget",
+]
 
 DEFAULT_TEXT_BUDGET: Final = 256 * 1024 * 1024
 """Bytes of message text all sessions together may hold in memory."""
@@ -55,12 +76,26 @@ class TextBudget:
         self.used -= size
 
 
+@dataclass(frozen=True, slots=True)
+class AuthVerdict:
+    """Whether an AUTH attempt may have its password checked (it is then counted), and
+    the client's counts when it asked: its failures within ``window`` seconds and its
+    attempts being checked (the log line of a refusal names them)."""
+
+    allowed: bool
+    failures: int
+    pending: int
+    window: float
+
+
 class AuthThrottle:
     """Failed AUTH attempts per client address, each forgotten ``window`` seconds later.
 
-    A client is blocked while it has ``max_failures`` failures within the window.  Only
-    the last ``max_failures`` times are kept per address, and at most ``max_clients``
-    addresses (the oldest forgotten first), so a botnet cannot make this grow unbounded.
+    A client is blocked while its failures within the window and its attempts still
+    being checked add up to ``max_failures``.  Only the last ``max_failures`` times are
+    kept per address, and at most ``max_clients`` addresses (the oldest forgotten
+    first), so a botnet cannot make this grow unbounded; attempts in progress are kept
+    only while their sessions wait for the check.
     """
 
     def __init__(
@@ -78,11 +113,42 @@ class AuthThrottle:
         self.window = window
         self._max_clients = max_clients
         self._failures: dict[str, deque[float]] = {}
+        self._pending: Counter[str] = Counter()
 
     def blocked(self, client: str) -> bool:
-        """Whether ``client`` has had ``max_failures`` failed AUTH within the window."""
-        times = self._recent(client)
-        return times is not None and len(times) >= self.max_failures
+        """Whether ``client``'s failures in the window and attempts in progress reach the limit."""
+        return self.failures(client) + self._pending[client] >= self.max_failures
+
+    def begin(self, client: str) -> bool:
+        """Start an attempt of ``client``'s, counted from now; False (nothing counted) if blocked.
+
+        Every attempt begun is ended with :meth:`end` once its check is done.
+        """
+        if self.blocked(client):
+            return False
+        self._pending[client] += 1
+        return True
+
+    def ask(self, client: str) -> AuthVerdict:
+        """:meth:`begin`, with the counts behind the answer."""
+        allowed = self.begin(client)
+        return AuthVerdict(allowed, self.failures(client), self.pending(client), self.window)
+
+    def end(self, client: str, *, failed: bool) -> None:
+        """An attempt :meth:`begin` counted is done; a failed one counts on in the window."""
+        pending = self._pending[client] - 1
+        if pending < 0:
+            raise ValueError(f"no AUTH attempt of {client} in progress")
+        if pending:
+            self._pending[client] = pending
+        else:
+            del self._pending[client]
+        if failed:
+            self.failed(client)
+
+    def pending(self, client: str) -> int:
+        """How many attempts of ``client`` are being checked now."""
+        return self._pending[client]
 
     def failures(self, client: str) -> int:
         """How many failures of ``client`` fall within the window now."""
@@ -121,3 +187,19 @@ class AuthThrottle:
             del self._failures[client]
         while len(self._failures) > self._max_clients:
             del self._failures[next(iter(self._failures))]
+
+
+@implementer(IAuthThrottle)
+class LocalAuthThrottle:
+    """The sessions of the process that holds the :class:`AuthThrottle` ask it directly."""
+
+    def __init__(self, throttle: AuthThrottle) -> None:
+        self.throttle = throttle
+
+    def begin(self, client: str) -> Deferred[AuthVerdict]:
+        """The verdict, at once."""
+        return defer.succeed(self.throttle.ask(client))
+
+    def end(self, client: str, failed: bool) -> None:
+        """Done: a failed attempt counts on in the window."""
+        self.throttle.end(client, failed=failed)

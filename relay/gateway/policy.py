@@ -8,13 +8,17 @@ The rules (docs/configuration.md, ``[smtp]``), applied to each ``RCPT TO``:
    ``550 5.1.1``, during the dialogue, so no bounce is ever made for a guessed name.
    The local part is looked up whole: ``user%evil.test@here`` is a local user named
    ``user%evil.test`` or nobody, never a request to forward to ``evil.test``.
-2. A recipient whose domain matches a ``[[route]]`` is accepted from anyone: this relay
-   is the way in for that domain.  Except that an untrusted client may not use a
+2. A client in ``trusted_networks``, or an authenticated one, may send to any domain.
+3. A recipient whose domain matches ``[smtp] relay_domains`` is accepted from anyone:
+   this relay is the way in for that domain (Postfix's ``relay_domains`` and
+   ``permit_auth_destination``).  Except that an untrusted client may not use a
    routing trick on it (``%``-hack, bang path, quoted ``@``): those ask the next hop to
    relay further, which would make us a laundering step (Postfix's
    ``allow_untrusted_routing = no``).
-3. Any other domain is relayed only for a client in ``trusted_networks`` or an
-   authenticated one; otherwise ``554 5.7.1 Relay access denied``.
+4. Any other domain gets ``554 5.7.1 Relay access denied``, whether or not a
+   ``[[route]]`` matches it: a route says where mail goes, not who may send it, so a
+   route for outbound mail (a smarthost, a phone site) does not make this an open relay
+   for its domain.
 
 Routing is decided by the same :class:`~relay.policy.routing.Router` the deliverer uses,
 by the *final* domain only: a source route (``<@local:user@evil.test>``) is inert and
@@ -114,11 +118,11 @@ class RelayPolicy:
                 return RecipientDecision(RECIPIENT_OK, destination)
             text = f"{_safe(str(address))}: Recipient address rejected: User unknown"
             return RecipientDecision(SmtpReply(550, "5.1.1", (text,)))
-        if self._config.route_for(address.domain) is not None:
-            if not may_relay and address.tricks & _FORWARDING_TRICKS:
-                return RecipientDecision(RELAY_DENIED)
-            return RecipientDecision(RECIPIENT_OK, destination)
         if may_relay:
+            return RecipientDecision(RECIPIENT_OK, destination)
+        if self._config.smtp.relays_to(address.domain):
+            if address.tricks & _FORWARDING_TRICKS:
+                return RecipientDecision(RELAY_DENIED)
             return RecipientDecision(RECIPIENT_OK, destination)
         return RecipientDecision(RELAY_DENIED)
 

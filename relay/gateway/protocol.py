@@ -11,6 +11,18 @@ the TLS handshake) sets ``_busy``; the engine is paused on that event anyway, an
 transport stops reading while the engine holds more than :data:`_READ_PAUSE_BYTES`, so a
 client pipelining into a slow moment cannot make us buffer without bound.
 
+**A client that does not read its replies** would otherwise make us buffer them without
+bound: it can pipeline cheap commands (``VRFY``, ``NOOP``) forever, each answered into
+the transport's buffer.  So the session is a streaming producer registered on its
+transport, which pauses it while more than its ``bufferSize`` (64 KiB) of output is
+unsent and resumes it once that has drained.  While paused the session answers nothing
+more, and once the engine holds :data:`_READ_PAUSE_BYTES` of unanswered input the
+transport stops reading too: the client's further commands wait in its own socket
+buffers, not in ours.  (Reading does not stop at once because TLS pauses its producer
+while the handshake is under way, and the handshake needs reading.)  A client that
+leaves it so for ``idle_timeout`` (it sends nothing we read meanwhile) is dropped at
+once, without the ``421`` it would not read.
+
 **The 250 after DATA is written only when the spool's Deferred has fired**, i.e. when
 the message is fsynced (IQueue.store's contract).  If the store fails the reply is
 ``451 4.3.0``, or ``452 4.3.1`` when the disk is full, and the spool keeps nothing.
@@ -31,9 +43,11 @@ gateway-wide :class:`~relay.gateway.limits.TextBudget` until the spool's Deferre
 fires; a message that does not fit is read and thrown away, and answered ``452 4.3.1``.
 
 **AUTH.**  A failed AUTH is answered after a delay and counted per client address in the
-shared :class:`~relay.gateway.limits.AuthThrottle`; a client over its limit gets
-``454 4.7.0`` without a password check.  A users file that cannot be read answers
-``454 4.7.0`` too (our problem, not a wrong password).
+relay's :class:`~relay.gateway.limits.AuthThrottle`, which the session asks through an
+:class:`~relay.interfaces.IAuthThrottle` before each password check (in a gateway worker
+that asks the spool's process); a client over its limit gets ``454 4.7.0`` without a
+password check.  A users file that cannot be read, or a question that cannot be asked
+(a worker's link gone), answers ``454 4.7.0`` too (our problem, not a wrong password).
 
 Replies go out through :func:`~relay.fastwrite.write_now`, which sends at once
 when the socket is idle plain TCP instead of waiting for the reactor's next pass (see
@@ -50,7 +64,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
@@ -61,11 +80,12 @@ from relay.address import Address
 from relay.envelope import Destination, Envelope, Recipient, Submitter
 from relay.fastwrite import write_now
 from relay.gateway.auth import AuthUnavailable, PasswordChecker
-from relay.gateway.limits import AuthThrottle, TextBudget
+from relay.gateway.limits import AuthThrottle, AuthVerdict, LocalAuthThrottle, TextBudget
 from relay.gateway.policy import RelayPolicy
 from relay.gateway.received import received_header
 from relay.gateway.tls import tls_description
-from relay.interfaces import IStore
+from relay.interfaces import IAuthThrottle, IStore
+from relay.oneline import escape
 from relay.sansio.smtp.events import (
     AuthCredentials,
     EndOfMessage,
@@ -79,7 +99,8 @@ from relay.sansio.smtp.events import (
     Shutdown,
     StartTls,
 )
-from relay.sansio.smtp.server import CLOSED, ServerConnection, ServerSettings, State
+from relay.sansio.smtp.server import CLOSED, ServerConnection, ServerSettings
+from relay.sansio.smtp.state import ServerState
 from relay.sansio.smtp.wire import SmtpReply
 
 __all__ = [
@@ -94,7 +115,7 @@ __all__ = [
 _log = Logger()
 
 _READ_PAUSE_BYTES = 256 * 1024
-_TEXT_STATES = (State.DATA, State.BDAT)  # the engine is reading a message's text
+_TEXT_STATES = (ServerState.DATA, ServerState.BDAT)  # the engine is reading a message's text
 
 
 def _reply(code: int, enhanced: str, text: str) -> SmtpReply:
@@ -102,7 +123,15 @@ def _reply(code: int, enhanced: str, text: str) -> SmtpReply:
 
 
 class SessionLimiter:
-    """Counts open sessions, overall and per client address, for all listeners at once."""
+    """Counts open sessions, overall and per client address, for all listeners at once.
+
+    ``max_per_client`` holds for clients outside ``trusted_networks`` only (as Postfix
+    exempts ``mynetworks`` from its per-client limit): a trusted client that opens many
+    sessions at once is a submission program or a list server doing its job, and only
+    ``max_sessions`` bounds it.  A session is released as soon as it has ended (its
+    ``221`` or ``421`` written), not when the client's close reaches us: a client that
+    reconnects right after QUIT would otherwise find its old session still counted.
+    """
 
     def __init__(self, max_sessions: int, max_per_client: int) -> None:
         self.max_sessions = max_sessions
@@ -110,20 +139,36 @@ class SessionLimiter:
         self.total = 0
         self.per_client: Counter[str] = Counter()
         self.sessions: set[SmtpServerProtocol] = set()
+        self.refused: Counter[str] = Counter()  # sessions refused, by REFUSALS reason
         # Told (total, max_sessions) after each change: a gateway worker reports its room.
         self.on_change: Callable[[int, int], object] | None = None
 
-    def admit(self, client: str) -> str | None:
-        """Count a new session; or say why not (and count nothing)."""
+    def admit(self, client: str, *, trusted: bool = False) -> str | None:
+        """Count a new session; or say why not (and count only the refusal).
+
+        A ``trusted`` client is counted too, but never refused for its own count.
+        """
         if self.total >= self.max_sessions:
+            self.refuse("max_sessions")
             return "too many sessions"
-        if self.per_client[client] >= self.max_per_client:
+        if not trusted and self.per_client[client] >= self.max_per_client:
+            self.refuse("max_sessions_per_client")
             return "too many sessions from your address"
         self.total += 1
         self.per_client[client] += 1
         if self.on_change is not None:
             self.on_change(self.total, self.max_sessions)
         return None
+
+    def room(self) -> int:
+        """How many more sessions may open now (0 when full)."""
+        return max(0, self.max_sessions - self.total)
+
+    def refuse(self, reason: str) -> None:
+        """Count a session refused at connect, by reason (a metric label)."""
+        self.refused[reason] += 1
+        if self.on_change is not None:
+            self.on_change(self.total, self.max_sessions)
 
     def release(self, client: str) -> None:
         """A counted session ended."""
@@ -182,7 +227,7 @@ class GatewayFactory(Factory):
         tls_options: CertificateOptions | None = None,
         checker: PasswordChecker | None = None,
         text_budget: TextBudget | None = None,
-        auth_throttle: AuthThrottle | None = None,
+        auth_throttle: IAuthThrottle | None = None,
     ) -> None:
         """``text_budget`` and ``auth_throttle`` are shared by all listeners' factories
         (:func:`~relay.gateway.service.build_gateway`); by default each factory has its own.
@@ -196,7 +241,9 @@ class GatewayFactory(Factory):
         self.tls_options = tls_options
         self.checker = checker
         self.text_budget = TextBudget() if text_budget is None else text_budget
-        self.auth_throttle = AuthThrottle(clock) if auth_throttle is None else auth_throttle
+        self.auth_throttle: IAuthThrottle = (
+            LocalAuthThrottle(AuthThrottle(clock)) if auth_throttle is None else auth_throttle
+        )
         self.accepted = 0  # messages stored, for the benchmark and tests
         # A gateway worker leaves the "stored" line to the spool's process, which logs
         # it when it stores (relay.handoff.spool_side): one line per message either way.
@@ -212,9 +259,9 @@ def _client_ip(addr: Any) -> str:
     return host if isinstance(host, str) else "unix"
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IPushProducer)
 class SmtpServerProtocol(Protocol):
-    """One SMTP session: the engine's adapter."""
+    """One SMTP session: the engine's adapter, and the producer of its replies."""
 
     def __init__(self, factory: GatewayFactory, client_ip: str) -> None:
         self.gateway = factory
@@ -226,6 +273,8 @@ class SmtpServerProtocol(Protocol):
         self._storing = False
         self._shutdown_after_store: SmtpReply | None = None
         self._paused_reading = False
+        self._output_full = False  # the transport paused us: too much output unsent
+        self._producing = False  # registered as the transport's producer
         self._transaction = _Transaction()
         self._idle_timer: IDelayedCall | None = None  # also watches the session deadline
         self._last_activity = 0.0
@@ -245,9 +294,11 @@ class SmtpServerProtocol(Protocol):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
-        refusal = gateway.limiter.admit(self.client_ip)
+        trusted = gateway.policy.is_trusted(self.client_ip)
+        refusal = gateway.limiter.admit(self.client_ip, trusted=trusted)
         if refusal is None and gateway.queue is None:
             gateway.limiter.release(self.client_ip)
+            gateway.limiter.refuse("spool_not_ready")
             refusal = "spool not ready"
             reply = _reply(421, "4.3.2", f"{hostname} Service not available, try again later")
         elif refusal is not None:
@@ -259,10 +310,12 @@ class SmtpServerProtocol(Protocol):
             return
         self._counted = True
         gateway.limiter.sessions.add(self)
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        self._producing = True
         clock = gateway.clock
         self._session_deadline = clock.seconds() + gateway.timeouts.session
         self._touch()
-        if gateway.timeouts.greet_delay > 0 and not gateway.policy.is_trusted(self.client_ip):
+        if gateway.timeouts.greet_delay > 0 and not trusted:
             self._greet_timer = clock.callLater(gateway.timeouts.greet_delay, self._greet)
         else:
             self._greet()
@@ -288,10 +341,10 @@ class SmtpServerProtocol(Protocol):
     def handshakeCompleted(self) -> None:
         """TLS is up: after STARTTLS the engine starts over; for implicit TLS just note it."""
         self.tls_info = tls_description(self.transport)
-        if self._busy and self.engine.state is State.TLS:
+        if self._busy and self.engine.state is ServerState.TLS:
             self.engine.tls_started()
             self._busy = False
-            self._resume_reading()
+            self._update_reading()
             self._pump()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -300,10 +353,7 @@ class SmtpServerProtocol(Protocol):
         for timer in (self._idle_timer, self._greet_timer, self._auth_timer):
             if timer is not None and timer.active():
                 timer.cancel()
-        if self._counted:
-            self._counted = False
-            self.gateway.limiter.release(self.client_ip)
-            self.gateway.limiter.sessions.discard(self)
+        self._release()
         self._drop_text()
         self._transaction = _Transaction()
 
@@ -311,6 +361,11 @@ class SmtpServerProtocol(Protocol):
     def busy(self) -> bool:
         """Whether the session waits on the spool, a password check or a TLS handshake."""
         return self._busy
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is gone (its slot may have been given back earlier)."""
+        return self._lost
 
     @property
     def storing(self) -> bool:
@@ -329,14 +384,42 @@ class SmtpServerProtocol(Protocol):
             if self._shutdown_after_store is None:
                 self._shutdown_after_store = reply
             return
+        if self._output_full or self.engine.closed:
+            # It does not read: a reply would only wait in our buffer, as the last one
+            # (221, 421) of a session already closing does.
+            _log.info(
+                "smtp: {client}: dropped: it leaves its replies unread", client=self.client_ip
+            )
+            self._release()
+            self._transport().abortConnection()
+            return
         self._write(self.engine.send(Shutdown(reply)))
         self._close()
+
+    # --- output flow control (IPushProducer, called by the transport) -------------------
+
+    def pauseProducing(self) -> None:
+        """The transport holds more unsent output than its bound: answer nothing more."""
+        self._output_full = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        """The transport has sent what it held: answer what the client sent meanwhile."""
+        self._output_full = False
+        if self._lost:
+            return
+        self._update_reading()
+        self._pump()
+
+    def stopProducing(self) -> None:
+        """The connection is going away (``connectionLost`` follows)."""
+        self._output_full = False
 
     # --- the loop ---------------------------------------------------------------------
 
     def _pump(self) -> None:
         engine = self.engine
-        while not self._busy and not self._lost:
+        while not self._busy and not self._lost and not self._output_full:
             event = engine.next_event()
             if event is CLOSED:
                 self._close()
@@ -359,9 +442,8 @@ class SmtpServerProtocol(Protocol):
                 self._authenticate(event)
             elif isinstance(event, StartTls):
                 self._start_tls()
-        if self._busy and engine.buffered > _READ_PAUSE_BYTES and not self._paused_reading:
-            self._paused_reading = True
-            self._transport().pauseProducing()
+        if engine.buffered > _READ_PAUSE_BYTES and not self._paused_reading:
+            self._update_reading()
 
     def _answer(self, reply: SmtpReply) -> None:
         self._write(self.engine.send(reply))
@@ -381,12 +463,19 @@ class SmtpServerProtocol(Protocol):
             self.shutdown(shutdown)
             return
         self._touch()
-        self._resume_reading()
+        self._update_reading()
         self._pump()
 
-    def _resume_reading(self) -> None:
-        if self._paused_reading and not self._lost:
-            self._paused_reading = False
+    def _update_reading(self) -> None:
+        """Stop reading while the engine holds enough input that we cannot answer now."""
+        waiting = self._busy or self._output_full
+        pause = waiting and self.engine.buffered > _READ_PAUSE_BYTES
+        if pause == self._paused_reading or self._lost:
+            return
+        self._paused_reading = pause
+        if pause:
+            self._transport().pauseProducing()
+        else:
             self._transport().resumeProducing()
 
     # --- decisions --------------------------------------------------------------------
@@ -530,48 +619,79 @@ class SmtpServerProtocol(Protocol):
         self._finish_async(reply)
 
     def _authenticate(self, event: AuthCredentials) -> None:
-        checker = self.gateway.checker
-        throttle = self.gateway.auth_throttle
         self._busy = True
-        if checker is None:  # the engine only offers AUTH with a checker
+        if self.gateway.checker is None:  # the engine only offers AUTH with a checker
             self._finish_async(_reply(454, "4.7.0", "Temporary authentication failure"))
             return
-        if throttle.blocked(self.client_ip):
+        asked = self.gateway.auth_throttle.begin(self.client_ip)
+        asked.addCallbacks(self._auth_verdict, self._auth_not_asked, callbackArgs=(event,))
+
+    def _auth_not_asked(self, failure: Failure) -> None:
+        """No verdict (a worker's link to the spool's process went): check nothing, 454."""
+        _log.warn(
+            "smtp: cannot check AUTH for {client}: {why}",
+            client=self.client_ip,
+            why=failure.getErrorMessage(),
+        )
+        self._finish_async(_reply(454, "4.7.0", "Temporary authentication failure"))
+
+    def _auth_verdict(self, verdict: AuthVerdict, event: AuthCredentials) -> None:
+        checker = self.gateway.checker
+        throttle = self.gateway.auth_throttle
+        client = self.client_ip
+        user = escape(event.username)  # the client's bytes: never raw into the log
+        assert checker is not None  # _authenticate asks only with one
+        if self._lost:  # the client left while we asked: nothing to check
+            if verdict.allowed:
+                throttle.end(client, failed=False)
+            return
+        if not verdict.allowed:
             _log.info(
                 "smtp: {client} refused AUTH {mechanism} for {user}: "
-                "{failures} failures in {window:.0f}s",
-                client=self.client_ip,
+                "{failures} failures in {window:.0f}s, {pending} in progress",
+                client=client,
                 mechanism=event.mechanism,
-                user=event.username,
-                failures=throttle.failures(self.client_ip),
-                window=throttle.window,
+                user=user,
+                failures=verdict.failures,
+                pending=verdict.pending,
+                window=verdict.window,
             )
             self._answer_later(
                 _reply(454, "4.7.0", "Too many failed authentications, try again later")
             )
             return
+        if event.authzid and event.authzid != event.username:
+            # RFC 4616: the server must refuse to act as another identity unless it is
+            # allowed to; nobody here is.  Counted, so it is no free way to probe.
+            throttle.end(client, failed=True)
+            _log.info(
+                "smtp: {client} failed AUTH {mechanism} for {user}: may not act as {authzid}",
+                client=client,
+                mechanism=event.mechanism,
+                user=user,
+                authzid=escape(event.authzid),
+            )
+            self._answer_later(_reply(535, "5.7.8", "Authentication credentials invalid"))
+            return
 
         def checked(ok: bool) -> None:
+            throttle.end(client, failed=not ok)
             if ok:
-                _log.info(
-                    "smtp: {client} authenticated as {user}",
-                    client=self.client_ip,
-                    user=event.username,
-                )
+                _log.info("smtp: {client} authenticated as {user}", client=client, user=user)
                 self._finish_async(_reply(235, "2.7.0", "Authentication successful"))
                 return
-            throttle.failed(self.client_ip)
             _log.info(
                 "smtp: {client} failed AUTH {mechanism} for {user}",
-                client=self.client_ip,
+                client=client,
                 mechanism=event.mechanism,
-                user=event.username,
+                user=user,
             )
             self._answer_later(_reply(535, "5.7.8", "Authentication credentials invalid"))
 
         def unavailable(failure: Failure) -> None:
+            throttle.end(client, failed=False)
             if not isinstance(failure.value, AuthUnavailable):  # that one is logged already
-                _log.failure("smtp: AUTH check for {client} failed", failure, client=self.client_ip)
+                _log.failure("smtp: AUTH check for {client} failed", failure, client=client)
             self._finish_async(_reply(454, "4.7.0", "Temporary authentication failure"))
 
         checker.check(event.username, event.password).addCallbacks(checked, unavailable)
@@ -616,7 +736,7 @@ class SmtpServerProtocol(Protocol):
         if now >= self._session_deadline:
             self._timeout("session")
             return
-        if self._busy and self.engine.state is not State.TLS:
+        if self._busy and self.engine.state is not ServerState.TLS:
             self._last_activity = now  # we are the slow one, not the client
         remaining = self._last_activity + self.gateway.timeouts.idle - now
         if remaining > 0:
@@ -642,17 +762,29 @@ class SmtpServerProtocol(Protocol):
 
     def _close(self) -> None:
         self._drop_text()
+        self._release()  # the session is over: its slot is free before the client's FIN
         if not self._lost and self.transport is not None:
+            if self._producing:  # a transport closes only once its producer is gone
+                self._producing = False
+                self.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.transport.loseConnection()
+
+    def _release(self) -> None:
+        """Give the session's slot back to the limiter, once."""
+        if self._counted:
+            self._counted = False
+            self.gateway.limiter.release(self.client_ip)
+            self.gateway.limiter.sessions.discard(self)
 
 
 def log_stored(queue_id: str, envelope: Envelope, size: int) -> None:
     """The log line for a message the spool has taken (where it came from, how big)."""
     # One preformatted field for the text (the observer formats it per event, on the hot
     # path), the same values as separate keys for structured observers.
-    sender = envelope.sender_text
+    sender = escape(envelope.sender_text)  # the client's words: escaped, like the HELO
     submitter = envelope.submitter
-    client, helo, protocol = submitter.client_address, submitter.helo, submitter.protocol
+    client, protocol = submitter.client_address, submitter.protocol
+    helo = None if submitter.helo is None else escape(submitter.helo)
     _log.info(
         "{summary}",
         summary=f"smtp: {queue_id} stored from=<{sender}> nrcpt={len(envelope.recipients)} "

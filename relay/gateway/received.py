@@ -33,7 +33,7 @@ from email.utils import format_datetime
 
 from relay.address import Address
 
-__all__ = ["received_header"]
+__all__ = ["local_received_header", "received_header"]
 
 
 def received_header(
@@ -63,6 +63,31 @@ def received_header(
         lines.append(f"\tfor {_comment(recipient.smtp_path())}; {stamp}")
     else:
         lines[-1] += f"; {stamp}"
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+def local_received_header(
+    *,
+    uid: int,
+    hostname: str,
+    when: float,
+    helo: str | None = None,
+    protocol: str | None = None,
+    software: str = "relay",
+) -> bytes:
+    """The header for mail a local program submitted (``relay sendmail``), after Postfix::
+
+        Received: by hub.example.test (relay, from userid 1000); Tue, 02 Jan 2024 ...
+
+    ``uid`` is who owned the submitted file, as the kernel said.  A ``-bs`` dialogue adds
+    its HELO name and protocol: ``Received: from helo`` / ``by ... with ESMTP; date``.
+    """
+    lines = [f"Received: from {_comment(helo)}"] if helo else []
+    by = f"by {hostname} ({software}, from userid {int(uid)})"
+    if protocol:
+        by += f" with {_comment(protocol)}"
+    lead = "\t" if helo else "Received: "
+    lines.append(f"{lead}{by}; {_date(int(when))}")
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
 
 

@@ -10,7 +10,12 @@ relay at start.  The tree it returns is a ``MultiService`` named ``smtp`` holdin
   TLS (``wrapServerTLS``): SMTP submission over implicit TLS;
 * ``sessions`` — owns the password checker's threads and, on stop, ends open sessions
   with ``421 4.3.2`` so clients retry elsewhere instead of hanging (a session waiting for
-  the spool gets the store's reply first).
+  the spool gets the store's reply first), and waits for them to close.
+
+It is an :class:`~relay.services.OrderedMultiService`: it stops the gateway workers
+(``workers``, which ``relay.tap`` attaches last) first, then the listeners, then the
+sessions, each stop awaited; so the spool, which the relay stops after the gateway,
+is still open while the stores in flight are answered.
 
 In a gateway worker process (:mod:`relay.gateway.worker`) the listeners are
 ``adopted:<fd>`` services instead: sockets the spool's process bound and passed down
@@ -19,8 +24,9 @@ In a gateway worker process (:mod:`relay.gateway.worker`) the listeners are
 All listeners share one :class:`~relay.gateway.protocol.SessionLimiter`, so
 ``max_sessions`` and ``max_sessions_per_client`` hold across them, one
 :class:`~relay.gateway.limits.TextBudget` (``max_text_in_memory`` bytes of message text
-in memory across all sessions) and one :class:`~relay.gateway.limits.AuthThrottle`
-(failed AUTH per client address).
+in memory across all sessions) and one :class:`~relay.interfaces.IAuthThrottle`
+(failed AUTH per client address): the relay's :class:`~relay.gateway.limits.AuthThrottle`
+(:func:`build_auth_throttle`), which a worker asks over its link.
 """
 
 from __future__ import annotations
@@ -32,23 +38,30 @@ from typing import Any, TypeVar
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import tcp, unix
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString, wrapServerTLS
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.internet.ssl import CertificateOptions
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.address import AddressError, parse_mailbox
+from relay.address import Address, AddressError, parse_mailbox
 from relay.config import Config
 from relay.gateway.auth import PasswordChecker
-from relay.gateway.limits import AuthThrottle, TextBudget
+from relay.gateway.limits import AuthThrottle, LocalAuthThrottle, TextBudget
 from relay.gateway.policy import RelayPolicy
-from relay.gateway.protocol import GatewayFactory, SessionLimiter, Timeouts
+from relay.gateway.protocol import GatewayFactory, SessionLimiter, SmtpServerProtocol, Timeouts
 from relay.gateway.tls import load_server_tls
-from relay.interfaces import ILocalRecipients, IStore
+from relay.interfaces import IAuthThrottle, ILocalRecipients, IStore
+from relay.local_users import POSTMASTER
 from relay.policy.routing import Router
 from relay.sansio.smtp.server import Limits, ServerSettings
 from relay.sansio.smtp.wire import SmtpReply
@@ -58,6 +71,7 @@ __all__ = [
     "AdoptedListener",
     "RecordingEndpoint",
     "SharedListener",
+    "build_auth_throttle",
     "build_gateway",
     "settings_from_config",
     "shared_listeners",
@@ -65,6 +79,8 @@ __all__ = [
 
 _log = Logger()
 _V = TypeVar("_V")
+
+SESSIONS_STOP_LIMIT = 10.0  # seconds a stop waits for the sessions it ended to close
 
 
 @implementer(IStreamServerEndpoint)
@@ -120,19 +136,42 @@ def shared_listeners(gateway: IService) -> list[SharedListener]:
 
 
 class AdoptedListener(Service):
-    """Accepts on a listening socket handed down by the spool's process."""
+    """Accepts on a listening socket handed down by the spool's process.
 
-    def __init__(self, reactor: Any, listener: SharedListener, factory: IProtocolFactory):
+    A worker must never take more connections at once than it has room for: Twisted's
+    TCP port accepts up to its ``numberAccepts`` connections in one read, whatever
+    happens to the first ones, so a worker that becomes full within a burst would answer
+    the rest 421 although the spool's process (which takes over once the worker says it
+    is full) has room.  So each read of the port is bounded by ``room()``, the sessions
+    the worker may still open.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        listener: SharedListener,
+        factory: IProtocolFactory,
+        room: Callable[[], int],
+    ):
         self._reactor = reactor
         self._listener = listener
         self._factory = factory
+        self._room = room
         self.port: IListeningPort | None = None
 
     def startService(self) -> None:
         """Accept on the socket (Twisted duplicates the descriptor)."""
         super().startService()  # type: ignore[no-untyped-call]
         listener = self._listener
-        self.port = self._reactor.adoptStreamPort(listener.fd, listener.family, self._factory)
+        port = self._reactor.adoptStreamPort(listener.fd, listener.family, self._factory)
+        read = port.doRead
+
+        def read_within_room() -> object:
+            port.numberAccepts = max(1, self._room())  # tcp.Port's public batch size
+            return read()
+
+        port.doRead = read_within_room
+        self.port = port
 
     def stopService(self) -> Deferred[None] | None:
         """Stop accepting; the spool's process (or another worker) goes on."""
@@ -147,26 +186,48 @@ class AdoptedListener(Service):
 class _SessionsService(Service):
     """Starts the password checker; at stop, ends the sessions still open."""
 
-    def __init__(self, limiter: SessionLimiter, checker: PasswordChecker | None, hostname: str):
-        self._limiter = limiter
+    def __init__(
+        self,
+        limiter: SessionLimiter,
+        checker: PasswordChecker | None,
+        hostname: str,
+        clock: IReactorTime,
+    ):
+        self.limiter = limiter  # every listener's: the metrics read its counts
         self._checker = checker
         self._hostname = hostname
+        self._clock = clock
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         if self._checker is not None:
             self._checker.start()
 
-    def stopService(self) -> None:
+    def stopService(self) -> Deferred[None]:
+        """421 to the sessions; fire once they have closed (at most ``SESSIONS_STOP_LIMIT``).
+
+        Waiting keeps the spool open (it stops after this) until a store in flight has
+        been answered and that answer has left: the client must learn its message was kept.
+        """
         super().stopService()  # type: ignore[no-untyped-call]
         reply = SmtpReply(421, "4.3.2", (f"{self._hostname} Service shutting down",))
-        for session in list(self._limiter.sessions):
+        ending: list[SmtpServerProtocol] = []
+        for session in list(self.limiter.sessions):
             # One waiting for the spool gets the store's real answer first (if the spool
             # answers in time), then this one; shutdown() sees to the order.
             if session.storing or not session.busy:
                 session.shutdown(reply)
+                ending.append(session)
         if self._checker is not None:
             self._checker.stop()
+        return ensureDeferred(self._until_closed(ending))
+
+    async def _until_closed(self, sessions: list[SmtpServerProtocol]) -> None:
+        deadline = self._clock.seconds() + SESSIONS_STOP_LIMIT
+        while not all(s.closed for s in sessions):
+            if self._clock.seconds() >= deadline:
+                return
+            await deferLater(self._clock, 0.05, lambda: None)
 
 
 def _endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
@@ -189,10 +250,19 @@ def _listener(endpoint: IStreamServerEndpoint, factory: GatewayFactory) -> IServ
 
 
 def settings_from_config(config: Config, *, tls_active: bool) -> ServerSettings:
-    """The engine's settings for one listener (implicit TLS or not)."""
+    """The engine's settings for one listener (implicit TLS or not).
+
+    The domain-less ``RCPT TO:<postmaster>`` means ``postmaster@`` the first local domain,
+    which every local domain has (:mod:`relay.local_users`), so it is accepted from any
+    client even when ``[relay] postmaster`` is remote; without local domains it is
+    ``[relay] postmaster`` itself.
+    """
     smtp = config.smtp
+    domains = config.relay.local_domains
     try:
-        postmaster = parse_mailbox(config.relay.postmaster)
+        postmaster = (
+            Address(POSTMASTER, domains[0]) if domains else parse_mailbox(config.relay.postmaster)
+        )
     except AddressError:
         postmaster = None
     return ServerSettings(
@@ -215,6 +285,22 @@ def _given(value: _V | None, configured: _V) -> _V:
     return configured if value is None else value
 
 
+def build_auth_throttle(
+    config: Config,
+    clock: IReactorTime,
+    *,
+    max_failures: int | None = None,
+    window: float | None = None,
+) -> AuthThrottle:
+    """The relay's failed-AUTH count, from ``[smtp]`` unless given (one per relay: the
+    spool's process holds it, and its gateway workers ask it)."""
+    return AuthThrottle(
+        clock,
+        max_failures=_given(max_failures, config.smtp.auth_max_failures),
+        window=_given(window, config.smtp.auth_failure_window),
+    )
+
+
 def build_gateway(
     config: Config,
     queue: IStore | Deferred[Any],
@@ -229,6 +315,7 @@ def build_gateway(
     processes: int = 1,
     adopted: Sequence[SharedListener] | None = None,
     on_sessions: Callable[[int, int], object] | None = None,
+    auth_throttle: IAuthThrottle | None = None,
 ) -> IService:
     """The SMTP gateway's services for ``config``.
 
@@ -239,6 +326,8 @@ def build_gateway(
     ``452 4.3.1``); a client with ``auth_max_failures`` failed AUTH within
     ``auth_failure_window`` seconds gets ``454 4.7.0`` to AUTH until they age out.
     Each of these comes from ``[smtp]`` unless given here (tests give them).
+    ``auth_throttle`` is where sessions count AUTH attempts; by default a count of this
+    gateway's own (``relay.tap`` passes the relay's, a worker its link's).
 
     ``processes`` is how many processes share the listeners (this one and the gateway
     workers): each takes that share of ``max_sessions`` and ``max_text_in_memory``, so
@@ -257,11 +346,12 @@ def build_gateway(
     text_budget = TextBudget(
         max(1, _given(max_text_in_memory, smtp.max_text_in_memory) // processes)
     )
-    auth_throttle = AuthThrottle(
-        reactor,
-        max_failures=_given(auth_max_failures, smtp.auth_max_failures),
-        window=_given(auth_failure_window, smtp.auth_failure_window),
-    )
+    if auth_throttle is None:
+        auth_throttle = LocalAuthThrottle(
+            build_auth_throttle(
+                config, reactor, max_failures=auth_max_failures, window=auth_failure_window
+            )
+        )
     policy = RelayPolicy(config, local_recipients, router)
     timeouts = Timeouts(
         idle=smtp.idle_timeout,
@@ -288,14 +378,16 @@ def build_gateway(
         return made
 
     top: MultiService = named_multiservice("smtp")
-    attach(_SessionsService(limiter, checker, config.relay.hostname), top, "sessions")
+    attach(_SessionsService(limiter, checker, config.relay.hostname, reactor), top, "sessions")
     if adopted is not None:
         for shared in adopted:
             made: IProtocolFactory = factory(tls_active=shared.tls)
             if shared.tls:
                 assert tls_options is not None  # the configuration requires a certificate
                 made = TLSMemoryBIOFactory(tls_options, False, made)
-            attach(AdoptedListener(reactor, shared, made), top, f"adopted:{shared.fd}")
+            attach(
+                AdoptedListener(reactor, shared, made, limiter.room), top, f"adopted:{shared.fd}"
+            )
         return top
     for description in smtp.listen:
         endpoint = RecordingEndpoint(_endpoint(reactor, description))

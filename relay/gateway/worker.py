@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from twisted.application.service import IService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Factory
 from twisted.logger import (
     FileLogObserver,
@@ -46,11 +46,12 @@ from relay.leanreactor import install as install_lean_reactor
 from relay.local_users import build_local_recipients
 from relay.policy.routing import Router
 
-__all__ = ["DRAIN_LIMIT", "main"]
+__all__ = ["DRAIN_LIMIT", "SESSIONS_REPORT_INTERVAL", "main"]
 
 _log = Logger()
 
 DRAIN_LIMIT = 20.0  # seconds a stopping worker waits for answers to stores in flight
+SESSIONS_REPORT_INTERVAL = 1.0  # seconds between reports of session counts, at most
 EX_USAGE = 64
 EX_CONFIG = 78
 
@@ -88,6 +89,7 @@ class _Worker:
         self.exit_code = 0
         self._stopping = False
         self._accepting = False  # what we last told the spool's process
+        self._sessions_report: Any = None  # the delayed call that reports session counts
 
     def hello(self, hello: Hello) -> None:
         """Build and start the gateway the spool's process described."""
@@ -110,6 +112,7 @@ class _Worker:
             processes=hello.processes,
             adopted=self.listeners,
             on_sessions=self.sessions_changed,
+            auth_throttle=self.client.auth,  # the relay's count, in the spool's process
         )
         gateway.startService()  # type: ignore[no-untyped-call]
         for shared in self.listeners:  # adopted (duplicated) by now
@@ -123,13 +126,28 @@ class _Worker:
         )
 
     def sessions_changed(self, total: int, limit: int) -> None:
-        """Full (our share of max_sessions): stop accepting and say so; with room, resume."""
+        """Full (our share of max_sessions): stop accepting and say so; with room, resume.
+
+        The counts themselves go to the spool's process for its metrics, at most once
+        every :data:`SESSIONS_REPORT_INTERVAL` seconds (not once per session).
+        """
+        if self._sessions_report is None:
+            self._sessions_report = self.reactor.callLater(
+                SESSIONS_REPORT_INTERVAL, self._report_sessions
+            )
         if self._stopping:
             return
         if self._accepting and total >= limit:
             self._report(False)
         elif not self._accepting and total < limit and self.gateway is not None:
             self._report(True)
+
+    def _report_sessions(self) -> None:
+        self._sessions_report = None
+        gateway = self.gateway
+        if gateway is not None:
+            limiter = gateway.getServiceNamed("sessions").limiter  # type: ignore[attr-defined]
+            self.client.sessions(limiter.total, dict(limiter.refused))
 
     def _report(self, accepting: bool) -> None:
         """Stop (or resume) accepting, and say so: the spool's process takes over."""
@@ -173,11 +191,14 @@ class _Worker:
             return None
         self._stopping = True
         self.client.ready(False)  # before it stops listening: the spool's process takes over
-        gateway.stopService()  # type: ignore[no-untyped-call]
-        drained = self.client.drained()
-        drained.addTimeout(DRAIN_LIMIT, self.reactor)
-        drained.addErrback(lambda _: None)
-        return drained
+        # The gateway stops its listeners, then its sessions (one child after another):
+        # only then is no store left to begin.
+        stopped: Deferred[None] = maybeDeferred(gateway.stopService)
+        stopped.addErrback(lambda f: _log.failure("stopping the gateway failed", f))
+        stopped.addCallback(lambda _: self.client.drained())
+        stopped.addTimeout(DRAIN_LIMIT, self.reactor)
+        stopped.addErrback(lambda _: None)
+        return stopped
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,8 +32,9 @@ link drops; and the spool's process stops accepting too while it holds its own s
 and a worker has room.  So a client is refused only when every process is full.
 
 Limits: ``max_sessions`` and ``max_text_in_memory`` are divided among the processes, so
-their totals hold; ``max_sessions_per_client`` and the failed-AUTH count are kept by each
-process for its own sessions.
+their totals hold; ``max_sessions_per_client`` is kept by each process for its own
+sessions.  The failed-AUTH count is the spool's process's, which every worker asks over
+its link (:mod:`relay.handoff.remote_auth`), so ``auth_max_failures`` holds relay-wide.
 
 A worker that exits, or cannot be started, is tried again (after 1 s, doubling to 60 s
 while it keeps dying young); its output is logged here line by line.  A worker whose
@@ -48,6 +49,7 @@ import contextlib
 import os
 import socket
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,7 @@ from twisted.python.failure import Failure
 
 import relay
 from relay.config import Config
+from relay.gateway.limits import AuthThrottle
 from relay.gateway.service import SharedListener
 from relay.handoff.codec import Hello
 from relay.handoff.spool_side import StoreServer, frame_limit
@@ -93,11 +96,16 @@ class GatewayWorkers(Service):
         channels: frozenset[str],
         reactor: Any,
         main_busy: Callable[[], bool] | None = None,
+        *,
+        auth: AuthThrottle,
     ) -> None:
         """``listeners`` is asked at start (the ports are bound by then); ``queue`` may
         be the spool's ``when_ready()``: workers start once it has fired.  ``main_busy``
-        says whether this process has deliveries in flight (the deliverer's ``busy``)."""
+        says whether this process has deliveries in flight (the deliverer's ``busy``);
+        ``auth`` is the failed-AUTH count this process's own gateway uses, which the
+        workers ask too."""
         self._config = config
+        self._auth = auth
         self._count = count
         self._listeners = listeners
         self._queue: IQueue | None = None if isinstance(queue, Deferred) else queue
@@ -105,6 +113,8 @@ class GatewayWorkers(Service):
         self._channels = channels
         self._reactor = reactor
         self.workers: dict[int, _Worker] = {}
+        # Sessions refused by workers that have exited: the metric never goes back.
+        self.retired_refused: Counter[str] = Counter()
         self._restarts: dict[int, IDelayedCall] = {}
         self._delays: dict[int, float] = {}
         self.main_busy = main_busy  # replaceable: bench/relay_e2e.py --main-accepts
@@ -171,7 +181,7 @@ class GatewayWorkers(Service):
         acks, their_acks = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         acks.setblocking(False)
         limit = frame_limit(config.smtp.max_message_size)
-        server = StoreServer(hello, self._queue, limit, acks=acks)
+        server = StoreServer(hello, self._queue, limit, acks=acks, auth=self._auth)
         server.on_ready_change = self._rebalance
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -237,6 +247,7 @@ class GatewayWorkers(Service):
     def _ended(self, worker: _Worker, reason: Failure) -> None:
         if self.workers.get(worker.index) is worker:
             del self.workers[worker.index]
+        self.retired_refused.update(worker.server.sessions.refused)
         if self.running:
             self._balance()  # no ready worker left: accept here at once
         if not self.running:

@@ -18,7 +18,20 @@ one kind byte, then
 * ``K`` STORED: request number (u32), the queue id (ASCII);
 * ``F`` FAILED: request number (u32), a disk-full flag (u8), a UTF-8 reason;
 * ``R`` READY: ``1`` (the worker takes new connections) or ``0`` (it does not: full or
-  stopping).
+  stopping);
+* ``N`` SESSIONS: UTF-8 JSON ``{"open": n, "refused": {reason: count}}``, the worker's
+  SMTP sessions open now and those it refused since it started (for the metrics; sent
+  at most once a second, when they changed);
+* ``A`` AUTH (worker → spool): request number (u32), then the client's address (UTF-8,
+  1 to 255 bytes): may this client have a password checked now?  The spool's process
+  holds the relay's one failed-AUTH count (:class:`relay.gateway.limits.AuthThrottle`);
+* ``V`` VERDICT (spool → worker): request number (u32), allowed (u8), the client's
+  failures in the window (u32), its attempts being checked (u32), the window in
+  seconds (IEEE 754 double, finite and positive).  An allowed attempt is counted from
+  then on, until the worker sends
+* ``E`` ENDED (worker → spool): failed (u8), then the client's address (UTF-8, 1 to
+  255 bytes).  If the link drops first, the spool's process counts the attempts it
+  allowed on it as failed: a password may have been checked.
 
 Anything else, or a frame whose parts do not add up, is a :class:`HandoffError`: both
 ends then drop the connection (the worker exits and is started again), since a peer that
@@ -28,18 +41,25 @@ sends garbage on a private socket is a bug, not a client to argue with.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 
 from relay.errors import RelayError
+from relay.gateway.limits import AuthVerdict
 from relay.queue.queueid import is_valid_queue_id
 
 __all__ = [
     "MAX_ACK_DATAGRAM",
+    "MAX_CLIENT",
+    "AuthAnswer",
+    "AuthBegin",
+    "AuthEnd",
     "Frame",
     "HandoffError",
     "Hello",
     "Ready",
+    "Sessions",
     "StoreFailed",
     "StoreRequest",
     "Stored",
@@ -52,6 +72,8 @@ __all__ = [
 _U32 = struct.Struct(">I")
 _STORE = struct.Struct(">II")
 _FAILED = struct.Struct(">IB")
+_VERDICT = struct.Struct(">IBIId")
+MAX_CLIENT = 255  # bytes of a client's address in AUTH frames (an IPv6 one has ~45)
 MAX_REQUEST = 0xFFFFFFFF
 MAX_ACK_DATAGRAM = 8192  # the spool's side sends at most this much in one datagram
 
@@ -116,7 +138,49 @@ class Ready:
     accepting: bool = True
 
 
-Frame = Hello | StoreRequest | Stored | StoreFailed | Ready
+@dataclass(frozen=True, slots=True)
+class Sessions:
+    """A worker's SMTP sessions: open now, and refused since it started (by reason)."""
+
+    open: int
+    refused: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthBegin:
+    """May ``client`` have a password checked now (request ``request``)?"""
+
+    request: int
+    client: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthAnswer:
+    """The spool's process's verdict on the AUTH of ``request``."""
+
+    request: int
+    verdict: AuthVerdict
+
+
+@dataclass(frozen=True, slots=True)
+class AuthEnd:
+    """An attempt of ``client``'s the spool's process allowed is done."""
+
+    client: str
+    failed: bool
+
+
+Frame = (
+    Hello
+    | StoreRequest
+    | Stored
+    | StoreFailed
+    | Ready
+    | Sessions
+    | AuthBegin
+    | AuthAnswer
+    | AuthEnd
+)
 
 
 def encode(frame: Frame) -> bytes:
@@ -130,6 +194,15 @@ def encode(frame: Frame) -> bytes:
         return b"R1" if frame.accepting else b"R0"
     if isinstance(frame, StoreFailed):
         return b"F" + _FAILED.pack(frame.request, frame.disk_full) + frame.reason.encode()
+    if isinstance(frame, Sessions):
+        return b"N" + json.dumps({"open": frame.open, "refused": frame.refused}).encode()
+    if isinstance(frame, AuthBegin):
+        return b"A" + _U32.pack(frame.request) + frame.client.encode()
+    if isinstance(frame, AuthAnswer):
+        v = frame.verdict
+        return b"V" + _VERDICT.pack(frame.request, v.allowed, v.failures, v.pending, v.window)
+    if isinstance(frame, AuthEnd):
+        return b"E" + (b"\x01" if frame.failed else b"\x00") + frame.client.encode()
     body = {
         "config_text": frame.config_text,
         "base_dir": frame.base_dir,
@@ -197,8 +270,21 @@ def decode(payload: bytes) -> Frame:
         if payload not in (b"R0", b"R1"):
             raise HandoffError("READY frame: not 0 or 1")
         return Ready(payload == b"R1")
+    if kind == b"N":
+        return _sessions(payload[1:])
     if kind == b"H":
         return _hello(payload[1:])
+    if kind == b"A":
+        if len(payload) < 1 + _U32.size:
+            raise HandoffError("AUTH frame too short")
+        (request,) = _U32.unpack_from(payload, 1)
+        return AuthBegin(request, _client(payload[1 + _U32.size :], "AUTH"))
+    if kind == b"V":
+        return _verdict(payload)
+    if kind == b"E":
+        if payload[1:2] not in (b"\x00", b"\x01"):
+            raise HandoffError("ENDED frame: failed flag is neither 0 nor 1")
+        return AuthEnd(_client(payload[2:], "ENDED"), payload[1:2] == b"\x01")
     raise HandoffError(f"unknown frame kind {kind!r}")
 
 
@@ -219,6 +305,46 @@ def _hello(body: bytes) -> Hello:
         raise HandoffError("HELLO frame: index and processes must be counts")
     assert isinstance(index, int) and isinstance(processes, int)
     return Hello(config_text, base_dir, tuple(channels), index, processes)
+
+
+def _client(data: bytes, name: str) -> str:
+    if not 0 < len(data) <= MAX_CLIENT:
+        raise HandoffError(f"{name} frame: the client's address must be 1-{MAX_CLIENT} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HandoffError(f"{name} frame: the client's address is not UTF-8") from None
+
+
+def _verdict(payload: bytes) -> AuthAnswer:
+    if len(payload) != 1 + _VERDICT.size:
+        raise HandoffError("VERDICT frame: wrong length")
+    request, allowed, failures, pending, window = _VERDICT.unpack_from(payload, 1)
+    if allowed > 1:
+        raise HandoffError("VERDICT frame: allowed flag is neither 0 nor 1")
+    if not (math.isfinite(window) and window > 0):
+        raise HandoffError("VERDICT frame: the window must be a positive number of seconds")
+    return AuthAnswer(request, AuthVerdict(bool(allowed), failures, pending, window))
+
+
+def _sessions(body: bytes) -> Sessions:
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise HandoffError(f"SESSIONS frame: not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise HandoffError("SESSIONS frame: not a JSON object")
+    open_, refused = data.get("open"), data.get("refused")
+    if not _number(open_) or not isinstance(refused, dict) or len(refused) > 16:
+        raise HandoffError("SESSIONS frame: open must be a count, refused an object")
+    if not all(isinstance(k, str) and len(k) <= 64 and _number(v) for k, v in refused.items()):
+        raise HandoffError("SESSIONS frame: refused must map reasons to counts")
+    assert isinstance(open_, int)
+    return Sessions(open_, dict(refused))
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
 def _count(value: object, least: int) -> bool:

@@ -17,6 +17,13 @@ socket (whole or not at all, never blocking: :meth:`StoreServer._send_early`).  
 send fails (the worker's queue is full, it is gone), the reactor sends those STOREDs on
 the link as before.  Refusals always go on the link.
 
+**Failed AUTH.**  This process holds the relay's one
+:class:`~relay.gateway.limits.AuthThrottle`; the worker asks it before each password
+check (``AUTH``, answered at once with a ``VERDICT``) and tells it the outcome
+(``ENDED``).  The attempts allowed on this link and not ended yet are kept per client:
+if the link drops first they are counted as failed, since a password may have been
+checked (:mod:`relay.handoff.remote_auth`).
+
 A malformed frame is a bug in one of the two processes, not hostile input (the socket
 is private): it is logged, counted in :attr:`StoreServer.rejected`, and the link is
 dropped, which ends the worker (its clients get no 250 for anything not yet stored, so
@@ -28,6 +35,7 @@ from __future__ import annotations
 import functools
 import socket
 import threading
+from collections import Counter
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
@@ -36,12 +44,17 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
 from relay.fastwrite import write_now
+from relay.gateway.limits import AuthThrottle
 from relay.gateway.protocol import disk_full, log_stored
 from relay.handoff.codec import (
     MAX_ACK_DATAGRAM,
+    AuthAnswer,
+    AuthBegin,
+    AuthEnd,
     HandoffError,
     Hello,
     Ready,
+    Sessions,
     Stored,
     StoreFailed,
     StoreRequest,
@@ -75,15 +88,21 @@ class StoreServer(Int32StringReceiver):
         queue: IQueue | None,
         max_length: int,
         acks: socket.socket | None = None,
+        *,
+        auth: AuthThrottle,
     ) -> None:
-        """``acks`` is this end of the worker's datagram socket for early answers."""
+        """``acks`` is this end of the worker's datagram socket for early answers;
+        ``auth`` the relay's failed-AUTH count, which this process's sessions share."""
         self.hello = hello
+        self.auth = auth
+        self.auth_in_progress: Counter[str] = Counter()  # allowed here, not ended yet
         self.queue = queue  # None until the spool is open: stores are then refused
         self.MAX_LENGTH = max_length
         self.stored = 0
         self.rejected = 0
         self.early = 0  # answers the spool's writer thread sent itself
         self.ready = False  # the worker says it takes new connections
+        self.sessions = Sessions(0, {})  # its last report of SMTP sessions (metrics)
         self.on_ready_change: Callable[[], object] | None = None
         self.lost = False
         self._acks = acks
@@ -105,8 +124,14 @@ class StoreServer(Int32StringReceiver):
                 if self.on_ready_change is not None:
                     self.on_ready_change()
                 return
+            if isinstance(frame, Sessions):
+                self.sessions = frame
+                return
+            if isinstance(frame, AuthBegin | AuthEnd):
+                self._auth(frame)
+                return
             if not isinstance(frame, StoreRequest):
-                raise HandoffError(f"a worker sends STORE or READY, not {type(frame).__name__}")
+                raise HandoffError(f"a worker does not send {type(frame).__name__}")
             envelope = decode_envelope(frame.envelope_json)
         except (HandoffError, PayloadError) as e:
             self._reject(str(e))
@@ -153,6 +178,22 @@ class StoreServer(Int32StringReceiver):
             self._answer(StoreFailed(frame.request, full, failure.getErrorMessage()))
 
         d.addCallbacks(stored, failed)
+
+    def _auth(self, frame: AuthBegin | AuthEnd) -> None:
+        """Answer whether a client may have a password checked; count what is done."""
+        client = frame.client
+        if isinstance(frame, AuthEnd):
+            if not self.auth_in_progress[client]:  # (reading a Counter adds no key)
+                raise HandoffError("ENDED for an AUTH attempt that was not allowed")
+            self.auth_in_progress[client] -= 1
+            if not self.auth_in_progress[client]:
+                del self.auth_in_progress[client]
+            self.auth.end(client, failed=frame.failed)
+            return
+        verdict = self.auth.ask(client)
+        if verdict.allowed:
+            self.auth_in_progress[client] += 1
+        self._answer(AuthAnswer(frame.request, verdict))
 
     def close_acks(self) -> None:
         """The worker is gone: no more early answers (the writer thread may still try)."""
@@ -204,13 +245,25 @@ class StoreServer(Int32StringReceiver):
         self._reject(f"a frame of {length} bytes (limit {self.MAX_LENGTH})")
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        """The worker is gone; answers still due are dropped (its clients retry)."""
+        """The worker is gone; answers still due are dropped (its clients retry), and
+        its AUTH attempts in progress count as failed (their passwords may be checked)."""
         self.lost = True
         self.ready = False
+        in_progress, self.auth_in_progress = self.auth_in_progress, Counter()
+        for client, count in in_progress.items():
+            _log.info(
+                "smtp worker {index}: link lost with {count} AUTH check(s) of {client} "
+                "in progress; counted as failed",
+                index=self.hello.index,
+                count=count,
+                client=client,
+            )
+            for _ in range(count):
+                self.auth.end(client, failed=True)
         if self.on_ready_change is not None:
             self.on_ready_change()
 
-    def _answer(self, frame: Stored | StoreFailed) -> None:
+    def _answer(self, frame: Stored | StoreFailed | AuthAnswer) -> None:
         if not self.lost:
             self.sendString(encode(frame))
 

@@ -7,7 +7,9 @@ so the gateway's promise (250 only for a message on disk) holds across the proce
 boundary.  ``FAILED`` becomes the error the gateway maps
 to 451, or an ``OSError(ENOSPC)`` for a full disk (452).  If the link drops, every store
 still waiting fails (the clients get 451 and send again) and ``on_lost`` ends the worker:
-a worker without its spool must not accept mail.
+a worker without its spool must not accept mail.  The same link carries the sessions'
+questions about failed AUTH (:attr:`StoreClient.auth`,
+:class:`~relay.handoff.remote_auth.RemoteAuthThrottle`).
 """
 
 from __future__ import annotations
@@ -29,9 +31,14 @@ from relay.fastwrite import write_now
 from relay.handoff.codec import (
     MAX_ACK_DATAGRAM,
     MAX_REQUEST,
+    AuthAnswer,
+    AuthBegin,
+    AuthEnd,
+    Frame,
     HandoffError,
     Hello,
     Ready,
+    Sessions,
     Stored,
     StoreFailed,
     StoreRequest,
@@ -40,6 +47,7 @@ from relay.handoff.codec import (
     framed,
     unframed,
 )
+from relay.handoff.remote_auth import RemoteAuthThrottle
 from relay.interfaces import IStore
 from relay.queue.payload import encode_envelope
 
@@ -71,6 +79,7 @@ class StoreClient(Int32StringReceiver):
         self._lost = False
         self._broken = False  # a malformed frame came: the link is being dropped
         self._drained: list[Deferred[None]] = []
+        self.auth = RemoteAuthThrottle(self._send_frame)  # the sessions' IAuthThrottle
 
     # --- IStore -------------------------------------------------------------------------
 
@@ -102,8 +111,18 @@ class StoreClient(Int32StringReceiver):
 
     def ready(self, accepting: bool = True) -> None:
         """Tell the spool's process whether this worker takes new connections."""
-        if not self._lost and self.transport is not None:
-            self.sendString(encode(Ready(accepting)))
+        self._send_frame(Ready(accepting))
+
+    def sessions(self, open_sessions: int, refused: dict[str, int]) -> None:
+        """Tell the spool's process how many sessions are open and how many were refused."""
+        self._send_frame(Sessions(open_sessions, refused))
+
+    def _send_frame(self, frame: Frame) -> bool:
+        """Send ``frame`` if there is a link to send it on; say whether there was."""
+        if self._lost or self.transport is None:
+            return False
+        self.sendString(encode(frame))
+        return True
 
     def datagramReceived(self, datagram: bytes) -> None:
         """Early answers, sent by the spool's writer thread (see :class:`AckReader`)."""
@@ -127,8 +146,11 @@ class StoreClient(Int32StringReceiver):
                 self._hello = frame
                 self._on_hello(frame)
                 return
-            if isinstance(frame, StoreRequest | Ready):
+            if isinstance(frame, StoreRequest | Ready | Sessions | AuthBegin | AuthEnd):
                 raise HandoffError(f"the spool's side sent a {type(frame).__name__}")
+            if isinstance(frame, AuthAnswer):
+                self.auth.answered(frame)
+                return
             d = self._pending.pop(frame.request, None)
             if d is None:
                 raise HandoffError(f"an answer to request {frame.request}, which is not waiting")
@@ -159,6 +181,7 @@ class StoreClient(Int32StringReceiver):
         pending, self._pending = self._pending, {}
         for d in pending.values():
             d.errback(HandoffError("the link to the spool's process went away"))
+        self.auth.link_lost()
         self._check_drained()
         why = reason.getErrorMessage() if reason is not None else "closed"
         self._on_lost(why)

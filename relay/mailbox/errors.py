@@ -26,6 +26,7 @@ import errno
 import os
 
 from relay.errors import RelayError
+from relay.oneline import escape
 from relay.reply import Reply, ReplyCode
 
 __all__ = ["DeliveryError", "Step", "describe_path", "reply_for_oserror"]
@@ -86,6 +87,4 @@ def reply_for_oserror(error: OSError, step: Step, path: object) -> Reply:
 def describe_path(path: object) -> str:
     """``path`` as it may appear in a one-line reply: control characters escaped."""
     text = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)
-    if text.isprintable():
-        return text
-    return repr(text)[1:-1]
+    return escape(text)

@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.mailbox.identity import Identity
+from relay.oneline import one_line
 from relay.reply import Reply, ReplyCode
 
 __all__ = ["CommandOutcome", "reply_for_outcome", "run_command"]
@@ -92,10 +93,8 @@ def reply_for_outcome(command: str, outcome: CommandOutcome) -> Reply:
 
 
 def _one_line(data: bytes, limit: int = 200) -> str:
-    """Bytes as one printable line: control characters become spaces, runs collapse."""
-    text = data.decode("utf-8", "replace")
-    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """A command's bytes as one printable line (see :func:`relay.oneline.one_line`)."""
+    return one_line(data.decode("utf-8", "replace"), limit)
 
 
 @implementer(IPushProducer)

@@ -2,14 +2,15 @@
 
 One job per module (the design is in ``docs/spool.md``):
 
-``record``    framing of the log: header, checksums, decoding that never raises
+``record``    framing of the log: keyed headers, checksums, decoding that never raises
+``key``       the spool's secret header key (``<spool>/key``) and the upgrade of old spools
 ``payload``   what MESSAGE, STATUS and DONE records say
 ``queueid``   unique, arrival-sortable, file-name-safe ids
 ``layout``    the paths under the spool directory; durable-file helpers
 ``segment``   the active segment: append + fdatasync, rotate, delete (blocking)
 ``writer``    group commit: the thread that shares each fdatasync among writers
 ``state``     the replayed log in memory, and what a segment deletion must copy
-``recovery``  start-up replay: torn tails cut, damage quarantined
+``recovery``  start-up replay: torn tails cut, damage quarantined, resynchronised past
 ``index``     which recipients are due, per destination, with one timer
 ``reader``    ``IMessage`` / ``ITextReader`` over a text in a segment
 ``store``     ``SpoolQueue``, the ``IQueue``

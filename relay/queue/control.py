@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -42,9 +43,16 @@ from relay.queue.protocol import (
 )
 from relay.queue.state import NoSuchMessage
 from relay.queue.store import SpoolQueue
-from relay.queue.view import HEADER_READ_LIMIT, details, summary
+from relay.queue.view import HEADER_READ_LIMIT, details, queue_status, summary
 
-__all__ = ["ControlFactory", "ControlProtocol", "Flusher", "execute", "listen_control"]
+__all__ = [
+    "ControlFactory",
+    "ControlProtocol",
+    "Flusher",
+    "Reporter",
+    "execute",
+    "listen_control",
+]
 
 Flusher = Callable[[list[str] | None, str | None], Deferred[int]]
 """Makes deferred mail due now: ``(queue ids or None for all, channel or None) -> count``.
@@ -53,16 +61,26 @@ The daemon passes the deliverer's flush, which also revives resting destinations
 operator flushes because the destination is back); without one, the queue's own flush.
 """
 
+Reporter = Callable[[], dict[str, Any]]
+"""The daemon's part of ``relay status`` (:meth:`relay.report.DaemonReport.report`)."""
+
 _log = Logger()
 
 
 async def execute(
-    queue: SpoolQueue, request: Request, flusher: Flusher | None = None
+    queue: SpoolQueue,
+    request: Request,
+    flusher: Flusher | None = None,
+    reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Carry out one request on the daemon's queue; the response object."""
     flush: Flusher = flusher if flusher is not None else queue.flush
     if request.op == "list":
         return {"ok": True, "messages": [summary(e) for e in queue.entries()]}
+    if request.op == "status":
+        daemon = reporter() if reporter is not None else {"running": True}
+        status = {"daemon": daemon, "queue": queue_status(queue.entries(), time.time())}
+        return {"ok": True, "status": status}
     ids = request.ids
     if request.op == "show":
         assert ids is not None
@@ -117,9 +135,12 @@ class ControlProtocol(LineOnlyReceiver):
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
 
-    def __init__(self, queue: SpoolQueue, flusher: Flusher | None = None) -> None:
+    def __init__(
+        self, queue: SpoolQueue, flusher: Flusher | None = None, reporter: Reporter | None = None
+    ) -> None:
         self._queue = queue
         self._flusher = flusher
+        self._reporter = reporter
         self._previous: Deferred[None] = defer.succeed(None)
 
     def lineReceived(self, line: bytes) -> None:
@@ -137,7 +158,7 @@ class ControlProtocol(LineOnlyReceiver):
         except ProtocolError as e:
             self._send(error_response(str(e), "bad-request"))
             return defer.succeed(None)
-        d = ensureDeferred(execute(self._queue, request, self._flusher))
+        d = ensureDeferred(execute(self._queue, request, self._flusher, self._reporter))
         d.addErrback(self._failed, request)
         return d.addCallback(self._send)
 
@@ -153,19 +174,25 @@ class ControlProtocol(LineOnlyReceiver):
 class ControlFactory(Factory):
     """Makes a :class:`ControlProtocol` per connection, all on one queue."""
 
-    def __init__(self, queue: SpoolQueue, flusher: Flusher | None = None) -> None:
+    def __init__(
+        self, queue: SpoolQueue, flusher: Flusher | None = None, reporter: Reporter | None = None
+    ) -> None:
         self.queue = queue
         self.flusher = flusher
+        self.reporter = reporter
 
     def buildProtocol(self, addr: object) -> ControlProtocol:
         """A protocol bound to the queue."""
-        protocol = ControlProtocol(self.queue, self.flusher)
+        protocol = ControlProtocol(self.queue, self.flusher, self.reporter)
         protocol.factory = self
         return protocol
 
 
 def listen_control(
-    queue: SpoolQueue, reactor: IReactorUNIX, flusher: Flusher | None = None
+    queue: SpoolQueue,
+    reactor: IReactorUNIX,
+    flusher: Flusher | None = None,
+    reporter: Reporter | None = None,
 ) -> Deferred[IListeningPort]:
     """Serve the control socket of ``queue``'s spool (the caller holds the spool's lock).
 
@@ -182,7 +209,7 @@ def listen_control(
     async def listen() -> IListeningPort:
         await deferToThreadPool(threads, threads.getThreadPool(), unlink_stale)
         port: IListeningPort = reactor.listenUNIX(
-            str(path), ControlFactory(queue, flusher), mode=0o600
+            str(path), ControlFactory(queue, flusher, reporter), mode=0o600
         )
         return port
 

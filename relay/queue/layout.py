@@ -4,6 +4,7 @@
 
     <spool>/lock                  flock()ed by whoever owns the spool (daemon or command)
     <spool>/control               the daemon's UNIX control socket (mode 0600)
+    <spool>/key                   the secret that keys record headers (relay.queue.key)
     <spool>/log/0000000001.seg    the append-only log, in numbered segments
     <spool>/quarantine/           damaged bytes set aside by recovery, one file each
 
@@ -49,6 +50,11 @@ class SpoolLayout:
         return self.root / "lock"
 
     @property
+    def key_path(self) -> Path:
+        """The spool's header key: created with the spool, never replaced."""
+        return self.root / "key"
+
+    @property
     def control_path(self) -> Path:
         """The daemon's control socket."""
         return self.root / "control"
@@ -77,7 +83,7 @@ class SpoolLayout:
     def temp_files(self) -> list[Path]:
         """Leftover temporary files of an interrupted write."""
         found: list[Path] = []
-        for directory in (self.log_dir, self.quarantine_dir):
+        for directory in (self.root, self.log_dir, self.quarantine_dir):
             if directory.is_dir():
                 found.extend(p for p in directory.iterdir() if p.name.endswith(TEMP_SUFFIX))
         return sorted(found)

@@ -22,11 +22,11 @@ from relay.queue.layout import SpoolLayout
 from relay.queue.ops import flush_changes, hold_changes, release_changes
 from relay.queue.payload import DoneReason, encode_done, encode_status
 from relay.queue.protocol import Request, error_response, failed_result, reason_of, result
-from relay.queue.record import RecordType, encode_parts
+from relay.queue.record import RecordType, checksum
 from relay.queue.recovery import recover
-from relay.queue.segment import DEFAULT_SEGMENT_LIMIT, SegmentLog
+from relay.queue.segment import DEFAULT_SEGMENT_LIMIT, SegmentLog, Unframed
 from relay.queue.state import MessageEntry, NoSuchMessage, merge_statuses
-from relay.queue.view import HEADER_READ_LIMIT, details, summary
+from relay.queue.view import HEADER_READ_LIMIT, details, queue_status, summary
 
 __all__ = ["OfflineSpool"]
 
@@ -63,6 +63,9 @@ class OfflineSpool:
         if request.op == "list":
             entries = [self._state.messages[q] for q in sorted(self._state.messages)]
             return {"ok": True, "messages": [summary(e) for e in entries]}
+        if request.op == "status":
+            queue = queue_status(self._state.messages.values(), self._now())
+            return {"ok": True, "status": {"daemon": {"running": False}, "queue": queue}}
         ids = request.ids
         if request.op == "show":
             assert ids is not None
@@ -124,12 +127,10 @@ class OfflineSpool:
         """Write one record durably; the segment it went to.  Raises SpoolError."""
         try:
             if self._log is None:
-                recovered = self._recovered
-                self._log = SegmentLog(
-                    self._layout, recovered.last_segment or 1, recovered.end_offset, self._limit
-                )
-            buffers, _ = encode_parts(record_type, [payload])
-            [(segment, _)] = self._log.append([buffers])
+                key, segment, offset = self._recovered.append_at()
+                self._log = SegmentLog(self._layout, key, segment, offset, self._limit)
+            length, crc = checksum([payload])
+            [(segment, _)] = self._log.append([Unframed(record_type, [payload], length, crc)])
         except OSError as e:
             raise SpoolError(f"spool write failed: {e.strerror or e}") from e
         return segment

@@ -3,6 +3,7 @@
 One request per line, one response per line, UTF-8 JSON objects::
 
     {"op": "list"}                                  -> {"ok": true, "messages": [...]}
+    {"op": "status"}                                -> {"ok": true, "status": {...}}
     {"op": "show", "id": "0615E2A4C1B3F0"}          -> {"ok": true, "message": {...}}
     {"op": "rm" | "hold" | "release", "ids": [...]} -> {"ok": true, "results": [...]}
     {"op": "flush", "ids": [...] | null, "channel": "smtp" | null}
@@ -13,7 +14,10 @@ Each result is ``{"id": ..., "ok": true, "changed": n}`` or ``{"id": ..., "ok": 
 "error": "...", "reason": ...}``; a request that cannot be carried out at all gets
 ``{"ok": false, "error": "...", "reason": ...}``.  ``reason`` is one of :data:`REASONS`,
 so the command can choose its exit code without reading the text.  The messages are
-:func:`relay.queue.view.summary` objects.
+:func:`relay.queue.view.summary` objects; a status is ``{"daemon": {...}, "queue":
+{...}}``: the queue part from :func:`relay.queue.view.queue_status`, the daemon part
+from the running relay (:mod:`relay.report`), or ``{"running": false}`` when a command
+read the spool itself.
 
 The daemon's socket server and the command's direct path both parse requests here, so
 the two accept exactly the same things.
@@ -32,6 +36,7 @@ from relay.queue.state import NoSuchMessage
 __all__ = [
     "MAX_LINE",
     "OPS",
+    "READ_ONLY_OPS",
     "REASONS",
     "ProtocolError",
     "Request",
@@ -45,7 +50,8 @@ __all__ = [
 ]
 
 MAX_LINE = 4 * 1024 * 1024  # a request or response line; ``list`` of a big queue is long
-OPS = ("list", "show", "rm", "hold", "release", "flush")
+OPS = ("list", "show", "rm", "hold", "release", "flush", "status")
+READ_ONLY_OPS = ("list", "show", "status")
 REASONS = ("not-found", "spool", "bad-request", "failed")
 
 
@@ -66,7 +72,7 @@ class Request:
         out: dict[str, Any] = {"op": self.op}
         if self.op == "show":
             out["id"] = self.ids[0] if self.ids else None
-        elif self.op != "list":
+        elif self.op not in ("list", "status"):
             out["ids"] = None if self.ids is None else list(self.ids)
         if self.op == "flush":
             out["channel"] = self.channel
@@ -80,8 +86,8 @@ def parse_request(data: object) -> Request:
     op = data.get("op")
     if op not in OPS:
         raise ProtocolError(f"unknown op {op!r}")
-    if op == "list":
-        return Request("list")
+    if op in ("list", "status"):
+        return Request(op)
     if op == "show":
         return Request("show", (_queue_id(data.get("id")),))
     raw_ids = data.get("ids")

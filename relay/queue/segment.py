@@ -10,6 +10,9 @@ appending after bytes of unknown state could hide them inside a record.
 
 A new segment is created, fsynced and its directory fsynced before the first record
 goes into it, so a record is never durable in a file whose name is not.
+
+Headers are made here, not by the callers, because a header's tag covers the segment
+and offset the record lands at (:mod:`relay.queue.record`), which only the log knows.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ import contextlib
 import errno
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from twisted.logger import Logger
 
 from relay.fileio import fsync_directory
+from relay.queue.key import SpoolKey
 from relay.queue.layout import SpoolLayout
 
-__all__ = ["DEFAULT_SEGMENT_LIMIT", "LogBroken", "SegmentLog"]
+__all__ = ["DEFAULT_SEGMENT_LIMIT", "LogBroken", "SegmentLog", "Unframed"]
 
 DEFAULT_SEGMENT_LIMIT = 64 * 1024 * 1024
 _IOV_MAX = 1024
@@ -34,6 +39,16 @@ Buffer = bytes | bytearray | memoryview
 _log = Logger()
 
 
+@dataclass(frozen=True, slots=True)
+class Unframed:
+    """A record to append: its type, its payload as buffers, and the payload's checksum."""
+
+    record_type: int
+    parts: Sequence[Buffer]
+    length: int
+    crc: int
+
+
 class LogBroken(OSError):
     """An earlier failure left the log in a state it cannot append after safely."""
 
@@ -41,12 +56,18 @@ class LogBroken(OSError):
 class SegmentLog:
     """Appends to the newest segment of a spool's log; rotates it at ``limit`` octets."""
 
-    def __init__(self, layout: SpoolLayout, segment: int, offset: int, limit: int) -> None:
+    def __init__(
+        self, layout: SpoolLayout, key: SpoolKey, segment: int, offset: int, limit: int
+    ) -> None:
         """Open segment ``segment`` to append at ``offset`` (creating it if it is new).
 
         ``offset`` is the end of the last sound record: recovery truncated anything after.
+        A segment older than ``key`` (legacy format) is never appended to.
         """
+        if segment < key.keyed_from:
+            raise ValueError(f"segment {segment} predates the spool key: it is never appended to")
         self._layout = layout
+        self._key = key
         self._limit = limit
         self._broken: str | None = None
         self.segment = segment
@@ -57,8 +78,8 @@ class SegmentLog:
         else:
             self._fd = self._create(segment)
 
-    def append(self, records: Sequence[Sequence[Buffer]]) -> list[tuple[int, int]]:
-        """Write ``records`` (each a list of buffers) and fdatasync once.
+    def append(self, records: Sequence[Unframed]) -> list[tuple[int, int]]:
+        """Frame ``records``, write them and fdatasync once.
 
         Returns (segment, offset) of each record.  On failure the segment is truncated
         back and the OSError raised; nothing of the batch stays.
@@ -71,12 +92,13 @@ class SegmentLog:
         positions: list[tuple[int, int]] = []
         buffers: list[Buffer] = []
         at = start
-        for parts in records:
+        framing = self._key.framing(self.segment)
+        for record in records:
             positions.append((self.segment, at))
-            for part in parts:
-                if len(part):
-                    buffers.append(part)
-                    at += len(part)
+            head = framing.header(record.record_type, record.length, record.crc, at)
+            buffers.append(head)
+            buffers.extend(part for part in record.parts if len(part))
+            at += len(head) + record.length
         try:
             _pwrite_all(self._fd, buffers, start)
             os.fdatasync(self._fd)

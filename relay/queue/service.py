@@ -3,7 +3,9 @@
 ``relay.tap`` adds one :class:`SpoolService` to the service tree; the gateway and the
 deliverer wait on :meth:`SpoolService.when_ready` for the queue.  Opening runs recovery
 in a thread, so a large spool does not freeze the reactor while it loads; stopping
-finishes the writes already queued before the lock is given up.
+finishes the writes already queued before the lock is given up.  The queue closes only
+when this service stops (not by itself when the reactor begins to shut down), so the
+services stopped before it can still record what they did.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relay.queue.control import Flusher, listen_control
+from relay.errors import SpoolError
+from relay.queue.control import Flusher, Reporter, listen_control
 from relay.queue.segment import DEFAULT_SEGMENT_LIMIT
 from relay.queue.store import SpoolQueue
 
@@ -49,6 +52,7 @@ class SpoolService(Service):
         self._failure: Failure | None = None
         self._starting: Deferred[None] | None = None
         self.flusher: Flusher | None = None
+        self.reporter: Reporter | None = None  # the daemon's part of ``relay status``
 
     def when_ready(self) -> Deferred[SpoolQueue]:
         """Fire with the open queue (at once if it is open), or fail if it cannot open."""
@@ -71,6 +75,10 @@ class SpoolService(Service):
         assert self.queue is not None
         return self.queue.flush(queue_ids, channel)
 
+    def _report(self) -> dict[str, Any]:
+        """``relay status`` from the control socket: what :attr:`reporter` says."""
+        return self.reporter() if self.reporter is not None else {"running": True}
+
     def startService(self) -> None:
         """Open the spool and serve the control socket."""
         super().startService()  # type: ignore[no-untyped-call]
@@ -83,12 +91,18 @@ class SpoolService(Service):
                 self._reactor,
                 self._clock,
                 segment_limit=self._segment_limit,
+                close_at_shutdown=False,  # stopService closes it, after the deliverer
             )
             self.queue = queue
-            self._port = await listen_control(queue, self._reactor, self._flush)
+            self._port = await listen_control(queue, self._reactor, self._flush, self._report)
         except Exception as e:
             self._failure = failure = Failure(e)  # type: ignore[no-untyped-call]
-            _log.failure("spool: cannot open {path}", failure, path=str(self.spool_dir))
+            if isinstance(e, SpoolError):  # a reason meant for the operator: one line
+                _log.critical(
+                    "spool: cannot open {path}: {reason}", path=str(self.spool_dir), reason=str(e)
+                )
+            else:
+                _log.failure("spool: cannot open {path}", failure, path=str(self.spool_dir))
             waiting, self._waiting = self._waiting, []
             for d in waiting:
                 d.errback(failure)

@@ -45,6 +45,7 @@ from zope.interface import implementer
 from relay.envelope import Destination, Envelope, RecipientStatus
 from relay.errors import SpoolError
 from relay.interfaces import IMessage, IQueue
+from relay.metrics.series import received
 from relay.queue.index import DueIndex
 from relay.queue.layout import SpoolLayout
 from relay.queue.lock import SpoolLock, SpoolLocked
@@ -136,12 +137,19 @@ class SpoolQueue:
         segment_limit: int = DEFAULT_SEGMENT_LIMIT,
         lock_timeout: float = 10.0,
         fresh_text_budget: int = FRESH_TEXT_BUDGET,
+        close_at_shutdown: bool = True,
     ) -> Deferred[SpoolQueue]:
         """Take the spool's lock, recover it in a thread, and fire with the open queue.
 
+        The queue closes itself when the reactor begins to shut down, unless
+        ``close_at_shutdown`` is False: then its owner closes it, in its turn (the spool
+        service, after the deliverer has recorded what it delivered).
+
         Fails with :class:`~relay.queue.lock.SpoolLocked` if another process keeps the
         lock for ``lock_timeout`` seconds, or SpoolError/OSError if the spool cannot be
-        used at all.  Damage found in the log never fails it (see recovery).
+        used at all.  Damage found in the log never fails it (see recovery) unless its
+        bytes cannot be set aside in ``quarantine/``, or the spool's key is missing: then
+        it fails with a SpoolError whose message is one line for the operator.
         """
         layout = SpoolLayout(Path(spool_dir))
         the_clock = clock if clock is not None else cast(IReactorTime, reactor)
@@ -157,7 +165,7 @@ class SpoolQueue:
                 the_clock,
                 fresh_text_budget=fresh_text_budget,
             )
-            core = IReactorCore(reactor, None)
+            core = IReactorCore(reactor, None) if close_at_shutdown else None
             if core is not None:  # finish queued writes even if nobody calls close()
 
                 def at_shutdown() -> Deferred[None]:
@@ -235,11 +243,16 @@ class SpoolQueue:
                 self._fresh_bytes += len(text)
             if self._reindex(entry):
                 self._notify()
+            received(envelope.submitter.protocol, "accepted").inc()
             return queue_id
+
+        def failed(failure: Failure) -> Failure:
+            received(envelope.submitter.protocol, "failed").inc()
+            return failure
 
         hook = None if on_durable is None else functools.partial(on_durable, queue_id)
         appended = self._writer.append(RecordType.MESSAGE, [prefix, text], on_durable=hook)
-        return appended.addCallback(stored)
+        return appended.addCallbacks(stored, failed)
 
     def load(self, queue_id: str) -> Deferred[tuple[Envelope, Sequence[RecipientStatus]]]:
         """Fire with a message's envelope and its recipients' states (not its text)."""
@@ -588,7 +601,8 @@ def _prepare(
             time.sleep(0.05)
     try:
         recovered = recover(layout, repair=True)
-        log = SegmentLog(layout, recovered.last_segment or 1, recovered.end_offset, segment_limit)
+        key, segment, offset = recovered.append_at()
+        log = SegmentLog(layout, key, segment, offset, segment_limit)
     except BaseException:
         lock.release()
         raise

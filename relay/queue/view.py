@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from relay.envelope import reply_to_dict
+from relay.envelope import RecipientState, reply_to_dict
 from relay.queue.state import MessageEntry
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "format_details",
     "format_listing",
     "headers_of",
+    "queue_status",
     "summary",
 ]
 
@@ -53,6 +55,46 @@ def summary(entry: MessageEntry) -> dict[str, Any]:
         "arrival": entry.envelope.arrival,
         "sender": entry.envelope.sender_text,
         "recipients": recipients,
+    }
+
+
+def queue_status(entries: Iterable[MessageEntry], now: float) -> dict[str, Any]:
+    """The queue part of ``relay status``: sizes by state and channel, the oldest message.
+
+    ``recipients`` counts every recipient of a queued message by state (a message stays
+    queued until all of its recipients are final, so delivered and failed ones show up
+    beside those still waiting); ``channels`` splits the same counts by channel
+    (``unrouted`` for recipients the deliverer has not routed yet).
+    """
+    messages = 0
+    octets = 0
+    by_state: Counter[str] = Counter()
+    by_channel: dict[str, Counter[str]] = {}
+    oldest: MessageEntry | None = None
+    for entry in entries:
+        messages += 1
+        octets += entry.size
+        if oldest is None or entry.envelope.arrival < oldest.envelope.arrival:
+            oldest = entry
+        for recipient, status in zip(entry.envelope.recipients, entry.statuses, strict=True):
+            state = status.state.value
+            by_state[state] += 1
+            channel = "unrouted" if recipient.destination is None else recipient.destination.channel
+            by_channel.setdefault(channel, Counter())[state] += 1
+    return {
+        "messages": messages,
+        "octets": octets,
+        "recipients": {state.value: by_state[state.value] for state in RecipientState},
+        "channels": {
+            channel: dict(sorted(counts.items())) for channel, counts in sorted(by_channel.items())
+        },
+        "oldest": None
+        if oldest is None
+        else {
+            "id": oldest.queue_id,
+            "arrival": oldest.envelope.arrival,
+            "age": max(0.0, now - oldest.envelope.arrival),
+        },
     }
 
 

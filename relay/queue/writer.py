@@ -53,8 +53,9 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
 from relay.errors import SpoolError
-from relay.queue.record import Buffer, RecordType, encode_parts
-from relay.queue.segment import SegmentLog
+from relay.metrics.series import BATCH_RECORDS, SPOOL_SYNC
+from relay.queue.record import Buffer, RecordType, checksum
+from relay.queue.segment import SegmentLog, Unframed
 
 __all__ = ["COMMIT_DELAY", "GroupCommitWriter", "Written"]
 
@@ -264,21 +265,24 @@ class GroupCommitWriter:
     def _write(self, run: list[_Append]) -> list[_Result]:
         """Frame, write and sync ``run``; raises OSError (with nothing left written)."""
         results: list[_Result] = []
-        framed: list[list[Buffer]] = []
+        unframed: list[Unframed] = []
         accepted: list[tuple[_Append, int]] = []
         for request in run:
             try:
-                buffers, crc = encode_parts(request.record_type, request.parts)
+                length, crc = checksum(request.parts)
             except ValueError as e:  # e.g. a payload over the format's limit
                 results.append((request.deferred, SpoolError(f"cannot store: {e}")))
                 continue
-            framed.append(buffers)
+            unframed.append(Unframed(request.record_type, request.parts, length, crc))
             accepted.append((request, crc))
-        if not framed:
+        if not unframed:
             return results
-        positions = self._log.append(framed)
+        started = _now()
+        positions = self._log.append(unframed)
+        SPOOL_SYNC.observe(_now() - started)
+        BATCH_RECORDS.observe(len(unframed))
         self.batches += 1
-        self.records += len(framed)
+        self.records += len(unframed)
         finishers: list[Callable[[], object]] = []
         for request, _ in accepted:
             if request.on_durable is not None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -12,6 +16,9 @@ from twisted.internet.interfaces import IReactorTime
 from relay.address import parse_forward_path, parse_reverse_path
 from relay.envelope import BodyType, Destination, Envelope, Recipient, Submitter
 from relay.interfaces import IMessage
+from relay.queue.key import load_key, segment_framing
+from relay.queue.layout import SpoolLayout
+from relay.queue.record import ScanResult, scan
 from relay.queue.store import SpoolQueue
 
 SMTP_DEST = Destination("smtp", "dest.test")
@@ -66,3 +73,30 @@ def open_queue(
     """Open (and recover) the spool at ``path`` on the global reactor."""
     extra = {} if fresh_text_budget is None else {"fresh_text_budget": fresh_text_budget}
     return SpoolQueue.open(path, reactor, clock, segment_limit=segment_limit, **extra)  # type: ignore[arg-type]
+
+
+def scan_segment(root: Path, number: int) -> ScanResult:
+    """The records of segment ``number`` of the spool at ``root``, read with its key."""
+    layout = SpoolLayout(root)
+    framing = segment_framing(load_key(layout), number)
+    return scan(layout.segment_path(number).read_bytes(), framing)
+
+
+@contextmanager
+def mounted_tmpfs(directory: Path, options: str, purpose: str) -> Iterator[None]:
+    """A tmpfs mounted on ``directory`` for the block; the test fails if it cannot be."""
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.fail(
+            f"{purpose} needs a tmpfs mounted (run as root, with mount permitted): "
+            f"mount said: {done.stderr.strip() or done.returncode}"
+        )
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)

@@ -34,9 +34,10 @@ from pathlib import Path
 import pytest
 
 from relay.queue.layout import SpoolLayout
-from relay.queue.record import scan
 from relay.queue.recovery import recover
 from relay.queue.state import MessageEntry
+
+from queue_helpers import scan_segment
 
 CHILD = Path(__file__).with_name("crash_child.py")
 ROUNDS = 20
@@ -187,7 +188,7 @@ def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Path) -> None:
     assert stored > 200 and acked_updates > 100, (stored, acked_updates)
     _check(layout, history, repair=True)
     for number in layout.segment_numbers():
-        result = scan(layout.segment_path(number).read_bytes())
+        result = scan_segment(spool, number)
         assert result.stop is None and not result.damaged, (number, result.stop)
     assert layout.temp_files() == []
     assert not any(layout.quarantine_dir.iterdir())

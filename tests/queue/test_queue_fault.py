@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,10 +14,9 @@ from twisted.python.failure import Failure
 
 from relay.errors import SpoolError
 from relay.queue.layout import SpoolLayout
-from relay.queue.record import scan
 from relay.queue.store import SpoolQueue
 
-from queue_helpers import make_envelope, open_queue, read_all
+from queue_helpers import make_envelope, mounted_tmpfs, open_queue, read_all, scan_segment
 
 
 @pytest.fixture
@@ -26,21 +24,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 256 KiB tmpfs mounted for the test (we run as root); the test fails if it cannot be."""
     mount_point = tmp_path / "small"
     mount_point.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.fail(
-            "the disk-full test needs to mount a small tmpfs (run as root, with mount "
-            f"permitted): mount said: {done.stderr.strip() or done.returncode}"
-        )
-    try:
+    with mounted_tmpfs(mount_point, "size=256k,mode=0700", "the disk-full test"):
         yield mount_point / "spool"
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 async def _fill(queue: SpoolQueue, size: int) -> tuple[dict[str, bytes], Failure]:
@@ -58,7 +43,7 @@ async def _fill(queue: SpoolQueue, size: int) -> tuple[dict[str, bytes], Failure
 
 def _sound(root: Path) -> None:
     for number in SpoolLayout(root).segment_numbers():
-        result = scan(SpoolLayout(root).segment_path(number).read_bytes())
+        result = scan_segment(root, number)
         assert result.stop is None and not result.damaged, f"segment {number}: {result.stop}"
 
 

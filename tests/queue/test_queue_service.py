@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from zope.interface import directlyProvides, providedBy
 
 from relay.queue.layout import SpoolLayout
 from relay.queue.lock import SpoolLock, SpoolLocked
 from relay.queue.service import SpoolService
+from relay.queue.store import SpoolQueue
 
 from queue_helpers import make_envelope
 
@@ -53,3 +56,41 @@ async def test_a_spool_that_cannot_be_opened_fails_when_ready(tmp_path: Path) ->
     with pytest.raises(OSError):
         await waiting
     await service.stopService()
+
+
+class _TriggerLog:
+    """The running reactor, except that shutdown triggers are written down, not added."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.triggers: list[tuple[str, str]] = []
+        directlyProvides(self, *providedBy(real))
+
+    def addSystemEventTrigger(self, phase: str, event: str, call: Any, *args: Any) -> object:
+        self.triggers.append((phase, event))
+        return len(self.triggers)
+
+    def removeSystemEventTrigger(self, trigger: object) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_service_closes_the_queue_in_its_turn_not_at_reactor_shutdown(
+    tmp_path: Path,
+) -> None:
+    """A queue opened by the service leaves closing to it (after the deliverer has stopped)."""
+    alone = _TriggerLog(reactor)
+    queue = await SpoolQueue.open(tmp_path / "alone", alone)
+    await queue.close()
+    assert alone.triggers == [("before", "shutdown")]  # nobody else would close it
+    owned = _TriggerLog(reactor)
+    service = SpoolService(tmp_path / "owned", owned)
+    service.startService()
+    try:
+        await service.when_ready()
+        assert owned.triggers == []
+    finally:
+        await service.stopService()

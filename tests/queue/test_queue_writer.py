@@ -13,6 +13,7 @@ from twisted.logger import LogEvent, globalLogPublisher
 
 from relay.errors import SpoolError
 from relay.queue import writer as writer_module
+from relay.queue.key import open_key
 from relay.queue.layout import SpoolLayout
 from relay.queue.record import RecordType
 from relay.queue.segment import DEFAULT_SEGMENT_LIMIT, SegmentLog
@@ -22,7 +23,7 @@ from relay.queue.writer import GroupCommitWriter, Written
 def _writer(tmp_path: Path, max_batch_bytes: int) -> GroupCommitWriter:
     layout = SpoolLayout(tmp_path)
     layout.make_dirs()
-    log = SegmentLog(layout, 1, 0, DEFAULT_SEGMENT_LIMIT)
+    log = SegmentLog(layout, open_key(layout), 1, 0, DEFAULT_SEGMENT_LIMIT)
     return GroupCommitWriter(log, reactor, max_batch_bytes=max_batch_bytes, commit_delay=0)  # type: ignore[arg-type]
 
 
@@ -84,7 +85,7 @@ async def test_writers_arriving_together_get_a_moment_to_share_a_sync(
     after a quiet spell, never waits."""
     layout = SpoolLayout(tmp_path)
     layout.make_dirs()
-    log = SegmentLog(layout, 1, 0, DEFAULT_SEGMENT_LIMIT)
+    log = SegmentLog(layout, open_key(layout), 1, 0, DEFAULT_SEGMENT_LIMIT)
     # The default delay is the module's COMMIT_DELAY when the writer is made (a bench sets it).
     monkeypatch.setattr(writer_module, "COMMIT_DELAY", 30.0)
     writer = GroupCommitWriter(log, reactor)  # type: ignore[arg-type]

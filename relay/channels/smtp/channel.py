@@ -54,6 +54,7 @@ from relay.interfaces import IChannel, IChannelSession, SequencingMode
 from relay.policy.routing import NoRoute, Router
 from relay.reply import Reply, ReplyCode
 from relay.sansio.smtp.client import Rset
+from relay.sansio.smtp.wire import MAX_TEXT_LINE
 
 __all__ = ["SmtpChannel", "build_smtp_channel", "timeouts_from"]
 
@@ -77,7 +78,8 @@ class SmtpChannel:
     (25; tests point it at their own servers); ``ca_file`` replaces the system trust
     store for ``tls = "required"`` routes; ``route`` gives an address's destination (the
     configuration's router; without one, a recipient the queue has not routed yet counts
-    as travelling in every transaction of its message).
+    as travelling in every transaction of its message); text lines longer than
+    ``line_length_limit`` octets are broken with ``CRLF SP`` as Postfix does (0: never).
     """
 
     name = "smtp"
@@ -96,6 +98,7 @@ class SmtpChannel:
         timeouts: Timeouts | None = None,
         max_messages: int = DEFAULT_MAX_MESSAGES,
         route: Callable[[Address], Destination] | None = None,
+        line_length_limit: int = MAX_TEXT_LINE,
     ) -> None:
         if max_messages < 1:
             raise ValueError("max_messages must be at least 1")
@@ -106,7 +109,12 @@ class SmtpChannel:
         self._policies = policies or RoutePolicies()
         self._port = port
         self._connector = Connector(
-            reactor, mx, helo_name=helo_name, timeouts=self.timeouts, tls=TlsContexts(ca_file)
+            reactor,
+            mx,
+            helo_name=helo_name,
+            timeouts=self.timeouts,
+            tls=TlsContexts(ca_file),
+            line_length_limit=line_length_limit,
         )
         self._idle: dict[str, list[_Idle]] = {}
         self.connections_opened = 0
@@ -254,11 +262,12 @@ def build_smtp_channel(
 
     EHLO uses ``[relay] hostname`` (also the name MX loops are detected by); TLS policy
     and credentials come from the SMTP ``[[route]]`` tables; timeouts, connection cache
-    time, message cap and CA file from ``[smtp_client]``.  ``resolver`` defaults to a
-    twisted.names client over ``[smtp_client] dns_servers`` (if empty, the servers of
-    ``/etc/resolv.conf``).  ``options`` go to :class:`SmtpChannel` (``port``,
-    ``ca_file``, ``timeouts``, ``max_messages``, ``route``) and win over the
-    configuration: tests and benchmarks use them.
+    time, message cap, CA file and line length limit from ``[smtp_client]``.
+    ``resolver`` defaults to a twisted.names client over ``[smtp_client] dns_servers``
+    (if empty, the servers of ``/etc/resolv.conf``).  ``options`` go to
+    :class:`SmtpChannel` (``port``, ``ca_file``, ``timeouts``, ``max_messages``,
+    ``route``, ``line_length_limit``) and win over the configuration: tests and
+    benchmarks use them.
     """
     client = config.smtp_client
     if resolver is None:
@@ -268,6 +277,7 @@ def build_smtp_channel(
         "ca_file": client.ca_file,
         "timeouts": timeouts_from(client),
         "max_messages": client.max_messages_per_connection,
+        "line_length_limit": client.line_length_limit,
         "route": Router(config).route,
     }
     settings.update(options)

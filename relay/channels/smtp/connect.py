@@ -46,7 +46,9 @@ from relay.channels.smtp.tls import TlsContexts
 from relay.config import TlsPolicy
 from relay.dns.mx import DnsError, MailHost, MxResolver
 from relay.errors import SessionFailed
+from relay.oneline import escape
 from relay.reply import Reply, ReplyCode
+from relay.sansio.smtp.wire import MAX_TEXT_LINE
 
 __all__ = ["Connector", "Target", "parse_destination"]
 
@@ -100,8 +102,10 @@ class Connector:
         helo_name: str,
         timeouts: Timeouts,
         tls: TlsContexts,
+        line_length_limit: int = MAX_TEXT_LINE,
     ) -> None:
         self._reactor = reactor
+        self._line_length_limit = line_length_limit
         self._clock: IReactorTime = reactor
         self._mx = mx
         self._helo_name = helo_name
@@ -119,13 +123,13 @@ class Connector:
                 last = e.reply
                 continue
             if not addresses:
-                _log.info("{host}: no address", host=host.name)
+                _log.info("{host}: no address", host=escape(host.name))
                 continue
             for address in addresses:
                 try:
                     return await self._attempt(host, address, target.port, policy)
                 except AttemptFailed as e:
-                    _log.info("{reason}", reason=e.reply.description)
+                    _log.info("{reason}", reason=escape(e.reply.description))
                     last = e.reply
         if last is None:
             what = "MX host" if any(not h.implicit for h in hosts) else "host"
@@ -155,7 +159,7 @@ class Connector:
         except AttemptFailed as e:
             if not (e.tls_handshake and policy.tls is TlsPolicy.OPPORTUNISTIC):
                 raise
-            _log.info("{reason}; trying again without TLS", reason=e.reply.description)
+            _log.info("{reason}; trying again without TLS", reason=escape(e.reply.description))
             plain = RoutePolicy(TlsPolicy.NONE, policy.credentials)
             return await self._attempt_once(host, address, port, plain)
 
@@ -163,7 +167,9 @@ class Connector:
         self, host: MailHost, address: str, port: int, policy: RoutePolicy
     ) -> SmtpClientProtocol:
         peer = _peer(host.name, address, port)
-        proto = SmtpClientProtocol(self._clock, self._timeouts, peer)
+        proto = SmtpClientProtocol(
+            self._clock, self._timeouts, peer, line_length_limit=self._line_length_limit
+        )
         endpoint_class = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
         endpoint = endpoint_class(self._reactor, address, port, timeout=self._timeouts.connect)
         connecting: Deferred[Any] = connectProtocol(endpoint, proto)  # type: ignore[no-untyped-call]

@@ -30,6 +30,7 @@ from relay.channels.smtp.protocol import SmtpClientError, SmtpClientProtocol, Tl
 from relay.channels.smtp.tls import TlsContexts
 from relay.config import TlsPolicy
 from relay.errors import RelayError
+from relay.oneline import escape
 from relay.reply import Reply, ReplyCode
 from relay.sansio.smtp.client import Auth, AuthResponse, Ehlo, Helo, StartTls
 from relay.sansio.smtp.wire import SmtpReply
@@ -113,7 +114,9 @@ async def _starttls(
                 _tls_problem(f"TLS is required, but host {proto.peer} refused STARTTLS: {reply}")
             )
         _log.info(
-            "{peer} refused STARTTLS ({reply}); going on in clear", peer=proto.peer, reply=reply
+            "{peer} refused STARTTLS ({reply}); going on in clear",
+            peer=proto.peer,
+            reply=escape(str(reply)),
         )
         return
     await proto.start_tls(tls.client_options(policy.tls, server_name))

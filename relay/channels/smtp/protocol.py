@@ -46,6 +46,7 @@ from zope.interface import implementer
 
 from relay.errors import RelayError
 from relay.fastwrite import write_now
+from relay.oneline import escape, one_line
 from relay.reply import Reply, ReplyCode, from_smtp
 from relay.sansio.smtp.client import (
     NEED_DATA,
@@ -53,17 +54,17 @@ from relay.sansio.smtp.client import (
     ClientState,
     Command,
     ConnectionClosed,
-    EndOfText,
+    EndOfMessage,
     LocalProtocolError,
     MailFrom,
+    MessageData,
     Quit,
     RcptTo,
     RemoteProtocolError,
     ServerReply,
     SmtpClient,
-    TextChunk,
 )
-from relay.sansio.smtp.wire import SmtpReply
+from relay.sansio.smtp.wire import MAX_TEXT_LINE, SmtpReply
 
 _HOLD_TEXT = 64 * 1024  # text held for the final dot's write; more is written at once
 
@@ -169,7 +170,7 @@ class ServerClosing(SmtpClientError):
 
     def reply(self) -> Reply:
         r = self.smtp_reply
-        return from_smtp(r.code, _one_line(self.message), r.enhanced)
+        return from_smtp(r.code, one_line(self.message), r.enhanced)
 
 
 class ReplyTimeout(SmtpClientError):
@@ -193,18 +194,22 @@ class TlsHandshakeFailed(SmtpClientError):
         return Reply(ReplyCode.BHST, self.message, enhanced="4.7.5")
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 @implementer(IHandshakeListener, IPushProducer)
 class SmtpClientProtocol(Protocol):
     """One connection to an SMTP server.  See the module docstring."""
 
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, timeouts: Timeouts, peer: str) -> None:
-        self.engine = SmtpClient()
+    def __init__(
+        self,
+        clock: IReactorTime,
+        timeouts: Timeouts,
+        peer: str,
+        *,
+        line_length_limit: int = MAX_TEXT_LINE,
+    ) -> None:
+        """``line_length_limit``: the engine breaks longer text lines (0: never)."""
+        self.engine = SmtpClient(line_length_limit=line_length_limit)
         self.peer = peer
         self.tls_active = False
         self.messages = 0  # transactions completed on this connection
@@ -387,7 +392,7 @@ class SmtpClientProtocol(Protocol):
         """Stuff and write a chunk; fire when the transport can take more."""
         if self._gone is not None:
             return defer.fail(self._gone)
-        data = self.engine.send(TextChunk(chunk))
+        data = self.engine.send(MessageData(chunk))
         if not self._paused and len(data) + self._held_bytes <= _HOLD_TEXT:
             self._hold(data)  # a small message leaves with its final dot, in one send
         else:
@@ -408,7 +413,7 @@ class SmtpClientProtocol(Protocol):
             self.transport.unregisterProducer()  # type: ignore[attr-defined]
             self._producing = False
         self._paused = False
-        return self.command(EndOfText())
+        return self.command(EndOfMessage())
 
     def start_tls(self, options: Any) -> Deferred[None]:
         """Start the TLS handshake (after the 220 to STARTTLS); fire when it completed."""
@@ -471,7 +476,9 @@ class SmtpClientProtocol(Protocol):
             try:
                 event = self.engine.next_event()
             except RemoteProtocolError as e:
-                self._log.warn("protocol error from {peer}: {error}", peer=self.peer, error=e)
+                self._log.warn(
+                    "protocol error from {peer}: {error}", peer=self.peer, error=escape(str(e))
+                )
                 self._go(PeerProtocolError(f"protocol error from {self.peer}: {e}"))
                 self.abort()
                 return
@@ -577,4 +584,4 @@ def _describe(reason: Failure) -> str:
         if reasons:
             return ", ".join(reasons)
     text = str(value) or type(value).__name__
-    return _one_line(text)
+    return one_line(text)

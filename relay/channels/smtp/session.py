@@ -62,6 +62,7 @@ from relay.channels.smtp.smtputf8 import addresses_need_smtputf8, headers_need_s
 from relay.envelope import BodyType, Destination, Envelope, Recipient
 from relay.errors import SessionFailed
 from relay.interfaces import IChannelSession, IMessage
+from relay.oneline import one_line
 from relay.reply import Reply, ReplyCode, from_smtp
 from relay.sansio.smtp.client import Data, MailFrom, RcptTo, Rset
 from relay.sansio.smtp.wire import SmtpReply
@@ -169,7 +170,9 @@ class SmtpSession:
         mail = MailFrom(
             return_path,
             size=int(message.size) if conn.engine.offers("SIZE") else None,
-            body=BodyType.EIGHT_BIT_MIME if envelope.body_type is BodyType.EIGHT_BIT_MIME else None,
+            body=BodyType.EIGHT_BIT_MIME
+            if envelope.body_type is BodyType.EIGHT_BIT_MIME
+            else BodyType.SEVEN_BIT,
             smtputf8=needs_utf8,
             env_id=envelope.env_id if conn.engine.offers("DSN") else None,
         )
@@ -198,7 +201,7 @@ class SmtpSession:
         try:
             return await headers_need_smtputf8(message)
         except Exception as e:
-            tx.refused = Reply(ReplyCode.FIO, _one_line(f"cannot read the queued text: {e}"))
+            tx.refused = Reply(ReplyCode.FIO, one_line(f"cannot read the queued text: {e}"))
             return False
 
     async def _usable_connection(self, tx: _Transaction) -> SmtpClientProtocol | None:
@@ -450,10 +453,6 @@ def _utf8_refusal(conn: SmtpClientProtocol, what: str) -> Reply:
         smtp_code=553,
         enhanced="5.6.7",
     )
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _mapped(reply: SmtpReply) -> Reply:

@@ -6,24 +6,29 @@ No I/O: the adapter (:mod:`relay.channels.smtp.protocol`) gives the engine the s
 bytes (:meth:`SmtpClient.receive_data`, ``b""`` at end of stream), takes events out
 (:meth:`SmtpClient.next_event`) and turns the commands it wants to send into bytes
 (:meth:`SmtpClient.send`).  Formatting, reply parsing and dot-stuffing are
-:mod:`relay.sansio.smtp.wire`'s, shared with the server engine.
+:mod:`relay.sansio.smtp.wire`'s, shared with the server engine; so is breaking text
+lines longer than 998 octets (or the configured limit), which the server engine takes
+whole but RFC 5321 section 4.5.3.1.6 does not let us send.
 
-Two things move the engine:
+The events are :mod:`relay.sansio.smtp.events`', the same the server engine returns, and
+every state and move is in :data:`~.state.CLIENT_TRANSITIONS`
+(:mod:`relay.sansio.smtp.state`).  Two things move the engine:
 
-* **What we send.**  :data:`SEND_TRANSITIONS` maps (state, event class) to the next
-  state; a missing entry is a :class:`LocalProtocolError` (the channel asked for
-  something SMTP does not allow now).  Every command is also appended to the queue of
-  commands awaiting a reply.  Without PIPELINING a command may only be sent when no
-  reply is outstanding; with it (RFC 2920), MAIL, RCPT and RSET may be followed by
-  more commands, and DATA, the end of the text, EHLO, STARTTLS, AUTH, NOOP and QUIT end
-  a group (nothing goes out after them until their reply came back).
+* **What we send.**  The table maps (state, event class) to the next state; a missing
+  entry is a :class:`~.errors.LocalProtocolError` (the channel asked for something SMTP
+  does not allow now).  Every command is also appended to the queue of commands
+  awaiting a reply.  Without PIPELINING a command may only be sent when no reply is
+  outstanding; with it (RFC 2920), MAIL, RCPT, RSET and a BDAT that is not the last
+  (RFC 3030) may be followed by more commands, and DATA, the end of the text, BDAT
+  LAST, EHLO, STARTTLS, AUTH, NOOP and QUIT end a group (nothing goes out after them
+  until their reply came back).
 * **What the server answers.**  Replies are matched to the queue in order and come out
   as :class:`ServerReply` events naming the command they answer.  Most replies leave
   the state alone (a refused RCPT is the channel's business, not the protocol's); the
-  ones that change what may be sent next are in :data:`REPLY_TRANSITIONS`, keyed by
-  (state, command, reply class).  A reply the table does not expect (354 to RCPT, a
-  reply nobody asked for) is a :class:`RemoteProtocolError`.  So is any malformed
-  reply (:class:`~relay.sansio.smtp.wire.ReplyParser` is strict), and any byte that
+  ones that change what may be sent next are in the table, keyed by (state,
+  (command, reply class)).  A reply the table does not expect (354 to RCPT, a
+  reply nobody asked for) is a :class:`~.errors.RemoteProtocolError`.  So is any
+  malformed reply (:class:`~relay.sansio.smtp.wire.ReplyParser` is strict), and any byte that
   arrives after the 220 to STARTTLS and before the handshake (RFC 3207 §5: such bytes
   were sent before TLS and must not be trusted: the CVE-2011-0411 injection).
 
@@ -32,31 +37,58 @@ A ``421`` answering any command means the server is going away: the engine moves
 (:attr:`SmtpClient.unanswered`).  The end of the stream gives one
 :class:`ConnectionClosed` event carrying the commands left unanswered.
 
-After a :class:`RemoteProtocolError` the engine is broken (state ``ERROR``): every later
-``next_event`` raises the same error, since nothing after garbage can be trusted.
+**BDAT** (RFC 3030 CHUNKING): :class:`~.events.Bdat` announces a chunk, then its octets
+go out as :class:`~.events.MessageData` exactly as given (no stuffing); the state moves
+on when the last octet of the chunk has been sent.
+
+After a :class:`~.errors.RemoteProtocolError` the engine is broken (state ``ERROR``):
+every later ``next_event`` raises the same error, since nothing after garbage can be trusted.
 """
 
 from __future__ import annotations
 
 import base64
-import enum
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Final
 
 from relay.address import Address
 from relay.envelope import BodyType
-
-# The field-less commands are the same events in both directions (as in h11): the
-# client sends what the server engine receives.
-from relay.sansio.smtp.events import Data, Noop, Quit, Rset
+from relay.sansio.smtp.errors import NEED_DATA, LocalProtocolError, RemoteProtocolError, Sentinel
+from relay.sansio.smtp.events import (
+    Auth,
+    AuthResponse,
+    Bdat,
+    Command,
+    ConnectionClosed,
+    Data,
+    Ehlo,
+    EndOfMessage,
+    Helo,
+    MailFrom,
+    MessageData,
+    Noop,
+    Quit,
+    RcptTo,
+    Rset,
+    ServerReply,
+    StartTls,
+)
+from relay.sansio.smtp.state import (
+    CLIENT_STATELESS,
+    CLIENT_TRANSITIONS,
+    ClientInput,
+    ClientState,
+    ReplyKind,
+)
 from relay.sansio.smtp.wire import (
     MAX_AUTH_LINE,
+    MAX_TEXT_LINE,
     DotStuffer,
     ReplyParser,
     SmtpReply,
     WireError,
+    check_line_length_limit,
     format_command,
     format_parameters,
     parse_ehlo_reply,
@@ -65,194 +97,34 @@ from relay.sansio.smtp.wire import (
 
 __all__ = [
     "NEED_DATA",
-    "REPLY_TRANSITIONS",
-    "SEND_TRANSITIONS",
     "Auth",
     "AuthResponse",
+    "Bdat",
     "ClientEvent",
     "ClientState",
     "Command",
     "ConnectionClosed",
     "Data",
     "Ehlo",
-    "EndOfText",
+    "EndOfMessage",
     "Helo",
     "LocalProtocolError",
     "MailFrom",
+    "MessageData",
     "Noop",
     "Quit",
     "RcptTo",
     "RemoteProtocolError",
-    "ReplyKind",
     "Rset",
     "ServerReply",
     "SmtpClient",
     "StartTls",
-    "TextChunk",
     "decode_challenge",
 ]
 
 MAX_ENVELOPE_LINE: Final = 2048
 """Octets in a MAIL or RCPT line we send: 512 plus room for ESMTP parameters (RFC 5321
 §4.5.3.1.4 lets extensions lengthen the line; Postfix accepts 2048)."""
-
-
-class LocalProtocolError(Exception):
-    """We asked the engine for something SMTP does not allow now (a defect of the caller)."""
-
-
-class RemoteProtocolError(Exception):
-    """The server broke the protocol (garbage, an unexpected reply, bytes before TLS)."""
-
-
-class NeedData(enum.Enum):
-    """What ``next_event`` returns when it has no event: feed it more bytes."""
-
-    NEED_DATA = "need-data"
-
-
-NEED_DATA: Final = NeedData.NEED_DATA
-
-
-class ClientState(enum.Enum):
-    """Where the session stands, as far as what we may send next."""
-
-    GREETING = "greeting"  # connected, waiting for the 220
-    REFUSED = "refused"  # the greeting was 4xx/5xx: only QUIT
-    HELLO = "hello"  # may send EHLO or HELO (after the greeting, a failed EHLO, or TLS)
-    HELLO_SENT = "hello-sent"
-    READY = "ready"  # between transactions
-    STARTTLS_SENT = "starttls-sent"
-    TLS_HANDSHAKE = "tls-handshake"  # 220 to STARTTLS: the adapter runs the handshake
-    AUTH = "auth"  # AUTH (or a SASL response) sent
-    AUTH_CHALLENGE = "auth-challenge"  # 334: send the next SASL response
-    MAIL = "mail"  # MAIL sent: RCPT next
-    RCPT = "rcpt"  # at least one RCPT sent
-    DATA_SENT = "data-sent"  # waiting for 354
-    TEXT = "text"  # 354 came: the text, then its end
-    END_OF_TEXT = "end-of-text"  # waiting for the final reply
-    QUIT_SENT = "quit-sent"
-    CLOSED = "closed"  # 421, the end of the stream, or after QUIT
-    ERROR = "error"  # the server broke the protocol
-
-
-class Command(enum.Enum):
-    """What a reply answers."""
-
-    GREETING = "greeting"
-    EHLO = "EHLO"
-    HELO = "HELO"
-    STARTTLS = "STARTTLS"
-    AUTH = "AUTH"
-    MAIL = "MAIL FROM"
-    RCPT = "RCPT TO"
-    DATA = "DATA"
-    END_OF_DATA = "end of data"
-    RSET = "RSET"
-    NOOP = "NOOP"
-    QUIT = "QUIT"
-
-
-class ReplyKind(enum.Enum):
-    """The class of a reply code: what :data:`REPLY_TRANSITIONS` is keyed on."""
-
-    POSITIVE = 2
-    INTERMEDIATE = 3
-    NEGATIVE = 4  # 4xx and 5xx alike: the protocol moves the same way
-
-    @classmethod
-    def of(cls, reply: SmtpReply) -> ReplyKind:
-        """The kind of ``reply``."""
-        return cls(min(reply.code // 100, 4))
-
-
-# --- events we send -------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Ehlo:
-    """``EHLO hostname``."""
-
-    hostname: str
-
-
-@dataclass(frozen=True, slots=True)
-class Helo:
-    """``HELO hostname`` (after a refused EHLO)."""
-
-    hostname: str
-
-
-@dataclass(frozen=True, slots=True)
-class StartTls:
-    """``STARTTLS``."""
-
-
-@dataclass(frozen=True, slots=True)
-class Auth:
-    """``AUTH mechanism [initial-response]``; the response is raw and gets base64 here.
-
-    ``initial`` None sends no initial response; ``b""`` sends ``=`` (RFC 4954 §4).
-    """
-
-    mechanism: str
-    initial: bytes | None = None
-
-    def __repr__(self) -> str:
-        """Never show the initial response: it holds a password for PLAIN."""
-        return f"Auth(mechanism={self.mechanism!r})"
-
-
-@dataclass(frozen=True, slots=True)
-class AuthResponse:
-    """One SASL response line after a 334; None cancels the exchange (``*``)."""
-
-    data: bytes | None
-
-    def __repr__(self) -> str:
-        """Never show the response: it may be a password."""
-        return "AuthResponse(...)"
-
-
-@dataclass(frozen=True, slots=True)
-class MailFrom:
-    """``MAIL FROM:<path>`` with the parameters the server offered and the text needs.
-
-    ``reverse_path`` None is the null sender ``<>``.  Each parameter needs its
-    extension (SIZE, 8BITMIME, SMTPUTF8, DSN for ENVID); the engine refuses to send one
-    the server did not offer.
-    """
-
-    reverse_path: Address | None
-    size: int | None = None
-    body: BodyType | None = None
-    smtputf8: bool = False
-    env_id: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.size is not None and self.size < 0:
-            raise ValueError("SIZE cannot be negative")
-
-
-@dataclass(frozen=True, slots=True)
-class RcptTo:
-    """``RCPT TO:<path>``; ``original`` is sent as ORCPT when the server offers DSN."""
-
-    address: Address
-    original: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TextChunk:
-    """A piece of the message text (CRLF lines, not stuffed: the engine stuffs it)."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class EndOfText:
-    """The end of the text: the engine ends the last line and sends ``.``."""
-
 
 ClientEvent = (
     Ehlo
@@ -263,87 +135,16 @@ ClientEvent = (
     | MailFrom
     | RcptTo
     | Data
-    | TextChunk
-    | EndOfText
+    | Bdat
+    | MessageData
+    | EndOfMessage
     | Rset
     | Noop
     | Quit
 )
+"""What the channel may give :meth:`SmtpClient.send`."""
 
-# --- events we receive ----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ServerReply:
-    """The server's reply to ``command`` (None: a 421 nobody asked for, e.g. idle timeout)."""
-
-    command: Command | None
-    reply: SmtpReply
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionClosed:
-    """The stream ended; ``unanswered`` are the commands that never got a reply."""
-
-    unanswered: tuple[Command, ...]
-
-
-# --- the tables ----------------------------------------------------------------------
-
-S = ClientState
-_BEFORE_MAIL = (S.HELLO, S.READY, S.REFUSED)
-
-SEND_TRANSITIONS: Final[Mapping[tuple[ClientState, type], ClientState]] = {
-    (S.HELLO, Ehlo): S.HELLO_SENT,
-    (S.HELLO, Helo): S.HELLO_SENT,
-    (S.READY, Ehlo): S.HELLO_SENT,
-    (S.READY, StartTls): S.STARTTLS_SENT,
-    (S.READY, Auth): S.AUTH,
-    (S.AUTH_CHALLENGE, AuthResponse): S.AUTH,
-    (S.READY, MailFrom): S.MAIL,
-    (S.MAIL, RcptTo): S.RCPT,
-    (S.RCPT, RcptTo): S.RCPT,
-    (S.RCPT, Data): S.DATA_SENT,
-    (S.TEXT, TextChunk): S.TEXT,
-    (S.TEXT, EndOfText): S.END_OF_TEXT,
-    (S.READY, Rset): S.READY,
-    (S.MAIL, Rset): S.READY,
-    (S.RCPT, Rset): S.READY,
-    (S.READY, Noop): S.READY,
-    (S.HELLO, Noop): S.HELLO,
-    **{(state, Quit): S.QUIT_SENT for state in (*_BEFORE_MAIL, S.MAIL, S.RCPT)},
-}
-"""(state, what we send) -> next state.  Anything else is a LocalProtocolError."""
-
-_P, _I, _N = ReplyKind.POSITIVE, ReplyKind.INTERMEDIATE, ReplyKind.NEGATIVE
-_ANY: Final = (_P, _I, _N)
-
-REPLY_TRANSITIONS: Final[Mapping[tuple[ClientState, Command, ReplyKind], ClientState]] = {
-    (S.GREETING, Command.GREETING, _P): S.HELLO,
-    (S.GREETING, Command.GREETING, _N): S.REFUSED,
-    (S.HELLO_SENT, Command.EHLO, _P): S.READY,
-    (S.HELLO_SENT, Command.EHLO, _N): S.HELLO,
-    (S.HELLO_SENT, Command.HELO, _P): S.READY,
-    (S.HELLO_SENT, Command.HELO, _N): S.HELLO,
-    (S.STARTTLS_SENT, Command.STARTTLS, _P): S.TLS_HANDSHAKE,
-    (S.STARTTLS_SENT, Command.STARTTLS, _N): S.READY,
-    (S.AUTH, Command.AUTH, _P): S.READY,
-    (S.AUTH, Command.AUTH, _I): S.AUTH_CHALLENGE,
-    (S.AUTH, Command.AUTH, _N): S.READY,
-    (S.DATA_SENT, Command.DATA, _I): S.TEXT,
-    (S.DATA_SENT, Command.DATA, _N): S.READY,
-    (S.END_OF_TEXT, Command.END_OF_DATA, _P): S.READY,
-    (S.END_OF_TEXT, Command.END_OF_DATA, _N): S.READY,
-    **{(S.QUIT_SENT, Command.QUIT, kind): S.CLOSED for kind in _ANY},
-}
-"""(state, command answered, reply class) -> next state, for the replies that move it.
-
-Replies to MAIL, RCPT, RSET and NOOP never move the state (with pipelining the state
-has moved on already), but they must be 2xx, 4xx or 5xx.
-"""
-
-_STATELESS: Final = frozenset({Command.MAIL, Command.RCPT, Command.RSET, Command.NOOP})
-_PIPELINABLE: Final = frozenset({Command.MAIL, Command.RCPT, Command.RSET})
+_PIPELINABLE: Final = frozenset({Command.MAIL, Command.RCPT, Command.RSET, Command.BDAT})
 """Commands that may be followed by more commands before their reply (RFC 2920 §3.1)."""
 
 _COMMAND_OF: Final[Mapping[type, Command]] = {
@@ -355,7 +156,7 @@ _COMMAND_OF: Final[Mapping[type, Command]] = {
     MailFrom: Command.MAIL,
     RcptTo: Command.RCPT,
     Data: Command.DATA,
-    EndOfText: Command.END_OF_DATA,
+    EndOfMessage: Command.END_OF_DATA,
     Rset: Command.RSET,
     Noop: Command.NOOP,
     Quit: Command.QUIT,
@@ -365,12 +166,17 @@ _COMMAND_OF: Final[Mapping[type, Command]] = {
 class SmtpClient:
     """One client connection's protocol state.  See the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, line_length_limit: int = MAX_TEXT_LINE) -> None:
+        """``line_length_limit``: text lines longer than this are broken as Postfix's
+        ``smtp_line_length_limit`` breaks them (see :class:`~.wire.DotStuffer`); 0 never."""
+        self._line_length_limit = check_line_length_limit(line_length_limit)
         self._state = ClientState.GREETING
         self._parser = ReplyParser()
         self._replies: deque[SmtpReply] = deque()
         self._pending: deque[Command] = deque([Command.GREETING])
         self._stuffer: DotStuffer | None = None
+        self._chunk_left = 0  # octets of the BDAT chunk still to send
+        self._chunk_last = False
         self._error: RemoteProtocolError | None = None
         self._closed_seen = False
         self._eof = False
@@ -444,10 +250,10 @@ class SmtpClient:
             # replies completed earlier are still delivered, then the error
             self._fail(f"malformed reply: {e}", keep_queued=True)
 
-    def next_event(self) -> ServerReply | ConnectionClosed | NeedData:
+    def next_event(self) -> ServerReply | ConnectionClosed | Sentinel:
         """The next event, or NEED_DATA; raises :class:`RemoteProtocolError` when broken."""
         if self._error is not None and not self._replies:
-            self._state = ClientState.ERROR
+            self._apply(ClientInput.PROTOCOL_ERROR)
             raise self._error
         if self._replies:
             return self._match(self._replies.popleft())
@@ -455,15 +261,13 @@ class SmtpClient:
             self._closed_seen = True
             unanswered = tuple(self._pending)
             self._pending.clear()
-            self._state = ClientState.CLOSED
+            self._apply(ClientInput.END_OF_STREAM)
             return ConnectionClosed(unanswered)
         return NEED_DATA
 
     def tls_started(self) -> None:
         """The adapter finished the TLS handshake: start again from EHLO (RFC 3207 §4.2)."""
-        if self._state is not ClientState.TLS_HANDSHAKE:
-            raise LocalProtocolError(f"tls_started() in state {self._state.name}")
-        self._state = ClientState.HELLO
+        self._apply(ClientInput.TLS_STARTED)
         self._extensions = {}
         self._esmtp = False
         self._parser = ReplyParser()
@@ -472,26 +276,41 @@ class SmtpClient:
 
     def send(self, event: ClientEvent) -> bytes:
         """The bytes for ``event``; raises :class:`LocalProtocolError` if not allowed now."""
-        new_state = SEND_TRANSITIONS.get((self._state, type(event)))
+        new_state = CLIENT_TRANSITIONS.get((self._state, type(event)))
         if new_state is None:
             raise LocalProtocolError(
                 f"cannot send {type(event).__name__} in state {self._state.name}"
             )
-        command = _COMMAND_OF.get(type(event))
+        command = self._command_of(event)
         if command is not None:
             self._check_pipelining(command)
         data = self._encode(event)
         if command is not None:
             self._pending.append(command)
         self._state = new_state
+        if new_state is ClientState.CHUNK and not self._chunk_left:
+            self._apply(ClientInput.LAST_CHUNK_SENT if self._chunk_last else ClientInput.CHUNK_SENT)
         return data
+
+    def _apply(self, key: ClientInput) -> None:
+        """A move that is neither an event sent nor an expected reply."""
+        new_state = CLIENT_TRANSITIONS.get((self._state, key))
+        if new_state is None:
+            raise LocalProtocolError(f"{key.name} in state {self._state.name}")
+        self._state = new_state
+
+    @staticmethod
+    def _command_of(event: ClientEvent) -> Command | None:
+        if type(event) is Bdat:
+            return Command.BDAT_LAST if event.last else Command.BDAT
+        return _COMMAND_OF.get(type(event))
 
     def may_send_now(self, event: ClientEvent) -> bool:
         """Whether the pipelining rules allow ``event`` now (``send`` also checks the state).
 
         False means "wait for the outstanding replies first": the adapter queues it.
         """
-        command = _COMMAND_OF.get(type(event))
+        command = self._command_of(event)
         return command is None or self._pipelining_problem(command) is None
 
     def _check_pipelining(self, command: Command) -> None:
@@ -547,11 +366,22 @@ class SmtpClient:
                 return format_command("RCPT", arg, limit=MAX_ENVELOPE_LINE)
             case Data():
                 return format_command("DATA")
-            case TextChunk(data):
+            case MessageData(data) if self._state is ClientState.CHUNK:
+                if len(data) > self._chunk_left:
+                    raise LocalProtocolError(
+                        f"{len(data)} octets for a BDAT chunk of {self._chunk_left} more"
+                    )
+                self._chunk_left -= len(data)
+                return data
+            case MessageData(data):
                 if self._stuffer is None:
                     raise LocalProtocolError("text before the 354 reply")
                 return self._stuffer.feed(data)
-            case EndOfText():
+            case Bdat(size, last):
+                self._need("CHUNKING")
+                self._chunk_left, self._chunk_last = size, last
+                return format_command("BDAT", f"{size} LAST" if last else str(size))
+            case EndOfMessage():
                 if self._stuffer is None:
                     raise LocalProtocolError("end of text before the 354 reply")
                 stuffer, self._stuffer = self._stuffer, None
@@ -569,7 +399,7 @@ class SmtpClient:
         if event.size is not None:
             self._need("SIZE")
             params["SIZE"] = str(event.size)
-        if event.body is not None and event.body is not BodyType.SEVEN_BIT:
+        if event.body is not BodyType.SEVEN_BIT:
             self._need("BINARYMIME" if event.body is BodyType.BINARY_MIME else "8BITMIME")
             params["BODY"] = event.body.value
         if event.smtputf8:
@@ -578,6 +408,9 @@ class SmtpClient:
         if event.env_id is not None:
             self._need("DSN")
             params["ENVID"] = xtext_encode(event.env_id)
+        if event.auth is not None:
+            self._need("AUTH")
+            params["AUTH"] = xtext_encode(event.auth)
         self._smtputf8 = event.smtputf8
         if event.reverse_path is not None:
             self._check_address(event.reverse_path)
@@ -599,18 +432,18 @@ class SmtpClient:
     def _match(self, reply: SmtpReply) -> ServerReply:
         if not self._pending:
             if reply.code == 421:
-                self._state = ClientState.CLOSED
+                self._apply(ClientInput.CLOSING_REPLY)
                 return ServerReply(None, reply)
             raise self._fail(f"reply nobody asked for: {reply}")
         command = self._pending.popleft()
         kind = ReplyKind.of(reply)
         if reply.code == 421 and command is not Command.QUIT:
-            self._state = ClientState.CLOSED
+            self._apply(ClientInput.CLOSING_REPLY)
             return ServerReply(command, reply)
-        new_state = REPLY_TRANSITIONS.get((self._state, command, kind))
+        new_state = CLIENT_TRANSITIONS.get((self._state, (command, kind)))
         if new_state is not None:
             self._state = new_state
-        elif command not in _STATELESS or kind is ReplyKind.INTERMEDIATE:
+        elif command not in CLIENT_STATELESS or kind is ReplyKind.INTERMEDIATE:
             raise self._fail(f"unexpected reply to {command.value}: {reply}")
         self._after(command, reply)
         return ServerReply(command, reply)
@@ -629,7 +462,7 @@ class SmtpClient:
                 self._server_name = words[0] if words else ""
                 self._extensions, self._esmtp = {}, False
         elif command is Command.DATA and self._state is ClientState.TEXT:
-            self._stuffer = DotStuffer()
+            self._stuffer = DotStuffer(self._line_length_limit)
         elif (
             command is Command.STARTTLS
             and self._state is ClientState.TLS_HANDSHAKE
@@ -640,7 +473,7 @@ class SmtpClient:
     def _fail(self, why: str, *, keep_queued: bool = False) -> RemoteProtocolError:
         self._error = RemoteProtocolError(why)
         if not keep_queued:
-            self._state = ClientState.ERROR
+            self._apply(ClientInput.PROTOCOL_ERROR)
             self._replies.clear()
         return self._error
 

@@ -1,25 +1,25 @@
-"""The events of the SMTP server engine: small frozen values, validated when made.
+"""The events of both SMTP engines: small frozen values, validated when made.
 
-Three families, by direction:
+One vocabulary for both directions, as in h11: the command the client engine is given
+to send is the very event the server engine returns after parsing it, so the two
+engines can be wired back to back.
 
-* **Commands** (client to server), what :meth:`ServerConnection.next_event` returns after
-  parsing a line: :class:`Helo`, :class:`Ehlo`, :class:`MailFrom`, :class:`RcptTo`,
-  :class:`Data`, :class:`Rset`, :class:`Noop`, :class:`Quit`, :class:`Vrfy`,
-  :class:`Help`, :class:`StartTls`, :class:`Auth`.  Their classes are the columns of
-  the transition table; a verb the engine does not know never becomes an event (it is
-  answered 500 or 502 at once).
-* **What the engine asks the adapter** (also from ``next_event``): the commands that
-  need a decision the engine cannot make (:class:`MailFrom`, :class:`RcptTo`,
-  :class:`StartTls`), the message text (:class:`MessageData`, then
-  :class:`EndOfMessage`), SASL credentials (:class:`AuthCredentials`), and
-  :class:`Respond` for every command the engine answered itself.  Each of these except
-  :class:`MessageData` pauses the engine until the adapter sends a reply.
-* **What the adapter sends** (``send``): :class:`Greeting`, :class:`Refuse`,
-  :class:`Shutdown`, or an :class:`~relay.sansio.smtp.wire.SmtpReply` answering the
-  pending event.
+* **Commands**: :class:`Helo`, :class:`Ehlo`, :class:`MailFrom`, :class:`RcptTo`,
+  :class:`Data`, :class:`Bdat`, :class:`Rset`, :class:`Noop`, :class:`Quit`,
+  :class:`Vrfy`, :class:`Help`, :class:`StartTls`, :class:`Auth`, and the SASL
+  :class:`AuthResponse` lines after a 334.  The server engine returns those that need
+  a decision it cannot make (MAIL, RCPT, STARTTLS) and answers the others itself.
+* **Message text**: :class:`MessageData` pieces (unstuffed, CRLF line ends), then
+  :class:`EndOfMessage`; the client engine stuffs and ends them, the server engine
+  unstuffs and counts them.  BDAT chunks carry :class:`MessageData` too.
+* **Server side only**: :class:`Respond` (the engine answered a command itself),
+  :class:`AuthCredentials` (a SASL exchange finished), and what the adapter sends
+  besides a reply: :class:`Greeting`, :class:`Refuse`, :class:`Shutdown`.
+* **Client side only**: :class:`ServerReply` (a reply matched to the command it
+  answers) and :class:`ConnectionClosed`.
 
-``NEED_DATA`` and ``PAUSED`` are sentinels, as in h11: the engine needs more bytes, or
-waits for the reply to the event it returned last.
+The errors and sentinels (``NEED_DATA``, ``PAUSED``, ``CLOSED``) are
+:mod:`relay.sansio.smtp.errors`'; they are re-exported here for the adapters.
 """
 
 from __future__ import annotations
@@ -29,15 +29,20 @@ from dataclasses import dataclass
 
 from relay.address import Address
 from relay.envelope import BodyType
+from relay.sansio.smtp.errors import CLOSED, NEED_DATA, PAUSED, Sentinel
 from relay.sansio.smtp.wire import SmtpReply
 
 __all__ = [
+    "CLOSED",
     "NEED_DATA",
     "PAUSED",
     "Auth",
     "AuthCredentials",
+    "AuthResponse",
     "Bdat",
     "Command",
+    "CommandEvent",
+    "ConnectionClosed",
     "Data",
     "Ehlo",
     "EndOfMessage",
@@ -54,21 +59,11 @@ __all__ = [
     "Respond",
     "Rset",
     "Sentinel",
+    "ServerReply",
     "Shutdown",
     "StartTls",
     "Vrfy",
 ]
-
-
-class Sentinel(enum.Enum):
-    """What ``next_event`` returns when it has no event."""
-
-    NEED_DATA = "need-data"
-    PAUSED = "paused"
-
-
-NEED_DATA = Sentinel.NEED_DATA
-PAUSED = Sentinel.PAUSED
 
 
 # --- commands -------------------------------------------------------------------------
@@ -90,11 +85,13 @@ class Ehlo:
 
 @dataclass(frozen=True, slots=True)
 class MailFrom:
-    """``MAIL FROM:<path>`` with its parameters, checked and decoded.
+    """``MAIL FROM:<path>`` with its parameters.
 
-    ``reverse_path`` is None for the null sender ``<>``; ``size`` is the SIZE the client
-    declared (already checked against the limit); ``auth`` the xtext-decoded AUTH=
-    parameter (RFC 4954), validated and kept; nothing uses it yet.
+    ``reverse_path`` is None for the null sender ``<>``; ``size`` the SIZE declared;
+    ``auth`` the xtext-decoded AUTH= parameter (RFC 4954); ``env_id`` the DSN ENVID
+    (RFC 3461).  The client engine sends a parameter only if the server offered its
+    extension; the server engine checks SIZE against its limit and keeps AUTH= (nothing
+    uses it yet).
     """
 
     reverse_path: Address | None
@@ -102,18 +99,36 @@ class MailFrom:
     body: BodyType = BodyType.SEVEN_BIT
     smtputf8: bool = False
     auth: str | None = None
+    env_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.size is not None and self.size < 0:
+            raise ValueError("SIZE cannot be negative")
 
 
 @dataclass(frozen=True, slots=True)
 class RcptTo:
-    """``RCPT TO:<path>``: one recipient, for the adapter's policy to accept or refuse."""
+    """``RCPT TO:<path>``; ``original`` is sent as ORCPT when the server offers DSN."""
 
     address: Address
+    original: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Data:
     """``DATA``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Bdat:
+    """``BDAT size [LAST]`` (RFC 3030 CHUNKING): exactly ``size`` octets follow at once."""
+
+    size: int
+    last: bool
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            raise ValueError("BDAT size cannot be negative")
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,26 +160,41 @@ class Help:
 
 @dataclass(frozen=True, slots=True)
 class StartTls:
-    """``STARTTLS``: the adapter answers 220 and starts the TLS handshake."""
+    """``STARTTLS``: the server's adapter answers 220 and starts the TLS handshake."""
 
 
 @dataclass(frozen=True, slots=True)
 class Auth:
-    """``AUTH mechanism [initial-response]`` (the response still base64)."""
+    """``AUTH mechanism [initial-response]``, the response decoded (base64 is the wire's).
+
+    ``initial`` None: no initial response; ``b""``: an empty one (``=`` on the wire,
+    RFC 4954 section 4).  The mechanism is upper-case.
+    """
 
     mechanism: str
-    initial: str | None
+    initial: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if not self.mechanism or self.mechanism != self.mechanism.upper():
+            raise ValueError(f"not an upper-case SASL mechanism: {self.mechanism!r}")
+
+    def __repr__(self) -> str:
+        """Never show the initial response: it holds a password for PLAIN."""
+        return f"Auth(mechanism={self.mechanism!r})"
 
 
 @dataclass(frozen=True, slots=True)
-class Bdat:
-    """``BDAT size [LAST]`` (RFC 3030 CHUNKING): exactly ``size`` octets follow at once."""
+class AuthResponse:
+    """One SASL response line after a 334; None cancels the exchange (``*``)."""
 
-    size: int
-    last: bool
+    data: bytes | None
+
+    def __repr__(self) -> str:
+        """Never show the response: it may be a password."""
+        return "AuthResponse(...)"
 
 
-Command = (
+CommandEvent = (
     Helo
     | Ehlo
     | MailFrom
@@ -179,16 +209,10 @@ Command = (
     | StartTls
     | Auth
 )
+"""A command line, parsed (the server engine's table columns for commands)."""
 
 
-# --- from the engine to the adapter ---------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Respond:
-    """The engine answered a command (or input) itself: the adapter sends ``reply``."""
-
-    reply: SmtpReply
+# --- message text ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,9 +224,24 @@ class MessageData:
 
 @dataclass(frozen=True, slots=True)
 class EndOfMessage:
-    """The text ended cleanly: the adapter stores the message and sends the final reply."""
+    """The text ended cleanly.
 
-    size: int
+    From the server engine, ``size`` is the octets of text it counted: the adapter
+    stores the message and sends the final reply.  Given to the client engine, the
+    size is not looked at (the engine ends the last line and sends ``.``).
+    """
+
+    size: int = 0
+
+
+# --- server side ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Respond:
+    """The engine answered a command (or input) itself: the adapter sends ``reply``."""
+
+    reply: SmtpReply
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,9 +256,6 @@ class AuthCredentials:
     def __repr__(self) -> str:
         """Never show the password (events end up in logs and test output)."""
         return f"AuthCredentials(mechanism={self.mechanism!r}, username={self.username!r})"
-
-
-# --- from the adapter to the engine ---------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,3 +278,41 @@ class Shutdown:
 
 
 Event = Respond | MailFrom | RcptTo | StartTls | MessageData | EndOfMessage | AuthCredentials
+"""What the server engine's ``next_event`` returns besides a sentinel."""
+
+
+# --- client side ----------------------------------------------------------------------
+
+
+class Command(enum.Enum):
+    """What a reply answers, as the client engine matches replies to commands."""
+
+    GREETING = "greeting"
+    EHLO = "EHLO"
+    HELO = "HELO"
+    STARTTLS = "STARTTLS"
+    AUTH = "AUTH"
+    MAIL = "MAIL FROM"
+    RCPT = "RCPT TO"
+    DATA = "DATA"
+    END_OF_DATA = "end of data"
+    BDAT = "BDAT"
+    BDAT_LAST = "BDAT LAST"
+    RSET = "RSET"
+    NOOP = "NOOP"
+    QUIT = "QUIT"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerReply:
+    """The server's reply to ``command`` (None: a 421 nobody asked for, e.g. idle timeout)."""
+
+    command: Command | None
+    reply: SmtpReply
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The stream ended; ``unanswered`` are the commands that never got a reply."""
+
+    unanswered: tuple[Command, ...]

@@ -28,19 +28,19 @@ Every reply goes out through :meth:`send`, even the ones the engine decides itse
 (they come out of ``next_event`` as :class:`~.events.Respond`): so the state changes
 exactly when the reply is written, and the adapter sees (and can log) every reply.
 
-**The transition table.**  :data:`TRANSITIONS` maps (state, command class) to the state
-after a positive reply; a missing entry is a command out of sequence, answered
-``503 5.5.1``.  The states are those of RFC 5321 section 4.1.4's ordering rules, plus
-the ones where lines are not commands (``DATA``: message text; ``AUTH``: SASL
-responses; ``TLS``: no input until the handshake), ``BDAT`` (between the chunks of an
-RFC 3030 CHUNKING transaction) and ``GREETING`` (nothing may be said before the greeting,
-RFC 5321 section 4.3.1: a client that talks first is a spam engine, as Postfix's
-postscreen knows).
+**The transition table** is :mod:`relay.sansio.smtp.state`'s
+:data:`~.state.SERVER_TRANSITIONS`: every state (those of RFC 5321 section 4.1.4's
+ordering rules, plus ``GREETING``, ``DATA``, ``CHUNK``, the SASL states and ``TLS``)
+and every move, the refusals and closings included.  This module only decides which
+input a line is and what reply it gets; a command missing from the table is out of
+sequence, answered ``503 5.5.1``.  Command lines are parsed by
+:mod:`relay.sansio.smtp.commands`, given an explicit
+:class:`~.commands.ParseContext` kept up to date here.
 
-**Errors** split as in h11: the adapter misusing the engine raises
-:class:`LocalProtocolError`; anything the *client* does wrong never raises, it becomes a
-reply (a :class:`~.events.Respond` event), because a remote peer must never be able to
-cause an exception.
+**Errors** split as in h11 (:mod:`relay.sansio.smtp.errors`): the adapter misusing
+the engine raises :class:`~.errors.LocalProtocolError`; anything the *client* does
+wrong never raises, it becomes a reply (a :class:`~.events.Respond` event), because a
+remote peer must never be able to cause an exception.
 
 **BDAT** chunks are read by length, exactly as sent (no stuffing, so no end-of-data
 ambiguity to smuggle through).  A chunk that cannot be accepted (out of sequence) is
@@ -48,10 +48,13 @@ still read and thrown away before the 503, as RFC 3030 requires, so its octets a
 taken for commands; a BDAT whose length cannot be read closes the session for the same
 reason.
 
-**Limits** live here: line lengths (512 for commands, 12288 for AUTH, 998 for text),
-message size (SIZE= and the actual text), recipients per message, errors per session.
-A line over its limit is answered when the limit is reached and the rest of it is
-dropped as it arrives: the engine never holds more than one line's limit of a line.
+**Limits** live here: command line lengths (512, 12288 for AUTH), message size (SIZE=
+and the actual text), recipients per message, errors per session.  A command line over
+its limit is answered when the limit is reached and the rest of it is dropped as it
+arrives: the engine never holds more than one line's limit of a line.  Lines of message
+text have no limit of their own (Postfix and Exim take long lines, and so must a relay
+that serves them): the text is handed on in pieces as it arrives, whatever its lines,
+so only the message size bounds it and a session's memory does not grow with a line.
 
 **Sync points** (RFC 2920 section 3.1, RFC 3207, RFC 4954): HELO, EHLO, DATA, STARTTLS
 and AUTH must end a pipelined group.  If bytes follow such a command when the engine
@@ -62,22 +65,25 @@ after DATA, text that would be run as commands).
 
 from __future__ import annotations
 
-import base64
-import binascii
-import enum
 import functools
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from relay.address import Address, AddressError, parse_forward_path, parse_reverse_path
-from relay.envelope import BodyType
+from relay.address import Address
+from relay.sansio.smtp.commands import (
+    MalformedInitialResponse,
+    ParseContext,
+    parse_command,
+    parse_sasl_response,
+)
+from relay.sansio.smtp.errors import CLOSED, LocalProtocolError, Sentinel
 from relay.sansio.smtp.events import (
     Auth,
     AuthCredentials,
+    AuthResponse,
     Bdat,
-    Command,
+    CommandEvent,
     Data,
     Ehlo,
     EndOfMessage,
@@ -93,105 +99,45 @@ from relay.sansio.smtp.events import (
     Refuse,
     Respond,
     Rset,
-    Sentinel,
     Shutdown,
     StartTls,
     Vrfy,
+)
+from relay.sansio.smtp.state import (
+    SERVER_TRANSITIONS,
+    SYNC_POINTS,
+    Move,
+    ServerInput,
+    ServerState,
+    server_move,
 )
 from relay.sansio.smtp.wire import (
     CRLF,
     MAX_AUTH_LINE,
     MAX_COMMAND_LINE,
-    MAX_TEXT_LINE,
-    CommandLine,
     CommandSyntaxError,
     DataDecoder,
-    DataProblem,
     SmtpReply,
     parse_command_line,
-    parse_parameters,
-    split_path_argument,
-    xtext_decode,
 )
 
 __all__ = [
     "CLOSED",
-    "SYNC_POINTS",
-    "TRANSITIONS",
     "Limits",
     "LocalProtocolError",
     "ServerConnection",
     "ServerSettings",
-    "State",
 ]
 
-
-class LocalProtocolError(RuntimeError):
-    """The adapter broke the engine's rules (e.g. sent a reply when none was due)."""
-
-
-class _Closed(enum.Enum):
-    CLOSED = "closed"
-
-
-CLOSED: Final = _Closed.CLOSED
-"""What ``next_event`` returns once the session is over: close the connection."""
-
-
-class State(enum.Enum):
-    """Where a session is (RFC 5321 section 4.1.4, plus the non-command states)."""
-
-    GREETING = "greeting"  # connected, greeting not sent: any input is a protocol error
-    CONNECTED = "connected"  # greeted: HELO/EHLO expected
-    READY = "ready"  # after HELO/EHLO: no transaction
-    MAIL = "mail"  # MAIL accepted, no recipient yet
-    RCPT = "rcpt"  # at least one recipient accepted
-    DATA = "data"  # reading message text
-    BDAT = "bdat"  # between the chunks of a BDAT (CHUNKING) transaction
-    AUTH = "auth"  # a SASL exchange: lines are responses
-    TLS = "tls"  # STARTTLS accepted: nothing may arrive until the handshake is done
-    CLOSED = "closed"
-
-
-_S = State
-_SESSION = (_S.CONNECTED, _S.READY, _S.MAIL, _S.RCPT)
-
-
-def _build_table() -> dict[tuple[State, type], State]:
-    table: dict[tuple[State, type], State] = {}
-    for state in _SESSION:
-        table[state, Helo] = _S.READY
-        table[state, Ehlo] = _S.READY
-        table[state, Noop] = state
-        table[state, Vrfy] = state
-        table[state, Help] = state
-        table[state, Quit] = _S.CLOSED
-        table[state, Rset] = _S.CONNECTED if state is _S.CONNECTED else _S.READY
-    table[_S.READY, MailFrom] = _S.MAIL
-    table[_S.MAIL, RcptTo] = _S.RCPT
-    table[_S.RCPT, RcptTo] = _S.RCPT
-    table[_S.RCPT, Data] = _S.DATA
-    table[_S.RCPT, Bdat] = _S.BDAT
-    table[_S.BDAT, Bdat] = _S.BDAT
-    table[_S.BDAT, Noop] = _S.BDAT
-    table[_S.BDAT, Rset] = _S.READY
-    table[_S.BDAT, Quit] = _S.CLOSED
-    table[_S.READY, StartTls] = _S.TLS
-    table[_S.READY, Auth] = _S.AUTH
-    return table
-
-
-TRANSITIONS: Final[dict[tuple[State, type], State]] = _build_table()
-"""(state, command class) → state after a positive reply.  Missing: ``503 5.5.1``."""
-
-SYNC_POINTS: Final = frozenset({Helo, Ehlo, Data, StartTls, Auth})
-"""Commands that must be the last of a pipelined group."""
+_S = ServerState
+_I = ServerInput
+_STAY: Final = {state: Move(state, state) for state in ServerState}
+"""A command out of sequence is answered 503 and moves nothing (it is not in the table)."""
 
 _UNIMPLEMENTED: Final = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML"})
 _NOT_SMTP: Final = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "USER"})
-_HELO_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})|\[[A-Za-z0-9.:]{1,60}\]")
-_SIZE_VALUE = re.compile(r"[0-9]{1,20}")
-_BDAT_ARGUMENT = re.compile(r"([0-9]{1,20})(?: +(LAST))?", re.IGNORECASE)
+_COMMAND_STATES: Final = frozenset({_S.CONNECTED, _S.READY, _S.MAIL, _S.RCPT, _S.BDAT})
+_AUTH_STATES: Final = frozenset({_S.AUTH_PLAIN, _S.AUTH_LOGIN_USER, _S.AUTH_LOGIN_PASSWORD})
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +149,6 @@ class Limits:
     max_errors: int = 10
     max_command_line: int = MAX_COMMAND_LINE
     max_auth_line: int = MAX_AUTH_LINE
-    max_text_line: int = MAX_TEXT_LINE
 
     def __post_init__(self) -> None:
         if min(self.max_message_size, self.max_recipients, self.max_errors) < 1:
@@ -236,32 +181,11 @@ class ServerSettings:
 
 @dataclass(slots=True)
 class _Pending:
-    """The event waiting for its reply, and what a positive or negative reply does."""
+    """The event waiting for its reply, where the reply leads, and what it does besides."""
 
     event: Event
-    on_positive: State
-    on_negative: State
+    move: Move
     effect: Callable[[SmtpReply], None] | None = None
-
-
-@dataclass(slots=True)
-class _Chunk:
-    """A BDAT chunk being read: octets still to come, and what to answer after it.
-
-    ``error`` is set when the chunk is read only to be thrown away (BDAT out of
-    sequence): RFC 3030 still requires its octets to be consumed, or they would be
-    read as commands.
-    """
-
-    remaining: int
-    last: bool
-    error: SmtpReply | None = None
-
-
-class _Sasl(enum.Enum):
-    PLAIN = "plain"  # waiting for the PLAIN response
-    LOGIN_USER = "login-user"  # waiting for the LOGIN user name
-    LOGIN_PASSWORD = "login-password"  # waiting for the LOGIN password
 
 
 @functools.lru_cache(maxsize=512)
@@ -280,9 +204,10 @@ def _hello_reply(lines: tuple[str, ...]) -> SmtpReply:
     return SmtpReply(250, None, lines)
 
 
-_LOGIN_USER_PROMPT: Final = SmtpReply(334, None, (base64.b64encode(b"Username:").decode(),))
-_LOGIN_PASSWORD_PROMPT: Final = SmtpReply(334, None, (base64.b64encode(b"Password:").decode(),))
+_LOGIN_USER_PROMPT: Final = SmtpReply(334, None, ("VXNlcm5hbWU6",))  # "Username:"
+_LOGIN_PASSWORD_PROMPT: Final = SmtpReply(334, None, ("UGFzc3dvcmQ6",))  # "Password:"
 _SASL_GO_AHEAD: Final = SmtpReply(334, None, ("",))
+_TOO_BIG: Final = (552, "5.3.4", "Message size exceeds fixed maximum message size")
 
 
 class ServerConnection:
@@ -291,7 +216,7 @@ class ServerConnection:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.limits = settings.limits
-        self.state = State.GREETING
+        self.state = ServerState.GREETING
         self.errors = 0
         self.helo_name: str | None = None
         self.esmtp = False
@@ -299,16 +224,22 @@ class ServerConnection:
         self.authenticated_user: str | None = None
         self.mail: MailFrom | None = None
         self.recipients = 0
+        self._context = ParseContext.of(
+            self.limits.max_message_size, False, False, settings.postmaster
+        )
         self._buffer = b""
         self._eof = False
         self._pending: _Pending | None = None
-        self._skipping = False  # dropping the rest of an over-long line
+        # framing (see the exceptions in relay.sansio.smtp.state): octets to drop
+        self._skipping = False  # the rest of an over-long line
+        self._refused_chunk: SmtpReply | None = None  # a BDAT chunk read to be dropped
+        # values within a state
         self._decoder: DataDecoder | None = None
         self._data_ended = False
-        self._sasl: _Sasl | None = None
-        self._sasl_user = ""
-        self._chunk: _Chunk | None = None
+        self._chunk_left = 0
+        self._chunk_last = False
         self._bdat_size = 0
+        self._login_name = ""
 
     # --- properties -------------------------------------------------------------------
 
@@ -320,7 +251,7 @@ class ServerConnection:
     @property
     def closed(self) -> bool:
         """Whether the session is over: the adapter closes the connection."""
-        return self.state is State.CLOSED
+        return self.state is ServerState.CLOSED
 
     @property
     def auth_offered(self) -> bool:
@@ -348,41 +279,41 @@ class ServerConnection:
         """Bytes from the client; ``b""`` means the client closed its side."""
         if not data:
             self._eof = True
-        elif self.state is not State.CLOSED:
+        elif self.state is not ServerState.CLOSED:
             self._buffer += data
 
-    def next_event(self) -> Event | Sentinel | _Closed:
+    def next_event(self) -> Event | Sentinel:
         """The next event, ``NEED_DATA``, ``PAUSED`` or ``CLOSED``."""
-        if self.state is State.CLOSED:
+        state = self.state
+        if state is _S.CLOSED:
             return CLOSED
         if self._pending is not None:
             return Sentinel.PAUSED
         if self._eof:
-            self._close()
+            self._apply(_I.END_OF_STREAM)
             return CLOSED
-        if self._chunk is not None:
-            return self._next_chunk_event(self._chunk)
-        if self.state is State.DATA:
+        if state is _S.CHUNK or self._refused_chunk is not None:
+            return self._next_chunk_event()
+        if state is _S.DATA:
             return self._next_data_event()
         if not self._buffer:
             return Sentinel.NEED_DATA
-        if self.state is State.GREETING:
+        if state is _S.GREETING or state is _S.TLS:
             self._buffer = b""
-            return self._respond(
-                _reply(554, "5.5.0", "SMTP protocol error: client talked before the greeting"),
-                _S.CLOSED,
+            what = (
+                "client talked before the greeting"
+                if state is _S.GREETING
+                else "plaintext after STARTTLS"
             )
-        if self.state is State.TLS:
-            self._buffer = b""
             return self._respond(
-                _reply(554, "5.5.0", "SMTP protocol error: plaintext after STARTTLS"), _S.CLOSED
+                _reply(554, "5.5.0", f"SMTP protocol error: {what}"), self._move(_I.EARLY_INPUT)
             )
         line = self._next_line()
         if line is None:
             return Sentinel.NEED_DATA
         if isinstance(line, SmtpReply):
-            return self._respond(line)
-        if self.state is State.AUTH:
+            return self._respond(line, self._move(_I.LINE_TOO_LONG))
+        if state in _AUTH_STATES:
             return self._sasl_response(line)
         return self._command(line)
 
@@ -393,20 +324,17 @@ class ServerConnection:
         if type(event) is SmtpReply:  # nearly every call: the others are once a session
             return self._send_reply(event)
         if isinstance(event, Greeting):
-            self._require_state(State.GREETING, "greeting")
-            self.state = State.CONNECTED
+            self._apply(_I.GREETING)
             return _reply(
                 220, None, f"{self.settings.hostname} ESMTP {self.settings.software}"
             ).to_bytes()
         if isinstance(event, Refuse):
-            self._require_state(State.GREETING, "refusal")
-            self._close()
+            self._apply(_I.REFUSE)
             return event.reply.to_bytes()
         if isinstance(event, Shutdown):
-            if self.state is State.CLOSED:
-                return b""
-            self._close()
-            return event.reply.to_bytes()
+            said = self.state is not _S.CLOSED
+            self._apply(_I.SHUTDOWN)
+            return event.reply.to_bytes() if said else b""
         if not isinstance(event, SmtpReply):
             raise LocalProtocolError(f"cannot send {event!r}")
         return self._send_reply(event)
@@ -417,77 +345,83 @@ class ServerConnection:
         Everything learnt before (HELO name, authentication, transaction) is forgotten,
         since it was said in the clear and could have been injected.
         """
-        self._require_state(State.TLS, "tls_started")
+        self._apply(_I.TLS_STARTED)
         self.tls_active = True
         self.helo_name = None
         self.esmtp = False
         self.authenticated_user = None
         self._reset_transaction()
         self._buffer = b""
-        self.state = State.CONNECTED
 
-    # --- the reply path ---------------------------------------------------------------
+    # --- moves and the reply path -----------------------------------------------------
+
+    def _move(self, key: type | ServerInput) -> Move:
+        return server_move(self.state, key)
+
+    def _apply(self, key: ServerInput) -> None:
+        """A move that waits for no reply: take it now."""
+        self.state = server_move(self.state, key).positive
+        if self.state is _S.CLOSED:
+            self._close()
 
     def _send_reply(self, reply: SmtpReply) -> bytes:
         pending = self._pending
         if pending is None:
             raise LocalProtocolError(f"no reply is due (state {self.state.name}): {reply}")
-        if isinstance(pending.event, MessageData):  # pragma: no cover - never pending
-            raise LocalProtocolError("MessageData takes no reply")
         self._pending = None
         if pending.effect is not None:
             pending.effect(reply)
-        self.state = pending.on_positive if reply.is_positive else pending.on_negative
+        move = pending.move
+        self.state = move.positive if reply.is_positive else move.negative
         out = reply.to_bytes()
-        if reply.is_permanent and self.state is not State.CLOSED:
+        if reply.is_permanent and self.state is not _S.CLOSED:
             self.errors += 1
             if self.errors >= self.limits.max_errors:
-                self._close()
+                self._apply(_I.TOO_MANY_ERRORS)
                 out += _reply(
                     421, "4.7.0", f"{self.settings.hostname} Too many errors, closing connection"
                 ).to_bytes()
-        if self.state is State.CLOSED:
+        if self.state is _S.CLOSED:
             self._close()
         return out
 
     def _respond(
-        self,
-        reply: SmtpReply,
-        on_positive: State | None = None,
-        on_negative: State | None = None,
-        effect: Callable[[SmtpReply], None] | None = None,
+        self, reply: SmtpReply, move: Move, effect: Callable[[SmtpReply], None] | None = None
     ) -> Respond:
         """The engine answers: pause until the adapter sends this reply."""
         event = Respond(reply)
-        here = on_positive if on_positive is not None else self.state
-        there = on_negative if on_negative is not None else here
-        self._pending = _Pending(event, here, there, effect)
+        self._pending = _Pending(event, move, effect)
         return event
 
     def _ask(
         self,
         event: MailFrom | RcptTo | StartTls | EndOfMessage | AuthCredentials,
-        on_positive: State,
-        on_negative: State,
+        move: Move,
         effect: Callable[[SmtpReply], None] | None = None,
     ) -> Event:
         """The adapter decides: pause until it sends a reply."""
-        self._pending = _Pending(event, on_positive, on_negative, effect)
+        self._pending = _Pending(event, move, effect)
         return event
 
-    def _require_state(self, state: State, what: str) -> None:
-        if self.state is not state:
-            raise LocalProtocolError(f"{what} in state {self.state.name}")
-
     def _close(self) -> None:
-        self.state = State.CLOSED
         self._pending = None
         self._buffer = b""
         self._decoder = None
+        self._refused_chunk = None
 
     def _reset_transaction(self) -> None:
         self.mail = None
         self.recipients = 0
+        self._update_context()
+
+    def _update_context(self) -> None:
+        """Keep the parsers' context in step with what the session said."""
+        context = self._context
+        smtputf8 = self.mail is not None and self.mail.smtputf8
+        if context.esmtp is not self.esmtp or context.smtputf8 is not smtputf8:
+            self._context = ParseContext.of(
+                context.max_message_size, self.esmtp, smtputf8, context.postmaster
+            )
 
     # --- lines ------------------------------------------------------------------------
 
@@ -498,7 +432,7 @@ class ServerConnection:
             if self._skipping:
                 return None
         buffer = self._buffer
-        auth_allowed = self.state is State.AUTH or buffer[:5].upper() == b"AUTH "
+        auth_allowed = self.state in _AUTH_STATES or buffer[:5].upper() == b"AUTH "
         limit = (self.limits.max_auth_line if auth_allowed else self.limits.max_command_line) - 2
         end = buffer.find(CRLF, 0, limit + 2)
         if end == -1:
@@ -525,29 +459,29 @@ class ServerConnection:
         try:
             line = parse_command_line(raw)
         except CommandSyntaxError as e:
-            return self._respond(e.reply)
+            return self._respond(e.reply, self._move(_I.BAD_COMMAND))
         if not line.ascii and line.verb not in ("MAIL", "RCPT"):
-            return self._respond(_reply(501, "5.5.4", "Non-ASCII characters need SMTPUTF8"))
-        parse = _PARSERS.get(line.verb)
-        if parse is None:
-            if line.verb in _NOT_SMTP:
-                reply = _reply(421, "4.7.0", f"{self.settings.hostname} This is an SMTP server")
-                return self._respond(reply, _S.CLOSED, _S.CLOSED)
-            if line.verb in _UNIMPLEMENTED:
-                return self._respond(_reply(502, "5.5.1", "Command not implemented"))
-            return self._respond(_reply(500, "5.5.2", "Syntax error, command unrecognized"))
+            reply = _reply(501, "5.5.4", "Non-ASCII characters need SMTPUTF8")
+            return self._respond(reply, self._move(_I.BAD_COMMAND))
+        malformed = False
         try:
-            command = parse(self, line)
+            command = parse_command(line, self._context)
+        except MalformedInitialResponse as e:
+            command, malformed = e.command, True
         except CommandSyntaxError as e:
             if line.verb == "BDAT":  # the chunk's length is unknown: nothing after it is safe
-                return self._respond(e.reply, _S.CLOSED, _S.CLOSED)
-            return self._respond(e.reply)
-        key = (self.state, type(command))
-        if key not in TRANSITIONS:
-            if isinstance(command, Bdat):
-                return self._skip_chunk(command, self._out_of_sequence(command))
-            return self._respond(self._out_of_sequence(command))
-        if type(command) in SYNC_POINTS and self._buffer:
+                return self._respond(e.reply, self._move(_I.BAD_BDAT))
+            return self._respond(e.reply, self._move(_I.BAD_COMMAND))
+        if command is None:
+            return self._unknown(line.verb)
+        kind = type(command)
+        move = SERVER_TRANSITIONS.get((self.state, kind))
+        if move is None:
+            if kind is Bdat:
+                assert isinstance(command, Bdat)
+                return self._refuse_chunk(command, self._out_of_sequence(command))
+            return self._respond(self._out_of_sequence(command), _STAY[self.state])
+        if kind in SYNC_POINTS and self._buffer:
             self._buffer = b""
             return self._respond(
                 _reply(
@@ -556,119 +490,40 @@ class ServerConnection:
                     f"SMTP protocol synchronization error: input after {line.verb} "
                     "before its reply",
                 ),
-                _S.CLOSED,
+                self._move(_I.SYNC_ERROR),
             )
-        return _HANDLERS[type(command)](self, command, TRANSITIONS[key])
+        if malformed:
+            assert isinstance(command, Auth)
+            return self._on_auth(command, move, malformed=True)
+        return _HANDLERS[kind](self, command, move)
 
-    def _out_of_sequence(self, command: Command) -> SmtpReply:
+    def _unknown(self, verb: str) -> Event:
+        if verb in _NOT_SMTP:
+            reply = _reply(421, "4.7.0", f"{self.settings.hostname} This is an SMTP server")
+            return self._respond(reply, self._move(_I.NOT_SMTP))
+        if verb in _UNIMPLEMENTED:
+            return self._respond(
+                _reply(502, "5.5.1", "Command not implemented"), self._move(_I.BAD_COMMAND)
+            )
+        return self._respond(
+            _reply(500, "5.5.2", "Syntax error, command unrecognized"), self._move(_I.BAD_COMMAND)
+        )
+
+    def _out_of_sequence(self, command: CommandEvent) -> SmtpReply:
         hint = {
-            State.CONNECTED: "send HELO/EHLO first",
-            State.READY: "need MAIL before RCPT/DATA",
-            State.MAIL: "need RCPT (no valid recipients)",
-            State.RCPT: "transaction in progress",
-            State.BDAT: "BDAT transaction in progress (RSET to abandon it)",
+            _S.CONNECTED: "send HELO/EHLO first",
+            _S.READY: "need MAIL before RCPT/DATA",
+            _S.MAIL: "need RCPT (no valid recipients)",
+            _S.RCPT: "transaction in progress",
+            _S.BDAT: "BDAT transaction in progress (RSET to abandon it)",
         }.get(self.state, "")
-        if isinstance(command, MailFrom) and self.state in (State.MAIL, State.RCPT):
+        if isinstance(command, MailFrom) and self.state in (_S.MAIL, _S.RCPT):
             hint = "nested MAIL command"
         return _reply(503, "5.5.1", f"Bad sequence of commands: {hint}")
 
-    # --- parsers: CommandLine -> Command (syntax only; state and policy later) ----------
-
-    def _parse_hello(self, line: CommandLine) -> Command:
-        name = line.argument
-        if not line.ascii or not _HELO_NAME.fullmatch(name):
-            raise CommandSyntaxError(501, "5.5.4", f"Syntax: {line.verb} hostname")
-        return Ehlo(name) if line.verb == "EHLO" else Helo(name)
-
-    def _parse_mail(self, line: CommandLine) -> Command:
-        path, params_text = split_path_argument(line.argument, "FROM")
-        params = parse_parameters(params_text)
-        if params and not self.esmtp:
-            raise CommandSyntaxError(555, "5.5.4", "MAIL parameters need EHLO")
-        smtputf8 = "SMTPUTF8" in params
-        if smtputf8 and params["SMTPUTF8"] is not None:
-            raise CommandSyntaxError(501, "5.5.4", "SMTPUTF8 takes no value")
-        if not line.ascii and not smtputf8:
-            raise CommandSyntaxError(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
-        size = self._size_parameter(params.get("SIZE", None), "SIZE" in params)
-        body = self._body_parameter(params.get("BODY"), "BODY" in params)
-        auth = None
-        if "AUTH" in params:
-            value = params["AUTH"]
-            if value is None:
-                raise CommandSyntaxError(501, "5.5.4", "AUTH= needs a value")
-            auth = xtext_decode(value)
-        unknown = set(params) - {"SIZE", "BODY", "SMTPUTF8", "AUTH"}
-        if unknown:
-            raise CommandSyntaxError(555, "5.5.4", f"Unsupported parameter {sorted(unknown)[0]}")
-        try:
-            reverse_path = parse_reverse_path(path, smtputf8=smtputf8)
-        except AddressError as e:
-            raise CommandSyntaxError(501, "5.1.7", f"Bad sender address syntax: {e}") from None
-        return MailFrom(reverse_path, size, body, smtputf8, auth)
-
-    def _size_parameter(self, value: str | None, given: bool) -> int | None:
-        if not given:
-            return None
-        if value is None or not _SIZE_VALUE.fullmatch(value):
-            raise CommandSyntaxError(501, "5.5.4", "SIZE needs a number")
-        size = int(value)
-        if size > self.limits.max_message_size:
-            raise CommandSyntaxError(
-                552, "5.3.4", "Message size exceeds fixed maximum message size"
-            )
-        return size
-
-    def _body_parameter(self, value: str | None, given: bool) -> BodyType:
-        if not given:
-            return BodyType.SEVEN_BIT
-        upper = (value or "").upper()
-        if upper == "7BIT":
-            return BodyType.SEVEN_BIT
-        if upper == "8BITMIME":
-            return BodyType.EIGHT_BIT_MIME
-        raise CommandSyntaxError(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
-
-    def _parse_rcpt(self, line: CommandLine) -> Command:
-        path, params_text = split_path_argument(line.argument, "TO")
-        params = parse_parameters(params_text)
-        if params:
-            raise CommandSyntaxError(555, "5.5.4", f"Unsupported parameter {next(iter(params))}")
-        smtputf8 = self.mail is not None and self.mail.smtputf8
-        if not line.ascii and not smtputf8:
-            raise CommandSyntaxError(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
-        if path.lower() == "<postmaster>" and self.settings.postmaster is not None:
-            return RcptTo(self.settings.postmaster)
-        try:
-            return RcptTo(parse_forward_path(path, smtputf8=smtputf8))
-        except AddressError as e:
-            raise CommandSyntaxError(501, "5.1.3", f"Bad recipient address syntax: {e}") from None
-
-    def _parse_no_argument(self, line: CommandLine) -> Command:
-        if line.argument:
-            raise CommandSyntaxError(501, "5.5.4", f"Syntax: {line.verb} takes no argument")
-        return _NO_ARGUMENT[line.verb]()
-
-    def _parse_noop(self, line: CommandLine) -> Command:
-        return Noop()
-
-    def _parse_help(self, line: CommandLine) -> Command:
-        return Help()
-
-    def _parse_vrfy(self, line: CommandLine) -> Command:
-        if not line.argument:
-            raise CommandSyntaxError(501, "5.5.4", "Syntax: VRFY address")
-        return Vrfy(line.argument)
-
-    def _parse_auth(self, line: CommandLine) -> Command:
-        mechanism, _, initial = line.argument.partition(" ")
-        if not mechanism or " " in initial.strip(" "):
-            raise CommandSyntaxError(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
-        return Auth(mechanism.upper(), initial.strip(" ") or None)
-
     # --- handlers: a legal command in its state -------------------------------------------
 
-    def _on_hello(self, command: Command, after: State) -> Event:
+    def _on_hello(self, command: CommandEvent, move: Move) -> Event:
         assert isinstance(command, Helo | Ehlo)
         extended = isinstance(command, Ehlo)
         hostname = self.settings.hostname
@@ -682,7 +537,7 @@ class ServerConnection:
             self.esmtp = extended
             self._reset_transaction()
 
-        return self._respond(_hello_reply(tuple(lines)), after, effect=effect)
+        return self._respond(_hello_reply(tuple(lines)), move, effect)
 
     def _extensions(self) -> list[str]:
         lines = ["PIPELINING", f"SIZE {self.limits.max_message_size}", "8BITMIME", "SMTPUTF8"]
@@ -695,180 +550,184 @@ class ServerConnection:
             lines.append("AUTH PLAIN LOGIN")
         return lines
 
-    def _on_mail(self, command: Command, after: State) -> Event:
+    def _on_mail(self, command: CommandEvent, move: Move) -> Event:
         assert isinstance(command, MailFrom)
 
         def effect(reply: SmtpReply) -> None:
             if reply.is_positive:
                 self.mail = command
                 self.recipients = 0
+                self._update_context()
 
-        return self._ask(command, after, self.state, effect)
+        return self._ask(command, move, effect)
 
-    def _on_rcpt(self, command: Command, after: State) -> Event:
+    def _on_rcpt(self, command: CommandEvent, move: Move) -> Event:
         assert isinstance(command, RcptTo)
         if self.recipients >= self.limits.max_recipients:
-            return self._respond(_reply(452, "4.5.3", "Too many recipients"))
+            return self._respond(_reply(452, "4.5.3", "Too many recipients"), move)
 
         def effect(reply: SmtpReply) -> None:
             if reply.is_positive:
                 self.recipients += 1
 
-        return self._ask(command, after, self.state, effect)
+        return self._ask(command, move, effect)
 
-    def _on_data(self, command: Command, after: State) -> Event:
+    def _on_data(self, command: CommandEvent, move: Move) -> Event:
         def effect(reply: SmtpReply) -> None:
-            self._decoder = DataDecoder(self.limits.max_text_line)
+            self._decoder = DataDecoder()
             self._data_ended = False
 
+        return self._respond(_reply(354, None, "End data with <CR><LF>.<CR><LF>"), move, effect)
+
+    def _on_rset(self, command: CommandEvent, move: Move) -> Event:
+        return self._respond(_reply(250, "2.0.0", "Ok"), move, lambda _: self._reset_transaction())
+
+    def _on_noop(self, command: CommandEvent, move: Move) -> Event:
+        return self._respond(_reply(250, "2.0.0", "Ok"), move)
+
+    def _on_help(self, command: CommandEvent, move: Move) -> Event:
+        return self._respond(_reply(214, "2.0.0", "See RFC 5321"), move)
+
+    def _on_vrfy(self, command: CommandEvent, move: Move) -> Event:
         return self._respond(
-            _reply(354, None, "End data with <CR><LF>.<CR><LF>"), after, effect=effect
+            _reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery"),
+            move,
         )
 
-    def _parse_bdat(self, line: CommandLine) -> Command:
-        match = _BDAT_ARGUMENT.fullmatch(line.argument)
-        if match is None:
-            raise CommandSyntaxError(501, "5.5.4", "Syntax: BDAT size [LAST]")
-        return Bdat(int(match.group(1)), match.group(2) is not None)
+    def _on_quit(self, command: CommandEvent, move: Move) -> Event:
+        return self._respond(
+            _reply(221, "2.0.0", f"{self.settings.hostname} closing connection"), move
+        )
 
-    def _on_bdat(self, command: Command, after: State) -> Event | Sentinel:
+    def _on_starttls(self, command: CommandEvent, move: Move) -> Event:
+        if self.tls_active:
+            return self._respond(_reply(503, "5.5.1", "TLS already active"), move)
+        if not self.settings.tls_available:
+            return self._respond(_reply(502, "5.5.1", "STARTTLS not available"), move)
+        assert isinstance(command, StartTls)
+        return self._ask(command, move)
+
+    # --- BDAT -------------------------------------------------------------------------
+
+    def _on_bdat(self, command: CommandEvent, move: Move) -> Event | Sentinel:
         assert isinstance(command, Bdat)
         if not self.settings.chunking:
-            return self._skip_chunk(command, _reply(502, "5.5.1", "CHUNKING not available"))
-        if self.state is State.RCPT:
+            return self._refuse_chunk(command, _reply(502, "5.5.1", "CHUNKING not available"))
+        if self.state is _S.RCPT:
             self._bdat_size = 0
-        self._chunk = _Chunk(command.size, command.last)
-        return self._next_chunk_event(self._chunk)
+        self.state = move.positive  # the octets follow at once: no reply to wait for
+        self._chunk_left, self._chunk_last = command.size, command.last
+        return self._next_chunk_event()
 
-    def _skip_chunk(self, command: Bdat, error: SmtpReply) -> Event | Sentinel:
+    def _refuse_chunk(self, command: Bdat, error: SmtpReply) -> Event | Sentinel:
         """Consume a BDAT chunk that cannot be taken, then answer ``error``."""
-        self._chunk = _Chunk(command.size, command.last, error)
-        return self._next_chunk_event(self._chunk)
+        self._chunk_left, self._chunk_last = command.size, command.last
+        self._refused_chunk = error
+        return self._next_chunk_event()
 
-    def _next_chunk_event(self, chunk: _Chunk) -> Event | Sentinel:
+    def _next_chunk_event(self) -> Event | Sentinel:
         """Read a BDAT chunk: octets exactly as sent (no stuffing), then its reply."""
-        while chunk.remaining:
+        refused = self._refused_chunk
+        while self._chunk_left:
             if not self._buffer:
                 return Sentinel.NEED_DATA
-            take = self._buffer[: chunk.remaining]
+            take = self._buffer[: self._chunk_left]
             self._buffer = self._buffer[len(take) :]
-            chunk.remaining -= len(take)
-            if chunk.error is not None:
+            self._chunk_left -= len(take)
+            if refused is not None:
                 continue
             self._bdat_size += len(take)
             if self._bdat_size <= self.limits.max_message_size:
                 return MessageData(take)
-        self._chunk = None
-        if chunk.error is not None:
-            return self._respond(chunk.error)
-        if chunk.last:
+        if refused is not None:
+            self._refused_chunk = None
+            return self._respond(refused, self._move(_I.CHUNK_DISCARDED))
+        if not self._chunk_last:
+            return self._respond(_reply(250, "2.0.0", "Chunk received"), self._move(_I.CHUNK_END))
+        move = self._move(_I.LAST_CHUNK_END)
 
-            def effect(reply: SmtpReply) -> None:
-                self._reset_transaction()
+        def effect(reply: SmtpReply) -> None:
+            self._reset_transaction()
 
-            if self._bdat_size > self.limits.max_message_size:
-                reply = _reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
-                return self._respond(reply, _S.READY, _S.READY, effect)
-            return self._ask(EndOfMessage(self._bdat_size), _S.READY, _S.READY, effect)
-        return self._respond(_reply(250, "2.0.0", "Chunk received"), _S.BDAT)
+        if self._bdat_size > self.limits.max_message_size:
+            return self._respond(_reply(*_TOO_BIG), move, effect)
+        return self._ask(EndOfMessage(self._bdat_size), move, effect)
 
-    def _on_rset(self, command: Command, after: State) -> Event:
-        return self._respond(
-            _reply(250, "2.0.0", "Ok"), after, effect=lambda _: self._reset_transaction()
-        )
+    # --- AUTH and SASL ----------------------------------------------------------------
 
-    def _on_noop(self, command: Command, after: State) -> Event:
-        return self._respond(_reply(250, "2.0.0", "Ok"), after)
-
-    def _on_help(self, command: Command, after: State) -> Event:
-        return self._respond(_reply(214, "2.0.0", "See RFC 5321"), after)
-
-    def _on_vrfy(self, command: Command, after: State) -> Event:
-        return self._respond(
-            _reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery"),
-            after,
-        )
-
-    def _on_quit(self, command: Command, after: State) -> Event:
-        return self._respond(
-            _reply(221, "2.0.0", f"{self.settings.hostname} closing connection"), after, after
-        )
-
-    def _on_starttls(self, command: Command, after: State) -> Event:
-        if self.tls_active:
-            return self._respond(_reply(503, "5.5.1", "TLS already active"))
-        if not self.settings.tls_available:
-            return self._respond(_reply(502, "5.5.1", "STARTTLS not available"))
-        assert isinstance(command, StartTls)
-        return self._ask(command, after, self.state)
-
-    def _on_auth(self, command: Command, after: State) -> Event:
+    def _on_auth(self, command: CommandEvent, move: Move, *, malformed: bool = False) -> Event:
         assert isinstance(command, Auth)
         if not self.settings.auth_available:
-            return self._respond(_reply(503, "5.5.1", "Authentication not enabled"))
+            return self._respond(_reply(503, "5.5.1", "Authentication not enabled"), move)
         if not self.auth_offered:
-            return self._respond(_reply(538, "5.7.11", "Encryption required for authentication"))
+            reply = _reply(538, "5.7.11", "Encryption required for authentication")
+            return self._respond(reply, move)
         if self.authenticated_user is not None:
-            return self._respond(_reply(503, "5.5.1", "Already authenticated"))
+            return self._respond(_reply(503, "5.5.1", "Already authenticated"), move)
+        if command.mechanism not in ("PLAIN", "LOGIN"):
+            reply = _reply(504, "5.5.4", "Unrecognized authentication mechanism")
+            return self._respond(reply, move)
+        if malformed:
+            return self._malformed(command.mechanism, move)
         if command.mechanism == "PLAIN":
             if command.initial is None:
-                self._sasl = _Sasl.PLAIN
-                return self._respond(_SASL_GO_AHEAD, after)
-            return self._plain(command.initial)
-        if command.mechanism == "LOGIN":
-            if command.initial is None:
-                self._sasl = _Sasl.LOGIN_USER
-                return self._respond(_LOGIN_USER_PROMPT, after)
-            return self._login_user(command.initial)
-        return self._respond(_reply(504, "5.5.4", "Unrecognized authentication mechanism"))
-
-    # --- SASL -------------------------------------------------------------------------
+                return self._respond(_SASL_GO_AHEAD, self._move(_I.AUTH_PLAIN))
+            return self._plain(command.initial, move)
+        if command.initial is None:
+            return self._respond(_LOGIN_USER_PROMPT, self._move(_I.AUTH_LOGIN))
+        return self._login_user(command.initial, move)
 
     def _sasl_response(self, raw: bytes) -> Event:
-        step, self._sasl = self._sasl, None
-        text = raw.strip(b" ").decode("ascii", errors="replace")
-        if text == "*":
-            return self._respond(_reply(501, "5.0.0", "Authentication cancelled"), _S.READY)
+        move = self._move(AuthResponse)
+        response = parse_sasl_response(raw)
+        if response is not None and response.data is None:
+            return self._respond(_reply(501, "5.0.0", "Authentication cancelled"), move)
         if self._buffer:
             self._buffer = b""
             return self._respond(
                 _reply(554, "5.5.0", "SMTP protocol synchronization error: input during AUTH"),
-                _S.CLOSED,
+                self._move(_I.SYNC_ERROR),
             )
-        if step is _Sasl.PLAIN:
-            return self._plain(text)
-        if step is _Sasl.LOGIN_USER:
-            return self._login_user(text)
-        password = _b64(text)
-        if password is None:
-            return self._respond(_reply(501, "5.5.2", "Malformed LOGIN response"), _S.READY)
-        return self._credentials("LOGIN", self._sasl_user, password, "")
+        state = self.state
+        if response is None or response.data is None:
+            return self._malformed("PLAIN" if state is _S.AUTH_PLAIN else "LOGIN", move)
+        if state is _S.AUTH_PLAIN:
+            return self._plain(response.data, move)
+        if state is _S.AUTH_LOGIN_USER:
+            return self._login_user(response.data, move)
+        password = response.data.decode("utf-8")
+        return self._credentials("LOGIN", self._login_user_name(), password, "", move)
 
-    def _plain(self, response: str) -> Event:
-        decoded = _b64(response)
-        parts = None if decoded is None else decoded.split("\0")
-        if parts is None or len(parts) != 3 or not parts[1]:
-            return self._respond(_reply(501, "5.5.2", "Malformed PLAIN response"), _S.READY)
+    def _malformed(self, mechanism: str, move: Move) -> Event:
+        return self._respond(_reply(501, "5.5.2", f"Malformed {mechanism} response"), move)
+
+    def _plain(self, response: bytes, move: Move) -> Event:
+        parts = response.decode("utf-8").split("\0")
+        if len(parts) != 3 or not parts[1]:
+            return self._malformed("PLAIN", move)
         authzid, username, password = parts
-        return self._credentials("PLAIN", username, password, authzid)
+        return self._credentials("PLAIN", username, password, authzid, move)
 
-    def _login_user(self, response: str) -> Event:
-        decoded = _b64(response)
-        if not decoded:
-            return self._respond(_reply(501, "5.5.2", "Malformed LOGIN response"), _S.READY)
-        self._sasl_user = decoded
-        self._sasl = _Sasl.LOGIN_PASSWORD
-        return self._respond(_LOGIN_PASSWORD_PROMPT, _S.AUTH)
+    def _login_user(self, response: bytes, move: Move) -> Event:
+        if not response:
+            return self._malformed("LOGIN", move)
+        self._login_name = response.decode("utf-8")
+        return self._respond(_LOGIN_PASSWORD_PROMPT, self._move(_I.AUTH_LOGIN_USER))
 
-    def _credentials(self, mechanism: str, username: str, password: str, authzid: str) -> Event:
-        self._sasl_user = ""
+    def _login_user_name(self) -> str:
+        user, self._login_name = self._login_name, ""
+        return user
+
+    def _credentials(
+        self, mechanism: str, username: str, password: str, authzid: str, move: Move
+    ) -> Event:
         credentials = AuthCredentials(mechanism, username, password, authzid)
 
         def effect(reply: SmtpReply) -> None:
             if reply.code == 235:
                 self.authenticated_user = username
 
-        return self._ask(credentials, _S.READY, _S.READY, effect)
+        return self._ask(credentials, move, effect)
 
     # --- message text -----------------------------------------------------------------
 
@@ -894,57 +753,22 @@ class ServerConnection:
 
     def _end_of_data(self, decoder: DataDecoder) -> Event:
         self._decoder = None
+        move = self._move(_I.TEXT_END)
 
         def effect(reply: SmtpReply) -> None:
             self._reset_transaction()
 
         problem = decoder.problem
-        if problem in (DataProblem.BARE_LF, DataProblem.BARE_CR):
+        if problem is not None:
             reply = _reply(554, "5.5.0", f"Message rejected: {problem.value} (RFC 5321 2.3.8)")
-        elif problem is DataProblem.LINE_TOO_LONG:
-            reply = _reply(500, "5.5.2", "Message rejected: line too long")
         elif decoder.size > self.limits.max_message_size:
-            reply = _reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+            reply = _reply(*_TOO_BIG)
         else:
-            return self._ask(EndOfMessage(decoder.size), _S.READY, _S.READY, effect)
-        return self._respond(reply, _S.READY, _S.READY, effect)
+            return self._ask(EndOfMessage(decoder.size), move, effect)
+        return self._respond(reply, move, effect)
 
 
-def _b64(text: str) -> str | None:
-    """Decode a SASL response: strict base64 of UTF-8, ``=`` for empty; None if invalid."""
-    if text == "=":
-        return ""
-    try:
-        return base64.b64decode(text.encode("ascii"), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeError, ValueError):
-        return None
-
-
-_NO_ARGUMENT: Final[dict[str, Callable[[], Command]]] = {
-    "DATA": Data,
-    "RSET": Rset,
-    "QUIT": Quit,
-    "STARTTLS": StartTls,
-}
-
-_Parser = Callable[[ServerConnection, CommandLine], Command]
-_PARSERS: Final[dict[str, _Parser]] = {
-    "HELO": ServerConnection._parse_hello,
-    "EHLO": ServerConnection._parse_hello,
-    "MAIL": ServerConnection._parse_mail,
-    "RCPT": ServerConnection._parse_rcpt,
-    "DATA": ServerConnection._parse_no_argument,
-    "RSET": ServerConnection._parse_no_argument,
-    "QUIT": ServerConnection._parse_no_argument,
-    "STARTTLS": ServerConnection._parse_no_argument,
-    "NOOP": ServerConnection._parse_noop,
-    "HELP": ServerConnection._parse_help,
-    "VRFY": ServerConnection._parse_vrfy,
-    "AUTH": ServerConnection._parse_auth,
-    "BDAT": ServerConnection._parse_bdat,
-}
-
-_Handler = Callable[[ServerConnection, Command, State], Event | Sentinel]
+_Handler = Callable[[ServerConnection, CommandEvent, Move], Event | Sentinel]
 _HANDLERS: Final[dict[type, _Handler]] = {
     Helo: ServerConnection._on_hello,
     Ehlo: ServerConnection._on_hello,

@@ -21,14 +21,23 @@ client channel both build on it, so the two sides can never disagree about frami
   Errors are :class:`CommandSyntaxError`, which carries the reply a server sends for it.
 * **Message text.**  :class:`DotStuffer` turns text chunks into wire bytes for DATA
   (any line ends made CRLF, leading dots doubled, the final ``CRLF.CRLF`` added by
-  :meth:`DotStuffer.finish`), streaming, without holding more than a flag between
-  chunks.  :class:`DataDecoder` is the receiving side: it removes the stuffing and finds
-  the end of the text, and it is strict on purpose.  Only ``CRLF . CRLF`` ends the text;
-  a bare LF or bare CR anywhere in it is recorded as a :class:`DataProblem` and the
-  decoder keeps looking for the real end.  That is the defence against SMTP smuggling
+  :meth:`DotStuffer.finish`), streaming, without holding more than a flag and a column
+  between chunks.  It also keeps what it sends within the 1000-octet text line of
+  RFC 5321 section 4.5.3.1.6 the way Postfix's ``smtp_line_length_limit`` does: a line
+  longer than the limit is broken by inserting ``CRLF SP`` (the space makes the rest a
+  folded header line or a line of text that starts with a space, the least damage to
+  MIME), and the limit 0 sends lines as they are.
+  :class:`DataDecoder` is the receiving side: it removes the stuffing and finds the end
+  of the text, and it is strict on purpose.  Only ``CRLF . CRLF`` ends the text; a bare
+  LF or bare CR anywhere in it is recorded as a :class:`DataProblem` and the decoder
+  keeps looking for the real end.  That is the defence against SMTP smuggling
   (CVE-2023-51764 and friends): a sequence such as ``LF . LF`` that another server
   might take for the end can never end the text here, so whatever follows it is text
-  (and is thrown away with the rejected message), never a command.
+  (and is thrown away with the rejected message), never a command.  It does *not*
+  limit line length: programs and mailing lists send lines longer than 998 octets
+  every day and Postfix and Exim take them, so a line of any length is passed on in
+  pieces as it arrives (only the message size bounds it) and the SMTP client breaks
+  it when it relays the message.
 
 Both streaming classes work chunk-at-a-time with ``bytes`` methods (``find``,
 ``replace``, ``count``) rather than a Python loop over bytes or lines: a message costs a
@@ -62,6 +71,7 @@ __all__ = [
     "ReplySyntaxError",
     "SmtpReply",
     "WireError",
+    "check_line_length_limit",
     "dot_stuff",
     "format_command",
     "format_parameters",
@@ -80,7 +90,8 @@ MAX_COMMAND_LINE: Final = 512
 """Octets in a command line, including the CRLF (RFC 5321 section 4.5.3.1.4)."""
 
 MAX_TEXT_LINE: Final = 998
-"""Octets in a line of message text, excluding the CRLF (section 4.5.3.1.6: 1000 with)."""
+"""Octets in a line of message text, excluding the CRLF (section 4.5.3.1.6: 1000 with):
+the length the SMTP client breaks longer lines at by default."""
 
 MAX_REPLY_LINE: Final = 512
 """Octets in a reply line, including the CRLF (section 4.5.3.1.5)."""
@@ -495,14 +506,24 @@ class DotStuffer:
     Line ends are normalised to CRLF (a bare CR or bare LF becomes CRLF, so the output
     can never hold the ambiguous sequences that smuggling relies on) and a dot at the
     start of a line is doubled (RFC 5321 section 4.5.2).  :meth:`finish` ends the last
-    line if needed and adds the ``.CRLF`` terminator.  Between chunks only two flags are
-    kept, so a CRLF or a leading dot split across chunks is handled without buffering.
+    line if needed and adds the ``.CRLF`` terminator.
+
+    With ``line_length_limit`` (0: none) a line longer than that many octets is broken
+    as Postfix's SMTP client breaks it: after every ``limit`` octets of output that more
+    octets of the same line follow, ``CRLF SP`` is inserted, and the space counts
+    towards the next piece.  A line of exactly ``limit`` octets is sent whole; the dot
+    added by stuffing is not counted (RFC 5321 section 4.5.3.1.6 does not count it).
+
+    Between chunks only two flags and the current line's column are kept, so a CRLF, a
+    leading dot or a break split across chunks is handled without buffering.  Chunks
+    whose lines all fit are checked with a few C-level searches and not split at all.
     """
 
-    __slots__ = ("_at_line_start", "_finished", "_skip_lf")
+    __slots__ = ("_column", "_finished", "_limit", "_skip_lf")
 
-    def __init__(self) -> None:
-        self._at_line_start = True
+    def __init__(self, line_length_limit: int = 0) -> None:
+        self._limit = check_line_length_limit(line_length_limit)
+        self._column = 0  # octets of the current output line so far (0: at a line start)
         self._skip_lf = False  # the previous chunk ended with CR: drop a leading LF
         self._finished = False
 
@@ -519,10 +540,15 @@ class DotStuffer:
                 return b""
         self._skip_lf = chunk[-1:] == b"\r"
         lf = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        at_line_start = self._column == 0
+        if self._limit and self._needs_breaking(lf):
+            lf = self._break_lines(lf)
+        else:
+            last = lf.rfind(b"\n")
+            self._column = self._column + len(lf) if last == -1 else len(lf) - last - 1
         stuffed = lf.replace(b"\n.", b"\n..")
-        if self._at_line_start and stuffed[:1] == b".":
+        if at_line_start and stuffed[:1] == b".":
             stuffed = b"." + stuffed
-        self._at_line_start = stuffed[-1:] == b"\n"
         return stuffed.replace(b"\n", b"\r\n")
 
     def finish(self) -> bytes:
@@ -530,12 +556,52 @@ class DotStuffer:
         if self._finished:
             raise ValueError("finish() called twice")
         self._finished = True
-        return b".\r\n" if self._at_line_start else b"\r\n.\r\n"
+        return b".\r\n" if self._column == 0 else b"\r\n.\r\n"
+
+    def _needs_breaking(self, lf: bytes) -> bool:
+        """Whether a line of ``lf`` (LF line ends), the open one included, is too long."""
+        limit = self._limit
+        first = lf.find(b"\n")
+        if first == -1:
+            return self._column + len(lf) > limit
+        if self._column + first > limit:
+            return True
+        last = lf.rfind(b"\n")
+        return len(lf) - last - 1 > limit or _has_line_longer(lf, first + 1, last, limit, b"\n")
+
+    def _break_lines(self, lf: bytes) -> bytes:
+        """``lf`` with ``LF SP`` inserted wherever a line goes on past the limit."""
+        limit = self._limit
+        column = self._column
+        out: list[bytes] = []
+        lines = lf.split(b"\n")
+        for index, line in enumerate(lines):
+            if index:
+                out.append(b"\n")
+                column = 0
+            at, length = 0, len(line)
+            while at < length:
+                if column == limit:  # full, and the line goes on: break it here
+                    out.append(b"\n ")
+                    column = 1
+                take = min(limit - column, length - at)
+                out.append(line[at : at + take])
+                at += take
+                column += take
+        self._column = column
+        return b"".join(out)
 
 
-def dot_stuff(text: bytes) -> bytes:
+def check_line_length_limit(limit: int) -> int:
+    """``limit`` if it can break lines (0, or 2 and up: one octet besides the space)."""
+    if limit < 0 or limit == 1:
+        raise ValueError(f"a line length limit is 0 (none) or at least 2, not {limit}")
+    return limit
+
+
+def dot_stuff(text: bytes, line_length_limit: int = 0) -> bytes:
     """The whole DATA wire form of ``text``, terminator included (for small messages)."""
-    stuffer = DotStuffer()
+    stuffer = DotStuffer(line_length_limit)
     return stuffer.feed(text) + stuffer.finish()
 
 
@@ -544,7 +610,6 @@ class DataProblem(enum.Enum):
 
     BARE_LF = "bare LF in message text"
     BARE_CR = "bare CR in message text"
-    LINE_TOO_LONG = "line too long in message text"
 
 
 class DataDecoder:
@@ -555,29 +620,20 @@ class DataDecoder:
     followed it, which belong to the command stream.  The terminator is only
     ``CRLF . CRLF`` (or ``. CRLF`` at the very start): see the module docstring.
 
-    The first problem found (bare LF, bare CR, a line over ``max_line``) is kept in
-    :attr:`problem`; from then on no more text is returned (the message will be
-    refused, so there is no point copying it), but the end is still looked for.
-    :meth:`discard` does the same on the caller's say-so (e.g. the size limit).
-    :attr:`size` counts unstuffed octets, including discarded ones.  At most four
-    bytes (a possible start of the terminator) are held between calls.
+    The first problem found (bare LF, bare CR) is kept in :attr:`problem`; from then on
+    no more text is returned (the message will be refused, so there is no point copying
+    it), but the end is still looked for.  :meth:`discard` does the same on the
+    caller's say-so (e.g. the size limit).  :attr:`size` counts unstuffed octets,
+    including discarded ones.  Lines may have any length: the text of a long line is
+    returned as its bytes arrive, and at most four bytes (a possible start of the
+    terminator) are held between calls, so memory does not grow with a line.
     """
 
-    __slots__ = (
-        "_at_line_start",
-        "_carry",
-        "_discarding",
-        "_line_len",
-        "_max_line",
-        "problem",
-        "size",
-    )
+    __slots__ = ("_at_line_start", "_carry", "_discarding", "problem", "size")
 
-    def __init__(self, max_line: int = MAX_TEXT_LINE) -> None:
-        self._max_line = max_line
+    def __init__(self) -> None:
         self._carry = b""
         self._at_line_start = True
-        self._line_len = 0
         self._discarding = False
         self.problem: DataProblem | None = None
         self.size = 0
@@ -609,8 +665,8 @@ class DataDecoder:
             return b""
         at_start = self._at_line_start
         self._at_line_start = segment[-2:] == b"\r\n"
-        crlf = segment.count(b"\r\n")
         if self.problem is None:
+            crlf = segment.count(b"\r\n")
             if segment.count(b"\n") != crlf:
                 self.problem = DataProblem.BARE_LF
             elif segment.count(b"\r") != crlf:
@@ -619,55 +675,40 @@ class DataDecoder:
             segment = segment[1:]
         text = segment.replace(b"\r\n.", b"\r\n")
         self.size += len(text)
-        if self.problem is None:
-            self._check_lines(text, crlf)
         if self.problem is not None or self._discarding:
             return b""
         return text
 
-    def _check_lines(self, text: bytes, crlf: int) -> None:
-        """Track the open line's length; record LINE_TOO_LONG past the limit."""
-        limit = self._max_line
-        if crlf == 0:
-            self._line_len += len(text)
-            if self._line_len > limit:
-                self.problem = DataProblem.LINE_TOO_LONG
-            return
-        first = text.find(b"\r\n")
-        last = text.rfind(b"\r\n")
-        if self._line_len + first > limit:
-            self.problem = DataProblem.LINE_TOO_LONG
-            return
-        self._line_len = len(text) - last - 2
-        if self._line_len > limit or (
-            last - first > limit and _has_line_longer(text, first + 2, last, limit)
-        ):
-            self.problem = DataProblem.LINE_TOO_LONG
 
-
-def _has_line_longer(text: bytes, start: int, stop: int, limit: int) -> bool:
-    """Whether a line of ``text[start:stop]`` (CRLF-separated, a CRLF at ``stop``) is
+def _has_line_longer(text: bytes, start: int, stop: int, limit: int, eol: bytes) -> bool:
+    """Whether a line of ``text[start:stop]`` (separated by ``eol``, one at ``stop``) is
     longer than ``limit``.
 
-    Rather than split the text into its lines, jump: from a line's start, the last CRLF
-    within ``limit`` octets ends every line up to there, all short enough; if there is
-    none, the line at hand is too long.  Each step moves about ``limit`` octets (a few
-    steps per 4 KiB), each a search in C.
+    Rather than split the text into its lines, jump: from a line's start, the last line
+    end within ``limit`` octets ends every line up to there, all short enough; if there
+    is none, the line at hand is too long.  Each step moves about ``limit`` octets, each
+    a search in C.
     """
     at = start
+    width = len(eol)
     while stop - at > limit:
-        crlf = text.rfind(b"\r\n", at, at + limit + 2)
-        if crlf == -1:
+        end = text.rfind(eol, at, at + limit + width)
+        if end == -1:
             return True
-        at = crlf + 2
+        at = end + width
     return False
 
 
 def _terminator_prefix_len(data: bytes, at_line_start: bool) -> int:
-    """How many trailing bytes of ``data`` may begin a terminator, to hold back."""
+    """How many trailing bytes of ``data`` may begin a terminator, to hold back.
+
+    At the start of a line (the very start of the text) ``.`` and ``.CR`` may be the
+    short terminator ``. CRLF``: asked first, or ``.CR`` would hold back only its CR
+    and let the dot through as text.
+    """
+    if at_line_start and data in (b".", b".\r"):
+        return len(data)
     for k in (4, 3, 2, 1):
         if data.endswith(_TERMINATOR[:k]):
             return k
-    if at_line_start and data in (b".", b".\r"):
-        return len(data)
     return 0
