@@ -412,7 +412,8 @@ class PhoneSession:
             encryption=self._options.encryption,
             resume=self._options.resume,
         )
-        self._hello = Hello(handshake.MAJOR, handshake.MINOR, role, local_name, nonce, caps)
+        self._major, self._minor = handshake.MAJOR, handshake.MINOR
+        self._hello = Hello(self._major, self._minor, role, local_name, nonce, caps)
         self._hello_bytes = records.encode(self._hello)
         self._link.send_record(self._hello_bytes)
 
@@ -628,10 +629,10 @@ class PhoneSession:
     def _on_hello(self, hello: Hello, raw: bytes) -> None:
         if hello.role is self._role:
             raise PhoneProtocolError(f"both ends claim to be the {self._role.name.lower()}")
-        if hello.major != handshake.MAJOR:
+        if hello.major != self._major:
             reason = (
                 f"version {hello.major}.{hello.minor} is not supported; "
-                f"this end speaks {handshake.MAJOR}.{handshake.MINOR}"
+                f"this end speaks {self._major}.{self._minor}"
             )
             self._begin_abort(CallOutcome.VERSION_MISMATCH, Reply(ReplyCode.PROT, reason))
             return
@@ -650,7 +651,7 @@ class PhoneSession:
         self._peer_hello = hello
         self._send(Proof(handshake.make_proof(self._secret, self._role, self._transcript)))
         self._negotiated = handshake.negotiate(
-            handshake.MINOR, self._hello.capabilities, hello.capabilities, hello.minor
+            self._minor, self._hello.capabilities, hello.capabilities, hello.minor
         )
         self._state = SessionState.PROVING
 
