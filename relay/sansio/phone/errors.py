@@ -1,16 +1,22 @@
-"""The two ways a phone engine can fail: the peer broke the protocol, or we misused the API.
+"""The phone engines' exceptions: the peer broke the protocol, or we misused an engine.
 
-As in h11, the split tells the adapter what to do: a :class:`PhoneProtocolError` is
-answered (an abort record, then the line dropped) and logged with the peer's name; a
-:class:`LocalPhoneError` is a defect in our own code and propagates.
+The split is the one h11 makes: :class:`PhoneProtocolError` is about bytes that came in
+(it carries a reason fit for the log and for the hang-up), :class:`LocalPhoneError`
+about calls our own code made (a record larger than agreed, a send on a dead link).
+Engines never let a :class:`PhoneProtocolError` escape from their ``receive_data``: they
+turn it into an event (for the link, ``LinkDead``), so that no received byte can raise.
 """
 
 from __future__ import annotations
 
-__all__ = ["LocalPhoneError", "PhoneProtocolError"]
+__all__ = ["LocalPhoneError", "PhoneError", "PhoneProtocolError"]
 
 
-class PhoneProtocolError(Exception):
+class PhoneError(Exception):
+    """Base of the phone engines' exceptions."""
+
+
+class PhoneProtocolError(PhoneError):
     """The peer sent something the protocol does not allow; ``reason`` says what."""
 
     def __init__(self, reason: str) -> None:
@@ -18,5 +24,5 @@ class PhoneProtocolError(Exception):
         self.reason = reason
 
 
-class LocalPhoneError(Exception):
-    """We called the engine in a way its state does not allow."""
+class LocalPhoneError(PhoneError):
+    """Our own code used an engine outside its rules (a bug here, not on the line)."""
