@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from phone_harness import HUB, SITE, CutLine, End, envelope, make_end, run_call
-from phone_memstore import MemoryPhoneStore
+from memstore import MemoryPhoneStore
+from session_harness import HUB, SITE, CutLine, End, envelope, make_end, run_call
 
 from relay.reply import ReplyCode
 from relay.sansio.phone import handshake
@@ -86,7 +86,7 @@ def test_refused_address_gets_its_reply_and_the_others_the_final() -> None:
     hub.put(SITE, "m1", envelope("<nobody@site.example>", "<bob@site.example>"), b"x" * 3000)
     caller, answerer = _pair(hub, site)
     run_call(caller, answerer)
-    (_, _, replies), = hub.settled
+    ((_, _, replies),) = hub.settled
     assert [r.code for r in replies] == [ReplyCode.USER, ReplyCode.OK]
     assert "m1" in site.inbox[HUB] and hub.outbox[SITE] == {}
 
@@ -99,7 +99,7 @@ def test_a_message_held_already_is_not_sent_again() -> None:
     caller, answerer = _pair(hub, site)
     run_call(caller, answerer)
     assert caller.summary is not None and caller.summary.payload_bytes_sent == 0
-    (_, _, replies), = hub.settled
+    ((_, _, replies),) = hub.settled
     assert replies[0].code is ReplyCode.DONE and hub.outbox[SITE] == {}
     assert site.commits == []
 
