@@ -17,8 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from link_harness import Conditions
-from link_harness import Line as RateLine
 from memstore import MemoryPhoneStore
 from plainlink import PlainLink, PlainParams
 
@@ -29,6 +27,9 @@ from relay.phone.call import CallHandler
 from relay.sansio.phone.accounting import CallSummary
 from relay.sansio.phone.records import Role
 from relay.sansio.phone.session import PhoneSession, SessionOptions
+
+from link_harness import Conditions
+from link_harness import Line as RateLine
 
 SECRET = bytes(range(32))
 HUB, SITE = "hub-a", "site-b"

@@ -7,7 +7,6 @@ import random
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from link_harness import Conditions
 from memstore import MemoryPhoneStore
 from session_harness import HUB, SITE, End, LossyLine, envelope, make_end, run_call
 
@@ -15,6 +14,8 @@ from relay.sansio.phone.accounting import CallOutcome
 from relay.sansio.phone.link import Link, LinkParams
 from relay.sansio.phone.records import Role
 from relay.sansio.phone.session import SessionOptions
+
+from link_harness import Conditions
 
 
 def real_link(now: float) -> tuple[Link, LinkParams]:
