@@ -444,6 +444,8 @@ class PhoneSession:
             return self._link.data_to_send(now, max_bytes)
         self._pump()
         out = self._link.data_to_send(now, max_bytes)
+        if self._state is SessionState.RUNNING:
+            out = self._with_text(now, max_bytes, out)
         self._drain_link()  # the link may have found the peer dead
         self._check_closed()
         return out
@@ -861,7 +863,6 @@ class PhoneSession:
             )
             self._send(Inventory(tuple(items)))
         self._propose_ahead()
-        self._send_text()
         self._request_reads()
         self._maybe_done()
 
@@ -886,26 +887,44 @@ class PhoneSession:
             self._send(Propose(job.job, m.message_id, m.size, m.digest, envelope))
             pending += m.size
 
-    def _send_text(self) -> None:
+    def _with_text(self, now: float, max_bytes: int | None, out: bytes) -> bytes:
+        """Text goes into the link only here, a chunk at a time as the link can send it,
+        so that at most about one chunk waits in the link unsent: an answer or a final
+        reply queued now leaves right after what is on the line, not behind a window of
+        text, and the next chunk is chosen as late as possible."""
         assert self._negotiated is not None
         chunk = min(self._options.chunk_size, self._negotiated.max_record - 64)
-        high_water = self._negotiated.window + 2 * chunk
-        while self._link.queued_bytes < high_water:
-            ready = [j for j in self._out.values() if j.state is OutState.SENDING and j.buffer]
-            if not ready:
-                return
-            job = min(ready, key=lambda j: (j.remaining, j.job))
-            piece = bytes(job.buffer[:chunk])
-            del job.buffer[:chunk]
-            compressed, data = (
-                self._compressor.compress(piece) if self._compressor else (False, piece)
-            )
-            self._send(Text(job.job, compressed, data))
-            job.next_send += len(piece)
-            self._payload_sent += len(piece)
-            self._text_wire_sent += len(data)
-            if job.next_send == job.message.size:
-                self._step_out(job, OutInput.TEXT_SENT)
+        window = self._negotiated.window
+        parts = [out]
+        size = len(out)
+        while (max_bytes is None or size < max_bytes) and self._link.queued_bytes < window:
+            if not self._send_chunk(chunk):
+                break
+            more = self._link.data_to_send(now, None if max_bytes is None else max_bytes - size)
+            if not more:
+                break
+            parts.append(more)
+            size += len(more)
+        self._request_reads()
+        return b"".join(parts)
+
+    def _send_chunk(self, chunk: int) -> bool:
+        """One chunk of the accepted message with the least left to send; False if none
+        has text ready."""
+        ready = [j for j in self._out.values() if j.state is OutState.SENDING and j.buffer]
+        if not ready:
+            return False
+        job = min(ready, key=lambda j: (j.remaining, j.job))
+        piece = bytes(job.buffer[:chunk])
+        del job.buffer[:chunk]
+        compressed, data = self._compressor.compress(piece) if self._compressor else (False, piece)
+        self._send(Text(job.job, compressed, data))
+        job.next_send += len(piece)
+        self._payload_sent += len(piece)
+        self._text_wire_sent += len(data)
+        if job.next_send == job.message.size:
+            self._step_out(job, OutInput.TEXT_SENT)
+        return True
 
     def _request_reads(self) -> None:
         read_ahead = self._options.read_ahead
