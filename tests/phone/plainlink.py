@@ -78,6 +78,10 @@ class PlainLink:
         return len(self._out)
 
     @property
+    def unsent_bytes(self) -> int:
+        return len(self._out)
+
+    @property
     def idle(self) -> bool:
         return not self._out
 

@@ -111,7 +111,7 @@ __all__ = [
 ]
 
 ALREADY_HAVE: Final = Reply(ReplyCode.DONE, "already have it")
-LINGER: Final = 2 * ACK_DELAY
+LINGER: Final = ACK_DELAY + 0.01
 """Seconds a hanging-up end stays after its last record was acknowledged, so that its
 acknowledgement of the peer's last record goes out before the line drops."""
 _IN_FLIGHT: Final = frozenset((OutState.PROPOSED, OutState.SENDING))
@@ -130,6 +130,8 @@ class RecordLink(Protocol):
     def tick(self, now: float) -> None: ...
     @property
     def queued_bytes(self) -> int: ...
+    @property
+    def unsent_bytes(self) -> int: ...
     @property
     def idle(self) -> bool: ...
     def stats(self) -> LinkStats: ...
@@ -888,19 +890,26 @@ class PhoneSession:
             pending += m.size
 
     def _with_text(self, now: float, max_bytes: int | None, out: bytes) -> bytes:
-        """Text goes into the link only here, a chunk at a time as the link can send it,
-        so that at most about one chunk waits in the link unsent: an answer or a final
-        reply queued now leaves right after what is on the line, not behind a window of
-        text, and the next chunk is chosen as late as possible."""
+        """Text goes into the link only here, as the link can send it: the link keeps at
+        most ``lookahead`` bytes unsent (a frame and a chunk, so that the frame it sends is
+        not taken for the tail of the stream), so that an answer or a final reply queued
+        now leaves right after what is on the line, not behind a window of text, and the
+        next chunk is chosen as late as possible."""
         assert self._negotiated is not None
         chunk = min(self._options.chunk_size, self._negotiated.max_record - 64)
         window = self._negotiated.window
+        lookahead = self._negotiated.max_frame_payload + chunk
+        link = self._link
         parts = [out]
         size = len(out)
-        while (max_bytes is None or size < max_bytes) and self._link.queued_bytes < window:
-            if not self._send_chunk(chunk):
-                break
-            more = self._link.data_to_send(now, None if max_bytes is None else max_bytes - size)
+        while max_bytes is None or size < max_bytes:
+            while (
+                link.unsent_bytes < lookahead
+                and link.queued_bytes < window
+                and self._send_chunk(chunk)
+            ):
+                pass
+            more = link.data_to_send(now, None if max_bytes is None else max_bytes - size)
             if not more:
                 break
             parts.append(more)
