@@ -114,7 +114,11 @@ ALREADY_HAVE: Final = Reply(ReplyCode.DONE, "already have it")
 LINGER: Final = ACK_DELAY + 0.01
 """Seconds a hanging-up end stays after its last record was acknowledged, so that its
 acknowledgement of the peer's last record goes out before the line drops."""
-_IN_FLIGHT: Final = frozenset((OutState.PROPOSED, OutState.SENDING))
+_OUTSTANDING: Final = frozenset((OutState.PROPOSED, OutState.SENDING, OutState.AWAITING_FINAL))
+MAX_OUTSTANDING: Final = 64
+"""The most messages we have proposed that have no final reply yet."""
+READERS: Final = 4
+"""How many accepted messages have text read ahead at once."""
 _FINAL_SENT: Final = frozenset((InState.SETTLED, InState.DRAINING))
 
 
@@ -869,12 +873,14 @@ class PhoneSession:
         self._maybe_done()
 
     def _propose_ahead(self) -> None:
+        """Propose while fewer than ``MAX_OUTSTANDING`` of our jobs await their final reply:
+        whatever their sizes, so a small message behind a large one is accepted (and then
+        sent first) without waiting for the large one."""
         assert self._negotiated is not None
         limit = self._negotiated.max_message_size
-        ahead = 2 * self._negotiated.window
-        pending = sum(j.remaining for j in self._out.values() if j.state in _IN_FLIGHT)
+        outstanding = sum(1 for j in self._out.values() if j.state in _OUTSTANDING)
         for job in self._out.values():
-            if pending >= ahead:
+            if outstanding >= MAX_OUTSTANDING:
                 return
             if job.state is not OutState.QUEUED:
                 continue
@@ -887,7 +893,7 @@ class PhoneSession:
             m = job.message
             envelope = MailEnvelope.from_envelope(m.envelope)
             self._send(Propose(job.job, m.message_id, m.size, m.digest, envelope))
-            pending += m.size
+            outstanding += 1
 
     def _with_text(self, now: float, max_bytes: int | None, out: bytes) -> bytes:
         """Text goes into the link only here, as the link can send it: the link keeps at
@@ -936,11 +942,15 @@ class PhoneSession:
         return True
 
     def _request_reads(self) -> None:
+        """Read ahead for the few accepted messages to be sent next (least left first), so
+        text is ready when the link wants it and memory stays a few read-aheads."""
         read_ahead = self._options.read_ahead
-        for job in self._out.values():
+        sending = [j for j in self._out.values() if j.state is OutState.SENDING]
+        if len(sending) > READERS:
+            sending = sorted(sending, key=lambda j: (j.remaining, j.job))[:READERS]
+        for job in sending:
             if (
-                job.state is OutState.SENDING
-                and not job.reading
+                not job.reading
                 and job.next_read < job.message.size
                 and len(job.buffer) < self._options.chunk_size
             ):
