@@ -43,6 +43,7 @@ from relay.sansio.phone.session import (
 __all__ = ["CallHandler"]
 
 log = Logger()
+_STORED = Reply(ReplyCode.OK)  # the local queue id is logged here, not sent: bytes count
 
 
 class CallHandler:
@@ -188,8 +189,13 @@ class CallHandler:
 
         def committed(queue_id: str | None) -> None:
             if queue_id is not None:
-                reply = Reply(ReplyCode.OK, f"stored as {queue_id}")
-                self._answer(lambda: self._session.commit_done(event.job, reply))
+                log.debug(
+                    "phone: {id} from {peer} stored as {queue_id}",
+                    id=event.message_id,
+                    peer=event.peer,
+                    queue_id=queue_id,
+                )
+                self._answer(lambda: self._session.commit_done(event.job, _STORED))
 
         def failed(failure: Failure) -> None:
             if isinstance(failure.value, DigestMismatch):

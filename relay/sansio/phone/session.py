@@ -60,7 +60,12 @@ from relay.envelope import Envelope, Submitter
 from relay.reply import Reply, ReplyCode
 from relay.sansio.phone import handshake, records
 from relay.sansio.phone.accounting import CallOutcome, CallSummary
-from relay.sansio.phone.compress import ChunkCompressor, ChunkDecompressor
+from relay.sansio.phone.compress import (
+    ChunkCompressor,
+    ChunkDecompressor,
+    RecordDeflater,
+    RecordInflater,
+)
 from relay.sansio.phone.errors import LocalPhoneError, PhoneProtocolError
 from relay.sansio.phone.jobs import (
     IN_TRANSITIONS,
@@ -385,6 +390,8 @@ class PhoneSession:
         self._opener_pending: Opener | None = None
         self._compressor: ChunkCompressor | None = None
         self._decompressor = ChunkDecompressor()
+        self._deflater = RecordDeflater()
+        self._inflater = RecordInflater()
         # jobs
         self._out: dict[int, _OutJob] = {}
         self._out_by_id: dict[str, _OutJob] = {}
@@ -606,7 +613,7 @@ class PhoneSession:
         try:
             if self._opener is not None:
                 raw = self._opener.open(raw)
-            record = records.decode(raw)
+            record = self._decode(raw)
             self._on_record(record, raw)
         except PhoneProtocolError as e:
             self._protocol_error(e.reason)
@@ -849,8 +856,21 @@ class PhoneSession:
 
     # --- sending ---------------------------------------------------------------------------
 
+    def _decode(self, raw: bytes) -> Record:
+        if not raw or raw[0] != records.DEFLATED:
+            return records.decode(raw)
+        if self._state is not SessionState.RUNNING:
+            raise PhoneProtocolError("a deflated record before the handshake's end")
+        assert self._negotiated is not None
+        record = records.decode(self._inflater.inflate(raw[1:], self._negotiated.max_record))
+        if not isinstance(record, records.DEFLATABLE):
+            raise PhoneProtocolError(f"a deflated {type(record).__name__} record")
+        return record
+
     def _send(self, record: Record) -> None:
         raw = records.encode(record)
+        if isinstance(record, records.DEFLATABLE):
+            raw = bytes((records.DEFLATED,)) + self._deflater.deflate(raw)
         if self._sealer is not None:
             raw = self._sealer.seal(raw)
         self._link.send_record(raw)
