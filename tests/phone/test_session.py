@@ -287,7 +287,7 @@ class FailingStore(MemoryPhoneStore):
     """Cannot store the text of ``bad`` (a full disk), or holds a damaged copy of ``damaged``."""
 
     def write_text(self, site: str, message_id: str, offset: int, data: bytes) -> Deferred[None]:
-        if message_id == "bad":
+        if message_id == "bad" or (message_id == "lastbad" and offset + len(data) == 6000):
             return fail(OSError(28, "No space left on device"))
         if message_id == "damaged":
             data = data[:-1] + bytes((data[-1] ^ 1,))
@@ -298,14 +298,19 @@ def test_a_message_the_receiver_cannot_store_stays_with_its_sender() -> None:
     """A store failure or a text that fails its hash is a temporary failure: the sender
     keeps the message for the next call, the rest of the call goes on."""
     hub, site = MemoryPhoneStore(), FailingStore()
-    for mid in ("bad", "good", "damaged"):
+    for mid in ("bad", "good", "damaged", "lastbad"):
         hub.put(SITE, mid, envelope(), os.urandom(6000))
     caller, answerer = _pair(hub, site)
     run_call(caller, answerer)
     assert set(site.inbox[HUB]) == {"good"}
-    assert set(hub.outbox[SITE]) == {"bad", "damaged"}
+    assert set(hub.outbox[SITE]) == {"bad", "damaged", "lastbad"}
     replies = {mid: r[0].code for _, mid, r in hub.settled}
-    assert replies == {"good": ReplyCode.OK, "bad": ReplyCode.FIO, "damaged": ReplyCode.NET}
+    assert replies == {
+        "good": ReplyCode.OK,
+        "bad": ReplyCode.FIO,
+        "damaged": ReplyCode.NET,
+        "lastbad": ReplyCode.FIO,
+    }
     for end in (caller, answerer):
         assert end.summary is not None and end.summary.outcome is CallOutcome.COMPLETED
 

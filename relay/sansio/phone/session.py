@@ -124,6 +124,7 @@ MAX_OUTSTANDING: Final = 64
 """The most messages we have proposed that have no final reply yet."""
 READERS: Final = 4
 """How many accepted messages have text read ahead at once."""
+_STORING: Final = frozenset((InState.RECEIVING, InState.COMMITTING))
 _FINAL_SENT: Final = frozenset((InState.SETTLED, InState.DRAINING))
 
 
@@ -581,11 +582,15 @@ class PhoneSession:
         self._pump()
 
     def fail_receiving(self, job: int, reply: Reply) -> None:
-        """Storing a message's text failed: send the final failure now."""
-        in_job = self._in_job_for_driver(job, InState.RECEIVING)
-        if self._state is not SessionState.RUNNING:
-            return
-        self._step_in(in_job, InInput.FAIL, local=True)
+        """Storing a message's text failed: send the final failure now (the rest of its
+        text, if any is still coming, is read and dropped)."""
+        in_job = self._in.get(job)
+        if in_job is None:
+            raise LocalPhoneError(f"no job {job}")
+        if self._state is not SessionState.RUNNING or in_job.state not in _STORING:
+            return  # the call or the message ended meanwhile
+        what = InInput.FAIL if in_job.state is InState.RECEIVING else InInput.COMMITTED
+        self._step_in(in_job, what, local=True)
         self._send(FinalReply(job, reply))
         self._pump()
 
