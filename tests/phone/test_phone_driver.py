@@ -120,3 +120,41 @@ async def test_a_call_over_a_pty_through_serialport(tmp_path: Path) -> None:
     results = await DeferredList([caller.ended, answerer.ended], fireOnOneErrback=True)
     summaries = [summary for _, summary in results]
     _check(hub, site, to_site, to_hub, summaries)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wrong_secret_drops_the_line_after_the_delay_and_moves_nothing(
+    tmp_path: Path,
+) -> None:
+    """Over TCP, a caller with a wrong secret: both ends log, wait, hang up; no mail moves."""
+    hub, site = (
+        FilePhoneStore(tmp_path / "hub", reactor),
+        FilePhoneStore(tmp_path / "site", reactor),
+    )
+    to_site, _ = await _queue(hub, site)
+    options = SessionOptions(failure_delay=0.2)
+    answerer = _protocol(Role.ANSWERER, site, options)
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: answerer), interface="127.0.0.1")
+    try:
+        caller = PhoneProtocol(
+            session_factory(
+                role=Role.CALLER,
+                local_name=HUB,
+                secrets={SITE: b"not the secret" * 3},
+                new_link=_new_link,
+                peer_name=SITE,
+                options=options,
+            ),
+            hub,
+            reactor,
+        )
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        await connectProtocol(endpoint, caller)
+        results = await DeferredList([caller.ended, answerer.ended], fireOnOneErrback=True)
+    finally:
+        await port.stopListening()
+    for _, summary in results:
+        assert summary.outcome is CallOutcome.AUTH_FAILED
+        assert summary.messages_sent == summary.messages_received == 0
+    assert site.received(HUB) == {} and sorted(hub.pending(SITE)) == sorted(to_site)
+    assert caller.transport is None or not caller.transport.connected
