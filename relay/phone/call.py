@@ -177,7 +177,8 @@ class CallHandler:
         d.addErrback(failed)
         self._writes[event.job] = d
 
-    def _commit(self, event: CommitRequested) -> None:
+    def _commit(self, request: CommitRequested) -> None:
+        event = request.proposal
         previous = self._writes.pop(event.job, succeed(None))
 
         def commit(_: object) -> Deferred[str] | None:

@@ -20,6 +20,7 @@ once and costs less than a sync flush's four bytes.
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 from relay.sansio.phone.errors import PhoneProtocolError
 
@@ -62,13 +63,7 @@ class ChunkDecompressor:
 
     def decompress(self, data: bytes, max_size: int) -> bytes:
         """The chunk inside ``data``; :class:`CompressionError` if over ``max_size``."""
-        try:
-            out = self._stream.decompress(data, max_size + 1)
-        except zlib.error as e:
-            raise CompressionError(f"compressed text does not inflate: {e}") from None
-        if len(out) > max_size or self._stream.unconsumed_tail:
-            raise CompressionError("compressed text inflates past the message's size")
-        return out
+        return _inflate(self._stream, data, max_size, "compressed text")
 
 
 class RecordDeflater:
@@ -90,12 +85,18 @@ class RecordInflater:
 
     def inflate(self, data: bytes, max_size: int) -> bytes:
         """The record inside ``data``; :class:`CompressionError` if bad or over ``max_size``."""
-        try:
-            out = self._stream.decompress(data, max_size + 1)
-        except zlib.error as e:
-            raise CompressionError(f"deflated record does not inflate: {e}") from None
-        if len(out) > max_size or self._stream.unconsumed_tail:
-            raise CompressionError("deflated record over the record limit")
+        out = _inflate(self._stream, data, max_size, "deflated record")
         if not out:
             raise CompressionError("deflated record is empty")
         return out
+
+
+def _inflate(stream: Any, data: bytes, max_size: int, what: str) -> bytes:
+    """All that ``data`` inflates to on ``stream``, refusing more than ``max_size``."""
+    try:
+        out: bytes = stream.decompress(data, max_size + 1)
+    except zlib.error as e:
+        raise CompressionError(f"{what} does not inflate: {e}") from None
+    if len(out) > max_size or stream.unconsumed_tail:
+        raise CompressionError(f"{what} inflates past its limit of {max_size} bytes")
+    return out

@@ -265,15 +265,10 @@ class TextReceived:
 
 @dataclass(frozen=True, slots=True)
 class CommitRequested:
-    """All of the text is here: make the message durable (checking the digest over the
-    whole text), then call :meth:`PhoneSession.commit_done` with the final reply."""
+    """All of the text of ``proposal`` is here: make the message durable (checking the
+    digest over the whole text), then call :meth:`PhoneSession.commit_done`."""
 
-    job: int
-    peer: str
-    message_id: str
-    envelope: Envelope
-    size: int
-    digest: bytes
+    proposal: ProposalReceived
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,13 +330,25 @@ class _OutJob:
 
 @dataclass(slots=True)
 class _InJob:
-    job: int
-    message_id: str
-    envelope: Envelope
-    size: int
-    digest: bytes
+    proposal: ProposalReceived
     state: InState = InState.DECIDING
     received: int = 0
+
+    @property
+    def job(self) -> int:
+        return self.proposal.job
+
+    @property
+    def message_id(self) -> str:
+        return self.proposal.message_id
+
+    @property
+    def envelope(self) -> Envelope:
+        return self.proposal.envelope
+
+    @property
+    def size(self) -> int:
+        return self.proposal.size
 
 
 # --- the engine ----------------------------------------------------------------------------
@@ -734,8 +741,10 @@ class PhoneSession:
             raise PhoneProtocolError(f"job {p.job} proposed twice")
         assert self._peer is not None
         envelope = p.envelope.to_envelope(Submitter("phone", client_name=self._peer))
-        job = _InJob(p.job, p.message_id, envelope, p.size, p.digest)
-        self._in[p.job] = job
+        proposal = ProposalReceived(
+            p.job, self._peer, p.message_id, envelope, p.size, p.digest, self._resume
+        )
+        self._in[p.job] = _InJob(proposal)
         if p.size > self._options.max_message_size:
             limit = self._options.max_message_size
             self.refuse(p.job, Reply(ReplyCode.FSIZ, f"over the limit of {limit} bytes"))
@@ -743,11 +752,7 @@ class PhoneSession:
             self.refuse(p.job, Reply(ReplyCode.AGN, "proposed twice in one call"))
         else:
             self._in_ids.add(p.message_id)
-            self._events.append(
-                ProposalReceived(
-                    p.job, self._peer, p.message_id, envelope, p.size, p.digest, self._resume
-                )
-            )
+            self._events.append(proposal)
 
     def _on_text(self, t: Text) -> None:
         job = self._peer_in_job(t.job)
@@ -845,10 +850,7 @@ class PhoneSession:
         job.state = new
 
     def _request_commit(self, job: _InJob) -> None:
-        assert self._peer is not None
-        self._events.append(
-            CommitRequested(job.job, self._peer, job.message_id, job.envelope, job.size, job.digest)
-        )
+        self._events.append(CommitRequested(job.proposal))
 
     def _settle(self, job: _OutJob, replies: tuple[Reply, ...]) -> None:
         self._events.append(MessageSettled(job.message.message_id, replies))
