@@ -119,7 +119,6 @@ ALREADY_HAVE: Final = Reply(ReplyCode.DONE, "already have it")
 LINGER: Final = ACK_DELAY + 0.01
 """Seconds a hanging-up end stays after its last record was acknowledged, so that its
 acknowledgement of the peer's last record goes out before the line drops."""
-_OUTSTANDING: Final = frozenset((OutState.PROPOSED, OutState.SENDING, OutState.AWAITING_FINAL))
 MAX_OUTSTANDING: Final = 64
 """The most messages we have proposed that have no final reply yet."""
 READERS: Final = 4
@@ -402,13 +401,17 @@ class PhoneSession:
         self._inflater = RecordInflater()
         # jobs
         self._out: dict[int, _OutJob] = {}
+        self._queued: deque[_OutJob] = deque()  # offered, not yet proposed
+        self._sending: dict[int, _OutJob] = {}  # accepted, text still to send
+        self._unsettled_out = 0
         self._out_by_id: dict[str, _OutJob] = {}
         self._offers_closed = False
         self._inventory_sent = False
         self._inventory_received = False
         self._done_sent = False
         self._done_received = False
-        self._in: dict[int, _InJob] = {}
+        self._in: dict[int, _InJob] = {}  # jobs not yet settled
+        self._last_in_job = 0
         self._in_ids: set[str] = set()
         # accounting
         self._payload_sent = self._payload_received = 0
@@ -504,6 +507,8 @@ class PhoneSession:
             raise LocalPhoneError(f"message {message.message_id} offered twice")
         job = _OutJob(len(self._out) + 1, message)
         self._out[job.job] = job
+        self._queued.append(job)
+        self._unsettled_out += 1
         self._out_by_id[message.message_id] = job
 
     def close_offers(self) -> None:
@@ -591,11 +596,15 @@ class PhoneSession:
     def fail_receiving(self, job: int, reply: Reply) -> None:
         """Storing a message's text failed: send the final failure now (the rest of its
         text, if any is still coming, is read and dropped)."""
-        in_job = self._in.get(job)
-        if in_job is None:
+        if not 0 < job <= self._last_in_job:
             raise LocalPhoneError(f"no job {job}")
-        if self._state is not SessionState.RUNNING or in_job.state not in _STORING:
-            return  # the call or the message ended meanwhile
+        in_job = self._in.get(job)
+        if (
+            in_job is None
+            or in_job.state not in _STORING
+            or self._state is not SessionState.RUNNING
+        ):
+            return  # the message (the peer gave it up) or the call ended meanwhile
         what = InInput.FAIL if in_job.state is InState.RECEIVING else InInput.COMMITTED
         self._step_in(in_job, what, local=True)
         self._send(FinalReply(job, reply))
@@ -737,8 +746,11 @@ class PhoneSession:
     def _on_propose(self, p: Propose) -> None:
         if not self._inventory_received or self._done_received:
             raise PhoneProtocolError("a proposal outside the inventory and hang-up")
-        if p.job in self._in:
-            raise PhoneProtocolError(f"job {p.job} proposed twice")
+        if p.job != self._last_in_job + 1:
+            raise PhoneProtocolError(f"job {p.job} proposed out of sequence")
+        if len(self._in) >= 2 * MAX_OUTSTANDING or p.job > records.MAX_INVENTORY:
+            raise PhoneProtocolError("too many messages proposed")
+        self._last_in_job = p.job
         assert self._peer is not None
         envelope = p.envelope.to_envelope(Submitter("phone", client_name=self._peer))
         proposal = ProposalReceived(
@@ -842,12 +854,20 @@ class PhoneSession:
             problem = f"job {job.job}: {what.value} while {job.state.value}"
             raise LocalPhoneError(problem) if local else PhoneProtocolError(problem)
         job.state = new
+        if new is InState.SETTLED:
+            del self._in[job.job]  # nothing more may come for it
 
     def _step_out(self, job: _OutJob, what: OutInput) -> None:
         new = OUT_TRANSITIONS.get((job.state, what))
         if new is None:
             raise PhoneProtocolError(f"job {job.job}: {what.value} while {job.state.value}")
         job.state = new
+        if new is OutState.SENDING:
+            self._sending[job.job] = job
+        else:
+            self._sending.pop(job.job, None)
+        if new is OutState.SETTLED:
+            self._unsettled_out -= 1
 
     def _request_commit(self, job: _InJob) -> None:
         self._events.append(CommitRequested(job.proposal))
@@ -905,12 +925,9 @@ class PhoneSession:
         sent first) without waiting for the large one."""
         assert self._negotiated is not None
         limit = self._negotiated.max_message_size
-        outstanding = sum(1 for j in self._out.values() if j.state in _OUTSTANDING)
-        for job in self._out.values():
-            if outstanding >= MAX_OUTSTANDING:
-                return
-            if job.state is not OutState.QUEUED:
-                continue
+        outstanding = self._unsettled_out - len(self._queued)
+        while self._queued and outstanding < MAX_OUTSTANDING:
+            job = self._queued.popleft()
             if job.message.size > limit:
                 self._step_out(job, OutInput.TOO_BIG)
                 reply = Reply(ReplyCode.FSIZ, f"over the peer's limit of {limit} bytes")
@@ -953,7 +970,7 @@ class PhoneSession:
     def _send_chunk(self, chunk: int) -> bool:
         """One chunk of the accepted message with the least left to send; False if none
         has text ready."""
-        ready = [j for j in self._out.values() if j.state is OutState.SENDING and j.buffer]
+        ready = [j for j in self._sending.values() if j.buffer]
         if not ready:
             return False
         job = min(ready, key=lambda j: (j.remaining, j.job))
@@ -972,7 +989,7 @@ class PhoneSession:
         """Read ahead for the few accepted messages to be sent next (least left first), so
         text is ready when the link wants it and memory stays a few read-aheads."""
         read_ahead = self._options.read_ahead
-        sending = [j for j in self._out.values() if j.state is OutState.SENDING]
+        sending = list(self._sending.values())
         if len(sending) > READERS:
             sending = sorted(sending, key=lambda j: (j.remaining, j.job))[:READERS]
         for job in sending:
@@ -986,11 +1003,7 @@ class PhoneSession:
                 self._events.append(TextWanted(job.message.message_id, job.next_read, want))
 
     def _maybe_done(self) -> None:
-        if (
-            not self._done_sent
-            and self._offers_closed
-            and all(j.state is OutState.SETTLED for j in self._out.values())
-        ):
+        if not self._done_sent and self._offers_closed and self._unsettled_out == 0:
             self._done_sent = True
             self._send(Done())
         if (
