@@ -13,25 +13,32 @@ for a dropped line), writes what :meth:`data_to_send` returns, calls :meth:`tick
 drew, capabilities); on the peer's hello it knows everything
 (:mod:`relay.sansio.phone.handshake`) and sends its proof; on the peer's proof it is
 ``RUNNING``.  Full duplex, so authentication costs about one round trip.  What leaks
-before the peer is proven: our name, version and link limits, never a mail id, size or
-count.  An unknown site gets a decoy proof (so a caller cannot tell an unknown name from
-a wrong secret); a failed proof, an unknown site or silence leads to ``REFUSING``: the
-event :class:`CallFailing` for the log, nothing more sent, and after
+before the peer is proven: our name, version, link limits and options, never a mail id,
+size or count (the driver does not even load the outgoing mail before
+:class:`Authenticated`); with encryption on, everything after the proofs is sealed
+(:mod:`~relay.sansio.phone.seal`).  An unknown site gets a decoy proof (so a caller
+cannot tell an unknown name from a wrong secret); a failed proof, an unknown site or
+silence leads to ``REFUSING``: the event :class:`CallFailing` for the log, nothing more
+sent, and after
 ``SessionOptions.failure_delay`` the call ends (the driver drops the line).  A different
 major version: an :class:`~relay.sansio.phone.records.Abort` naming both versions, and a
 clean hang-up (``CLOSING``).
 
 **Mail** (``RUNNING``).  The driver offers what it holds for the peer
 (:meth:`offer`, then :meth:`close_offers`); once the peer is proven the session sends
-the :class:`~relay.sansio.phone.records.Inventory` and then the proposals, a couple of
-windows of text ahead of what is being sent, so answers come back while text flows.  The
-receiver's driver decides each proposal (:class:`ProposalReceived`: :meth:`accept`
-naming the offset it holds, or :meth:`refuse`), stores each piece
+the :class:`~relay.sansio.phone.records.Inventory` and then the proposals, up to
+:data:`MAX_OUTSTANDING` messages without a final reply, so answers come back while text
+flows (proposals and the inventory travel deflated, :mod:`~relay.sansio.phone.compress`).
+The receiver's driver decides each proposal (:class:`ProposalReceived`: :meth:`accept`
+naming the offset it holds durably, or :meth:`refuse`), stores each piece
 (:class:`TextReceived`), and commits (:class:`CommitRequested` → :meth:`commit_done`):
-only then does the final reply go back.  Text is sent in chunks of ``chunk_size``,
-always from the accepted message with the least left to send, and only while the link
-holds less than a window, so a small message waits behind a large one for about one
-window at most.  Each side's job tables are :mod:`relay.sansio.phone.jobs`.
+only then does the final reply go back.  No text of a message flows before its answer
+named the offset.  Text is sent in chunks of ``chunk_size``, always from the accepted
+message with the least left to send, and handed to the link only as it can send it
+(:meth:`PhoneSession._with_text`), so a small message waits behind a large one for at
+most the large one's bytes in flight (about one window), and an answer or a final reply
+never waits behind queued text.  Each side's job tables are
+:mod:`relay.sansio.phone.jobs`.
 
 **Hang-up.**  A side sends :class:`~relay.sansio.phone.records.Done` when it will
 propose nothing more and every message it sent has its final reply.  With both
