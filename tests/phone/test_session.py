@@ -318,3 +318,15 @@ def test_a_message_the_receiver_cannot_store_stays_with_its_sender() -> None:
 def test_the_memory_store_provides_the_store_interface() -> None:
     """The tests' store is a real IPhoneStore."""
     assert verifyObject(IPhoneStore, MemoryPhoneStore())
+
+
+def test_a_message_over_the_peers_limit_is_refused_without_being_proposed() -> None:
+    """The peer's size limit from its hello: a bigger message fails for good at once."""
+    hub = MemoryPhoneStore()
+    hub.put(SITE, "huge", envelope(), b"x" * 5000)
+    hub.put(SITE, "fits", envelope(), b"y" * 500)
+    caller, answerer = _pair(hub, answerer_options=SessionOptions(max_message_size=1000))
+    run_call(caller, answerer)
+    replies = {mid: r[0].code for _, mid, r in hub.settled}
+    assert replies == {"huge": ReplyCode.FSIZ, "fits": ReplyCode.OK}
+    assert hub.outbox[SITE] == {} and set(answerer.store.inbox[HUB]) == {"fits"}

@@ -407,7 +407,8 @@ class PhoneSession:
         self._deflater = RecordDeflater()
         self._inflater = RecordInflater()
         # jobs
-        self._out: dict[int, _OutJob] = {}
+        self._out: dict[int, _OutJob] = {}  # proposed, by job number
+        self._offered: list[_OutJob] = []
         self._queued: deque[_OutJob] = deque()  # offered, not yet proposed
         self._sending: dict[int, _OutJob] = {}  # accepted, text still to send
         self._unsettled_out = 0
@@ -512,8 +513,8 @@ class PhoneSession:
             raise LocalPhoneError("offers are closed")
         if message.message_id in self._out_by_id:
             raise LocalPhoneError(f"message {message.message_id} offered twice")
-        job = _OutJob(len(self._out) + 1, message)
-        self._out[job.job] = job
+        job = _OutJob(0, message)  # numbered when proposed: the peer checks the sequence
+        self._offered.append(job)
         self._queued.append(job)
         self._unsettled_out += 1
         self._out_by_id[message.message_id] = job
@@ -664,6 +665,7 @@ class PhoneSession:
     def _on_hello(self, hello: Hello, raw: bytes) -> None:
         if hello.role is self._role:
             raise PhoneProtocolError(f"both ends claim to be the {self._role.name.lower()}")
+        handshake.check_capabilities(hello.capabilities)
         if hello.major != self._major:
             reason = (
                 f"version {hello.major}.{hello.minor} is not supported; "
@@ -709,15 +711,18 @@ class PhoneSession:
             self._sealer, self._opener = Sealer(ours), Opener(theirs)
         if negotiated.compression:
             self._compressor = ChunkCompressor()
-        self._link.reconfigure(
-            replace(
-                self._link_params,
-                min_frame_payload=negotiated.min_frame_payload,
-                max_frame_payload=negotiated.max_frame_payload,
-                window=negotiated.window,
-                max_record=negotiated.max_record,
+        try:
+            self._link.reconfigure(
+                replace(
+                    self._link_params,
+                    min_frame_payload=negotiated.min_frame_payload,
+                    max_frame_payload=negotiated.max_frame_payload,
+                    window=negotiated.window,
+                    max_record=negotiated.max_record,
+                )
             )
-        )
+        except LocalPhoneError as e:  # limits both ends accepted that the link refuses
+            raise PhoneProtocolError(f"negotiated link limits refused: {e}") from None
         self._state = SessionState.RUNNING
         self._deadline = None
         self._handshake_seconds = self._now - self._started
@@ -918,9 +923,7 @@ class PhoneSession:
             if not self._offers_closed:
                 return
             self._inventory_sent = True
-            items = (
-                InventoryItem(j.message.message_id, j.message.size) for j in self._out.values()
-            )
+            items = (InventoryItem(j.message.message_id, j.message.size) for j in self._offered)
             self._send(Inventory(tuple(items)))
         self._propose_ahead()
         self._request_reads()
@@ -940,10 +943,19 @@ class PhoneSession:
                 reply = Reply(ReplyCode.FSIZ, f"over the peer's limit of {limit} bytes")
                 self._settle(job, (reply,) * len(job.message.envelope.recipients))
                 continue
-            self._step_out(job, OutInput.PROPOSE)
             m = job.message
-            envelope = MailEnvelope.from_envelope(m.envelope)
-            self._send(Propose(job.job, m.message_id, m.size, m.digest, envelope))
+            job.job = len(self._out) + 1
+            proposal = Propose(
+                job.job, m.message_id, m.size, m.digest, MailEnvelope.from_envelope(m.envelope)
+            )
+            if len(records.encode(proposal)) > self._negotiated.max_record - 64:
+                self._step_out(job, OutInput.TOO_BIG)
+                reply = Reply(ReplyCode.NO, "envelope too long for the link")
+                self._settle(job, (reply,) * len(m.envelope.recipients))
+                continue
+            self._step_out(job, OutInput.PROPOSE)
+            self._out[job.job] = job
+            self._send(proposal)
             outstanding += 1
 
     def _with_text(self, now: float, max_bytes: int | None, out: bytes) -> bytes:
