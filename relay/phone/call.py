@@ -185,7 +185,7 @@ class CallHandler:
             if event.job in self._failed_writes:
                 return None
             return self._store.commit(
-                event.peer, event.message_id, event.envelope, event.size, event.digest
+                event.peer, event.message_id, request.envelope, event.size, event.digest
             )
 
         def committed(queue_id: str | None) -> None:

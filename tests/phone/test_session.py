@@ -108,6 +108,8 @@ def test_refused_address_gets_its_reply_and_the_others_the_final() -> None:
     ((_, _, replies),) = hub.settled
     assert [r.code for r in replies] == [ReplyCode.USER, ReplyCode.OK]
     assert "m1" in site.inbox[HUB] and hub.outbox[SITE] == {}
+    stored, _ = site.inbox[HUB]["m1"]
+    assert [str(r.address) for r in stored.recipients] == ["bob@site.example"]
 
 
 def test_a_message_held_already_is_not_sent_again() -> None:

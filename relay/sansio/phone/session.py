@@ -271,10 +271,12 @@ class TextReceived:
 
 @dataclass(frozen=True, slots=True)
 class CommitRequested:
-    """All of the text of ``proposal`` is here: make the message durable (checking the
-    digest over the whole text), then call :meth:`PhoneSession.commit_done`."""
+    """All of the text of ``proposal`` is here: make the message durable for the
+    recipients accepted (``envelope``), checking the digest over the whole text, then call
+    :meth:`PhoneSession.commit_done`."""
 
     proposal: ProposalReceived
+    envelope: Envelope  # the proposal's, with only the recipients answered AOK
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +341,7 @@ class _InJob:
     proposal: ProposalReceived
     state: InState = InState.DECIDING
     received: int = 0
+    accepted: Envelope | None = None
 
     @property
     def job(self) -> int:
@@ -566,6 +569,13 @@ class PhoneSession:
             self._step_in(in_job, InInput.REFUSE, local=True)
             return
         in_job.received = offset
+        in_job.accepted = in_job.envelope.with_recipients(
+            tuple(
+                r
+                for r, reply in zip(in_job.envelope.recipients, replies, strict=True)
+                if reply.code is ReplyCode.AOK
+            )
+        )
         if offset == in_job.size:
             self._step_in(in_job, InInput.ACCEPT_COMPLETE, local=True)
             self._request_commit(in_job)
@@ -882,7 +892,8 @@ class PhoneSession:
             self._unsettled_out -= 1
 
     def _request_commit(self, job: _InJob) -> None:
-        self._events.append(CommitRequested(job.proposal))
+        assert job.accepted is not None
+        self._events.append(CommitRequested(job.proposal, job.accepted))
 
     def _settle(self, job: _OutJob, replies: tuple[Reply, ...]) -> None:
         self._events.append(MessageSettled(job.message.message_id, replies))
