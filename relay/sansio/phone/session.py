@@ -408,7 +408,6 @@ class PhoneSession:
         self._transcript = b""
         self._sealer: Sealer | None = None
         self._opener: Opener | None = None
-        self._opener_pending: Opener | None = None
         self._compressor: ChunkCompressor | None = None
         self._decompressor = ChunkDecompressor()
         self._deflater = RecordDeflater()
