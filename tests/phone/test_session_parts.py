@@ -92,13 +92,14 @@ all_records = st.one_of(
 )
 
 
+@settings(max_examples=200, deadline=None)
 @given(all_records)
 def test_every_record_reads_back_as_written(record: records.Record) -> None:
     """encode then decode gives the same record, for every type."""
     assert records.decode(records.encode(record)) == record
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=300))
 def test_any_bytes_decode_or_raise_record_error(data: bytes) -> None:
     """Whatever the bytes, decode returns a record or raises RecordError, nothing else."""
@@ -106,7 +107,7 @@ def test_any_bytes_decode_or_raise_record_error(data: bytes) -> None:
         records.decode(data)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(all_records, st.integers(0, 400), st.integers(0, 255))
 def test_damaged_records_decode_or_raise_record_error(
     record: records.Record, position: int, value: int
@@ -140,6 +141,7 @@ def test_reply_text_from_the_peer_loses_its_control_characters() -> None:
     assert isinstance(reply, Abort) and reply.reply.text == "??"
 
 
+@settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.binary(max_size=3000)), max_size=20))
 def test_compressed_chunks_inflate_to_what_was_sent(chunks: list[tuple[bool, bytes]]) -> None:
     """Any mix of compressible and random chunks arrives exact, each smaller or as it was."""
