@@ -11,6 +11,7 @@ from session_harness import (
     SITE,
     CutLine,
     End,
+    Line,
     LossyLine,
     Stuck,
     envelope,
@@ -142,6 +143,38 @@ def test_a_message_held_already_is_not_sent_again() -> None:
     ((_, _, replies),) = hub.settled
     assert replies[0].code is ReplyCode.DONE and hub.outbox[SITE] == {}
     assert site.commits == []
+
+
+class _DropBeforeFinalReply(Line):
+    """A perfect line that goes dead once the receiving store has committed, so its
+    final reply never reaches the sender."""
+
+    def __init__(self, receiver: MemoryPhoneStore) -> None:
+        self.receiver = receiver
+
+    def carry(self, direction: int, data: bytes, now: float) -> list[tuple[float, bytes]]:
+        return [] if self.dropped(now) else [(now, data)]
+
+    def dropped(self, now: float) -> bool:
+        return bool(self.receiver.commits)
+
+
+def test_a_refusal_whose_final_reply_was_lost_still_reaches_the_sender() -> None:
+    """The line drops after the commit, before the final reply: the next call answers the
+    re-proposal per recipient as the first answer did, so the refused address bounces and
+    the accepted one is done, and no text flows again."""
+    hub, site = MemoryPhoneStore(), MemoryPhoneStore(refuse_user="nobody")
+    hub.put(SITE, "m1", envelope("<nobody@site.example>", "<bob@site.example>"), b"x" * 3000)
+    caller, answerer = _pair(hub, site)
+    run_call(caller, answerer, _DropBeforeFinalReply(site))
+    assert caller.summary is not None and caller.summary.outcome is CallOutcome.LINE_DROPPED
+    assert site.commits == [(HUB, "m1")] and hub.settled == []
+    caller, answerer = _pair(hub, site)
+    run_call(caller, answerer)
+    ((_, _, replies),) = hub.settled
+    assert [r.code for r in replies] == [ReplyCode.USER, ReplyCode.DONE]
+    assert hub.outbox[SITE] == {} and site.commits == [(HUB, "m1")]
+    assert caller.summary is not None and caller.summary.payload_bytes_sent == 0
 
 
 def test_a_cut_message_resumes_from_the_offset_held() -> None:

@@ -54,6 +54,15 @@ codec, the seal, the inflater or a job table) never raises out of the engine: af
 handshake it is answered with an ``Abort`` and a clean hang-up; before, by ``REFUSING``.
 A dropped line ends the call at once (``LINE_DROPPED``); what was not committed stays
 with its sender for the next call, and what was partly stored is resumed.
+
+**A final reply lost with the line.**  The receiver committed, the line dropped before
+the final reply arrived, and the sender proposes the message again in the next call.
+The store answers from what it remembered durably with the id: :func:`held_acceptance`
+gives each recipient of the re-proposal its first answer (``ALREADY_HAVE`` for those
+accepted, the refusal for those refused), sent as a per-recipient answer with no
+recipient to receive text, so the sender settles every address exactly as the lost final
+reply would have had it: a refused recipient still bounces.  No new record is needed;
+``ALREADY_HAVE`` as a whole answer remains right when every recipient was accepted.
 """
 
 from __future__ import annotations
@@ -61,7 +70,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final, Protocol
 
@@ -106,6 +115,7 @@ from relay.sansio.phone.seal import Opener, Sealer
 
 __all__ = [
     "ALREADY_HAVE",
+    "NOT_HELD_FOR",
     "Acceptance",
     "Authenticated",
     "CallEnded",
@@ -122,9 +132,12 @@ __all__ = [
     "SessionState",
     "TextReceived",
     "TextWanted",
+    "held_acceptance",
 ]
 
 ALREADY_HAVE: Final = Reply(ReplyCode.DONE, "already have it")
+NOT_HELD_FOR: Final = Reply(ReplyCode.AGN, "held already, but not for this recipient")
+"""A re-proposal's recipient that the first answer did not name."""
 LINGER: Final = ACK_DELAY + 0.01
 """Seconds a hanging-up end stays after its last record was acknowledged, so that its
 acknowledgement of the peer's last record goes out before the line drops."""
@@ -220,6 +233,26 @@ class Acceptance:
     whole: Reply | None = None
 
 
+def held_acceptance(proposed: Envelope, answered: Mapping[str, Reply]) -> Acceptance:
+    """The answer to a re-proposal of a message committed before.
+
+    ``answered`` maps each recipient's address (``smtp_path()``) to the reply the first
+    answer gave it (``AOK`` if accepted), as the store remembered it durably with the id.
+    Accepted recipients get ``ALREADY_HAVE``, refused ones their refusal again, one the
+    first answer did not name :data:`NOT_HELD_FOR`; when all were accepted, the answer is
+    ``ALREADY_HAVE`` for the whole message.
+    """
+    replies = tuple(
+        ALREADY_HAVE if reply.code is ReplyCode.AOK else reply
+        for reply in (
+            answered.get(r.address.smtp_path(), NOT_HELD_FOR) for r in proposed.recipients
+        )
+    )
+    if all(reply is ALREADY_HAVE for reply in replies):
+        return Acceptance(whole=ALREADY_HAVE)
+    return Acceptance(replies=replies)
+
+
 # --- events --------------------------------------------------------------------------------
 
 
@@ -250,8 +283,10 @@ class InventoryReceived:
 class ProposalReceived:
     """The peer offers a message: answer with :meth:`PhoneSession.accept` or ``refuse``.
 
-    Look the id up in the store: already held → refuse with ``ALREADY_HAVE``; partly
-    held → accept naming the offset held durably (only when ``resume`` is true).
+    Look the id up in the store: already held → answer with :func:`held_acceptance`
+    (``ALREADY_HAVE`` for the recipients accepted the first time, the first refusal for
+    the others); partly held → accept naming the offset held durably (only when
+    ``resume`` is true).
     """
 
     job: int
