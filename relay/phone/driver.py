@@ -61,8 +61,11 @@ def session_factory(
     new_link: Callable[[float], tuple[RecordLink, LinkParams]],
     peer_name: str | None = None,
     options: SessionOptions | None = None,
+    site_options: Mapping[str, SessionOptions] | None = None,
 ) -> SessionFactory:
-    """A factory of sessions for one end, each with a fresh nonce and link."""
+    """A factory of sessions for one end, each with a fresh nonce and link;
+    ``site_options`` are this end's settings for particular peers (``options`` for the
+    others), honoured on either end."""
 
     def make(now: float) -> PhoneSession:
         link, params = new_link(now)
@@ -76,6 +79,7 @@ def session_factory(
             now=now,
             peer_name=peer_name,
             options=options,
+            site_options=site_options.get if site_options is not None else None,
         )
 
     return make

@@ -246,6 +246,44 @@ def test_silence_times_out_the_handshake() -> None:
     assert caller.summary is not None and caller.summary.outcome is CallOutcome.TIMEOUT
 
 
+def test_the_answerers_settings_for_the_caller_count_at_both_ends() -> None:
+    """The answerer's per-site settings (compression off, encryption on for the hub),
+    known only once the caller is named, are what both ends negotiate and use."""
+    hub, site = MemoryPhoneStore(), MemoryPhoneStore()
+    plain = b"Subject: hello\r\n\r\n" + b"the same words again and again\r\n" * 500
+    hub.put(SITE, "h1", envelope(), plain)
+    site.put(HUB, "s1", envelope("<alice@hub.example>"), plain)
+    caller = make_end(Role.CALLER, hub)
+    answerer = make_end(
+        Role.ANSWERER,
+        site,
+        site_options={HUB: SessionOptions(compression=False, encryption=True)},
+    )
+    trace = run_call(caller, answerer)
+    for end in (caller, answerer):
+        (auth,) = [e for e in end.seen if isinstance(e, Authenticated)]
+        assert not auth.negotiated.compression and auth.negotiated.encryption
+        assert end.summary is not None and end.summary.outcome is CallOutcome.COMPLETED
+        assert end.summary.text_wire_bytes_sent >= len(plain)  # not deflated
+    assert b"the same words" not in trace.written[0] + trace.written[1]  # sealed
+    assert hub.inbox[SITE]["s1"][1] == plain and site.inbox[HUB]["h1"][1] == plain
+
+
+def test_settings_for_other_sites_leave_the_answerer_on_its_defaults() -> None:
+    """Per-site settings for another site change nothing for this caller."""
+    hub, site = MemoryPhoneStore(), MemoryPhoneStore()
+    hub.put(SITE, "h1", envelope(), b"words words words\r\n" * 500)
+    caller = make_end(Role.CALLER, hub)
+    answerer = make_end(
+        Role.ANSWERER, site, site_options={"other": SessionOptions(compression=False)}
+    )
+    run_call(caller, answerer)
+    for end in (caller, answerer):
+        (auth,) = [e for e in end.seen if isinstance(e, Authenticated)]
+        assert auth.negotiated.compression and not auth.negotiated.encryption
+    assert caller.summary is not None and caller.summary.text_wire_bytes_sent < 2000
+
+
 def test_compression_shrinks_text_and_keeps_it_exact() -> None:
     """Compressible text travels deflated; incompressible text as it is; both arrive exact."""
     hub = MemoryPhoneStore()

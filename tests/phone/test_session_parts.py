@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import zlib
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -65,6 +66,7 @@ all_records = st.one_of(
         st.just(CAPS),
     ),
     st.builds(Proof, st.binary(min_size=32, max_size=32)),
+    st.builds(Proof, st.binary(min_size=32, max_size=32), st.just(CAPS)),
     st.builds(Abort, replies),
     st.builds(
         Inventory,
@@ -191,6 +193,20 @@ def test_proofs_are_bound_to_role_secret_and_transcript() -> None:
     assert not handshake.verify_proof(b"x" * 32, Role.CALLER, t, mac)
     other = handshake.transcript_hash(b"caller hello", b"answerer hellO")
     assert not handshake.verify_proof(b"s" * 32, Role.CALLER, other, mac)
+
+
+def test_an_answerers_proof_covers_the_capabilities_it_carries() -> None:
+    """The capabilities in a proof record are under its MAC: changed, the proof fails."""
+    t = handshake.transcript_hash(b"caller hello", b"answerer hello")
+    raw = records.encode(Proof(b"\0" * 32, CAPS))
+    terms = records.proof_terms(raw)
+    assert terms and records.decode(raw) == Proof(b"\0" * 32, CAPS)
+    mac = handshake.make_proof(b"s" * 32, Role.ANSWERER, t, terms)
+    assert handshake.verify_proof(b"s" * 32, Role.ANSWERER, t, mac, terms)
+    assert not handshake.verify_proof(b"s" * 32, Role.ANSWERER, t, mac)
+    changed = records.proof_terms(records.encode(Proof(mac, replace(CAPS, encryption=True))))
+    assert changed != terms
+    assert not handshake.verify_proof(b"s" * 32, Role.ANSWERER, t, mac, changed)
 
 
 def test_both_ends_negotiate_the_same_link() -> None:
