@@ -18,7 +18,10 @@ trips than the proofs:
   the caller's hello names it, the answerer applies its settings for that site and, if
   they differ from its hello's, sends them in its proof (covered by the proof's MAC).
   Both ends then negotiate with those in place of the answerer's hello capabilities: no
-  extra round trip, a few more bytes in one proof.
+  extra round trip, a few more bytes in one proof.  The price: an unknown name gets a
+  decoy proof without them, so a caller that names a site whose settings differ from the
+  answerer's defaults learns, before proving anything, that the name is known and those
+  settings (never a secret or any mail).
 * **Keys**, when encrypting: HKDF-SHA256 over the secret, salted with both nonces,
   bound to the transcript, one key per direction.
 
