@@ -438,6 +438,11 @@ class Link:
         return len(self._out)
 
     @property
+    def unsent_bytes(self) -> int:
+        """Stream bytes queued and never sent yet: what a record queued now waits behind."""
+        return self._snd_una + len(self._out) - self._snd_nxt
+
+    @property
     def idle(self) -> bool:
         """Nothing queued, nothing in flight: the peer acknowledged everything we sent."""
         return not self._out
