@@ -1,0 +1,1091 @@
+"""A reliable, ordered, full-duplex record transport over frames, without I/O.
+
+Theory of operation
+-------------------
+Each direction is a byte stream.  :meth:`Link.send_record` appends the record to the
+outgoing stream behind its length (a LEB128 varint); the receiver cuts the stream back
+into records (:class:`RecordReceived`), refusing any longer than its ``max_record``.
+Frames (:mod:`relay.sansio.phone.frame`) carry pieces of the stream; a frame's ``seq``
+is the stream offset of its first byte (mod 2**32; both ends keep exact offsets and
+read the 32-bit value as the one nearest to what they expect).  Record and frame
+boundaries are independent: small records share a frame, large ones span many.
+
+Frame kinds (:class:`FrameKind`, the low six bits of the frame's kind byte; kinds this
+version does not know are skipped):
+
+* ``DATA``: stream bytes at offset ``seq``.  Flags (:class:`FrameFlag`): ``ACK_BLOCK``,
+  an ack block (below) comes first, so acknowledgements ride on data; ``PUSH``, nothing
+  more was queued behind this frame (or it is a resend), so acknowledge it at once.
+* ``ACK``: an acknowledgement alone; ``seq`` is the cumulative ack and the payload the
+  rest of the block.  It is also the keepalive.
+
+An **ack block** is the cumulative ack (the offset of the first byte the receiver does
+not have, 4 bytes; only on data frames), a count, and that many pairs of varints
+(skip, length): the ranges the receiver holds beyond the cumulative ack, each relative
+to the end of the one before (selective acknowledgement, as many ranges as fit in
+:data:`SACK_LIMIT` bytes, lowest first).  A data frame thus costs
+:data:`~relay.sansio.phone.frame.FRAME_OVERHEAD` bytes, five more when it carries an
+acknowledgement and no gap.
+
+**Sender.**  The stream bytes not yet acknowledged cumulatively are kept; what has been
+sent of them is a list of segments (one per frame sent), each remembering when it was
+last sent and in which order.  New data goes out while the window (``params.window``
+bytes beyond the cumulative ack) and the flight limit (below) have room for a whole
+frame.  A segment is known lost when a segment sent *after* it has been acknowledged
+while it has not (the line does not reorder, so the later one overtaking it means this
+one was damaged): it is resent at once, before any new data, without waiting for a
+timer (the idea of RACK, RFC 8985).  Only segments nobody has acknowledged are resent.
+A retransmission timer (RFC 6298: smoothed round trip plus four deviations, at least
+:data:`MIN_RTO`, doubled on each expiry, samples only from segments sent once, per
+Karn) covers the rest, and a probe after two round trips resends the last frame of a
+burst, which has no later frame to show it lost.  The timer restarts whenever something
+new is acknowledged, so frames that queued behind a full transmit buffer do not fire it
+while acknowledgements still flow; when it fires it resends only the oldest frame,
+unless nothing at all was heard for a whole timeout (the line went quiet).  A resend
+made on such a guess may be acknowledged by its first copy, so its acknowledgement is
+not taken as evidence against the frames sent before it.
+
+**Flight limit.**  The driver's transport, the kernel's tty buffer and a modem can
+together hold many seconds of a slow line.  Whatever sits there delays the frames and
+acknowledgements behind it: with data both ways, each end's acknowledgements wait
+behind its own queue, and a resend behind everything queued before it.  So the bytes
+in flight (sent, neither acknowledged nor known lost) are limited to what the line
+carries in a second or two round trips, from the best recent delivery rate (measured
+as BBR does) and the rate at which bytes arrive from the peer; while starting up (until
+that rate stops growing) at least :data:`INITIAL_FLIGHT`.  The line rate itself is
+never configured.
+
+**Frame size.**  The sender estimates the chance ``q`` that a byte is hit from frames
+declared lost per byte sent (both counts decaying with a half-life of
+:data:`LOSS_HALF_LIFE` bytes sent; a run of consecutive losses counts once, since a
+line gone quiet says nothing of damage; a fading assumed loss,
+:data:`LOSS_PRIOR_EVENTS` in :data:`LOSS_PRIOR` bytes, keeps the first frames middling
+until the line has shown itself clean) and picks the data size that maximises
+``size / (size + overhead) * (1 - q) ** (size + overhead)``: the largest allowed on a
+clean line, a few hundred bytes at a bit error rate of 1e-5, within
+``min_frame_payload`` and ``max_frame_payload``.  Lost segments are resent at the
+current size, split evenly if need be.
+
+**Receiver.**  Bytes in order are delivered at once; bytes beyond a gap are held
+(at most ``params.window`` bytes beyond the cumulative ack; more is dropped and
+resent by the peer).  An acknowledgement is owed after new data.  It goes at once, alone
+if no data frame is leaving, when the data was out of order, filled a gap, was a
+duplicate (the peer must learn of a gap quickly, or that its acknowledgement was lost)
+or was pushed.  Otherwise it waits up to :data:`ACK_DELAY` (or a quarter window of
+data), then rides on the next data frame, or goes alone if no data is ready: one
+acknowledgement covers many frames, and with data both ways almost none go alone.
+Records delivered but not yet taken by :meth:`Link.next_event` count against the window
+too, so a reader that falls behind holds back the peer instead of growing memory.
+
+**Liveness.**  After ``keepalive`` seconds without sending anything, the link sends an
+``ACK``.  No good frame for ``dead_after`` seconds, or data outstanding with nothing
+new acknowledged for ``dead_after`` seconds, is :class:`LinkDead`; so is end of file
+(``receive_data(b"")``) and a peer that breaks the protocol (a record over
+``max_record``, a malformed ack block, an acknowledgement of data never sent).  Nothing
+received ever raises.
+
+The driver calls :meth:`Link.data_to_send` after :meth:`Link.receive_data`, after
+:meth:`Link.send_record`, when its transport can take more bytes, and at
+:meth:`Link.next_deadline`.  It should pass ``max_bytes`` so that little waits in its
+transmit buffer (a frame or two): what waits there delays the acknowledgements that
+ride on data, and what was handed out cannot be resized to the line's damage.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import struct
+from bisect import bisect_right
+from collections import deque
+from dataclasses import dataclass
+from typing import Final
+
+from relay.sansio.phone.errors import LocalPhoneError, PhoneProtocolError
+from relay.sansio.phone.frame import (
+    FRAME_OVERHEAD,
+    MAX_PAYLOAD,
+    Frame,
+    FrameDecoder,
+    encode_frame,
+)
+
+__all__ = [
+    "ACK_DELAY",
+    "FLIGHT_TIME",
+    "INITIAL_FLIGHT",
+    "INITIAL_RTO",
+    "LINE_RATE_INTERVAL",
+    "LOSS_HALF_LIFE",
+    "LOSS_PRIOR",
+    "LOSS_PRIOR_EVENTS",
+    "LOSS_PRIOR_HALF_LIFE",
+    "MAX_FRAME_DATA",
+    "MAX_RTO",
+    "MIN_PROBE",
+    "MIN_RTO",
+    "RATE_MEMORY",
+    "SACK_LIMIT",
+    "FrameFlag",
+    "FrameKind",
+    "Link",
+    "LinkDead",
+    "LinkEvent",
+    "LinkParams",
+    "LinkStats",
+    "RecordReceived",
+    "decode_varint",
+    "encode_varint",
+    "unwrap_seq",
+]
+
+MAX_FRAME_DATA: Final = 16 * 1024
+"""The largest ``max_frame_payload`` a link accepts."""
+
+SACK_LIMIT: Final = 256
+"""The most bytes of (skip, length) pairs in one ack block."""
+
+_ACK_BLOCK_MAX: Final = 4 + 1 + SACK_LIMIT
+assert MAX_FRAME_DATA + _ACK_BLOCK_MAX <= MAX_PAYLOAD
+
+ACK_DELAY: Final = 0.2
+"""Seconds an acknowledgement of in-order data may wait, to cover more data at once."""
+
+INITIAL_RTO: Final = 3.0
+"""Retransmission timeout before any round trip was measured (slow lines: be patient)."""
+
+MIN_RTO: Final = 1.0
+"""The smallest retransmission timeout (RFC 6298, 2.4)."""
+
+INITIAL_FLIGHT: Final = 16 * 1024
+"""Bytes in flight while starting up (until the measured rate stops growing): a first
+delivery-rate sample (one frame over a whole round trip) is far below the line's rate,
+and a limit from it would idle a long line while it grows."""
+
+FLIGHT_TIME: Final = 1.0
+"""Seconds of line the flight limit allows at least (see ``Link._flight_limit``)."""
+
+LINE_RATE_INTERVAL: Final = 1.0
+"""Seconds over which bytes received are counted for a rate sample."""
+
+RATE_MEMORY: Final = 10.0
+"""Seconds a delivery-rate sample counts towards the best recent rate."""
+
+MIN_PROBE: Final = 0.1
+"""The shortest wait before probing for a lost last frame (twice the round trip, usually)."""
+
+MAX_RTO: Final = 30.0
+"""The largest retransmission timeout, however often it was doubled (and at most a
+quarter of ``dead_after``)."""
+
+LOSS_HALF_LIFE: Final = 32 * 1024
+"""Bytes sent after which a loss counts half as much in the damage estimate."""
+
+LOSS_PRIOR: Final = 32 * 1024
+"""Bytes sent that the damage estimate starts from, with :data:`LOSS_PRIOR_EVENTS` losses."""
+
+LOSS_PRIOR_EVENTS: Final = 1.0
+"""Losses assumed before any was seen: start at a middling frame size, not the largest."""
+
+LOSS_PRIOR_HALF_LIFE: Final = 16 * 1024
+"""Bytes sent after which the assumed losses count half: a clean line soon gets big frames."""
+
+_SEQ_MODULUS: Final = 1 << 32
+_MAX_WINDOW: Final = 1 << 30
+_MAX_RECORD: Final = (1 << 31) - 1
+_U32: Final = struct.Struct(">I")
+
+
+class FrameKind(enum.IntEnum):
+    """What a frame carries (the low six bits of the frame's kind byte)."""
+
+    DATA = 0x01
+    ACK = 0x02
+
+
+class FrameFlag(enum.IntFlag):
+    """The two high bits of a data frame's kind byte."""
+
+    PUSH = 0x40
+    """Nothing more was queued behind this frame: acknowledge it at once."""
+    ACK_BLOCK = 0x80
+    """An ack block comes before the data."""
+
+
+_KIND_MASK: Final = 0x3F
+
+
+@dataclass(frozen=True)
+class LinkParams:
+    """The link's settings; both sides start from the defaults, then agree on others."""
+
+    min_frame_payload: int = 64
+    max_frame_payload: int = 4096
+    window: int = 65536
+    max_record: int = 1 << 20
+    keepalive: float = 5.0
+    dead_after: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.min_frame_payload <= self.max_frame_payload <= MAX_FRAME_DATA:
+            raise LocalPhoneError(
+                f"frame payload bounds must satisfy 16 <= min ({self.min_frame_payload})"
+                f" <= max ({self.max_frame_payload}) <= {MAX_FRAME_DATA}"
+            )
+        if not self.max_frame_payload <= self.window <= _MAX_WINDOW:
+            raise LocalPhoneError(
+                f"window {self.window} must be between max_frame_payload and {_MAX_WINDOW}"
+            )
+        if not 0 <= self.max_record <= _MAX_RECORD:
+            raise LocalPhoneError(f"max_record {self.max_record} out of range")
+        if not 0 < self.keepalive < self.dead_after:
+            raise LocalPhoneError(
+                f"need 0 < keepalive ({self.keepalive}) < dead_after ({self.dead_after})"
+            )
+
+
+@dataclass(frozen=True)
+class RecordReceived:
+    """A whole record from the peer, in the order it was sent."""
+
+    record: bytes
+
+
+@dataclass(frozen=True)
+class LinkDead:
+    """The link is over: the line dropped, the peer fell silent or broke the protocol."""
+
+    reason: str
+
+
+LinkEvent = RecordReceived | LinkDead
+
+
+@dataclass(frozen=True)
+class LinkStats:
+    """Counters of one link, for the call's accounting.
+
+    ``payload_bytes_sent`` counts record bytes given to :meth:`Link.send_record`,
+    ``payload_bytes_received`` record bytes delivered; ``wire_*`` every byte on the
+    line (frames, resends, acknowledgements and, received, noise).
+    """
+
+    wire_bytes_sent: int
+    wire_bytes_received: int
+    payload_bytes_sent: int
+    payload_bytes_received: int
+    frames_sent: int
+    frames_resent: int
+    frames_damaged: int
+    rtt: float | None
+    bytes_resent: int = 0
+    garbage_bytes: int = 0
+    frame_payload: int = 0
+    rto: float = INITIAL_RTO
+
+
+def encode_varint(value: int) -> bytes:
+    """``value`` as LEB128: seven bits a byte, low bits first, high bit = more follows."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(0x80 | (value & 0x7F))
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def decode_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """Read a LEB128 value of at most five bytes at ``pos``; return it and the next pos."""
+    value = 0
+    for shift in range(0, 35, 7):
+        if pos >= len(data):
+            raise PhoneProtocolError("ack block cut short inside a number")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+    raise PhoneProtocolError("number longer than five bytes in an ack block")
+
+
+def unwrap_seq(wire: int, near: int) -> int:
+    """The stream offset whose low 32 bits are ``wire`` nearest to ``near``."""
+    delta = (wire - near) % _SEQ_MODULUS
+    if delta >= _SEQ_MODULUS // 2:
+        delta -= _SEQ_MODULUS
+    return near + delta
+
+
+class _RecordReader:
+    """Cuts the in-order stream into records; raises on a length over ``max_record``."""
+
+    def __init__(self, max_record: int) -> None:
+        self.max_record = max_record
+        self._length: int | None = None
+        self._prefix = 0
+        self._shift = 0
+        self._body = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of the record being put together."""
+        return len(self._body)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        records: list[bytes] = []
+        pos, size = 0, len(data)
+        while pos < size:
+            if self._length is None:
+                byte = data[pos]
+                pos += 1
+                self._prefix |= (byte & 0x7F) << self._shift
+                self._shift += 7
+                if byte & 0x80:
+                    if self._shift >= 35:
+                        raise PhoneProtocolError("record length prefix longer than five bytes")
+                    continue
+                length, self._prefix, self._shift = self._prefix, 0, 0
+                if length > self.max_record:
+                    raise PhoneProtocolError(
+                        f"peer sent a record of {length} bytes, more than {self.max_record}"
+                    )
+                self._length = length
+            take = min(self._length - len(self._body), size - pos)
+            self._body += data[pos : pos + take]
+            pos += take
+            if len(self._body) == self._length:
+                records.append(bytes(self._body))
+                self._body.clear()
+                self._length = None
+        return records
+
+
+class _Segment:
+    """One frame's worth of the outgoing stream, as last sent."""
+
+    __slots__ = (
+        "app_limited",
+        "delivered",
+        "delivered_at",
+        "end",
+        "first_sent_at",
+        "lost",
+        "resent",
+        "sacked",
+        "sent_at",
+        "speculative",
+        "start",
+        "xmit",
+    )
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+        self.xmit = 0
+        self.sent_at = 0.0
+        self.resent = False
+        self.sacked = False
+        self.lost = False
+        self.speculative = False  # marked lost by a timer, not by evidence
+        # The delivery count and its time when this was sent, for a rate sample.
+        self.delivered = 0
+        self.delivered_at = 0.0
+        self.first_sent_at = 0.0
+        self.app_limited = False
+
+
+def _best_frame_data(loss_per_byte: float, low: int, high: int) -> int:
+    """The data size that moves most data per line byte when each byte may be hit."""
+    if loss_per_byte <= 0.0:
+        return high
+    h = FRAME_OVERHEAD
+    best = (-h + math.sqrt(h * h + 4.0 * h / loss_per_byte)) / 2.0
+    return max(low, min(high, int(best)))
+
+
+class Link:
+    """One end of the link; see the module's theory of operation."""
+
+    def __init__(self, params: LinkParams, now: float) -> None:
+        self._params = params
+        self._decoder = FrameDecoder()
+        self._events: deque[LinkEvent] = deque()
+        self._dead = False
+        # Sending.
+        self._out = bytearray()
+        self._snd_una = 0
+        self._snd_nxt = 0
+        self._segments: list[_Segment] = []
+        self._xmit = 0
+        self._delivered_xmit = 0
+        self._srtt: float | None = None
+        self._min_rtt: float | None = None
+        self._delivered = 0
+        self._delivered_at = now
+        self._first_sent_at = now
+        self._rate_samples: deque[tuple[float, float]] = deque()
+        self._line_mark_at = now
+        self._line_mark_bytes = 0
+        self._starting = True
+        self._round_ends = now
+        self._growth_mark = 0.0
+        self._flat_rounds = 0
+        self._rttvar = 0.0
+        self._rto = INITIAL_RTO
+        self._rto_deadline: float | None = None
+        self._probe_deadline: float | None = None
+        self._progress_at = now
+        self._last_sent = now
+        self._loss_events = 0.0
+        self._loss_assumed = LOSS_PRIOR_EVENTS
+        self._loss_bytes = float(LOSS_PRIOR)
+        self._frame_data = params.max_frame_payload
+        self._adapt_frame_size()
+        # Receiving.
+        self._rcv_nxt = 0
+        self._held: list[tuple[int, bytes]] = []
+        self._reader = _RecordReader(params.max_record)
+        self._undelivered = 0
+        self._ack_owed = False
+        self._ack_now = False
+        self._ack_owed_since = now
+        self._bytes_unacked = 0
+        self._last_heard = now
+        self._ticked_at = -math.inf
+        # Accounting.
+        self._wire_sent = 0
+        self._wire_received = 0
+        self._payload_sent = 0
+        self._payload_received = 0
+        self._frames_sent = 0
+        self._frames_resent = 0
+        self._bytes_resent = 0
+
+    # -- the API -------------------------------------------------------------------
+
+    @property
+    def params(self) -> LinkParams:
+        """The settings in force."""
+        return self._params
+
+    @property
+    def dead(self) -> bool:
+        """True once :class:`LinkDead` was queued: nothing more goes out or comes in."""
+        return self._dead
+
+    @property
+    def queued_bytes(self) -> int:
+        """Stream bytes (records and their length prefixes) not yet acknowledged."""
+        return len(self._out)
+
+    @property
+    def unsent_bytes(self) -> int:
+        """Stream bytes queued and never sent yet: what a record queued now waits behind."""
+        return self._snd_una + len(self._out) - self._snd_nxt
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, nothing in flight: the peer acknowledged everything we sent."""
+        return not self._out
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held for the incoming side: held beyond a gap, a record being put
+        together, records not yet taken, and the frame decoder's.  Bounded by twice
+        ``window + max_record`` plus one frame, whatever the peer sends."""
+        held = sum(len(data) for _, data in self._held)
+        return held + self._reader.buffered + self._undelivered + self._decoder.buffered
+
+    def reconfigure(self, params: LinkParams) -> None:
+        """Switch to the settings both sides agreed on (data in flight is kept)."""
+        self._params = params
+        self._reader.max_record = params.max_record
+        self._adapt_frame_size()
+
+    def send_record(self, record: bytes) -> None:
+        """Queue ``record`` for reliable, in-order delivery to the peer."""
+        if self._dead:
+            raise LocalPhoneError("send_record on a dead link")
+        if len(record) > self._params.max_record:
+            raise LocalPhoneError(
+                f"record of {len(record)} bytes is over max_record {self._params.max_record}"
+            )
+        self._out += encode_varint(len(record))
+        self._out += record
+        self._payload_sent += len(record)
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        """Take bytes from the line; ``b""`` means the line dropped.  Never raises."""
+        if self._dead:
+            return
+        if not data:
+            self._die("line dropped")
+            return
+        self._wire_received += len(data)
+        self._sample_line_rate(now)
+        for frame in self._decoder.feed(data):
+            try:
+                self._on_frame(frame, now)
+            except PhoneProtocolError as error:
+                self._die(error.reason)
+            if self._dead:
+                return
+
+    def next_event(self) -> LinkEvent | None:
+        """The next record (or the link's death); None when there is nothing more yet."""
+        if not self._events:
+            return None
+        event = self._events.popleft()
+        if isinstance(event, RecordReceived):
+            self._undelivered -= len(event.record)
+        return event
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` (or :meth:`data_to_send`) must run next; None once dead."""
+        if self._dead:
+            return None
+        params = self._params
+        deadlines = [self._last_heard + params.dead_after]
+        # What only data_to_send can do (an acknowledgement or keepalive due) is a
+        # deadline until tick has run at or after it: a driver whose transport is full
+        # calls data_to_send when it drains, and must not be woken again meanwhile.
+        wake_ups = [self._last_sent + params.keepalive, self._ack_alone_due()]
+        deadlines += [t for t in wake_ups if t is not None and t > self._ticked_at]
+        if self._rto_deadline is not None:
+            deadlines.append(self._rto_deadline)
+        if self._probe_deadline is not None:
+            deadlines.append(self._probe_deadline)
+        if self._segments:
+            deadlines.append(self._progress_at + params.dead_after)
+        return min(deadlines)
+
+    def tick(self, now: float) -> None:
+        """Run the timers: dead peer, retransmission timeout, tail probe."""
+        if self._dead:
+            return
+        self._ticked_at = max(self._ticked_at, now)
+        params = self._params
+        if now - self._last_heard >= params.dead_after:
+            self._die(f"nothing heard from the peer for {params.dead_after:g} s")
+            return
+        if self._segments and now - self._progress_at >= params.dead_after:
+            self._die(f"the peer acknowledged nothing for {params.dead_after:g} s")
+            return
+        if self._rto_deadline is not None and now >= self._rto_deadline:
+            # Heard nothing at all for a whole timeout: the line went quiet and took
+            # everything with it.  Otherwise the oldest frame alone is a guess (its
+            # acknowledgement may only be queued behind the peer's data).
+            outage = now - self._last_heard >= self._rto
+            run = False
+            for segment in self._segments:
+                if not (segment.sacked or segment.lost):
+                    segment.lost = segment.speculative = True
+                    if not run:
+                        self._note_loss()
+                    run = True
+                    if not outage:
+                        break
+                else:
+                    run = False
+            self._rto = min(self._rto * 2.0, self._max_rto())
+            self._rto_deadline = now + self._rto
+        if self._probe_deadline is not None and now >= self._probe_deadline:
+            self._probe_deadline = None
+            for segment in reversed(self._segments):
+                if not segment.sacked:
+                    segment.lost = segment.speculative = True
+                    break
+
+    def data_to_send(self, now: float, max_bytes: int | None = None) -> bytes:
+        """Frames to put on the line now.
+
+        Resends come first, then new data while the window has room; frames are added
+        while the output is shorter than ``max_bytes`` (so it may pass it by less than
+        a frame).  An acknowledgement or keepalive that is due is added even beyond
+        ``max_bytes``: it is small, and holding it back would stall the peer.
+        """
+        self.tick(now)
+        if self._dead:
+            return b""
+        budget = math.inf if max_bytes is None else max_bytes
+        out: list[bytes] = []
+        size = 0
+        index = 0
+        while size < budget:
+            index = self._next_lost(index)
+            if index < 0:
+                break
+            size += self._resend(index, now, out)
+            index += 1
+        while size < budget and (length := self._next_new_length()):
+            segment = _Segment(self._snd_nxt, self._snd_nxt + length)
+            if not self._segments:
+                self._progress_at = now
+            self._segments.append(segment)
+            self._snd_nxt = segment.end
+            size += self._transmit(segment, now, out)
+        ack_due = self._ack_alone_due()
+        keepalive_due = not out and now >= self._last_sent + self._params.keepalive
+        if (ack_due is not None and now >= ack_due) or keepalive_due:
+            out.append(self._ack_frame())
+        if not out:
+            return b""
+        data = b"".join(out)
+        self._last_sent = now
+        self._wire_sent += len(data)
+        self._frames_sent += len(out)
+        return data
+
+    def stats(self) -> LinkStats:
+        """The link's counters so far."""
+        return LinkStats(
+            wire_bytes_sent=self._wire_sent,
+            wire_bytes_received=self._wire_received,
+            payload_bytes_sent=self._payload_sent,
+            payload_bytes_received=self._payload_received,
+            frames_sent=self._frames_sent,
+            frames_resent=self._frames_resent,
+            frames_damaged=self._decoder.bad_checksums + self._decoder.bad_headers,
+            rtt=self._srtt,
+            bytes_resent=self._bytes_resent,
+            garbage_bytes=self._decoder.garbage_bytes,
+            frame_payload=self._frame_data,
+            rto=self._rto,
+        )
+
+    # -- sending -------------------------------------------------------------------
+
+    def _next_new_length(self) -> int:
+        """How much new data the next frame carries; 0 if none, or the window or the
+        flight limit has no room for a whole frame (slivers would waste the line on
+        headers)."""
+        waiting = len(self._out) - (self._snd_nxt - self._snd_una)
+        length = min(self._frame_data, waiting)
+        if not length:
+            return 0
+        room = self._snd_una + self._params.window - self._snd_nxt
+        room = min(room, self._flight_limit() - self._in_flight())
+        return length if length <= room else 0
+
+    def _next_lost(self, index: int) -> int:
+        segments = self._segments
+        for position in range(index, len(segments)):
+            if segments[position].lost:
+                return position
+        return -1
+
+    def _resend(self, index: int, now: float, out: list[bytes]) -> int:
+        segment = self._segments[index]
+        length = segment.end - segment.start
+        if length > self._frame_data * 5 // 4:
+            # Split what was lost into even pieces near the current size, not a full
+            # piece and a sliver.
+            pieces = -(-length // self._frame_data)
+            rest = _Segment(segment.start + -(-length // pieces), segment.end)
+            rest.lost = True
+            rest.resent = True
+            rest.speculative = segment.speculative
+            segment.end = rest.start
+            self._segments.insert(index + 1, rest)
+        segment.lost = False
+        segment.resent = True
+        self._frames_resent += 1
+        self._bytes_resent += segment.end - segment.start
+        return self._transmit(segment, now, out)
+
+    def _transmit(self, segment: _Segment, now: float, out: list[bytes]) -> int:
+        base = self._snd_una
+        data = bytes(self._out[segment.start - base : segment.end - base])
+        kind = FrameKind.DATA | (FrameFlag.PUSH if segment.resent else 0)
+        if segment.end == base + len(self._out):
+            kind |= FrameFlag.PUSH
+        ack_due = self._ack_due()
+        if ack_due is not None and now >= ack_due:
+            data = _U32.pack(self._rcv_nxt % _SEQ_MODULUS) + self._sack_block() + data
+            kind |= FrameFlag.ACK_BLOCK
+            self._ack_sent()
+        wire = encode_frame(Frame(kind, segment.start % _SEQ_MODULUS, data))
+        out.append(wire)
+        if not self._in_flight():
+            # The line was idle: do not count the pause as slowness.
+            self._delivered_at = self._first_sent_at = now
+        segment.delivered = self._delivered
+        segment.delivered_at = self._delivered_at
+        segment.first_sent_at = self._first_sent_at
+        segment.app_limited = bool(kind & FrameFlag.PUSH)
+        self._xmit += 1
+        segment.xmit = self._xmit
+        segment.sent_at = now
+        if self._rto_deadline is None:
+            self._rto_deadline = now + self._rto
+        if kind & FrameFlag.PUSH:
+            self._arm_probe(now)
+        decay = 0.5 ** (len(wire) / LOSS_HALF_LIFE)
+        self._loss_bytes = self._loss_bytes * decay + len(wire)
+        self._loss_events *= decay
+        self._loss_assumed *= 0.5 ** (len(wire) / LOSS_PRIOR_HALF_LIFE)
+        self._adapt_frame_size()
+        return len(wire)
+
+    def _ack_due(self) -> float | None:
+        """When an acknowledgement must go out alone if no data carries it first."""
+        if not self._ack_owed:
+            return None
+        if self._ack_now or self._bytes_unacked >= self._params.window // 4:
+            return self._ack_owed_since
+        return self._ack_owed_since + ACK_DELAY
+
+    def _ack_alone_due(self) -> float | None:
+        """When an acknowledgement must go in a frame of its own.
+
+        News of a gap goes at once.  An acknowledgement of in-order data waits for the
+        next data frame if data is ready (the driver asks again when its transmit buffer
+        has room): alone it would take a frame's overhead, and queue behind that frame
+        anyway.
+        """
+        due = self._ack_due()
+        if due is None or self._ack_now:
+            return due
+        if self._next_new_length() or self._next_lost(0) >= 0:
+            return None
+        return due
+
+    def _ack_frame(self) -> bytes:
+        frame = Frame(FrameKind.ACK, self._rcv_nxt % _SEQ_MODULUS, self._sack_block())
+        self._ack_sent()
+        return encode_frame(frame)
+
+    def _ack_sent(self) -> None:
+        self._ack_owed = False
+        self._ack_now = False
+        self._bytes_unacked = 0
+
+    def _sack_block(self) -> bytes:
+        """Count and (skip, length) pairs of the ranges held beyond the cumulative ack."""
+        pairs = bytearray()
+        count = 0
+        previous = self._rcv_nxt
+        run_start = run_end = -1
+        ranges: list[tuple[int, int]] = []
+        for start, data in self._held:
+            if start == run_end:
+                run_end += len(data)
+                continue
+            if run_end >= 0:
+                ranges.append((run_start, run_end))
+            run_start, run_end = start, start + len(data)
+        if run_end >= 0:
+            ranges.append((run_start, run_end))
+        for start, end in ranges:
+            pair = encode_varint(start - previous) + encode_varint(end - start)
+            if len(pairs) + len(pair) > SACK_LIMIT or count == 0xFF:
+                break
+            pairs += pair
+            count += 1
+            previous = end
+        return bytes([count]) + bytes(pairs)
+
+    # -- receiving -----------------------------------------------------------------
+
+    def _on_frame(self, frame: Frame, now: float) -> None:
+        kind = frame.kind & _KIND_MASK
+        if kind == FrameKind.ACK:
+            cum = unwrap_seq(frame.seq, self._snd_una)
+            ranges, _ = self._read_sack(frame.payload, 0, cum)
+            self._on_ack(cum, ranges, now)
+        elif kind == FrameKind.DATA:
+            payload = frame.payload
+            if frame.kind & FrameFlag.ACK_BLOCK:
+                if len(payload) < _U32.size:
+                    raise PhoneProtocolError("data frame too short for its ack block")
+                (cum_wire,) = _U32.unpack_from(payload, 0)
+                cum = unwrap_seq(cum_wire, self._snd_una)
+                ranges, pos = self._read_sack(payload, _U32.size, cum)
+                self._on_ack(cum, ranges, now)
+                payload = payload[pos:]
+            self._on_data(frame.seq, payload, now, push=bool(frame.kind & FrameFlag.PUSH))
+        else:
+            return  # a kind from a later version: skip it
+        self._last_heard = now
+
+    def _read_sack(self, payload: bytes, pos: int, cum: int) -> tuple[list[tuple[int, int]], int]:
+        if pos >= len(payload):
+            raise PhoneProtocolError("ack block without its range count")
+        count = payload[pos]
+        pos += 1
+        ranges: list[tuple[int, int]] = []
+        previous = cum
+        for _ in range(count):
+            skip, pos = decode_varint(payload, pos)
+            length, pos = decode_varint(payload, pos)
+            start = previous + skip
+            previous = start + length
+            ranges.append((start, previous))
+        return ranges, pos
+
+    def _on_ack(self, cum: int, ranges: list[tuple[int, int]], now: float) -> None:
+        if cum < self._snd_una:
+            return  # older than one already seen
+        if cum > self._snd_nxt or (ranges and ranges[-1][1] > self._snd_nxt):
+            raise PhoneProtocolError("peer acknowledged data that was never sent")
+        progress = False
+        # Newly acknowledged and sent last; not a resend made on a guess, whose
+        # acknowledgement may be for the first copy, still queued when it was resent.
+        newest: _Segment | None = None
+        sampled: _Segment | None = None  # the same among those sent once
+        segments = self._segments
+        delivered = 0
+        if cum > self._snd_una:
+            done = 0
+            while done < len(segments) and segments[done].end <= cum:
+                segment = segments[done]
+                if not segment.sacked:
+                    progress = True
+                    delivered += segment.end - segment.start
+                    if not (segment.resent and segment.speculative):
+                        newest = self._newer(newest, segment)
+                    if not segment.resent:
+                        sampled = self._newer(sampled, segment)
+                done += 1
+            del segments[:done]
+            if segments and segments[0].start < cum:
+                if not segments[0].sacked:
+                    delivered += cum - segments[0].start
+                segments[0].start = cum
+            del self._out[: cum - self._snd_una]
+            self._snd_una = cum
+        index = 0
+        for start, end in ranges:
+            while index < len(segments) and segments[index].end <= start:
+                index += 1
+            while index < len(segments) and segments[index].end <= end:
+                segment = segments[index]
+                if segment.start >= start and not segment.sacked:
+                    segment.sacked = True
+                    segment.lost = False
+                    progress = True
+                    delivered += segment.end - segment.start
+                    if not (segment.resent and segment.speculative):
+                        newest = self._newer(newest, segment)
+                    if not segment.resent:
+                        sampled = self._newer(sampled, segment)
+                index += 1
+        if not progress:
+            return
+        self._progress_at = now
+        self._delivered += delivered
+        self._delivered_at = now
+        if sampled is not None:
+            # Karn: a resent segment's acknowledgement may be for either copy.
+            self._sample_rate(sampled, now)
+            self._sample_rtt(now - sampled.sent_at)
+        if newest is not None:
+            self._delivered_xmit = max(self._delivered_xmit, newest.xmit)
+        run = False
+        for segment in segments:
+            if not (segment.sacked or segment.lost) and segment.xmit < self._delivered_xmit:
+                segment.lost = True
+                segment.speculative = False
+                if not run:
+                    self._note_loss()
+                run = True
+            else:
+                run = False
+        outstanding = any(not segment.sacked for segment in segments)
+        self._rto_deadline = now + self._rto if outstanding else None
+        self._probe_deadline = None
+        if outstanding and self._snd_nxt == self._snd_una + len(self._out):
+            self._arm_probe(now)
+
+    def _arm_probe(self, now: float) -> None:
+        """Resend the last frame if its acknowledgement is late: the tail has no later
+        frame whose acknowledgement would show it lost, and the timeout is long."""
+        if self._srtt is not None:
+            self._probe_deadline = now + max(2.0 * self._srtt, MIN_PROBE)
+
+    def _sample_line_rate(self, now: float) -> None:
+        """Count what arrives per second as a rate the line can carry too.
+
+        With data both ways each end's round trip includes the other's queue; a flight
+        limit from delivery rates alone lets the end with the lower estimate starve
+        while the other keeps its queue full.  Serial lines carry the same rate both
+        ways, so the busier direction teaches the quieter one.
+        """
+        elapsed = now - self._line_mark_at
+        if elapsed < LINE_RATE_INTERVAL:
+            return
+        if self._line_mark_at > 0.0 or self._line_mark_bytes:
+            rate = (self._wire_received - self._line_mark_bytes) / elapsed
+            if self._rate_samples and rate > max(r for _, r in self._rate_samples):
+                self._rate_samples.append((now, rate))
+        self._line_mark_at = now
+        self._line_mark_bytes = self._wire_received
+
+    @staticmethod
+    def _newer(best: _Segment | None, segment: _Segment) -> _Segment:
+        return segment if best is None or segment.xmit > best.xmit else best
+
+    def _sample_rate(self, newest: _Segment, now: float) -> None:
+        """Note a delivery-rate sample: bytes delivered since ``newest`` was sent, over
+        the time they took (the way BBR measures, draft-cheng-iccrg-delivery-rate)."""
+        self._first_sent_at = newest.sent_at
+        # Over the longer of the sending and the acknowledging of those bytes: either
+        # alone can be squeezed (a burst sent at once, acknowledgements bunched up).
+        elapsed = max(now - newest.delivered_at, newest.sent_at - newest.first_sent_at)
+        if elapsed <= 0.0 or elapsed < (self._min_rtt or 0.0):
+            return  # over less than a round trip, bunched acknowledgements mislead
+        rate = (self._delivered - newest.delivered) / elapsed
+        samples = self._rate_samples
+        while samples and samples[0][0] < now - RATE_MEMORY:
+            samples.popleft()
+        best = max((r for _, r in samples), default=0.0)
+        if newest.app_limited and rate < best:
+            return  # the sender had nothing more to send: this says little of the line
+        samples.append((now, rate))
+        if self._starting and now >= self._round_ends:
+            # Starting up ends once the best rate grew by less than a quarter in three
+            # round trips running: the line is full (BBR's test).
+            self._round_ends = now + (self._srtt or elapsed)
+            if max(rate, best) >= 1.25 * self._growth_mark:
+                self._growth_mark = max(rate, best)
+                self._flat_rounds = 0
+            else:
+                self._flat_rounds += 1
+                self._starting = self._flat_rounds < 3
+
+    def _flight_limit(self) -> int:
+        """How many bytes may be in flight (sent, neither acknowledged nor known lost).
+
+        What the line carries in :data:`FLIGHT_TIME` or in two of its shortest round
+        trips (whichever is longer), at the best recent delivery rate: enough to keep it
+        busy, while what waits in the driver's transport, the kernel or a modem stays
+        bounded, so that acknowledgements riding behind it and resent frames are not
+        held up for seconds.  The shortest round trip ever seen is used (usually from
+        the handshake, before queues formed): a round trip that includes the peer's own
+        queue would let both ends' queues feed each other.  At least
+        :data:`INITIAL_FLIGHT` while starting up: the first samples (a frame over a
+        whole round trip) are far below the line's rate.
+        """
+        window = self._params.window
+        floor = INITIAL_FLIGHT if self._starting else 4 * self._frame_data
+        if not self._rate_samples or self._min_rtt is None:
+            return min(window, floor)
+        rate = max(r for _, r in self._rate_samples)
+        span = max(FLIGHT_TIME, 2.0 * self._min_rtt + ACK_DELAY)
+        limit = rate * span + 2 * self._frame_data
+        return min(window, max(floor, int(limit)))
+
+    def _in_flight(self) -> int:
+        return sum(
+            segment.end - segment.start
+            for segment in self._segments
+            if not (segment.sacked or segment.lost)
+        )
+
+    def _sample_rtt(self, sample: float) -> None:
+        if self._min_rtt is None or sample < self._min_rtt:
+            self._min_rtt = sample
+        if self._srtt is None:
+            self._srtt = sample
+            self._rttvar = sample / 2.0
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - sample)
+            self._srtt = 0.875 * self._srtt + 0.125 * sample
+        rto = self._srtt + max(0.01, 4.0 * self._rttvar)
+        self._rto = min(self._max_rto(), max(MIN_RTO, rto))
+
+    def _max_rto(self) -> float:
+        """The timeout's ceiling: a few tries fit in ``dead_after`` however long the wait.
+
+        A serial line has no congestion to back off from: losses are noise, and the
+        doubling only guards against a timeout that was too short.
+        """
+        return min(MAX_RTO, self._params.dead_after / 4.0)
+
+    def _note_loss(self) -> None:
+        """Count a loss for the damage estimate: one per run of consecutive frames lost,
+        since a burst (the line quiet for a while) says nothing of the bytes' damage."""
+        self._loss_events += 1.0
+        self._adapt_frame_size()
+
+    def _adapt_frame_size(self) -> None:
+        params = self._params
+        self._frame_data = _best_frame_data(
+            (self._loss_events + self._loss_assumed) / self._loss_bytes,
+            params.min_frame_payload,
+            params.max_frame_payload,
+        )
+
+    def _on_data(self, seq: int, data: bytes, now: float, *, push: bool) -> None:
+        if not data:
+            return
+        start = unwrap_seq(seq, self._rcv_nxt)
+        end = start + len(data)
+        window_end = self._rcv_nxt + self._params.window
+        if end <= self._rcv_nxt:
+            self._owe_ack(now, 0, at_once=True)  # a duplicate: our acknowledgement was lost
+            return
+        if start >= window_end or self._undelivered >= self._params.window:
+            return  # no room: the peer will send it again
+        if end > window_end:
+            data = data[: window_end - start]
+        if start > self._rcv_nxt:
+            self._hold(start, data)
+            self._owe_ack(now, len(data), at_once=True)  # out of order: report the gap now
+            return
+        self._deliver(data[self._rcv_nxt - start :])
+        filled = False
+        while self._held and self._held[0][0] <= self._rcv_nxt:
+            held_start, held = self._held.pop(0)
+            filled = True
+            if held_start + len(held) > self._rcv_nxt:
+                self._deliver(held[self._rcv_nxt - held_start :])
+        self._owe_ack(now, len(data), at_once=filled or push)
+
+    def _hold(self, start: int, data: bytes) -> None:
+        """Keep the bytes of ``data`` (at ``start``, beyond a gap) not held yet."""
+        held = self._held
+        end = start + len(data)
+        index = bisect_right(held, start, key=lambda piece: piece[0])
+        position = start
+        if index:
+            before_start, before = held[index - 1]
+            position = max(position, before_start + len(before))
+        pieces: list[tuple[int, bytes]] = []
+        while position < end:
+            if index < len(held) and held[index][0] < end:
+                next_start, next_data = held[index]
+                if next_start > position:
+                    pieces.append((position, data[position - start : next_start - start]))
+                position = max(position, next_start + len(next_data))
+                index += 1
+            else:
+                pieces.append((position, data[position - start :]))
+                position = end
+        for piece in pieces:
+            held.insert(bisect_right(held, piece[0], key=lambda p: p[0]), piece)
+
+    def _deliver(self, data: bytes) -> None:
+        self._rcv_nxt += len(data)
+        for record in self._reader.feed(data):
+            self._events.append(RecordReceived(record))
+            self._undelivered += len(record)
+            self._payload_received += len(record)
+
+    def _owe_ack(self, now: float, size: int, *, at_once: bool) -> None:
+        if not self._ack_owed:
+            self._ack_owed = True
+            self._ack_owed_since = now
+        self._ack_now = self._ack_now or at_once
+        self._bytes_unacked += size
+
+    def _die(self, reason: str) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        self._events.append(LinkDead(reason))
+        self._out.clear()
+        self._segments.clear()
+        self._held.clear()
+        self._rto_deadline = None
+        self._probe_deadline = None
