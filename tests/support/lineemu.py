@@ -506,12 +506,13 @@ class LineEmulator:
         return float(self.wait_for("connected")["at"])
 
     def new_line(self, drop: DropPlan | None = None) -> dict[str, Any]:
-        """Hang up the current line and make a new one; returns the old line's counts."""
+        """Hang up the current line if it is still up and make a new one on the same names.
+
+        Returns the new line's ``ready`` event; the old line's counts are in ``lines``.
+        """
         plan = drop or DropPlan()
         self._send("new " + json.dumps(plan.__dict__))
-        ended = self.wait_for("line")
-        self.wait_for("ready")
-        return ended
+        return self.wait_for("ready")
 
     def hang_up(self) -> dict[str, Any]:
         """Hang up the current line (both endpoints read end of file); returns its counts."""
