@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from relay.reply import Reply
 
-__all__ = ["ContractViolation", "RelayError", "SessionFailed", "SpoolError"]
+__all__ = ["ContractViolation", "DigestMismatch", "RelayError", "SessionFailed", "SpoolError"]
 
 
 class RelayError(Exception):
@@ -37,3 +37,7 @@ class ContractViolation(RelayError):
 
 class SpoolError(RelayError):
     """The spool could not make a change durable; nothing half-done is visible."""
+
+
+class DigestMismatch(RelayError):
+    """A message's text does not match the size or hash its sender announced."""

@@ -70,6 +70,7 @@ from zope.interface import Attribute, Interface
 from relay.address import Address
 from relay.envelope import Destination, Envelope, Recipient, RecipientStatus
 from relay.reply import Reply
+from relay.sansio.phone.session import Acceptance, Outgoing
 
 __all__ = [
     "IChannel",
@@ -77,6 +78,7 @@ __all__ = [
     "IDeliverer",
     "ILocalRecipients",
     "IMessage",
+    "IPhoneStore",
     "IQueue",
     "IReadSession",
     "IStore",
@@ -358,3 +360,53 @@ class ILocalRecipients(Interface):
 
     def exists(address: Address) -> bool:
         """True when ``address`` (in a local domain) names a user or an alias here."""
+
+
+class IPhoneStore(Interface):
+    """What the phone link keeps durably for each site it talks to.
+
+    The link's engine (:mod:`relay.sansio.phone.session`) asks, its driver calls these
+    and answers the engine when the Deferred fires.  Both directions of a call use it:
+
+    * **to send**: :meth:`outgoing`, :meth:`read_text`, then :meth:`settle` with the
+      receiver's replies.
+    * **to receive, exactly once**: :meth:`accept` (is the id held already, how much of
+      its text is held from an earlier call, which addresses are accepted),
+      :meth:`write_text` for each piece, then :meth:`commit`.  The ids of committed
+      messages are remembered durably per site, long enough to outlive any resend, so a
+      re-proposal is answered "already have it"; the text of a cut-off message stays, so
+      the next call resumes where it stopped.
+
+    ``site`` is the peer's name on the link and ``message_id`` the peer's id for the
+    message (both safe as file names).  Every Deferred that reports a change fires only
+    once the change is durable.
+    """
+
+    def outgoing(site: str) -> Deferred[Sequence[Outgoing]]:
+        """Fire with the messages held for ``site``, oldest first (id, envelope of the
+        recipients still to do, text size and SHA-256)."""
+
+    def read_text(site: str, message_id: str, offset: int, max_bytes: int) -> Deferred[bytes]:
+        """Fire with up to ``max_bytes`` of an outgoing message's text from ``offset``."""
+
+    def settle(site: str, message_id: str, replies: Sequence[Reply]) -> Deferred[None]:
+        """Record the peer's reply for each recipient (envelope order): recipients with a
+        success or a permanent failure are done, the others stay for the next call; a
+        message with every recipient done is no longer outgoing."""
+
+    def accept(site: str, message_id: str, envelope: Envelope, size: int) -> Deferred[Acceptance]:
+        """Decide a proposal: ``ALREADY_HAVE`` when committed before, a whole refusal
+        (too big, over quota, not now), or a reply per recipient and the offset of the
+        text held durably from an earlier call."""
+
+    def write_text(site: str, message_id: str, offset: int, data: bytes) -> Deferred[None]:
+        """Keep a piece of an incoming message's text at ``offset`` (pieces come in order,
+        the first at the offset :meth:`accept` named)."""
+
+    def commit(
+        site: str, message_id: str, envelope: Envelope, size: int, digest: bytes
+    ) -> Deferred[str]:
+        """Check the whole text against ``size`` and ``digest`` (SHA-256), make the
+        message durable, remember its id, and fire with the local queue id.  On a
+        mismatch the partial text is dropped (the sender sends it all again) and the
+        Deferred fails with :class:`relay.errors.DigestMismatch`."""

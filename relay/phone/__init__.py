@@ -1,0 +1,1 @@
+"""The phone link's Twisted side: the call driver and a file-backed store."""

@@ -1,0 +1,777 @@
+"""A reliable, ordered, full-duplex record transport over frames, without I/O.
+
+Theory of operation
+-------------------
+Each direction is a byte stream.  :meth:`Link.send_record` appends the record to the
+outgoing stream behind its length (a LEB128 varint); the receiver cuts the stream back
+into records (:class:`RecordReceived`), refusing any longer than its ``max_record``.
+Frames (:mod:`relay.sansio.phone.frame`) carry pieces of the stream; a frame's ``seq``
+is the stream offset of its first byte (mod 2**32; both ends keep exact offsets and
+read the 32-bit value as the one nearest to what they expect).  Record and frame
+boundaries are independent: small records share a frame, large ones span many.
+
+Frame kinds (:class:`FrameKind`):
+
+* ``DATA``: stream bytes at offset ``seq``.
+* ``DATA_ACK``: the same, after an ack block (below): the acknowledgement rides on data
+  whenever there is data to send.
+* ``ACK``: an acknowledgement alone; ``seq`` is the cumulative ack and the payload the
+  rest of the block.  It is also the keepalive.
+
+An **ack block** is the cumulative ack (the offset of the first byte the receiver does
+not have, 4 bytes; only in ``DATA_ACK``), a count, and that many pairs of varints
+(skip, length): the ranges the receiver holds beyond the cumulative ack, each relative
+to the end of the one before (selective acknowledgement, as many ranges as fit in
+:data:`SACK_LIMIT` bytes, lowest first).
+
+**Sender.**  The stream bytes not yet acknowledged cumulatively are kept; what has been
+sent of them is a list of segments (one per frame sent), each remembering when it was
+last sent and in which order.  New data goes out while the window (``params.window``
+bytes beyond the cumulative ack) has room for a whole frame.  A segment is known lost
+when a segment sent *after* it has been acknowledged while it has not (the line does
+not reorder, so the later one overtaking it means this one was damaged): it is resent
+at once, before any new data, without waiting for a timer (the idea of RACK, RFC
+8985).  Only segments nobody has acknowledged are resent.  A retransmission timer
+(RFC 6298: smoothed round trip plus four deviations, at least :data:`MIN_RTO`, doubled
+on each expiry, samples only from segments sent once, per Karn) covers the rest: the
+last frames of a burst, lost acknowledgements.  The timer restarts whenever something
+new is acknowledged, so frames that queued behind a full transmit buffer (and so
+took seconds to leave) do not fire it spuriously while acknowledgements still flow.
+
+**Frame size.**  The sender estimates the chance that a byte is hit from frames
+declared lost per byte sent (both counts decaying with a half-life of
+:data:`LOSS_HALF_LIFE` bytes sent) and picks the data size that maximises
+``size / (size + overhead) * (1 - q) ** (size + overhead)``: the largest allowed on a
+clean line, a few hundred bytes at a bit error rate of 1e-5, within
+``min_frame_payload`` and ``max_frame_payload``.  Lost segments are resent at the
+current size, split if need be.
+
+**Receiver.**  Bytes in order are delivered at once; bytes beyond a gap are held
+(at most ``params.window`` bytes beyond the cumulative ack; more is dropped and
+resent by the peer).  An acknowledgement is owed after new data: it rides on the next
+data frame, or goes alone after two frames, after :data:`ACK_DELAY`, or at once when
+the data was out of order, filled a gap or was a duplicate (the peer must learn of the
+gap quickly, or that its acknowledgement was lost).  Records delivered but not yet
+taken by :meth:`Link.next_event` count against the window too, so a reader that falls
+behind holds back the peer instead of growing memory.
+
+**Liveness.**  After ``keepalive`` seconds without sending anything, the link sends an
+``ACK``.  No good frame for ``dead_after`` seconds, or data outstanding with nothing
+new acknowledged for ``dead_after`` seconds, is :class:`LinkDead`; so is end of file
+(``receive_data(b"")``) and a peer that breaks the protocol (a record over
+``max_record``, a malformed ack block, an acknowledgement of data never sent).  Nothing
+received ever raises.
+
+The driver calls :meth:`Link.data_to_send` after :meth:`Link.receive_data`, after
+:meth:`Link.send_record`, when its transport can take more bytes, and at
+:meth:`Link.next_deadline`.  It should pass ``max_bytes`` so that little waits in its
+transmit buffer (a frame or two): what waits there delays the acknowledgements that
+ride on data, and what was handed out cannot be resized to the line's damage.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import struct
+from bisect import bisect_right
+from collections import deque
+from dataclasses import dataclass
+from typing import Final
+
+from relay.sansio.phone.errors import LocalPhoneError, PhoneProtocolError
+from relay.sansio.phone.frame import (
+    FRAME_OVERHEAD,
+    MAX_PAYLOAD,
+    Frame,
+    FrameDecoder,
+    encode_frame,
+)
+
+__all__ = [
+    "ACK_DELAY",
+    "INITIAL_RTO",
+    "LOSS_HALF_LIFE",
+    "MAX_FRAME_DATA",
+    "MAX_RTO",
+    "MIN_RTO",
+    "SACK_LIMIT",
+    "FrameKind",
+    "Link",
+    "LinkDead",
+    "LinkEvent",
+    "LinkParams",
+    "LinkStats",
+    "RecordReceived",
+]
+
+MAX_FRAME_DATA: Final = 16 * 1024
+"""The largest ``max_frame_payload`` a link accepts."""
+
+SACK_LIMIT: Final = 256
+"""The most bytes of (skip, length) pairs in one ack block."""
+
+_ACK_BLOCK_MAX: Final = 4 + 1 + SACK_LIMIT
+assert MAX_FRAME_DATA + _ACK_BLOCK_MAX <= MAX_PAYLOAD
+
+ACK_DELAY: Final = 0.05
+"""Seconds an acknowledgement for in-order data may wait for a second frame or for data."""
+
+INITIAL_RTO: Final = 3.0
+"""Retransmission timeout before any round trip was measured (slow lines: be patient)."""
+
+MIN_RTO: Final = 1.0
+"""The smallest retransmission timeout (RFC 6298, 2.4)."""
+
+MAX_RTO: Final = 30.0
+"""The largest retransmission timeout, however often it was doubled."""
+
+LOSS_HALF_LIFE: Final = 64 * 1024
+"""Bytes sent after which a loss counts half as much in the damage estimate."""
+
+_SEQ_MODULUS: Final = 1 << 32
+_MAX_WINDOW: Final = 1 << 30
+_MAX_RECORD: Final = (1 << 31) - 1
+_U32: Final = struct.Struct(">I")
+
+
+class FrameKind(enum.IntEnum):
+    """What a frame carries; see the module's theory of operation."""
+
+    DATA = 0x01
+    ACK = 0x02
+    DATA_ACK = 0x81
+
+
+@dataclass(frozen=True)
+class LinkParams:
+    """The link's settings; both sides start from the defaults, then agree on others."""
+
+    min_frame_payload: int = 64
+    max_frame_payload: int = 4096
+    window: int = 65536
+    max_record: int = 1 << 20
+    keepalive: float = 5.0
+    dead_after: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.min_frame_payload <= self.max_frame_payload <= MAX_FRAME_DATA:
+            raise LocalPhoneError(
+                f"frame payload bounds must satisfy 16 <= min ({self.min_frame_payload})"
+                f" <= max ({self.max_frame_payload}) <= {MAX_FRAME_DATA}"
+            )
+        if not self.max_frame_payload <= self.window <= _MAX_WINDOW:
+            raise LocalPhoneError(
+                f"window {self.window} must be between max_frame_payload and {_MAX_WINDOW}"
+            )
+        if not 0 <= self.max_record <= _MAX_RECORD:
+            raise LocalPhoneError(f"max_record {self.max_record} out of range")
+        if not 0 < self.keepalive < self.dead_after:
+            raise LocalPhoneError(
+                f"need 0 < keepalive ({self.keepalive}) < dead_after ({self.dead_after})"
+            )
+
+
+@dataclass(frozen=True)
+class RecordReceived:
+    """A whole record from the peer, in the order it was sent."""
+
+    record: bytes
+
+
+@dataclass(frozen=True)
+class LinkDead:
+    """The link is over: the line dropped, the peer fell silent or broke the protocol."""
+
+    reason: str
+
+
+LinkEvent = RecordReceived | LinkDead
+
+
+@dataclass(frozen=True)
+class LinkStats:
+    """Counters of one link, for the call's accounting.
+
+    ``payload_bytes_sent`` counts record bytes given to :meth:`Link.send_record`,
+    ``payload_bytes_received`` record bytes delivered; ``wire_*`` every byte on the
+    line (frames, resends, acknowledgements and, received, noise).
+    """
+
+    wire_bytes_sent: int
+    wire_bytes_received: int
+    payload_bytes_sent: int
+    payload_bytes_received: int
+    frames_sent: int
+    frames_resent: int
+    frames_damaged: int
+    rtt: float | None
+    bytes_resent: int = 0
+    garbage_bytes: int = 0
+    frame_payload: int = 0
+    rto: float = INITIAL_RTO
+
+
+def encode_varint(value: int) -> bytes:
+    """``value`` as LEB128: seven bits a byte, low bits first, high bit = more follows."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(0x80 | (value & 0x7F))
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def decode_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """Read a LEB128 value of at most five bytes at ``pos``; return it and the next pos."""
+    value = 0
+    for shift in range(0, 35, 7):
+        if pos >= len(data):
+            raise PhoneProtocolError("ack block cut short inside a number")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+    raise PhoneProtocolError("number longer than five bytes in an ack block")
+
+
+def _unwrap(wire: int, near: int) -> int:
+    """The stream offset whose low 32 bits are ``wire`` nearest to ``near``."""
+    delta = (wire - near) % _SEQ_MODULUS
+    if delta >= _SEQ_MODULUS // 2:
+        delta -= _SEQ_MODULUS
+    return near + delta
+
+
+class _RecordReader:
+    """Cuts the in-order stream into records; raises on a length over ``max_record``."""
+
+    def __init__(self, max_record: int) -> None:
+        self.max_record = max_record
+        self._length: int | None = None
+        self._prefix = 0
+        self._shift = 0
+        self._body = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        records: list[bytes] = []
+        pos, size = 0, len(data)
+        while pos < size:
+            if self._length is None:
+                byte = data[pos]
+                pos += 1
+                self._prefix |= (byte & 0x7F) << self._shift
+                self._shift += 7
+                if byte & 0x80:
+                    if self._shift >= 35:
+                        raise PhoneProtocolError("record length prefix longer than five bytes")
+                    continue
+                length, self._prefix, self._shift = self._prefix, 0, 0
+                if length > self.max_record:
+                    raise PhoneProtocolError(
+                        f"peer sent a record of {length} bytes, more than {self.max_record}"
+                    )
+                self._length = length
+            take = min(self._length - len(self._body), size - pos)
+            self._body += data[pos : pos + take]
+            pos += take
+            if len(self._body) == self._length:
+                records.append(bytes(self._body))
+                self._body.clear()
+                self._length = None
+        return records
+
+
+class _Segment:
+    """One frame's worth of the outgoing stream, as last sent."""
+
+    __slots__ = ("end", "lost", "resent", "sacked", "sent_at", "start", "xmit")
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+        self.xmit = 0
+        self.sent_at = 0.0
+        self.resent = False
+        self.sacked = False
+        self.lost = False
+
+
+def _best_frame_data(loss_per_byte: float, low: int, high: int) -> int:
+    """The data size that moves most data per line byte when each byte may be hit."""
+    if loss_per_byte <= 0.0:
+        return high
+    h = FRAME_OVERHEAD
+    best = (-h + math.sqrt(h * h + 4.0 * h / loss_per_byte)) / 2.0
+    return max(low, min(high, int(best)))
+
+
+class Link:
+    """One end of the link; see the module's theory of operation."""
+
+    def __init__(self, params: LinkParams, now: float) -> None:
+        self._params = params
+        self._decoder = FrameDecoder()
+        self._events: deque[LinkEvent] = deque()
+        self._dead = False
+        # Sending.
+        self._out = bytearray()
+        self._snd_una = 0
+        self._snd_nxt = 0
+        self._segments: list[_Segment] = []
+        self._xmit = 0
+        self._delivered_xmit = 0
+        self._srtt: float | None = None
+        self._rttvar = 0.0
+        self._rto = INITIAL_RTO
+        self._rto_deadline: float | None = None
+        self._progress_at = now
+        self._last_sent = now
+        self._loss_events = 0.0
+        self._loss_bytes = float(LOSS_HALF_LIFE)
+        self._frame_data = params.max_frame_payload
+        # Receiving.
+        self._rcv_nxt = 0
+        self._held: list[tuple[int, bytes]] = []
+        self._reader = _RecordReader(params.max_record)
+        self._undelivered = 0
+        self._ack_owed = False
+        self._ack_now = False
+        self._ack_owed_since = now
+        self._frames_unacked = 0
+        self._last_heard = now
+        # Accounting.
+        self._wire_sent = 0
+        self._wire_received = 0
+        self._payload_sent = 0
+        self._payload_received = 0
+        self._frames_sent = 0
+        self._frames_resent = 0
+        self._bytes_resent = 0
+
+    # -- the API -------------------------------------------------------------------
+
+    @property
+    def params(self) -> LinkParams:
+        """The settings in force."""
+        return self._params
+
+    @property
+    def dead(self) -> bool:
+        """True once :class:`LinkDead` was queued: nothing more goes out or comes in."""
+        return self._dead
+
+    @property
+    def queued_bytes(self) -> int:
+        """Stream bytes (records and their length prefixes) not yet acknowledged."""
+        return len(self._out)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, nothing in flight: the peer acknowledged everything we sent."""
+        return not self._out
+
+    def reconfigure(self, params: LinkParams) -> None:
+        """Switch to the settings both sides agreed on (data in flight is kept)."""
+        self._params = params
+        self._reader.max_record = params.max_record
+        self._adapt_frame_size()
+
+    def send_record(self, record: bytes) -> None:
+        """Queue ``record`` for reliable, in-order delivery to the peer."""
+        if self._dead:
+            raise LocalPhoneError("send_record on a dead link")
+        if len(record) > self._params.max_record:
+            raise LocalPhoneError(
+                f"record of {len(record)} bytes is over max_record {self._params.max_record}"
+            )
+        self._out += encode_varint(len(record))
+        self._out += record
+        self._payload_sent += len(record)
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        """Take bytes from the line; ``b""`` means the line dropped.  Never raises."""
+        if self._dead:
+            return
+        if not data:
+            self._die("line dropped")
+            return
+        self._wire_received += len(data)
+        for frame in self._decoder.feed(data):
+            try:
+                self._on_frame(frame, now)
+            except PhoneProtocolError as error:
+                self._die(error.reason)
+            if self._dead:
+                return
+
+    def next_event(self) -> LinkEvent | None:
+        """The next record (or the link's death); None when there is nothing more yet."""
+        if not self._events:
+            return None
+        event = self._events.popleft()
+        if isinstance(event, RecordReceived):
+            self._undelivered -= len(event.record)
+        return event
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` (or :meth:`data_to_send`) must run next; None once dead."""
+        if self._dead:
+            return None
+        params = self._params
+        deadlines = [self._last_heard + params.dead_after, self._last_sent + params.keepalive]
+        if self._rto_deadline is not None:
+            deadlines.append(self._rto_deadline)
+        if self._segments:
+            deadlines.append(self._progress_at + params.dead_after)
+        ack_due = self._ack_due()
+        if ack_due is not None:
+            deadlines.append(ack_due)
+        return min(deadlines)
+
+    def tick(self, now: float) -> None:
+        """Run the timers: dead peer, retransmission timeout."""
+        if self._dead:
+            return
+        params = self._params
+        if now - self._last_heard >= params.dead_after:
+            self._die(f"nothing heard from the peer for {params.dead_after:g} s")
+            return
+        if self._segments and now - self._progress_at >= params.dead_after:
+            self._die(f"the peer acknowledged nothing for {params.dead_after:g} s")
+            return
+        if self._rto_deadline is not None and now >= self._rto_deadline:
+            for segment in self._segments:
+                if not segment.sacked:
+                    if not segment.lost:
+                        segment.lost = True
+                        self._note_loss()
+                    break
+            self._rto = min(self._rto * 2.0, MAX_RTO)
+            self._rto_deadline = now + self._rto
+
+    def data_to_send(self, now: float, max_bytes: int | None = None) -> bytes:
+        """Frames to put on the line now.
+
+        Resends come first, then new data while the window has room; frames are added
+        while the output is shorter than ``max_bytes`` (so it may pass it by less than
+        a frame).  An acknowledgement or keepalive that is due is added even beyond
+        ``max_bytes``: it is small, and holding it back would stall the peer.
+        """
+        self.tick(now)
+        if self._dead:
+            return b""
+        budget = math.inf if max_bytes is None else max_bytes
+        out: list[bytes] = []
+        size = 0
+        index = 0
+        while size < budget:
+            index = self._next_lost(index)
+            if index < 0:
+                break
+            size += self._resend(index, now, out)
+            index += 1
+        window_end = self._snd_una + self._params.window
+        stream_end = self._snd_una + len(self._out)
+        while size < budget and self._snd_nxt < stream_end:
+            length = min(self._frame_data, stream_end - self._snd_nxt)
+            if window_end - self._snd_nxt < length:
+                break
+            segment = _Segment(self._snd_nxt, self._snd_nxt + length)
+            if not self._segments:
+                self._progress_at = now
+            self._segments.append(segment)
+            self._snd_nxt = segment.end
+            size += self._transmit(segment, now, out)
+        ack_due = self._ack_due()
+        keepalive_due = not out and now >= self._last_sent + self._params.keepalive
+        if (ack_due is not None and now >= ack_due) or keepalive_due:
+            out.append(self._ack_frame())
+        if not out:
+            return b""
+        data = b"".join(out)
+        self._last_sent = now
+        self._wire_sent += len(data)
+        self._frames_sent += len(out)
+        return data
+
+    def stats(self) -> LinkStats:
+        """The link's counters so far."""
+        return LinkStats(
+            wire_bytes_sent=self._wire_sent,
+            wire_bytes_received=self._wire_received,
+            payload_bytes_sent=self._payload_sent,
+            payload_bytes_received=self._payload_received,
+            frames_sent=self._frames_sent,
+            frames_resent=self._frames_resent,
+            frames_damaged=self._decoder.bad_checksums + self._decoder.bad_headers,
+            rtt=self._srtt,
+            bytes_resent=self._bytes_resent,
+            garbage_bytes=self._decoder.garbage_bytes,
+            frame_payload=self._frame_data,
+            rto=self._rto,
+        )
+
+    # -- sending -------------------------------------------------------------------
+
+    def _next_lost(self, index: int) -> int:
+        segments = self._segments
+        for position in range(index, len(segments)):
+            if segments[position].lost:
+                return position
+        return -1
+
+    def _resend(self, index: int, now: float, out: list[bytes]) -> int:
+        segment = self._segments[index]
+        if segment.end - segment.start > self._frame_data:
+            rest = _Segment(segment.start + self._frame_data, segment.end)
+            rest.lost = True
+            rest.resent = True
+            segment.end = rest.start
+            self._segments.insert(index + 1, rest)
+        segment.lost = False
+        segment.resent = True
+        self._frames_resent += 1
+        self._bytes_resent += segment.end - segment.start
+        return self._transmit(segment, now, out)
+
+    def _transmit(self, segment: _Segment, now: float, out: list[bytes]) -> int:
+        base = self._snd_una
+        data = bytes(self._out[segment.start - base : segment.end - base])
+        seq = segment.start % _SEQ_MODULUS
+        if self._ack_owed:
+            block = _U32.pack(self._rcv_nxt % _SEQ_MODULUS) + self._sack_block()
+            frame = Frame(FrameKind.DATA_ACK, seq, block + data)
+            self._ack_sent()
+        else:
+            frame = Frame(FrameKind.DATA, seq, data)
+        wire = encode_frame(frame)
+        out.append(wire)
+        self._xmit += 1
+        segment.xmit = self._xmit
+        segment.sent_at = now
+        if self._rto_deadline is None:
+            self._rto_deadline = now + self._rto
+        decay = 0.5 ** (len(wire) / LOSS_HALF_LIFE)
+        self._loss_bytes = self._loss_bytes * decay + len(wire)
+        self._loss_events *= decay
+        return len(wire)
+
+    def _ack_due(self) -> float | None:
+        """When an acknowledgement must go out alone if no data carries it first."""
+        if not self._ack_owed:
+            return None
+        if self._ack_now or self._frames_unacked >= 2:
+            return self._ack_owed_since
+        return self._ack_owed_since + ACK_DELAY
+
+    def _ack_frame(self) -> bytes:
+        frame = Frame(FrameKind.ACK, self._rcv_nxt % _SEQ_MODULUS, self._sack_block())
+        self._ack_sent()
+        return encode_frame(frame)
+
+    def _ack_sent(self) -> None:
+        self._ack_owed = False
+        self._ack_now = False
+        self._frames_unacked = 0
+
+    def _sack_block(self) -> bytes:
+        """Count and (skip, length) pairs of the ranges held beyond the cumulative ack."""
+        pairs = bytearray()
+        count = 0
+        previous = self._rcv_nxt
+        run_start = run_end = -1
+        ranges: list[tuple[int, int]] = []
+        for start, data in self._held:
+            if start == run_end:
+                run_end += len(data)
+                continue
+            if run_end >= 0:
+                ranges.append((run_start, run_end))
+            run_start, run_end = start, start + len(data)
+        if run_end >= 0:
+            ranges.append((run_start, run_end))
+        for start, end in ranges:
+            pair = encode_varint(start - previous) + encode_varint(end - start)
+            if len(pairs) + len(pair) > SACK_LIMIT or count == 0xFF:
+                break
+            pairs += pair
+            count += 1
+            previous = end
+        return bytes([count]) + bytes(pairs)
+
+    # -- receiving -----------------------------------------------------------------
+
+    def _on_frame(self, frame: Frame, now: float) -> None:
+        kind = frame.kind
+        if kind == FrameKind.DATA:
+            self._on_data(frame.seq, frame.payload, now)
+        elif kind == FrameKind.ACK:
+            cum = _unwrap(frame.seq, self._snd_una)
+            ranges, _ = self._read_sack(frame.payload, 0, cum)
+            self._on_ack(cum, ranges, now)
+        elif kind == FrameKind.DATA_ACK:
+            if len(frame.payload) < _U32.size:
+                raise PhoneProtocolError("data frame too short for its ack block")
+            (cum_wire,) = _U32.unpack_from(frame.payload, 0)
+            cum = _unwrap(cum_wire, self._snd_una)
+            ranges, pos = self._read_sack(frame.payload, _U32.size, cum)
+            self._on_ack(cum, ranges, now)
+            self._on_data(frame.seq, frame.payload[pos:], now)
+        else:
+            return  # a kind from a later version: skip it
+        self._last_heard = now
+
+    def _read_sack(self, payload: bytes, pos: int, cum: int) -> tuple[list[tuple[int, int]], int]:
+        if pos >= len(payload):
+            raise PhoneProtocolError("ack block without its range count")
+        count = payload[pos]
+        pos += 1
+        ranges: list[tuple[int, int]] = []
+        previous = cum
+        for _ in range(count):
+            skip, pos = decode_varint(payload, pos)
+            length, pos = decode_varint(payload, pos)
+            start = previous + skip
+            previous = start + length
+            ranges.append((start, previous))
+        return ranges, pos
+
+    def _on_ack(self, cum: int, ranges: list[tuple[int, int]], now: float) -> None:
+        if cum < self._snd_una:
+            return  # older than one already seen
+        if cum > self._snd_nxt or (ranges and ranges[-1][1] > self._snd_nxt):
+            raise PhoneProtocolError("peer acknowledged data that was never sent")
+        newest: _Segment | None = None
+        segments = self._segments
+        if cum > self._snd_una:
+            done = 0
+            while done < len(segments) and segments[done].end <= cum:
+                segment = segments[done]
+                if not segment.sacked and (newest is None or segment.xmit > newest.xmit):
+                    newest = segment
+                done += 1
+            del segments[:done]
+            if segments and segments[0].start < cum:
+                segments[0].start = cum
+            del self._out[: cum - self._snd_una]
+            self._snd_una = cum
+        index = 0
+        for start, end in ranges:
+            while index < len(segments) and segments[index].end <= start:
+                index += 1
+            while index < len(segments) and segments[index].end <= end:
+                segment = segments[index]
+                if segment.start >= start and not segment.sacked:
+                    segment.sacked = True
+                    segment.lost = False
+                    if newest is None or segment.xmit > newest.xmit:
+                        newest = segment
+                index += 1
+        if newest is None:
+            return
+        self._progress_at = now
+        if not newest.resent:
+            self._sample_rtt(now - newest.sent_at)
+        self._delivered_xmit = max(self._delivered_xmit, newest.xmit)
+        for segment in segments:
+            if not (segment.sacked or segment.lost) and segment.xmit < self._delivered_xmit:
+                segment.lost = True
+                self._note_loss()
+        outstanding = any(not segment.sacked for segment in segments)
+        self._rto_deadline = now + self._rto if outstanding else None
+
+    def _sample_rtt(self, sample: float) -> None:
+        if self._srtt is None:
+            self._srtt = sample
+            self._rttvar = sample / 2.0
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - sample)
+            self._srtt = 0.875 * self._srtt + 0.125 * sample
+        self._rto = min(MAX_RTO, max(MIN_RTO, self._srtt + max(0.01, 4.0 * self._rttvar)))
+
+    def _note_loss(self) -> None:
+        self._loss_events += 1.0
+        self._adapt_frame_size()
+
+    def _adapt_frame_size(self) -> None:
+        params = self._params
+        self._frame_data = _best_frame_data(
+            self._loss_events / self._loss_bytes,
+            params.min_frame_payload,
+            params.max_frame_payload,
+        )
+
+    def _on_data(self, seq: int, data: bytes, now: float) -> None:
+        if not data:
+            return
+        start = _unwrap(seq, self._rcv_nxt)
+        end = start + len(data)
+        window_end = self._rcv_nxt + self._params.window
+        if end <= self._rcv_nxt:
+            self._owe_ack(now, at_once=True)  # a duplicate: our acknowledgement was lost
+            return
+        if start >= window_end or self._undelivered >= self._params.window:
+            return  # no room: the peer will send it again
+        if end > window_end:
+            data = data[: window_end - start]
+        if start > self._rcv_nxt:
+            self._hold(start, data)
+            self._owe_ack(now, at_once=True)  # out of order: tell the peer of the gap now
+            return
+        self._deliver(data[self._rcv_nxt - start :])
+        filled = False
+        while self._held and self._held[0][0] <= self._rcv_nxt:
+            held_start, held = self._held.pop(0)
+            filled = True
+            if held_start + len(held) > self._rcv_nxt:
+                self._deliver(held[self._rcv_nxt - held_start :])
+        self._owe_ack(now, at_once=filled)
+
+    def _hold(self, start: int, data: bytes) -> None:
+        """Keep the bytes of ``data`` (at ``start``, beyond a gap) not held yet."""
+        held = self._held
+        end = start + len(data)
+        index = bisect_right(held, start, key=lambda piece: piece[0])
+        position = start
+        if index:
+            before_start, before = held[index - 1]
+            position = max(position, before_start + len(before))
+        pieces: list[tuple[int, bytes]] = []
+        while position < end:
+            if index < len(held) and held[index][0] < end:
+                next_start, next_data = held[index]
+                if next_start > position:
+                    pieces.append((position, data[position - start : next_start - start]))
+                position = max(position, next_start + len(next_data))
+                index += 1
+            else:
+                pieces.append((position, data[position - start :]))
+                position = end
+        for piece in pieces:
+            held.insert(bisect_right(held, piece[0], key=lambda p: p[0]), piece)
+
+    def _deliver(self, data: bytes) -> None:
+        self._rcv_nxt += len(data)
+        for record in self._reader.feed(data):
+            self._events.append(RecordReceived(record))
+            self._undelivered += len(record)
+            self._payload_received += len(record)
+
+    def _owe_ack(self, now: float, *, at_once: bool) -> None:
+        if not self._ack_owed:
+            self._ack_owed = True
+            self._ack_owed_since = now
+        self._ack_now = self._ack_now or at_once
+        self._frames_unacked += 1
+
+    def _die(self, reason: str) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        self._events.append(LinkDead(reason))
+        self._out.clear()
+        self._segments.clear()
+        self._held.clear()
+        self._rto_deadline = None

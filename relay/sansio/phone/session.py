@@ -1,0 +1,1025 @@
+"""The phone session engine: handshake, mail both ways, resume, hang-up, accounting.
+
+Theory of operation
+-------------------
+One :class:`PhoneSession` is one call, at either end.  It sits on a record link
+(:class:`RecordLink`, the API of :class:`relay.sansio.phone.link.Link`) and, like the
+link, does no I/O: the driver feeds it the line's bytes (:meth:`receive_data`, ``b""``
+for a dropped line), writes what :meth:`data_to_send` returns, calls :meth:`tick` at
+:meth:`next_deadline`, and reads :meth:`next_event` after each of those.
+
+**Handshake** (:class:`SessionState` ``GREETING`` then ``PROVING``).  Each end sends its
+:class:`~relay.sansio.phone.records.Hello` at once (version, name, a nonce the driver
+drew, capabilities); on the peer's hello it knows everything
+(:mod:`relay.sansio.phone.handshake`) and sends its proof; on the peer's proof it is
+``RUNNING``.  Full duplex, so authentication costs about one round trip.  What leaks
+before the peer is proven: our name, version and link limits, never a mail id, size or
+count.  An unknown site gets a decoy proof (so a caller cannot tell an unknown name from
+a wrong secret); a failed proof, an unknown site or silence leads to ``REFUSING``: the
+event :class:`CallFailing` for the log, nothing more sent, and after
+``SessionOptions.failure_delay`` the call ends (the driver drops the line).  A different
+major version: an :class:`~relay.sansio.phone.records.Abort` naming both versions, and a
+clean hang-up (``CLOSING``).
+
+**Mail** (``RUNNING``).  The driver offers what it holds for the peer
+(:meth:`offer`, then :meth:`close_offers`); once the peer is proven the session sends
+the :class:`~relay.sansio.phone.records.Inventory` and then the proposals, a couple of
+windows of text ahead of what is being sent, so answers come back while text flows.  The
+receiver's driver decides each proposal (:class:`ProposalReceived`: :meth:`accept`
+naming the offset it holds, or :meth:`refuse`), stores each piece
+(:class:`TextReceived`), and commits (:class:`CommitRequested` → :meth:`commit_done`):
+only then does the final reply go back.  Text is sent in chunks of ``chunk_size``,
+always from the accepted message with the least left to send, and only while the link
+holds less than a window, so a small message waits behind a large one for about one
+window at most.  Each side's job tables are :mod:`relay.sansio.phone.jobs`.
+
+**Hang-up.**  A side sends :class:`~relay.sansio.phone.records.Done` when it will
+propose nothing more and every message it sent has its final reply.  With both
+``Done``\\ s exchanged and every final reply of ours sent, the session is ``CLOSING``:
+it ends (:class:`CallEnded`, outcome ``COMPLETED``) once the link has everything
+acknowledged, or after ``closing_grace`` (all mail is settled by then; only the last
+acknowledgement may be lost), or when the line drops.
+
+**Failures.**  A record that breaks the protocol (:class:`PhoneProtocolError` from the
+codec, the seal, the inflater or a job table) never raises out of the engine: after the
+handshake it is answered with an ``Abort`` and a clean hang-up; before, by ``REFUSING``.
+A dropped line ends the call at once (``LINE_DROPPED``); what was not committed stays
+with its sender for the next call, and what was partly stored is resumed.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Final, Protocol
+
+from relay.envelope import Envelope, Submitter
+from relay.reply import Reply, ReplyCode
+from relay.sansio.phone import handshake, records
+from relay.sansio.phone.accounting import CallOutcome, CallSummary, LinkStatsLike
+from relay.sansio.phone.compress import ChunkCompressor, ChunkDecompressor
+from relay.sansio.phone.errors import LocalPhoneError, PhoneProtocolError
+from relay.sansio.phone.jobs import (
+    IN_TRANSITIONS,
+    OUT_TRANSITIONS,
+    InInput,
+    InState,
+    OutInput,
+    OutState,
+)
+from relay.sansio.phone.records import (
+    Abandon,
+    Abort,
+    Answer,
+    Capabilities,
+    Done,
+    FinalReply,
+    Hello,
+    Inventory,
+    InventoryItem,
+    MailEnvelope,
+    Proof,
+    Propose,
+    Record,
+    Role,
+    Text,
+)
+from relay.sansio.phone.seal import Opener, Sealer
+
+__all__ = [
+    "ALREADY_HAVE",
+    "Acceptance",
+    "Authenticated",
+    "CallEnded",
+    "CallFailing",
+    "CommitRequested",
+    "InventoryReceived",
+    "MessageSettled",
+    "Outgoing",
+    "PhoneSession",
+    "ProposalReceived",
+    "RecordLink",
+    "SessionEvent",
+    "SessionOptions",
+    "SessionState",
+    "TextReceived",
+    "TextWanted",
+]
+
+ALREADY_HAVE: Final = Reply(ReplyCode.DONE, "already have it")
+_IN_FLIGHT: Final = frozenset((OutState.PROPOSED, OutState.SENDING))
+_FINAL_SENT: Final = frozenset((InState.SETTLED, InState.DRAINING))
+
+
+class LinkParamsLike(Protocol):
+    """The link limits the session advertises and negotiates (``LinkParams``' fields)."""
+
+    @property
+    def min_frame_payload(self) -> int: ...
+    @property
+    def max_frame_payload(self) -> int: ...
+    @property
+    def window(self) -> int: ...
+    @property
+    def max_record(self) -> int: ...
+
+
+class RecordLink(Protocol):
+    """What the session needs of :class:`relay.sansio.phone.link.Link`."""
+
+    def receive_data(self, data: bytes, now: float) -> None: ...
+    def send_record(self, record: bytes) -> None: ...
+    def reconfigure(self, params: Any) -> None: ...
+    def data_to_send(self, now: float, max_bytes: int | None = None) -> bytes: ...
+    def next_event(self) -> object | None: ...
+    def next_deadline(self) -> float | None: ...
+    def tick(self, now: float) -> None: ...
+    @property
+    def queued_bytes(self) -> int: ...
+    @property
+    def idle(self) -> bool: ...
+    def stats(self) -> LinkStatsLike: ...
+
+
+class SessionState(enum.Enum):
+    """Where the call stands."""
+
+    GREETING = "greeting"  # our hello sent, the peer's awaited
+    PROVING = "proving"  # our proof sent, the peer's awaited
+    RUNNING = "running"  # authenticated: mail both ways
+    CLOSING = "closing"  # hang-up agreed (or abort sent): waiting for the last acks
+    REFUSING = "refusing"  # handshake failed: silent until the delay is over
+    ENDED = "ended"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOptions:
+    """This end's settings for one call (the capabilities it offers, its timers)."""
+
+    max_message_size: int = 64 << 20
+    compression: bool = True
+    encryption: bool = False
+    resume: bool = True
+    chunk_size: int = 2048
+    handshake_timeout: float = 60.0
+    failure_delay: float = 5.0
+    closing_grace: float = 10.0
+    read_ahead: int = 16384
+    line_rate: int | None = None  # bits per second, for the efficiency in the summary
+
+    def __post_init__(self) -> None:
+        if not 64 <= self.chunk_size <= 65536:
+            raise ValueError("chunk_size must be between 64 and 65536")
+        if self.max_message_size < 0 or self.read_ahead < self.chunk_size:
+            raise ValueError("bad message size limit or read-ahead")
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message the driver offers: its id, envelope, text size and SHA-256."""
+
+    message_id: str
+    envelope: Envelope
+    size: int
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        if not records.valid_message_id(self.message_id):
+            raise ValueError(f"bad message id {self.message_id!r}")
+        if len(self.digest) != records.DIGEST_SIZE or self.size < 0:
+            raise ValueError("a digest is SHA-256 and a size is not negative")
+
+
+@dataclass(frozen=True, slots=True)
+class Acceptance:
+    """The receiving store's answer to a proposal (see :meth:`PhoneSession.answer_proposal`).
+
+    ``whole`` set: no text wanted (refused, deferred, or held already: ``ALREADY_HAVE``).
+    Otherwise one reply per recipient (``AOK`` for those accepted) and the offset of the
+    text held durably already (0, or where a cut-off message resumes).
+    """
+
+    replies: tuple[Reply, ...] = ()
+    offset: int = 0
+    whole: Reply | None = None
+
+
+# --- events --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    """The peer proved it knows the secret; the call carries mail now."""
+
+    peer: str
+    negotiated: handshake.Negotiated
+
+
+@dataclass(frozen=True, slots=True)
+class CallFailing:
+    """The call is failing (for the log); :class:`CallEnded` follows after the delay."""
+
+    outcome: CallOutcome
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryReceived:
+    """What the peer holds for us (ids and sizes); its proposals follow."""
+
+    items: tuple[InventoryItem, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ProposalReceived:
+    """The peer offers a message: answer with :meth:`PhoneSession.accept` or ``refuse``.
+
+    Look the id up in the store: already held → refuse with ``ALREADY_HAVE``; partly
+    held → accept naming the offset held durably (only when ``resume`` is true).
+    """
+
+    job: int
+    peer: str
+    message_id: str
+    envelope: Envelope
+    size: int
+    digest: bytes
+    resume: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TextReceived:
+    """A piece of an accepted message's text, to store at ``offset``."""
+
+    job: int
+    message_id: str
+    offset: int
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRequested:
+    """All of the text is here: make the message durable (checking the digest over the
+    whole text), then call :meth:`PhoneSession.commit_done` with the final reply."""
+
+    job: int
+    peer: str
+    message_id: str
+    envelope: Envelope
+    size: int
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TextWanted:
+    """Read up to ``max_bytes`` of a message we send from ``offset``: answer with
+    :meth:`PhoneSession.provide_text` (or ``text_unavailable``)."""
+
+    message_id: str
+    offset: int
+    max_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class MessageSettled:
+    """A message we sent has a reply for each recipient (in envelope order)."""
+
+    message_id: str
+    replies: tuple[Reply, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CallEnded:
+    """The call is over: drop the line (after writing what :meth:`data_to_send` gives)."""
+
+    summary: CallSummary
+
+
+SessionEvent = (
+    Authenticated
+    | CallFailing
+    | InventoryReceived
+    | ProposalReceived
+    | TextReceived
+    | CommitRequested
+    | TextWanted
+    | MessageSettled
+    | CallEnded
+)
+
+
+# --- jobs ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _OutJob:
+    job: int
+    message: Outgoing
+    state: OutState = OutState.QUEUED
+    replies: tuple[Reply, ...] = ()
+    next_send: int = 0  # offset of the next byte to send
+    next_read: int = 0  # offset of the next byte to ask the driver for
+    reading: bool = False
+    buffer: bytearray = field(default_factory=bytearray)
+
+    @property
+    def remaining(self) -> int:
+        return self.message.size - self.next_send
+
+
+@dataclass(slots=True)
+class _InJob:
+    job: int
+    message_id: str
+    envelope: Envelope
+    size: int
+    digest: bytes
+    state: InState = InState.DECIDING
+    received: int = 0
+
+
+# --- the engine ----------------------------------------------------------------------------
+
+
+class PhoneSession:
+    """One call's mail session over a record link.  See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        link: RecordLink,
+        link_params: LinkParamsLike,
+        role: Role,
+        local_name: str,
+        secrets: Callable[[str], bytes | None],
+        nonce: bytes,
+        now: float,
+        peer_name: str | None = None,
+        options: SessionOptions | None = None,
+    ) -> None:
+        if role is Role.CALLER and peer_name is None:
+            raise LocalPhoneError("a caller knows whom it calls")
+        self._link = link
+        self._link_params = link_params
+        self._role = role
+        self._name = local_name
+        self._secrets = secrets
+        self._nonce = nonce
+        self._peer: str | None = peer_name if role is Role.CALLER else None
+        self._options = options or SessionOptions()
+        self._state = SessionState.GREETING
+        self._started = now
+        self._now = now
+        self._deadline: float | None = now + self._options.handshake_timeout
+        self._events: deque[SessionEvent] = deque()
+        self._outcome = CallOutcome.COMPLETED
+        self._reason = ""
+        self._handshake_seconds: float | None = None
+        self._negotiated: handshake.Negotiated | None = None
+        self._secret: bytes | None = None
+        self._peer_known = False
+        self._transcript = b""
+        self._sealer: Sealer | None = None
+        self._opener: Opener | None = None
+        self._opener_pending: Opener | None = None
+        self._compressor: ChunkCompressor | None = None
+        self._decompressor = ChunkDecompressor()
+        # jobs
+        self._out: dict[int, _OutJob] = {}
+        self._out_by_id: dict[str, _OutJob] = {}
+        self._offers_closed = False
+        self._inventory_sent = False
+        self._inventory_received = False
+        self._done_sent = False
+        self._done_received = False
+        self._in: dict[int, _InJob] = {}
+        self._in_ids: set[str] = set()
+        # accounting
+        self._payload_sent = self._payload_received = 0
+        self._text_wire_sent = self._text_wire_received = 0
+        self._messages_sent = self._messages_received = 0
+
+        caps = Capabilities(
+            min_frame_payload=link_params.min_frame_payload,
+            max_frame_payload=link_params.max_frame_payload,
+            window=link_params.window,
+            max_record=link_params.max_record,
+            max_message_size=self._options.max_message_size,
+            compression=self._options.compression,
+            encryption=self._options.encryption,
+            resume=self._options.resume,
+        )
+        self._major, self._minor = handshake.MAJOR, handshake.MINOR
+        self._hello = Hello(self._major, self._minor, role, local_name, nonce, caps)
+        self._hello_bytes = records.encode(self._hello)
+        self._link.send_record(self._hello_bytes)
+
+    # --- driver API: bytes and time ---------------------------------------------------------
+
+    @property
+    def state(self) -> SessionState:
+        """Where the call stands."""
+        return self._state
+
+    @property
+    def ended(self) -> bool:
+        """True once :class:`CallEnded` has been queued."""
+        return self._state is SessionState.ENDED
+
+    @property
+    def peer(self) -> str | None:
+        """The peer's name once known (the caller knows it from the start)."""
+        return self._peer
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        """Bytes from the line; ``b""`` when the line dropped."""
+        self._now = now
+        if self._state is SessionState.ENDED:
+            return
+        self._link.receive_data(data, now)
+        self._drain_link()
+        if not data and not self.ended:
+            self._line_gone("the line dropped")
+        self._pump()
+
+    def data_to_send(self, now: float, max_bytes: int | None = None) -> bytes:
+        """Bytes to write to the line now (frames, retransmissions, acknowledgements)."""
+        self._now = now
+        if self._state is SessionState.ENDED:
+            return self._link.data_to_send(now, max_bytes)
+        self._pump()
+        out = self._link.data_to_send(now, max_bytes)
+        self._check_closed()
+        return out
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` must be called next (None: only when bytes arrive)."""
+        if self._state is SessionState.ENDED:
+            return None
+        times = [t for t in (self._link.next_deadline(), self._deadline) if t is not None]
+        return min(times) if times else None
+
+    def tick(self, now: float) -> None:
+        """Time passed: the link's timers, the handshake timeout, the delays."""
+        self._now = now
+        if self._state is SessionState.ENDED:
+            return
+        self._link.tick(now)
+        self._drain_link()
+        if self._deadline is not None and now >= self._deadline:
+            self._deadline_passed()
+        self._pump()
+        self._check_closed()
+
+    def next_event(self) -> SessionEvent | None:
+        """The next event for the driver, or None."""
+        return self._events.popleft() if self._events else None
+
+    # --- driver API: sending ---------------------------------------------------------------
+
+    def offer(self, message: Outgoing) -> None:
+        """A message to send the peer in this call (before :meth:`close_offers`)."""
+        if self._offers_closed:
+            raise LocalPhoneError("offers are closed")
+        if message.message_id in self._out_by_id:
+            raise LocalPhoneError(f"message {message.message_id} offered twice")
+        job = _OutJob(len(self._out) + 1, message)
+        self._out[job.job] = job
+        self._out_by_id[message.message_id] = job
+
+    def close_offers(self) -> None:
+        """Nothing more to offer: the inventory can go out."""
+        self._offers_closed = True
+        self._pump()
+
+    def provide_text(self, message_id: str, offset: int, data: bytes) -> None:
+        """The answer to :class:`TextWanted` (``b""`` only at the end of the text)."""
+        job = self._out_by_id.get(message_id)
+        if job is None or not job.reading or offset != job.next_read:
+            raise LocalPhoneError(f"text for {message_id} at {offset} was not asked for")
+        job.reading = False
+        if job.state is not OutState.SENDING:
+            return  # settled meanwhile (the receiver gave up on it)
+        if not data or job.next_read + len(data) > job.message.size:
+            self._abandon(job, Reply(ReplyCode.FIO, "message text is not the announced size"))
+        else:
+            job.buffer += data
+            job.next_read += len(data)
+        self._pump()
+
+    def text_unavailable(self, message_id: str, reply: Reply) -> None:
+        """The text cannot be read: the message is given up for this call with ``reply``."""
+        job = self._out_by_id.get(message_id)
+        if job is None or not job.reading:
+            raise LocalPhoneError(f"text for {message_id} was not asked for")
+        job.reading = False
+        if job.state is OutState.SENDING:
+            self._abandon(job, reply)
+        self._pump()
+
+    # --- driver API: receiving --------------------------------------------------------------
+
+    def accept(self, job: int, replies: Sequence[Reply], offset: int = 0) -> None:
+        """Answer a :class:`ProposalReceived`: one reply per recipient (``AOK`` for those
+        accepted) and the offset held already (resume)."""
+        in_job = self._in_job_for_driver(job, InState.DECIDING)
+        if len(replies) != len(in_job.envelope.recipients):
+            raise LocalPhoneError("one reply per recipient")
+        if not 0 <= offset <= in_job.size or (offset and not self._resume):
+            raise LocalPhoneError(f"bad resume offset {offset}")
+        if self._state is not SessionState.RUNNING:
+            return
+        self._send(Answer(job, tuple(replies), offset))
+        if not any(r.code is ReplyCode.AOK for r in replies):
+            self._step_in(in_job, InInput.REFUSE, local=True)
+            return
+        in_job.received = offset
+        if offset == in_job.size:
+            self._step_in(in_job, InInput.ACCEPT_COMPLETE, local=True)
+            self._request_commit(in_job)
+        else:
+            self._step_in(in_job, InInput.ACCEPT, local=True)
+        self._pump()
+
+    def answer_proposal(self, job: int, acceptance: Acceptance) -> None:
+        """Answer a :class:`ProposalReceived` with what the store decided."""
+        if acceptance.whole is not None:
+            self.refuse(job, acceptance.whole)
+        else:
+            self.accept(job, acceptance.replies, acceptance.offset)
+
+    def refuse(self, job: int, reply: Reply) -> None:
+        """Answer a :class:`ProposalReceived` for the whole message: refused, deferred, or
+        (a success reply such as ``ALREADY_HAVE``) held already."""
+        in_job = self._in_job_for_driver(job, InState.DECIDING)
+        if self._state is not SessionState.RUNNING:
+            return
+        self._send(Answer(job, whole=reply))
+        self._step_in(in_job, InInput.REFUSE, local=True)
+        self._pump()
+
+    def commit_done(self, job: int, reply: Reply) -> None:
+        """Answer a :class:`CommitRequested`: the final reply (success only when durable)."""
+        in_job = self._in_job_for_driver(job, InState.COMMITTING)
+        if self._state is not SessionState.RUNNING:
+            return
+        self._step_in(in_job, InInput.COMMITTED, local=True)
+        if reply.code.is_success:
+            self._messages_received += 1
+        self._send(FinalReply(job, reply))
+        self._pump()
+
+    def fail_receiving(self, job: int, reply: Reply) -> None:
+        """Storing a message's text failed: send the final failure now."""
+        in_job = self._in_job_for_driver(job, InState.RECEIVING)
+        if self._state is not SessionState.RUNNING:
+            return
+        self._step_in(in_job, InInput.FAIL, local=True)
+        self._send(FinalReply(job, reply))
+        self._pump()
+
+    def abort(self, reply: Reply) -> None:
+        """Hang up now because of local trouble (the peer is told why)."""
+        if self._state in (SessionState.RUNNING, SessionState.GREETING, SessionState.PROVING):
+            self._begin_abort(CallOutcome.LOCAL_ABORT, reply)
+            self._pump()
+
+    # --- incoming records ------------------------------------------------------------------
+
+    def _drain_link(self) -> None:
+        while self._state is not SessionState.ENDED:
+            event = self._link.next_event()
+            if event is None:
+                return
+            record = getattr(event, "record", None)
+            if isinstance(record, bytes | bytearray):
+                self._on_raw_record(bytes(record))
+            else:
+                self._line_gone(f"link dead: {getattr(event, 'reason', event)}")
+
+    def _on_raw_record(self, raw: bytes) -> None:
+        if self._state in (SessionState.REFUSING, SessionState.ENDED):
+            return
+        try:
+            if self._opener is not None:
+                raw = self._opener.open(raw)
+            record = records.decode(raw)
+            self._on_record(record, raw)
+        except PhoneProtocolError as e:
+            self._protocol_error(e.reason)
+
+    def _on_record(self, record: Record, raw: bytes) -> None:
+        state = self._state
+        if isinstance(record, Abort):
+            self._peer_aborted(record.reply)
+        elif state is SessionState.GREETING and isinstance(record, Hello):
+            self._on_hello(record, raw)
+        elif state is SessionState.PROVING and isinstance(record, Proof):
+            self._on_proof(record)
+        elif state is SessionState.RUNNING:
+            self._on_mail_record(record)
+        elif state is SessionState.CLOSING:
+            pass  # an abort was sent; the rest of what the peer says no longer matters
+        else:
+            raise PhoneProtocolError(f"{type(record).__name__} record while {state.value}")
+
+    def _on_hello(self, hello: Hello, raw: bytes) -> None:
+        if hello.role is self._role:
+            raise PhoneProtocolError(f"both ends claim to be the {self._role.name.lower()}")
+        if hello.major != self._major:
+            reason = (
+                f"version {hello.major}.{hello.minor} is not supported; "
+                f"this end speaks {self._major}.{self._minor}"
+            )
+            self._begin_abort(CallOutcome.VERSION_MISMATCH, Reply(ReplyCode.PROT, reason))
+            return
+        if self._role is Role.CALLER:
+            caller, answerer = self._hello_bytes, raw
+            self._peer_known = hello.name == self._peer
+        else:
+            caller, answerer = raw, self._hello_bytes
+            self._peer = hello.name
+        wanted = self._peer_known or self._role is Role.ANSWERER
+        secret = self._secrets(hello.name) if wanted else None
+        self._peer_known = secret is not None
+        self._transcript = handshake.transcript_hash(caller, answerer)
+        # an unknown peer gets a decoy proof: it must not learn whether the name exists
+        self._secret = secret if secret is not None else hashlib.sha256(self._nonce).digest()
+        self._peer_hello = hello
+        self._send(Proof(handshake.make_proof(self._secret, self._role, self._transcript)))
+        self._negotiated = handshake.negotiate(
+            self._minor, self._hello.capabilities, hello.capabilities, hello.minor
+        )
+        self._state = SessionState.PROVING
+
+    def _on_proof(self, proof: Proof) -> None:
+        assert self._secret is not None and self._negotiated is not None
+        if not self._peer_known:
+            self._refuse(CallOutcome.UNKNOWN_SITE, f"unknown site {self._peer_hello.name!r}")
+            return
+        if not handshake.verify_proof(self._secret, self._role.other, self._transcript, proof.mac):
+            self._refuse(CallOutcome.AUTH_FAILED, f"site {self._peer!r} failed to prove its secret")
+            return
+        negotiated = self._negotiated
+        if negotiated.encryption:
+            if self._role is Role.CALLER:
+                nonces = (self._nonce, self._peer_hello.nonce)
+            else:
+                nonces = (self._peer_hello.nonce, self._nonce)
+            c2a, a2c = handshake.derive_keys(self._secret, *nonces, self._transcript)
+            ours, theirs = (c2a, a2c) if self._role is Role.CALLER else (a2c, c2a)
+            self._sealer, self._opener = Sealer(ours), Opener(theirs)
+        if negotiated.compression:
+            self._compressor = ChunkCompressor()
+        self._link.reconfigure(
+            replace(
+                self._link_params,  # type: ignore[type-var]
+                min_frame_payload=negotiated.min_frame_payload,
+                max_frame_payload=negotiated.max_frame_payload,
+                window=negotiated.window,
+                max_record=negotiated.max_record,
+            )
+        )
+        self._state = SessionState.RUNNING
+        self._deadline = None
+        self._handshake_seconds = self._now - self._started
+        assert self._peer is not None
+        self._events.append(Authenticated(self._peer, negotiated))
+
+    @property
+    def _resume(self) -> bool:
+        return self._negotiated is not None and self._negotiated.resume
+
+    def _on_mail_record(self, record: Record) -> None:
+        if isinstance(record, Text):
+            self._on_text(record)
+        elif isinstance(record, Propose):
+            self._on_propose(record)
+        elif isinstance(record, Answer):
+            self._on_answer(record)
+        elif isinstance(record, FinalReply):
+            self._on_final(record)
+        elif isinstance(record, Inventory):
+            if self._inventory_received:
+                raise PhoneProtocolError("a second inventory")
+            self._inventory_received = True
+            self._events.append(InventoryReceived(record.items))
+        elif isinstance(record, Abandon):
+            in_job = self._peer_in_job(record.job)
+            self._step_in(in_job, InInput.ABANDONED)
+        elif isinstance(record, Done):
+            self._on_done()
+        else:
+            raise PhoneProtocolError(f"{type(record).__name__} record after the handshake")
+
+    def _on_propose(self, p: Propose) -> None:
+        if not self._inventory_received or self._done_received:
+            raise PhoneProtocolError("a proposal outside the inventory and hang-up")
+        if p.job in self._in:
+            raise PhoneProtocolError(f"job {p.job} proposed twice")
+        assert self._peer is not None
+        envelope = p.envelope.to_envelope(Submitter("phone", client_name=self._peer))
+        job = _InJob(p.job, p.message_id, envelope, p.size, p.digest)
+        self._in[p.job] = job
+        if p.size > self._options.max_message_size:
+            limit = self._options.max_message_size
+            self.refuse(p.job, Reply(ReplyCode.FSIZ, f"over the limit of {limit} bytes"))
+        elif p.message_id in self._in_ids:
+            self.refuse(p.job, Reply(ReplyCode.AGN, "proposed twice in one call"))
+        else:
+            self._in_ids.add(p.message_id)
+            self._events.append(
+                ProposalReceived(
+                    p.job, self._peer, p.message_id, envelope, p.size, p.digest, self._resume
+                )
+            )
+
+    def _on_text(self, t: Text) -> None:
+        job = self._peer_in_job(t.job)
+        if job.state is InState.RECEIVING:
+            limit = job.size - job.received
+        else:
+            limit = self._negotiated.max_record if self._negotiated else 0
+        data = t.data
+        if t.compressed:
+            data = self._decompressor.decompress(data, limit)
+        elif len(data) > limit:
+            raise PhoneProtocolError(f"text for job {t.job} past its size")
+        self._text_wire_received += len(t.data)
+        if job.state is InState.DRAINING:
+            self._step_in(job, InInput.TEXT)
+            return
+        if not data:
+            return
+        offset = job.received
+        job.received += len(data)
+        self._payload_received += len(data)
+        done = job.received == job.size
+        self._step_in(job, InInput.TEXT_COMPLETE if done else InInput.TEXT)
+        self._events.append(TextReceived(job.job, job.message_id, offset, data))
+        if done:
+            self._request_commit(job)
+
+    def _on_answer(self, a: Answer) -> None:
+        job = self._out.get(a.job)
+        if job is None:
+            raise PhoneProtocolError(f"answer for unknown job {a.job}")
+        n = len(job.message.envelope.recipients)
+        if a.whole is not None:
+            self._step_out(job, OutInput.REFUSED)
+            self._settle(job, (a.whole,) * n)
+            return
+        if len(a.recipients) != n or a.offset > job.message.size:
+            raise PhoneProtocolError(f"answer for job {a.job} does not fit its proposal")
+        if a.offset and not self._resume:
+            raise PhoneProtocolError("a resume offset without resume")
+        job.replies = a.recipients
+        if not any(r.code is ReplyCode.AOK for r in a.recipients):
+            self._step_out(job, OutInput.REFUSED)
+            self._settle(job, a.recipients)
+            return
+        self._step_out(job, OutInput.ACCEPTED)
+        job.next_send = job.next_read = a.offset
+        if a.offset == job.message.size:
+            self._step_out(job, OutInput.TEXT_SENT)
+
+    def _on_final(self, f: FinalReply) -> None:
+        job = self._out.get(f.job)
+        if job is None:
+            raise PhoneProtocolError(f"final reply for unknown job {f.job}")
+        self._step_out(job, OutInput.FINAL)
+        job.buffer.clear()
+        replies = tuple(f.reply if r.code is ReplyCode.AOK else r for r in job.replies)
+        if f.reply.code.is_success:
+            self._messages_sent += 1
+        self._settle(job, replies)
+
+    def _on_done(self) -> None:
+        if self._done_received:
+            raise PhoneProtocolError("a second hang-up")
+        unsettled = [j.job for j in self._in.values() if j.state not in _FINAL_SENT]
+        if unsettled:
+            raise PhoneProtocolError(f"hang-up with jobs {unsettled[:5]} not settled")
+        self._done_received = True
+
+    # --- job steps -------------------------------------------------------------------------
+
+    def _peer_in_job(self, number: int) -> _InJob:
+        job = self._in.get(number)
+        if job is None:
+            raise PhoneProtocolError(f"record for unknown job {number}")
+        return job
+
+    def _in_job_for_driver(self, number: int, state: InState) -> _InJob:
+        job = self._in.get(number)
+        if job is None or (job.state is not state and self._state is SessionState.RUNNING):
+            raise LocalPhoneError(f"job {number} is not {state.value}")
+        return job
+
+    def _step_in(self, job: _InJob, what: InInput, local: bool = False) -> None:
+        new = IN_TRANSITIONS.get((job.state, what))
+        if new is None:
+            problem = f"job {job.job}: {what.value} while {job.state.value}"
+            raise LocalPhoneError(problem) if local else PhoneProtocolError(problem)
+        job.state = new
+
+    def _step_out(self, job: _OutJob, what: OutInput) -> None:
+        new = OUT_TRANSITIONS.get((job.state, what))
+        if new is None:
+            raise PhoneProtocolError(f"job {job.job}: {what.value} while {job.state.value}")
+        job.state = new
+
+    def _request_commit(self, job: _InJob) -> None:
+        assert self._peer is not None
+        self._events.append(
+            CommitRequested(job.job, self._peer, job.message_id, job.envelope, job.size, job.digest)
+        )
+
+    def _settle(self, job: _OutJob, replies: tuple[Reply, ...]) -> None:
+        self._events.append(MessageSettled(job.message.message_id, replies))
+
+    def _abandon(self, job: _OutJob, reply: Reply) -> None:
+        self._step_out(job, OutInput.ABANDON)
+        job.buffer.clear()
+        self._send(Abandon(job.job, reply))
+        self._settle(job, tuple(reply if r.code is ReplyCode.AOK else r for r in job.replies))
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def _send(self, record: Record) -> None:
+        raw = records.encode(record)
+        if self._sealer is not None:
+            raw = self._sealer.seal(raw)
+        self._link.send_record(raw)
+
+    def _pump(self) -> None:
+        """Move what may go now into the link: inventory, proposals, text, hang-up."""
+        if self._state is not SessionState.RUNNING:
+            return
+        assert self._negotiated is not None
+        if not self._inventory_sent:
+            if not self._offers_closed:
+                return
+            self._inventory_sent = True
+            items = (
+                InventoryItem(j.message.message_id, j.message.size) for j in self._out.values()
+            )
+            self._send(Inventory(tuple(items)))
+        self._propose_ahead()
+        self._send_text()
+        self._request_reads()
+        self._maybe_done()
+
+    def _propose_ahead(self) -> None:
+        assert self._negotiated is not None
+        limit = self._negotiated.max_message_size
+        ahead = 2 * self._negotiated.window
+        pending = sum(j.remaining for j in self._out.values() if j.state in _IN_FLIGHT)
+        for job in self._out.values():
+            if pending >= ahead:
+                return
+            if job.state is not OutState.QUEUED:
+                continue
+            if job.message.size > limit:
+                self._step_out(job, OutInput.TOO_BIG)
+                reply = Reply(ReplyCode.FSIZ, f"over the peer's limit of {limit} bytes")
+                self._settle(job, (reply,) * len(job.message.envelope.recipients))
+                continue
+            self._step_out(job, OutInput.PROPOSE)
+            m = job.message
+            envelope = MailEnvelope.from_envelope(m.envelope)
+            self._send(Propose(job.job, m.message_id, m.size, m.digest, envelope))
+            pending += m.size
+
+    def _send_text(self) -> None:
+        assert self._negotiated is not None
+        high_water = self._negotiated.window
+        chunk = min(self._options.chunk_size, self._negotiated.max_record - 64)
+        while self._link.queued_bytes < high_water:
+            ready = [j for j in self._out.values() if j.state is OutState.SENDING and j.buffer]
+            if not ready:
+                return
+            job = min(ready, key=lambda j: (j.remaining, j.job))
+            piece = bytes(job.buffer[:chunk])
+            del job.buffer[:chunk]
+            compressed, data = (
+                self._compressor.compress(piece) if self._compressor else (False, piece)
+            )
+            self._send(Text(job.job, compressed, data))
+            job.next_send += len(piece)
+            self._payload_sent += len(piece)
+            self._text_wire_sent += len(data)
+            if job.next_send == job.message.size:
+                self._step_out(job, OutInput.TEXT_SENT)
+
+    def _request_reads(self) -> None:
+        read_ahead = self._options.read_ahead
+        for job in self._out.values():
+            if (
+                job.state is OutState.SENDING
+                and not job.reading
+                and job.next_read < job.message.size
+                and len(job.buffer) < self._options.chunk_size
+            ):
+                job.reading = True
+                want = min(read_ahead, job.message.size - job.next_read)
+                self._events.append(TextWanted(job.message.message_id, job.next_read, want))
+
+    def _maybe_done(self) -> None:
+        if (
+            not self._done_sent
+            and self._offers_closed
+            and all(j.state is OutState.SETTLED for j in self._out.values())
+        ):
+            self._done_sent = True
+            self._send(Done())
+        if (
+            self._done_sent
+            and self._done_received
+            and all(j.state in _FINAL_SENT for j in self._in.values())
+        ):
+            self._state = SessionState.CLOSING
+            self._deadline = self._now + self._options.closing_grace
+
+    # --- ending ----------------------------------------------------------------------------
+
+    def _protocol_error(self, reason: str) -> None:
+        if self._state is SessionState.RUNNING:
+            self._begin_abort(CallOutcome.PROTOCOL_ERROR, Reply(ReplyCode.PROT, reason[:150]))
+        elif self._state in (SessionState.GREETING, SessionState.PROVING):
+            self._refuse(CallOutcome.PROTOCOL_ERROR, reason)
+
+    def _begin_abort(self, outcome: CallOutcome, reply: Reply) -> None:
+        self._outcome, self._reason = outcome, reply.description
+        self._events.append(CallFailing(outcome, reply.description))
+        self._send(Abort(reply))
+        self._state = SessionState.CLOSING
+        self._deadline = self._now + self._options.closing_grace
+
+    def _peer_aborted(self, reply: Reply) -> None:
+        if self._state is SessionState.CLOSING:
+            return
+        outcome = (
+            CallOutcome.VERSION_MISMATCH
+            if self._state is SessionState.GREETING
+            else CallOutcome.PEER_ABORTED
+        )
+        self._outcome, self._reason = outcome, f"peer hung up: {reply.description}"
+        self._events.append(CallFailing(outcome, self._reason))
+        self._state = SessionState.CLOSING
+        self._deadline = self._now + self._options.closing_grace
+
+    def _refuse(self, outcome: CallOutcome, reason: str) -> None:
+        self._outcome, self._reason = outcome, reason
+        self._events.append(CallFailing(outcome, reason))
+        self._state = SessionState.REFUSING
+        self._deadline = self._now + self._options.failure_delay
+
+    def _deadline_passed(self) -> None:
+        if self._state in (SessionState.GREETING, SessionState.PROVING):
+            self._refuse(CallOutcome.TIMEOUT, "the peer stayed silent during the handshake")
+        elif self._state in (SessionState.REFUSING, SessionState.CLOSING):
+            self._end()
+
+    def _line_gone(self, reason: str) -> None:
+        if self._state in (SessionState.CLOSING, SessionState.REFUSING):
+            self._end()  # the outcome is decided already
+        else:
+            self._outcome, self._reason = CallOutcome.LINE_DROPPED, reason
+            self._end()
+
+    def _check_closed(self) -> None:
+        if self._state is SessionState.CLOSING and self._link.idle:
+            self._end()
+
+    def _end(self) -> None:
+        self._state = SessionState.ENDED
+        self._deadline = None
+        self._events.append(CallEnded(self._summary()))
+
+    def _summary(self) -> CallSummary:
+        stats = self._link.stats()
+        return CallSummary(
+            role=self._role.name.lower(),
+            peer=self._peer or "",
+            outcome=self._outcome,
+            reason=self._reason,
+            seconds=self._now - self._started,
+            handshake_seconds=self._handshake_seconds,
+            messages_sent=self._messages_sent,
+            messages_received=self._messages_received,
+            payload_bytes_sent=self._payload_sent,
+            payload_bytes_received=self._payload_received,
+            text_wire_bytes_sent=self._text_wire_sent,
+            text_wire_bytes_received=self._text_wire_received,
+            wire_bytes_sent=stats.wire_bytes_sent,
+            wire_bytes_received=stats.wire_bytes_received,
+            frames_sent=stats.frames_sent,
+            frames_resent=stats.frames_resent,
+            frames_damaged=stats.frames_damaged,
+            rtt=stats.rtt,
+            line_rate=self._options.line_rate,
+        )

@@ -1,0 +1,200 @@
+"""The phone session engine, two ends back to back in memory over a perfect record link."""
+
+from __future__ import annotations
+
+import os
+
+from phone_harness import HUB, SITE, CutLine, End, envelope, make_end, run_call
+from phone_memstore import MemoryPhoneStore
+
+from relay.reply import ReplyCode
+from relay.sansio.phone import handshake
+from relay.sansio.phone.accounting import CallOutcome
+from relay.sansio.phone.records import Role
+from relay.sansio.phone.session import SessionOptions
+
+
+def _pair(
+    hub: MemoryPhoneStore | None = None,
+    site: MemoryPhoneStore | None = None,
+    caller_options: SessionOptions | None = None,
+    answerer_options: SessionOptions | None = None,
+) -> tuple[End, End]:
+    return (
+        make_end(Role.CALLER, hub or MemoryPhoneStore(), options=caller_options),
+        make_end(Role.ANSWERER, site or MemoryPhoneStore(), options=answerer_options),
+    )
+
+
+def test_mail_one_way_arrives_once_and_byte_identical() -> None:
+    """Messages the caller holds for the site are stored there exactly, then leave its outbox."""
+    hub = MemoryPhoneStore()
+    texts = {f"m{i}": os.urandom(100 + 1000 * i) for i in range(5)}
+    for mid, text in texts.items():
+        hub.put(SITE, mid, envelope(), text)
+    caller, answerer = _pair(hub)
+    run_call(caller, answerer)
+    site = answerer.store
+    assert {mid: t for mid, (_, t) in site.inbox[HUB].items()} == texts
+    assert sorted(site.commits) == sorted((HUB, mid) for mid in texts)
+    assert hub.outbox[SITE] == {}
+    for end in (caller, answerer):
+        assert end.summary is not None and end.summary.outcome is CallOutcome.COMPLETED
+    assert caller.summary is not None and caller.summary.messages_sent == 5
+    assert caller.summary.payload_bytes_sent == sum(map(len, texts.values()))
+    assert answerer.summary is not None and answerer.summary.messages_received == 5
+
+
+def test_mail_flows_both_ways_in_one_call() -> None:
+    """Submit and pickup run in the same call: each side stores what the other held."""
+    hub, site = MemoryPhoneStore(), MemoryPhoneStore()
+    for i in range(4):
+        hub.put(SITE, f"h{i}", envelope(), b"to site %d\r\n" % i * 500)
+        site.put(HUB, f"s{i}", envelope("<alice@hub.example>"), b"to hub %d\r\n" % i * 700)
+    caller, answerer = _pair(hub, site)
+    run_call(caller, answerer)
+    assert set(site.inbox[HUB]) == {f"h{i}" for i in range(4)}
+    assert set(hub.inbox[SITE]) == {f"s{i}" for i in range(4)}
+    assert hub.inbox[SITE]["s2"][1] == b"to hub 2\r\n" * 700
+    assert hub.outbox[SITE] == {} and site.outbox[HUB] == {}
+
+
+def test_an_empty_call_hangs_up_cleanly() -> None:
+    """With nothing to send either way the call still ends by agreement."""
+    caller, answerer = _pair()
+    run_call(caller, answerer)
+    for end in (caller, answerer):
+        assert end.summary is not None and end.summary.outcome is CallOutcome.COMPLETED
+        assert end.summary.handshake_seconds is not None
+
+
+def test_received_envelope_keeps_addresses_and_names_the_site() -> None:
+    """The receiver's envelope has the sender's addresses and a phone submitter naming the peer."""
+    hub = MemoryPhoneStore()
+    hub.put(SITE, "m1", envelope("<x@site.example>", "<y@site.example>", sender="<>"), b"hi\r\n")
+    caller, answerer = _pair(hub)
+    run_call(caller, answerer)
+    env, _ = answerer.store.inbox[HUB]["m1"]
+    assert env.return_path is None
+    assert [str(r.address) for r in env.recipients] == ["x@site.example", "y@site.example"]
+    assert env.submitter.protocol == "phone" and env.submitter.client_name == HUB
+
+
+def test_refused_address_gets_its_reply_and_the_others_the_final() -> None:
+    """Address-then-text: a refused address keeps its refusal, accepted ones get the final OK."""
+    hub, site = MemoryPhoneStore(), MemoryPhoneStore(refuse_user="nobody")
+    hub.put(SITE, "m1", envelope("<nobody@site.example>", "<bob@site.example>"), b"x" * 3000)
+    caller, answerer = _pair(hub, site)
+    run_call(caller, answerer)
+    (_, _, replies), = hub.settled
+    assert [r.code for r in replies] == [ReplyCode.USER, ReplyCode.OK]
+    assert "m1" in site.inbox[HUB] and hub.outbox[SITE] == {}
+
+
+def test_a_message_held_already_is_not_sent_again() -> None:
+    """A re-proposed id is answered "already have it": no text flows, the sender forgets it."""
+    hub, site = MemoryPhoneStore(), MemoryPhoneStore()
+    hub.put(SITE, "m1", envelope(), b"a" * 5000)
+    site.inbox[HUB] = {"m1": (envelope(), b"a" * 5000)}
+    caller, answerer = _pair(hub, site)
+    run_call(caller, answerer)
+    assert caller.summary is not None and caller.summary.payload_bytes_sent == 0
+    (_, _, replies), = hub.settled
+    assert replies[0].code is ReplyCode.DONE and hub.outbox[SITE] == {}
+    assert site.commits == []
+
+
+def test_a_cut_message_resumes_from_the_offset_held() -> None:
+    """After a drop in the middle of a text the next call sends only what the receiver lacks."""
+    hub, site = MemoryPhoneStore(), MemoryPhoneStore()
+    text = os.urandom(200_000)
+    hub.put(SITE, "big", envelope(), text)
+    caller, answerer = _pair(hub, site, SessionOptions(compression=False))
+    run_call(caller, answerer, CutLine(120_000))
+    assert caller.summary is not None and caller.summary.outcome is CallOutcome.LINE_DROPPED
+    held = len(site.partial[(HUB, "big")])
+    assert 0 < held < len(text)
+    caller, answerer = _pair(hub, site, SessionOptions(compression=False))
+    run_call(caller, answerer)
+    assert site.inbox[HUB]["big"][1] == text
+    assert caller.summary is not None
+    assert caller.summary.payload_bytes_sent == len(text) - held
+    assert hub.outbox[SITE] == {}
+
+
+def test_wrong_secret_fails_both_ends_after_a_delay_and_moves_nothing() -> None:
+    """A wrong secret: each end reports the failure, waits the delay, ends; no mail moves."""
+    hub = MemoryPhoneStore()
+    hub.put(SITE, "m1", envelope(), b"secret mail")
+    caller = make_end(Role.CALLER, hub, secrets={SITE: b"wrong" * 7})
+    answerer = make_end(Role.ANSWERER, MemoryPhoneStore())
+    trace = run_call(caller, answerer)
+    for end in (caller, answerer):
+        assert end.summary is not None and end.summary.outcome is CallOutcome.AUTH_FAILED
+    assert trace.end_time >= SessionOptions().failure_delay
+    assert b"m1" not in bytes(trace.written[0]) and b"secret mail" not in bytes(trace.written[0])
+    assert "m1" in hub.outbox[SITE] and answerer.store.inbox == {}
+
+
+def test_unknown_site_looks_like_a_wrong_secret_to_the_caller() -> None:
+    """An unknown caller is refused; the caller cannot tell the name is unknown."""
+    caller = make_end(Role.CALLER, MemoryPhoneStore(), name="stranger")
+    answerer = make_end(Role.ANSWERER, MemoryPhoneStore())
+    run_call(caller, answerer)
+    assert answerer.summary is not None
+    assert answerer.summary.outcome is CallOutcome.UNKNOWN_SITE
+    assert caller.summary is not None and caller.summary.outcome is CallOutcome.AUTH_FAILED
+
+
+def test_major_version_mismatch_is_a_clear_error_at_both_ends(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Different majors: both ends end with VERSION_MISMATCH naming both versions."""
+    caller = make_end(Role.CALLER, MemoryPhoneStore())
+    monkeypatch.setattr(handshake, "MAJOR", 2)
+    answerer = make_end(Role.ANSWERER, MemoryPhoneStore())
+    monkeypatch.undo()
+    run_call(caller, answerer)
+    for end in (caller, answerer):
+        assert end.summary is not None
+        assert end.summary.outcome is CallOutcome.VERSION_MISMATCH
+        assert "2.0" in end.summary.reason and "1.0" in end.summary.reason
+
+
+def test_silence_times_out_the_handshake() -> None:
+    """A peer that never answers: the handshake times out, then the line is dropped."""
+    caller = make_end(Role.CALLER, MemoryPhoneStore(), options=SessionOptions(handshake_timeout=30))
+    caller.session.data_to_send(0.0)
+    deadline = caller.session.next_deadline()
+    assert deadline == 30
+    caller.session.tick(30.0)
+    caller.handler.handle_events()
+    assert caller.summary is None  # the failure delay first
+    caller.session.tick(caller.session.next_deadline() or 0)
+    caller.handler.handle_events()
+    assert caller.summary is not None and caller.summary.outcome is CallOutcome.TIMEOUT
+
+
+def test_compression_shrinks_text_and_keeps_it_exact() -> None:
+    """Compressible text travels deflated; incompressible text as it is; both arrive exact."""
+    hub = MemoryPhoneStore()
+    plain = b"Subject: hello\r\n\r\n" + b"the same words again and again\r\n" * 2000
+    noise = os.urandom(30_000)
+    hub.put(SITE, "text", envelope(), plain)
+    hub.put(SITE, "noise", envelope(), noise)
+    caller, answerer = _pair(hub)
+    run_call(caller, answerer)
+    assert answerer.store.inbox[HUB]["text"][1] == plain
+    assert answerer.store.inbox[HUB]["noise"][1] == noise
+    s = caller.summary
+    assert s is not None and s.text_wire_bytes_sent < len(plain) // 5 + len(noise) + 100
+
+
+def test_encryption_hides_the_text_and_delivers_it() -> None:
+    """With encryption asked by one end the text never crosses the line in clear."""
+    hub = MemoryPhoneStore()
+    text = b"attack at dawn\r\n" * 100
+    hub.put(SITE, "m1", envelope(), text)
+    caller, answerer = _pair(hub, caller_options=SessionOptions(encryption=True, compression=False))
+    trace = run_call(caller, answerer)
+    assert answerer.store.inbox[HUB]["m1"][1] == text
+    assert b"attack at dawn" not in bytes(trace.written[0])
+    assert b"bob@site.example" not in bytes(trace.written[0])
