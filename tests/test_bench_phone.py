@@ -57,7 +57,7 @@ def test_the_realistic_corpus_is_mail_and_reproducible() -> None:
     """The text corpus is the same for a seed, looks like mail, and carries some attachments."""
     corpus = phone.text_corpus(20, 4)
     assert corpus == phone.text_corpus(20, 4) and corpus != phone.text_corpus(20, 5)
-    assert all(m.startswith(b"Received: ") and b"\r\nSubject: " in m for m in corpus)
+    assert all(m.startswith(b"Received: ") and b"\r\nSubject:" in m for m in corpus)
     assert sum(b"Content-Transfer-Encoding: base64" in m for m in corpus) == 2
 
 
