@@ -45,12 +45,28 @@ class Conditions:
     silent_after: float = math.inf
 
 
+Tamper = Callable[[str, int, bytes], bytes]
+"""``tamper(direction, index, chunk)``: what the line carries instead of a driver's write.
+
+``direction`` is ``"a>b"`` or ``"b>a"``, ``index`` counts that direction's writes from 0
+(with a transmit buffer smaller than a frame, each write is one frame)."""
+
+
 class Line:
     """One direction of the line: serialisation, latency and damage."""
 
-    def __init__(self, conditions: Conditions, rng: random.Random) -> None:
+    def __init__(
+        self,
+        conditions: Conditions,
+        rng: random.Random,
+        name: str = "",
+        tamper: Tamper | None = None,
+    ) -> None:
         self.conditions = conditions
         self.rng = rng
+        self.name = name
+        self.tamper = tamper
+        self.writes: list[tuple[float, bytes]] = []
         self.busy_until = 0.0
         self.in_flight: list[tuple[float, int, bytes]] = []
         self._order = 0
@@ -68,6 +84,9 @@ class Line:
     def send(self, data: bytes, now: float) -> None:
         """Put ``data`` on the line behind what is already there."""
         cond = self.conditions
+        self.writes.append((now, data))
+        if self.tamper is not None:
+            data = self.tamper(self.name, len(self.writes) - 1, data)
         self.bytes_sent += len(data)
         start = max(now, self.busy_until)
         for offset in range(0, len(data), cond.piece):
@@ -84,6 +103,8 @@ class Line:
             return
         if cond.truncate and rng.random() < cond.truncate:
             piece = piece[: rng.randrange(len(piece))]
+            if not piece:
+                return  # an empty read would mean end of file to the link
         if cond.ber:
             piece = self._flip(piece)
         if cond.noise and rng.random() < cond.noise:
@@ -163,9 +184,12 @@ def simulate(
     params: LinkParams | None = None,
     time_limit: float = 3600.0,
     feed_all_at_once: bool = True,
-    on_step: Callable[[float, End, End], None] | None = None,
+    tamper: Tamper | None = None,
+    run_to_limit: bool = False,
 ) -> Outcome:
-    """Run a call until every record arrived both ways (and was acknowledged) or a link died.
+    """Run a call until every record arrived both ways and was acknowledged, or both ends
+    reported :class:`LinkDead`, or ``time_limit`` (simulated seconds) passed (only the
+    last with ``run_to_limit``).
 
     With ``feed_all_at_once`` every record is given to ``send_record`` at the start;
     otherwise each end keeps at most two windows queued (as the session does with
@@ -175,7 +199,10 @@ def simulate(
     rng = random.Random(seed)
     a = End(Link(params, 0.0), list(records_a))
     b = End(Link(params, 0.0), list(records_b))
-    lines = {id(a): Line(conditions, rng), id(b): Line(conditions, rng)}
+    lines = {
+        id(a): Line(conditions, rng, "a>b", tamper),
+        id(b): Line(conditions, rng, "b>a", tamper),
+    }
     peers = {id(a): b, id(b): a}
     pending = {id(a): 0, id(b): 0}
     expected = {id(a): len(records_b), id(b): len(records_a)}
@@ -191,7 +218,7 @@ def simulate(
         pending[id(end)] = index
 
     def finished() -> bool:
-        if a.dead or b.dead:
+        if a.dead and b.dead:
             return True
         return all(
             len(end.received) == expected[id(end)]
@@ -221,9 +248,7 @@ def simulate(
                 if not data or not room:
                     break
             end.drain()
-        if on_step is not None:
-            on_step(now, a, b)
-        if finished():
+        if finished() and not run_to_limit:
             break
         candidates = [lines[id(end)].next_arrival() for end in (a, b)]
         for end in (a, b):

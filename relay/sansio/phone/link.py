@@ -92,10 +92,15 @@ __all__ = [
     "ACK_DELAY",
     "INITIAL_RTO",
     "LOSS_HALF_LIFE",
+    "LOSS_PRIOR",
+    "LOSS_PRIOR_EVENTS",
+    "LOSS_PRIOR_HALF_LIFE",
     "MAX_FRAME_DATA",
     "MAX_RTO",
+    "MIN_PROBE",
     "MIN_RTO",
     "SACK_LIMIT",
+    "FrameFlag",
     "FrameKind",
     "Link",
     "LinkDead",
@@ -103,6 +108,9 @@ __all__ = [
     "LinkParams",
     "LinkStats",
     "RecordReceived",
+    "decode_varint",
+    "encode_varint",
+    "unwrap_seq",
 ]
 
 MAX_FRAME_DATA: Final = 16 * 1024
@@ -114,8 +122,8 @@ SACK_LIMIT: Final = 256
 _ACK_BLOCK_MAX: Final = 4 + 1 + SACK_LIMIT
 assert MAX_FRAME_DATA + _ACK_BLOCK_MAX <= MAX_PAYLOAD
 
-ACK_DELAY: Final = 0.05
-"""Seconds an acknowledgement for in-order data may wait for a second frame or for data."""
+ACK_DELAY: Final = 0.2
+"""Seconds an acknowledgement of in-order data may wait, to cover more data at once."""
 
 INITIAL_RTO: Final = 3.0
 """Retransmission timeout before any round trip was measured (slow lines: be patient)."""
@@ -123,11 +131,24 @@ INITIAL_RTO: Final = 3.0
 MIN_RTO: Final = 1.0
 """The smallest retransmission timeout (RFC 6298, 2.4)."""
 
-MAX_RTO: Final = 30.0
-"""The largest retransmission timeout, however often it was doubled."""
+MIN_PROBE: Final = 0.1
+"""The shortest wait before probing for a lost last frame (twice the round trip, usually)."""
 
-LOSS_HALF_LIFE: Final = 64 * 1024
+MAX_RTO: Final = 30.0
+"""The largest retransmission timeout, however often it was doubled (and at most a
+quarter of ``dead_after``)."""
+
+LOSS_HALF_LIFE: Final = 32 * 1024
 """Bytes sent after which a loss counts half as much in the damage estimate."""
+
+LOSS_PRIOR: Final = 32 * 1024
+"""Bytes sent that the damage estimate starts from, with :data:`LOSS_PRIOR_EVENTS` losses."""
+
+LOSS_PRIOR_EVENTS: Final = 1.0
+"""Losses assumed before any was seen: start at a middling frame size, not the largest."""
+
+LOSS_PRIOR_HALF_LIFE: Final = 16 * 1024
+"""Bytes sent after which the assumed losses count half: a clean line soon gets big frames."""
 
 _SEQ_MODULUS: Final = 1 << 32
 _MAX_WINDOW: Final = 1 << 30
@@ -136,11 +157,22 @@ _U32: Final = struct.Struct(">I")
 
 
 class FrameKind(enum.IntEnum):
-    """What a frame carries; see the module's theory of operation."""
+    """What a frame carries (the low six bits of the frame's kind byte)."""
 
     DATA = 0x01
     ACK = 0x02
-    DATA_ACK = 0x81
+
+
+class FrameFlag(enum.IntFlag):
+    """The two high bits of a data frame's kind byte."""
+
+    PUSH = 0x40
+    """Nothing more was queued behind this frame: acknowledge it at once."""
+    ACK_BLOCK = 0x80
+    """An ack block comes before the data."""
+
+
+_KIND_MASK: Final = 0x3F
 
 
 @dataclass(frozen=True)
@@ -236,7 +268,7 @@ def decode_varint(data: bytes, pos: int) -> tuple[int, int]:
     raise PhoneProtocolError("number longer than five bytes in an ack block")
 
 
-def _unwrap(wire: int, near: int) -> int:
+def unwrap_seq(wire: int, near: int) -> int:
     """The stream offset whose low 32 bits are ``wire`` nearest to ``near``."""
     delta = (wire - near) % _SEQ_MODULUS
     if delta >= _SEQ_MODULUS // 2:
@@ -253,6 +285,11 @@ class _RecordReader:
         self._prefix = 0
         self._shift = 0
         self._body = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of the record being put together."""
+        return len(self._body)
 
     def feed(self, data: bytes) -> list[bytes]:
         records: list[bytes] = []
@@ -326,11 +363,14 @@ class Link:
         self._rttvar = 0.0
         self._rto = INITIAL_RTO
         self._rto_deadline: float | None = None
+        self._probe_deadline: float | None = None
         self._progress_at = now
         self._last_sent = now
         self._loss_events = 0.0
-        self._loss_bytes = float(LOSS_HALF_LIFE)
+        self._loss_assumed = LOSS_PRIOR_EVENTS
+        self._loss_bytes = float(LOSS_PRIOR)
         self._frame_data = params.max_frame_payload
+        self._adapt_frame_size()
         # Receiving.
         self._rcv_nxt = 0
         self._held: list[tuple[int, bytes]] = []
@@ -339,7 +379,7 @@ class Link:
         self._ack_owed = False
         self._ack_now = False
         self._ack_owed_since = now
-        self._frames_unacked = 0
+        self._bytes_unacked = 0
         self._last_heard = now
         # Accounting.
         self._wire_sent = 0
@@ -371,6 +411,14 @@ class Link:
     def idle(self) -> bool:
         """Nothing queued, nothing in flight: the peer acknowledged everything we sent."""
         return not self._out
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held for the incoming side: held beyond a gap, a record being put
+        together, records not yet taken, and the frame decoder's.  Bounded by twice
+        ``window + max_record`` plus one frame, whatever the peer sends."""
+        held = sum(len(data) for _, data in self._held)
+        return held + self._reader.buffered + self._undelivered + self._decoder.buffered
 
     def reconfigure(self, params: LinkParams) -> None:
         """Switch to the settings both sides agreed on (data in flight is kept)."""
@@ -423,9 +471,11 @@ class Link:
         deadlines = [self._last_heard + params.dead_after, self._last_sent + params.keepalive]
         if self._rto_deadline is not None:
             deadlines.append(self._rto_deadline)
+        if self._probe_deadline is not None:
+            deadlines.append(self._probe_deadline)
         if self._segments:
             deadlines.append(self._progress_at + params.dead_after)
-        ack_due = self._ack_due()
+        ack_due = self._ack_alone_due()
         if ack_due is not None:
             deadlines.append(ack_due)
         return min(deadlines)
@@ -448,8 +498,14 @@ class Link:
                         segment.lost = True
                         self._note_loss()
                     break
-            self._rto = min(self._rto * 2.0, MAX_RTO)
+            self._rto = min(self._rto * 2.0, self._max_rto())
             self._rto_deadline = now + self._rto
+        if self._probe_deadline is not None and now >= self._probe_deadline:
+            self._probe_deadline = None
+            for segment in reversed(self._segments):
+                if not segment.sacked:
+                    segment.lost = True
+                    break
 
     def data_to_send(self, now: float, max_bytes: int | None = None) -> bytes:
         """Frames to put on the line now.
@@ -472,19 +528,14 @@ class Link:
                 break
             size += self._resend(index, now, out)
             index += 1
-        window_end = self._snd_una + self._params.window
-        stream_end = self._snd_una + len(self._out)
-        while size < budget and self._snd_nxt < stream_end:
-            length = min(self._frame_data, stream_end - self._snd_nxt)
-            if window_end - self._snd_nxt < length:
-                break
+        while size < budget and (length := self._next_new_length()):
             segment = _Segment(self._snd_nxt, self._snd_nxt + length)
             if not self._segments:
                 self._progress_at = now
             self._segments.append(segment)
             self._snd_nxt = segment.end
             size += self._transmit(segment, now, out)
-        ack_due = self._ack_due()
+        ack_due = self._ack_alone_due()
         keepalive_due = not out and now >= self._last_sent + self._params.keepalive
         if (ack_due is not None and now >= ack_due) or keepalive_due:
             out.append(self._ack_frame())
@@ -515,6 +566,14 @@ class Link:
 
     # -- sending -------------------------------------------------------------------
 
+    def _next_new_length(self) -> int:
+        """How much new data the next frame carries; 0 if none, or the window is too
+        full for a whole frame (sending slivers would waste the line on headers)."""
+        waiting = len(self._out) - (self._snd_nxt - self._snd_una)
+        length = min(self._frame_data, waiting)
+        room = self._snd_una + self._params.window - self._snd_nxt
+        return length if length <= room else 0
+
     def _next_lost(self, index: int) -> int:
         segments = self._segments
         for position in range(index, len(segments)):
@@ -524,8 +583,12 @@ class Link:
 
     def _resend(self, index: int, now: float, out: list[bytes]) -> int:
         segment = self._segments[index]
-        if segment.end - segment.start > self._frame_data:
-            rest = _Segment(segment.start + self._frame_data, segment.end)
+        length = segment.end - segment.start
+        if length > self._frame_data * 5 // 4:
+            # Split what was lost into even pieces near the current size, not a full
+            # piece and a sliver.
+            pieces = -(-length // self._frame_data)
+            rest = _Segment(segment.start + -(-length // pieces), segment.end)
             rest.lost = True
             rest.resent = True
             segment.end = rest.start
@@ -539,32 +602,52 @@ class Link:
     def _transmit(self, segment: _Segment, now: float, out: list[bytes]) -> int:
         base = self._snd_una
         data = bytes(self._out[segment.start - base : segment.end - base])
-        seq = segment.start % _SEQ_MODULUS
-        if self._ack_owed:
-            block = _U32.pack(self._rcv_nxt % _SEQ_MODULUS) + self._sack_block()
-            frame = Frame(FrameKind.DATA_ACK, seq, block + data)
+        kind = FrameKind.DATA | (FrameFlag.PUSH if segment.resent else 0)
+        if segment.end == base + len(self._out):
+            kind |= FrameFlag.PUSH
+        ack_due = self._ack_due()
+        if ack_due is not None and now >= ack_due:
+            data = _U32.pack(self._rcv_nxt % _SEQ_MODULUS) + self._sack_block() + data
+            kind |= FrameFlag.ACK_BLOCK
             self._ack_sent()
-        else:
-            frame = Frame(FrameKind.DATA, seq, data)
-        wire = encode_frame(frame)
+        wire = encode_frame(Frame(kind, segment.start % _SEQ_MODULUS, data))
         out.append(wire)
         self._xmit += 1
         segment.xmit = self._xmit
         segment.sent_at = now
         if self._rto_deadline is None:
             self._rto_deadline = now + self._rto
+        if kind & FrameFlag.PUSH:
+            self._arm_probe(now)
         decay = 0.5 ** (len(wire) / LOSS_HALF_LIFE)
         self._loss_bytes = self._loss_bytes * decay + len(wire)
         self._loss_events *= decay
+        self._loss_assumed *= 0.5 ** (len(wire) / LOSS_PRIOR_HALF_LIFE)
+        self._adapt_frame_size()
         return len(wire)
 
     def _ack_due(self) -> float | None:
         """When an acknowledgement must go out alone if no data carries it first."""
         if not self._ack_owed:
             return None
-        if self._ack_now or self._frames_unacked >= 2:
+        if self._ack_now or self._bytes_unacked >= self._params.window // 4:
             return self._ack_owed_since
         return self._ack_owed_since + ACK_DELAY
+
+    def _ack_alone_due(self) -> float | None:
+        """When an acknowledgement must go in a frame of its own.
+
+        News of a gap goes at once.  An acknowledgement of in-order data waits for the
+        next data frame if data is ready (the driver asks again when its transmit buffer
+        has room): alone it would take a frame's overhead, and queue behind that frame
+        anyway.
+        """
+        due = self._ack_due()
+        if due is None or self._ack_now:
+            return due
+        if self._next_new_length() or self._next_lost(0) >= 0:
+            return None
+        return due
 
     def _ack_frame(self) -> bytes:
         frame = Frame(FrameKind.ACK, self._rcv_nxt % _SEQ_MODULUS, self._sack_block())
@@ -574,7 +657,7 @@ class Link:
     def _ack_sent(self) -> None:
         self._ack_owed = False
         self._ack_now = False
-        self._frames_unacked = 0
+        self._bytes_unacked = 0
 
     def _sack_block(self) -> bytes:
         """Count and (skip, length) pairs of the ranges held beyond the cumulative ack."""
@@ -604,21 +687,22 @@ class Link:
     # -- receiving -----------------------------------------------------------------
 
     def _on_frame(self, frame: Frame, now: float) -> None:
-        kind = frame.kind
-        if kind == FrameKind.DATA:
-            self._on_data(frame.seq, frame.payload, now)
-        elif kind == FrameKind.ACK:
-            cum = _unwrap(frame.seq, self._snd_una)
+        kind = frame.kind & _KIND_MASK
+        if kind == FrameKind.ACK:
+            cum = unwrap_seq(frame.seq, self._snd_una)
             ranges, _ = self._read_sack(frame.payload, 0, cum)
             self._on_ack(cum, ranges, now)
-        elif kind == FrameKind.DATA_ACK:
-            if len(frame.payload) < _U32.size:
-                raise PhoneProtocolError("data frame too short for its ack block")
-            (cum_wire,) = _U32.unpack_from(frame.payload, 0)
-            cum = _unwrap(cum_wire, self._snd_una)
-            ranges, pos = self._read_sack(frame.payload, _U32.size, cum)
-            self._on_ack(cum, ranges, now)
-            self._on_data(frame.seq, frame.payload[pos:], now)
+        elif kind == FrameKind.DATA:
+            payload = frame.payload
+            if frame.kind & FrameFlag.ACK_BLOCK:
+                if len(payload) < _U32.size:
+                    raise PhoneProtocolError("data frame too short for its ack block")
+                (cum_wire,) = _U32.unpack_from(payload, 0)
+                cum = unwrap_seq(cum_wire, self._snd_una)
+                ranges, pos = self._read_sack(payload, _U32.size, cum)
+                self._on_ack(cum, ranges, now)
+                payload = payload[pos:]
+            self._on_data(frame.seq, payload, now, push=bool(frame.kind & FrameFlag.PUSH))
         else:
             return  # a kind from a later version: skip it
         self._last_heard = now
@@ -681,6 +765,15 @@ class Link:
                 self._note_loss()
         outstanding = any(not segment.sacked for segment in segments)
         self._rto_deadline = now + self._rto if outstanding else None
+        self._probe_deadline = None
+        if outstanding and self._snd_nxt == self._snd_una + len(self._out):
+            self._arm_probe(now)
+
+    def _arm_probe(self, now: float) -> None:
+        """Resend the last frame if its acknowledgement is late: the tail has no later
+        frame whose acknowledgement would show it lost, and the timeout is long."""
+        if self._srtt is not None:
+            self._probe_deadline = now + max(2.0 * self._srtt, MIN_PROBE)
 
     def _sample_rtt(self, sample: float) -> None:
         if self._srtt is None:
@@ -689,7 +782,16 @@ class Link:
         else:
             self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - sample)
             self._srtt = 0.875 * self._srtt + 0.125 * sample
-        self._rto = min(MAX_RTO, max(MIN_RTO, self._srtt + max(0.01, 4.0 * self._rttvar)))
+        rto = self._srtt + max(0.01, 4.0 * self._rttvar)
+        self._rto = min(self._max_rto(), max(MIN_RTO, rto))
+
+    def _max_rto(self) -> float:
+        """The timeout's ceiling: a few tries fit in ``dead_after`` however long the wait.
+
+        A serial line has no congestion to back off from: losses are noise, and the
+        doubling only guards against a timeout that was too short.
+        """
+        return min(MAX_RTO, self._params.dead_after / 4.0)
 
     def _note_loss(self) -> None:
         self._loss_events += 1.0
@@ -698,19 +800,19 @@ class Link:
     def _adapt_frame_size(self) -> None:
         params = self._params
         self._frame_data = _best_frame_data(
-            self._loss_events / self._loss_bytes,
+            (self._loss_events + self._loss_assumed) / self._loss_bytes,
             params.min_frame_payload,
             params.max_frame_payload,
         )
 
-    def _on_data(self, seq: int, data: bytes, now: float) -> None:
+    def _on_data(self, seq: int, data: bytes, now: float, *, push: bool) -> None:
         if not data:
             return
-        start = _unwrap(seq, self._rcv_nxt)
+        start = unwrap_seq(seq, self._rcv_nxt)
         end = start + len(data)
         window_end = self._rcv_nxt + self._params.window
         if end <= self._rcv_nxt:
-            self._owe_ack(now, at_once=True)  # a duplicate: our acknowledgement was lost
+            self._owe_ack(now, 0, at_once=True)  # a duplicate: our acknowledgement was lost
             return
         if start >= window_end or self._undelivered >= self._params.window:
             return  # no room: the peer will send it again
@@ -718,7 +820,7 @@ class Link:
             data = data[: window_end - start]
         if start > self._rcv_nxt:
             self._hold(start, data)
-            self._owe_ack(now, at_once=True)  # out of order: tell the peer of the gap now
+            self._owe_ack(now, len(data), at_once=True)  # out of order: report the gap now
             return
         self._deliver(data[self._rcv_nxt - start :])
         filled = False
@@ -727,7 +829,7 @@ class Link:
             filled = True
             if held_start + len(held) > self._rcv_nxt:
                 self._deliver(held[self._rcv_nxt - held_start :])
-        self._owe_ack(now, at_once=filled)
+        self._owe_ack(now, len(data), at_once=filled or push)
 
     def _hold(self, start: int, data: bytes) -> None:
         """Keep the bytes of ``data`` (at ``start``, beyond a gap) not held yet."""
@@ -759,12 +861,12 @@ class Link:
             self._undelivered += len(record)
             self._payload_received += len(record)
 
-    def _owe_ack(self, now: float, *, at_once: bool) -> None:
+    def _owe_ack(self, now: float, size: int, *, at_once: bool) -> None:
         if not self._ack_owed:
             self._ack_owed = True
             self._ack_owed_since = now
         self._ack_now = self._ack_now or at_once
-        self._frames_unacked += 1
+        self._bytes_unacked += size
 
     def _die(self, reason: str) -> None:
         if self._dead:
@@ -775,3 +877,4 @@ class Link:
         self._segments.clear()
         self._held.clear()
         self._rto_deadline = None
+        self._probe_deadline = None
