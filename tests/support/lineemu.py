@@ -96,6 +96,7 @@ class Side:
     link: Path
     pending: bytearray = field(default_factory=bytearray)  # due for this side, not yet written
     closed: bool = False
+    watched: bool = False  # registered for reading: its transmit queue has room
 
 
 def _make_side(link: Path) -> Side:
@@ -232,14 +233,28 @@ class Emulator:
         if line is None or line.connected_at is not None:
             return
         line.connected_at = time.monotonic()
-        for side in (line.a, line.b):
-            self.selector.register(side.master, selectors.EVENT_READ, side)
+        self._watch(line, line.connected_at)
         self.emit("connected", line=line.number, at=line.connected_at)
+
+    def _watch(self, line: Line, now: float) -> None:
+        """Read from a side only while its transmit queue has room (or to discard, if silent).
+
+        A side whose queue is full is not polled, so its readable master does not wake the
+        loop again and again; the loop's timeout looks again once a byte has left.
+        """
+        for source, direction, _ in line.routes():
+            wanted = line.dropped or direction.unsent(now) < self.options.tx_buffer
+            if wanted and not source.watched:
+                self.selector.register(source.master, selectors.EVENT_READ, source)
+            elif source.watched and not wanted:
+                self.selector.unregister(source.master)
+            source.watched = wanted
 
     def _unwatch(self, line: Line) -> None:
         for side in (line.a, line.b):
-            with contextlib.suppress(KeyError, ValueError):
+            if side.watched:
                 self.selector.unregister(side.master)
+                side.watched = False
 
     def drop(self, now: float) -> None:
         """The line drops as the plan says."""
@@ -357,6 +372,8 @@ class Emulator:
         self.new_line(self.options.first_plan)
         while self.running:
             now = time.monotonic()
+            if self.line is not None and self.line.connected_at is not None:
+                self._watch(self.line, now)
             events = self.selector.select(self._timeout(self.line, now))
             now = time.monotonic()
             line = self.line
