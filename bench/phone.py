@@ -13,13 +13,15 @@ file each); the endpoint queues them in its store before the first call.  After 
 call each endpoint lists what its store committed, and the harness checks that every
 message arrived byte-identical, exactly once, and that no sender still holds one.
 
-Fields: ``condition``, ``payload_bytes`` (text of the messages delivered intact, both
-ways), ``wire_bytes_a_to_b`` / ``wire_bytes_b_to_a`` (bytes the emulator carried),
-``seconds`` (line up to the last hang-up, summed over the calls), ``efficiency`` =
-payload_bytes / (rate / 10 * seconds), ``frames_resent`` (both ends), ``compression_ratio``
-(message text / text on the line, both ways), ``bytes_resent_after_drop`` (text the sender
-moved beyond the messages' size over both calls, for the dropped line; else null),
-``messages_intact`` (out of ``messages``), ``calls``, ``ber``, ``latency``.
+Fields: ``condition``; ``payload_bytes`` (text of the messages, both ways, also given per
+direction as ``payload_a_to_b`` and ``payload_b_to_a``); ``wire_bytes_a_to_b`` and
+``wire_bytes_b_to_a`` (bytes the emulator carried); ``seconds`` (line up to the last
+hang-up, summed over the calls); ``efficiency`` = payload_bytes / (rate / 10 * seconds),
+above 1 when both directions carry mail; ``frames_resent`` (both ends);
+``compression_ratio`` (message text / text on the line, both ways);
+``bytes_resent_after_drop`` (text the sender moved beyond the messages' size over both
+calls, for the dropped line; else null); ``messages_intact`` (out of ``messages``);
+``calls``, ``outcomes``, ``bits_flipped``, ``ber``, ``latency``.
 
 Usage: ``python bench/phone.py [--condition NAME ...] [--seed N]``; ``--list`` names the
 conditions; ``--quick`` runs one short call (3 small messages at BER 0, the CI check).
@@ -370,6 +372,8 @@ def summarise(
     result = {
         "condition": condition.name,
         "payload_bytes": payload,
+        "payload_a_to_b": sum(s.size for s in sent_a),
+        "payload_b_to_a": sum(s.size for s in sent_b),
         "wire_bytes_a_to_b": sum(c.line["a_to_b"] for c in calls),
         "wire_bytes_b_to_a": sum(c.line["b_to_a"] for c in calls),
         "seconds": round(seconds, 3),
