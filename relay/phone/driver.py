@@ -30,9 +30,9 @@ from zope.interface import implementer
 from relay.interfaces import IPhoneStore
 from relay.phone.call import CallHandler
 from relay.sansio.phone.accounting import CallSummary
+from relay.sansio.phone.link import LinkParams
 from relay.sansio.phone.records import NONCE_SIZE, Role
 from relay.sansio.phone.session import (
-    LinkParamsLike,
     PhoneSession,
     RecordLink,
     SessionOptions,
@@ -50,7 +50,7 @@ def session_factory(
     role: Role,
     local_name: str,
     secrets: Mapping[str, bytes],
-    new_link: Callable[[float], tuple[RecordLink, LinkParamsLike]],
+    new_link: Callable[[float], tuple[RecordLink, LinkParams]],
     peer_name: str | None = None,
     options: SessionOptions | None = None,
 ) -> SessionFactory:

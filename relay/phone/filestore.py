@@ -360,6 +360,7 @@ def _commit(
     tmp = mail / f"{message_id}.env.tmp"
     _write_file(tmp, json.dumps(envelope.to_dict()).encode())
     batch.dirs.update((mail, partial))
+
     # the text's new name is durable (the batch's directory sync) before the envelope's
     # name commits the message
     def commit_point() -> None:

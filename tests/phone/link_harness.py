@@ -186,6 +186,7 @@ def simulate(
     feed_all_at_once: bool = True,
     tamper: Tamper | None = None,
     run_to_limit: bool = False,
+    hello: bool = False,
 ) -> Outcome:
     """Run a call until every record arrived both ways and was acknowledged, or both ends
     reported :class:`LinkDead`, or ``time_limit`` (simulated seconds) passed (only the
@@ -193,7 +194,9 @@ def simulate(
 
     With ``feed_all_at_once`` every record is given to ``send_record`` at the start;
     otherwise each end keeps at most two windows queued (as the session does with
-    ``queued_bytes``).
+    ``queued_bytes``).  With ``hello`` each end's first record is held back until it
+    received the peer's first record, as a session's handshake does: the first round
+    trips are then measured on an empty line.
     """
     params = params or LinkParams()
     rng = random.Random(seed)
@@ -210,7 +213,11 @@ def simulate(
 
     def feed(end: End) -> None:
         index = pending[id(end)]
+        if hello and index == 1 and not end.received:
+            return
         while index < len(end.to_send) and not end.link.dead:
+            if hello and index == 1 and not end.received:
+                break
             if not feed_all_at_once and end.link.queued_bytes > 2 * params.window:
                 break
             end.link.send_record(end.to_send[index])

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-__all__ = ["CallOutcome", "CallSummary", "LinkStatsLike"]
+__all__ = ["CallOutcome", "CallSummary"]
 
 
 class CallOutcome(enum.Enum):
@@ -28,23 +28,6 @@ class CallOutcome(enum.Enum):
     PROTOCOL_ERROR = "protocol-error"
     PEER_ABORTED = "peer-aborted"
     LOCAL_ABORT = "local-abort"
-
-
-class LinkStatsLike(Protocol):
-    """The link's counters the summary reports (``LinkStats``' fields)."""
-
-    @property
-    def wire_bytes_sent(self) -> int: ...
-    @property
-    def wire_bytes_received(self) -> int: ...
-    @property
-    def frames_sent(self) -> int: ...
-    @property
-    def frames_resent(self) -> int: ...
-    @property
-    def frames_damaged(self) -> int: ...
-    @property
-    def rtt(self) -> float | None: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,16 +27,29 @@ to the end of the one before (selective acknowledgement, as many ranges as fit i
 **Sender.**  The stream bytes not yet acknowledged cumulatively are kept; what has been
 sent of them is a list of segments (one per frame sent), each remembering when it was
 last sent and in which order.  New data goes out while the window (``params.window``
-bytes beyond the cumulative ack) has room for a whole frame.  A segment is known lost
-when a segment sent *after* it has been acknowledged while it has not (the line does
-not reorder, so the later one overtaking it means this one was damaged): it is resent
-at once, before any new data, without waiting for a timer (the idea of RACK, RFC
-8985).  Only segments nobody has acknowledged are resent.  A retransmission timer
-(RFC 6298: smoothed round trip plus four deviations, at least :data:`MIN_RTO`, doubled
-on each expiry, samples only from segments sent once, per Karn) covers the rest: the
-last frames of a burst, lost acknowledgements.  The timer restarts whenever something
-new is acknowledged, so frames that queued behind a full transmit buffer (and so
-took seconds to leave) do not fire it spuriously while acknowledgements still flow.
+bytes beyond the cumulative ack) and the flight limit (below) have room for a whole
+frame.  A segment is known lost when a segment sent *after* it has been acknowledged
+while it has not (the line does not reorder, so the later one overtaking it means this
+one was damaged): it is resent at once, before any new data, without waiting for a
+timer (the idea of RACK, RFC 8985).  Only segments nobody has acknowledged are resent.
+A retransmission timer (RFC 6298: smoothed round trip plus four deviations, at least
+:data:`MIN_RTO`, doubled on each expiry, samples only from segments sent once, per
+Karn) covers the rest, and a probe after two round trips resends the last frame of a
+burst, which has no later frame to show it lost.  The timer restarts whenever something
+new is acknowledged, so frames that queued behind a full transmit buffer do not fire it
+while acknowledgements still flow; when it fires it resends only the oldest frame,
+unless nothing at all was heard for a whole timeout (the line went quiet).  A resend
+made on such a guess may be acknowledged by its first copy, so its acknowledgement is
+not taken as evidence against the frames sent before it.
+
+**Flight limit.**  The driver's transport, the kernel's tty buffer and a modem can
+together hold many seconds of a slow line.  Whatever sits there delays the frames and
+acknowledgements behind it: with data both ways, each end's acknowledgements wait
+behind its own queue, and a resend behind everything queued before it.  So the bytes
+in flight (sent, neither acknowledged nor known lost) are limited to what the line
+carries in about a second or two round trips, from the best recent delivery rate
+(measured as BBR does) and the rate at which bytes arrive from the peer, but never
+fewer than :data:`INITIAL_FLIGHT`.  The line rate itself is never configured.
 
 **Frame size.**  The sender estimates the chance that a byte is hit from frames
 declared lost per byte sent (both counts decaying with a half-life of
@@ -90,7 +103,10 @@ from relay.sansio.phone.frame import (
 
 __all__ = [
     "ACK_DELAY",
+    "FLIGHT_TIME",
+    "INITIAL_FLIGHT",
     "INITIAL_RTO",
+    "LINE_RATE_INTERVAL",
     "LOSS_HALF_LIFE",
     "LOSS_PRIOR",
     "LOSS_PRIOR_EVENTS",
@@ -99,6 +115,7 @@ __all__ = [
     "MAX_RTO",
     "MIN_PROBE",
     "MIN_RTO",
+    "RATE_MEMORY",
     "SACK_LIMIT",
     "FrameFlag",
     "FrameKind",
@@ -130,6 +147,20 @@ INITIAL_RTO: Final = 3.0
 
 MIN_RTO: Final = 1.0
 """The smallest retransmission timeout (RFC 6298, 2.4)."""
+
+INITIAL_FLIGHT: Final = 16 * 1024
+"""Bytes in flight before a delivery rate and a round trip were measured, and at least
+ever after: a first delivery-rate sample (one frame over a whole round trip) is far
+below the line's rate, and a limit from it would idle a long line while it grows."""
+
+FLIGHT_TIME: Final = 1.0
+"""Seconds of line the flight limit allows at least (see ``Link._flight_limit``)."""
+
+LINE_RATE_INTERVAL: Final = 1.0
+"""Seconds over which bytes received are counted for a rate sample."""
+
+RATE_MEMORY: Final = 10.0
+"""Seconds a delivery-rate sample counts towards the best recent rate."""
 
 MIN_PROBE: Final = 0.1
 """The shortest wait before probing for a lost last frame (twice the round trip, usually)."""
@@ -323,7 +354,20 @@ class _RecordReader:
 class _Segment:
     """One frame's worth of the outgoing stream, as last sent."""
 
-    __slots__ = ("end", "lost", "resent", "sacked", "sent_at", "start", "xmit")
+    __slots__ = (
+        "app_limited",
+        "delivered",
+        "delivered_at",
+        "end",
+        "first_sent_at",
+        "lost",
+        "resent",
+        "sacked",
+        "sent_at",
+        "speculative",
+        "start",
+        "xmit",
+    )
 
     def __init__(self, start: int, end: int) -> None:
         self.start = start
@@ -333,6 +377,12 @@ class _Segment:
         self.resent = False
         self.sacked = False
         self.lost = False
+        self.speculative = False  # marked lost by a timer, not by evidence
+        # The delivery count and its time when this was sent, for a rate sample.
+        self.delivered = 0
+        self.delivered_at = 0.0
+        self.first_sent_at = 0.0
+        self.app_limited = False
 
 
 def _best_frame_data(loss_per_byte: float, low: int, high: int) -> int:
@@ -360,6 +410,13 @@ class Link:
         self._xmit = 0
         self._delivered_xmit = 0
         self._srtt: float | None = None
+        self._min_rtt: float | None = None
+        self._delivered = 0
+        self._delivered_at = now
+        self._first_sent_at = now
+        self._rate_samples: deque[tuple[float, float]] = deque()
+        self._line_mark_at = now
+        self._line_mark_bytes = 0
         self._rttvar = 0.0
         self._rto = INITIAL_RTO
         self._rto_deadline: float | None = None
@@ -408,6 +465,11 @@ class Link:
         return len(self._out)
 
     @property
+    def unsent_bytes(self) -> int:
+        """Stream bytes queued and never sent yet: what a record queued now waits behind."""
+        return self._snd_una + len(self._out) - self._snd_nxt
+
+    @property
     def idle(self) -> bool:
         """Nothing queued, nothing in flight: the peer acknowledged everything we sent."""
         return not self._out
@@ -446,6 +508,7 @@ class Link:
             self._die("line dropped")
             return
         self._wire_received += len(data)
+        self._sample_line_rate(now)
         for frame in self._decoder.feed(data):
             try:
                 self._on_frame(frame, now)
@@ -492,19 +555,23 @@ class Link:
             self._die(f"the peer acknowledged nothing for {params.dead_after:g} s")
             return
         if self._rto_deadline is not None and now >= self._rto_deadline:
+            # Heard nothing at all for a whole timeout: the line went quiet and took
+            # everything with it.  Otherwise the oldest frame alone is a guess (its
+            # acknowledgement may only be queued behind the peer's data).
+            outage = now - self._last_heard >= self._rto
             for segment in self._segments:
-                if not segment.sacked:
-                    if not segment.lost:
-                        segment.lost = True
-                        self._note_loss()
-                    break
+                if not (segment.sacked or segment.lost):
+                    segment.lost = segment.speculative = True
+                    self._note_loss()
+                    if not outage:
+                        break
             self._rto = min(self._rto * 2.0, self._max_rto())
             self._rto_deadline = now + self._rto
         if self._probe_deadline is not None and now >= self._probe_deadline:
             self._probe_deadline = None
             for segment in reversed(self._segments):
                 if not segment.sacked:
-                    segment.lost = True
+                    segment.lost = segment.speculative = True
                     break
 
     def data_to_send(self, now: float, max_bytes: int | None = None) -> bytes:
@@ -567,11 +634,15 @@ class Link:
     # -- sending -------------------------------------------------------------------
 
     def _next_new_length(self) -> int:
-        """How much new data the next frame carries; 0 if none, or the window is too
-        full for a whole frame (sending slivers would waste the line on headers)."""
+        """How much new data the next frame carries; 0 if none, or the window or the
+        flight limit has no room for a whole frame (slivers would waste the line on
+        headers)."""
         waiting = len(self._out) - (self._snd_nxt - self._snd_una)
         length = min(self._frame_data, waiting)
+        if not length:
+            return 0
         room = self._snd_una + self._params.window - self._snd_nxt
+        room = min(room, self._flight_limit() - self._in_flight())
         return length if length <= room else 0
 
     def _next_lost(self, index: int) -> int:
@@ -591,6 +662,7 @@ class Link:
             rest = _Segment(segment.start + -(-length // pieces), segment.end)
             rest.lost = True
             rest.resent = True
+            rest.speculative = segment.speculative
             segment.end = rest.start
             self._segments.insert(index + 1, rest)
         segment.lost = False
@@ -612,6 +684,13 @@ class Link:
             self._ack_sent()
         wire = encode_frame(Frame(kind, segment.start % _SEQ_MODULUS, data))
         out.append(wire)
+        if not self._in_flight():
+            # The line was idle: do not count the pause as slowness.
+            self._delivered_at = self._first_sent_at = now
+        segment.delivered = self._delivered
+        segment.delivered_at = self._delivered_at
+        segment.first_sent_at = self._first_sent_at
+        segment.app_limited = bool(kind & FrameFlag.PUSH)
         self._xmit += 1
         segment.xmit = self._xmit
         segment.sent_at = now
@@ -727,17 +806,29 @@ class Link:
             return  # older than one already seen
         if cum > self._snd_nxt or (ranges and ranges[-1][1] > self._snd_nxt):
             raise PhoneProtocolError("peer acknowledged data that was never sent")
+        progress = False
+        # Newly acknowledged and sent last; not a resend made on a guess, whose
+        # acknowledgement may be for the first copy, still queued when it was resent.
         newest: _Segment | None = None
+        sampled: _Segment | None = None  # the same among those sent once
         segments = self._segments
+        delivered = 0
         if cum > self._snd_una:
             done = 0
             while done < len(segments) and segments[done].end <= cum:
                 segment = segments[done]
-                if not segment.sacked and (newest is None or segment.xmit > newest.xmit):
-                    newest = segment
+                if not segment.sacked:
+                    progress = True
+                    delivered += segment.end - segment.start
+                    if not (segment.resent and segment.speculative):
+                        newest = self._newer(newest, segment)
+                    if not segment.resent:
+                        sampled = self._newer(sampled, segment)
                 done += 1
             del segments[:done]
             if segments and segments[0].start < cum:
+                if not segments[0].sacked:
+                    delivered += cum - segments[0].start
                 segments[0].start = cum
             del self._out[: cum - self._snd_una]
             self._snd_una = cum
@@ -750,18 +841,28 @@ class Link:
                 if segment.start >= start and not segment.sacked:
                     segment.sacked = True
                     segment.lost = False
-                    if newest is None or segment.xmit > newest.xmit:
-                        newest = segment
+                    progress = True
+                    delivered += segment.end - segment.start
+                    if not (segment.resent and segment.speculative):
+                        newest = self._newer(newest, segment)
+                    if not segment.resent:
+                        sampled = self._newer(sampled, segment)
                 index += 1
-        if newest is None:
+        if not progress:
             return
         self._progress_at = now
-        if not newest.resent:
-            self._sample_rtt(now - newest.sent_at)
-        self._delivered_xmit = max(self._delivered_xmit, newest.xmit)
+        self._delivered += delivered
+        self._delivered_at = now
+        if sampled is not None:
+            # Karn: a resent segment's acknowledgement may be for either copy.
+            self._sample_rate(sampled, now)
+            self._sample_rtt(now - sampled.sent_at)
+        if newest is not None:
+            self._delivered_xmit = max(self._delivered_xmit, newest.xmit)
         for segment in segments:
             if not (segment.sacked or segment.lost) and segment.xmit < self._delivered_xmit:
                 segment.lost = True
+                segment.speculative = False
                 self._note_loss()
         outstanding = any(not segment.sacked for segment in segments)
         self._rto_deadline = now + self._rto if outstanding else None
@@ -775,7 +876,75 @@ class Link:
         if self._srtt is not None:
             self._probe_deadline = now + max(2.0 * self._srtt, MIN_PROBE)
 
+    def _sample_line_rate(self, now: float) -> None:
+        """Count what arrives per second as a rate the line can carry too.
+
+        With data both ways each end's round trip includes the other's queue; a flight
+        limit from delivery rates alone lets the end with the lower estimate starve
+        while the other keeps its queue full.  Serial lines carry the same rate both
+        ways, so the busier direction teaches the quieter one.
+        """
+        elapsed = now - self._line_mark_at
+        if elapsed < LINE_RATE_INTERVAL:
+            return
+        if self._line_mark_at > 0.0 or self._line_mark_bytes:
+            rate = (self._wire_received - self._line_mark_bytes) / elapsed
+            if self._rate_samples and rate > max(r for _, r in self._rate_samples):
+                self._rate_samples.append((now, rate))
+        self._line_mark_at = now
+        self._line_mark_bytes = self._wire_received
+
+    @staticmethod
+    def _newer(best: _Segment | None, segment: _Segment) -> _Segment:
+        return segment if best is None or segment.xmit > best.xmit else best
+
+    def _sample_rate(self, newest: _Segment, now: float) -> None:
+        """Note a delivery-rate sample: bytes delivered since ``newest`` was sent, over
+        the time they took (the way BBR measures, draft-cheng-iccrg-delivery-rate)."""
+        self._first_sent_at = newest.sent_at
+        # Over the longer of the sending and the acknowledging of those bytes: either
+        # alone can be squeezed (a burst sent at once, acknowledgements bunched up).
+        elapsed = max(now - newest.delivered_at, newest.sent_at - newest.first_sent_at)
+        if elapsed <= 0.0 or elapsed < (self._min_rtt or 0.0):
+            return  # over less than a round trip, bunched acknowledgements mislead
+        rate = (self._delivered - newest.delivered) / elapsed
+        samples = self._rate_samples
+        while samples and samples[0][0] < now - RATE_MEMORY:
+            samples.popleft()
+        if newest.app_limited and (not samples or rate < max(r for _, r in samples)):
+            return  # the sender had nothing more to send: this says little of the line
+        samples.append((now, rate))
+
+    def _flight_limit(self) -> int:
+        """How many bytes may be in flight (sent, neither acknowledged nor known lost).
+
+        What the line carries in :data:`FLIGHT_TIME` or in two of its shortest round
+        trips (whichever is longer), at the best recent delivery rate: enough to keep it
+        busy, while what waits in the driver's transport, the kernel or a modem stays
+        bounded, so that acknowledgements riding behind it and resent frames are not
+        held up for seconds.  The shortest round trip ever seen is used (usually from
+        the handshake, before queues formed): a round trip that includes the peer's own
+        queue would let both ends' queues feed each other.  :data:`INITIAL_FLIGHT`
+        before anything was measured.
+        """
+        window = self._params.window
+        if not self._rate_samples or self._min_rtt is None:
+            return min(window, INITIAL_FLIGHT)
+        rate = max(r for _, r in self._rate_samples)
+        span = max(FLIGHT_TIME, 2.0 * self._min_rtt + ACK_DELAY)
+        limit = rate * span + 2 * self._frame_data
+        return min(window, max(INITIAL_FLIGHT, int(limit)))
+
+    def _in_flight(self) -> int:
+        return sum(
+            segment.end - segment.start
+            for segment in self._segments
+            if not (segment.sacked or segment.lost)
+        )
+
     def _sample_rtt(self, sample: float) -> None:
+        if self._min_rtt is None or sample < self._min_rtt:
+            self._min_rtt = sample
         if self._srtt is None:
             self._srtt = sample
             self._rttvar = sample / 2.0

@@ -54,12 +54,12 @@ import hashlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 from relay.envelope import Envelope, Submitter
 from relay.reply import Reply, ReplyCode
 from relay.sansio.phone import handshake, records
-from relay.sansio.phone.accounting import CallOutcome, CallSummary, LinkStatsLike
+from relay.sansio.phone.accounting import CallOutcome, CallSummary
 from relay.sansio.phone.compress import ChunkCompressor, ChunkDecompressor
 from relay.sansio.phone.errors import LocalPhoneError, PhoneProtocolError
 from relay.sansio.phone.jobs import (
@@ -70,6 +70,7 @@ from relay.sansio.phone.jobs import (
     OutInput,
     OutState,
 )
+from relay.sansio.phone.link import ACK_DELAY, LinkEvent, LinkParams, LinkStats, RecordReceived
 from relay.sansio.phone.records import (
     Abandon,
     Abort,
@@ -110,21 +111,15 @@ __all__ = [
 ]
 
 ALREADY_HAVE: Final = Reply(ReplyCode.DONE, "already have it")
-_IN_FLIGHT: Final = frozenset((OutState.PROPOSED, OutState.SENDING))
+LINGER: Final = ACK_DELAY + 0.01
+"""Seconds a hanging-up end stays after its last record was acknowledged, so that its
+acknowledgement of the peer's last record goes out before the line drops."""
+_OUTSTANDING: Final = frozenset((OutState.PROPOSED, OutState.SENDING, OutState.AWAITING_FINAL))
+MAX_OUTSTANDING: Final = 64
+"""The most messages we have proposed that have no final reply yet."""
+READERS: Final = 4
+"""How many accepted messages have text read ahead at once."""
 _FINAL_SENT: Final = frozenset((InState.SETTLED, InState.DRAINING))
-
-
-class LinkParamsLike(Protocol):
-    """The link limits the session advertises and negotiates (``LinkParams``' fields)."""
-
-    @property
-    def min_frame_payload(self) -> int: ...
-    @property
-    def max_frame_payload(self) -> int: ...
-    @property
-    def window(self) -> int: ...
-    @property
-    def max_record(self) -> int: ...
 
 
 class RecordLink(Protocol):
@@ -132,16 +127,18 @@ class RecordLink(Protocol):
 
     def receive_data(self, data: bytes, now: float) -> None: ...
     def send_record(self, record: bytes) -> None: ...
-    def reconfigure(self, params: Any) -> None: ...
+    def reconfigure(self, params: LinkParams) -> None: ...
     def data_to_send(self, now: float, max_bytes: int | None = None) -> bytes: ...
-    def next_event(self) -> object | None: ...
+    def next_event(self) -> LinkEvent | None: ...
     def next_deadline(self) -> float | None: ...
     def tick(self, now: float) -> None: ...
     @property
     def queued_bytes(self) -> int: ...
     @property
+    def unsent_bytes(self) -> int: ...
+    @property
     def idle(self) -> bool: ...
-    def stats(self) -> LinkStatsLike: ...
+    def stats(self) -> LinkStats: ...
 
 
 class SessionState(enum.Enum):
@@ -351,7 +348,7 @@ class PhoneSession:
         self,
         *,
         link: RecordLink,
-        link_params: LinkParamsLike,
+        link_params: LinkParams,
         role: Role,
         local_name: str,
         secrets: Callable[[str], bytes | None],
@@ -378,6 +375,7 @@ class PhoneSession:
         self._outcome = CallOutcome.COMPLETED
         self._reason = ""
         self._handshake_seconds: float | None = None
+        self._closing_since = now
         self._negotiated: handshake.Negotiated | None = None
         self._secret: bytes | None = None
         self._peer_known = False
@@ -452,6 +450,9 @@ class PhoneSession:
             return self._link.data_to_send(now, max_bytes)
         self._pump()
         out = self._link.data_to_send(now, max_bytes)
+        if self._state is SessionState.RUNNING:
+            out = self._with_text(now, max_bytes, out)
+        self._drain_link()  # the link may have found the peer dead
         self._check_closed()
         return out
 
@@ -594,11 +595,10 @@ class PhoneSession:
             event = self._link.next_event()
             if event is None:
                 return
-            record = getattr(event, "record", None)
-            if isinstance(record, bytes | bytearray):
-                self._on_raw_record(bytes(record))
+            if isinstance(event, RecordReceived):
+                self._on_raw_record(event.record)
             else:
-                self._line_gone(f"link dead: {getattr(event, 'reason', event)}")
+                self._line_gone(f"link dead: {event.reason}")
 
     def _on_raw_record(self, raw: bytes) -> None:
         if self._state in (SessionState.REFUSING, SessionState.ENDED):
@@ -676,7 +676,7 @@ class PhoneSession:
             self._compressor = ChunkCompressor()
         self._link.reconfigure(
             replace(
-                self._link_params,  # type: ignore[type-var]
+                self._link_params,
                 min_frame_payload=negotiated.min_frame_payload,
                 max_frame_payload=negotiated.max_frame_payload,
                 window=negotiated.window,
@@ -869,17 +869,18 @@ class PhoneSession:
             )
             self._send(Inventory(tuple(items)))
         self._propose_ahead()
-        self._send_text()
         self._request_reads()
         self._maybe_done()
 
     def _propose_ahead(self) -> None:
+        """Propose while fewer than ``MAX_OUTSTANDING`` of our jobs await their final reply:
+        whatever their sizes, so a small message behind a large one is accepted (and then
+        sent first) without waiting for the large one."""
         assert self._negotiated is not None
         limit = self._negotiated.max_message_size
-        ahead = 2 * self._negotiated.window
-        pending = sum(j.remaining for j in self._out.values() if j.state in _IN_FLIGHT)
+        outstanding = sum(1 for j in self._out.values() if j.state in _OUTSTANDING)
         for job in self._out.values():
-            if pending >= ahead:
+            if outstanding >= MAX_OUTSTANDING:
                 return
             if job.state is not OutState.QUEUED:
                 continue
@@ -892,35 +893,64 @@ class PhoneSession:
             m = job.message
             envelope = MailEnvelope.from_envelope(m.envelope)
             self._send(Propose(job.job, m.message_id, m.size, m.digest, envelope))
-            pending += m.size
+            outstanding += 1
 
-    def _send_text(self) -> None:
+    def _with_text(self, now: float, max_bytes: int | None, out: bytes) -> bytes:
+        """Text goes into the link only here, as the link can send it: the link keeps at
+        most ``lookahead`` bytes unsent (a frame and a chunk, so that the frame it sends is
+        not taken for the tail of the stream), so that an answer or a final reply queued
+        now leaves right after what is on the line, not behind a window of text, and the
+        next chunk is chosen as late as possible."""
         assert self._negotiated is not None
-        high_water = self._negotiated.window
         chunk = min(self._options.chunk_size, self._negotiated.max_record - 64)
-        while self._link.queued_bytes < high_water:
-            ready = [j for j in self._out.values() if j.state is OutState.SENDING and j.buffer]
-            if not ready:
-                return
-            job = min(ready, key=lambda j: (j.remaining, j.job))
-            piece = bytes(job.buffer[:chunk])
-            del job.buffer[:chunk]
-            compressed, data = (
-                self._compressor.compress(piece) if self._compressor else (False, piece)
-            )
-            self._send(Text(job.job, compressed, data))
-            job.next_send += len(piece)
-            self._payload_sent += len(piece)
-            self._text_wire_sent += len(data)
-            if job.next_send == job.message.size:
-                self._step_out(job, OutInput.TEXT_SENT)
+        window = self._negotiated.window
+        lookahead = self._negotiated.max_frame_payload + chunk
+        link = self._link
+        parts = [out]
+        size = len(out)
+        while max_bytes is None or size < max_bytes:
+            while (
+                link.unsent_bytes < lookahead
+                and link.queued_bytes < window
+                and self._send_chunk(chunk)
+            ):
+                pass
+            more = link.data_to_send(now, None if max_bytes is None else max_bytes - size)
+            if not more:
+                break
+            parts.append(more)
+            size += len(more)
+        self._request_reads()
+        return b"".join(parts)
+
+    def _send_chunk(self, chunk: int) -> bool:
+        """One chunk of the accepted message with the least left to send; False if none
+        has text ready."""
+        ready = [j for j in self._out.values() if j.state is OutState.SENDING and j.buffer]
+        if not ready:
+            return False
+        job = min(ready, key=lambda j: (j.remaining, j.job))
+        piece = bytes(job.buffer[:chunk])
+        del job.buffer[:chunk]
+        compressed, data = self._compressor.compress(piece) if self._compressor else (False, piece)
+        self._send(Text(job.job, compressed, data))
+        job.next_send += len(piece)
+        self._payload_sent += len(piece)
+        self._text_wire_sent += len(data)
+        if job.next_send == job.message.size:
+            self._step_out(job, OutInput.TEXT_SENT)
+        return True
 
     def _request_reads(self) -> None:
+        """Read ahead for the few accepted messages to be sent next (least left first), so
+        text is ready when the link wants it and memory stays a few read-aheads."""
         read_ahead = self._options.read_ahead
-        for job in self._out.values():
+        sending = [j for j in self._out.values() if j.state is OutState.SENDING]
+        if len(sending) > READERS:
+            sending = sorted(sending, key=lambda j: (j.remaining, j.job))[:READERS]
+        for job in sending:
             if (
-                job.state is OutState.SENDING
-                and not job.reading
+                not job.reading
                 and job.next_read < job.message.size
                 and len(job.buffer) < self._options.chunk_size
             ):
@@ -941,8 +971,7 @@ class PhoneSession:
             and self._done_received
             and all(j.state in _FINAL_SENT for j in self._in.values())
         ):
-            self._state = SessionState.CLOSING
-            self._deadline = self._now + self._options.closing_grace
+            self._close()
 
     # --- ending ----------------------------------------------------------------------------
 
@@ -956,8 +985,7 @@ class PhoneSession:
         self._outcome, self._reason = outcome, reply.description
         self._events.append(CallFailing(outcome, reply.description))
         self._send(Abort(reply))
-        self._state = SessionState.CLOSING
-        self._deadline = self._now + self._options.closing_grace
+        self._close()
 
     def _peer_aborted(self, reply: Reply) -> None:
         if self._state is SessionState.CLOSING:
@@ -969,8 +997,15 @@ class PhoneSession:
         )
         self._outcome, self._reason = outcome, f"peer hung up: {reply.description}"
         self._events.append(CallFailing(outcome, self._reason))
+        self._close()
+
+    def _close(self) -> None:
+        """Hang up: end once the link has everything acknowledged and our own
+        acknowledgement of the peer's last record has had time to leave (``LINGER``), or
+        after ``closing_grace`` whatever the link says."""
         self._state = SessionState.CLOSING
-        self._deadline = self._now + self._options.closing_grace
+        self._closing_since = self._now
+        self._deadline = self._now + LINGER
 
     def _refuse(self, outcome: CallOutcome, reason: str) -> None:
         self._outcome, self._reason = outcome, reason
@@ -981,8 +1016,13 @@ class PhoneSession:
     def _deadline_passed(self) -> None:
         if self._state in (SessionState.GREETING, SessionState.PROVING):
             self._refuse(CallOutcome.TIMEOUT, "the peer stayed silent during the handshake")
-        elif self._state in (SessionState.REFUSING, SessionState.CLOSING):
+        elif self._state is SessionState.REFUSING:
             self._end()
+        elif self._state is SessionState.CLOSING:
+            if self._link.idle or self._now >= self._closing_since + self._options.closing_grace:
+                self._end()
+            else:
+                self._deadline = self._closing_since + self._options.closing_grace
 
     def _line_gone(self, reason: str) -> None:
         if self._state in (SessionState.CLOSING, SessionState.REFUSING):
@@ -992,7 +1032,11 @@ class PhoneSession:
             self._end()
 
     def _check_closed(self) -> None:
-        if self._state is SessionState.CLOSING and self._link.idle:
+        if (
+            self._state is SessionState.CLOSING
+            and self._link.idle
+            and self._now >= self._closing_since + LINGER
+        ):
             self._end()
 
     def _end(self) -> None:

@@ -8,47 +8,9 @@ perfect line what is written is received.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from relay.sansio.phone.link import LinkDead, LinkParams, LinkStats, RecordReceived
 
-
-@dataclass(frozen=True)
-class PlainParams:
-    """The same fields as ``LinkParams``."""
-
-    min_frame_payload: int = 64
-    max_frame_payload: int = 4096
-    window: int = 65536
-    max_record: int = 1 << 20
-    keepalive: float = 5.0
-    dead_after: float = 60.0
-
-
-@dataclass(frozen=True)
-class PlainStats:
-    """The same fields as ``LinkStats``."""
-
-    wire_bytes_sent: int
-    wire_bytes_received: int
-    payload_bytes_sent: int
-    payload_bytes_received: int
-    frames_sent: int
-    frames_resent: int
-    frames_damaged: int
-    rtt: float | None
-
-
-@dataclass(frozen=True)
-class RecordReceived:
-    """A record from the peer."""
-
-    record: bytes
-
-
-@dataclass(frozen=True)
-class LinkDead:
-    """The line is gone."""
-
-    reason: str
+PlainParams = LinkParams
 
 
 class PlainLink:
@@ -116,11 +78,21 @@ class PlainLink:
         return len(self._out)
 
     @property
+    def unsent_bytes(self) -> int:
+        return len(self._out)
+
+    @property
     def idle(self) -> bool:
         return not self._out
 
-    def stats(self) -> PlainStats:
-        return PlainStats(
-            self.sent, self.received, self.payload_sent, self.payload_received,
-            self.records_sent, 0, 0, None,
+    def stats(self) -> LinkStats:
+        return LinkStats(
+            self.sent,
+            self.received,
+            self.payload_sent,
+            self.payload_received,
+            self.records_sent,
+            0,
+            0,
+            None,
         )

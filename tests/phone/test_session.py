@@ -4,14 +4,33 @@ from __future__ import annotations
 
 import os
 
-from phone_harness import HUB, SITE, CutLine, End, envelope, make_end, run_call
-from phone_memstore import MemoryPhoneStore
+import pytest
+from memstore import MemoryPhoneStore
+from session_harness import (
+    HUB,
+    SITE,
+    CutLine,
+    End,
+    LossyLine,
+    Stuck,
+    envelope,
+    make_end,
+    run_call,
+)
+from test_session_lossy import real_link
+from twisted.internet.defer import Deferred, fail
+from zope.interface.verify import verifyObject
 
+from relay.envelope import Envelope
+from relay.interfaces import IPhoneStore
 from relay.reply import ReplyCode
 from relay.sansio.phone import handshake
 from relay.sansio.phone.accounting import CallOutcome
+from relay.sansio.phone.link import LinkParams
 from relay.sansio.phone.records import Role
 from relay.sansio.phone.session import SessionOptions
+
+from link_harness import Conditions
 
 
 def _pair(
@@ -86,7 +105,7 @@ def test_refused_address_gets_its_reply_and_the_others_the_final() -> None:
     hub.put(SITE, "m1", envelope("<nobody@site.example>", "<bob@site.example>"), b"x" * 3000)
     caller, answerer = _pair(hub, site)
     run_call(caller, answerer)
-    (_, _, replies), = hub.settled
+    ((_, _, replies),) = hub.settled
     assert [r.code for r in replies] == [ReplyCode.USER, ReplyCode.OK]
     assert "m1" in site.inbox[HUB] and hub.outbox[SITE] == {}
 
@@ -99,7 +118,7 @@ def test_a_message_held_already_is_not_sent_again() -> None:
     caller, answerer = _pair(hub, site)
     run_call(caller, answerer)
     assert caller.summary is not None and caller.summary.payload_bytes_sent == 0
-    (_, _, replies), = hub.settled
+    ((_, _, replies),) = hub.settled
     assert replies[0].code is ReplyCode.DONE and hub.outbox[SITE] == {}
     assert site.commits == []
 
@@ -198,3 +217,99 @@ def test_encryption_hides_the_text_and_delivers_it() -> None:
     assert answerer.store.inbox[HUB]["m1"][1] == text
     assert b"attack at dawn" not in bytes(trace.written[0])
     assert b"bob@site.example" not in bytes(trace.written[0])
+
+
+class HeldCommits(MemoryPhoneStore):
+    """Commits wait until the test releases them (a slow disk)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[tuple[Deferred[str], tuple[str, str, Envelope, int, bytes]]] = []
+
+    def commit(
+        self, site: str, message_id: str, env: Envelope, size: int, digest: bytes
+    ) -> Deferred[str]:
+        d: Deferred[str] = Deferred()
+        self.held.append((d, (site, message_id, env, size, digest)))
+        return d
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for d, args in held:
+            MemoryPhoneStore.commit(self, *args).chainDeferred(d)
+
+
+def test_the_sender_never_waits_for_one_final_reply_before_sending_the_next() -> None:
+    """With every commit held, all texts still arrive; the final replies follow the commits."""
+    hub, site = MemoryPhoneStore(), HeldCommits()
+    texts = {f"m{i}": os.urandom(5000) for i in range(6)}
+    for mid, text in texts.items():
+        hub.put(SITE, mid, envelope(), text)
+    caller, answerer = _pair(hub, site)
+    with pytest.raises(Stuck):
+        run_call(caller, answerer)
+    assert {mid for _, mid in site.partial} == set(texts)
+    assert all(bytes(site.partial[(HUB, mid)]) == text for mid, text in texts.items())
+    assert len(site.held) == 6 and site.commits == [] and hub.settled == []
+    site.release()
+    run_call(caller, answerer)
+    assert set(site.inbox[HUB]) == set(texts) and hub.outbox[SITE] == {}
+
+
+class WriteLog(MemoryPhoneStore):
+    """Remembers the order in which pieces of text were stored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[tuple[str, int]] = []
+
+    def write_text(self, site: str, message_id: str, offset: int, data: bytes) -> Deferred[None]:
+        self.writes.append((message_id, len(data)))
+        return super().write_text(site, message_id, offset, data)
+
+
+def test_small_messages_are_not_held_back_by_a_large_one_queued_before_them() -> None:
+    """Behind a 400 kB message, five small ones complete after at most a window of it."""
+    hub, site = MemoryPhoneStore(), WriteLog()
+    hub.put(SITE, "big", envelope(), os.urandom(400_000))
+    for i in range(5):
+        hub.put(SITE, f"small{i}", envelope(), os.urandom(2000))
+    caller = make_end(Role.CALLER, hub, link_factory=real_link)
+    answerer = make_end(Role.ANSWERER, site, link_factory=real_link)
+    run_call(caller, answerer, LossyLine(Conditions(), seed=1))
+    last_small = max(i for i, (mid, _) in enumerate(site.writes) if mid != "big")
+    big_before = sum(n for mid, n in site.writes[:last_small] if mid == "big")
+    assert big_before <= LinkParams().window
+    assert set(site.inbox[HUB]) == {"big", *(f"small{i}" for i in range(5))}
+
+
+class FailingStore(MemoryPhoneStore):
+    """Cannot store the text of ``bad`` (a full disk), or holds a damaged copy of ``damaged``."""
+
+    def write_text(self, site: str, message_id: str, offset: int, data: bytes) -> Deferred[None]:
+        if message_id == "bad":
+            return fail(OSError(28, "No space left on device"))
+        if message_id == "damaged":
+            data = data[:-1] + bytes((data[-1] ^ 1,))
+        return super().write_text(site, message_id, offset, data)
+
+
+def test_a_message_the_receiver_cannot_store_stays_with_its_sender() -> None:
+    """A store failure or a text that fails its hash is a temporary failure: the sender
+    keeps the message for the next call, the rest of the call goes on."""
+    hub, site = MemoryPhoneStore(), FailingStore()
+    for mid in ("bad", "good", "damaged"):
+        hub.put(SITE, mid, envelope(), os.urandom(6000))
+    caller, answerer = _pair(hub, site)
+    run_call(caller, answerer)
+    assert set(site.inbox[HUB]) == {"good"}
+    assert set(hub.outbox[SITE]) == {"bad", "damaged"}
+    replies = {mid: r[0].code for _, mid, r in hub.settled}
+    assert replies == {"good": ReplyCode.OK, "bad": ReplyCode.FIO, "damaged": ReplyCode.NET}
+    for end in (caller, answerer):
+        assert end.summary is not None and end.summary.outcome is CallOutcome.COMPLETED
+
+
+def test_the_memory_store_provides_the_store_interface() -> None:
+    """The tests' store is a real IPhoneStore."""
+    assert verifyObject(IPhoneStore, MemoryPhoneStore())

@@ -54,11 +54,15 @@ class MemoryPhoneStore:
             self.outbox[site][message_id] = (left, text)
         return succeed(None)
 
-    def accept(self, site: str, message_id: str, envelope: Envelope, size: int) -> Deferred[Acceptance]:
+    def accept(
+        self, site: str, message_id: str, envelope: Envelope, size: int
+    ) -> Deferred[Acceptance]:
         if message_id in self.inbox.get(site, {}):
             return succeed(Acceptance(whole=ALREADY_HAVE))
         replies = tuple(
-            Reply(ReplyCode.USER) if r.address.local_part == self.refuse_user else Reply(ReplyCode.AOK)
+            Reply(ReplyCode.USER)
+            if r.address.local_part == self.refuse_user
+            else Reply(ReplyCode.AOK)
             for r in envelope.recipients
         )
         held = self.partial.get((site, message_id), b"")

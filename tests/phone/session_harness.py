@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from phone_memstore import MemoryPhoneStore
-from phone_plainlink import PlainLink, PlainParams
+from memstore import MemoryPhoneStore
+from plainlink import PlainLink, PlainParams
 
 from relay.address import parse_forward_path, parse_reverse_path
 from relay.envelope import Envelope, Recipient, Submitter
@@ -25,6 +27,9 @@ from relay.phone.call import CallHandler
 from relay.sansio.phone.accounting import CallSummary
 from relay.sansio.phone.records import Role
 from relay.sansio.phone.session import PhoneSession, SessionOptions
+
+from link_harness import Conditions
+from link_harness import Line as RateLine
 
 SECRET = bytes(range(32))
 HUB, SITE = "hub-a", "site-b"
@@ -102,6 +107,14 @@ class Line:
         """What arrives at the far end, and when, for ``data`` written at ``now``."""
         return [(now, data)]
 
+    def room(self, direction: int, now: float) -> int:
+        """How many bytes an end may write now (its transmit buffer's free space)."""
+        return 4096
+
+    def next_room(self, direction: int) -> float:
+        """When an end whose buffer is full may write again."""
+        return math.inf
+
     def dropped(self, now: float) -> bool:
         """True once the line is cut (both ends then see the end of the stream)."""
         return False
@@ -121,6 +134,38 @@ class CutLine(Line):
 
     def dropped(self, now: float) -> bool:
         return self.carried >= self.limit
+
+
+class LossyLine(Line):
+    """The link tests' line model (serialisation at a rate, latency, flips, losses,
+    truncation, duplication, reordering, noise), both ways from one seed, optionally cut
+    after ``cut_after`` bytes written in all."""
+
+    def __init__(self, conditions: Conditions, seed: int, cut_after: float = math.inf) -> None:
+        rng = random.Random(seed)
+        self.conditions = conditions
+        self.lines = (RateLine(conditions, rng), RateLine(conditions, rng))
+        self.cut_after = cut_after
+        self.written = 0
+
+    def carry(self, direction: int, data: bytes, now: float) -> list[tuple[float, bytes]]:
+        room = self.cut_after - self.written
+        self.written += len(data)
+        line = self.lines[direction]
+        if room > 0:
+            line.send(data if room >= len(data) else data[: int(room)], now)
+        out = [(when, piece) for when, _, piece in line.in_flight]
+        line.in_flight.clear()
+        return out
+
+    def room(self, direction: int, now: float) -> int:
+        return max(0, math.ceil(self.conditions.tx_buffer - self.lines[direction].queued(now)))
+
+    def next_room(self, direction: int) -> float:
+        return self.lines[direction].room_at() + 1e-9
+
+    def dropped(self, now: float) -> bool:
+        return self.written >= self.cut_after
 
 
 @dataclass
@@ -152,22 +197,25 @@ def run_call(
             trace.end_time = now
             return trace
         moved = False
-        for index, end in enumerate(ends):
-            if end.session.ended or cut:
-                continue
-            data = end.session.data_to_send(now, 4096)
-            end.handler.handle_events()
-            if data:
-                moved = True
-                trace.written[index] += data
-                for when, piece in line.carry(index, data, now):
-                    heapq.heappush(in_flight, (when, next(seq), 1 - index, piece))
         while in_flight and in_flight[0][0] <= now:
             _, _, to, piece = heapq.heappop(in_flight)
             moved = True
             if piece and not ends[to].session.ended:
                 ends[to].session.receive_data(piece, now)
                 ends[to].handler.handle_events()
+        for index, end in enumerate(ends):
+            if end.session.ended or cut:
+                continue
+            room = line.room(index, now)
+            if not room:
+                continue
+            data = end.session.data_to_send(now, room)
+            end.handler.handle_events()
+            if data:
+                moved = True
+                trace.written[index] += data
+                for when, piece in line.carry(index, data, now):
+                    heapq.heappush(in_flight, (when, next(seq), 1 - index, piece))
         if not cut and line.dropped(now) and not in_flight:
             cut = True
             for end in ends:
@@ -177,15 +225,23 @@ def run_call(
             moved = True
         if moved or all(e.session.ended for e in ends):
             continue
-        times = [t for e in ends if (t := e.session.next_deadline()) is not None]
-        if in_flight:
-            times.append(in_flight[0][0])
-        if not times:
-            raise Stuck(f"no deadline; states {[e.session.state for e in ends]}")
-        now = max(now, min(times))
         for end in ends:
             deadline = end.session.next_deadline()
             if deadline is not None and deadline <= now:
                 end.session.tick(now)
                 end.handler.handle_events()
+        times = [t for e in ends if (t := e.session.next_deadline()) is not None]
+        if in_flight:
+            times.append(in_flight[0][0])
+        for index, end in enumerate(ends):
+            if not end.session.ended and not cut and not line.room(index, now):
+                times.append(line.next_room(index))
+        future = [t for t in times if t > now]
+        if all(e.session.ended for e in ends):
+            continue
+        if not future:
+            if any(t <= now for t in times):
+                continue  # something is due now that could not run: try again
+            raise Stuck(f"no deadline; states {[e.session.state for e in ends]}")
+        now = min(future)
     raise Stuck("too many steps")

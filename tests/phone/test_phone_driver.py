@@ -1,0 +1,122 @@
+"""The Twisted driver over real transports: TCP loopback, and a pty through SerialPort."""
+
+from __future__ import annotations
+
+import os
+import tty
+from pathlib import Path
+
+import pytest_twisted
+from session_harness import HUB, SECRET, SITE, envelope
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory
+from twisted.internet.serialport import SerialPort
+from twisted.internet.stdio import StandardIO
+
+from relay.phone.driver import PhoneProtocol, session_factory
+from relay.phone.filestore import FilePhoneStore
+from relay.sansio.phone.accounting import CallOutcome, CallSummary
+from relay.sansio.phone.link import Link, LinkParams
+from relay.sansio.phone.records import Role
+from relay.sansio.phone.session import SessionOptions
+
+
+def _new_link(now: float) -> tuple[Link, LinkParams]:
+    params = LinkParams()
+    return Link(params, now), params
+
+
+def _protocol(
+    role: Role, store: FilePhoneStore, options: SessionOptions | None = None
+) -> PhoneProtocol:
+    caller = role is Role.CALLER
+    factory = session_factory(
+        role=role,
+        local_name=HUB if caller else SITE,
+        secrets={SITE if caller else HUB: SECRET},
+        new_link=_new_link,
+        peer_name=SITE if caller else None,
+        options=options,
+    )
+    return PhoneProtocol(factory, store, reactor)
+
+
+async def _queue(
+    hub: FilePhoneStore, site: FilePhoneStore
+) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    to_site = {f"h{i}": os.urandom(3000 + 5000 * i) for i in range(3)}
+    to_hub = {
+        f"s{i}": b"Subject: pickup %d\r\n\r\n" % i + b"line\r\n" * (200 * (i + 1)) for i in range(2)
+    }
+    for mid, text in to_site.items():
+        await hub.put_outgoing(SITE, mid, envelope(), text)
+    for mid, text in to_hub.items():
+        await site.put_outgoing(HUB, mid, envelope("<alice@hub.example>"), text)
+    return to_site, to_hub
+
+
+def _check(
+    hub: FilePhoneStore,
+    site: FilePhoneStore,
+    to_site: dict[str, bytes],
+    to_hub: dict[str, bytes],
+    summaries: list[CallSummary],
+) -> None:
+    assert {m: t for m, (_, t) in site.received(HUB).items()} == to_site
+    assert {m: t for m, (_, t) in hub.received(SITE).items()} == to_hub
+    assert hub.pending(SITE) == [] and site.pending(HUB) == []
+    for summary in summaries:
+        assert summary.outcome is CallOutcome.COMPLETED, summary
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_call_over_tcp_loopback_moves_mail_both_ways(tmp_path: Path) -> None:
+    """Caller and answerer on TCP loopback, each with a file store, exchange their mail."""
+    hub, site = (
+        FilePhoneStore(tmp_path / "hub", reactor),
+        FilePhoneStore(tmp_path / "site", reactor),
+    )
+    to_site, to_hub = await _queue(hub, site)
+    answerers: list[PhoneProtocol] = []
+
+    def answer() -> PhoneProtocol:
+        protocol = _protocol(Role.ANSWERER, site)
+        answerers.append(protocol)
+        return protocol
+
+    port = reactor.listenTCP(0, Factory.forProtocol(answer), interface="127.0.0.1")
+    try:
+        caller = _protocol(Role.CALLER, hub)
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        await connectProtocol(endpoint, caller)
+        summary = await caller.ended
+        answered = await answerers[0].ended
+    finally:
+        await port.stopListening()
+    _check(hub, site, to_site, to_hub, [summary, answered])
+    assert summary.messages_sent == 3 and summary.messages_received == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_call_over_a_pty_through_serialport(tmp_path: Path) -> None:
+    """The caller on a raw pty through SerialPort, the answerer on its master side."""
+    hub, site = (
+        FilePhoneStore(tmp_path / "hub", reactor),
+        FilePhoneStore(tmp_path / "site", reactor),
+    )
+    to_site, to_hub = await _queue(hub, site)
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    tty.setraw(master)
+    device = os.ttyname(slave)
+    options = SessionOptions(encryption=True, line_rate=115_200)
+    caller = _protocol(Role.CALLER, hub, options)
+    answerer = _protocol(Role.ANSWERER, site, options)
+    SerialPort(caller, device, reactor, baudrate=115_200)
+    os.close(slave)  # SerialPort holds its own descriptor
+    StandardIO(answerer, stdin=master, stdout=os.dup(master), reactor=reactor)
+    results = await DeferredList([caller.ended, answerer.ended], fireOnOneErrback=True)
+    summaries = [summary for _, summary in results]
+    _check(hub, site, to_site, to_hub, summaries)
