@@ -3,8 +3,9 @@
 A :class:`Line` direction serialises bytes at ``rate`` bytes a second (a byte leaves
 only when the ones before it have), delivers them ``latency`` seconds later, and on the
 way damages them as :class:`Conditions` say: bit flips at a bit-error rate, pieces lost,
-cut short, delivered twice or late (overtaking later ones), noise inserted.  All chance
-comes from one seeded :class:`random.Random`, so a run is a pure function of its seed.
+cut short, delivered twice or late (overtaking later ones), noise inserted, nothing
+delivered for a while (``quiet``) or ever again (``silent_after``).  All chance comes
+from one seeded :class:`random.Random`, so a run is a pure function of its seed.
 
 :func:`simulate` plays both drivers: each end keeps at most ``tx_buffer`` bytes waiting
 for its line (asking :meth:`Link.data_to_send` for more only when there is room, as a
@@ -43,6 +44,7 @@ class Conditions:
     piece: int = 128
     tx_buffer: int = 256
     silent_after: float = math.inf
+    quiet: tuple[float, float] | None = None
 
 
 Tamper = Callable[[str, int, bytes], bytes]
@@ -98,6 +100,8 @@ class Line:
     def _deliver_at(self, when: float, piece: bytes) -> None:
         cond, rng = self.conditions, self.rng
         if when >= cond.silent_after:
+            return
+        if cond.quiet is not None and cond.quiet[0] <= when < cond.quiet[1]:
             return
         if cond.drop and rng.random() < cond.drop:
             return

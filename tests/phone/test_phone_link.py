@@ -301,6 +301,28 @@ def test_a_600_ms_round_trip_does_not_stall_the_line() -> None:
     assert efficiency(outcome, outcome.b, 50 * 4096) >= 0.95
 
 
+def test_deep_transmit_buffers_do_not_stall_data_both_ways() -> None:
+    """With 22 KiB queued between each driver and its line (a pty's share) and frames
+    damaged, data both ways still keeps both directions busy: the flight limit keeps the
+    queues short, so acknowledgements and resends are not held up behind them."""
+    sent = [b"hello", *records(50, 4096)]
+    conditions = Conditions(tx_buffer=22 * 1024, ber=1e-5)
+    outcome = simulate(sent, sent, conditions, hello=True, seed=1)
+    assert outcome.a.received == sent and outcome.b.received == sent
+    assert 2 * 50 * 4096 / (2 * LINE_RATE * outcome.finished_at) >= 0.84
+
+
+def test_recovery_after_the_line_went_quiet_resends_at_once() -> None:
+    """After two seconds in which nothing got through, what was lost is resent promptly,
+    and the outage is not taken for damage: frames stay large."""
+    sent = records(30, 4096)
+    clean = simulate(sent, [], Conditions())
+    outcome = simulate(sent, [], Conditions(quiet=(3.0, 5.0)))
+    assert outcome.b.received == sent
+    assert outcome.finished_at < clean.finished_at + 2.0 + 2 * MIN_RTO + 1.0
+    assert outcome.a.link.stats().frame_payload >= 1024
+
+
 def test_round_trip_is_measured() -> None:
     """The smoothed round trip reflects the line's latency and a frame's transmission."""
     params = LinkParams(max_frame_payload=64, min_frame_payload=64)

@@ -559,12 +559,17 @@ class Link:
             # everything with it.  Otherwise the oldest frame alone is a guess (its
             # acknowledgement may only be queued behind the peer's data).
             outage = now - self._last_heard >= self._rto
+            run = False
             for segment in self._segments:
                 if not (segment.sacked or segment.lost):
                     segment.lost = segment.speculative = True
-                    self._note_loss()
+                    if not run:
+                        self._note_loss()
+                    run = True
                     if not outage:
                         break
+                else:
+                    run = False
             self._rto = min(self._rto * 2.0, self._max_rto())
             self._rto_deadline = now + self._rto
         if self._probe_deadline is not None and now >= self._probe_deadline:
@@ -859,11 +864,16 @@ class Link:
             self._sample_rtt(now - sampled.sent_at)
         if newest is not None:
             self._delivered_xmit = max(self._delivered_xmit, newest.xmit)
+        run = False
         for segment in segments:
             if not (segment.sacked or segment.lost) and segment.xmit < self._delivered_xmit:
                 segment.lost = True
                 segment.speculative = False
-                self._note_loss()
+                if not run:
+                    self._note_loss()
+                run = True
+            else:
+                run = False
         outstanding = any(not segment.sacked for segment in segments)
         self._rto_deadline = now + self._rto if outstanding else None
         self._probe_deadline = None
@@ -963,6 +973,8 @@ class Link:
         return min(MAX_RTO, self._params.dead_after / 4.0)
 
     def _note_loss(self) -> None:
+        """Count a loss for the damage estimate: one per run of consecutive frames lost,
+        since a burst (the line quiet for a while) says nothing of the bytes' damage."""
         self._loss_events += 1.0
         self._adapt_frame_size()
 
