@@ -44,6 +44,7 @@ import textwrap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime
 from pathlib import Path
@@ -165,7 +166,7 @@ def text_corpus(count: int, seed: int) -> list[bytes]:
         body = "\n\n".join(textwrap.fill(" ".join(p.split()), 72) for p in body_paragraphs)
         message = EmailMessage(policy=email.policy.SMTP)
         when += generator.uniform(30, 3600)
-        stamp = format_datetime(_utc(when))
+        stamp = format_datetime(datetime.fromtimestamp(when, UTC))
         message["Received"] = (
             f"from {from_addr.split('@')[1]} (localhost [127.0.0.1]) by mx.hub.example "
             f"with ESMTP id {generator.getrandbits(48):012X}; {stamp}"
@@ -186,12 +187,6 @@ def text_corpus(count: int, seed: int) -> list[bytes]:
             message.set_boundary(f"=_{generator.getrandbits(64):016x}")
         messages.append(message.as_bytes())
     return messages
-
-
-def _utc(when: float) -> Any:
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(when, UTC)
 
 
 # --- the harness -------------------------------------------------------------------------
@@ -217,7 +212,7 @@ class CallRecord:
     @property
     def seconds(self) -> float:
         """From the line coming up to the later of the two hang-ups."""
-        return max(end["closed_at"] for end in self.ends.values()) - self.connected_at
+        return float(max(end["closed_at"] for end in self.ends.values())) - self.connected_at
 
 
 def write_outbox(directory: Path, messages: Sequence[bytes], prefix: str) -> list[Sent]:
@@ -309,9 +304,9 @@ def run_call(
             end.process.wait(timeout=max(1.0, deadline - time.monotonic()))
             ends[end.role] = end.wait_for("result")
     finally:
-        for end in (caller, answerer):
-            if end is not None:
-                end.kill()
+        for started in (caller, answerer):
+            if started is not None:
+                started.kill()
     emulator.new_line()
     line = emulator.lines[-1]
     return CallRecord(connected_at, line, ends)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,3 +178,32 @@ async def test_silence_delivers_nothing_more(tmp_path: Path, ports: list[SerialP
         counts = line.hang_up()
     assert len(reader.received) == 100 and reader.lost is None
     assert counts["dropped"] and counts["delivered_a_to_b"] == 100
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_drop_after_seconds_is_end_of_file(tmp_path: Path, ports: list[SerialPort]) -> None:
+    """A line set to drop after some seconds closes both ports then, mid-transfer."""
+    seconds = 0.5
+    with LineEmulator(tmp_path, drop=DropPlan(after_seconds=seconds)) as line:
+        reader, writer = Recorder(), Recorder()
+        ports.append(_open(line.link_b, reader))
+        ports.append(_open(line.link_a, writer))
+        line.connect()
+        ports[1].write(bytes(20_000))  # about 1.7 s of line time
+        await until(lambda: reader.lost is not None and writer.lost is not None, limit=10)
+        counts = line.wait_for("line")
+    assert counts["dropped"] and 0 < len(reader.received) == counts["delivered_a_to_b"]
+    assert len(reader.received) <= seconds * BYTES_PER_SECOND + 1
+    assert reader.lost is not None and reader.lost.check(error.ConnectionDone)
+
+
+def test_a_signal_ends_the_emulator_with_its_counts(tmp_path: Path) -> None:
+    """SIGTERM makes the emulator report the current line and the totals before it exits."""
+    line = LineEmulator(tmp_path)
+    line.start()
+    assert line.process is not None
+    line.process.send_signal(signal.SIGTERM)
+    totals = line.wait_for("counts")
+    assert line.process.wait(timeout=10) == 0
+    assert totals["lines"] == 1 and totals["a_to_b"] == totals["b_to_a"] == 0
+    assert [counts["line"] for counts in line.lines] == [1]
