@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from relay import __version__
 from relay.channels.local import LocalChannel, build_local_channel
+from relay.channels.phone.service import PhonePart, build_phone
 from relay.channels.smtp.channel import SmtpChannel, build_smtp_channel
 from relay.config import Config, ConfigError, default_config, load_config
 from relay.deliver.service import DelivererService, build_deliverer
@@ -159,14 +160,27 @@ def build_service(
     local = build_local_channel(config, spool, reactor, recipients=local_recipients)
     # One router for the gateway's RCPT checks, the deliverer and the SMTP channel, built
     # with the channels that run: none of them can disagree about where mail goes.
-    router = Router(config, channels=frozenset({"local", "smtp"}))
+    with_phone = bool(config.phone.sites)
+    running = {"local", "smtp"} | ({"phone"} if with_phone else set())
+    router = Router(config, channels=frozenset(running))
     smtp = build_smtp_channel(
         config, reactor, **{"route": router.route, **dict(smtp_options or {})}
     )
     attach(ChannelsService(local, smtp), top, "channels")
     channels: dict[str, IChannel] = {"local": local, "smtp": smtp}
+    phone: PhonePart | None = None
+    deliverer: DelivererService
+    if with_phone:
+        phone = build_phone(
+            config, spool.when_ready, router, local_recipients, reactor, lambda: deliverer
+        )
+        channels["phone"] = phone.channel
     deliverer = build_deliverer(config, spool, channels, reactor, router=router)
     attach(deliverer, top, "deliverer")
+    if phone is not None:
+        # After the deliverer: it stops first, and a call's last settlements still find
+        # the deliverer's recorder running.
+        attach(phone.service(config, reactor, answer=True, call_out=True), top, "phone")
     spool.flusher = deliverer.flush
     queue_ready: Deferred[IQueue] = spool.when_ready().addCallback(lambda queue: queue)
     processes = 1 + config.smtp.workers
