@@ -212,7 +212,7 @@ def build_service(
         )
         attach(workers, gateway, "workers")  # type: ignore[arg-type]
     attach(gateway, top, "smtp")
-    _attach_operator_services(top, config, reactor, spool, deliverer, router, gateway)
+    _attach_operator_services(top, config, reactor, spool, deliverer, router, gateway, phone)
     return top
 
 
@@ -224,6 +224,7 @@ def _attach_operator_services(
     deliverer: DelivererService,
     router: Router,
     gateway: IService,
+    phone: PhonePart | None,
 ) -> None:
     """The maildrop's pickup (``relay sendmail``), ``relay status``'s report, and the
     Prometheus endpoint if ``[metrics] listen`` is set.
@@ -231,8 +232,12 @@ def _attach_operator_services(
     Attached last, so they start once the rest is built and stop first: no new mail is
     picked up while the relay shuts down.
     """
-    report = DaemonReport(reactor, deliverer.history)
+    report = DaemonReport(
+        reactor, deliverer.history, phone.site_report if phone is not None else None
+    )
     spool.reporter = report.report
+    if phone is not None:
+        spool.caller = phone.call_now
     attach(report, top, "report")
     attach(build_pickup(config, spool.when_ready(), reactor, router.route), top, "pickup")
     if config.metrics.listen is not None:

@@ -74,7 +74,9 @@ DELAY_WARNINGS: Final = Counter(
     "relay_delay_warnings_total", "Delay warnings (DSNs) queued for a sender."
 )
 PHONE_CALLS: Final = Counter(
-    "relay_phone_calls_total", "Phone calls made or answered, by site and result.", ["site", "result"]
+    "relay_phone_calls_total",
+    "Phone calls made or answered, by site and result.",
+    ["site", "result"],
 )
 PHONE_CALL_BYTES: Final = Counter(
     "relay_phone_call_bytes_total",

@@ -87,6 +87,7 @@ class PhoneCalls:
         self._ports: dict[str, DeferredLock] = {}
         self._listeners: list[Callable[[CallRecord], object]] = []
         self.active: dict[str, Deferred[CallRecord]] = {}
+        self.last: dict[str, CallRecord] = {}  # the last call of each site, since start
 
     def add_listener(self, listener: Callable[[CallRecord], object]) -> None:
         """Call ``listener(record)`` at the end of every call, either direction."""
@@ -127,7 +128,11 @@ class PhoneCalls:
                 await self._connect(protocol, transport)
             except Exception as e:
                 record = CallRecord(
-                    site.name, "out", start, self._reactor.seconds() - start, "no-connection",
+                    site.name,
+                    "out",
+                    start,
+                    self._reactor.seconds() - start,
+                    "no-connection",
                     escape(str(e)),
                 )
             else:
@@ -137,7 +142,9 @@ class PhoneCalls:
         self._ended(record, site.name)
         return record
 
-    async def _connect(self, protocol: PhoneProtocol, transport: SerialTransport | TcpTransport) -> None:
+    async def _connect(
+        self, protocol: PhoneProtocol, transport: SerialTransport | TcpTransport
+    ) -> None:
         if isinstance(transport, TcpTransport):
             endpoint = HostnameEndpoint(self._reactor, transport.host, transport.port, timeout=30)
             await connectProtocol(endpoint, protocol)  # type: ignore[no-untyped-call]
@@ -155,7 +162,9 @@ class PhoneCalls:
         if site is not None and isinstance(site.transport, SerialTransport):
             rate = site.transport.baudrate
         options = SessionOptions(
-            max_message_size=(site.max_message_size if site and site.max_message_size else 64 << 20),
+            max_message_size=(
+                site.max_message_size if site and site.max_message_size else 64 << 20
+            ),
             compression=site.compression if site else True,
             encryption=site.encryption if site else False,
             line_rate=rate,
@@ -204,6 +213,7 @@ class PhoneCalls:
     # --- the end of a call -------------------------------------------------------------------
 
     def _ended(self, record: CallRecord, site: str | None) -> None:
+        self.last[record.site] = record
         if site:
             kept = self.store.outbox.release(site)
             if kept:

@@ -86,11 +86,15 @@ class SpoolInbox:
         self._max_size = max_message_size
         self._max_hops = max_hops
 
-    def accept(self, site: str, message_id: str, envelope: Envelope, size: int) -> Deferred[Acceptance]:
+    def accept(
+        self, site: str, message_id: str, envelope: Envelope, size: int
+    ) -> Deferred[Acceptance]:
         """Already held, too big, or a reply per recipient and the offset held."""
         limit = self._max_size(site)
         if limit is not None and size > limit:
-            return succeed(Acceptance(whole=Reply(ReplyCode.FSIZ, f"over the limit of {limit} bytes")))
+            return succeed(
+                Acceptance(whole=Reply(ReplyCode.FSIZ, f"over the limit of {limit} bytes"))
+            )
         replies = tuple(self._answer(r.address) for r in envelope.recipients)
         d = self._links.accept(site, message_id, envelope, size)
 

@@ -118,7 +118,9 @@ class SpoolOutbox:
             try:
                 size, digest = await _digest(queue.open_message(queue_id).open_text())
             except Exception:
-                _log.failure("phone: cannot read {queue_id} for {site}", queue_id=queue_id, site=site)
+                _log.failure(
+                    "phone: cannot read {queue_id} for {site}", queue_id=queue_id, site=site
+                )
                 claims.end(work)
                 continue
             envelope = work.envelope.with_recipients(
@@ -138,7 +140,9 @@ class SpoolOutbox:
             return None  # removed since it was listed
         wanted = Destination(PHONE_CHANNEL, site)
         indices = []
-        for index, (recipient, status) in enumerate(zip(envelope.recipients, statuses)):
+        for index, (recipient, status) in enumerate(
+            zip(envelope.recipients, statuses, strict=True)
+        ):
             if status.state.is_final or status.state is RecipientState.HELD:
                 continue
             if self._deliverer().claims.owner((queue_id, index)) is not None:

@@ -78,7 +78,32 @@ class PhonePart:
     outbox: SpoolOutbox
     when_ready: Callable[[], Deferred[Any]]
 
-    def service(self, config: Config, reactor: Any, *, answer: bool, call_out: bool) -> MultiService:
+    def site_report(self) -> dict[str, Any]:
+        """``relay status``'s ``phone_sites``: per site, its last call and the next."""
+        report: dict[str, Any] = {}
+        for name in sorted(self.calls.sites):
+            last = self.calls.last.get(name)
+            entry: dict[str, Any] = {
+                "calls_out": name in self.scheduler.states,
+                "last_call": None if last is None else last.to_dict(),
+            }
+            if name in self.scheduler.states:
+                entry["next_call"] = self.scheduler.next_call_time(name)
+                entry["down"] = self.scheduler.is_down(name)
+                entry["failures"] = self.scheduler.states[name].failures
+            report[name] = entry
+        return report
+
+    def call_now(self, site: str) -> Deferred[dict[str, Any]]:
+        """``relay call SITE``: fire with the record of the call once it ended (KeyError
+        for a site this relay does not call)."""
+        if site not in self.scheduler.states:
+            raise KeyError(site)
+        return self.calls.call(site).addCallback(lambda record: record.to_dict())
+
+    def service(
+        self, config: Config, reactor: Any, *, answer: bool, call_out: bool
+    ) -> MultiService:
         """The ``phone`` service: recovery at start, the answerers and the scheduler."""
         top = named_multiservice("phone")
         attach(_Recovery(self.inbox, self.when_ready), top, "recovery")
@@ -133,7 +158,12 @@ def build_phone(
     )
     store = SpoolPhoneStore(outbox, inbox)
     calls = PhoneCalls(
-        config.phone.name, config.phone.sites, read_secrets(config), store, CallLog(spool, reactor), reactor
+        config.phone.name,
+        config.phone.sites,
+        read_secrets(config),
+        store,
+        CallLog(spool, reactor),
+        reactor,
     )
     calling = {name for name, site in config.phone.sites.items() if site.transport is not None}
     scheduler = CallScheduler(

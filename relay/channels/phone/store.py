@@ -40,7 +40,9 @@ class SpoolPhoneStore:
     def settle(self, site: str, message_id: str, replies: Sequence[Reply]) -> Deferred[None]:
         return self.outbox.settle(site, message_id, replies)
 
-    def accept(self, site: str, message_id: str, envelope: Envelope, size: int) -> Deferred[Acceptance]:
+    def accept(
+        self, site: str, message_id: str, envelope: Envelope, size: int
+    ) -> Deferred[Acceptance]:
         return self.inbox.accept(site, message_id, envelope, size)
 
     def write_text(self, site: str, message_id: str, offset: int, data: bytes) -> Deferred[None]:
