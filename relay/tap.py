@@ -124,6 +124,7 @@ def build_service(
     *,
     local_recipients: LocalRecipients | None = None,
     smtp_options: Mapping[str, Any] | None = None,
+    calls_out: bool = True,
 ) -> MultiService:
     """The relay's whole service tree for ``config``.
 
@@ -144,7 +145,8 @@ def build_service(
 
     The SMTP channel takes its settings from
     ``[smtp_client]``; ``smtp_options`` override them (tests and benchmarks use them for
-    a ``port``, a ``resolver`` or ``ca_file``).
+    a ``port``, a ``resolver`` or ``ca_file``).  With ``calls_out`` false the phone
+    channel only answers (``twistd relay-slave``): no site is called.
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -180,7 +182,7 @@ def build_service(
     if phone is not None:
         # After the deliverer: it stops first, and a call's last settlements still find
         # the deliverer's recorder running.
-        attach(phone.service(config, reactor, answer=True, call_out=True), top, "phone")
+        attach(phone.service(config, reactor, answer=True, call_out=calls_out), top, "phone")
     spool.flusher = deliverer.flush
     queue_ready: Deferred[IQueue] = spool.when_ready().addCallback(lambda queue: queue)
     processes = 1 + config.smtp.workers

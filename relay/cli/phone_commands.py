@@ -8,6 +8,10 @@ site, wrong secret); 76 (PROTOCOL) a version or protocol mismatch; 67 (NOHOST) n
 site that this relay calls; 69 (UNAVAILABLE) the relay is not running; 78 a bad
 configuration.
 
+``relay slave --stdio`` answers one call on its standard input and output, as the login
+shell of a calling site's account; it runs the relay (without SMTP) for that call, so
+the spool must not be owned by a running daemon at the time.
+
 ``relay calls`` lists the recent calls from the call log the daemon keeps in the spool
 (:mod:`relay.channels.phone.calllog`); it reads a file and needs no daemon.
 """
@@ -27,6 +31,7 @@ from relay.cli import exitcodes
 from relay.cli.common import add_config_option, config_from_args, print_config_error
 from relay.config import ConfigError
 from relay.oneline import escape
+from relay.preflight import PreflightError, preflight
 from relay.queue import client
 from relay.queue.layout import SpoolLayout
 from relay.queue.protocol import ProtocolError, Request
@@ -50,6 +55,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     calls.add_argument("--json", action="store_true", help="print JSON instead of text")
     calls.add_argument("-n", "--limit", type=int, default=20, metavar="N", help="the last N calls")
     calls.set_defaults(func=calls_command)
+
+    slave = subparsers.add_parser(
+        "slave", help="answer one phone call on stdin/stdout (a calling site's login shell)"
+    )
+    add_config_option(slave)
+    slave.add_argument("--stdio", action="store_true", help="answer on standard input/output")
+    slave.add_argument("--log", metavar="FILE", help="log here (default: standard error)")
+    slave.set_defaults(func=slave_command)
 
 
 def call_command(args: argparse.Namespace) -> int:
@@ -159,3 +172,40 @@ def format_calls(records: list[CallRecord]) -> str:
 
 def _when(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def slave_command(args: argparse.Namespace) -> int:
+    """``relay slave --stdio``: answer one call on standard input and output."""
+    if not args.stdio:
+        print(
+            "relay: slave: only --stdio is run this way (use twistd relay-slave)", file=sys.stderr
+        )
+        return exitcodes.USAGE
+    from relay.slave_tap import slave_config  # the daemon's modules: only when needed
+    from relay.tap import build_service
+
+    try:
+        config = slave_config(config_from_args(args), "stdio")
+        recipients = preflight(config)
+    except ConfigError as e:
+        print_config_error(e, args.config)
+        return exitcodes.CONFIG
+    except (ValueError, PreflightError) as e:
+        print(f"relay: slave: {e}", file=sys.stderr)
+        return exitcodes.CONFIG
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    log_file = open(args.log, "a") if args.log else sys.stderr  # noqa: SIM115 (for the run)
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(log_file)], redirectStandardIO=False)
+    top = build_service(config, reactor, local_recipients=recipients, calls_out=False)
+    phone = top.getServiceNamed("phone")  # type: ignore[no-untyped-call]
+    answerer = phone.getServiceNamed("answer-0")
+    top.startService()  # type: ignore[no-untyped-call]
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()
+    protocol = answerer.protocol
+    summary = protocol.summary if protocol is not None else None
+    if summary is None:
+        return exitcodes.UNAVAILABLE
+    return exitcodes.OK if summary.outcome.value == "completed" else exitcodes.TEMPFAIL

@@ -40,7 +40,7 @@ from relay.sansio.phone.link import Link, LinkParams
 from relay.sansio.phone.records import Role
 from relay.sansio.phone.session import SessionOptions
 
-__all__ = ["CallProtocol", "PhoneCalls", "SerialAnswerer"]
+__all__ = ["CallProtocol", "PhoneCalls", "SerialAnswerer", "StdioAnswerer"]
 
 _log = Logger()
 REOPEN_DELAY: Final = 1.0
@@ -320,3 +320,31 @@ class SerialAnswerer(Service):
                 error=escape(str(e)),
             )
             self._reopen = self._reactor.callLater(REOPEN_DELAY * 5, self._open)
+
+
+class StdioAnswerer(Service):
+    """Answers one call on standard input and output (the login shell of a calling
+    site's account), then stops the reactor: the call is the process's whole life."""
+
+    def __init__(
+        self, calls: PhoneCalls, reactor: Any, when_ready: Callable[[], Deferred[Any]]
+    ) -> None:
+        self._calls = calls
+        self._reactor = reactor
+        self._when_ready = when_ready
+        self.protocol: CallProtocol | None = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._when_ready().addCallbacks(self._answer, self._cannot)
+
+    def _answer(self, _: object) -> None:
+        from twisted.internet.stdio import StandardIO
+
+        protocol = self.protocol = self._calls.answer_protocol()
+        protocol.closed.addCallback(lambda _: self._reactor.callLater(0, self._reactor.stop))
+        StandardIO(protocol, reactor=self._reactor)  # type: ignore[no-untyped-call]
+
+    def _cannot(self, failure: Failure) -> None:
+        _log.error("phone: cannot answer on stdio: {reason}", reason=failure.getErrorMessage())
+        self._reactor.callLater(0, self._reactor.stop)

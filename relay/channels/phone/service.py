@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from relay.address import Address
 from relay.channels.phone.calllog import CallLog, CallRecord
-from relay.channels.phone.calls import PhoneCalls, SerialAnswerer
+from relay.channels.phone.calls import PhoneCalls, SerialAnswerer, StdioAnswerer
 from relay.channels.phone.channel import PhoneChannel
 from relay.channels.phone.inbox import SpoolInbox
 from relay.channels.phone.outbox import SpoolOutbox
@@ -110,8 +110,9 @@ class PhonePart:
         if answer:
             for index, transport in enumerate(config.phone.answer):
                 service = answer_service(self.calls, transport, reactor)
-                if service is not None:
-                    attach(service, top, f"answer-{index}")
+                if service is None:  # stdio
+                    service = StdioAnswerer(self.calls, reactor, self.when_ready)
+                attach(service, top, f"answer-{index}")
         if call_out:
             attach(self.scheduler, top, "scheduler")
         return top
@@ -182,8 +183,8 @@ def _site_limit(config: Config, site: str) -> int | None:
 
 
 def answer_service(calls: PhoneCalls, transport: Transport, reactor: Any) -> IService | None:
-    """A service answering calls on one ``[phone] answer`` transport (stdio: None, the
-    ``relay slave --stdio`` command answers there itself)."""
+    """A service answering calls on one ``[phone] answer`` transport (stdio: None; it
+    needs the spool open first, see :class:`StdioAnswerer`)."""
     if isinstance(transport, SerialTransport):
         return SerialAnswerer(calls, transport, reactor)
     if isinstance(transport, TcpTransport):
