@@ -414,7 +414,7 @@ class _Wait:
     timeout: float = DEFAULT_TIMEOUT
 
 
-def _seven_bit(data: bytes) -> bytes:
+def _seven_bit(data: bytes | bytearray) -> bytes:
     return bytes(b & 0x7F for b in data)
 
 
@@ -488,9 +488,10 @@ class Chat:
             if self._resume_at is not None and now >= self._resume_at:
                 self._resume_at = None
                 self._advance(now)
-        elif self._state is _State.EXPECTING:
-            if self._deadline is not None and now >= self._deadline:
-                self._timed_out(now)
+        elif (
+            self._state is _State.EXPECTING and self._deadline is not None and now >= self._deadline
+        ):
+            self._timed_out(now)
 
     # --- internals -----------------------------------------------------------------------
 
