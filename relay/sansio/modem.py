@@ -17,8 +17,8 @@ the rate; the bytes after it already belong to the call and are handed on in
 commands, then ``RING`` (awaited for ever), ``ATA`` and ``CONNECT``.
 
 Hanging up (:func:`hangup_script`) drops DTR for half a second (a modem set ``&D2``
-hangs up), then, in case it did not, waits the guard time, sends ``+++``, waits the
-guard time again and sends ``ATH0``.
+hangs up), then, in case it did not, waits the guard time, sends ``+++``, waits for
+its ``OK`` and sends ``ATH0``.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def _init_steps(init: Sequence[str]) -> list[ChatStep]:
         steps.append(ChatStep(Expectation(previous), SendString.of(_command(command)), None))
         previous = b"OK"
     if init:
-        steps.append(ChatStep(Expectation(b"OK"), None, COMMAND_TIMEOUT))
+        steps.append(ChatStep(Expectation(b"OK"), None, None))
     return steps
 
 
@@ -145,12 +145,16 @@ def answer_script(
 
 
 def hangup_script(guard: float = GUARD_TIME) -> ChatScript:
-    """Drop DTR, then ``+++`` between guard times and ``ATH0``; OK awaited briefly."""
-    drop = SendString(
-        (SetDTR(False), Pause(0.5), SetDTR(True), Pause(guard), b"+++", Pause(guard), b"ATH0\r")
-    )
+    """Drop DTR; then ``+++`` after a guard time, OK awaited, and ``ATH0``, OK awaited.
+
+    A modem that DTR already hung up is in command mode and does not answer ``+++``;
+    the alternate then sends ``ATH0`` anyway.  The guard time before ``+++`` also lets
+    the call's last bytes leave the port."""
+    hang_up = SendString.of(b"ATH0\r")
+    drop = SendString((SetDTR(False), Pause(0.5), SetDTR(True), Pause(guard), b"+++"))
     steps = (
         ChatStep(Expectation(b""), drop, None),
+        ChatStep(Expectation(b"OK", ((hang_up, b"OK"),)), hang_up, guard + 2.0),
         ChatStep(Expectation(b"OK"), None, COMMAND_TIMEOUT),
     )
     return ChatScript(steps)
