@@ -346,6 +346,8 @@ class PhoneSection:
     answer: tuple[Transport, ...] = ()
     sites: Mapping[str, PhoneSite] = field(default_factory=lambda: MappingProxyType({}))
     name: str = ""  # filled from [relay] hostname's first label when absent
+    modem_init: tuple[str, ...] | None = None  # AT commands; None: direct lines, no modem
+    lock_dir: Path = Path("/var/lock")  # UUCP-style device locks
 
 
 @dataclass(frozen=True, slots=True)
@@ -1188,7 +1190,11 @@ def _read_phone(t: _Table, paths: _Paths, hostname: str) -> PhoneSection:
         site = _read_site(sites_table, name, value, paths)
         if site is not None:
             sites[name] = site
-    return PhoneSection(answer, MappingProxyType(sites), own_name)
+    modem_init = (
+        t.get_list("modem_init", _any_string, (), "AT commands") if t.has("modem_init") else None
+    )
+    lock_dir = t.get("lock_dir", paths.path, Path("/var/lock"))
+    return PhoneSection(answer, MappingProxyType(sites), own_name, modem_init, lock_dir)
 
 
 def _read_site(sites: _Table, name: str, value: object, paths: _Paths) -> PhoneSite | None:

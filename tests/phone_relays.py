@@ -41,7 +41,7 @@ def write_hub(directory: Path, port: int, answer: str, *, secret: str = SECRET) 
     config.write_text(
         _common(directory, "hub-a.example.test", "example.test", "alice", port)
         + '[[route]]\ndomain = "site-b.test"\nchannel = "phone"\nsite = "site-b"\n'
-        + f'[phone]\nname = "hub-a"\nanswer = ["{answer}"]\n'
+        + f'[phone]\nname = "hub-a"\nanswer = ["{answer}"]\nlock_dir = "locks"\n'
         + '[phone.sites.site-b]\nsecret_file = "secret"\ncompression = false\n'
     )
     return config
@@ -57,7 +57,7 @@ def write_site(
     config.write_text(
         _common(directory, "site-b.test", "site-b.test", "bob", port)
         + '[[route]]\ndomain = "example.test"\nchannel = "phone"\nsite = "hub-a"\n'
-        + f'[phone]\nname = "{name}"\n'
+        + f'[phone]\nname = "{name}"\nlock_dir = "locks"\n'
         + f'[phone.sites.hub-a]\nsecret_file = "secret"\ntransport = "{transport}"\n'
         + 'gather_delay = "1h"\nmax_call_time = "5m"\ncompression = false\n'
     )

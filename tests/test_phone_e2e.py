@@ -95,6 +95,7 @@ def test_mail_both_ways_in_one_call(tmp_path: Path, line: LineEmulator) -> None:
         (answered,) = json.loads(calls.stdout)
         assert answered["direction"] == "in" and answered["result"] == "completed"
         assert answered["messages_sent"] == 3 and answered["messages_received"] == 2
+        line.hang_up()  # the hub's next answer is on a dead line: it can stop at once
     finally:
         pair.stop()
 
@@ -137,5 +138,6 @@ def test_dropped_line_then_restart_then_next_call_completes(
         wait_for(lambda: _queued(pair.site_config) == 0, what="the site's queue empty")
         calls = json.loads(relay_command(pair.hub_config, "calls", "--json").stdout)
         assert [c["result"] for c in calls] == ["line-dropped", "completed"]
+        line.hang_up()
     finally:
         pair.stop()

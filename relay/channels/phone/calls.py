@@ -3,12 +3,13 @@
 :class:`PhoneCalls` makes a :class:`~relay.phone.driver.PhoneProtocol` for each call,
 either end, over the relay's :class:`~relay.channels.phone.store.SpoolPhoneStore`:
 
-* **placing** (:meth:`PhoneCalls.call`): connect to the site's transport (TCP through a
-  client endpoint, a serial device through Twisted's ``SerialPort``), the call bounded
-  by the site's ``max_call_time``; one call at a time per serial port (and per site);
-* **answering**: :meth:`PhoneCalls.answer_protocol` for a listener (TCP, stdio), and
-  :class:`SerialAnswerer`, which opens a serial device, answers one call, and opens it
-  again for the next, for as long as the service runs.
+* **placing** (:meth:`PhoneCalls.call`): open the site's transport through
+  :mod:`relay.transport` (a locked serial device, a Hayes modem that dials, a login
+  chat, or TCP; never blocking), then run the call, bounded by the site's
+  ``max_call_time``; one call at a time per serial port (and per site);
+* **answering**: :meth:`PhoneCalls.answering` on every ``[phone] answer`` entry (serial
+  devices re-opened after each call, TCP listeners), :class:`StdioAnswerer` for
+  ``relay slave --stdio``; each call gets a fresh :meth:`PhoneCalls.answer_protocol`.
 
 When a call ends, whatever the link did not settle stays queued
 (:meth:`~relay.channels.phone.outbox.SpoolOutbox.release`), the call gets one log line
@@ -19,12 +20,12 @@ backoff, the deliverer's flush).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, Final
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
-from twisted.application.service import Service
+from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -36,26 +37,58 @@ from relay.config import PhoneSite, SerialTransport, TcpTransport
 from relay.metrics.series import PHONE_CALL_BYTES, PHONE_CALLS
 from relay.oneline import escape
 from relay.phone.driver import PhoneProtocol, session_factory
+from relay.sansio.phone.accounting import CallSummary
 from relay.sansio.phone.link import Link, LinkParams
 from relay.sansio.phone.records import Role
 from relay.sansio.phone.session import SessionOptions
+from relay.transport import (
+    DEFAULT_LOCK_DIR,
+    CallFailed,
+    ChatError,
+    TransportError,
+    answering_service,
+    client_endpoint,
+    dial_plan,
+    is_stdio,
+    place_call,
+    serve_stdio,
+)
 
-__all__ = ["CallProtocol", "PhoneCalls", "SerialAnswerer", "StdioAnswerer"]
+__all__ = ["CallProtocol", "PhoneCalls", "StdioAnswerer"]
 
 _log = Logger()
-REOPEN_DELAY: Final = 1.0
-"""Seconds an answering serial line rests between one call and opening for the next."""
 
 
 class CallProtocol(PhoneProtocol):
-    """The link's driver, telling when its transport closed (an answering line reopens
-    then, not before: the port must be free)."""
+    """The link's driver, bounded by a time limit from the moment it has the line, and
+    telling when its transport closed."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, time_limit: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._time_limit = time_limit
+        self._limit_timer: IDelayedCall | None = None
+        self.started: float | None = None
         self.closed: Deferred[None] = Deferred()
 
+    def connectionMade(self) -> None:
+        clock: Any = self._clock
+        self.started = clock.seconds()
+        self._limit_timer = clock.callLater(self._time_limit, self._over_time)
+        super().connectionMade()
+
+    def _over_time(self) -> None:
+        """``max_call_time`` is over: drop the line (what is not settled stays queued)."""
+        self._limit_timer = None
+        _log.warn(
+            "phone: call over its time limit of {limit:.0f} s; hanging up", limit=self._time_limit
+        )
+        if self.transport is not None:
+            self.transport.loseConnection()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._limit_timer is not None and self._limit_timer.active():
+            self._limit_timer.cancel()
+        self._limit_timer = None
         super().connectionLost(reason)
         if not self.closed.called:
             self.closed.callback(None)
@@ -77,8 +110,15 @@ class PhoneCalls:
         store: SpoolPhoneStore,
         call_log: CallLog,
         reactor: Any,
+        *,
+        modem_init: Sequence[str] | None = None,
+        lock_dir: Path = Path(DEFAULT_LOCK_DIR),
     ) -> None:
+        """``modem_init``: AT commands for modems on serial lines (None: direct lines);
+        ``lock_dir``: where serial devices are locked UUCP-style."""
         self.local_name = local_name
+        self._modem_init = tuple(modem_init) if modem_init is not None else None
+        self._lock_dir = lock_dir
         self.sites = sites
         self._secrets = dict(secrets)
         self.store = store
@@ -125,35 +165,28 @@ class PhoneCalls:
         try:
             protocol = self._protocol(Role.CALLER, site)
             try:
-                await self._connect(protocol, transport)
-            except Exception as e:
+                endpoint = client_endpoint(self._reactor, str(transport), self._lock_dir)
+                plan = dial_plan(
+                    modem_init=self._modem_init or ("ATZ",),
+                    dial=site.dial,
+                    chat=" ".join(site.chat) or None,
+                    substitutions={"L": self.local_name.encode()},
+                )
+                setup = await place_call(endpoint, plan, protocol, self._reactor)
+            except (CallFailed, TransportError, ChatError) as e:
+                reason = str(e.reply) if isinstance(e, CallFailed) else str(e)
+                seconds = self._reactor.seconds() - start
                 record = CallRecord(
-                    site.name,
-                    "out",
-                    start,
-                    self._reactor.seconds() - start,
-                    "no-connection",
-                    escape(str(e)),
+                    site.name, "out", start, seconds, "no-connection", escape(reason)
                 )
             else:
-                record = await self._run(protocol, "out", start, site.max_call_time)
+                summary = await protocol.ended
+                await setup.closed  # the port is free again (the modem hung up)
+                record = CallRecord.from_summary("out", protocol.started or start, summary)
         finally:
             lock.release()
         self._ended(record, site.name)
         return record
-
-    async def _connect(
-        self, protocol: PhoneProtocol, transport: SerialTransport | TcpTransport
-    ) -> None:
-        if isinstance(transport, TcpTransport):
-            endpoint = HostnameEndpoint(self._reactor, transport.host, transport.port, timeout=30)
-            await connectProtocol(endpoint, protocol)  # type: ignore[no-untyped-call]
-        else:
-            from twisted.internet.serialport import SerialPort
-
-            SerialPort(  # type: ignore[no-untyped-call]
-                protocol, transport.device, self._reactor, baudrate=transport.baudrate
-            )
 
     def _protocol(
         self, role: Role, site: PhoneSite | None, line_rate: int | None = None
@@ -177,38 +210,38 @@ class PhoneCalls:
             peer_name=site.name if role is Role.CALLER and site else None,
             options=options,
         )
-        return CallProtocol(factory, self.store, self._reactor)
-
-    async def _run(
-        self, protocol: PhoneProtocol, direction: str, start: float, limit: float
-    ) -> CallRecord:
-        timer: IDelayedCall = self._reactor.callLater(limit, _hang_up, protocol)
-        try:
-            summary = await protocol.ended
-        finally:
-            if timer.active():
-                timer.cancel()
-        return CallRecord.from_summary(direction, start, summary)
+        limit = (
+            site.max_call_time
+            if site is not None
+            else max((s.max_call_time for s in self.sites.values()), default=3600.0)
+        )
+        return CallProtocol(factory, self.store, self._reactor, time_limit=limit)
 
     # --- answering --------------------------------------------------------------------------
 
     def answer_protocol(self, *, line_rate: int | None = None) -> CallProtocol:
-        """A protocol that answers one call (for a listener's factory, or stdio)."""
+        """A protocol that answers one call (for a listener, a serial line or stdio)."""
         protocol = self._protocol(Role.ANSWERER, None, line_rate)
-        start = self._reactor.seconds()
-        limit = max((s.max_call_time for s in self.sites.values()), default=3600.0)
-        timer: IDelayedCall = self._reactor.callLater(limit, _hang_up, protocol)
 
-        def ended(summary: Any) -> None:
-            if timer.active():
-                timer.cancel()
-            if summary.peer or summary.wire_bytes_received:
-                record = CallRecord.from_summary("in", start, summary)
-                self._ended(record, summary.peer)
+        def ended(summary: CallSummary) -> None:
+            if summary.peer or summary.wire_bytes_received:  # not a line that stayed silent
+                start = protocol.started or self._reactor.seconds()
+                self._ended(CallRecord.from_summary("in", start, summary), summary.peer)
 
         protocol.ended.addCallback(ended)
         protocol.ended.addErrback(lambda f: _log.failure("phone: answering failed", f))
         return protocol
+
+    def answering(self, answer: Sequence[str]) -> IService:
+        """A service answering on each non-stdio ``[phone] answer`` entry, call after call
+        (serial lines re-opened after each call, with the modem reset if there is one)."""
+        return answering_service(
+            self._reactor,
+            [d for d in answer if not is_stdio(d)],
+            self.answer_protocol,
+            modem_init=self._modem_init,
+            lock_dir=self._lock_dir,
+        )
 
     # --- the end of a call -------------------------------------------------------------------
 
@@ -260,66 +293,9 @@ def _share(running: Deferred[CallRecord], shared: Deferred[CallRecord]) -> None:
     running.addBoth(copy)
 
 
-def _hang_up(protocol: PhoneProtocol) -> None:
-    """``max_call_time`` is over: drop the line (what was not settled stays queued)."""
-    _log.warn("phone: call over its time limit; hanging up")
-    if protocol.transport is not None:
-        protocol.transport.loseConnection()
-
-
 def _port_key(transport: SerialTransport | TcpTransport) -> str:
     """Calls sharing a key are made one at a time: a serial device, a TCP peer."""
     return transport.device if isinstance(transport, SerialTransport) else str(transport)
-
-
-class SerialAnswerer(Service):
-    """Answers calls on a serial device, one after another, while running."""
-
-    def __init__(self, calls: PhoneCalls, transport: SerialTransport, reactor: Any) -> None:
-        self._calls = calls
-        self._transport = transport
-        self._reactor = reactor
-        self._port: Any = None
-        self._reopen: IDelayedCall | None = None
-        self.calls_answered = 0
-
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        self._open()
-
-    def stopService(self) -> None:
-        super().stopService()  # type: ignore[no-untyped-call]
-        if self._reopen is not None and self._reopen.active():
-            self._reopen.cancel()
-        if self._port is not None:
-            self._port.loseConnection()
-
-    def _open(self) -> None:
-        self._reopen = None
-        if not self.running:
-            return
-        from twisted.internet.serialport import SerialPort
-
-        protocol = self._calls.answer_protocol(line_rate=self._transport.baudrate)
-
-        def closed(_: object) -> None:
-            self._port = None
-            self.calls_answered += 1
-            if self.running:
-                self._reopen = self._reactor.callLater(REOPEN_DELAY, self._open)
-
-        protocol.closed.addCallback(closed)
-        try:
-            self._port = SerialPort(  # type: ignore[no-untyped-call]
-                protocol, self._transport.device, self._reactor, baudrate=self._transport.baudrate
-            )
-        except Exception as e:
-            _log.warn(
-                "phone: cannot open {device}: {error}; trying again",
-                device=escape(self._transport.device),
-                error=escape(str(e)),
-            )
-            self._reopen = self._reactor.callLater(REOPEN_DELAY * 5, self._open)
 
 
 class StdioAnswerer(Service):
@@ -339,11 +315,9 @@ class StdioAnswerer(Service):
         self._when_ready().addCallbacks(self._answer, self._cannot)
 
     def _answer(self, _: object) -> None:
-        from twisted.internet.stdio import StandardIO
-
         protocol = self.protocol = self._calls.answer_protocol()
-        protocol.closed.addCallback(lambda _: self._reactor.callLater(0, self._reactor.stop))
-        StandardIO(protocol, reactor=self._reactor)  # type: ignore[no-untyped-call]
+        setup = serve_stdio(self._reactor, protocol)
+        setup.closed.addCallback(lambda _: self._reactor.callLater(0, self._reactor.stop))
 
     def _cannot(self, failure: Failure) -> None:
         _log.error("phone: cannot answer on stdio: {reason}", reason=failure.getErrorMessage())

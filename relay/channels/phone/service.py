@@ -15,22 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from relay.address import Address
 from relay.channels.phone.calllog import CallLog, CallRecord
-from relay.channels.phone.calls import PhoneCalls, SerialAnswerer, StdioAnswerer
+from relay.channels.phone.calls import PhoneCalls, StdioAnswerer
 from relay.channels.phone.channel import PhoneChannel
 from relay.channels.phone.inbox import SpoolInbox
 from relay.channels.phone.outbox import SpoolOutbox
 from relay.channels.phone.scheduler import CallScheduler
 from relay.channels.phone.store import SpoolPhoneStore
-from relay.config import Config, SerialTransport, StdioTransport, TcpTransport, Transport
+from relay.config import Config, StdioTransport
 from relay.deliver.service import DelivererService
 from relay.gateway.policy import RelayPolicy
 from relay.interfaces import ILocalRecipients, IQueue
@@ -107,12 +104,11 @@ class PhonePart:
         """The ``phone`` service: recovery at start, the answerers and the scheduler."""
         top = named_multiservice("phone")
         attach(_Recovery(self.inbox, self.when_ready), top, "recovery")
-        if answer:
-            for index, transport in enumerate(config.phone.answer):
-                service = answer_service(self.calls, transport, reactor)
-                if service is None:  # stdio
-                    service = StdioAnswerer(self.calls, reactor, self.when_ready)
-                attach(service, top, f"answer-{index}")
+        if answer and config.phone.answer:
+            answer_on = [str(t) for t in config.phone.answer]
+            attach(self.calls.answering(answer_on), top, "answer")
+            if any(isinstance(t, StdioTransport) for t in config.phone.answer):
+                attach(StdioAnswerer(self.calls, reactor, self.when_ready), top, "stdio")
         if call_out:
             attach(self.scheduler, top, "scheduler")
         return top
@@ -180,34 +176,6 @@ def _site_limit(config: Config, site: str) -> int | None:
     if found is not None and found.max_message_size is not None:
         return found.max_message_size
     return config.smtp.max_message_size
-
-
-def answer_service(calls: PhoneCalls, transport: Transport, reactor: Any) -> IService | None:
-    """A service answering calls on one ``[phone] answer`` transport (stdio: None; it
-    needs the spool open first, see :class:`StdioAnswerer`)."""
-    if isinstance(transport, SerialTransport):
-        return SerialAnswerer(calls, transport, reactor)
-    if isinstance(transport, TcpTransport):
-        interface = f":interface={transport.host}" if transport.host else ""
-        endpoint = serverFromString(  # type: ignore[no-untyped-call]
-            reactor, f"tcp:{transport.port}{interface}"
-        )
-        service: IService = StreamServerEndpointService(  # type: ignore[no-untyped-call]
-            endpoint, _AnswerFactory(calls)
-        )
-        return service
-    assert isinstance(transport, StdioTransport)
-    return None
-
-
-class _AnswerFactory(Factory):
-    """One answering protocol per connection."""
-
-    def __init__(self, calls: PhoneCalls) -> None:
-        self._calls = calls
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        return self._calls.answer_protocol()
 
 
 class _Recovery(Service):
