@@ -44,6 +44,7 @@ class CallScheduler(Service):
         self.states: dict[str, SiteState] = {site: SiteState(now) for site in policies}
         self._timers: dict[str, IDelayedCall] = {}
         self._calling: set[str] = set()
+        self._seen: dict[str, CallRecord] = {}  # the last record taken into account, per site
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -71,10 +72,14 @@ class CallScheduler(Service):
         self._arm(site)
 
     def call_ended(self, record: CallRecord) -> None:
-        """A call with a site ended, whoever made it: reset or count a failure."""
+        """A call with a site ended, whoever made it: reset or count a failure.
+
+        The same record may come twice (from the calls' listeners and from the call this
+        scheduler placed); it counts once."""
         state = self.states.get(record.site)
-        if state is None:
+        if state is None or self._seen.get(record.site) is record:
             return
+        self._seen[record.site] = record
         now = self._clock.seconds()
         if record.completed:
             state = replace(state, last_call=now, failures=0, mail_since=None)
@@ -114,7 +119,9 @@ class CallScheduler(Service):
 
         def done(result: object) -> None:
             self._calling.discard(site)
-            if not isinstance(result, CallRecord):
+            if isinstance(result, CallRecord):
+                self.call_ended(result)
+            else:
                 _log.failure("phone: the call to {site} failed", result, site=site)  # type: ignore[arg-type]
                 state = self.states[site]
                 self.states[site] = replace(
