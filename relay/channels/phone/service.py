@@ -27,7 +27,7 @@ from relay.channels.phone.inbox import SpoolInbox
 from relay.channels.phone.outbox import SpoolOutbox
 from relay.channels.phone.scheduler import CallScheduler
 from relay.channels.phone.store import SpoolPhoneStore
-from relay.config import Config, StdioTransport
+from relay.config import Config, StdioTransport, TcpTransport, Transport
 from relay.deliver.service import DelivererService
 from relay.gateway.policy import RelayPolicy
 from relay.interfaces import ILocalRecipients, IQueue
@@ -105,7 +105,7 @@ class PhonePart:
         top = named_multiservice("phone")
         attach(_Recovery(self.inbox, self.when_ready), top, "recovery")
         if answer and config.phone.answer:
-            answer_on = [str(t) for t in config.phone.answer]
+            answer_on = [_answer_description(t) for t in config.phone.answer]
             attach(self.calls.answering(answer_on), top, "answer")
             if any(isinstance(t, StdioTransport) for t in config.phone.answer):
                 attach(StdioAnswerer(self.calls, reactor, self.when_ready), top, "stdio")
@@ -176,6 +176,15 @@ def _site_limit(config: Config, site: str) -> int | None:
     if found is not None and found.max_message_size is not None:
         return found.max_message_size
     return config.smtp.max_message_size
+
+
+def _answer_description(transport: Transport) -> str:
+    """An ``answer`` entry as :mod:`relay.transport` reads it (Twisted's server syntax
+    for TCP: ``tcp:PORT:interface=ADDRESS``)."""
+    if isinstance(transport, TcpTransport):
+        interface = transport.host.replace(":", "\\:")
+        return f"tcp:{transport.port}" + (f":interface={interface}" if interface else "")
+    return str(transport)
 
 
 class _Recovery(Service):
