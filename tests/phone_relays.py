@@ -25,6 +25,7 @@ RELAY = str(Path(sys.executable).parent / "relay")
 
 def _common(directory: Path, hostname: str, domain: str, user: str, port: int) -> str:
     (directory / "mail").mkdir(parents=True, exist_ok=True)
+    (directory / "locks").mkdir(exist_ok=True)  # [phone] lock_dir: the UUCP device locks
     return (
         f'[relay]\nhostname = "{hostname}"\nlocal_domains = ["{domain}"]\n'
         f'spool = "spool"\npostmaster = "{user}@{domain}"\n'
@@ -33,33 +34,46 @@ def _common(directory: Path, hostname: str, domain: str, user: str, port: int) -
     )
 
 
-def write_hub(directory: Path, port: int, answer: str, *, secret: str = SECRET) -> Path:
-    """The hub's configuration: answers on ``answer``, site-b.test goes to site-b."""
+def write_hub(
+    directory: Path, port: int, answer: str, *, secret: str = SECRET, phone: str = ""
+) -> Path:
+    """The hub's configuration: answers on ``answer``, site-b.test goes to site-b;
+    ``phone`` adds keys to ``[phone]`` (``modem_init``)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "secret").write_text(secret + "\n")
     config = directory / "relay.toml"
     config.write_text(
         _common(directory, "hub-a.example.test", "example.test", "alice", port)
         + '[[route]]\ndomain = "site-b.test"\nchannel = "phone"\nsite = "site-b"\n'
-        + f'[phone]\nname = "hub-a"\nanswer = ["{answer}"]\nlock_dir = "locks"\n'
+        + f'[phone]\nname = "hub-a"\nanswer = ["{answer}"]\nlock_dir = "locks"\n{phone}'
         + '[phone.sites.site-b]\nsecret_file = "secret"\ncompression = false\n'
     )
     return config
 
 
 def write_site(
-    directory: Path, port: int, transport: str, *, secret: str = SECRET, name: str = "site-b"
+    directory: Path,
+    port: int,
+    transport: str,
+    *,
+    secret: str = SECRET,
+    name: str = "site-b",
+    phone: str = "",
+    site: str = "",
 ) -> Path:
-    """The site's configuration: calls hub-a on ``transport``; example.test goes there."""
+    """The site's configuration: calls hub-a on ``transport``; example.test goes there;
+    ``phone`` adds keys to ``[phone]``, ``site`` to ``[phone.sites.hub-a]`` (a dial
+    command and a chat script, say)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "secret").write_text(secret + "\n")
     config = directory / "relay.toml"
     config.write_text(
         _common(directory, "site-b.test", "site-b.test", "bob", port)
         + '[[route]]\ndomain = "example.test"\nchannel = "phone"\nsite = "hub-a"\n'
-        + f'[phone]\nname = "{name}"\nlock_dir = "locks"\n'
+        + f'[phone]\nname = "{name}"\nlock_dir = "locks"\n{phone}'
         + f'[phone.sites.hub-a]\nsecret_file = "secret"\ntransport = "{transport}"\n'
         + 'gather_delay = "1h"\nmax_call_time = "5m"\ncompression = false\n'
+        + site
     )
     return config
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.phone_relays import PhonePair, relay_command, send_mail
-from tests.relay_process import mailbox_texts, wait_for
+from tests.phone_relays import PhonePair, relay_command, send_mail, write_hub, write_site
+from tests.relay_process import free_port, mailbox_texts, wait_for
+from tests.support.fakemodem import FakeModem
 from tests.support.lineemu import DropPlan, LineEmulator
 
 RATE = 115200
@@ -141,3 +142,45 @@ def test_dropped_line_then_restart_then_next_call_completes(
         line.hang_up()
     finally:
         pair.stop()
+
+
+@pytest.mark.timeout(240)
+def test_through_hayes_modems_with_a_chat_login(tmp_path: Path) -> None:
+    """Through two fake Hayes modems: the site dials, logs in by chat script, and mail
+    moves both ways; the hub's modem answers the next call too (re-opened and reset)."""
+    with FakeModem(tmp_path, login="site-b:pw") as modems:
+        hub_port, site_port = free_port(), free_port()
+        modem = 'modem_init = ["ATZ"]\n'
+        pair = PhonePair(
+            write_hub(
+                tmp_path / "hub", hub_port, f"serial:{modems.dte_a}:baudrate={RATE}", phone=modem
+            ),
+            write_site(
+                tmp_path / "site",
+                site_port,
+                f"serial:{modems.dte_b}:baudrate={RATE}",
+                phone=modem,
+                site='dial = "ATDT5551234"\nchat = ["ogin:", "site-b", "ssword:", "pw"]\n',
+            ),
+            hub_port,
+            site_port,
+        )
+        try:
+            pair.start_hub()
+            pair.start_site()
+            to_site = _message("by-modem", 2000, 5)
+            to_hub = _message("back-by-modem", 1000, 6)
+            send_mail(pair.hub_port, "alice@example.test", "bob@site-b.test", to_site)
+            send_mail(pair.site_port, "bob@site-b.test", "alice@example.test", to_hub)
+            wait_for(lambda: _queued(pair.hub_config) == 1, what="mail queued on the hub")
+            result = pair.call()
+            assert result.returncode == 0, result.stdout + result.stderr
+            wait_for(lambda: len(mailbox_texts(tmp_path / "site", "bob")) == 1, what="at site")
+            wait_for(lambda: len(mailbox_texts(tmp_path / "hub")) == 1, what="at the hub")
+            assert [_body(t) for t in mailbox_texts(tmp_path / "site", "bob")] == [to_site]
+            assert [_body(t) for t in mailbox_texts(tmp_path / "hub")] == [to_hub]
+            again = pair.call()  # nothing to move: the hub answers, the call completes
+            assert again.returncode == 0, again.stdout + again.stderr
+            assert modems.wait_for("login")
+        finally:
+            pair.stop()

@@ -161,6 +161,8 @@ def build_phone(
         store,
         CallLog(spool, reactor),
         reactor,
+        modem_init=config.phone.modem_init,
+        lock_dir=config.phone.lock_dir,
     )
     calling = {name for name, site in config.phone.sites.items() if site.transport is not None}
     scheduler = CallScheduler(
