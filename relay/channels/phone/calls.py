@@ -170,7 +170,7 @@ class PhoneCalls:
                     modem_init=self._modem_init or ("ATZ",),
                     dial=site.dial,
                     chat=" ".join(site.chat) or None,
-                    substitutions={"L": self.local_name.encode()},
+                    substitutions={"L": (site.login or self.local_name).encode()},
                 )
                 setup = await place_call(endpoint, plan, protocol, self._reactor)
             except (CallFailed, TransportError, ChatError) as e:
