@@ -29,7 +29,7 @@ from typing import Final
 from relay.channels.phone.calllog import CallRecord, read_calls
 from relay.cli import exitcodes
 from relay.cli.common import add_config_option, config_from_args, print_config_error
-from relay.config import ConfigError
+from relay.config import Config, ConfigError
 from relay.oneline import escape
 from relay.preflight import PreflightError, preflight
 from relay.queue import client
@@ -65,12 +65,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     slave.set_defaults(func=slave_command)
 
 
-def call_command(args: argparse.Namespace) -> int:
-    """``relay call SITE``."""
+def _config(args: argparse.Namespace) -> Config | None:
+    """The configuration of ``args``, or None having said what is wrong with it."""
     try:
-        config = config_from_args(args)
+        return config_from_args(args)
     except ConfigError as e:
         print_config_error(e, args.config)
+        return None
+
+
+def call_command(args: argparse.Namespace) -> int:
+    """``relay call SITE``."""
+    config = _config(args)
+    if config is None:
         return exitcodes.CONFIG
     site = config.phone.sites.get(args.site)
     if site is None or site.transport is None:
@@ -132,10 +139,8 @@ def format_call(record: CallRecord) -> str:
 
 def calls_command(args: argparse.Namespace) -> int:
     """``relay calls``."""
-    try:
-        config = config_from_args(args)
-    except ConfigError as e:
-        print_config_error(e, args.config)
+    config = _config(args)
+    if config is None:
         return exitcodes.CONFIG
     if args.limit < 1:
         print("relay: calls: --limit must be at least 1", file=sys.stderr)
