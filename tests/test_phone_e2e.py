@@ -80,11 +80,17 @@ def test_mail_both_ways_in_one_call(tmp_path: Path, line: LineEmulator) -> None:
         for text in to_hub:
             send_mail(pair.site_port, "bob@site-b.test", "alice@example.test", text)
         wait_for(lambda: _queued(pair.hub_config) == 3, what="mail queued on the hub")
+        listing = relay_command(pair.hub_config, "queue").stdout
+        assert "phone site site-b: 3 messages (3 recipients) waiting for a call" in listing
         line.connect()
         result = pair.call()
         assert result.returncode == 0, result.stdout + result.stderr
         record = json.loads(result.stdout)
         assert record["messages_sent"] == 2 and record["messages_received"] == 3
+        status = json.loads(relay_command(pair.site_config, "status", "--json").stdout)
+        hub_site = status["daemon"]["phone_sites"]["hub-a"]
+        assert hub_site["calls_out"] and hub_site["last_call"]["result"] == "completed"
+        assert not hub_site["down"]
         site_box = tmp_path / "site"
         wait_for(lambda: len(mailbox_texts(site_box, "bob")) == 3, what="mail at the site")
         wait_for(lambda: len(mailbox_texts(tmp_path / "hub")) == 2, what="mail at the hub")
