@@ -177,7 +177,7 @@ def test_window_holds_calls_until_it_opens() -> None:
 
 def test_poll_calls_again_after_each_call() -> None:
     """A polled site is called at start and every poll interval after each call."""
-    scheduler, clock, calls = _scheduler({"b": CallPolicy(poll=600)})
+    _, clock, calls = _scheduler({"b": CallPolicy(poll=600)})
     clock.advance(0)
     assert len(calls.placed) == 1
     calls.pending[-1].callback(_record("b"))
