@@ -6,19 +6,22 @@ import json
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 from zope.interface.verify import verifyObject
 
+from relay.address import parse_forward_path, parse_reverse_path
 from relay.channels.phone.calllog import CallLog, CallRecord, read_calls
 from relay.channels.phone.channel import PhoneChannel
+from relay.channels.phone.held import HeldMessage
 from relay.channels.phone.inbox import count_hops
 from relay.channels.phone.store import SpoolPhoneStore
 from relay.cli.phone_commands import exit_code, format_call, format_calls
 from relay.config import ConfigError, parse_config
-from relay.envelope import Destination
+from relay.envelope import Destination, Envelope, Recipient, Submitter
 from relay.errors import SessionFailed
-from relay.interfaces import IChannel, IPhoneStore, SequencingMode
+from relay.interfaces import IChannel, IPhoneStore, IReadSession, SequencingMode
 from relay.queue.protocol import ProtocolError, Request, parse_request
-from relay.reply import Action, ReplyCode
+from relay.reply import Action, Reply, ReplyCode
 
 _BASE = """
 [relay]
@@ -155,3 +158,50 @@ def test_control_call_request_is_checked() -> None:
     for bad in ({"op": "call"}, {"op": "call", "site": ""}, {"op": "call", "site": "a\nb"}):
         with pytest.raises(ProtocolError):
             parse_request(bad)
+
+
+def _held(tmp_path: Path, text: bytes) -> HeldMessage:
+    from twisted.internet import reactor
+
+    path = tmp_path / "ID.text"
+    path.write_bytes(text)
+    envelope = Envelope(
+        parse_reverse_path("<a@x.test>"),
+        (Recipient(parse_forward_path("<b@y.test>")), Recipient(parse_forward_path("<c@y.test>"))),
+        0.0,
+        Submitter("phone"),
+    )
+    return HeldMessage(path, envelope, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_held_message_is_a_read_session_of_one_message(tmp_path: Path) -> None:
+    """The read side gives the message once, its addresses, its text in chunks, and
+    drops the link's copy once the queue has it."""
+    text = bytes(range(256)) * 700  # more than one chunk
+    held = _held(tmp_path, text)
+    assert verifyObject(IReadSession, held)
+    assert await held.next_message() == ("m", parse_reverse_path("<a@x.test>"))
+    assert await held.next_message() is None
+    addresses = []
+    while (recipient := await held.next_recipient()) is not None:
+        addresses.append(str(recipient.address))
+        await held.answer_recipient(Reply(ReplyCode.AOK))
+    assert addresses == ["b@y.test", "c@y.test"] and len(held.replies) == 2
+    await held.begin_text()
+    chunks = []
+    while chunk := await held.read_text():
+        chunks.append(chunk)
+    assert b"".join(chunks) == text and len(chunks) > 1
+    await held.answer_message(Reply(ReplyCode.FSPC, "disk full"))
+    assert (tmp_path / "ID.text").exists()  # not stored: kept for the next start
+    await held.answer_message(Reply(ReplyCode.OK))
+    assert not (tmp_path / "ID.text").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_held_message_abort_drops_the_copy(tmp_path: Path) -> None:
+    """A message refused for good (a loop) is dropped from the link's directory."""
+    held = _held(tmp_path, b"Subject: x\r\n\r\nbody\r\n")
+    await held.abort_message()
+    assert not (tmp_path / "ID.text").exists()

@@ -14,9 +14,12 @@ The link's own memory (the ids of messages a site has sent, the text of a messag
 off by a dropped line) is a :class:`relay.phone.filestore.FilePhoneStore` in the spool's
 ``phone/links`` directory: its commit checks the text against the announced hash and
 makes the id durable ("already have it" from then on), keeping the text beside it.  Only
-then is the text stored in the queue, and the kept copy removed.  A crash between the two
-leaves the copy; :meth:`SpoolInbox.recover` stores every such copy at start (a crash
-between the queue's store and the removal can duplicate a message, never lose one).
+then is the message read from there into the queue, through the channel's read side
+(:class:`~relay.channels.phone.held.HeldMessage`, an
+:class:`~relay.interfaces.IReadSession`), and the kept copy removed.  A crash between
+the two leaves the copy; :meth:`SpoolInbox.recover` stores every such copy at start (a
+crash between the queue's store and the removal can duplicate a message, never lose
+one).
 
 Loops: a message whose header already holds ``max_hops`` ``Received:`` lines is refused
 for good (:class:`~relay.errors.MessageRefused`), as a gateway refuses one at DATA.
@@ -25,7 +28,6 @@ for good (:class:`~relay.errors.MessageRefused`), as a gateway refuses one at DA
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
@@ -35,11 +37,11 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from relay.address import Address
+from relay.channels.phone.held import HeldMessage
 from relay.envelope import Envelope, Recipient, Submitter
 from relay.errors import MessageRefused
-from relay.fileio import fsync_directory
 from relay.gateway.received import received_header
-from relay.interfaces import IQueue
+from relay.interfaces import IQueue, IReadSession
 from relay.phone.filestore import FilePhoneStore
 from relay.reply import Reply, ReplyCode, from_smtp
 from relay.sansio.phone.session import Acceptance
@@ -123,13 +125,31 @@ class SpoolInbox:
         return d.addCallback(lambda _: ensureDeferred(self._store(site, message_id, envelope)))
 
     async def _store(self, site: str, message_id: str, envelope: Envelope) -> str:
-        mail = self.root / site / "in" / "mail"
-        text: bytes = await self._in_thread(_read, mail / f"{message_id}.text")
+        path = self.root / site / "in" / "mail" / f"{message_id}.text"
+        return await self._submit(site, HeldMessage(path, envelope, self._reactor), envelope)
+
+    async def _submit(self, site: str, held: IReadSession, envelope: Envelope) -> str:
+        """Read one message from the channel's read side into the queue (MMDF's fitting
+        of a channel to ``submit``); ``envelope`` gives what the contract does not carry
+        (body type, SMTPUTF8, ENVID)."""
         queue = self._queue()
         if queue is None:
             raise RuntimeError("the spool is not open")
+        head = await held.next_message()
+        if head is None:
+            raise RuntimeError("the read session has no message")
+        _, return_path = head
+        recipients = []
+        while (recipient := await held.next_recipient()) is not None:
+            recipients.append(Recipient(recipient.address, None, recipient.original))
+            await held.answer_recipient(_AOK)  # the site was answered when it proposed
+        await held.begin_text()
+        chunks = []
+        while chunk := await held.read_text():
+            chunks.append(chunk)
+        text = b"".join(chunks)
         if count_hops(text) >= self._max_hops:
-            await self._in_thread(_forget_text, mail, message_id)
+            await held.abort_message()
             raise MessageRefused(
                 Reply(ReplyCode.NDEL, "too many hops: a mail loop", enhanced="5.4.6")
             )
@@ -144,19 +164,22 @@ class SpoolInbox:
             auth_user=site,
         )
         fresh = Envelope(
-            envelope.return_path,
-            tuple(Recipient(r.address, None, r.original) for r in envelope.recipients),
+            return_path,
+            tuple(recipients),
             now,
             Submitter("phone", client_name=site, helo=site, auth_user=site),
             envelope.body_type,
             envelope.smtputf8,
             envelope.env_id,
         )
-        queue_id: str = await queue.store(fresh, header + text)
-        await self._in_thread(_forget_text, mail, message_id)
+        try:
+            queue_id: str = await queue.store(fresh, header + text)
+        except Exception:
+            await held.answer_message(Reply(ReplyCode.FSPC, "cannot store the message now"))
+            raise
+        await held.answer_message(Reply(ReplyCode.OK))
         _log.info(
-            "phone: {id} from {site} stored as {queue_id}: from={sender} nrcpt={count}",
-            id=message_id,
+            "phone: message from {site} stored as {queue_id}: from={sender} nrcpt={count}",
             site=site,
             queue_id=queue_id,
             sender=fresh.sender_text,
@@ -177,19 +200,6 @@ class SpoolInbox:
 
     def _in_thread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
-
-
-def _read(path: Path) -> bytes:
-    return path.read_bytes()
-
-
-def _forget_text(mail: Path, message_id: str) -> None:
-    """Drop the kept copy (the id's envelope stays: it is the memory of the id)."""
-    try:
-        os.unlink(mail / f"{message_id}.text")
-    except FileNotFoundError:
-        return
-    fsync_directory(mail)
 
 
 def _left_behind(root: Path) -> list[tuple[str, str, Envelope]]:
