@@ -205,7 +205,7 @@ def slave_command(args: argparse.Namespace) -> int:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(log_file)], redirectStandardIO=False)
     top = build_service(config, reactor, local_recipients=recipients, calls_out=False)
     phone = top.getServiceNamed("phone")  # type: ignore[no-untyped-call]
-    answerer = phone.getServiceNamed("answer-0")
+    answerer = phone.getServiceNamed("stdio")
     top.startService()  # type: ignore[no-untyped-call]
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
