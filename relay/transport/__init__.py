@@ -45,7 +45,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from relay.sansio.chat import ChatError, parse_chat
-from relay.sansio.modem import dial_script, hangup_script
+from relay.sansio.modem import DIAL_TIMEOUT, dial_script, hangup_script
 from relay.transport.answer import (
     CallFactory,
     SerialAnswerer,
@@ -104,6 +104,8 @@ def dial_plan(
     dial: str | None = None,
     chat: str | None = None,
     substitutions: Mapping[str, bytes] | None = None,
+    dial_timeout: float = DIAL_TIMEOUT,
+    chat_timeout: float | None = None,
 ) -> LinePlan:
     """The caller's plan for a site: modem dialling if ``dial`` is set, then ``chat``.
 
@@ -111,15 +113,18 @@ def dial_plan(
     None on a direct line or TCP.  ``modem_init``: AT commands sent first, each
     answered OK.  ``chat``: a UUCP chat script for the far end's login (``\\D``/``\\T``
     in it are the number; ``substitutions`` may give ``L`` and ``P``).  Raises
-    :class:`ChatError` for a script or number that cannot be used."""
+    :class:`ChatError` for a script or number that cannot be used.  ``dial_timeout``:
+    seconds for the modem's result code after the dial command; ``chat_timeout``:
+    seconds for each expect of the login chat (default 10, as UUCP's)."""
     subs = dict(substitutions or {})
     if dial is not None and "D" not in subs:
         number = dial[4:] if dial[:4].upper() in ("ATDT", "ATDP") else dial
         subs["D"] = number.encode("ascii", "replace")
-    login = parse_chat(chat, subs) if chat else None
+    login = parse_chat(chat, subs, timeout=chat_timeout) if chat else None
     if dial is None:
         return LinePlan(None, login)
-    return LinePlan.for_modem(dial_script(modem_init, dial), login, hangup_script())
+    modem = dial_script(modem_init, dial, dial_timeout=dial_timeout)
+    return LinePlan.for_modem(modem, login, hangup_script())
 
 
 def check_description(description: str) -> None:

@@ -460,12 +460,12 @@ class FakeModems:
                 os.write(fd, data)
 
     def _escape(self, modem: Modem, count_at: int) -> None:
-        if modem.state is State.ONLINE and modem.plus_count == count_at:
-            if time.monotonic() - modem.last_data >= self.options.guard * 0.9:
-                modem.state = State.ONLINE_COMMAND
-                modem.plus_count = 0
-                self.emit("escape", side=modem.side)
-                self.result(modem, "OK")
+        quiet = time.monotonic() - modem.last_data >= self.options.guard * 0.9
+        if modem.state is State.ONLINE and modem.plus_count == count_at and quiet:
+            modem.state = State.ONLINE_COMMAND
+            modem.plus_count = 0
+            self.emit("escape", side=modem.side)
+            self.result(modem, "OK")
 
     def read_line(self, modem: Modem) -> None:
         """Bytes from the emulator for ``modem``'s relay; EOF/EIO: the line dropped."""
@@ -608,6 +608,7 @@ class FakeModem:
         ber: float = 0.0,
     ) -> None:
         directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         self.dte_a = directory / "modem-a"
         self.dte_b = directory / "modem-b"
         self.command_line = [
