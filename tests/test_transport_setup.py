@@ -120,9 +120,7 @@ def test_a_failed_dial_fails_the_call_with_its_reply_and_closes(
 
 def test_a_login_that_never_comes_times_out() -> None:
     """No login prompt within the chat's time: TIME, the line closed, no call."""
-    _, call, transport, clock, outcome = _setup(
-        LinePlan(login=dial_plan(chat="ogin: x").login)
-    )
+    _, call, transport, clock, outcome = _setup(LinePlan(login=dial_plan(chat="ogin: x").login))
     clock.advance(9.9)
     assert outcome == []
     clock.advance(0.2)
