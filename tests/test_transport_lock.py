@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from relay.transport import lock as lock_module
 from relay.transport.lock import DeviceLock, DeviceLocked, DeviceLockError, lock_name
+
+LOCK_MODULE = Path(lock_module.__file__)
 
 
 def _dead_pid() -> int:
@@ -99,10 +102,13 @@ def test_two_locks_on_one_device_exclude_each_other(tmp_path: Path) -> None:
 
 def test_creation_is_atomic_between_racing_processes(tmp_path: Path) -> None:
     """Many processes racing for one stale lock: exactly one wins each round."""
-    script = (
-        "import sys; from relay.transport.lock import DeviceLock, DeviceLockError\n"
-        "lock = DeviceLock('/dev/ttyS9', sys.argv[1])\n"
-        "try:\n    lock.acquire()\nexcept DeviceLockError:\n    print('lost')\n"
+    script = (  # the lock module alone, not the package (no Twisted to import)
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('lock', {str(LOCK_MODULE)!r})\n"
+        "lock_module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(lock_module)\n"
+        "lock = lock_module.DeviceLock('/dev/ttyS9', sys.argv[1])\n"
+        "try:\n    lock.acquire()\nexcept lock_module.DeviceLockError:\n    print('lost')\n"
         "else:\n    print('won')\n"
         "sys.stdout.flush(); sys.stdin.read()  # hold the lock until told to go\n"
     )
