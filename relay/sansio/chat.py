@@ -38,6 +38,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from relay.sansio.fields import split_unescaped
+
 __all__ = [
     "BREAK",
     "DEFAULT_TIMEOUT",
@@ -343,27 +345,8 @@ def _parse_expect_text(text: str) -> bytes:
     return b"".join(p for p in pieces if isinstance(p, bytes))
 
 
-def _split_dashes(text: str) -> list[str]:
-    parts: list[str] = []
-    current: list[str] = []
-    index = 0
-    while index < len(text):
-        if text[index] == "\\" and index + 1 < len(text):
-            current.append(text[index : index + 2])
-            index += 2
-            continue
-        if text[index] == "-":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(text[index])
-        index += 1
-    parts.append("".join(current))
-    return parts
-
-
 def _parse_expect(text: str, substitutions: Mapping[str, bytes]) -> Expectation:
-    parts = _split_dashes(text)
+    parts = split_unescaped(text, "-")
     if len(parts) % 2 == 0:
         raise ChatError(f"an expect field needs -send-expect pairs: {text!r}")
     alternates = tuple(
