@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
 import tty
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest_twisted
@@ -19,6 +21,7 @@ from twisted.python.failure import Failure
 from relay.transport import (
     CarrierLost,
     LinePlan,
+    LockedSerialPort,
     SerialAnswerer,
     SerialEndpoint,
     answer_factory,
@@ -135,18 +138,27 @@ async def test_a_direct_line_is_answered_and_reopened_after_the_far_end_hangs_up
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("LCK..")]
 
 
-def test_a_falling_dcd_ends_the_call_and_releases_the_lock(tmp_path: Path) -> None:
-    """With carrier=yes, DCD seen high then low drops the line with CarrierLost."""
+@contextlib.contextmanager
+def _port_watching_dcd(lock_dir: Path, talker: Talker) -> Iterator[LockedSerialPort]:
+    """A pty opened with carrier=yes through the serial endpoint, ``talker`` on it."""
     master, slave = os.openpty()
     tty.setraw(slave)
     try:
-        talker = Talker()
         endpoint = SerialEndpoint(
-            reactor, parse_serial(f"serial:{os.ttyname(slave)}:carrier=yes"), tmp_path
+            reactor, parse_serial(f"serial:{os.ttyname(slave)}:carrier=yes"), lock_dir
         )
         endpoint.connect(answer_factory(lambda: talker, reactor))
-        port = endpoint.port
-        assert port is not None
+        assert endpoint.port is not None
+        yield endpoint.port
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_a_falling_dcd_ends_the_call_and_releases_the_lock(tmp_path: Path) -> None:
+    """With carrier=yes, DCD seen high then low drops the line with CarrierLost."""
+    talker = Talker()
+    with _port_watching_dcd(tmp_path, talker) as port:
         carrier = iter([True, True, False])
         port.getCD = lambda: next(carrier)  # type: ignore[method-assign]
         port._check_carrier()
@@ -155,28 +167,15 @@ def test_a_falling_dcd_ends_the_call_and_releases_the_lock(tmp_path: Path) -> No
         port._check_carrier()
         assert talker.lost is not None and talker.lost.check(CarrierLost)
         assert list(tmp_path.iterdir()) == []
-    finally:
-        os.close(master)
-        os.close(slave)
 
 
 def test_a_pty_without_dcd_stops_watching_and_keeps_the_line(tmp_path: Path) -> None:
     """A pty cannot report DCD: the watch stops, the line stays up (EOF will tell a drop)."""
-    master, slave = os.openpty()
-    tty.setraw(slave)
-    try:
-        talker = Talker()
-        endpoint = SerialEndpoint(
-            reactor, parse_serial(f"serial:{os.ttyname(slave)}:carrier=yes"), tmp_path
-        )
-        endpoint.connect(answer_factory(lambda: talker, reactor))
-        port = endpoint.port
-        assert port is not None and port._watch is None
+    talker = Talker()
+    with _port_watching_dcd(tmp_path, talker) as port:
+        assert port._watch is None
         assert talker.lost is None and port.connected
         port.loseConnection()
-    finally:
-        os.close(master)
-        os.close(slave)
 
 
 @pytest_twisted.ensureDeferred

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +72,27 @@ def _endpoint(device: Path, lock_dir: Path) -> SerialEndpoint:
     return SerialEndpoint(reactor, parse_serial(f"serial:{device}:baudrate=115200"), lock_dir)
 
 
-def _answerer(device: Path, lock_dir: Path, calls: list[Talker]) -> SerialAnswerer:
+@contextlib.asynccontextmanager
+async def _answering(
+    device: Path, lock_dir: Path
+) -> AsyncIterator[tuple[SerialAnswerer, list[Talker]]]:
+    """An answerer (modem init ATZ) on ``device``, open and waiting; its calls in a list."""
+    calls: list[Talker] = []
+
     def new_call() -> Talker:
         calls.append(Talker(ANSWERER_SAYS))
         return calls[-1]
 
     settings = parse_serial(f"serial:{device}:baudrate=115200")
-    return SerialAnswerer(
+    answerer = SerialAnswerer(
         reactor, settings, new_call, modem_init=["ATZ"], lock_dir=lock_dir, reopen_delay=0.2
     )
+    answerer.startService()
+    try:
+        await _until(lambda: answerer.opened == 1, "the answerer to open its device")
+        yield answerer, calls
+    finally:
+        await answerer.stopService()
 
 
 async def _until(condition: Callable[[], bool], what: str, limit: float = 20.0) -> None:
@@ -107,11 +120,7 @@ async def test_a_dialled_call_carries_bytes_both_ways_and_hangs_up(
 ) -> None:
     """ATZ, ATDT, CONNECT: every byte crosses both ways; the hang-up escapes and sends ATH0."""
     locks = _mkdir(tmp_path / "locks")
-    answered: list[Talker] = []
-    answerer = _answerer(modems.dte_b, locks, answered)
-    answerer.startService()
-    try:
-        await _until(lambda: answerer.opened == 1, "the answerer to open its device")
+    async with _answering(modems.dte_b, locks) as (answerer, answered):
         caller = Talker(CALLER_SAYS)
         setup = await _call(modems, locks, caller, modem_init=["ATZ"], dial="5551234")
         assert setup.rate == 115200
@@ -133,8 +142,6 @@ async def test_a_dialled_call_carries_bytes_both_ways_and_hangs_up(
         assert not (locks / lock_name(str(modems.dte_a))).exists()
         await answered[0].ended  # NO CARRIER reached the answerer
         await _until(lambda: answerer.opened == 2, "the answerer to re-open its device")
-    finally:
-        await answerer.stopService()
 
 
 @pytest.mark.parametrize(
@@ -190,11 +197,7 @@ async def test_carrier_lost_mid_call_ends_the_call_on_both_sides(
 ) -> None:
     """The carrier drops mid-call: NO CARRIER ends both calls; the answerer waits again."""
     locks = _mkdir(tmp_path / "locks")
-    answered: list[Talker] = []
-    answerer = _answerer(modems.dte_b, locks, answered)
-    answerer.startService()
-    try:
-        await _until(lambda: answerer.opened == 1, "the answerer to open its device")
+    async with _answering(modems.dte_b, locks) as (answerer, answered):
         caller = Talker(b"x")
         setup = await _call(modems, locks, caller, modem_init=["ATZ"], dial="1")
         await _until(lambda: bool(answered) and answered[0].heard == b"x", "the first byte")
@@ -205,18 +208,13 @@ async def test_carrier_lost_mid_call_ends_the_call_on_both_sides(
         assert caller.lost is not None and answered[0].lost is not None
         await _until(lambda: answerer.opened == 2, "the answerer to re-open its device")
         assert answerer.calls == 1
-    finally:
-        await answerer.stopService()
 
 
 @pytest_twisted.ensureDeferred
 async def test_the_answerer_answers_call_after_call(modems: FakeModem, tmp_path: Path) -> None:
     """Three calls in a row on the same device names, each answered by a fresh call protocol."""
     locks = _mkdir(tmp_path / "locks")
-    answered: list[Talker] = []
-    answerer = _answerer(modems.dte_b, locks, answered)
-    answerer.startService()
-    try:
+    async with _answering(modems.dte_b, locks) as (answerer, answered):
         for number in range(1, 4):
             await _until(lambda n=number: answerer.opened == n, f"open number {number}")
             caller = Talker(b"call %d" % number)
@@ -230,8 +228,6 @@ async def test_the_answerer_answers_call_after_call(modems: FakeModem, tmp_path:
             await setup.closed
             await answered[-1].ended
         assert answerer.calls == 3
-    finally:
-        await answerer.stopService()
 
 
 @pytest_twisted.ensureDeferred

@@ -42,14 +42,13 @@ import itertools
 import os
 import re
 import selectors
-import subprocess
 import sys
 import time
 import tty
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 if __package__ in (None, ""):  # run as a script: make ``support`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -604,25 +603,6 @@ class FakeModem(HelperProcess):
     def drop(self) -> None:
         """Drop the carrier of the call now."""
         self.send("drop")
-
-    def stop(self) -> dict[str, Any]:
-        """Stop the process; returns its counts."""
-        assert self.process is not None
-        with contextlib.suppress(BrokenPipeError, OSError):
-            self.send("quit")
-        counts = self.wait_for("counts")
-        self.process.wait(timeout=10)
-        return counts
-
-    def __enter__(self) -> FakeModem:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        try:
-            self.stop()
-        except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired):
-            self.kill()
 
 
 if __name__ == "__main__":

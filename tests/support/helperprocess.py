@@ -16,7 +16,7 @@ import selectors
 import signal
 import subprocess
 import sys
-from typing import IO, Any
+from typing import IO, Any, Self
 
 WAKE = "wake"
 COMMAND = "command"
@@ -83,6 +83,7 @@ class HelperProcess:
         self.process: subprocess.Popen[str] | None = None
         self.events: list[dict[str, Any]] = []  # every event, in order
         self._unclaimed: list[dict[str, Any]] = []  # events no ``wait_for`` has returned
+        self._final: dict[str, Any] | None = None  # the ``counts`` event at exit
 
     def start(self) -> None:
         """Start the process and wait until it is ready."""
@@ -123,8 +124,30 @@ class HelperProcess:
                 return event
             self._unclaimed.append(event)
 
+    def stop(self) -> dict[str, Any]:
+        """Ask the process to quit; returns its ``counts`` event (once; later calls too)."""
+        if self.process is None:
+            raise RuntimeError(f"the {self.name} was not started")
+        if self._final is None:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                self.send("quit")
+            self._final = self.wait_for("counts")
+            self.process.wait(timeout=10)
+        return self._final
+
     def kill(self) -> None:
         """Stop the process however it is doing (after a failure)."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=10)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._final is None:
+            try:
+                self.stop()
+            except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired):
+                self.kill()

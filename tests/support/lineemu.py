@@ -40,7 +40,6 @@ import json
 import os
 import selectors
 import struct
-import subprocess
 import sys
 import termios
 import time
@@ -476,26 +475,7 @@ class LineEmulator(HelperProcess):
 
     def stop(self) -> dict[str, Any]:
         """Stop the process; returns the totals over every line."""
-        if self.process is None:
-            raise RuntimeError("the line emulator was not started")
-        if self.totals is None:
-            with contextlib.suppress(BrokenPipeError):
-                self.send("quit")
-            self.wait_for("counts")
-            self.process.wait(timeout=10)
-        assert self.totals is not None
-        return self.totals
-
-    def __enter__(self) -> LineEmulator:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.totals is None:
-            try:
-                self.stop()
-            except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired):
-                self.kill()
+        return super().stop()
 
 
 if __name__ == "__main__":
