@@ -221,3 +221,11 @@ def test_place_call_fires_with_the_setup_once_the_call_has_the_line() -> None:
     outcome: list[Any] = []
     place_call(_Endpoint(None), LinePlan(), call, Clock()).addBoth(outcome.append)
     assert isinstance(outcome[0], LineSetup) and call.made == 1
+
+
+def test_the_dial_number_fills_d_and_t_in_the_login_chat() -> None:
+    """\\D and \\T in the chat are the number of the dial setting, whatever its prefix."""
+    for dial in ("ATDT5551234", "atd5551234", "5551234"):
+        plan = dial_plan(dial=dial, chat=r'"" \D\c')
+        assert plan.login is not None and plan.login.steps[0].send is not None
+        assert plan.login.steps[0].send.pieces == (b"5551234",)

@@ -78,6 +78,7 @@ are sans-I/O in :mod:`relay.sansio.chat` and :mod:`relay.sansio.modem`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 from relay.sansio.chat import ChatError, parse_chat
@@ -134,6 +135,9 @@ __all__ = [
 ]
 
 
+_DIALLED = re.compile(r"^ATD[TP]?", re.IGNORECASE)  # the rest is the number (\D, \T)
+
+
 def dial_plan(
     *,
     modem_init: Sequence[str] = ("ATZ",),
@@ -154,8 +158,7 @@ def dial_plan(
     seconds for each expect of the login chat (default 10, as UUCP's)."""
     subs = dict(substitutions or {})
     if dial is not None and "D" not in subs:
-        number = dial[4:] if dial[:4].upper() in ("ATDT", "ATDP") else dial
-        subs["D"] = number.encode("ascii", "replace")
+        subs["D"] = _DIALLED.sub("", dial).encode("ascii", "replace")
     login = parse_chat(chat, subs, timeout=chat_timeout) if chat else None
     if dial is None:
         return LinePlan(None, login)
