@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest_twisted
+from twisted.application.internet import ClientService
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 
@@ -235,3 +236,43 @@ def test_stdio_answers_one_call_as_a_login_shell_would() -> None:
     assert shell.stdout.readline() == b"LOGIN SHELL\n"
     shell.stdin.close()  # the caller hangs up: end of input ends the call and the process
     assert shell.wait(timeout=60) == 0, shell.stderr.read()  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_service_reconnects_a_serial_line_like_tcp(tmp_path: Path) -> None:
+    """ClientService over a SerialEndpoint: the line drops, the device comes back, it reopens."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    device = tmp_path / "ttyLINK"
+    device.symlink_to(os.ttyname(slave))
+    protocols: list[Talker] = []
+
+    def new_protocol() -> Talker:
+        protocols.append(Talker(b"up %d" % (len(protocols) + 1)))
+        return protocols[-1]
+
+    endpoint = SerialEndpoint(reactor, parse_serial(f"serial:{device}"), tmp_path)
+    service = ClientService(
+        endpoint, Factory.forProtocol(new_protocol), retryPolicy=lambda attempt: 0.05
+    )
+    service.startService()
+    try:
+        await service.whenConnected()
+        os.set_blocking(master, False)
+        assert await _read_some(master) == b"up 1"
+        os.close(slave)
+        os.close(master)  # the line drops
+        await protocols[0].ended
+        master, slave = os.openpty()  # and comes back under the same name
+        tty.setraw(slave)
+        replacement = tmp_path / "ttyLINK.new"
+        replacement.symlink_to(os.ttyname(slave))
+        replacement.replace(device)
+        while len(protocols) < 2 or protocols[-1].transport is None:
+            await deferLater(reactor, 0.05, lambda: None)
+        os.set_blocking(master, False)
+        assert await _read_some(master) == b"up 2"
+    finally:
+        await service.stopService()
+        os.close(master)
+        os.close(slave)
