@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 
 from relay.sansio.chat import (
     BREAK,
-    MAX_EXPECT,
     Chat,
     ChatError,
     ChatEvent,
@@ -22,6 +21,7 @@ from relay.sansio.chat import (
     parse_chat,
     parse_send,
 )
+from relay.sansio.chatscript import MAX_EXPECT
 
 LOGIN = r'"" \r\c ogin:-BREAK-ogin: nuucp ssword: \P'
 

@@ -34,6 +34,42 @@ Devices are locked UUCP-style while open (:class:`DeviceLock`, ``LCK..ttyS0`` in
 (:mod:`relay.transport.description`); a bad one raises :class:`TransportError` when
 the endpoint is made, so a configuration check can call :func:`check_description`.
 
+Configuration keys this API serves (parsed by ``relay/config.py``, documented in
+``docs/configuration.md``; the names are a proposal the channel follows):
+
+* ``[phone] answer``: list of entries answered call after call: ``serial:...`` (see
+  :mod:`relay.transport.description` for its keys) or a Twisted server string
+  (``tcp:2600:interface=127.0.0.1``).  → ``answering_service(..., answer, ...)``.
+* ``[phone] modem_init``: list of AT commands sent to each serial ``answer`` device
+  every time it is opened, each answered ``OK`` (e.g. ``["ATZ", "ATE0 &C1 &D2"]``).
+  Absent: the answer devices are direct lines (null modem), no modem talk at all.
+  Keep ``S0=0``: the relay answers ``RING`` itself with ``ATA``.  ``&D2`` makes the
+  modem hang up when DTR drops, ``&C1`` makes DCD follow the carrier (then write
+  ``carrier=yes`` in the entry).  → ``modem_init=``.
+* ``[phone] lock_dir``: where ``LCK..`` files go (default ``/var/lock``).  → ``lock_dir=``.
+* ``[phone.sites.NAME] transport``: ``serial:...`` or a Twisted client string
+  (``tcp:host:port``).  → ``client_endpoint``.
+* ``[phone.sites.NAME] dial``: absent on a direct line or TCP.  An AT dial command sent
+  as is (``ATDT5551234``, ``ATDP...``), or a bare number (``5551234``, ``9,555-1234``)
+  that gets ``ATDT`` in front.  The modem's answer decides the call: ``CONNECT [rate]``
+  goes on; ``BUSY`` is AGN (retry, the site is not marked down); ``NO CARRIER`` and
+  ``NO ANSWER`` are DHST and silence is TIME (the site is marked down and backed off);
+  ``NO DIALTONE`` is NIO; ``ERROR`` (a bad init or dial command) is LIO.
+* ``[phone.sites.NAME] modem_init``: AT commands sent before dialling, each answered
+  ``OK`` (default ``["ATZ"]``; only with ``dial``).
+* ``[phone.sites.NAME] dial_timeout``: a duration, how long the modem may take to
+  answer the dial command (default ``60s``).
+* ``[phone.sites.NAME] chat``: a UUCP chat script run after ``CONNECT`` (or at once on a
+  direct line or TCP) to log in at the far end, e.g. ``ogin:--ogin: nuucp ssword: \\P``.
+  Expect/send pairs separated by white space; ``""`` expects nothing;
+  ``expect-send-expect`` alternates; escapes ``\\r \\n \\s \\t \\b \\N \\\\ \\- \\ddd
+  \\xhh``, in sends also ``\\c`` (no final CR), ``\\d`` (1 s), ``\\p`` (0.25 s), ``\\K``
+  and ``BREAK`` (a break), ``EOT``; ``\\D``/``\\T`` are the dial number, ``\\L`` and
+  ``\\P`` the values of ``chat_login`` and of ``chat_password_file``'s first line.
+  Matching ignores parity.  Refused with a clear error: an unknown escape, UUCP's port
+  escapes (``\\E \\e \\M \\m \\H``), ``\\L``/``\\P`` without a value.
+* ``[phone.sites.NAME] chat_timeout``: seconds for each expect (default ``10s``).
+
 Modules: ``description`` (parsing), ``lock`` (device locks), ``serial`` (the locked
 port, its endpoint, carrier watch), ``setup`` (modem, login chat, hand-over, hang-up),
 ``answer`` (answering loops), ``endpoints`` (descriptions to endpoints).  The engines
@@ -42,10 +78,11 @@ are sans-I/O in :mod:`relay.sansio.chat` and :mod:`relay.sansio.modem`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 from relay.sansio.chat import ChatError, parse_chat
-from relay.sansio.modem import dial_script, hangup_script
+from relay.sansio.modem import DIAL_TIMEOUT, dial_script, hangup_script
 from relay.transport.answer import (
     CallFactory,
     SerialAnswerer,
@@ -98,12 +135,17 @@ __all__ = [
 ]
 
 
+_DIALLED = re.compile(r"^ATD[TP]?", re.IGNORECASE)  # the rest is the number (\D, \T)
+
+
 def dial_plan(
     *,
     modem_init: Sequence[str] = ("ATZ",),
     dial: str | None = None,
     chat: str | None = None,
     substitutions: Mapping[str, bytes] | None = None,
+    dial_timeout: float = DIAL_TIMEOUT,
+    chat_timeout: float | None = None,
 ) -> LinePlan:
     """The caller's plan for a site: modem dialling if ``dial`` is set, then ``chat``.
 
@@ -111,15 +153,17 @@ def dial_plan(
     None on a direct line or TCP.  ``modem_init``: AT commands sent first, each
     answered OK.  ``chat``: a UUCP chat script for the far end's login (``\\D``/``\\T``
     in it are the number; ``substitutions`` may give ``L`` and ``P``).  Raises
-    :class:`ChatError` for a script or number that cannot be used."""
+    :class:`ChatError` for a script or number that cannot be used.  ``dial_timeout``:
+    seconds for the modem's result code after the dial command; ``chat_timeout``:
+    seconds for each expect of the login chat (default 10, as UUCP's)."""
     subs = dict(substitutions or {})
     if dial is not None and "D" not in subs:
-        number = dial[4:] if dial[:4].upper() in ("ATDT", "ATDP") else dial
-        subs["D"] = number.encode("ascii", "replace")
-    login = parse_chat(chat, subs) if chat else None
+        subs["D"] = _DIALLED.sub("", dial).encode("ascii", "replace")
+    login = parse_chat(chat, subs, timeout=chat_timeout) if chat else None
     if dial is None:
         return LinePlan(None, login)
-    return LinePlan.for_modem(dial_script(modem_init, dial), login, hangup_script())
+    modem = dial_script(modem_init, dial, dial_timeout=dial_timeout)
+    return LinePlan.for_modem(modem, login, hangup_script())
 
 
 def check_description(description: str) -> None:

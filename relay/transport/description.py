@@ -20,6 +20,8 @@ from typing import Final
 
 import serial
 
+from relay.sansio.fields import split_unescaped
+
 __all__ = ["SerialSettings", "TransportError", "is_serial", "is_stdio", "parse_serial"]
 
 _PARITIES: Final = {
@@ -84,25 +86,6 @@ def is_stdio(description: str) -> bool:
     return description == "stdio"
 
 
-def _split(text: str) -> list[str]:
-    parts: list[str] = []
-    current: list[str] = []
-    index = 0
-    while index < len(text):
-        if text.startswith("\\:", index):
-            current.append(":")
-            index += 2
-            continue
-        if text[index] == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(text[index])
-        index += 1
-    parts.append("".join(current))
-    return parts
-
-
 def _number(key: str, value: str) -> float:
     try:
         return float(value) if "." in value else int(value)
@@ -114,7 +97,8 @@ def parse_serial(description: str) -> SerialSettings:
     """The settings of a ``serial:DEVICE:key=value...`` description."""
     if not is_serial(description):
         raise TransportError(f"not a serial description: {description!r}")
-    device, *options = _split(description[len("serial:") :])
+    fields = split_unescaped(description[len("serial:") :], ":")
+    device, *options = (field.replace("\\:", ":") for field in fields)
     values: dict[str, object] = {}
     for option in options:
         key, equals, value = option.partition("=")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,7 @@ def client_endpoint(
         return SerialEndpoint(reactor, parse_serial(description), lock_dir)
     if is_stdio(description):
         raise TransportError("stdio answers calls; it cannot place one")
-    try:
-        endpoint: IStreamClientEndpoint = clientFromString(  # type: ignore[no-untyped-call]
-            reactor, description
-        )
-    except (ValueError, TypeError, KeyError) as error:
-        raise TransportError(f"bad transport {description!r}: {error}") from error
+    endpoint: IStreamClientEndpoint = _parsed(clientFromString, reactor, description)
     return endpoint
 
 
@@ -36,10 +32,13 @@ def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     """A Twisted server endpoint for a non-serial ``answer`` entry (``tcp:2600``)."""
     if is_serial(description) or is_stdio(description):
         raise TransportError(f"{description!r} is not a listening endpoint")
-    try:
-        endpoint: IStreamServerEndpoint = serverFromString(  # type: ignore[no-untyped-call]
-            reactor, description
-        )
-    except (ValueError, TypeError, KeyError) as error:
-        raise TransportError(f"bad answer endpoint {description!r}: {error}") from error
+    endpoint: IStreamServerEndpoint = _parsed(serverFromString, reactor, description)
     return endpoint
+
+
+def _parsed(parse: Callable[..., Any], reactor: Any, description: str) -> Any:
+    """Twisted's parser's endpoint, its complaints as a TransportError."""
+    try:
+        return parse(reactor, description)
+    except (ValueError, TypeError, KeyError) as error:
+        raise TransportError(f"bad endpoint {description!r}: {error}") from error

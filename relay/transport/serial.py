@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import serial
+from twisted.internet import abstract
 from twisted.internet import error as internet_error
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import (
@@ -124,11 +125,15 @@ class LockedSerialPort(SerialPort):
         self._watch = None
 
     def connectionLost(self, reason: Failure) -> None:
+        """Close the device and release its lock before the protocol hears of it, so that
+        whoever is told the line closed can open the port again at once."""
         self._stop_watch()
         try:
-            super().connectionLost(reason)  # type: ignore[no-untyped-call]
+            abstract.FileDescriptor.connectionLost(self, reason)  # type: ignore[no-untyped-call]
+            self._serial.close()
         finally:
             self._lock.release()
+        self.protocol.connectionLost(reason)
 
     def getPeer(self) -> SerialAddress:
         return SerialAddress(self.settings.device)

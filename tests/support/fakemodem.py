@@ -39,23 +39,21 @@ import enum
 import errno
 import heapq
 import itertools
-import json
 import os
 import re
 import selectors
-import signal
-import subprocess
 import sys
 import time
 import tty
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 if __package__ in (None, ""):  # run as a script: make ``support`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from support.helperprocess import COMMAND, WAKE, ControlLoop, HelperProcess
 from support.lineemu import LineEmulator
 
 READ_SIZE = 4096
@@ -76,6 +74,18 @@ class State(enum.Enum):
     LOGIN = "login"  # connected, the caller logging in (--login)
     ONLINE = "online"
     ONLINE_COMMAND = "online-command"  # escaped with +++, call still up
+
+
+def _read(fd: int) -> bytes | None:
+    """What a terminal has: None if nothing yet, b"" at its end (EIO: the other side closed)."""
+    try:
+        return os.read(fd, READ_SIZE)
+    except BlockingIOError:
+        return None
+    except OSError as error:
+        if error.errno != errno.EIO:
+            raise
+        return b""
 
 
 @dataclass
@@ -116,14 +126,13 @@ class Modem:
         self.open = False
 
 
-class FakeModems:
+class FakeModems(ControlLoop):
     """The process's main loop."""
 
     def __init__(self, options: argparse.Namespace, out: IO[str]) -> None:
+        super().__init__(out)
         self.options = options
-        self.out = out
         self.mode = "normal"
-        self.selector = selectors.DefaultSelector()
         self.timers: list[tuple[float, int, Callable[[], None]]] = []
         self._sequence = itertools.count()
         self.a = Modem("a", Path(options.dte_a))
@@ -139,26 +148,8 @@ class FakeModems:
         )
         self.line_fds: dict[str, int] = {}  # side -> the emulator's slave we hold
         self.calls = 0
-        self.running = True
-        self._wake_read, wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
-        os.set_blocking(wake_write, False)
-        signal.set_wakeup_fd(wake_write)
-        for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, self._on_signal)
-        self.selector.register(self._wake_read, selectors.EVENT_READ, "wake")
-        self.selector.register(sys.stdin.fileno(), selectors.EVENT_READ, "command")
-        self._command_buffer = b""
 
     # --- plumbing --------------------------------------------------------------------------
-
-    def emit(self, event: str, **values: Any) -> None:
-        """One JSON line on standard output."""
-        self.out.write(json.dumps({"event": event, **values}) + "\n")
-        self.out.flush()
-
-    def _on_signal(self, number: int, frame: object) -> None:
-        self.running = False
 
     def later(self, delay: float, action: Callable[[], None]) -> None:
         """Run ``action`` after ``delay`` seconds."""
@@ -193,14 +184,9 @@ class FakeModems:
 
     def read_dte(self, modem: Modem, now: float) -> None:
         """What a relay wrote; EIO means it closed the device (DTR dropped)."""
-        try:
-            data = os.read(modem.master, READ_SIZE)
-        except BlockingIOError:
+        data = _read(modem.master)
+        if data is None:
             return
-        except OSError as error:
-            if error.errno != errno.EIO:
-                raise
-            data = b""
         if not data:
             self.closed_by_dte(modem)
             return
@@ -460,26 +446,19 @@ class FakeModems:
                 os.write(fd, data)
 
     def _escape(self, modem: Modem, count_at: int) -> None:
-        if modem.state is State.ONLINE and modem.plus_count == count_at:
-            if time.monotonic() - modem.last_data >= self.options.guard * 0.9:
-                modem.state = State.ONLINE_COMMAND
-                modem.plus_count = 0
-                self.emit("escape", side=modem.side)
-                self.result(modem, "OK")
+        quiet = time.monotonic() - modem.last_data >= self.options.guard * 0.9
+        if modem.state is State.ONLINE and modem.plus_count == count_at and quiet:
+            modem.state = State.ONLINE_COMMAND
+            modem.plus_count = 0
+            self.emit("escape", side=modem.side)
+            self.result(modem, "OK")
 
     def read_line(self, modem: Modem) -> None:
         """Bytes from the emulator for ``modem``'s relay; EOF/EIO: the line dropped."""
         fd = self.line_fds.get(modem.side)
-        if fd is None:
+        data = None if fd is None else _read(fd)
+        if data is None:
             return
-        try:
-            data = os.read(fd, READ_SIZE)
-        except BlockingIOError:
-            return
-        except OSError as error:
-            if error.errno != errno.EIO:
-                raise
-            data = b""
         if not data:
             self.hang_up(None, "line")
             return
@@ -529,17 +508,6 @@ class FakeModems:
         elif word:
             self.emit("error", reason=f"unknown command {text.strip()!r}")
 
-    def _read_control(self) -> None:
-        chunk = os.read(sys.stdin.fileno(), 4096)
-        if not chunk:
-            self.running = False
-            self.selector.unregister(sys.stdin.fileno())
-            return
-        self._command_buffer += chunk
-        while b"\n" in self._command_buffer:
-            line, _, self._command_buffer = self._command_buffer.partition(b"\n")
-            self.control(line.decode("utf-8", "replace"))
-
     def run(self) -> None:
         """Serve until told to quit."""
         self.emulator.start()
@@ -556,11 +524,11 @@ class FakeModems:
             timeout = max(0.0, self.timers[0][0] - now) if self.timers else None
             for key, _ in self.selector.select(timeout):
                 now = time.monotonic()
-                if key.data == "wake":
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_read, 64)
-                elif key.data == "command":
-                    self._read_control()
+                if key.data == WAKE:
+                    self.woken()
+                elif key.data == COMMAND:
+                    for command in self.read_commands():
+                        self.control(command)
                 elif isinstance(key.data, Modem):
                     self.read_dte(key.data, now)
                 elif isinstance(key.data, tuple):
@@ -591,12 +559,14 @@ def main(argv: list[str] | None = None) -> None:
     FakeModems(parse_arguments(argv), sys.stdout).run()
 
 
-class FakeModem:
+class FakeModem(HelperProcess):
     """The fake modems' process, from a test: ``dte_a``/``dte_b`` are the device names.
 
     ``set_mode`` says how the next ``ATD`` goes, ``drop`` drops the carrier mid-call,
     ``wait_for`` reads events (it blocks: call it off the reactor, or after the fact).
     """
+
+    name = "fake modem"
 
     def __init__(
         self,
@@ -608,9 +578,10 @@ class FakeModem:
         ber: float = 0.0,
     ) -> None:
         directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
         self.dte_a = directory / "modem-a"
         self.dte_b = directory / "modem-b"
-        self.command_line = [
+        command_line = [
             sys.executable,
             str(Path(__file__).resolve()),
             f"--dte-a={self.dte_a}",
@@ -621,78 +592,17 @@ class FakeModem:
             f"--ber={ber}",
         ]
         if login:
-            self.command_line.append(f"--login={login}")
-        self.process: subprocess.Popen[str] | None = None
-        self.events: list[dict[str, Any]] = []
-        self._unclaimed: list[dict[str, Any]] = []
-
-    def start(self) -> None:
-        """Start the process and wait until both devices exist."""
-        self.process = subprocess.Popen(
-            self.command_line, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        self.wait_for("ready")
-
-    def _send(self, command: str) -> None:
-        assert self.process is not None and self.process.stdin is not None
-        self.process.stdin.write(command + "\n")
-        self.process.stdin.flush()
-
-    def _next_event(self) -> dict[str, Any]:
-        assert self.process is not None and self.process.stdout is not None
-        text = self.process.stdout.readline()
-        if not text:
-            raise RuntimeError(f"fake modem exited with {self.process.wait()}")
-        event: dict[str, Any] = json.loads(text)
-        self.events.append(event)
-        if event["event"] == "error":
-            raise RuntimeError(f"fake modem: {event['reason']}")
-        return event
-
-    def wait_for(self, kind: str) -> dict[str, Any]:
-        """Read events until one of ``kind`` arrives."""
-        for index, seen in enumerate(self._unclaimed):
-            if seen["event"] == kind:
-                return self._unclaimed.pop(index)
-        while True:
-            event = self._next_event()
-            if event["event"] == kind:
-                return event
-            self._unclaimed.append(event)
+            command_line.append(f"--login={login}")
+        super().__init__(command_line)
 
     def set_mode(self, mode: str) -> None:
         """How the next ATD goes: normal, busy, noanswer, nodialtone or silent."""
-        self._send(f"mode {mode}")
+        self.send(f"mode {mode}")
         self.wait_for("mode")
 
     def drop(self) -> None:
         """Drop the carrier of the call now."""
-        self._send("drop")
-
-    def stop(self) -> dict[str, Any]:
-        """Stop the process; returns its counts."""
-        assert self.process is not None
-        with contextlib.suppress(BrokenPipeError, OSError):
-            self._send("quit")
-        counts = self.wait_for("counts")
-        self.process.wait(timeout=10)
-        return counts
-
-    def kill(self) -> None:
-        """Stop the process however it is doing."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-
-    def __enter__(self) -> FakeModem:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        try:
-            self.stop()
-        except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired):
-            self.kill()
+        self.send("drop")
 
 
 if __name__ == "__main__":

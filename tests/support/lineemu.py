@@ -39,9 +39,7 @@ import fcntl
 import json
 import os
 import selectors
-import signal
 import struct
-import subprocess
 import sys
 import termios
 import time
@@ -53,6 +51,7 @@ from typing import IO, Any
 if __package__ in (None, ""):  # run as a script: make ``support`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from support.helperprocess import COMMAND, WAKE, ControlLoop, HelperProcess
 from support.linemodel import BitFlipper, Direction
 
 READ_SIZE = 4096
@@ -176,34 +175,15 @@ class Line:
                 side.closed = True
 
 
-class Emulator:
+class Emulator(ControlLoop):
     """The process's main loop: moves bytes, obeys commands, reports events."""
 
     def __init__(self, options: argparse.Namespace, out: IO[str]) -> None:
+        super().__init__(out)
         self.options = options
-        self.out = out
-        self.selector = selectors.DefaultSelector()
         self.totals = {"a_to_b": 0, "b_to_a": 0, "flipped_a_to_b": 0, "flipped_b_to_a": 0}
         self.lines = 0
         self.line: Line | None = None
-        self.running = True
-        self._wake_read, wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
-        os.set_blocking(wake_write, False)
-        signal.set_wakeup_fd(wake_write)
-        for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, self._on_signal)
-        self.selector.register(self._wake_read, selectors.EVENT_READ, "wake")
-        self.selector.register(sys.stdin.fileno(), selectors.EVENT_READ, "command")
-        self._command_buffer = b""
-
-    def emit(self, event: str, **values: Any) -> None:
-        """One JSON line on standard output."""
-        self.out.write(json.dumps({"event": event, **values}) + "\n")
-        self.out.flush()
-
-    def _on_signal(self, number: int, frame: object) -> None:
-        self.running = False
 
     def new_line(self, plan: DropPlan) -> None:
         """Hang up the current line if any and make a new one, on hook."""
@@ -307,17 +287,6 @@ class Emulator:
         elif word:
             self.emit("error", reason=f"unknown command {word!r}")
 
-    def _read_commands(self) -> None:
-        chunk = os.read(sys.stdin.fileno(), 4096)
-        if not chunk:
-            self.running = False
-            self.selector.unregister(sys.stdin.fileno())
-            return
-        self._command_buffer += chunk
-        while b"\n" in self._command_buffer:
-            line, _, self._command_buffer = self._command_buffer.partition(b"\n")
-            self.command(line.decode("utf-8", "replace"))
-
     def _read_side(self, line: Line, source: Side, direction: Direction, now: float) -> None:
         """Move what the endpoint on ``source`` wrote into the line, as far as its queue allows."""
         room = self.options.tx_buffer - direction.unsent(now)
@@ -378,11 +347,11 @@ class Emulator:
             now = time.monotonic()
             line = self.line
             for key, _ in events:
-                if key.data == "wake":
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_read, 64)
-                elif key.data == "command":
-                    self._read_commands()
+                if key.data == WAKE:
+                    self.woken()
+                elif key.data == COMMAND:
+                    for command in self.read_commands():
+                        self.command(command)
                 elif line is not None and isinstance(key.data, Side):
                     source = key.data
                     direction = line.a2b if source is line.a else line.b2a
@@ -433,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     Emulator(options, sys.stdout).run()
 
 
-class LineEmulator:
+class LineEmulator(HelperProcess):
     """The emulator process, started and stopped from a test or a benchmark.
 
     Use as a context manager, or ``start()`` / ``stop()``.  The device names are
@@ -441,6 +410,8 @@ class LineEmulator:
     hangs it up and makes a new one, ``stop()`` returns the totals and ``lines``
     holds the counts of every line that ended.
     """
+
+    name = "line emulator"
 
     def __init__(
         self,
@@ -456,7 +427,7 @@ class LineEmulator:
         self.link_a = Path(directory) / "line-a"
         self.link_b = Path(directory) / "line-b"
         plan = drop or DropPlan()
-        self.command_line = [
+        command_line = [
             sys.executable,
             str(Path(__file__).resolve()),
             f"--rate={rate}",
@@ -470,56 +441,22 @@ class LineEmulator:
             f"--drop-mode={plan.mode}",
         ]
         if plan.after_bytes is not None:
-            self.command_line.append(f"--drop-after-bytes={plan.after_bytes}")
+            command_line.append(f"--drop-after-bytes={plan.after_bytes}")
         if plan.after_seconds is not None:
-            self.command_line.append(f"--drop-after-seconds={plan.after_seconds}")
-        self.process: subprocess.Popen[str] | None = None
-        self.events: list[dict[str, Any]] = []  # every event, in order
-        self._unclaimed: list[dict[str, Any]] = []  # events no ``wait_for`` has returned
+            command_line.append(f"--drop-after-seconds={plan.after_seconds}")
+        super().__init__(command_line)
         self.lines: list[dict[str, Any]] = []
         self.totals: dict[str, Any] | None = None
 
-    def start(self) -> None:
-        """Start the process and wait until the first line is ready."""
-        self.process = subprocess.Popen(
-            self.command_line, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        self.wait_for("ready")
-
-    def _send(self, command: str) -> None:
-        assert self.process is not None and self.process.stdin is not None
-        self.process.stdin.write(command + "\n")
-        self.process.stdin.flush()
-
-    def _next_event(self) -> dict[str, Any]:
-        assert self.process is not None and self.process.stdout is not None
-        text = self.process.stdout.readline()
-        if not text:
-            raise RuntimeError(f"line emulator exited with {self.process.wait()}")
-        event: dict[str, Any] = json.loads(text)
-        self.events.append(event)
+    def on_event(self, event: dict[str, Any]) -> None:
         if event["event"] == "line":
             self.lines.append(event)
         elif event["event"] == "counts":
             self.totals = event
-        elif event["event"] == "error":
-            raise RuntimeError(f"line emulator: {event['reason']}")
-        return event
-
-    def wait_for(self, kind: str) -> dict[str, Any]:
-        """Read events until one of ``kind`` arrives (it blocks: call it off the reactor)."""
-        for index, seen in enumerate(self._unclaimed):
-            if seen["event"] == kind:
-                return self._unclaimed.pop(index)
-        while True:
-            event = self._next_event()
-            if event["event"] == kind:
-                return event
-            self._unclaimed.append(event)
 
     def connect(self) -> float:
         """Take the line off hook; returns the monotonic time bytes started to move."""
-        self._send("connect")
+        self.send("connect")
         return float(self.wait_for("connected")["at"])
 
     def new_line(self, drop: DropPlan | None = None) -> dict[str, Any]:
@@ -528,42 +465,17 @@ class LineEmulator:
         Returns the new line's ``ready`` event; the old line's counts are in ``lines``.
         """
         plan = drop or DropPlan()
-        self._send("new " + json.dumps(plan.__dict__))
+        self.send("new " + json.dumps(plan.__dict__))
         return self.wait_for("ready")
 
     def hang_up(self) -> dict[str, Any]:
         """Hang up the current line (both endpoints read end of file); returns its counts."""
-        self._send("hangup")
+        self.send("hangup")
         return self.wait_for("line")
 
     def stop(self) -> dict[str, Any]:
         """Stop the process; returns the totals over every line."""
-        if self.process is None:
-            raise RuntimeError("the line emulator was not started")
-        if self.totals is None:
-            with contextlib.suppress(BrokenPipeError):
-                self._send("quit")
-            self.wait_for("counts")
-            self.process.wait(timeout=10)
-        assert self.totals is not None
-        return self.totals
-
-    def kill(self) -> None:
-        """Stop the process however it is doing (after a failure)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-
-    def __enter__(self) -> LineEmulator:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.totals is None:
-            try:
-                self.stop()
-            except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired):
-                self.kill()
+        return super().stop()
 
 
 if __name__ == "__main__":
