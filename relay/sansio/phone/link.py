@@ -152,7 +152,7 @@ _CUM_SIZE: Final = 3  # the cumulative ack at the head of a data frame's ack blo
 _ACK_BLOCK_MAX: Final = _CUM_SIZE + 1 + SACK_LIMIT + 1 + 5 * 8
 assert MAX_FRAME_DATA + _ACK_BLOCK_MAX <= MAX_PAYLOAD
 
-ACK_DELAY: Final = 0.2
+ACK_DELAY: Final = 0.05
 """Seconds an acknowledgement of in-order data may wait, to cover more data at once."""
 
 
@@ -555,7 +555,13 @@ class Link:
                         break
                 else:
                     run = False
-            self._round_trip.back_off(self._max_rto())
+            # The peer still talking shows the line works: no point waiting ever longer
+            # (a serial line has no congestion to back off from), so twice the timeout
+            # the round trips give is as far as it goes then.
+            ceiling = self._max_rto()
+            if not outage:
+                ceiling = min(ceiling, 2.0 * self._round_trip.base_rto)
+            self._round_trip.back_off(ceiling)
             self._rto_deadline = now + self._round_trip.rto
         if self._probe_deadline is not None and now >= self._probe_deadline:
             self._probe_deadline = None
