@@ -325,14 +325,29 @@ class PhoneSite:
     chat: tuple[str, ...] = ()
     schedule: float | None = None
     login: str | None = None
+    poll_times: tuple[int, ...] = ()  # seconds after midnight UTC, sorted
+    call_window: tuple[int, int] | None = None  # (start, end) seconds after midnight UTC
+    gather_delay: float = 30.0
+    max_call_time: float = 3600.0
+    compression: bool = True
+    encryption: bool = False
+    max_message_size: int | None = None
+
+    @property
+    def poll(self) -> float | None:
+        """The polling interval (``poll`` as a duration, or the older ``schedule``)."""
+        return self.schedule
 
 
 @dataclass(frozen=True, slots=True)
 class PhoneSection:
-    """``[phone]``: where calls are answered, and the sites."""
+    """``[phone]``: this relay's name on the link, where calls are answered, the sites."""
 
     answer: tuple[Transport, ...] = ()
     sites: Mapping[str, PhoneSite] = field(default_factory=lambda: MappingProxyType({}))
+    name: str = ""  # filled from [relay] hostname's first label when absent
+    modem_init: tuple[str, ...] | None = None  # AT commands; None: direct lines, no modem
+    lock_dir: Path = Path("/var/lock")  # UUCP-style device locks
 
 
 @dataclass(frozen=True, slots=True)
@@ -934,7 +949,7 @@ def _read_config(
     smtp_client = _finished(top.table("smtp_client"), lambda t: _read_smtp_client(t, paths))
     deliver = _finished(top.table("deliver"), _read_deliver)
     local = _finished(top.table("local"), lambda t: _read_local(t, paths))
-    phone = _finished(top.table("phone"), lambda t: _read_phone(t, paths))
+    phone = _finished(top.table("phone"), lambda t: _read_phone(t, paths, relay.hostname))
     routes = _read_routes(top, paths, phone)
     metrics = _finished(top.table("metrics"), _read_metrics)
     top.finish()
@@ -1164,8 +1179,10 @@ def _read_metrics(t: _Table) -> MetricsSection:
     return MetricsSection(listen=t.get("listen", _endpoint, None))
 
 
-def _read_phone(t: _Table, paths: _Paths) -> PhoneSection:
+def _read_phone(t: _Table, paths: _Paths, hostname: str) -> PhoneSection:
     answer = t.get_list("answer", _answer_transport, (), "transports")
+    default_name = hostname.split(".", 1)[0]
+    own_name = t.get("name", _site_name, default_name if _is_site_name(default_name) else "relay")
     sites_table = t.table("sites")
     sites: dict[str, PhoneSite] = {}
     for name, value in sites_table.data.items():
@@ -1173,7 +1190,11 @@ def _read_phone(t: _Table, paths: _Paths) -> PhoneSection:
         site = _read_site(sites_table, name, value, paths)
         if site is not None:
             sites[name] = site
-    return PhoneSection(answer, MappingProxyType(sites))
+    modem_init = (
+        t.get_list("modem_init", _any_string, (), "AT commands") if t.has("modem_init") else None
+    )
+    lock_dir = t.get("lock_dir", paths.path, Path("/var/lock"))
+    return PhoneSection(answer, MappingProxyType(sites), own_name, modem_init, lock_dir)
 
 
 def _read_site(sites: _Table, name: str, value: object, paths: _Paths) -> PhoneSite | None:
@@ -1190,12 +1211,60 @@ def _read_site(sites: _Table, name: str, value: object, paths: _Paths) -> PhoneS
         transport=t.get("transport", _site_transport, None),
         dial=t.get("dial", _string, None),
         chat=t.get_list("chat", _any_string, (), "strings"),
-        schedule=t.get("schedule", _positive_duration, None),
+        schedule=_poll_interval(t),
         login=t.get("login", _site_name, None),
+        poll_times=_poll_times(t),
+        call_window=t.get("call_window", _time_window, None),
+        gather_delay=t.get("gather_delay", _duration, 30.0),
+        max_call_time=t.get("max_call_time", _positive_duration, 3600.0),
+        compression=t.get("compression", _boolean, True),
+        encryption=t.get("encryption", _boolean, False),
+        max_message_size=t.get("max_message_size", _positive_int, None),
     )
     _check_site(t, site)
     t.finish()
     return site
+
+
+_TIME_OF_DAY = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
+
+
+def _time_of_day(value: object) -> int:
+    """``"HH:MM"`` (UTC) as seconds after midnight."""
+    if not isinstance(value, str) or (match := _TIME_OF_DAY.fullmatch(value)) is None:
+        raise _expected("a time of day like '02:30' (UTC)", value)
+    return int(match.group(1)) * 3600 + int(match.group(2)) * 60
+
+
+def _time_window(value: object) -> tuple[int, int]:
+    """``"HH:MM-HH:MM"`` (UTC; may wrap past midnight) as two times of day."""
+    what = "a window like '22:00-06:00' (UTC)"
+    if not isinstance(value, str) or value.count("-") != 1:
+        raise _expected(what, value)
+    start, end = value.split("-")
+    try:
+        window = (_time_of_day(start.strip()), _time_of_day(end.strip()))
+    except _Invalid:
+        raise _expected(what, value) from None
+    if window[0] == window[1]:
+        raise _expected(what + " that is not empty", value)
+    return window
+
+
+def _poll_interval(t: _Table) -> float | None:
+    """``poll`` as a duration (or the older ``schedule``); None for times of day."""
+    if t.has("poll") and t.has("schedule"):
+        t.problem("schedule", "give poll or schedule, not both")
+    if t.has("poll") and not isinstance(t.data.get("poll"), list):
+        return t.get("poll", _positive_duration, None)
+    return t.get("schedule", _positive_duration, None)
+
+
+def _poll_times(t: _Table) -> tuple[int, ...]:
+    """``poll`` as a list of times of day, sorted."""
+    if not isinstance(t.data.get("poll"), list):
+        return ()
+    return tuple(sorted(set(t.get_list("poll", _time_of_day, (), "times of day"))))
 
 
 def _check_site(t: _Table, site: PhoneSite) -> None:
@@ -1204,6 +1273,6 @@ def _check_site(t: _Table, site: PhoneSite) -> None:
         return
     if t.has("dial") and not isinstance(site.transport, SerialTransport):
         t.problem("dial", "needs a serial transport")
-    for key in ("chat", "schedule"):
+    for key in ("chat", "schedule", "poll", "call_window"):
         if t.has(key) and site.transport is None:
             t.problem(key, "needs a transport (a site without one only calls in)")

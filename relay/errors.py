@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from relay.reply import Reply
 
-__all__ = ["ContractViolation", "DigestMismatch", "RelayError", "SessionFailed", "SpoolError"]
+__all__ = [
+    "ContractViolation",
+    "DigestMismatch",
+    "MessageRefused",
+    "RelayError",
+    "SessionFailed",
+    "SpoolError",
+]
 
 
 class RelayError(Exception):
@@ -41,3 +48,12 @@ class SpoolError(RelayError):
 
 class DigestMismatch(RelayError):
     """A message's text does not match the size or hash its sender announced."""
+
+
+class MessageRefused(RelayError):
+    """A receiving store refuses a whole message for good (e.g. it has looped): the
+    sender gets ``reply`` as its final answer instead of a temporary failure."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply

@@ -202,9 +202,9 @@ class IChannelSession(Interface):
 class IReadSession(Interface):
     """The receiving side: a channel delivers messages *to* the relay (MMDF's read-mail).
 
-    The slave side of the phone link is to read messages this way (nothing implements
-    it yet; the SMTP gateway stores straight through :meth:`IQueue.store`); the caller
-    answers each address and each text, and those answers go back to the peer.
+    The phone channel's received messages are read into the queue this way
+    (:class:`relay.channels.phone.held.HeldMessage`; the SMTP gateway stores straight
+    through :meth:`IQueue.store`); the caller answers each address and each text.
     """
 
     def next_message() -> Deferred[tuple[str, Address | None] | None]:

@@ -4,14 +4,16 @@ The queue part comes from the spool (:func:`relay.queue.view.queue_status`); thi
 what only the daemon knows, and the control socket (:mod:`relay.queue.control`) sends
 both to ``relay status``.
 
-``phone_sites`` is empty until the phone channel exists: it is where that channel will
-put, per site, the last call and its result (issue 17).  An empty object says "no
-phone sites are run by this relay", which is true of this build; nothing is made up.
+``phone_sites`` holds, per phone site, whether this relay calls it, its last call (the
+call record: when, which way, the result) and, for a site it calls, the next planned
+call and whether the site is down after failed calls.  An empty object: this relay runs
+no phone sites.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
@@ -26,9 +28,16 @@ __all__ = ["DaemonReport"]
 class DaemonReport(Service):
     """Notes when the relay started; answers the daemon's part of ``relay status``."""
 
-    def __init__(self, clock: IReactorTime, history: DeliveryHistory) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        history: DeliveryHistory,
+        phone_sites: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        """``phone_sites`` reports the phone channel's sites (None: no phone channel)."""
         self._clock = clock
         self._history = history
+        self._phone_sites = phone_sites
         self.started: float | None = None
 
     def startService(self) -> None:
@@ -47,5 +56,5 @@ class DaemonReport(Service):
             "started": started,
             "uptime": max(0.0, now - started),
             "deliveries": self._history.to_json(),
-            "phone_sites": {},
+            "phone_sites": self._phone_sites() if self._phone_sites is not None else {},
         }

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from relay import __version__
 from relay.channels.local import LocalChannel, build_local_channel
+from relay.channels.phone.service import PhonePart, build_phone
 from relay.channels.smtp.channel import SmtpChannel, build_smtp_channel
 from relay.config import Config, ConfigError, default_config, load_config
 from relay.deliver.service import DelivererService, build_deliverer
@@ -124,6 +125,7 @@ def build_service(
     *,
     local_recipients: LocalRecipients | None = None,
     smtp_options: Mapping[str, Any] | None = None,
+    calls_out: bool = True,
 ) -> MultiService:
     """The relay's whole service tree for ``config``.
 
@@ -144,7 +146,8 @@ def build_service(
 
     The SMTP channel takes its settings from
     ``[smtp_client]``; ``smtp_options`` override them (tests and benchmarks use them for
-    a ``port``, a ``resolver`` or ``ca_file``).
+    a ``port``, a ``resolver`` or ``ca_file``).  With ``calls_out`` false the phone
+    channel only answers (``twistd relay-slave``): no site is called.
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -160,14 +163,27 @@ def build_service(
     local = build_local_channel(config, spool, reactor, recipients=local_recipients)
     # One router for the gateway's RCPT checks, the deliverer and the SMTP channel, built
     # with the channels that run: none of them can disagree about where mail goes.
-    router = Router(config, channels=frozenset({"local", "smtp"}))
+    with_phone = bool(config.phone.sites)
+    running = {"local", "smtp"} | ({"phone"} if with_phone else set())
+    router = Router(config, channels=frozenset(running))
     smtp = build_smtp_channel(
         config, reactor, **{"route": router.route, **dict(smtp_options or {})}
     )
     attach(ChannelsService(local, smtp), top, "channels")
     channels: dict[str, IChannel] = {"local": local, "smtp": smtp}
+    phone: PhonePart | None = None
+    deliverer: DelivererService
+    if with_phone:
+        phone = build_phone(
+            config, spool.when_ready, router, local_recipients, reactor, lambda: deliverer
+        )
+        channels["phone"] = phone.channel
     deliverer = build_deliverer(config, spool, channels, reactor, router=router)
     attach(deliverer, top, "deliverer")
+    if phone is not None:
+        # After the deliverer: it stops first, and a call's last settlements still find
+        # the deliverer's recorder running.
+        attach(phone.service(config, reactor, answer=True, call_out=calls_out), top, "phone")
     spool.flusher = deliverer.flush
     queue_ready: Deferred[IQueue] = spool.when_ready().addCallback(lambda queue: queue)
     processes = 1 + config.smtp.workers
@@ -202,7 +218,7 @@ def build_service(
         )
         attach(workers, gateway, "workers")  # type: ignore[arg-type]
     attach(gateway, top, "smtp")
-    _attach_operator_services(top, config, reactor, spool, deliverer, router, gateway)
+    _attach_operator_services(top, config, reactor, spool, deliverer, router, gateway, phone)
     return top
 
 
@@ -214,6 +230,7 @@ def _attach_operator_services(
     deliverer: DelivererService,
     router: Router,
     gateway: IService,
+    phone: PhonePart | None,
 ) -> None:
     """The maildrop's pickup (``relay sendmail``), ``relay status``'s report, and the
     Prometheus endpoint if ``[metrics] listen`` is set.
@@ -221,8 +238,12 @@ def _attach_operator_services(
     Attached last, so they start once the rest is built and stop first: no new mail is
     picked up while the relay shuts down.
     """
-    report = DaemonReport(reactor, deliverer.history)
+    report = DaemonReport(
+        reactor, deliverer.history, phone.site_report if phone is not None else None
+    )
     spool.reporter = report.report
+    if phone is not None:
+        spool.caller = phone.call_now
     attach(report, top, "report")
     attach(build_pickup(config, spool.when_ready(), reactor, router.route), top, "pickup")
     if config.metrics.listen is not None:

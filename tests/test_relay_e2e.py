@@ -169,8 +169,9 @@ async def test_relay_flush_revives_a_dead_destination(tmp_path: Path, sinks: Sin
 
 
 @pytest_twisted.ensureDeferred
-async def test_rcpt_to_a_channel_that_does_not_run_is_refused(tmp_path: Path) -> None:
-    """Mail routed to the phone channel (not in this build) is refused at RCPT, not bounced."""
+async def test_mail_for_a_phone_site_waits_for_its_call(tmp_path: Path) -> None:
+    """Mail routed to a phone site that only calls in is accepted and deferred (AGN,
+    waiting for the site's call), not bounced and not refused."""
     port = free_port()
     (tmp_path / "secret").write_text("s3cret\n")
     text = _config_text(port, free_port(), "1s") + (
@@ -181,15 +182,25 @@ async def test_rcpt_to_a_channel_that_does_not_run_is_refused(tmp_path: Path) ->
     service = build_service(parse_config(text, tmp_path), reactor)
     service.startService()
     try:
-        await service.getServiceNamed("spool").when_ready()
+        queue = await service.getServiceNamed("spool").when_ready()
 
-        def rcpt() -> tuple[int, bytes]:
+        def send() -> None:
             with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
-                client.ehlo("client.example.test")
-                client.mail("sender@example.test")
-                return client.rcpt("someone@site-b.test")
+                client.sendmail(
+                    "sender@example.test", ["someone@site-b.test"], b"Subject: x\r\n\r\ny\r\n"
+                )
 
-        code, _ = await deferToThread(rcpt)
-        assert code // 100 == 5
+        await deferToThread(send)
+
+        def deferred() -> bool:
+            entries = list(queue.entries())
+            return bool(entries) and entries[0].statuses[0].state is RecipientState.DEFERRED
+
+        while not deferred():
+            await task.deferLater(reactor, 0.05, lambda: None)
+        status = next(iter(queue.entries())).statuses[0]
+        assert (
+            status.last_reply is not None and "waiting for site-b to call" in status.last_reply.text
+        )
     finally:
         await service.stopService()

@@ -55,6 +55,7 @@ def test_service_tree_has_named_children() -> None:
         "spool",
         "channels",
         "deliverer",
+        "phone",
         "smtp",
         "report",
         "pickup",
@@ -70,11 +71,14 @@ def test_bad_config_is_a_usage_error_listing_every_problem() -> None:
     assert len(str(caught.value).splitlines()) == 3
 
 
-def test_slave_declares_its_options_and_refuses_to_run() -> None:
-    """relay-slave accepts its options but says plainly that it has no service yet."""
+def test_slave_answers_without_smtp() -> None:
+    """relay-slave builds the relay answering on --answer, with no SMTP listener."""
     options = slave_tap.Options()
-    with pytest.raises(usage.UsageError, match="not in this build"):
-        options.parseOptions(["--config", str(DATA / "spec.toml"), "--answer", "tcp:2600"])
+    options.parseOptions(["--config", str(DATA / "spec.toml"), "--answer", "tcp:2600"])
+    assert options.config.smtp.listen == () and str(options.config.phone.answer[0]) == "tcp:2600"
+    service = slave_tap.makeService(options)
+    names = [child.name for child in service]  # type: ignore[attr-defined]
+    assert "phone" in names and "deliverer" in names
 
 
 def test_twistd_help_lists_both_plugins() -> None:

@@ -18,6 +18,7 @@ from relay.cli import (
     config_commands,
     exitcodes,
     passwd_commands,
+    phone_commands,
     queue_commands,
     sendmail,
     status_commands,
@@ -30,6 +31,7 @@ SUBCOMMANDS: tuple[ModuleType, ...] = (
     queue_commands,
     aliases_commands,
     passwd_commands,
+    phone_commands,
 )
 
 

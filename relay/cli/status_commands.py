@@ -85,7 +85,31 @@ def format_status(status: Mapping[str, Any], now: float) -> str:
                 lines.append(f"    last {label}: {_disposition(last[kind], now)}")
         sites = daemon.get("phone_sites") or {}
         lines.append(f"phone sites: {len(sites) or 'none'}")
+        for name, site in sites.items():
+            lines.append(f"  {_printable(name)}: {_phone_site(site, now)}")
     return "\n".join(lines) + "\n"
+
+
+def _phone_site(site: Mapping[str, Any], now: float) -> str:
+    """One phone site: its last call, and the next one for a site this relay calls."""
+    last = site.get("last_call")
+    parts = []
+    if last is None:
+        parts.append("no call since start")
+    else:
+        parts.append(
+            f"last call {last['direction']} {_when(last['start'])} ({_age(now - last['start'])} "
+            f"ago) {_printable(str(last['result']))}, sent {last['messages_sent']}, "
+            f"received {last['messages_received']}"
+        )
+    if site.get("calls_out"):
+        if site.get("down"):
+            parts.append(f"down after {site.get('failures', 0)} failed calls")
+        following = site.get("next_call")
+        parts.append("next call: " + ("none planned" if following is None else _when(following)))
+    else:
+        parts.append("calls in")
+    return "; ".join(parts)
 
 
 def _disposition(last: Mapping[str, Any] | None, now: float) -> str:

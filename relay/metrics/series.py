@@ -12,6 +12,9 @@ They are counted where the thing happens, at the narrowest place that sees it:
     the same place, from arrival to a final disposition (sent, bounced or expired);
 ``relay_bounces_total``, ``relay_delay_warnings_total``
     the recorder, when it queues a failure (or double-bounce) notice or a delay warning;
+``relay_phone_calls_total{site, result}``, ``relay_phone_call_bytes_total{site, direction}``
+    the phone channel, once per call (either end): its outcome, and the message bytes
+    it moved each way (``sent``, ``received``);
 ``relay_spool_sync_seconds``, ``relay_spool_batch_records``
     the spool writer's thread, per group commit: the write and fdatasync, and how many
     records shared it.
@@ -40,6 +43,8 @@ __all__ = [
     "DELAY_WARNINGS",
     "DELIVERIES",
     "DELIVERY_LATENCY",
+    "PHONE_CALLS",
+    "PHONE_CALL_BYTES",
     "RECEIVED",
     "SPOOL_SYNC",
     "received",
@@ -67,6 +72,16 @@ BOUNCES: Final = Counter(
 )
 DELAY_WARNINGS: Final = Counter(
     "relay_delay_warnings_total", "Delay warnings (DSNs) queued for a sender."
+)
+PHONE_CALLS: Final = Counter(
+    "relay_phone_calls_total",
+    "Phone calls made or answered, by site and result.",
+    ["site", "result"],
+)
+PHONE_CALL_BYTES: Final = Counter(
+    "relay_phone_call_bytes_total",
+    "Message bytes moved by phone calls, by site and direction.",
+    ["site", "direction"],
 )
 SPOOL_SYNC: Final = Histogram(
     "relay_spool_sync_seconds",

@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relay.errors import DigestMismatch
+from relay.errors import DigestMismatch, MessageRefused
 from relay.interfaces import IPhoneStore
 from relay.reply import Reply, ReplyCode
 from relay.sansio.phone.accounting import CallSummary
@@ -250,6 +250,14 @@ class CallHandler:
                     peer=event.peer,
                 )
                 reply = Reply(ReplyCode.NET, "text damaged: send it again")
+            elif isinstance(failure.value, MessageRefused):
+                log.warn(
+                    "phone: {id} from {peer} refused: {reply}",
+                    id=event.message_id,
+                    peer=event.peer,
+                    reply=str(failure.value.reply),
+                )
+                reply = failure.value.reply
             else:
                 log.failure("phone: cannot commit {id}", failure, id=event.message_id)
                 reply = Reply(ReplyCode.FIO, "cannot store mail now")

@@ -46,6 +46,7 @@ from relay.queue.store import SpoolQueue
 from relay.queue.view import HEADER_READ_LIMIT, details, queue_status, summary
 
 __all__ = [
+    "Caller",
     "ControlFactory",
     "ControlProtocol",
     "Flusher",
@@ -64,6 +65,10 @@ operator flushes because the destination is back); without one, the queue's own 
 Reporter = Callable[[], dict[str, Any]]
 """The daemon's part of ``relay status`` (:meth:`relay.report.DaemonReport.report`)."""
 
+Caller = Callable[[str], Deferred[dict[str, Any]]]
+"""``relay call SITE``: calls the site now; fires with the call's record once it ended.
+Fails with KeyError for a site this relay does not call."""
+
 _log = Logger()
 
 
@@ -72,9 +77,21 @@ async def execute(
     request: Request,
     flusher: Flusher | None = None,
     reporter: Reporter | None = None,
+    caller: Caller | None = None,
 ) -> dict[str, Any]:
     """Carry out one request on the daemon's queue; the response object."""
     flush: Flusher = flusher if flusher is not None else queue.flush
+    if request.op == "call":
+        assert request.site is not None
+        if caller is None:
+            return error_response("this relay runs no phone channel", "bad-request")
+        try:
+            record = await caller(request.site)
+        except KeyError:
+            return error_response(
+                f"no phone site {request.site!r} that this relay calls", "not-found"
+            )
+        return {"ok": True, "call": record}
     if request.op == "list":
         return {"ok": True, "messages": [summary(e) for e in queue.entries()]}
     if request.op == "status":
@@ -136,11 +153,16 @@ class ControlProtocol(LineOnlyReceiver):
     MAX_LENGTH = MAX_LINE
 
     def __init__(
-        self, queue: SpoolQueue, flusher: Flusher | None = None, reporter: Reporter | None = None
+        self,
+        queue: SpoolQueue,
+        flusher: Flusher | None = None,
+        reporter: Reporter | None = None,
+        caller: Caller | None = None,
     ) -> None:
         self._queue = queue
         self._flusher = flusher
         self._reporter = reporter
+        self._caller = caller
         self._previous: Deferred[None] = defer.succeed(None)
 
     def lineReceived(self, line: bytes) -> None:
@@ -158,7 +180,9 @@ class ControlProtocol(LineOnlyReceiver):
         except ProtocolError as e:
             self._send(error_response(str(e), "bad-request"))
             return defer.succeed(None)
-        d = ensureDeferred(execute(self._queue, request, self._flusher, self._reporter))
+        d = ensureDeferred(
+            execute(self._queue, request, self._flusher, self._reporter, self._caller)
+        )
         d.addErrback(self._failed, request)
         return d.addCallback(self._send)
 
@@ -175,15 +199,20 @@ class ControlFactory(Factory):
     """Makes a :class:`ControlProtocol` per connection, all on one queue."""
 
     def __init__(
-        self, queue: SpoolQueue, flusher: Flusher | None = None, reporter: Reporter | None = None
+        self,
+        queue: SpoolQueue,
+        flusher: Flusher | None = None,
+        reporter: Reporter | None = None,
+        caller: Caller | None = None,
     ) -> None:
         self.queue = queue
         self.flusher = flusher
         self.reporter = reporter
+        self.caller = caller
 
     def buildProtocol(self, addr: object) -> ControlProtocol:
         """A protocol bound to the queue."""
-        protocol = ControlProtocol(self.queue, self.flusher, self.reporter)
+        protocol = ControlProtocol(self.queue, self.flusher, self.reporter, self.caller)
         protocol.factory = self
         return protocol
 
@@ -193,6 +222,7 @@ def listen_control(
     reactor: IReactorUNIX,
     flusher: Flusher | None = None,
     reporter: Reporter | None = None,
+    caller: Caller | None = None,
 ) -> Deferred[IListeningPort]:
     """Serve the control socket of ``queue``'s spool (the caller holds the spool's lock).
 
@@ -209,7 +239,7 @@ def listen_control(
     async def listen() -> IListeningPort:
         await deferToThreadPool(threads, threads.getThreadPool(), unlink_stale)
         port: IListeningPort = reactor.listenUNIX(
-            str(path), ControlFactory(queue, flusher, reporter), mode=0o600
+            str(path), ControlFactory(queue, flusher, reporter, caller), mode=0o600
         )
         return port
 

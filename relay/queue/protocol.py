@@ -6,6 +6,7 @@ One request per line, one response per line, UTF-8 JSON objects::
     {"op": "status"}                                -> {"ok": true, "status": {...}}
     {"op": "show", "id": "0615E2A4C1B3F0"}          -> {"ok": true, "message": {...}}
     {"op": "rm" | "hold" | "release", "ids": [...]} -> {"ok": true, "results": [...]}
+    {"op": "call", "site": "site-b"}                -> {"ok": true, "call": {...}}
     {"op": "flush", "ids": [...] | null, "channel": "smtp" | null}
                           ids given                 -> {"ok": true, "results": [...]}
                           ids null (all messages)   -> {"ok": true, "changed": 3}
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 MAX_LINE = 4 * 1024 * 1024  # a request or response line; ``list`` of a big queue is long
-OPS = ("list", "show", "rm", "hold", "release", "flush", "status")
+OPS = ("list", "show", "rm", "hold", "release", "flush", "status", "call")
 READ_ONLY_OPS = ("list", "show", "status")
 REASONS = ("not-found", "spool", "bad-request", "failed")
 
@@ -66,12 +67,15 @@ class Request:
     op: str
     ids: tuple[str, ...] | None = None
     channel: str | None = None
+    site: str | None = None  # for call: the phone site to call
 
     def to_json(self) -> dict[str, Any]:
         """The request as it goes on the wire."""
         out: dict[str, Any] = {"op": self.op}
         if self.op == "show":
             out["id"] = self.ids[0] if self.ids else None
+        elif self.op == "call":
+            out["site"] = self.site
         elif self.op not in ("list", "status"):
             out["ids"] = None if self.ids is None else list(self.ids)
         if self.op == "flush":
@@ -90,6 +94,11 @@ def parse_request(data: object) -> Request:
         return Request(op)
     if op == "show":
         return Request("show", (_queue_id(data.get("id")),))
+    if op == "call":
+        site = data.get("site")
+        if not isinstance(site, str) or not 0 < len(site) <= 64 or not site.isprintable():
+            raise ProtocolError("call: site must be a site name")
+        return Request("call", site=site)
     raw_ids = data.get("ids")
     if raw_ids is None and op == "flush":
         ids = None

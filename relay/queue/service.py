@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relay.errors import SpoolError
-from relay.queue.control import Flusher, Reporter, listen_control
+from relay.queue.control import Caller, Flusher, Reporter, listen_control
 from relay.queue.segment import DEFAULT_SEGMENT_LIMIT
 from relay.queue.store import SpoolQueue
 
@@ -53,6 +53,7 @@ class SpoolService(Service):
         self._starting: Deferred[None] | None = None
         self.flusher: Flusher | None = None
         self.reporter: Reporter | None = None  # the daemon's part of ``relay status``
+        self.caller: Caller | None = None  # ``relay call SITE``, with a phone channel
 
     def when_ready(self) -> Deferred[SpoolQueue]:
         """Fire with the open queue (at once if it is open), or fail if it cannot open."""
@@ -79,6 +80,12 @@ class SpoolService(Service):
         """``relay status`` from the control socket: what :attr:`reporter` says."""
         return self.reporter() if self.reporter is not None else {"running": True}
 
+    def _call(self, site: str) -> Deferred[dict[str, Any]]:
+        """``relay call SITE`` from the control socket: what :attr:`caller` does."""
+        if self.caller is None:
+            return defer.fail(KeyError(site))
+        return self.caller(site)
+
     def startService(self) -> None:
         """Open the spool and serve the control socket."""
         super().startService()  # type: ignore[no-untyped-call]
@@ -94,7 +101,9 @@ class SpoolService(Service):
                 close_at_shutdown=False,  # stopService closes it, after the deliverer
             )
             self.queue = queue
-            self._port = await listen_control(queue, self._reactor, self._flush, self._report)
+            self._port = await listen_control(
+                queue, self._reactor, self._flush, self._report, self._call
+            )
         except Exception as e:
             self._failure = failure = Failure(e)  # type: ignore[no-untyped-call]
             if isinstance(e, SpoolError):  # a reason meant for the operator: one line

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from relay.envelope import RecipientState, reply_to_dict
+from relay.oneline import escape
 from relay.queue.state import MessageEntry
 
 __all__ = [
@@ -138,7 +139,31 @@ def format_listing(messages: Sequence[Mapping[str, Any]]) -> str:
         lines.append("")
     count = len(messages)
     lines.append(f"-- {_kib(total)} KiB in {count} message{'s' if count != 1 else ''}.")
+    for site, (site_messages, recipients) in sorted(waiting_by_site(messages).items()):
+        lines.append(
+            f"-- phone site {escape(site)}: {site_messages} message"
+            f"{'s' if site_messages != 1 else ''} ({recipients} recipient"
+            f"{'s' if recipients != 1 else ''}) waiting for a call."
+        )
     return "\n".join(lines) + "\n"
+
+
+def waiting_by_site(messages: Sequence[Mapping[str, Any]]) -> dict[str, tuple[int, int]]:
+    """(messages, recipients) waiting per phone site, from ``relay queue``'s listing."""
+    found: dict[str, tuple[int, int]] = {}
+    for message in messages:
+        sites: dict[str, int] = {}
+        for recipient in message["recipients"]:
+            if recipient.get("channel") == "phone" and recipient.get("state") not in (
+                "delivered",
+                "failed",
+            ):
+                host = str(recipient.get("host"))
+                sites[host] = sites.get(host, 0) + 1
+        for site, count in sites.items():
+            held = found.get(site, (0, 0))
+            found[site] = (held[0] + 1, held[1] + count)
+    return found
 
 
 def format_details(message: Mapping[str, Any]) -> str:

@@ -1,0 +1,14 @@
+"""The phone channel: mail between this relay and its sites over serial lines and TCP.
+
+:func:`build_phone` makes its parts from ``[phone]`` (for :mod:`relay.tap` and
+:mod:`relay.slave_tap`).  The modules, one job each: ``channel`` (the ``IChannel`` the
+deliverer sees), ``outbox`` and ``inbox`` (the spool's side of the link's store, joined
+in ``store``), ``held`` (the read side of a received message), ``calls`` (placing and
+answering calls), ``scheduler`` (when to call), ``calllog`` (the record of calls) and
+``service`` (the wiring).
+"""
+
+from relay.channels.phone.channel import PhoneChannel
+from relay.channels.phone.service import PhonePart, build_phone
+
+__all__ = ["PhoneChannel", "PhonePart", "build_phone"]
