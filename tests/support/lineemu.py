@@ -337,6 +337,9 @@ class Emulator:
             direction.accept(data, now)
 
     def _deliver(self, line: Line, now: float) -> None:
+        """Hand each side what has reached it by ``now`` (nothing that arrives after a drop)."""
+        if line.plan.after_seconds is not None and line.connected_at is not None:
+            now = min(now, line.connected_at + line.plan.after_seconds)
         for _source, direction, target in line.routes():
             limit = line.delivery_limit()
             data = direction.take_due(now, limit)
