@@ -407,6 +407,7 @@ class IPhoneStore(Interface):
         site: str, message_id: str, envelope: Envelope, size: int, digest: bytes
     ) -> Deferred[str]:
         """Check the whole text against ``size`` and ``digest`` (SHA-256), make the
-        message durable, remember its id, and fire with the local queue id.  On a
+        message durable for ``envelope`` (the recipients :meth:`accept` accepted),
+        remember its id, and fire with the local queue id.  On a
         mismatch the partial text is dropped (the sender sends it all again) and the
         Deferred fails with :class:`relay.errors.DigestMismatch`."""

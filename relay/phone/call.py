@@ -43,6 +43,7 @@ from relay.sansio.phone.session import (
 __all__ = ["CallHandler"]
 
 log = Logger()
+_STORED = Reply(ReplyCode.OK)  # the local queue id is logged here, not sent: bytes count
 
 
 class CallHandler:
@@ -176,20 +177,26 @@ class CallHandler:
         d.addErrback(failed)
         self._writes[event.job] = d
 
-    def _commit(self, event: CommitRequested) -> None:
+    def _commit(self, request: CommitRequested) -> None:
+        event = request.proposal
         previous = self._writes.pop(event.job, succeed(None))
 
         def commit(_: object) -> Deferred[str] | None:
             if event.job in self._failed_writes:
                 return None
             return self._store.commit(
-                event.peer, event.message_id, event.envelope, event.size, event.digest
+                event.peer, event.message_id, request.envelope, event.size, event.digest
             )
 
         def committed(queue_id: str | None) -> None:
             if queue_id is not None:
-                reply = Reply(ReplyCode.OK, f"stored as {queue_id}")
-                self._answer(lambda: self._session.commit_done(event.job, reply))
+                log.debug(
+                    "phone: {id} from {peer} stored as {queue_id}",
+                    id=event.message_id,
+                    peer=event.peer,
+                    queue_id=queue_id,
+                )
+                self._answer(lambda: self._session.commit_done(event.job, _STORED))
 
         def failed(failure: Failure) -> None:
             if isinstance(failure.value, DigestMismatch):

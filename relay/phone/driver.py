@@ -130,20 +130,26 @@ class PhoneProtocol(Protocol):
     # --- the engine ------------------------------------------------------------------------
 
     def _kick(self) -> None:
-        """Something happened: act on the engine's events, write, re-arm the timer."""
+        """Something happened: act on the engine's events, write, re-arm the timer.
+
+        Re-entrant: a store answer that is already there calls back into here while the
+        events are being handled; whichever call sees the end hangs up, once."""
         session, handler = self._session, self._handler
         if session is None or handler is None or self._closing:
             return
         summary = handler.handle_events()
-        self._write()
-        summary = handler.handle_events() or summary
+        if not self._closing:
+            self._write()
+            summary = handler.handle_events() or summary
+        if self._closing:
+            return
         if summary is not None:
             self._hang_up(summary)
             return
         self._arm_timer()
 
     def _write(self) -> None:
-        if not self._wanted or self._session is None or self.transport is None:
+        if not self._wanted or self._session is None or self.transport is None or self._closing:
             return
         data = self._session.data_to_send(self._clock.seconds(), self.write_size)
         if data:

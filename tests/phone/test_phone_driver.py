@@ -71,6 +71,18 @@ def _check(
         assert summary.outcome is CallOutcome.COMPLETED, summary
 
 
+async def _call_over_tcp(caller: PhoneProtocol, answerer: PhoneProtocol) -> list[CallSummary]:
+    """Run one call over TCP loopback; both ends' summaries."""
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: answerer), interface="127.0.0.1")
+    try:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        await connectProtocol(endpoint, caller)
+        results = await DeferredList([caller.ended, answerer.ended], fireOnOneErrback=True)
+    finally:
+        await port.stopListening()
+    return [summary for _, summary in results]
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_call_over_tcp_loopback_moves_mail_both_ways(tmp_path: Path) -> None:
     """Caller and answerer on TCP loopback, each with a file store, exchange their mail."""
@@ -79,24 +91,9 @@ async def test_a_call_over_tcp_loopback_moves_mail_both_ways(tmp_path: Path) -> 
         FilePhoneStore(tmp_path / "site", reactor),
     )
     to_site, to_hub = await _queue(hub, site)
-    answerers: list[PhoneProtocol] = []
-
-    def answer() -> PhoneProtocol:
-        protocol = _protocol(Role.ANSWERER, site)
-        answerers.append(protocol)
-        return protocol
-
-    port = reactor.listenTCP(0, Factory.forProtocol(answer), interface="127.0.0.1")
-    try:
-        caller = _protocol(Role.CALLER, hub)
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
-        await connectProtocol(endpoint, caller)
-        summary = await caller.ended
-        answered = await answerers[0].ended
-    finally:
-        await port.stopListening()
-    _check(hub, site, to_site, to_hub, [summary, answered])
-    assert summary.messages_sent == 3 and summary.messages_received == 2
+    summaries = await _call_over_tcp(_protocol(Role.CALLER, hub), _protocol(Role.ANSWERER, site))
+    _check(hub, site, to_site, to_hub, summaries)
+    assert summaries[0].messages_sent == 3 and summaries[0].messages_received == 2
 
 
 @pytest_twisted.ensureDeferred
@@ -120,3 +117,34 @@ async def test_a_call_over_a_pty_through_serialport(tmp_path: Path) -> None:
     results = await DeferredList([caller.ended, answerer.ended], fireOnOneErrback=True)
     summaries = [summary for _, summary in results]
     _check(hub, site, to_site, to_hub, summaries)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wrong_secret_drops_the_line_after_the_delay_and_moves_nothing(
+    tmp_path: Path,
+) -> None:
+    """Over TCP, a caller with a wrong secret: both ends log, wait, hang up; no mail moves."""
+    hub, site = (
+        FilePhoneStore(tmp_path / "hub", reactor),
+        FilePhoneStore(tmp_path / "site", reactor),
+    )
+    to_site, _ = await _queue(hub, site)
+    options = SessionOptions(failure_delay=0.2)
+    caller = PhoneProtocol(
+        session_factory(
+            role=Role.CALLER,
+            local_name=HUB,
+            secrets={SITE: b"not the secret" * 3},
+            new_link=_new_link,
+            peer_name=SITE,
+            options=options,
+        ),
+        hub,
+        reactor,
+    )
+    summaries = await _call_over_tcp(caller, _protocol(Role.ANSWERER, site, options))
+    for summary in summaries:
+        assert summary.outcome is CallOutcome.AUTH_FAILED
+        assert summary.messages_sent == summary.messages_received == 0
+    assert site.received(HUB) == {} and sorted(hub.pending(SITE)) == sorted(to_site)
+    assert caller.transport is None or not caller.transport.connected

@@ -449,6 +449,21 @@ def test_a_reader_that_falls_behind_holds_the_peer_back() -> None:
     assert taken == records(100, 1000)
 
 
+def test_a_due_acknowledgement_wakes_the_driver_once() -> None:
+    """A driver that can only tick (its transport is full) is not woken again and again
+    for an acknowledgement only data_to_send can send; data_to_send then sends it."""
+    sender, receiver = Link(LinkParams(), 0.0), Link(LinkParams(), 0.0)
+    sender.send_record(bytes(5000))
+    second = FrameDecoder().feed(sender.data_to_send(0.0))[1]
+    receiver.receive_data(encode_frame(second), 0.5)  # out of order: an ack is due now
+    assert receiver.next_deadline() == 0.5
+    receiver.tick(0.5)
+    deadline = receiver.next_deadline()
+    assert deadline is not None and deadline > 0.5
+    acks = FrameDecoder().feed(receiver.data_to_send(0.6, max_bytes=0))
+    assert [frame.kind for frame in acks] == [FrameKind.ACK]
+
+
 def test_varint_lengths() -> None:
     """Record lengths use LEB128: one byte below 128, more above."""
     assert encode_varint(0) == b"\x00"

@@ -108,6 +108,8 @@ def test_refused_address_gets_its_reply_and_the_others_the_final() -> None:
     ((_, _, replies),) = hub.settled
     assert [r.code for r in replies] == [ReplyCode.USER, ReplyCode.OK]
     assert "m1" in site.inbox[HUB] and hub.outbox[SITE] == {}
+    stored, _ = site.inbox[HUB]["m1"]
+    assert [str(r.address) for r in stored.recipients] == ["bob@site.example"]
 
 
 def test_a_message_held_already_is_not_sent_again() -> None:
@@ -287,7 +289,7 @@ class FailingStore(MemoryPhoneStore):
     """Cannot store the text of ``bad`` (a full disk), or holds a damaged copy of ``damaged``."""
 
     def write_text(self, site: str, message_id: str, offset: int, data: bytes) -> Deferred[None]:
-        if message_id == "bad":
+        if message_id == "bad" or (message_id == "lastbad" and offset + len(data) == 6000):
             return fail(OSError(28, "No space left on device"))
         if message_id == "damaged":
             data = data[:-1] + bytes((data[-1] ^ 1,))
@@ -298,14 +300,19 @@ def test_a_message_the_receiver_cannot_store_stays_with_its_sender() -> None:
     """A store failure or a text that fails its hash is a temporary failure: the sender
     keeps the message for the next call, the rest of the call goes on."""
     hub, site = MemoryPhoneStore(), FailingStore()
-    for mid in ("bad", "good", "damaged"):
+    for mid in ("bad", "good", "damaged", "lastbad"):
         hub.put(SITE, mid, envelope(), os.urandom(6000))
     caller, answerer = _pair(hub, site)
     run_call(caller, answerer)
     assert set(site.inbox[HUB]) == {"good"}
-    assert set(hub.outbox[SITE]) == {"bad", "damaged"}
+    assert set(hub.outbox[SITE]) == {"bad", "damaged", "lastbad"}
     replies = {mid: r[0].code for _, mid, r in hub.settled}
-    assert replies == {"good": ReplyCode.OK, "bad": ReplyCode.FIO, "damaged": ReplyCode.NET}
+    assert replies == {
+        "good": ReplyCode.OK,
+        "bad": ReplyCode.FIO,
+        "damaged": ReplyCode.NET,
+        "lastbad": ReplyCode.FIO,
+    }
     for end in (caller, answerer):
         assert end.summary is not None and end.summary.outcome is CallOutcome.COMPLETED
 
@@ -313,3 +320,15 @@ def test_a_message_the_receiver_cannot_store_stays_with_its_sender() -> None:
 def test_the_memory_store_provides_the_store_interface() -> None:
     """The tests' store is a real IPhoneStore."""
     assert verifyObject(IPhoneStore, MemoryPhoneStore())
+
+
+def test_a_message_over_the_peers_limit_is_refused_without_being_proposed() -> None:
+    """The peer's size limit from its hello: a bigger message fails for good at once."""
+    hub = MemoryPhoneStore()
+    hub.put(SITE, "huge", envelope(), b"x" * 5000)
+    hub.put(SITE, "fits", envelope(), b"y" * 500)
+    caller, answerer = _pair(hub, answerer_options=SessionOptions(max_message_size=1000))
+    run_call(caller, answerer)
+    replies = {mid: r[0].code for _, mid, r in hub.settled}
+    assert replies == {"huge": ReplyCode.FSIZ, "fits": ReplyCode.OK}
+    assert hub.outbox[SITE] == {} and set(answerer.store.inbox[HUB]) == {"fits"}

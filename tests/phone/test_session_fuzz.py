@@ -153,3 +153,18 @@ def test_a_proposal_before_the_inventory_is_a_protocol_error() -> None:
     assert not [e for e in events if isinstance(e, ProposalReceived)]
     answerer.session.tick(100.0)
     assert answerer.session.state is SessionState.ENDED
+
+
+def test_a_hello_with_unworkable_link_limits_is_refused_without_raising() -> None:
+    """A hello asking for a window smaller than a frame is a protocol error: refused."""
+    answerer = make_end(Role.ANSWERER, MemoryPhoneStore())
+    fake_caller = make_end(Role.CALLER, MemoryPhoneStore())
+    caps = records.Capabilities(64, 4096, 100, 1 << 20, 1 << 20, True, False)
+    hello = records.Hello(1, 0, Role.CALLER, HUB, b"n" * 32, caps)
+    fake_caller.link.send_record(records.encode(hello))
+    answerer.session.receive_data(fake_caller.link.data_to_send(0.0), 0.0)
+    assert answerer.session.state is SessionState.REFUSING
+    answerer.session.tick(100.0)
+    answerer.handler.handle_events()
+    assert answerer.summary is not None
+    assert answerer.summary.outcome is CallOutcome.PROTOCOL_ERROR

@@ -29,12 +29,15 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from relay.sansio.phone.errors import PhoneProtocolError
 from relay.sansio.phone.records import Capabilities, Role
 
 __all__ = [
     "MAJOR",
     "MINOR",
+    "MIN_RECORD",
     "Negotiated",
+    "check_capabilities",
     "derive_keys",
     "make_proof",
     "negotiate",
@@ -49,6 +52,22 @@ _PROOF_LABEL = {
     Role.ANSWERER: b"relay-phone answerer proof",
 }
 _KEY_INFO = b"relay-phone record keys"
+MIN_RECORD = 16 * 1024
+"""The smallest ``max_record`` a peer may ask for: a proposal of a long envelope fits."""
+_MAX_FRAME = 16 * 1024
+_MAX_WINDOW = 1 << 30
+
+
+def check_capabilities(caps: Capabilities) -> None:
+    """Refuse (:class:`PhoneProtocolError`) limits no link can work with."""
+    if not 16 <= caps.min_frame_payload <= caps.max_frame_payload <= _MAX_FRAME:
+        raise PhoneProtocolError(
+            f"frame sizes {caps.min_frame_payload}..{caps.max_frame_payload} out of range"
+        )
+    if not caps.max_frame_payload <= caps.window <= _MAX_WINDOW:
+        raise PhoneProtocolError(f"window {caps.window} out of range")
+    if not MIN_RECORD <= caps.max_record < 1 << 31:
+        raise PhoneProtocolError(f"record limit {caps.max_record} out of range")
 
 
 @dataclass(frozen=True, slots=True)

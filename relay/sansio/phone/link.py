@@ -10,19 +10,22 @@ is the stream offset of its first byte (mod 2**32; both ends keep exact offsets 
 read the 32-bit value as the one nearest to what they expect).  Record and frame
 boundaries are independent: small records share a frame, large ones span many.
 
-Frame kinds (:class:`FrameKind`):
+Frame kinds (:class:`FrameKind`, the low six bits of the frame's kind byte; kinds this
+version does not know are skipped):
 
-* ``DATA``: stream bytes at offset ``seq``.
-* ``DATA_ACK``: the same, after an ack block (below): the acknowledgement rides on data
-  whenever there is data to send.
+* ``DATA``: stream bytes at offset ``seq``.  Flags (:class:`FrameFlag`): ``ACK_BLOCK``,
+  an ack block (below) comes first, so acknowledgements ride on data; ``PUSH``, nothing
+  more was queued behind this frame (or it is a resend), so acknowledge it at once.
 * ``ACK``: an acknowledgement alone; ``seq`` is the cumulative ack and the payload the
   rest of the block.  It is also the keepalive.
 
 An **ack block** is the cumulative ack (the offset of the first byte the receiver does
-not have, 4 bytes; only in ``DATA_ACK``), a count, and that many pairs of varints
+not have, 4 bytes; only on data frames), a count, and that many pairs of varints
 (skip, length): the ranges the receiver holds beyond the cumulative ack, each relative
 to the end of the one before (selective acknowledgement, as many ranges as fit in
-:data:`SACK_LIMIT` bytes, lowest first).
+:data:`SACK_LIMIT` bytes, lowest first).  A data frame thus costs
+:data:`~relay.sansio.phone.frame.FRAME_OVERHEAD` bytes, five more when it carries an
+acknowledgement and no gap.
 
 **Sender.**  The stream bytes not yet acknowledged cumulatively are kept; what has been
 sent of them is a list of segments (one per frame sent), each remembering when it was
@@ -47,26 +50,32 @@ together hold many seconds of a slow line.  Whatever sits there delays the frame
 acknowledgements behind it: with data both ways, each end's acknowledgements wait
 behind its own queue, and a resend behind everything queued before it.  So the bytes
 in flight (sent, neither acknowledged nor known lost) are limited to what the line
-carries in about a second or two round trips, from the best recent delivery rate
-(measured as BBR does) and the rate at which bytes arrive from the peer, but never
-fewer than :data:`INITIAL_FLIGHT`.  The line rate itself is never configured.
+carries in a second or two round trips, from the best recent delivery rate (measured
+as BBR does) and the rate at which bytes arrive from the peer; while starting up (until
+that rate stops growing) at least :data:`INITIAL_FLIGHT`.  The line rate itself is
+never configured.
 
-**Frame size.**  The sender estimates the chance that a byte is hit from frames
+**Frame size.**  The sender estimates the chance ``q`` that a byte is hit from frames
 declared lost per byte sent (both counts decaying with a half-life of
-:data:`LOSS_HALF_LIFE` bytes sent) and picks the data size that maximises
+:data:`LOSS_HALF_LIFE` bytes sent; a run of consecutive losses counts once, since a
+line gone quiet says nothing of damage; a fading assumed loss,
+:data:`LOSS_PRIOR_EVENTS` in :data:`LOSS_PRIOR` bytes, keeps the first frames middling
+until the line has shown itself clean) and picks the data size that maximises
 ``size / (size + overhead) * (1 - q) ** (size + overhead)``: the largest allowed on a
 clean line, a few hundred bytes at a bit error rate of 1e-5, within
 ``min_frame_payload`` and ``max_frame_payload``.  Lost segments are resent at the
-current size, split if need be.
+current size, split evenly if need be.
 
 **Receiver.**  Bytes in order are delivered at once; bytes beyond a gap are held
 (at most ``params.window`` bytes beyond the cumulative ack; more is dropped and
-resent by the peer).  An acknowledgement is owed after new data: it rides on the next
-data frame, or goes alone after two frames, after :data:`ACK_DELAY`, or at once when
-the data was out of order, filled a gap or was a duplicate (the peer must learn of the
-gap quickly, or that its acknowledgement was lost).  Records delivered but not yet
-taken by :meth:`Link.next_event` count against the window too, so a reader that falls
-behind holds back the peer instead of growing memory.
+resent by the peer).  An acknowledgement is owed after new data.  It goes at once, alone
+if no data frame is leaving, when the data was out of order, filled a gap, was a
+duplicate (the peer must learn of a gap quickly, or that its acknowledgement was lost)
+or was pushed.  Otherwise it waits up to :data:`ACK_DELAY` (or a quarter window of
+data), then rides on the next data frame, or goes alone if no data is ready: one
+acknowledgement covers many frames, and with data both ways almost none go alone.
+Records delivered but not yet taken by :meth:`Link.next_event` count against the window
+too, so a reader that falls behind holds back the peer instead of growing memory.
 
 **Liveness.**  After ``keepalive`` seconds without sending anything, the link sends an
 ``ACK``.  No good frame for ``dead_after`` seconds, or data outstanding with nothing
@@ -149,9 +158,9 @@ MIN_RTO: Final = 1.0
 """The smallest retransmission timeout (RFC 6298, 2.4)."""
 
 INITIAL_FLIGHT: Final = 16 * 1024
-"""Bytes in flight before a delivery rate and a round trip were measured, and at least
-ever after: a first delivery-rate sample (one frame over a whole round trip) is far
-below the line's rate, and a limit from it would idle a long line while it grows."""
+"""Bytes in flight while starting up (until the measured rate stops growing): a first
+delivery-rate sample (one frame over a whole round trip) is far below the line's rate,
+and a limit from it would idle a long line while it grows."""
 
 FLIGHT_TIME: Final = 1.0
 """Seconds of line the flight limit allows at least (see ``Link._flight_limit``)."""
@@ -417,6 +426,10 @@ class Link:
         self._rate_samples: deque[tuple[float, float]] = deque()
         self._line_mark_at = now
         self._line_mark_bytes = 0
+        self._starting = True
+        self._round_ends = now
+        self._growth_mark = 0.0
+        self._flat_rounds = 0
         self._rttvar = 0.0
         self._rto = INITIAL_RTO
         self._rto_deadline: float | None = None
@@ -438,6 +451,7 @@ class Link:
         self._ack_owed_since = now
         self._bytes_unacked = 0
         self._last_heard = now
+        self._ticked_at = -math.inf
         # Accounting.
         self._wire_sent = 0
         self._wire_received = 0
@@ -531,22 +545,25 @@ class Link:
         if self._dead:
             return None
         params = self._params
-        deadlines = [self._last_heard + params.dead_after, self._last_sent + params.keepalive]
+        deadlines = [self._last_heard + params.dead_after]
+        # What only data_to_send can do (an acknowledgement or keepalive due) is a
+        # deadline until tick has run at or after it: a driver whose transport is full
+        # calls data_to_send when it drains, and must not be woken again meanwhile.
+        wake_ups = [self._last_sent + params.keepalive, self._ack_alone_due()]
+        deadlines += [t for t in wake_ups if t is not None and t > self._ticked_at]
         if self._rto_deadline is not None:
             deadlines.append(self._rto_deadline)
         if self._probe_deadline is not None:
             deadlines.append(self._probe_deadline)
         if self._segments:
             deadlines.append(self._progress_at + params.dead_after)
-        ack_due = self._ack_alone_due()
-        if ack_due is not None:
-            deadlines.append(ack_due)
         return min(deadlines)
 
     def tick(self, now: float) -> None:
-        """Run the timers: dead peer, retransmission timeout."""
+        """Run the timers: dead peer, retransmission timeout, tail probe."""
         if self._dead:
             return
+        self._ticked_at = max(self._ticked_at, now)
         params = self._params
         if now - self._last_heard >= params.dead_after:
             self._die(f"nothing heard from the peer for {params.dead_after:g} s")
@@ -921,9 +938,20 @@ class Link:
         samples = self._rate_samples
         while samples and samples[0][0] < now - RATE_MEMORY:
             samples.popleft()
-        if newest.app_limited and (not samples or rate < max(r for _, r in samples)):
+        best = max((r for _, r in samples), default=0.0)
+        if newest.app_limited and rate < best:
             return  # the sender had nothing more to send: this says little of the line
         samples.append((now, rate))
+        if self._starting and now >= self._round_ends:
+            # Starting up ends once the best rate grew by less than a quarter in three
+            # round trips running: the line is full (BBR's test).
+            self._round_ends = now + (self._srtt or elapsed)
+            if max(rate, best) >= 1.25 * self._growth_mark:
+                self._growth_mark = max(rate, best)
+                self._flat_rounds = 0
+            else:
+                self._flat_rounds += 1
+                self._starting = self._flat_rounds < 3
 
     def _flight_limit(self) -> int:
         """How many bytes may be in flight (sent, neither acknowledged nor known lost).
@@ -934,16 +962,18 @@ class Link:
         bounded, so that acknowledgements riding behind it and resent frames are not
         held up for seconds.  The shortest round trip ever seen is used (usually from
         the handshake, before queues formed): a round trip that includes the peer's own
-        queue would let both ends' queues feed each other.  :data:`INITIAL_FLIGHT`
-        before anything was measured.
+        queue would let both ends' queues feed each other.  At least
+        :data:`INITIAL_FLIGHT` while starting up: the first samples (a frame over a
+        whole round trip) are far below the line's rate.
         """
         window = self._params.window
+        floor = INITIAL_FLIGHT if self._starting else 4 * self._frame_data
         if not self._rate_samples or self._min_rtt is None:
-            return min(window, INITIAL_FLIGHT)
+            return min(window, floor)
         rate = max(r for _, r in self._rate_samples)
         span = max(FLIGHT_TIME, 2.0 * self._min_rtt + ACK_DELAY)
         limit = rate * span + 2 * self._frame_data
-        return min(window, max(INITIAL_FLIGHT, int(limit)))
+        return min(window, max(floor, int(limit)))
 
     def _in_flight(self) -> int:
         return sum(

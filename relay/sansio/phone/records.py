@@ -34,6 +34,8 @@ from relay.reply import Reply, ReplyCode
 from relay.sansio.phone.errors import PhoneProtocolError
 
 __all__ = [
+    "DEFLATABLE",
+    "DEFLATED",
     "DIGEST_SIZE",
     "NONCE_SIZE",
     "Abandon",
@@ -66,6 +68,9 @@ MAX_REPLY_TEXT = 200
 MAX_RECIPIENTS = 1000
 MAX_INVENTORY = 10_000
 MAX_VARINT = (1 << 63) - 1
+DEFLATED: Final = 0x18
+"""The type byte of a deflated record: the inflated bytes are one record of the types in
+:data:`DEFLATABLE`."""
 
 _MESSAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -266,6 +271,7 @@ class _Type(enum.IntEnum):
     FINAL = 0x15
     ABANDON = 0x16
     DONE = 0x17
+    DEFLATED = 0x18  # a proposal or the inventory, deflated (see compress.py)
 
 
 # --- primitive writer and reader ------------------------------------------------------------
@@ -726,3 +732,7 @@ def decode(data: bytes) -> Record:
     if decoder is None:
         raise RecordError(f"unknown record type {data[0]:#04x}")
     return decoder(_Reader(bytes(data)))
+
+
+DEFLATABLE: Final = (Inventory, Propose)
+"""The records sent deflated: long and much alike from one to the next."""

@@ -13,25 +13,32 @@ for a dropped line), writes what :meth:`data_to_send` returns, calls :meth:`tick
 drew, capabilities); on the peer's hello it knows everything
 (:mod:`relay.sansio.phone.handshake`) and sends its proof; on the peer's proof it is
 ``RUNNING``.  Full duplex, so authentication costs about one round trip.  What leaks
-before the peer is proven: our name, version and link limits, never a mail id, size or
-count.  An unknown site gets a decoy proof (so a caller cannot tell an unknown name from
-a wrong secret); a failed proof, an unknown site or silence leads to ``REFUSING``: the
-event :class:`CallFailing` for the log, nothing more sent, and after
+before the peer is proven: our name, version, link limits and options, never a mail id,
+size or count (the driver does not even load the outgoing mail before
+:class:`Authenticated`); with encryption on, everything after the proofs is sealed
+(:mod:`~relay.sansio.phone.seal`).  An unknown site gets a decoy proof (so a caller
+cannot tell an unknown name from a wrong secret); a failed proof, an unknown site or
+silence leads to ``REFUSING``: the event :class:`CallFailing` for the log, nothing more
+sent, and after
 ``SessionOptions.failure_delay`` the call ends (the driver drops the line).  A different
 major version: an :class:`~relay.sansio.phone.records.Abort` naming both versions, and a
 clean hang-up (``CLOSING``).
 
 **Mail** (``RUNNING``).  The driver offers what it holds for the peer
 (:meth:`offer`, then :meth:`close_offers`); once the peer is proven the session sends
-the :class:`~relay.sansio.phone.records.Inventory` and then the proposals, a couple of
-windows of text ahead of what is being sent, so answers come back while text flows.  The
-receiver's driver decides each proposal (:class:`ProposalReceived`: :meth:`accept`
-naming the offset it holds, or :meth:`refuse`), stores each piece
+the :class:`~relay.sansio.phone.records.Inventory` and then the proposals, up to
+:data:`MAX_OUTSTANDING` messages without a final reply, so answers come back while text
+flows (proposals and the inventory travel deflated, :mod:`~relay.sansio.phone.compress`).
+The receiver's driver decides each proposal (:class:`ProposalReceived`: :meth:`accept`
+naming the offset it holds durably, or :meth:`refuse`), stores each piece
 (:class:`TextReceived`), and commits (:class:`CommitRequested` → :meth:`commit_done`):
-only then does the final reply go back.  Text is sent in chunks of ``chunk_size``,
-always from the accepted message with the least left to send, and only while the link
-holds less than a window, so a small message waits behind a large one for about one
-window at most.  Each side's job tables are :mod:`relay.sansio.phone.jobs`.
+only then does the final reply go back.  No text of a message flows before its answer
+named the offset.  Text is sent in chunks of ``chunk_size``, always from the accepted
+message with the least left to send, and handed to the link only as it can send it
+(:meth:`PhoneSession._with_text`), so a small message waits behind a large one for at
+most the large one's bytes in flight (about one window), and an answer or a final reply
+never waits behind queued text.  Each side's job tables are
+:mod:`relay.sansio.phone.jobs`.
 
 **Hang-up.**  A side sends :class:`~relay.sansio.phone.records.Done` when it will
 propose nothing more and every message it sent has its final reply.  With both
@@ -60,7 +67,12 @@ from relay.envelope import Envelope, Submitter
 from relay.reply import Reply, ReplyCode
 from relay.sansio.phone import handshake, records
 from relay.sansio.phone.accounting import CallOutcome, CallSummary
-from relay.sansio.phone.compress import ChunkCompressor, ChunkDecompressor
+from relay.sansio.phone.compress import (
+    ChunkCompressor,
+    ChunkDecompressor,
+    RecordDeflater,
+    RecordInflater,
+)
 from relay.sansio.phone.errors import LocalPhoneError, PhoneProtocolError
 from relay.sansio.phone.jobs import (
     IN_TRANSITIONS,
@@ -114,11 +126,11 @@ ALREADY_HAVE: Final = Reply(ReplyCode.DONE, "already have it")
 LINGER: Final = ACK_DELAY + 0.01
 """Seconds a hanging-up end stays after its last record was acknowledged, so that its
 acknowledgement of the peer's last record goes out before the line drops."""
-_OUTSTANDING: Final = frozenset((OutState.PROPOSED, OutState.SENDING, OutState.AWAITING_FINAL))
 MAX_OUTSTANDING: Final = 64
 """The most messages we have proposed that have no final reply yet."""
 READERS: Final = 4
 """How many accepted messages have text read ahead at once."""
+_STORING: Final = frozenset((InState.RECEIVING, InState.COMMITTING))
 _FINAL_SENT: Final = frozenset((InState.SETTLED, InState.DRAINING))
 
 
@@ -259,15 +271,12 @@ class TextReceived:
 
 @dataclass(frozen=True, slots=True)
 class CommitRequested:
-    """All of the text is here: make the message durable (checking the digest over the
-    whole text), then call :meth:`PhoneSession.commit_done` with the final reply."""
+    """All of the text of ``proposal`` is here: make the message durable for the
+    recipients accepted (``envelope``), checking the digest over the whole text, then call
+    :meth:`PhoneSession.commit_done`."""
 
-    job: int
-    peer: str
-    message_id: str
-    envelope: Envelope
-    size: int
-    digest: bytes
+    proposal: ProposalReceived
+    envelope: Envelope  # the proposal's, with only the recipients answered AOK
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,13 +338,26 @@ class _OutJob:
 
 @dataclass(slots=True)
 class _InJob:
-    job: int
-    message_id: str
-    envelope: Envelope
-    size: int
-    digest: bytes
+    proposal: ProposalReceived
     state: InState = InState.DECIDING
     received: int = 0
+    accepted: Envelope | None = None
+
+    @property
+    def job(self) -> int:
+        return self.proposal.job
+
+    @property
+    def message_id(self) -> str:
+        return self.proposal.message_id
+
+    @property
+    def envelope(self) -> Envelope:
+        return self.proposal.envelope
+
+    @property
+    def size(self) -> int:
+        return self.proposal.size
 
 
 # --- the engine ----------------------------------------------------------------------------
@@ -385,15 +407,22 @@ class PhoneSession:
         self._opener_pending: Opener | None = None
         self._compressor: ChunkCompressor | None = None
         self._decompressor = ChunkDecompressor()
+        self._deflater = RecordDeflater()
+        self._inflater = RecordInflater()
         # jobs
-        self._out: dict[int, _OutJob] = {}
+        self._out: dict[int, _OutJob] = {}  # proposed, by job number
+        self._offered: list[_OutJob] = []
+        self._queued: deque[_OutJob] = deque()  # offered, not yet proposed
+        self._sending: dict[int, _OutJob] = {}  # accepted, text still to send
+        self._unsettled_out = 0
         self._out_by_id: dict[str, _OutJob] = {}
         self._offers_closed = False
         self._inventory_sent = False
         self._inventory_received = False
         self._done_sent = False
         self._done_received = False
-        self._in: dict[int, _InJob] = {}
+        self._in: dict[int, _InJob] = {}  # jobs not yet settled
+        self._last_in_job = 0
         self._in_ids: set[str] = set()
         # accounting
         self._payload_sent = self._payload_received = 0
@@ -487,8 +516,10 @@ class PhoneSession:
             raise LocalPhoneError("offers are closed")
         if message.message_id in self._out_by_id:
             raise LocalPhoneError(f"message {message.message_id} offered twice")
-        job = _OutJob(len(self._out) + 1, message)
-        self._out[job.job] = job
+        job = _OutJob(0, message)  # numbered when proposed: the peer checks the sequence
+        self._offered.append(job)
+        self._queued.append(job)
+        self._unsettled_out += 1
         self._out_by_id[message.message_id] = job
 
     def close_offers(self) -> None:
@@ -538,6 +569,13 @@ class PhoneSession:
             self._step_in(in_job, InInput.REFUSE, local=True)
             return
         in_job.received = offset
+        in_job.accepted = in_job.envelope.with_recipients(
+            tuple(
+                r
+                for r, reply in zip(in_job.envelope.recipients, replies, strict=True)
+                if reply.code is ReplyCode.AOK
+            )
+        )
         if offset == in_job.size:
             self._step_in(in_job, InInput.ACCEPT_COMPLETE, local=True)
             self._request_commit(in_job)
@@ -574,11 +612,19 @@ class PhoneSession:
         self._pump()
 
     def fail_receiving(self, job: int, reply: Reply) -> None:
-        """Storing a message's text failed: send the final failure now."""
-        in_job = self._in_job_for_driver(job, InState.RECEIVING)
-        if self._state is not SessionState.RUNNING:
-            return
-        self._step_in(in_job, InInput.FAIL, local=True)
+        """Storing a message's text failed: send the final failure now (the rest of its
+        text, if any is still coming, is read and dropped)."""
+        if not 0 < job <= self._last_in_job:
+            raise LocalPhoneError(f"no job {job}")
+        in_job = self._in.get(job)
+        if (
+            in_job is None
+            or in_job.state not in _STORING
+            or self._state is not SessionState.RUNNING
+        ):
+            return  # the message (the peer gave it up) or the call ended meanwhile
+        what = InInput.FAIL if in_job.state is InState.RECEIVING else InInput.COMMITTED
+        self._step_in(in_job, what, local=True)
         self._send(FinalReply(job, reply))
         self._pump()
 
@@ -606,7 +652,7 @@ class PhoneSession:
         try:
             if self._opener is not None:
                 raw = self._opener.open(raw)
-            record = records.decode(raw)
+            record = self._decode(raw)
             self._on_record(record, raw)
         except PhoneProtocolError as e:
             self._protocol_error(e.reason)
@@ -629,6 +675,7 @@ class PhoneSession:
     def _on_hello(self, hello: Hello, raw: bytes) -> None:
         if hello.role is self._role:
             raise PhoneProtocolError(f"both ends claim to be the {self._role.name.lower()}")
+        handshake.check_capabilities(hello.capabilities)
         if hello.major != self._major:
             reason = (
                 f"version {hello.major}.{hello.minor} is not supported; "
@@ -674,15 +721,18 @@ class PhoneSession:
             self._sealer, self._opener = Sealer(ours), Opener(theirs)
         if negotiated.compression:
             self._compressor = ChunkCompressor()
-        self._link.reconfigure(
-            replace(
-                self._link_params,
-                min_frame_payload=negotiated.min_frame_payload,
-                max_frame_payload=negotiated.max_frame_payload,
-                window=negotiated.window,
-                max_record=negotiated.max_record,
+        try:
+            self._link.reconfigure(
+                replace(
+                    self._link_params,
+                    min_frame_payload=negotiated.min_frame_payload,
+                    max_frame_payload=negotiated.max_frame_payload,
+                    window=negotiated.window,
+                    max_record=negotiated.max_record,
+                )
             )
-        )
+        except LocalPhoneError as e:  # limits both ends accepted that the link refuses
+            raise PhoneProtocolError(f"negotiated link limits refused: {e}") from None
         self._state = SessionState.RUNNING
         self._deadline = None
         self._handshake_seconds = self._now - self._started
@@ -718,12 +768,17 @@ class PhoneSession:
     def _on_propose(self, p: Propose) -> None:
         if not self._inventory_received or self._done_received:
             raise PhoneProtocolError("a proposal outside the inventory and hang-up")
-        if p.job in self._in:
-            raise PhoneProtocolError(f"job {p.job} proposed twice")
+        if p.job != self._last_in_job + 1:
+            raise PhoneProtocolError(f"job {p.job} proposed out of sequence")
+        if len(self._in) >= 2 * MAX_OUTSTANDING or p.job > records.MAX_INVENTORY:
+            raise PhoneProtocolError("too many messages proposed")
+        self._last_in_job = p.job
         assert self._peer is not None
         envelope = p.envelope.to_envelope(Submitter("phone", client_name=self._peer))
-        job = _InJob(p.job, p.message_id, envelope, p.size, p.digest)
-        self._in[p.job] = job
+        proposal = ProposalReceived(
+            p.job, self._peer, p.message_id, envelope, p.size, p.digest, self._resume
+        )
+        self._in[p.job] = _InJob(proposal)
         if p.size > self._options.max_message_size:
             limit = self._options.max_message_size
             self.refuse(p.job, Reply(ReplyCode.FSIZ, f"over the limit of {limit} bytes"))
@@ -731,11 +786,7 @@ class PhoneSession:
             self.refuse(p.job, Reply(ReplyCode.AGN, "proposed twice in one call"))
         else:
             self._in_ids.add(p.message_id)
-            self._events.append(
-                ProposalReceived(
-                    p.job, self._peer, p.message_id, envelope, p.size, p.digest, self._resume
-                )
-            )
+            self._events.append(proposal)
 
     def _on_text(self, t: Text) -> None:
         job = self._peer_in_job(t.job)
@@ -825,18 +876,24 @@ class PhoneSession:
             problem = f"job {job.job}: {what.value} while {job.state.value}"
             raise LocalPhoneError(problem) if local else PhoneProtocolError(problem)
         job.state = new
+        if new is InState.SETTLED:
+            del self._in[job.job]  # nothing more may come for it
 
     def _step_out(self, job: _OutJob, what: OutInput) -> None:
         new = OUT_TRANSITIONS.get((job.state, what))
         if new is None:
             raise PhoneProtocolError(f"job {job.job}: {what.value} while {job.state.value}")
         job.state = new
+        if new is OutState.SENDING:
+            self._sending[job.job] = job
+        else:
+            self._sending.pop(job.job, None)
+        if new is OutState.SETTLED:
+            self._unsettled_out -= 1
 
     def _request_commit(self, job: _InJob) -> None:
-        assert self._peer is not None
-        self._events.append(
-            CommitRequested(job.job, self._peer, job.message_id, job.envelope, job.size, job.digest)
-        )
+        assert job.accepted is not None
+        self._events.append(CommitRequested(job.proposal, job.accepted))
 
     def _settle(self, job: _OutJob, replies: tuple[Reply, ...]) -> None:
         self._events.append(MessageSettled(job.message.message_id, replies))
@@ -849,8 +906,21 @@ class PhoneSession:
 
     # --- sending ---------------------------------------------------------------------------
 
+    def _decode(self, raw: bytes) -> Record:
+        if not raw or raw[0] != records.DEFLATED:
+            return records.decode(raw)
+        if self._state is not SessionState.RUNNING:
+            raise PhoneProtocolError("a deflated record before the handshake's end")
+        assert self._negotiated is not None
+        record = records.decode(self._inflater.inflate(raw[1:], self._negotiated.max_record))
+        if not isinstance(record, records.DEFLATABLE):
+            raise PhoneProtocolError(f"a deflated {type(record).__name__} record")
+        return record
+
     def _send(self, record: Record) -> None:
         raw = records.encode(record)
+        if isinstance(record, records.DEFLATABLE):
+            raw = bytes((records.DEFLATED,)) + self._deflater.deflate(raw)
         if self._sealer is not None:
             raw = self._sealer.seal(raw)
         self._link.send_record(raw)
@@ -864,9 +934,7 @@ class PhoneSession:
             if not self._offers_closed:
                 return
             self._inventory_sent = True
-            items = (
-                InventoryItem(j.message.message_id, j.message.size) for j in self._out.values()
-            )
+            items = (InventoryItem(j.message.message_id, j.message.size) for j in self._offered)
             self._send(Inventory(tuple(items)))
         self._propose_ahead()
         self._request_reads()
@@ -878,21 +946,27 @@ class PhoneSession:
         sent first) without waiting for the large one."""
         assert self._negotiated is not None
         limit = self._negotiated.max_message_size
-        outstanding = sum(1 for j in self._out.values() if j.state in _OUTSTANDING)
-        for job in self._out.values():
-            if outstanding >= MAX_OUTSTANDING:
-                return
-            if job.state is not OutState.QUEUED:
-                continue
+        outstanding = self._unsettled_out - len(self._queued)
+        while self._queued and outstanding < MAX_OUTSTANDING:
+            job = self._queued.popleft()
             if job.message.size > limit:
                 self._step_out(job, OutInput.TOO_BIG)
                 reply = Reply(ReplyCode.FSIZ, f"over the peer's limit of {limit} bytes")
                 self._settle(job, (reply,) * len(job.message.envelope.recipients))
                 continue
-            self._step_out(job, OutInput.PROPOSE)
             m = job.message
-            envelope = MailEnvelope.from_envelope(m.envelope)
-            self._send(Propose(job.job, m.message_id, m.size, m.digest, envelope))
+            job.job = len(self._out) + 1
+            proposal = Propose(
+                job.job, m.message_id, m.size, m.digest, MailEnvelope.from_envelope(m.envelope)
+            )
+            if len(records.encode(proposal)) > self._negotiated.max_record - 64:
+                self._step_out(job, OutInput.TOO_BIG)
+                reply = Reply(ReplyCode.NO, "envelope too long for the link")
+                self._settle(job, (reply,) * len(m.envelope.recipients))
+                continue
+            self._step_out(job, OutInput.PROPOSE)
+            self._out[job.job] = job
+            self._send(proposal)
             outstanding += 1
 
     def _with_text(self, now: float, max_bytes: int | None, out: bytes) -> bytes:
@@ -926,7 +1000,7 @@ class PhoneSession:
     def _send_chunk(self, chunk: int) -> bool:
         """One chunk of the accepted message with the least left to send; False if none
         has text ready."""
-        ready = [j for j in self._out.values() if j.state is OutState.SENDING and j.buffer]
+        ready = [j for j in self._sending.values() if j.buffer]
         if not ready:
             return False
         job = min(ready, key=lambda j: (j.remaining, j.job))
@@ -945,7 +1019,7 @@ class PhoneSession:
         """Read ahead for the few accepted messages to be sent next (least left first), so
         text is ready when the link wants it and memory stays a few read-aheads."""
         read_ahead = self._options.read_ahead
-        sending = [j for j in self._out.values() if j.state is OutState.SENDING]
+        sending = list(self._sending.values())
         if len(sending) > READERS:
             sending = sorted(sending, key=lambda j: (j.remaining, j.job))[:READERS]
         for job in sending:
@@ -959,11 +1033,7 @@ class PhoneSession:
                 self._events.append(TextWanted(job.message.message_id, job.next_read, want))
 
     def _maybe_done(self) -> None:
-        if (
-            not self._done_sent
-            and self._offers_closed
-            and all(j.state is OutState.SETTLED for j in self._out.values())
-        ):
+        if not self._done_sent and self._offers_closed and self._unsettled_out == 0:
             self._done_sent = True
             self._send(Done())
         if (
