@@ -323,7 +323,8 @@ def run_call(
 def run_condition(condition: Condition, seed: int, keep: Path | None = None) -> dict[str, Any]:
     """Every call of one condition, checked, as the JSON line's fields.
 
-    The stores, outboxes and endpoint logs go to a temporary directory, or under ``keep``.
+    The stores, outboxes and endpoint logs go to a temporary directory, or under ``keep``
+    with the emulator's trace of the line's use (``line.trace``).
     """
     a_messages, b_messages = condition.a_to_b(seed), condition.b_to_a(seed)
     with tempfile.TemporaryDirectory(prefix="bench-phone-") as name:
@@ -337,7 +338,13 @@ def run_condition(condition: Condition, seed: int, keep: Path | None = None) -> 
         expected = (total_a + sum(s.size for s in sent_b)) / BYTES_PER_SECOND
         limit = 60 + 4 * expected / (1 - min(0.5, 100 * condition.ber)) + 20 * condition.latency
         emulator = LineEmulator(
-            work, rate=RATE, latency=condition.latency, ber=condition.ber, seed=seed, drop=drop
+            work,
+            rate=RATE,
+            latency=condition.latency,
+            ber=condition.ber,
+            seed=seed,
+            drop=drop,
+            trace=None if keep is None else work / "line.trace",
         )
         calls = []
         with emulator:

@@ -58,6 +58,7 @@ from support.linemodel import BitFlipper, Direction
 READ_SIZE = 4096
 DRAIN_WAIT = 2.0  # seconds a hang-up waits for the endpoint to read what it was sent
 TICK = 0.0005  # shortest sleep: bytes due within this are written together
+TRACE_EVERY = 0.1  # seconds between lines of the trace file
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,18 @@ class Emulator:
         self.selector.register(self._wake_read, selectors.EVENT_READ, "wake")
         self.selector.register(sys.stdin.fileno(), selectors.EVENT_READ, "command")
         self._command_buffer = b""
+        self.trace = open(options.trace, "w") if options.trace else None  # noqa: SIM115
+        self._traced_at = 0.0
+
+    def _trace(self, line: Line, now: float) -> None:
+        """A line of the trace: seconds since connect, then each direction's counts."""
+        if self.trace is None or line.connected_at is None or now - self._traced_at < TRACE_EVERY:
+            return
+        self._traced_at = now
+        self.trace.write(
+            f"{line.number} {now - line.connected_at:.3f} {line.a2b.accepted}"
+            f" {line.a2b.delivered} {line.b2a.accepted} {line.b2a.delivered}\n"
+        )
 
     def emit(self, event: str, **values: Any) -> None:
         """One JSON line on standard output."""
@@ -393,6 +406,7 @@ class Emulator:
             line = self.line
             if line is None or line.connected_at is None:
                 continue
+            self._trace(line, now)
             if not line.dropped:
                 self._deliver(line, now)
                 # sides whose queue is full are read again when it empties
@@ -402,6 +416,8 @@ class Emulator:
                 self.drop(now)
         self.end_line()
         self.emit("counts", lines=self.lines, **self.totals)
+        if self.trace is not None:
+            self.trace.close()
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -418,6 +434,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drop-after-seconds", type=float, default=None)
     parser.add_argument("--drop-direction", default="both", choices=("a2b", "b2a", "both"))
     parser.add_argument("--drop-mode", default="hangup", choices=("hangup", "silence"))
+    parser.add_argument(
+        "--trace",
+        help="write every 0.1 s: line, seconds since connect, bytes accepted and delivered"
+        " A->B, then B->A (a timeline of the line's use)",
+    )
     options = parser.parse_args(argv)
     if options.tx_buffer <= 0:
         parser.error("--tx-buffer must be positive")
@@ -455,6 +476,7 @@ class LineEmulator:
         seed: int | str = 1,
         tx_buffer: int = 4096,
         drop: DropPlan | None = None,
+        trace: Path | None = None,
     ) -> None:
         self.link_a = Path(directory) / "line-a"
         self.link_b = Path(directory) / "line-b"
@@ -476,6 +498,8 @@ class LineEmulator:
             self.command_line.append(f"--drop-after-bytes={plan.after_bytes}")
         if plan.after_seconds is not None:
             self.command_line.append(f"--drop-after-seconds={plan.after_seconds}")
+        if trace is not None:
+            self.command_line.append(f"--trace={trace}")
         self.process: subprocess.Popen[str] | None = None
         self.events: list[dict[str, Any]] = []  # every event, in order
         self._unclaimed: list[dict[str, Any]] = []  # events no ``wait_for`` has returned
