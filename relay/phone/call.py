@@ -50,11 +50,17 @@ class CallHandler:
     """Answers one session's storage questions from a store."""
 
     def __init__(
-        self, session: PhoneSession, store: IPhoneStore, on_change: Callable[[], None]
+        self,
+        session: PhoneSession,
+        store: IPhoneStore,
+        on_change: Callable[[], None],
+        observe: Callable[[SessionEvent], object] | None = None,
     ) -> None:
+        """``observe``, if given, sees every event first (progress, call records)."""
         self._session = session
         self._store = store
         self._on_change = on_change
+        self._observe = observe
         self._writes: dict[int, Deferred[Any]] = {}
         self._failed_writes: set[int] = set()
         self.summary: CallSummary | None = None
@@ -63,6 +69,8 @@ class CallHandler:
     def handle_events(self) -> CallSummary | None:
         """Act on every event the session has; the summary once the call has ended."""
         while (event := self._session.next_event()) is not None:
+            if self._observe is not None:
+                self._observe(event)
             self._dispatch(event)
         return self.summary
 

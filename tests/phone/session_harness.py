@@ -59,6 +59,7 @@ class End:
     handler: CallHandler
     store: Any
     link: Any
+    seen: list[object]  # every event the session gave, in order
 
     @property
     def summary(self) -> CallSummary | None:
@@ -96,8 +97,9 @@ def make_end(
         peer_name=peer,
         options=options,
     )
-    handler = CallHandler(session, store, lambda: None)  # type: ignore[arg-type]
-    return End(session, handler, store, link)
+    seen: list[object] = []
+    handler = CallHandler(session, store, lambda: None, seen.append)  # type: ignore[arg-type]
+    return End(session, handler, store, link, seen)
 
 
 class Line:

@@ -287,6 +287,47 @@ def test_the_sender_keeps_within_the_window() -> None:
     assert params.window - params.max_frame_payload < max(ends) <= params.window
 
 
+def test_a_damaged_frame_is_named_and_resent_at_once() -> None:
+    """A frame that arrives damaged (its header intact) is asked for again by name and
+    resent at once, even the last one, which no later frame could show lost."""
+
+    def damage_last(direction: str, index: int, chunk: bytes) -> bytes:
+        if direction == "a>b" and index == 2:
+            return chunk[:-10] + bytes(byte ^ 0xFF for byte in chunk[-10:])
+        return chunk
+
+    params = LinkParams(max_frame_payload=512, min_frame_payload=512)
+    sent = records(1, 3 * 512 - 20)
+    outcome = simulate(sent, [], Conditions(), params=params, tamper=damage_last)
+    assert outcome.b.received == sent
+    acks = frames_written(outcome, "b>a")
+    assert any(frame.kind & FrameFlag.NACK for frame in acks)
+    writes = outcome.a_to_b.writes
+    assert len(writes) == 4
+    damaged_at, resent_at = writes[2][0], writes[3][0]
+    frame_time = len(writes[2][1]) / LINE_RATE
+    assert resent_at - damaged_at < 2 * frame_time + 0.01  # the one before it, then it
+    assert outcome.a.link.stats().frames_resent == 1
+
+
+def test_acks_with_too_many_ranges_say_so_and_nothing_is_resent_needlessly() -> None:
+    """When holes are too many to list, the ack says ranges were left out, and the
+    sender takes nothing beyond the last one listed for lost."""
+    params = LinkParams(min_frame_payload=64, max_frame_payload=64, window=1 << 20)
+    sender, receiver = Link(params, 0.0), Link(params, 0.0)
+    sender.send_record(bytes(64 * 300))
+    frames = FrameDecoder().feed(sender.data_to_send(0.0))
+    assert len(frames) > 200
+    for frame in frames[1::2]:  # every other frame lost: more holes than an ack can list
+        receiver.receive_data(encode_frame(frame), 0.1)
+    (ack,) = FrameDecoder().feed(receiver.data_to_send(0.1))
+    assert ack.kind == FrameKind.ACK and ack.payload[0] & 0x80
+    sender.receive_data(encode_frame(ack), 0.2)
+    again = {frame.seq for frame in data_frames(FrameDecoder().feed(sender.data_to_send(0.2)))}
+    assert again & {frame.seq for frame in frames[0::2]}
+    assert not again & {frame.seq for frame in frames[1::2]}
+
+
 def test_acks_ride_on_data_when_both_ways_carry_data() -> None:
     """With data both ways, acknowledgements travel in data frames; few go alone."""
     sent = records(30, 4096)

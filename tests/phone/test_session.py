@@ -28,7 +28,7 @@ from relay.sansio.phone import handshake
 from relay.sansio.phone.accounting import CallOutcome
 from relay.sansio.phone.link import LinkParams
 from relay.sansio.phone.records import Role
-from relay.sansio.phone.session import SessionOptions
+from relay.sansio.phone.session import Authenticated, InventoryReceived, SessionOptions
 
 from link_harness import Conditions
 
@@ -62,6 +62,25 @@ def test_mail_one_way_arrives_once_and_byte_identical() -> None:
     assert caller.summary is not None and caller.summary.messages_sent == 5
     assert caller.summary.payload_bytes_sent == sum(map(len, texts.values()))
     assert answerer.summary is not None and answerer.summary.messages_received == 5
+
+
+def test_the_inventory_lists_what_is_offered_once_the_peer_is_proven() -> None:
+    """Each side learns the ids and sizes the other holds for it, after authentication."""
+    hub, site = MemoryPhoneStore(), MemoryPhoneStore()
+    hub.put(SITE, "h1", envelope(), b"a" * 10)
+    site.put(HUB, "s1", envelope(), b"b" * 20)
+    caller, answerer = _pair(hub, site)
+    seen: list[object] = []
+    for end in (caller, answerer):
+        original = end.handler._dispatch
+        end.handler._dispatch = lambda e, o=original: (seen.append(e), o(e))[1]  # type: ignore[method-assign]
+    run_call(caller, answerer)
+    items = {
+        i.message_id: i.size for e in seen if isinstance(e, InventoryReceived) for i in e.items
+    }
+    assert items == {"h1": 10, "s1": 20}
+    first_auth = min(i for i, e in enumerate(seen) if isinstance(e, Authenticated))
+    assert all(not isinstance(e, InventoryReceived) for e in seen[:first_auth])
 
 
 def test_mail_flows_both_ways_in_one_call() -> None:

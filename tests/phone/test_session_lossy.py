@@ -55,6 +55,11 @@ def test_mail_both_ways_over_the_real_link_on_a_clean_line() -> None:
     s = caller.summary
     assert s is not None and s.outcome is CallOutcome.COMPLETED
     assert s.frames_sent > 0 and s.rtt is not None and s.efficiency_sent is not None
+    assert caller.link.idle and answerer.link.idle  # everything acknowledged before hang-up
+    stats = caller.link.stats()
+    assert (s.wire_bytes_sent, s.frames_sent) == (stats.wire_bytes_sent, stats.frames_sent)
+    assert s.payload_bytes_sent == s.payload_bytes_received == 40960
+    assert s.compression_ratio_sent == 1.0 and s.handshake_seconds is not None
 
 
 conditions = st.builds(

@@ -36,6 +36,11 @@ counts: at a bit error rate of 1e-5 the best frames carry only a few hundred byt
   bytes, a frame tucked inside a record no longer appears on the wire, and random-looking
   data stays random-looking.  It is not secrecy (the keystream is public).
 
+A frame whose header passed its check but whose CRC-32 failed was really sent (a random
+header passes once in 65 536), so its header is kept for the link to ask for it again at
+once (:meth:`FrameDecoder.take_damaged`): the quickest news of a loss there is, and the
+only one for the last frame of a burst.
+
 ``kind`` and ``seq`` mean nothing here; the link (:mod:`relay.sansio.phone.link`) gives
 them their meaning.  :class:`FrameDecoder` never raises on input, skips and counts what
 is not a frame, and holds at most one frame's worth of bytes (:attr:`FrameDecoder.limit`)
@@ -58,6 +63,7 @@ __all__ = [
     "SEQ_BITS",
     "SEQ_MODULUS",
     "SYNC",
+    "DamagedHeader",
     "Frame",
     "FrameDecoder",
     "encode_frame",
@@ -111,6 +117,18 @@ class Frame:
             raise ValueError(f"frame payload of {len(self.payload)} bytes > {MAX_PAYLOAD}")
 
 
+@dataclass(frozen=True, slots=True)
+class DamagedHeader:
+    """The header of a frame that arrived damaged (its header checked, its CRC did not)."""
+
+    kind: int
+    seq: int
+    length: int
+
+
+_DAMAGED_KEPT: Final = 64
+
+
 def _whiten(payload: bytes | bytearray, seq: int) -> bytes:
     """XOR ``payload`` with the keystream from ``seq``; its own inverse."""
     size = len(payload)
@@ -147,6 +165,7 @@ class FrameDecoder:
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._damaged: list[DamagedHeader] = []
         self.garbage_bytes = 0
         self.bad_headers = 0
         self.bad_checksums = 0
@@ -155,6 +174,11 @@ class FrameDecoder:
     def buffered(self) -> int:
         """Bytes held back waiting for the rest of a frame (at most :attr:`limit`)."""
         return len(self._buffer)
+
+    def take_damaged(self) -> list[DamagedHeader]:
+        """The headers of damaged frames since the last call (the latest few), in order."""
+        damaged, self._damaged = self._damaged, []
+        return damaged
 
     def feed(self, data: bytes) -> list[Frame]:
         """Take bytes from the line; return the good frames they completed, in order."""
@@ -197,6 +221,8 @@ class FrameDecoder:
             (crc,) = _CRC.unpack_from(buffer, end - _CRC.size)
             if crc != zlib.crc32(payload, zlib.crc32(header)):
                 self.bad_checksums += 1
+                self._damaged.append(DamagedHeader(kind, seq, length))
+                del self._damaged[:-_DAMAGED_KEPT]
                 self._skip(1)
                 continue
             frames.append(Frame(kind, seq, payload))

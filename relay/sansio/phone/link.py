@@ -11,41 +11,45 @@ read the 24-bit value as the one nearest to what they expect, which a window of 
 most 4 MiB keeps unambiguous).  Record and frame
 boundaries are independent: small records share a frame, large ones span many.
 
-Frame kinds (:class:`FrameKind`, the low six bits of the frame's kind byte; kinds this
+Frame kinds (:class:`FrameKind`, the low five bits of the frame's kind byte; kinds this
 version does not know are skipped):
 
 * ``DATA``: stream bytes at offset ``seq``.  Flags (:class:`FrameFlag`): ``ACK_BLOCK``,
   an ack block (below) comes first, so acknowledgements ride on data; ``PUSH``, nothing
-  more was queued behind this frame (or it is a resend), so acknowledge it at once.
-* ``ACK``: an acknowledgement alone; ``seq`` is the cumulative ack and the payload the
-  rest of the block.  It is also the keepalive.
+  more was queued behind this frame (or it is a resend), so acknowledge it at once;
+  ``NACK``, the ack block names damaged frames.
+* ``ACK``: an acknowledgement alone (flag ``NACK`` as above); ``seq`` is the cumulative
+  ack and the payload the rest of the block.  It is also the keepalive.
 
 An **ack block** is the cumulative ack (the offset of the first byte the receiver does
 not have, 3 bytes; only on data frames), a count, and that many pairs of varints
 (skip, length): the ranges the receiver holds beyond the cumulative ack, each relative
 to the end of the one before (selective acknowledgement, as many ranges as fit in
-:data:`SACK_LIMIT` bytes, lowest first).  A data frame thus costs
+:data:`SACK_LIMIT` bytes, lowest first; the count's high bit says some were left out).
+With the ``NACK`` flag it ends with a count and the offsets (from the cumulative ack)
+of frames that arrived damaged: their headers passed their check, so the receiver
+knows which frames to ask for at once.  A data frame thus costs
 :data:`~relay.sansio.phone.frame.FRAME_OVERHEAD` bytes, four more when it carries an
-acknowledgement and no gap (four more).
+acknowledgement and no gap.
 
 **Sender.**  The stream bytes not yet acknowledged cumulatively are kept; what has been
 sent of them is a list of segments (one per frame sent), each remembering when it was
 last sent and in which order.  New data goes out while the window (``params.window``
 bytes beyond the cumulative ack) and the flight limit (below) have room for a whole
-frame.  A segment is known lost when a segment sent *after* it has been acknowledged
-while it has not (the line does not reorder, so the later one overtaking it means this
-one was damaged): it is resent at once, before any new data, without waiting for a
-timer (the idea of RACK, RFC 8985).  Only segments nobody has acknowledged are resent.
+frame.  A segment is known lost when the peer names it damaged, or when a segment sent
+*after* it has been acknowledged while it has not (the line does not reorder, so the
+later one overtaking it means this one was damaged): it is resent at once, before any
+new data, without waiting for a timer (the idea of RACK, RFC 8985; not beyond the last
+range listed when some were left out).  Only segments nobody has acknowledged are resent.
 A retransmission timer (RFC 6298: smoothed round trip plus four deviations, at least
-a second, doubled on each expiry; no samples from resends made on a guess, per Karn)
+a second, doubled on each expiry; samples only from frames sent once, per Karn)
 covers the rest, and a probe after two round trips resends the last frame of a burst,
 which has no later frame to show it lost.  The timer restarts whenever something new
 is acknowledged, so frames that queued behind a full transmit buffer do not fire it
 while acknowledgements still flow; when it fires it resends only the oldest frame,
-unless nothing at all was heard for a whole timeout (the line went quiet).  A resend
-made on a guess while the peer was talking may be acknowledged by its first copy
-(queued behind the peer's data), so its acknowledgement is not taken as evidence
-against the frames sent before it.  The estimators (round trip,
+unless nothing at all was heard for a whole timeout (the line went quiet).  An
+acknowledged frame that was sent more than once may have arrived as any of its copies,
+so it is evidence only against frames last sent before its first copy.  The estimators (round trip,
 damage, delivery rate) live in :mod:`relay.sansio.phone.estimate`.
 
 **Flight limit.**  The driver's transport, the kernel's tty buffer and a modem can
@@ -122,6 +126,7 @@ __all__ = [
     "FLIGHT_TIME",
     "INITIAL_FLIGHT",
     "MAX_FRAME_DATA",
+    "MAX_NACKS",
     "MAX_RTO",
     "SACK_LIMIT",
     "FrameFlag",
@@ -144,7 +149,7 @@ SACK_LIMIT: Final = 256
 """The most bytes of (skip, length) pairs in one ack block."""
 
 _CUM_SIZE: Final = 3  # the cumulative ack at the head of a data frame's ack block
-_ACK_BLOCK_MAX: Final = _CUM_SIZE + 1 + SACK_LIMIT
+_ACK_BLOCK_MAX: Final = _CUM_SIZE + 1 + SACK_LIMIT + 1 + 5 * 8
 assert MAX_FRAME_DATA + _ACK_BLOCK_MAX <= MAX_PAYLOAD
 
 ACK_DELAY: Final = 0.2
@@ -177,15 +182,20 @@ class FrameKind(enum.IntEnum):
 
 
 class FrameFlag(enum.IntFlag):
-    """The two high bits of a data frame's kind byte."""
+    """The three high bits of a frame's kind byte."""
 
+    NACK = 0x20
+    """The ack block ends with the offsets of frames that arrived damaged."""
     PUSH = 0x40
-    """Nothing more was queued behind this frame: acknowledge it at once."""
+    """Data: nothing more was queued behind this frame: acknowledge it at once."""
     ACK_BLOCK = 0x80
-    """An ack block comes before the data."""
+    """Data: an ack block comes before the data."""
 
 
-_KIND_MASK: Final = 0x3F
+_KIND_MASK: Final = 0x1F
+_MORE_RANGES: Final = 0x80  # in an ack block's range count: more ranges than listed
+MAX_NACKS: Final = 8
+"""The most damaged frames one acknowledgement asks for again."""
 
 
 @dataclass(frozen=True)
@@ -340,12 +350,12 @@ class _Segment:
         "app_limited",
         "clean",
         "end",
+        "first_xmit",
         "lost",
         "resent",
         "sacked",
         "send_state",
         "sent_at",
-        "speculative",
         "start",
         "xmit",
     )
@@ -358,7 +368,7 @@ class _Segment:
         self.resent = False
         self.sacked = False
         self.lost = False
-        self.speculative = False  # marked lost by a timer, not by evidence
+        self.first_xmit = 0  # order of its first sending (pieces of a split share it)
         self.send_state = SendState(0, 0.0, 0.0)  # for a delivery-rate sample
         self.app_limited = False
         self.clean = False  # sent when nothing else was in flight
@@ -397,6 +407,7 @@ class Link:
         self._ack_owed = False
         self._ack_now = False
         self._ack_owed_since = now
+        self._nacks: list[int] = []  # starts of frames that arrived damaged
         self._bytes_unacked = 0
         self._last_heard = now
         self._ticked_at = -math.inf
@@ -484,6 +495,9 @@ class Link:
                 self._die(error.reason)
             if self._dead:
                 return
+        for damaged in self._decoder.take_damaged():
+            if damaged.kind & _KIND_MASK == FrameKind.DATA:
+                self._on_damaged(unwrap_seq(damaged.seq, self._rcv_nxt), now)
 
     def next_event(self) -> LinkEvent | None:
         """The next record (or the link's death); None when there is nothing more yet."""
@@ -534,9 +548,6 @@ class Link:
             for segment in self._segments:
                 if not (segment.sacked or segment.lost):
                     segment.lost = True
-                    # After an outage the first copies' acknowledgements would have
-                    # come by now: those of the resends are evidence like any other.
-                    segment.speculative = not outage
                     if not run:
                         self._note_loss()
                     run = True
@@ -550,7 +561,7 @@ class Link:
             self._probe_deadline = None
             for segment in reversed(self._segments):
                 if not segment.sacked:
-                    segment.lost = segment.speculative = True
+                    segment.lost = True
                     break
 
     def data_to_send(self, now: float, max_bytes: int | None = None) -> bytes:
@@ -648,7 +659,7 @@ class Link:
             rest = _Segment(segment.start + -(-length // pieces), segment.end)
             rest.lost = True
             rest.resent = True
-            rest.speculative = segment.speculative
+            rest.first_xmit = segment.first_xmit
             segment.end = rest.start
             self._segments.insert(index + 1, rest)
         segment.lost = False
@@ -667,9 +678,9 @@ class Link:
         ack_due = self._ack_due()
         if ack_due is not None and now >= ack_due:
             cum = (self._rcv_nxt % SEQ_MODULUS).to_bytes(_CUM_SIZE, "big")
-            data = cum + self._sack_block() + data
-            kind |= FrameFlag.ACK_BLOCK
-            self._ack_sent()
+            block, flags = self._ack_block()
+            data = cum + block + data
+            kind |= FrameFlag.ACK_BLOCK | flags
         wire = encode_frame(Frame(kind, segment.start % SEQ_MODULUS, data))
         out.append(wire)
         segment.clean = clean
@@ -677,6 +688,7 @@ class Link:
         segment.app_limited = bool(kind & FrameFlag.PUSH)
         self._xmit += 1
         segment.xmit = self._xmit
+        segment.first_xmit = segment.first_xmit or self._xmit
         segment.sent_at = now
         if self._rto_deadline is None:
             self._rto_deadline = now + self._round_trip.rto
@@ -710,14 +722,26 @@ class Link:
         return due
 
     def _ack_frame(self) -> bytes:
-        frame = Frame(FrameKind.ACK, self._rcv_nxt % SEQ_MODULUS, self._sack_block())
-        self._ack_sent()
-        return encode_frame(frame)
+        block, flags = self._ack_block()
+        return encode_frame(Frame(FrameKind.ACK | flags, self._rcv_nxt % SEQ_MODULUS, block))
 
     def _ack_sent(self) -> None:
+        self._nacks.clear()
         self._ack_owed = False
         self._ack_now = False
         self._bytes_unacked = 0
+
+    def _ack_block(self) -> tuple[bytes, FrameFlag]:
+        """The acknowledgement now owed, after the cumulative ack, with its flag; the
+        acknowledgement is then no longer owed."""
+        block = self._sack_block()
+        flags = FrameFlag(0)
+        nacks = [start - self._rcv_nxt for start in self._nacks if start >= self._rcv_nxt]
+        if nacks:
+            block += bytes([len(nacks)]) + b"".join(map(encode_varint, nacks))
+            flags = FrameFlag.NACK
+        self._ack_sent()
+        return block, flags
 
     def _sack_block(self) -> bytes:
         """Count and (skip, length) pairs of the ranges held beyond the cumulative ack."""
@@ -737,7 +761,8 @@ class Link:
             ranges.append((run_start, run_end))
         for start, end in ranges:
             pair = encode_varint(start - previous) + encode_varint(end - start)
-            if len(pairs) + len(pair) > SACK_LIMIT or count == 0xFF:
+            if len(pairs) + len(pair) > SACK_LIMIT or count == _MORE_RANGES - 1:
+                count |= _MORE_RANGES
                 break
             pairs += pair
             count += 1
@@ -748,10 +773,11 @@ class Link:
 
     def _on_frame(self, frame: Frame, now: float) -> None:
         kind = frame.kind & _KIND_MASK
+        nack = bool(frame.kind & FrameFlag.NACK)
         if kind == FrameKind.ACK:
             cum = unwrap_seq(frame.seq, self._snd_una)
-            ranges, _ = self._read_sack(frame.payload, 0, cum)
-            self._on_ack(cum, ranges, now)
+            ranges, more, nacks, _ = self._read_ack_block(frame.payload, 0, cum, nack=nack)
+            self._on_ack(cum, ranges, more, nacks, now)
         elif kind == FrameKind.DATA:
             payload = frame.payload
             if frame.kind & FrameFlag.ACK_BLOCK:
@@ -759,18 +785,23 @@ class Link:
                     raise PhoneProtocolError("data frame too short for its ack block")
                 cum_wire = int.from_bytes(payload[:_CUM_SIZE], "big")
                 cum = unwrap_seq(cum_wire, self._snd_una)
-                ranges, pos = self._read_sack(payload, _CUM_SIZE, cum)
-                self._on_ack(cum, ranges, now)
+                ranges, more, nacks, pos = self._read_ack_block(payload, _CUM_SIZE, cum, nack=nack)
+                self._on_ack(cum, ranges, more, nacks, now)
                 payload = payload[pos:]
             self._on_data(frame.seq, payload, now, push=bool(frame.kind & FrameFlag.PUSH))
         else:
             return  # a kind from a later version: skip it
         self._last_heard = now
 
-    def _read_sack(self, payload: bytes, pos: int, cum: int) -> tuple[list[tuple[int, int]], int]:
+    def _read_ack_block(
+        self, payload: bytes, pos: int, cum: int, *, nack: bool
+    ) -> tuple[list[tuple[int, int]], bool, list[int], int]:
+        """Ranges held, whether more were left out, starts of damaged frames, and where
+        the block ends."""
         if pos >= len(payload):
             raise PhoneProtocolError("ack block without its range count")
-        count = payload[pos]
+        count = payload[pos] & ~_MORE_RANGES
+        more = bool(payload[pos] & _MORE_RANGES)
         pos += 1
         ranges: list[tuple[int, int]] = []
         previous = cum
@@ -780,13 +811,30 @@ class Link:
             start = previous + skip
             previous = start + length
             ranges.append((start, previous))
-        return ranges, pos
+        nacks: list[int] = []
+        if nack:
+            if pos >= len(payload):
+                raise PhoneProtocolError("ack block without its count of damaged frames")
+            count = payload[pos]
+            pos += 1
+            for _ in range(count):
+                offset, pos = decode_varint(payload, pos)
+                nacks.append(cum + offset)
+        return ranges, more, nacks, pos
 
-    def _on_ack(self, cum: int, ranges: list[tuple[int, int]], now: float) -> None:
+    def _on_ack(
+        self,
+        cum: int,
+        ranges: list[tuple[int, int]],
+        more: bool,
+        nacks: list[int],
+        now: float,
+    ) -> None:
         if cum < self._snd_una:
             return  # older than one already seen
         if cum > self._snd_nxt or (ranges and ranges[-1][1] > self._snd_nxt):
             raise PhoneProtocolError("peer acknowledged data that was never sent")
+        self._on_nacks(nacks)
         segments = self._segments
         newly: list[_Segment] = []  # acknowledged by this ack and not before
         delivered = 0
@@ -817,32 +865,33 @@ class Link:
         if not (newly or delivered):
             return
         delivered += sum(segment.end - segment.start for segment in newly)
-        # The newest sent is the evidence against older ones, and gives the samples,
-        # unless it was resent on a guess: its acknowledgement may be the first copy's
-        # (Karn).  A resend of a frame shown lost is no guess: the line does not
-        # reorder, so that first copy is gone.
-        newest = max(
-            (seg for seg in newly if not (seg.resent and seg.speculative)),
-            key=lambda seg: seg.xmit,
-            default=None,
-        )
+        # Which copy of a resent frame arrived is unknown (an earlier one may still have
+        # been on its way), so a frame counts as sent when first sent: the evidence
+        # against frames last sent before it.  Samples come from frames sent once (Karn).
         self._progress_at = now
         self._rate.on_delivered(delivered, now)
-        if newest is not None:
+        evidence = max(segment.first_xmit for segment in newly) if newly else 0
+        self._delivered_xmit = max(self._delivered_xmit, evidence)
+        sampled = max(
+            (seg for seg in newly if not seg.resent), key=lambda seg: seg.xmit, default=None
+        )
+        if sampled is not None:
             self._rate.sample(
-                newest.send_state,
-                newest.sent_at,
+                sampled.send_state,
+                sampled.sent_at,
                 now,
-                app_limited=newest.app_limited,
+                app_limited=sampled.app_limited,
                 round_trip=self._round_trip,
             )
-            self._round_trip.sample(now - newest.sent_at, self._max_rto(), clean=newest.clean)
-            self._delivered_xmit = max(self._delivered_xmit, newest.xmit)
+            self._round_trip.sample(now - sampled.sent_at, self._max_rto(), clean=sampled.clean)
+        # With ranges left out, what lies beyond the last one listed may be held.
+        known = ranges[-1][1] if more and ranges else (cum if more else None)
         run = False
         for segment in segments:
+            if known is not None and segment.end > known:
+                break
             if not (segment.sacked or segment.lost) and segment.xmit < self._delivered_xmit:
                 segment.lost = True
-                segment.speculative = False
                 if not run:
                     self._note_loss()
                 run = True
@@ -853,6 +902,18 @@ class Link:
         self._probe_deadline = None
         if outstanding and self._snd_nxt == self._snd_una + len(self._out):
             self._arm_probe(now)
+
+    def _on_nacks(self, starts: list[int]) -> None:
+        """The peer got the frames starting at ``starts`` damaged: resend them now."""
+        segments = self._segments
+        for start in starts:
+            index = bisect_right(segments, start, key=lambda segment: segment.start) - 1
+            if index < 0 or segments[index].start != start:
+                continue  # resent in other pieces since, or a header damaged unseen
+            segment = segments[index]
+            if not (segment.sacked or segment.lost):
+                segment.lost = True
+                self._note_loss()
 
     def _arm_probe(self, now: float) -> None:
         """Resend the last frame if its acknowledgement is late: the tail has no later
@@ -935,6 +996,17 @@ class Link:
             if held_start + len(held) > self._rcv_nxt:
                 self._deliver(held[self._rcv_nxt - held_start :])
         self._owe_ack(now, len(data), at_once=filled or push)
+
+    def _on_damaged(self, start: int, now: float) -> None:
+        """A frame starting at ``start`` arrived damaged: ask for it at once."""
+        if not self._rcv_nxt <= start < self._rcv_nxt + self._params.window:
+            return
+        index = bisect_right(self._held, start, key=lambda piece: piece[0]) - 1
+        if index >= 0 and start < self._held[index][0] + len(self._held[index][1]):
+            return  # held already
+        if start not in self._nacks and len(self._nacks) < MAX_NACKS:
+            self._nacks.append(start)
+            self._owe_ack(now, 0, at_once=True)
 
     def _hold(self, start: int, data: bytes) -> None:
         """Keep the bytes of ``data`` (at ``start``, beyond a gap) not held yet."""

@@ -253,7 +253,7 @@ class Abandon:
 
 @dataclass(frozen=True, slots=True)
 class Done:
-    """Hang-up: the sender has nothing more to send and all it sent has a final reply."""
+    """Hang-up: the sender will propose nothing more and has sent all its text."""
 
 
 Record = Hello | Proof | Abort | Inventory | Propose | Answer | Text | FinalReply | Abandon | Done

@@ -41,8 +41,10 @@ never waits behind queued text.  Each side's job tables are
 :mod:`relay.sansio.phone.jobs`.
 
 **Hang-up.**  A side sends :class:`~relay.sansio.phone.records.Done` when it will
-propose nothing more and every message it sent has its final reply.  With both
-``Done``\\ s exchanged and every final reply of ours sent, the session is ``CLOSING``:
+propose nothing more and has sent all the text it will send (not waiting for the final
+replies, so the hang-up costs no round trip of its own).  With both ``Done``\\ s
+exchanged, every message we sent settled and every final reply of ours sent, the
+session is ``CLOSING``:
 it ends (:class:`CallEnded`, outcome ``COMPLETED``) once the link has everything
 acknowledged, or after ``closing_grace`` (all mail is settled by then; only the last
 acknowledgement may be lost), or when the line drops.
@@ -131,6 +133,8 @@ MAX_OUTSTANDING: Final = 64
 READERS: Final = 4
 """How many accepted messages have text read ahead at once."""
 _STORING: Final = frozenset((InState.RECEIVING, InState.COMMITTING))
+_TEXT_TO_SEND: Final = frozenset((OutState.QUEUED, OutState.PROPOSED, OutState.SENDING))
+_TEXT_EXPECTED: Final = frozenset((InState.DECIDING, InState.RECEIVING))
 _FINAL_SENT: Final = frozenset((InState.SETTLED, InState.DRAINING))
 
 
@@ -404,7 +408,6 @@ class PhoneSession:
         self._transcript = b""
         self._sealer: Sealer | None = None
         self._opener: Opener | None = None
-        self._opener_pending: Opener | None = None
         self._compressor: ChunkCompressor | None = None
         self._decompressor = ChunkDecompressor()
         self._deflater = RecordDeflater()
@@ -414,7 +417,8 @@ class PhoneSession:
         self._offered: list[_OutJob] = []
         self._queued: deque[_OutJob] = deque()  # offered, not yet proposed
         self._sending: dict[int, _OutJob] = {}  # accepted, text still to send
-        self._unsettled_out = 0
+        self._unsettled_out = 0  # offered, no final reply yet
+        self._text_pending = 0  # offered, text not all sent (nor the message settled)
         self._out_by_id: dict[str, _OutJob] = {}
         self._offers_closed = False
         self._inventory_sent = False
@@ -520,6 +524,7 @@ class PhoneSession:
         self._offered.append(job)
         self._queued.append(job)
         self._unsettled_out += 1
+        self._text_pending += 1
         self._out_by_id[message.message_id] = job
 
     def close_offers(self) -> None:
@@ -851,9 +856,9 @@ class PhoneSession:
     def _on_done(self) -> None:
         if self._done_received:
             raise PhoneProtocolError("a second hang-up")
-        unsettled = [j.job for j in self._in.values() if j.state not in _FINAL_SENT]
-        if unsettled:
-            raise PhoneProtocolError(f"hang-up with jobs {unsettled[:5]} not settled")
+        open_jobs = [j.job for j in self._in.values() if j.state in _TEXT_EXPECTED]
+        if open_jobs:
+            raise PhoneProtocolError(f"hang-up with the text of jobs {open_jobs[:5]} to come")
         self._done_received = True
 
     # --- job steps -------------------------------------------------------------------------
@@ -880,9 +885,10 @@ class PhoneSession:
             del self._in[job.job]  # nothing more may come for it
 
     def _step_out(self, job: _OutJob, what: OutInput) -> None:
-        new = OUT_TRANSITIONS.get((job.state, what))
+        old = job.state
+        new = OUT_TRANSITIONS.get((old, what))
         if new is None:
-            raise PhoneProtocolError(f"job {job.job}: {what.value} while {job.state.value}")
+            raise PhoneProtocolError(f"job {job.job}: {what.value} while {old.value}")
         job.state = new
         if new is OutState.SENDING:
             self._sending[job.job] = job
@@ -890,6 +896,8 @@ class PhoneSession:
             self._sending.pop(job.job, None)
         if new is OutState.SETTLED:
             self._unsettled_out -= 1
+        if old in _TEXT_TO_SEND and new not in _TEXT_TO_SEND:
+            self._text_pending -= 1
 
     def _request_commit(self, job: _InJob) -> None:
         assert job.accepted is not None
@@ -1033,12 +1041,13 @@ class PhoneSession:
                 self._events.append(TextWanted(job.message.message_id, job.next_read, want))
 
     def _maybe_done(self) -> None:
-        if not self._done_sent and self._offers_closed and self._unsettled_out == 0:
+        if not self._done_sent and self._offers_closed and self._text_pending == 0:
             self._done_sent = True
             self._send(Done())
         if (
             self._done_sent
             and self._done_received
+            and self._unsettled_out == 0
             and all(j.state in _FINAL_SENT for j in self._in.values())
         ):
             self._close()
