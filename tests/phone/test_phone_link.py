@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.sansio.phone.errors import LocalPhoneError
-from relay.sansio.phone.estimate import MIN_RTO
+from relay.sansio.phone.estimate import INITIAL_RTO, MIN_RTO
 from relay.sansio.phone.frame import Frame, FrameDecoder, encode_frame
 from relay.sansio.phone.link import (
     FrameFlag,
@@ -412,6 +412,25 @@ def test_timeouts_back_off_when_the_line_goes_silent() -> None:
     event = link.next_event()
     assert isinstance(event, LinkDead)
     assert now == pytest.approx(200.0)
+
+
+def test_timeouts_stay_short_while_the_peer_is_heard() -> None:
+    """A peer that keeps talking shows the line works: the timeout doubles only once, so
+    a frame that keeps getting lost is tried again every few seconds."""
+    link = Link(LinkParams(keepalive=100.0, dead_after=200.0), 0.0)
+    link.send_record(bytes(100))
+    keepalive = encode_frame(Frame(FrameKind.ACK, 0, b"\x00"))
+    sends = []
+    for tenth in range(1, 1000):
+        now = tenth / 10
+        if tenth % 10 == 0:
+            link.receive_data(keepalive, now)
+        if data_frames(FrameDecoder().feed(link.data_to_send(now))):
+            sends.append(now)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(sends)]
+    assert len(gaps) > 10
+    assert max(gaps) <= 2 * INITIAL_RTO + 0.1
+    assert not link.dead
 
 
 # -- frame size --------------------------------------------------------------------

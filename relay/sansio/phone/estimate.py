@@ -78,6 +78,7 @@ class RoundTrip:
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.min_rtt: float | None = None
+        self.base_rto = INITIAL_RTO  # the timeout the samples give, before any doubling
         self.rto = INITIAL_RTO
 
     def sample(self, rtt: float, ceiling: float, *, clean: bool) -> None:
@@ -96,7 +97,8 @@ class RoundTrip:
         else:
             self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
-        self.rto = min(ceiling, max(MIN_RTO, self.srtt + max(0.01, 4.0 * self.rttvar)))
+        self.base_rto = max(MIN_RTO, self.srtt + max(0.01, 4.0 * self.rttvar))
+        self.rto = min(ceiling, self.base_rto)
 
     def back_off(self, ceiling: float) -> None:
         """The timeout fired: wait twice as long next time (RFC 6298, 5.5)."""

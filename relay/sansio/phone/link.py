@@ -555,7 +555,13 @@ class Link:
                         break
                 else:
                     run = False
-            self._round_trip.back_off(self._max_rto())
+            # The peer still talking shows the line works: no point waiting ever longer
+            # (a serial line has no congestion to back off from), so twice the timeout
+            # the round trips give is as far as it goes then.
+            ceiling = self._max_rto()
+            if not outage:
+                ceiling = min(ceiling, 2.0 * self._round_trip.base_rto)
+            self._round_trip.back_off(ceiling)
             self._rto_deadline = now + self._round_trip.rto
         if self._probe_deadline is not None and now >= self._probe_deadline:
             self._probe_deadline = None
