@@ -77,6 +77,7 @@ def make_end(
     options: SessionOptions | None = None,
     link_factory: Callable[[float], tuple[Any, Any]] = new_link,
     nonce: bytes | None = None,
+    site_options: dict[str, SessionOptions] | None = None,
 ) -> End:
     """A caller (hub-a calling site-b) or an answerer (site-b), sharing SECRET."""
     if name is None:
@@ -96,6 +97,7 @@ def make_end(
         now=now,
         peer_name=peer,
         options=options,
+        site_options=site_options.get if site_options is not None else None,
     )
     seen: list[object] = []
     handler = CallHandler(session, store, lambda: None, seen.append)  # type: ignore[arg-type]
