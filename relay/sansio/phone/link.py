@@ -152,7 +152,7 @@ _CUM_SIZE: Final = 3  # the cumulative ack at the head of a data frame's ack blo
 _ACK_BLOCK_MAX: Final = _CUM_SIZE + 1 + SACK_LIMIT + 1 + 5 * 8
 assert MAX_FRAME_DATA + _ACK_BLOCK_MAX <= MAX_PAYLOAD
 
-ACK_DELAY: Final = 0.2
+ACK_DELAY: Final = 0.05
 """Seconds an acknowledgement of in-order data may wait, to cover more data at once."""
 
 
