@@ -395,9 +395,14 @@ class IPhoneStore(Interface):
         message with every recipient done is no longer outgoing."""
 
     def accept(site: str, message_id: str, envelope: Envelope, size: int) -> Deferred[Acceptance]:
-        """Decide a proposal: ``ALREADY_HAVE`` when committed before, a whole refusal
-        (too big, over quota, not now), or a reply per recipient and the offset of the
-        text held durably from an earlier call."""
+        """Decide a proposal: a whole refusal (too big, over quota, not now), or a reply
+        per recipient and the offset of the text held durably from an earlier call.
+
+        For an id committed before, answer what the first answer said for each
+        recipient, remembered durably with the id
+        (:func:`relay.sansio.phone.session.held_acceptance`: ``ALREADY_HAVE`` for those
+        accepted, the same refusal for the others), so a refusal whose final reply was
+        lost with the line still reaches the sender."""
 
     def write_text(site: str, message_id: str, offset: int, data: bytes) -> Deferred[None]:
         """Keep a piece of an incoming message's text at ``offset`` (pieces come in order,
@@ -408,6 +413,7 @@ class IPhoneStore(Interface):
     ) -> Deferred[str]:
         """Check the whole text against ``size`` and ``digest`` (SHA-256), make the
         message durable for ``envelope`` (the recipients :meth:`accept` accepted),
-        remember its id, and fire with the local queue id.  On a
+        remember its id with the reply :meth:`accept` gave each recipient, and fire with
+        the local queue id.  On a
         mismatch the partial text is dropped (the sender sends it all again) and the
         Deferred fails with :class:`relay.errors.DigestMismatch`."""

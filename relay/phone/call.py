@@ -10,6 +10,13 @@ The text of one incoming message is written piece by piece in order (each write 
 for the one before), and its commit waits for the last write.  A store failure on one
 message fails that message only (a temporary reply: the sender keeps it for the next
 call); the call goes on.
+
+**Backpressure.**  Text the line brings faster than the store writes it waits here, in
+memory.  :attr:`CallHandler.unstored_bytes` counts it; when it rises above
+``max_unstored`` the handler calls ``on_backlog(True)`` (the driver stops reading the
+line; the link then acknowledges nothing more and its window stops the peer), and
+``on_backlog(False)`` once the store has brought it down to half of that.  What is held
+per call is therefore about ``max_unstored`` plus what one read of the line brings.
 """
 
 from __future__ import annotations
@@ -40,9 +47,11 @@ from relay.sansio.phone.session import (
     TextWanted,
 )
 
-__all__ = ["CallHandler"]
+__all__ = ["MAX_UNSTORED", "CallHandler"]
 
 log = Logger()
+MAX_UNSTORED = 256 * 1024
+"""Bytes of received text waiting for the store above which the line is not read."""
 _STORED = Reply(ReplyCode.OK)  # the local queue id is logged here, not sent: bytes count
 
 
@@ -50,11 +59,26 @@ class CallHandler:
     """Answers one session's storage questions from a store."""
 
     def __init__(
-        self, session: PhoneSession, store: IPhoneStore, on_change: Callable[[], None]
+        self,
+        session: PhoneSession,
+        store: IPhoneStore,
+        on_change: Callable[[], None],
+        observe: Callable[[SessionEvent], object] | None = None,
+        *,
+        on_backlog: Callable[[bool], None] | None = None,
+        max_unstored: int = MAX_UNSTORED,
     ) -> None:
+        """``observe``, if given, sees every event first (progress, call records);
+        ``on_backlog`` is told when to stop (True) and resume (False) reading the line."""
         self._session = session
         self._store = store
         self._on_change = on_change
+        self._observe = observe
+        self._on_backlog = on_backlog
+        self._max_unstored = max_unstored
+        self._backlogged = False
+        self.unstored_bytes = 0
+        """Bytes of received text not yet written by the store."""
         self._writes: dict[int, Deferred[Any]] = {}
         self._failed_writes: set[int] = set()
         self.summary: CallSummary | None = None
@@ -63,6 +87,8 @@ class CallHandler:
     def handle_events(self) -> CallSummary | None:
         """Act on every event the session has; the summary once the call has ended."""
         while (event := self._session.next_event()) is not None:
+            if self._observe is not None:
+                self._observe(event)
             self._dispatch(event)
         return self.summary
 
@@ -161,9 +187,14 @@ class CallHandler:
     def _write(self, event: TextReceived) -> None:
         previous = self._writes.get(event.job, succeed(None))
         peer = self._peer()
+        self._count_unstored(len(event.data))
 
         def write(_: object) -> Deferred[None]:
             return self._store.write_text(peer, event.message_id, event.offset, event.data)
+
+        def written(result: object) -> object:
+            self._count_unstored(-len(event.data))
+            return result
 
         def failed(failure: Failure) -> None:
             if event.job in self._failed_writes:
@@ -174,8 +205,21 @@ class CallHandler:
             self._answer(lambda: self._session.fail_receiving(event.job, reply))
 
         d: Deferred[Any] = previous.addCallback(write)
+        d.addBoth(written)
         d.addErrback(failed)
         self._writes[event.job] = d
+
+    def _count_unstored(self, change: int) -> None:
+        """Keep :attr:`unstored_bytes`, and tell the driver when it crosses the bounds."""
+        self.unstored_bytes += change
+        if self._on_backlog is None:
+            return
+        if not self._backlogged and self.unstored_bytes > self._max_unstored:
+            self._backlogged = True
+            self._on_backlog(True)
+        elif self._backlogged and self.unstored_bytes <= self._max_unstored // 2:
+            self._backlogged = False
+            self._on_backlog(False)
 
     def _commit(self, request: CommitRequested) -> None:
         event = request.proposal

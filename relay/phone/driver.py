@@ -11,6 +11,14 @@ what it has ready then (at most ``write_size`` bytes).  Frames therefore wait in
 link (which can still choose, resend and acknowledge) rather than in a transport buffer
 the link cannot see, and the link's round-trip times stay honest on a slow line.
 
+Reads are paced by the store: when received text waits for the store beyond
+:attr:`PhoneProtocol.max_unstored` bytes, the protocol pauses the transport (its
+``pauseProducing``: no more reads), so the link acknowledges nothing more and the peer
+stops at its window; it resumes the transport once the store has caught up by half.
+Memory per call stays bounded however slow the store.  While reading is paused the
+protocol does not hear the peer either: a store stalled longer than the link's
+``dead_after`` ends the call (the mail not committed stays with its sender).
+
 When the engine ends the call the protocol writes what is left and drops the line;
 :attr:`PhoneProtocol.ended` fires with the :class:`CallSummary`.
 """
@@ -28,7 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.interfaces import IPhoneStore
-from relay.phone.call import CallHandler
+from relay.phone.call import MAX_UNSTORED, CallHandler
 from relay.sansio.phone.accounting import CallSummary
 from relay.sansio.phone.link import LinkParams
 from relay.sansio.phone.records import NONCE_SIZE, Role
@@ -53,8 +61,11 @@ def session_factory(
     new_link: Callable[[float], tuple[RecordLink, LinkParams]],
     peer_name: str | None = None,
     options: SessionOptions | None = None,
+    site_options: Mapping[str, SessionOptions] | None = None,
 ) -> SessionFactory:
-    """A factory of sessions for one end, each with a fresh nonce and link."""
+    """A factory of sessions for one end, each with a fresh nonce and link;
+    ``site_options`` are this end's settings for particular peers (``options`` for the
+    others), honoured on either end."""
 
     def make(now: float) -> PhoneSession:
         link, params = new_link(now)
@@ -68,6 +79,7 @@ def session_factory(
             now=now,
             peer_name=peer_name,
             options=options,
+            site_options=site_options.get if site_options is not None else None,
         )
 
     return make
@@ -78,6 +90,7 @@ class PhoneProtocol(Protocol):
     """One call over one transport, either end."""
 
     write_size = 2048
+    max_unstored = MAX_UNSTORED
 
     def __init__(
         self, new_session: SessionFactory, store: IPhoneStore, clock: IReactorTime
@@ -90,6 +103,8 @@ class PhoneProtocol(Protocol):
         self._timer: IDelayedCall | None = None
         self._wanted = False
         self._closing = False
+        self.reading_paused = False
+        """True while the transport is paused because the store is behind."""
         self.ended: Deferred[CallSummary] = Deferred()
         self.summary: CallSummary | None = None
 
@@ -98,7 +113,13 @@ class PhoneProtocol(Protocol):
     def connectionMade(self) -> None:
         now = self._clock.seconds()
         self._session = self._new_session(now)
-        self._handler = CallHandler(self._session, self._store, self._kick)
+        self._handler = CallHandler(
+            self._session,
+            self._store,
+            self._kick,
+            on_backlog=self._on_backlog,
+            max_unstored=self.max_unstored,
+        )
         assert self.transport is not None
         self.transport.registerProducer(self, False)  # type: ignore[attr-defined]  # calls resumeProducing at once
         self._kick()
@@ -117,6 +138,21 @@ class PhoneProtocol(Protocol):
         if self.summary is None and self._handler is not None:
             self._handler.handle_events()
             self._finish(self._handler.summary)
+
+    @property
+    def unstored_bytes(self) -> int:
+        """Bytes of received text waiting for the store."""
+        return self._handler.unstored_bytes if self._handler is not None else 0
+
+    def _on_backlog(self, behind: bool) -> None:
+        """Stop reading the line while the store is behind, read again once it caught up."""
+        if self.transport is None or self._closing:
+            return
+        self.reading_paused = behind
+        if behind:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        else:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     # --- IPullProducer ---------------------------------------------------------------------
 

@@ -10,9 +10,11 @@ engine checks them)::
 A message from a site is committed by fsyncing its text, renaming it into ``in/mail``,
 writing its envelope to a temporary file, fsyncing it and renaming it to ``ID.env``: the
 envelope's name is the commit point, and its existence is the durable "already have it"
-for that id (kept as long as the message is).  The text of a cut-off message stays in
-``in/partial``; its size, after an fsync, is the offset the next call resumes from, and
-the digest check at commit catches anything a crash left behind.
+for that id (kept as long as the message is).  This store refuses no recipient, so the
+committed envelope also names every recipient the first answer accepted: a re-proposal
+(its final reply lost with the line) is answered per recipient from it.  The text of a
+cut-off message stays in ``in/partial``; its size, after an fsync, is the offset the next
+call resumes from, and the digest check at commit catches anything a crash left behind.
 
 Every file operation runs in a thread off the reactor (fsync is not cheap), one batch at
 a time in the order asked: the operations that arrived while a batch ran form the next
@@ -39,7 +41,7 @@ from relay.errors import DigestMismatch
 from relay.fileio import fsync_directory, write_all
 from relay.interfaces import IPhoneStore
 from relay.reply import Reply, ReplyCode
-from relay.sansio.phone.session import ALREADY_HAVE, Acceptance, Outgoing
+from relay.sansio.phone.session import Acceptance, Outgoing, held_acceptance
 
 __all__ = ["FilePhoneStore", "still_to_do"]
 
@@ -301,8 +303,12 @@ def _settle(batch: _Batch, out_dir: Path, message_id: str, replies: tuple[Reply,
 def _accept(
     batch: _Batch, mail: Path, partial: Path, message_id: str, envelope: Envelope, size: int
 ) -> Acceptance:
-    if (mail / f"{message_id}.env").exists():
-        return Acceptance(whole=ALREADY_HAVE)
+    env_path = mail / f"{message_id}.env"
+    if env_path.exists():
+        # this store accepts every recipient, so the committed envelope is the whole of
+        # the first answer: each of its recipients was answered AOK
+        held = Envelope.from_dict(json.loads(env_path.read_bytes()))
+        return held_acceptance(envelope, {r.address.smtp_path(): _AOK for r in held.recipients})
     offset = 0
     path = partial / message_id
     if path.exists():

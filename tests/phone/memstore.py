@@ -14,7 +14,7 @@ from relay.errors import DigestMismatch
 from relay.interfaces import IPhoneStore
 from relay.phone.filestore import still_to_do
 from relay.reply import Reply, ReplyCode
-from relay.sansio.phone.session import ALREADY_HAVE, Acceptance, Outgoing
+from relay.sansio.phone.session import Acceptance, Outgoing, held_acceptance
 
 
 @dataclass
@@ -27,6 +27,8 @@ class MemoryPhoneStore:
     commits: list[tuple[str, str]] = field(default_factory=list)
     settled: list[tuple[str, str, tuple[Reply, ...]]] = field(default_factory=list)
     refuse_user: str | None = None  # a local part answered "unknown user"
+    answered: dict[tuple[str, str], dict[str, Reply]] = field(default_factory=dict)
+    """The reply accept gave each recipient, by site and id (kept with the commit)."""
 
     def put(self, site: str, message_id: str, envelope: Envelope, text: bytes) -> None:
         self.outbox.setdefault(site, {})[message_id] = (envelope, text)
@@ -58,13 +60,20 @@ class MemoryPhoneStore:
         self, site: str, message_id: str, envelope: Envelope, size: int
     ) -> Deferred[Acceptance]:
         if message_id in self.inbox.get(site, {}):
-            return succeed(Acceptance(whole=ALREADY_HAVE))
+            held, _ = self.inbox[site][message_id]
+            every = {r.address.smtp_path(): Reply(ReplyCode.AOK) for r in held.recipients}
+            answered = self.answered.get((site, message_id), every)
+            return succeed(held_acceptance(envelope, answered))
         replies = tuple(
             Reply(ReplyCode.USER)
             if r.address.local_part == self.refuse_user
             else Reply(ReplyCode.AOK)
             for r in envelope.recipients
         )
+        self.answered[site, message_id] = {
+            r.address.smtp_path(): reply
+            for r, reply in zip(envelope.recipients, replies, strict=True)
+        }
         held = self.partial.get((site, message_id), b"")
         return succeed(Acceptance(replies, len(held) if len(held) <= size else 0))
 

@@ -59,6 +59,7 @@ class End:
     handler: CallHandler
     store: Any
     link: Any
+    seen: list[object]  # every event the session gave, in order
 
     @property
     def summary(self) -> CallSummary | None:
@@ -76,6 +77,7 @@ def make_end(
     options: SessionOptions | None = None,
     link_factory: Callable[[float], tuple[Any, Any]] = new_link,
     nonce: bytes | None = None,
+    site_options: dict[str, SessionOptions] | None = None,
 ) -> End:
     """A caller (hub-a calling site-b) or an answerer (site-b), sharing SECRET."""
     if name is None:
@@ -95,9 +97,11 @@ def make_end(
         now=now,
         peer_name=peer,
         options=options,
+        site_options=site_options.get if site_options is not None else None,
     )
-    handler = CallHandler(session, store, lambda: None)  # type: ignore[arg-type]
-    return End(session, handler, store, link)
+    seen: list[object] = []
+    handler = CallHandler(session, store, lambda: None, seen.append)  # type: ignore[arg-type]
+    return End(session, handler, store, link, seen)
 
 
 class Line:

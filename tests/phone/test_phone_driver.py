@@ -5,15 +5,17 @@ from __future__ import annotations
 import os
 import tty
 from pathlib import Path
+from typing import Any
 
 import pytest_twisted
 from session_harness import HUB, SECRET, SITE, envelope
 from twisted.internet import reactor
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory
 from twisted.internet.serialport import SerialPort
 from twisted.internet.stdio import StandardIO
+from twisted.internet.task import deferLater
 
 from relay.phone.driver import PhoneProtocol, session_factory
 from relay.phone.filestore import FilePhoneStore
@@ -148,3 +150,68 @@ async def test_a_wrong_secret_drops_the_line_after_the_delay_and_moves_nothing(
         assert summary.messages_sent == summary.messages_received == 0
     assert site.received(HUB) == {} and sorted(hub.pending(SITE)) == sorted(to_site)
     assert caller.transport is None or not caller.transport.connected
+
+
+class _SlowWrites:
+    """A file store whose text writes wait until :meth:`release` (a store slower than
+    the line); everything else goes straight to the file store."""
+
+    def __init__(self, store: FilePhoneStore) -> None:
+        self._store = store
+        self._held: list[tuple[Deferred[None], tuple[str, str, int, bytes]]] = []
+        self.holding = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def write_text(self, site: str, message_id: str, offset: int, data: bytes) -> Deferred[None]:
+        if not self.holding:
+            return self._store.write_text(site, message_id, offset, data)
+        d: Deferred[None] = Deferred()
+        self._held.append((d, (site, message_id, offset, data)))
+        return d
+
+    def release(self) -> None:
+        self.holding = False
+        held, self._held = self._held, []
+        for d, args in held:
+            self._store.write_text(*args).chainDeferred(d)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_slower_than_the_line_pauses_reading_and_memory_stays_bounded(
+    tmp_path: Path,
+) -> None:
+    """With the receiving store's writes held, the answerer stops reading the line once
+    its unstored text passes the bound, holds no more than about that, and the call
+    completes with every message intact once the store catches up."""
+    hub = FilePhoneStore(tmp_path / "hub", reactor)
+    site = _SlowWrites(FilePhoneStore(tmp_path / "site", reactor))
+    to_site = {f"big{i}": os.urandom(300_000) for i in range(4)}
+    for mid, text in to_site.items():
+        await hub.put_outgoing(SITE, mid, envelope(), text)
+    options = SessionOptions(compression=False)
+    caller = _protocol(Role.CALLER, hub, options)
+    answerer = _protocol(Role.ANSWERER, site, options)  # type: ignore[arg-type]
+    answerer.max_unstored = 64 * 1024
+    port = reactor.listenTCP(0, Factory.forProtocol(lambda: answerer), interface="127.0.0.1")
+    try:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        await connectProtocol(endpoint, caller)
+        most = quiet = 0
+        for _ in range(2000):  # until the answerer has held still for a while, paused
+            await deferLater(reactor, 0.005, lambda: None)
+            quiet = quiet + 1 if answerer.reading_paused and answerer.unstored_bytes == most else 0
+            most = max(most, answerer.unstored_bytes)
+            if quiet >= 40 or most > 4 * answerer.max_unstored:
+                break
+        # the bound, plus what one read of the socket and the link's window can bring
+        assert answerer.reading_paused and most <= answerer.max_unstored + 2 * 65536
+        site.release()
+        results = await DeferredList([caller.ended, answerer.ended], fireOnOneErrback=True)
+    finally:
+        await port.stopListening()
+    assert not answerer.reading_paused and answerer.unstored_bytes == 0
+    assert {m: t for m, (_, t) in site.received(HUB).items()} == to_site
+    for _, summary in results:
+        assert summary.outcome is CallOutcome.COMPLETED, summary

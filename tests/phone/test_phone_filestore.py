@@ -17,7 +17,7 @@ from relay.interfaces import IPhoneStore
 from relay.phone import filestore
 from relay.phone.filestore import FilePhoneStore
 from relay.reply import Reply, ReplyCode
-from relay.sansio.phone.session import ALREADY_HAVE
+from relay.sansio.phone.session import ALREADY_HAVE, NOT_HELD_FOR
 
 
 def _store(root: Path) -> FilePhoneStore:
@@ -57,6 +57,23 @@ async def test_a_committed_id_is_remembered_across_restarts(tmp_path: Path) -> N
     again = _store(tmp_path)
     assert (await again.accept(HUB, "m1", env, 5)).whole == ALREADY_HAVE
     assert again.received(HUB)["m1"][1] == b"hello"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_re_proposal_is_answered_per_recipient_from_the_committed_envelope(
+    tmp_path: Path,
+) -> None:
+    """A committed id proposed again for more recipients than it was stored for: those it
+    was stored for are "already have it", the other is not taken as done."""
+    store = _store(tmp_path)
+    env = envelope("<bob@site.example>")
+    await store.accept(HUB, "m1", env, 2)
+    await store.write_text(HUB, "m1", 0, b"hi")
+    await store.commit(HUB, "m1", env, 2, hashlib.sha256(b"hi").digest())
+    wider = envelope("<carol@site.example>", "<bob@site.example>")
+    answer = await _store(tmp_path).accept(HUB, "m1", wider, 2)
+    assert answer.whole is None and answer.replies == (NOT_HELD_FOR, ALREADY_HAVE)
+    assert not answer.replies[0].code.is_success
 
 
 @pytest_twisted.ensureDeferred

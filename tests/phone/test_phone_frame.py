@@ -39,7 +39,7 @@ def some_frames(count: int = 3, seed: int = 7) -> list[Frame]:
     """A few frames with varied kinds, sequence numbers and random payloads."""
     rng = random.Random(seed)
     return [
-        Frame(rng.randrange(256), rng.randrange(1 << 32), rng.randbytes(rng.randrange(0, 300)))
+        Frame(rng.randrange(256), rng.randrange(1 << 24), rng.randbytes(rng.randrange(0, 300)))
         for _ in range(count)
     ]
 
@@ -47,7 +47,7 @@ def some_frames(count: int = 3, seed: int = 7) -> list[Frame]:
 @pytest.mark.parametrize("size", [0, 1, 15, 4096, MAX_PAYLOAD])
 def test_frame_round_trip(size: int) -> None:
     """A frame comes out of the decoder as it went into the encoder, overhead as documented."""
-    frame = Frame(0x81, 0xFFFFFFFF, random.Random(size).randbytes(size))
+    frame = Frame(0x81, 0xFFFFFF, random.Random(size).randbytes(size))
     wire = encode_frame(frame)
     assert len(wire) == size + FRAME_OVERHEAD
     assert wire.startswith(SYNC)
@@ -62,7 +62,7 @@ def test_frame_fields_are_validated() -> None:
     with pytest.raises(ValueError):
         Frame(256, 0, b"")
     with pytest.raises(ValueError):
-        Frame(1, 1 << 32, b"")
+        Frame(1, 1 << 24, b"")
     with pytest.raises(ValueError):
         Frame(1, 0, bytes(MAX_PAYLOAD + 1))
 
@@ -100,7 +100,8 @@ def test_damaged_length_resynchronises_at_the_next_marker_at_once() -> None:
     damaged[len(SYNC) + 1] ^= 0x40  # the length's high byte: 16 KiB more than sent
     found, decoder = frames_of(bytes(damaged) + encode_frame(second))
     assert found == [second]
-    assert decoder.bad_headers == 1
+    assert decoder.bad_headers >= 1  # and perhaps a marker byte inside the payload
+    assert decoder.bad_checksums == 0
     assert decoder.buffered == 0
 
 

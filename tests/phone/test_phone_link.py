@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.sansio.phone.errors import LocalPhoneError
+from relay.sansio.phone.estimate import INITIAL_RTO, MIN_RTO
 from relay.sansio.phone.frame import Frame, FrameDecoder, encode_frame
 from relay.sansio.phone.link import (
-    MIN_RTO,
     FrameFlag,
     FrameKind,
     Link,
@@ -79,6 +79,25 @@ def test_records_cross_both_ways_in_order() -> None:
     stats = outcome.a.link.stats()
     assert stats.payload_bytes_sent == sum(map(len, mixed)) == stats.payload_bytes_received
     assert stats.frames_resent == 0
+
+
+def test_link_input_split_at_every_position_gives_the_same_records() -> None:
+    """However the line cuts the frames into reads, the receiver gets the same records."""
+    sent = [b"", b"x" * 200, bytes(range(256)) * 3, b"end"]
+    sender = Link(LinkParams(min_frame_payload=64, max_frame_payload=300), 0.0)
+    for record in sent:
+        sender.send_record(record)
+    wire = b"login: " + sender.data_to_send(0.0)
+    for cut in range(len(wire) + 1):
+        receiver = Link(LinkParams(), 0.0)
+        for piece in (wire[:cut], wire[cut:]):
+            if piece:
+                receiver.receive_data(piece, 0.1)
+        got = []
+        while (event := receiver.next_event()) is not None:
+            assert isinstance(event, RecordReceived)
+            got.append(event.record)
+        assert got == sent, cut
 
 
 def test_a_record_of_max_record_spans_many_frames() -> None:
@@ -168,12 +187,12 @@ def test_params_are_validated() -> None:
             LinkParams(**bad)  # type: ignore[arg-type]
 
 
-def test_sequence_numbers_wrap_around_32_bits() -> None:
-    """A 32-bit sequence field is read as the offset nearest to the one expected."""
-    assert unwrap_seq(5, (1 << 32) - 10) == (1 << 32) + 5
-    assert unwrap_seq((1 << 32) - 3, 1 << 32) == (1 << 32) - 3
+def test_sequence_numbers_wrap_around_24_bits() -> None:
+    """A 24-bit sequence field is read as the offset nearest to the one expected."""
+    assert unwrap_seq(5, (1 << 24) - 10) == (1 << 24) + 5
+    assert unwrap_seq((1 << 24) - 3, 1 << 24) == (1 << 24) - 3
     assert unwrap_seq(100, 50) == 100
-    assert unwrap_seq(3, 10 * (1 << 32) + 1) == 10 * (1 << 32) + 3
+    assert unwrap_seq(3, 10 * (1 << 24) + 1) == 10 * (1 << 24) + 3
 
 
 def test_reconfigure_applies_agreed_values() -> None:
@@ -268,6 +287,47 @@ def test_the_sender_keeps_within_the_window() -> None:
     assert params.window - params.max_frame_payload < max(ends) <= params.window
 
 
+def test_a_damaged_frame_is_named_and_resent_at_once() -> None:
+    """A frame that arrives damaged (its header intact) is asked for again by name and
+    resent at once, even the last one, which no later frame could show lost."""
+
+    def damage_last(direction: str, index: int, chunk: bytes) -> bytes:
+        if direction == "a>b" and index == 2:
+            return chunk[:-10] + bytes(byte ^ 0xFF for byte in chunk[-10:])
+        return chunk
+
+    params = LinkParams(max_frame_payload=512, min_frame_payload=512)
+    sent = records(1, 3 * 512 - 20)
+    outcome = simulate(sent, [], Conditions(), params=params, tamper=damage_last)
+    assert outcome.b.received == sent
+    acks = frames_written(outcome, "b>a")
+    assert any(frame.kind & FrameFlag.NACK for frame in acks)
+    writes = outcome.a_to_b.writes
+    assert len(writes) == 4
+    damaged_at, resent_at = writes[2][0], writes[3][0]
+    frame_time = len(writes[2][1]) / LINE_RATE
+    assert resent_at - damaged_at < 2 * frame_time + 0.01  # the one before it, then it
+    assert outcome.a.link.stats().frames_resent == 1
+
+
+def test_acks_with_too_many_ranges_say_so_and_nothing_is_resent_needlessly() -> None:
+    """When holes are too many to list, the ack says ranges were left out, and the
+    sender takes nothing beyond the last one listed for lost."""
+    params = LinkParams(min_frame_payload=64, max_frame_payload=64, window=1 << 20)
+    sender, receiver = Link(params, 0.0), Link(params, 0.0)
+    sender.send_record(bytes(64 * 300))
+    frames = FrameDecoder().feed(sender.data_to_send(0.0))
+    assert len(frames) > 200
+    for frame in frames[1::2]:  # every other frame lost: more holes than an ack can list
+        receiver.receive_data(encode_frame(frame), 0.1)
+    (ack,) = FrameDecoder().feed(receiver.data_to_send(0.1))
+    assert ack.kind == FrameKind.ACK and ack.payload[0] & 0x80
+    sender.receive_data(encode_frame(ack), 0.2)
+    again = {frame.seq for frame in data_frames(FrameDecoder().feed(sender.data_to_send(0.2)))}
+    assert again & {frame.seq for frame in frames[0::2]}
+    assert not again & {frame.seq for frame in frames[1::2]}
+
+
 def test_acks_ride_on_data_when_both_ways_carry_data() -> None:
     """With data both ways, acknowledgements travel in data frames; few go alone."""
     sent = records(30, 4096)
@@ -287,7 +347,7 @@ def test_not_one_ack_per_frame() -> None:
     outcome = simulate(records(40, 1000), [], Conditions(), params=params)
     sent = data_frames(frames_written(outcome, "a>b"))
     acks = frames_written(outcome, "b>a")
-    assert len(acks) * 3 <= len(sent)
+    assert len(acks) * 2 <= len(sent)
 
 
 def test_a_600_ms_round_trip_does_not_stall_the_line() -> None:
@@ -352,6 +412,25 @@ def test_timeouts_back_off_when_the_line_goes_silent() -> None:
     event = link.next_event()
     assert isinstance(event, LinkDead)
     assert now == pytest.approx(200.0)
+
+
+def test_timeouts_stay_short_while_the_peer_is_heard() -> None:
+    """A peer that keeps talking shows the line works: the timeout doubles only once, so
+    a frame that keeps getting lost is tried again every few seconds."""
+    link = Link(LinkParams(keepalive=100.0, dead_after=200.0), 0.0)
+    link.send_record(bytes(100))
+    keepalive = encode_frame(Frame(FrameKind.ACK, 0, b"\x00"))
+    sends = []
+    for tenth in range(1, 1000):
+        now = tenth / 10
+        if tenth % 10 == 0:
+            link.receive_data(keepalive, now)
+        if data_frames(FrameDecoder().feed(link.data_to_send(now))):
+            sends.append(now)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(sends)]
+    assert len(gaps) > 10
+    assert max(gaps) <= 2 * INITIAL_RTO + 0.1
+    assert not link.dead
 
 
 # -- frame size --------------------------------------------------------------------
@@ -464,6 +543,18 @@ def test_a_due_acknowledgement_wakes_the_driver_once() -> None:
     assert [frame.kind for frame in acks] == [FrameKind.ACK]
 
 
+def test_settled_once_the_last_acknowledgement_is_out() -> None:
+    """After the peer's last frame (pushed) the link owes an ack at once; once it is
+    written the link is settled, with no delay to wait out."""
+    sender, receiver = Link(LinkParams(), 0.0), Link(LinkParams(), 0.0)
+    sender.send_record(b"bye")
+    receiver.receive_data(sender.data_to_send(0.0), 0.1)
+    assert receiver.idle and not receiver.settled
+    assert receiver.next_deadline() == 0.1
+    sender.receive_data(receiver.data_to_send(0.1), 0.2)
+    assert receiver.settled and sender.settled
+
+
 def test_varint_lengths() -> None:
     """Record lengths use LEB128: one byte below 128, more above."""
     assert encode_varint(0) == b"\x00"
@@ -527,7 +618,7 @@ frame_strategy = st.builds(
             0x3F,
         ]
     ),
-    seq=st.one_of(st.integers(0, 70_000), st.integers(0, (1 << 32) - 1)),
+    seq=st.one_of(st.integers(0, 70_000), st.integers(0, (1 << 24) - 1)),
     payload=st.binary(max_size=300),
 )
 

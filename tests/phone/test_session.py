@@ -11,6 +11,7 @@ from session_harness import (
     SITE,
     CutLine,
     End,
+    Line,
     LossyLine,
     Stuck,
     envelope,
@@ -28,7 +29,7 @@ from relay.sansio.phone import handshake
 from relay.sansio.phone.accounting import CallOutcome
 from relay.sansio.phone.link import LinkParams
 from relay.sansio.phone.records import Role
-from relay.sansio.phone.session import SessionOptions
+from relay.sansio.phone.session import Authenticated, InventoryReceived, SessionOptions
 
 from link_harness import Conditions
 
@@ -62,6 +63,25 @@ def test_mail_one_way_arrives_once_and_byte_identical() -> None:
     assert caller.summary is not None and caller.summary.messages_sent == 5
     assert caller.summary.payload_bytes_sent == sum(map(len, texts.values()))
     assert answerer.summary is not None and answerer.summary.messages_received == 5
+
+
+def test_the_inventory_lists_what_is_offered_once_the_peer_is_proven() -> None:
+    """Each side learns the ids and sizes the other holds for it, after authentication."""
+    hub, site = MemoryPhoneStore(), MemoryPhoneStore()
+    hub.put(SITE, "h1", envelope(), b"a" * 10)
+    site.put(HUB, "s1", envelope(), b"b" * 20)
+    caller, answerer = _pair(hub, site)
+    seen: list[object] = []
+    for end in (caller, answerer):
+        original = end.handler._dispatch
+        end.handler._dispatch = lambda e, o=original: (seen.append(e), o(e))[1]  # type: ignore[method-assign]
+    run_call(caller, answerer)
+    items = {
+        i.message_id: i.size for e in seen if isinstance(e, InventoryReceived) for i in e.items
+    }
+    assert items == {"h1": 10, "s1": 20}
+    first_auth = min(i for i, e in enumerate(seen) if isinstance(e, Authenticated))
+    assert all(not isinstance(e, InventoryReceived) for e in seen[:first_auth])
 
 
 def test_mail_flows_both_ways_in_one_call() -> None:
@@ -123,6 +143,38 @@ def test_a_message_held_already_is_not_sent_again() -> None:
     ((_, _, replies),) = hub.settled
     assert replies[0].code is ReplyCode.DONE and hub.outbox[SITE] == {}
     assert site.commits == []
+
+
+class _DropBeforeFinalReply(Line):
+    """A perfect line that goes dead once the receiving store has committed, so its
+    final reply never reaches the sender."""
+
+    def __init__(self, receiver: MemoryPhoneStore) -> None:
+        self.receiver = receiver
+
+    def carry(self, direction: int, data: bytes, now: float) -> list[tuple[float, bytes]]:
+        return [] if self.dropped(now) else [(now, data)]
+
+    def dropped(self, now: float) -> bool:
+        return bool(self.receiver.commits)
+
+
+def test_a_refusal_whose_final_reply_was_lost_still_reaches_the_sender() -> None:
+    """The line drops after the commit, before the final reply: the next call answers the
+    re-proposal per recipient as the first answer did, so the refused address bounces and
+    the accepted one is done, and no text flows again."""
+    hub, site = MemoryPhoneStore(), MemoryPhoneStore(refuse_user="nobody")
+    hub.put(SITE, "m1", envelope("<nobody@site.example>", "<bob@site.example>"), b"x" * 3000)
+    caller, answerer = _pair(hub, site)
+    run_call(caller, answerer, _DropBeforeFinalReply(site))
+    assert caller.summary is not None and caller.summary.outcome is CallOutcome.LINE_DROPPED
+    assert site.commits == [(HUB, "m1")] and hub.settled == []
+    caller, answerer = _pair(hub, site)
+    run_call(caller, answerer)
+    ((_, _, replies),) = hub.settled
+    assert [r.code for r in replies] == [ReplyCode.USER, ReplyCode.DONE]
+    assert hub.outbox[SITE] == {} and site.commits == [(HUB, "m1")]
+    assert caller.summary is not None and caller.summary.payload_bytes_sent == 0
 
 
 def test_a_cut_message_resumes_from_the_offset_held() -> None:
@@ -192,6 +244,44 @@ def test_silence_times_out_the_handshake() -> None:
     caller.session.tick(caller.session.next_deadline() or 0)
     caller.handler.handle_events()
     assert caller.summary is not None and caller.summary.outcome is CallOutcome.TIMEOUT
+
+
+def test_the_answerers_settings_for_the_caller_count_at_both_ends() -> None:
+    """The answerer's per-site settings (compression off, encryption on for the hub),
+    known only once the caller is named, are what both ends negotiate and use."""
+    hub, site = MemoryPhoneStore(), MemoryPhoneStore()
+    plain = b"Subject: hello\r\n\r\n" + b"the same words again and again\r\n" * 500
+    hub.put(SITE, "h1", envelope(), plain)
+    site.put(HUB, "s1", envelope("<alice@hub.example>"), plain)
+    caller = make_end(Role.CALLER, hub)
+    answerer = make_end(
+        Role.ANSWERER,
+        site,
+        site_options={HUB: SessionOptions(compression=False, encryption=True)},
+    )
+    trace = run_call(caller, answerer)
+    for end in (caller, answerer):
+        (auth,) = [e for e in end.seen if isinstance(e, Authenticated)]
+        assert not auth.negotiated.compression and auth.negotiated.encryption
+        assert end.summary is not None and end.summary.outcome is CallOutcome.COMPLETED
+        assert end.summary.text_wire_bytes_sent >= len(plain)  # not deflated
+    assert b"the same words" not in trace.written[0] + trace.written[1]  # sealed
+    assert hub.inbox[SITE]["s1"][1] == plain and site.inbox[HUB]["h1"][1] == plain
+
+
+def test_settings_for_other_sites_leave_the_answerer_on_its_defaults() -> None:
+    """Per-site settings for another site change nothing for this caller."""
+    hub, site = MemoryPhoneStore(), MemoryPhoneStore()
+    hub.put(SITE, "h1", envelope(), b"words words words\r\n" * 500)
+    caller = make_end(Role.CALLER, hub)
+    answerer = make_end(
+        Role.ANSWERER, site, site_options={"other": SessionOptions(compression=False)}
+    )
+    run_call(caller, answerer)
+    for end in (caller, answerer):
+        (auth,) = [e for e in end.seen if isinstance(e, Authenticated)]
+        assert auth.negotiated.compression and not auth.negotiated.encryption
+    assert caller.summary is not None and caller.summary.text_wire_bytes_sent < 2000
 
 
 def test_compression_shrinks_text_and_keeps_it_exact() -> None:

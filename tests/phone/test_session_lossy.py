@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from memstore import MemoryPhoneStore
 from session_harness import HUB, SITE, End, LossyLine, envelope, make_end, run_call
 
+from relay.reply import ReplyCode
 from relay.sansio.phone.accounting import CallOutcome
 from relay.sansio.phone.link import Link, LinkParams
 from relay.sansio.phone.records import Role
@@ -39,8 +40,18 @@ def _fill(
     rng = random.Random(seed)
     texts = {f"{prefix}{i}": rng.randbytes(size) for i, size in enumerate(sizes)}
     for mid, text in texts.items():
-        store.put(site, mid, envelope(), text)
+        store.put(site, mid, envelope("<nobody@site.example>", "<bob@site.example>"), text)
     return texts
+
+
+def _refusals_reached_their_sender(store: MemoryPhoneStore, ids: set[str]) -> bool:
+    """Each message's first settling that is not temporary for the refused address
+    ("nobody", first in the envelope) gave it its refusal, never a success."""
+    for mid in ids:
+        replies = [r for _, m, r in store.settled if m == mid and not r[0].code.is_temporary]
+        if not replies or replies[0][0].code is not ReplyCode.USER:
+            return False
+    return True
 
 
 def test_mail_both_ways_over_the_real_link_on_a_clean_line() -> None:
@@ -55,6 +66,11 @@ def test_mail_both_ways_over_the_real_link_on_a_clean_line() -> None:
     s = caller.summary
     assert s is not None and s.outcome is CallOutcome.COMPLETED
     assert s.frames_sent > 0 and s.rtt is not None and s.efficiency_sent is not None
+    assert caller.link.idle and answerer.link.idle  # everything acknowledged before hang-up
+    stats = caller.link.stats()
+    assert (s.wire_bytes_sent, s.frames_sent) == (stats.wire_bytes_sent, stats.frames_sent)
+    assert s.payload_bytes_sent == s.payload_bytes_received == 40960
+    assert s.compression_ratio_sent == 1.0 and s.handshake_seconds is not None
 
 
 conditions = st.builds(
@@ -89,8 +105,9 @@ def test_any_damage_delivers_each_message_once_exactly(
     encryption: bool,
 ) -> None:
     """Whatever the line does (and a drop), the calls that follow deliver every message
-    exactly once and byte-identical, both ways."""
-    hub, site = MemoryPhoneStore(), MemoryPhoneStore()
+    exactly once and byte-identical, both ways, and an address the receiver refused is
+    refused at its sender even when the final reply was lost with the line."""
+    hub, site = MemoryPhoneStore(refuse_user="nobody"), MemoryPhoneStore(refuse_user="nobody")
     to_site = _fill(hub, SITE, "h", sizes_out, seed)
     to_hub = _fill(site, HUB, "s", sizes_back, seed + 1)
     options = SessionOptions(compression=compression, encryption=encryption)
@@ -106,3 +123,5 @@ def test_any_damage_delivers_each_message_once_exactly(
     assert len(site.commits) == len(set(site.commits)) == len(to_site)
     assert len(hub.commits) == len(set(hub.commits)) == len(to_hub)
     assert not hub.outbox.get(SITE) and not site.outbox.get(HUB)
+    assert _refusals_reached_their_sender(hub, set(to_site))
+    assert _refusals_reached_their_sender(site, set(to_hub))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import zlib
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -65,6 +66,7 @@ all_records = st.one_of(
         st.just(CAPS),
     ),
     st.builds(Proof, st.binary(min_size=32, max_size=32)),
+    st.builds(Proof, st.binary(min_size=32, max_size=32), st.just(CAPS)),
     st.builds(Abort, replies),
     st.builds(
         Inventory,
@@ -92,13 +94,14 @@ all_records = st.one_of(
 )
 
 
+@settings(max_examples=200, deadline=None)
 @given(all_records)
 def test_every_record_reads_back_as_written(record: records.Record) -> None:
     """encode then decode gives the same record, for every type."""
     assert records.decode(records.encode(record)) == record
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=300))
 def test_any_bytes_decode_or_raise_record_error(data: bytes) -> None:
     """Whatever the bytes, decode returns a record or raises RecordError, nothing else."""
@@ -106,7 +109,7 @@ def test_any_bytes_decode_or_raise_record_error(data: bytes) -> None:
         records.decode(data)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(all_records, st.integers(0, 400), st.integers(0, 255))
 def test_damaged_records_decode_or_raise_record_error(
     record: records.Record, position: int, value: int
@@ -140,6 +143,7 @@ def test_reply_text_from_the_peer_loses_its_control_characters() -> None:
     assert isinstance(reply, Abort) and reply.reply.text == "??"
 
 
+@settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.binary(max_size=3000)), max_size=20))
 def test_compressed_chunks_inflate_to_what_was_sent(chunks: list[tuple[bool, bytes]]) -> None:
     """Any mix of compressible and random chunks arrives exact, each smaller or as it was."""
@@ -189,6 +193,20 @@ def test_proofs_are_bound_to_role_secret_and_transcript() -> None:
     assert not handshake.verify_proof(b"x" * 32, Role.CALLER, t, mac)
     other = handshake.transcript_hash(b"caller hello", b"answerer hellO")
     assert not handshake.verify_proof(b"s" * 32, Role.CALLER, other, mac)
+
+
+def test_an_answerers_proof_covers_the_capabilities_it_carries() -> None:
+    """The capabilities in a proof record are under its MAC: changed, the proof fails."""
+    t = handshake.transcript_hash(b"caller hello", b"answerer hello")
+    raw = records.encode(Proof(b"\0" * 32, CAPS))
+    terms = records.proof_terms(raw)
+    assert terms and records.decode(raw) == Proof(b"\0" * 32, CAPS)
+    mac = handshake.make_proof(b"s" * 32, Role.ANSWERER, t, terms)
+    assert handshake.verify_proof(b"s" * 32, Role.ANSWERER, t, mac, terms)
+    assert not handshake.verify_proof(b"s" * 32, Role.ANSWERER, t, mac)
+    changed = records.proof_terms(records.encode(Proof(mac, replace(CAPS, encryption=True))))
+    assert changed != terms
+    assert not handshake.verify_proof(b"s" * 32, Role.ANSWERER, t, mac, changed)
 
 
 def test_both_ends_negotiate_the_same_link() -> None:

@@ -13,6 +13,15 @@ trips than the proofs:
   fails the proof.  The secret never crosses the line.
 * **Capabilities.**  The lower of both windows, frame and record limits and message size
   limits; compression when both allow it; encryption when either asks for it.
+* **Per-site settings.**  The caller knows whom it calls, so its hello carries its
+  settings for that site.  The answerer sends its hello before it knows who calls; once
+  the caller's hello names it, the answerer applies its settings for that site and, if
+  they differ from its hello's, sends them in its proof (covered by the proof's MAC).
+  Both ends then negotiate with those in place of the answerer's hello capabilities: no
+  extra round trip, a few more bytes in one proof.  The price: an unknown name gets a
+  decoy proof without them, so a caller that names a site whose settings differ from the
+  answerer's defaults learns, before proving anything, that the name is known and those
+  settings (never a secret or any mail).
 * **Keys**, when encrypting: HKDF-SHA256 over the secret, salted with both nonces,
   bound to the transcript, one key per direction.
 
@@ -110,14 +119,18 @@ def transcript_hash(caller_hello: bytes, answerer_hello: bytes) -> bytes:
     return h.digest()
 
 
-def make_proof(secret: bytes, prover: Role, transcript: bytes) -> bytes:
-    """The proof that ``prover`` knows ``secret``, for this call only."""
-    return hmac.new(secret, _PROOF_LABEL[prover] + transcript, hashlib.sha256).digest()
+def make_proof(secret: bytes, prover: Role, transcript: bytes, terms: bytes = b"") -> bytes:
+    """The proof that ``prover`` knows ``secret``, for this call only, covering ``terms``
+    (the capabilities the proof record carries, if any) too."""
+    message = _PROOF_LABEL[prover] + transcript + terms
+    return hmac.new(secret, message, hashlib.sha256).digest()
 
 
-def verify_proof(secret: bytes, prover: Role, transcript: bytes, mac: bytes) -> bool:
+def verify_proof(
+    secret: bytes, prover: Role, transcript: bytes, mac: bytes, terms: bytes = b""
+) -> bool:
     """True if ``mac`` is ``prover``'s proof (compared in constant time)."""
-    return hmac.compare_digest(make_proof(secret, prover, transcript), mac)
+    return hmac.compare_digest(make_proof(secret, prover, transcript, terms), mac)
 
 
 def derive_keys(

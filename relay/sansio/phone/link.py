@@ -6,44 +6,51 @@ Each direction is a byte stream.  :meth:`Link.send_record` appends the record to
 outgoing stream behind its length (a LEB128 varint); the receiver cuts the stream back
 into records (:class:`RecordReceived`), refusing any longer than its ``max_record``.
 Frames (:mod:`relay.sansio.phone.frame`) carry pieces of the stream; a frame's ``seq``
-is the stream offset of its first byte (mod 2**32; both ends keep exact offsets and
-read the 32-bit value as the one nearest to what they expect).  Record and frame
+is the stream offset of its first byte (mod 2**24; both ends keep exact offsets and
+read the 24-bit value as the one nearest to what they expect, which a window of at
+most 4 MiB keeps unambiguous).  Record and frame
 boundaries are independent: small records share a frame, large ones span many.
 
-Frame kinds (:class:`FrameKind`, the low six bits of the frame's kind byte; kinds this
+Frame kinds (:class:`FrameKind`, the low five bits of the frame's kind byte; kinds this
 version does not know are skipped):
 
 * ``DATA``: stream bytes at offset ``seq``.  Flags (:class:`FrameFlag`): ``ACK_BLOCK``,
   an ack block (below) comes first, so acknowledgements ride on data; ``PUSH``, nothing
-  more was queued behind this frame (or it is a resend), so acknowledge it at once.
-* ``ACK``: an acknowledgement alone; ``seq`` is the cumulative ack and the payload the
-  rest of the block.  It is also the keepalive.
+  more was queued behind this frame (or it is a resend), so acknowledge it at once;
+  ``NACK``, the ack block names damaged frames.
+* ``ACK``: an acknowledgement alone (flag ``NACK`` as above); ``seq`` is the cumulative
+  ack and the payload the rest of the block.  It is also the keepalive.
 
 An **ack block** is the cumulative ack (the offset of the first byte the receiver does
-not have, 4 bytes; only on data frames), a count, and that many pairs of varints
+not have, 3 bytes; only on data frames), a count, and that many pairs of varints
 (skip, length): the ranges the receiver holds beyond the cumulative ack, each relative
 to the end of the one before (selective acknowledgement, as many ranges as fit in
-:data:`SACK_LIMIT` bytes, lowest first).  A data frame thus costs
-:data:`~relay.sansio.phone.frame.FRAME_OVERHEAD` bytes, five more when it carries an
+:data:`SACK_LIMIT` bytes, lowest first; the count's high bit says some were left out).
+With the ``NACK`` flag it ends with a count and the offsets (from the cumulative ack)
+of frames that arrived damaged: their headers passed their check, so the receiver
+knows which frames to ask for at once.  A data frame thus costs
+:data:`~relay.sansio.phone.frame.FRAME_OVERHEAD` bytes, four more when it carries an
 acknowledgement and no gap.
 
 **Sender.**  The stream bytes not yet acknowledged cumulatively are kept; what has been
 sent of them is a list of segments (one per frame sent), each remembering when it was
 last sent and in which order.  New data goes out while the window (``params.window``
 bytes beyond the cumulative ack) and the flight limit (below) have room for a whole
-frame.  A segment is known lost when a segment sent *after* it has been acknowledged
-while it has not (the line does not reorder, so the later one overtaking it means this
-one was damaged): it is resent at once, before any new data, without waiting for a
-timer (the idea of RACK, RFC 8985).  Only segments nobody has acknowledged are resent.
+frame.  A segment is known lost when the peer names it damaged, or when a segment sent
+*after* it has been acknowledged while it has not (the line does not reorder, so the
+later one overtaking it means this one was damaged): it is resent at once, before any
+new data, without waiting for a timer (the idea of RACK, RFC 8985; not beyond the last
+range listed when some were left out).  Only segments nobody has acknowledged are resent.
 A retransmission timer (RFC 6298: smoothed round trip plus four deviations, at least
-:data:`MIN_RTO`, doubled on each expiry, samples only from segments sent once, per
-Karn) covers the rest, and a probe after two round trips resends the last frame of a
-burst, which has no later frame to show it lost.  The timer restarts whenever something
-new is acknowledged, so frames that queued behind a full transmit buffer do not fire it
+a second, doubled on each expiry; samples only from frames sent once, per Karn)
+covers the rest, and a probe after two round trips resends the last frame of a burst,
+which has no later frame to show it lost.  The timer restarts whenever something new
+is acknowledged, so frames that queued behind a full transmit buffer do not fire it
 while acknowledgements still flow; when it fires it resends only the oldest frame,
-unless nothing at all was heard for a whole timeout (the line went quiet).  A resend
-made on such a guess may be acknowledged by its first copy, so its acknowledgement is
-not taken as evidence against the frames sent before it.
+unless nothing at all was heard for a whole timeout (the line went quiet).  An
+acknowledged frame that was sent more than once may have arrived as any of its copies,
+so it is evidence only against frames last sent before its first copy.  The estimators (round trip,
+damage, delivery rate) live in :mod:`relay.sansio.phone.estimate`.
 
 **Flight limit.**  The driver's transport, the kernel's tty buffer and a modem can
 together hold many seconds of a slow line.  Whatever sits there delays the frames and
@@ -56,11 +63,9 @@ that rate stops growing) at least :data:`INITIAL_FLIGHT`.  The line rate itself 
 never configured.
 
 **Frame size.**  The sender estimates the chance ``q`` that a byte is hit from frames
-declared lost per byte sent (both counts decaying with a half-life of
-:data:`LOSS_HALF_LIFE` bytes sent; a run of consecutive losses counts once, since a
-line gone quiet says nothing of damage; a fading assumed loss,
-:data:`LOSS_PRIOR_EVENTS` in :data:`LOSS_PRIOR` bytes, keeps the first frames middling
-until the line has shown itself clean) and picks the data size that maximises
+declared lost per byte sent (a run of consecutive losses counts once, since a line gone
+quiet says nothing of damage; see :class:`~relay.sansio.phone.estimate.DamageEstimate`)
+and picks the data size that maximises
 ``size / (size + overhead) * (1 - q) ** (size + overhead)``: the largest allowed on a
 clean line, a few hundred bytes at a bit error rate of 1e-5, within
 ``min_frame_payload`` and ``max_frame_payload``.  Lost segments are resent at the
@@ -95,16 +100,22 @@ from __future__ import annotations
 
 import enum
 import math
-import struct
 from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
 from relay.sansio.phone.errors import LocalPhoneError, PhoneProtocolError
+from relay.sansio.phone.estimate import (
+    INITIAL_RTO,
+    DamageEstimate,
+    DeliveryRate,
+    RoundTrip,
+    SendState,
+)
 from relay.sansio.phone.frame import (
-    FRAME_OVERHEAD,
     MAX_PAYLOAD,
+    SEQ_MODULUS,
     Frame,
     FrameDecoder,
     encode_frame,
@@ -114,17 +125,9 @@ __all__ = [
     "ACK_DELAY",
     "FLIGHT_TIME",
     "INITIAL_FLIGHT",
-    "INITIAL_RTO",
-    "LINE_RATE_INTERVAL",
-    "LOSS_HALF_LIFE",
-    "LOSS_PRIOR",
-    "LOSS_PRIOR_EVENTS",
-    "LOSS_PRIOR_HALF_LIFE",
     "MAX_FRAME_DATA",
+    "MAX_NACKS",
     "MAX_RTO",
-    "MIN_PROBE",
-    "MIN_RTO",
-    "RATE_MEMORY",
     "SACK_LIMIT",
     "FrameFlag",
     "FrameKind",
@@ -145,17 +148,13 @@ MAX_FRAME_DATA: Final = 16 * 1024
 SACK_LIMIT: Final = 256
 """The most bytes of (skip, length) pairs in one ack block."""
 
-_ACK_BLOCK_MAX: Final = 4 + 1 + SACK_LIMIT
+_CUM_SIZE: Final = 3  # the cumulative ack at the head of a data frame's ack block
+_ACK_BLOCK_MAX: Final = _CUM_SIZE + 1 + SACK_LIMIT + 1 + 5 * 8
 assert MAX_FRAME_DATA + _ACK_BLOCK_MAX <= MAX_PAYLOAD
 
-ACK_DELAY: Final = 0.2
+ACK_DELAY: Final = 0.05
 """Seconds an acknowledgement of in-order data may wait, to cover more data at once."""
 
-INITIAL_RTO: Final = 3.0
-"""Retransmission timeout before any round trip was measured (slow lines: be patient)."""
-
-MIN_RTO: Final = 1.0
-"""The smallest retransmission timeout (RFC 6298, 2.4)."""
 
 INITIAL_FLIGHT: Final = 16 * 1024
 """Bytes in flight while starting up (until the measured rate stops growing): a first
@@ -165,35 +164,14 @@ and a limit from it would idle a long line while it grows."""
 FLIGHT_TIME: Final = 1.0
 """Seconds of line the flight limit allows at least (see ``Link._flight_limit``)."""
 
-LINE_RATE_INTERVAL: Final = 1.0
-"""Seconds over which bytes received are counted for a rate sample."""
-
-RATE_MEMORY: Final = 10.0
-"""Seconds a delivery-rate sample counts towards the best recent rate."""
-
-MIN_PROBE: Final = 0.1
-"""The shortest wait before probing for a lost last frame (twice the round trip, usually)."""
 
 MAX_RTO: Final = 30.0
 """The largest retransmission timeout, however often it was doubled (and at most a
 quarter of ``dead_after``)."""
 
-LOSS_HALF_LIFE: Final = 32 * 1024
-"""Bytes sent after which a loss counts half as much in the damage estimate."""
 
-LOSS_PRIOR: Final = 32 * 1024
-"""Bytes sent that the damage estimate starts from, with :data:`LOSS_PRIOR_EVENTS` losses."""
-
-LOSS_PRIOR_EVENTS: Final = 1.0
-"""Losses assumed before any was seen: start at a middling frame size, not the largest."""
-
-LOSS_PRIOR_HALF_LIFE: Final = 16 * 1024
-"""Bytes sent after which the assumed losses count half: a clean line soon gets big frames."""
-
-_SEQ_MODULUS: Final = 1 << 32
-_MAX_WINDOW: Final = 1 << 30
+_MAX_WINDOW: Final = SEQ_MODULUS // 4
 _MAX_RECORD: Final = (1 << 31) - 1
-_U32: Final = struct.Struct(">I")
 
 
 class FrameKind(enum.IntEnum):
@@ -204,15 +182,20 @@ class FrameKind(enum.IntEnum):
 
 
 class FrameFlag(enum.IntFlag):
-    """The two high bits of a data frame's kind byte."""
+    """The three high bits of a frame's kind byte."""
 
+    NACK = 0x20
+    """The ack block ends with the offsets of frames that arrived damaged."""
     PUSH = 0x40
-    """Nothing more was queued behind this frame: acknowledge it at once."""
+    """Data: nothing more was queued behind this frame: acknowledge it at once."""
     ACK_BLOCK = 0x80
-    """An ack block comes before the data."""
+    """Data: an ack block comes before the data."""
 
 
-_KIND_MASK: Final = 0x3F
+_KIND_MASK: Final = 0x1F
+_MORE_RANGES: Final = 0x80  # in an ack block's range count: more ranges than listed
+MAX_NACKS: Final = 8
+"""The most damaged frames one acknowledgement asks for again."""
 
 
 @dataclass(frozen=True)
@@ -309,10 +292,10 @@ def decode_varint(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def unwrap_seq(wire: int, near: int) -> int:
-    """The stream offset whose low 32 bits are ``wire`` nearest to ``near``."""
-    delta = (wire - near) % _SEQ_MODULUS
-    if delta >= _SEQ_MODULUS // 2:
-        delta -= _SEQ_MODULUS
+    """The stream offset whose low 24 bits are ``wire`` nearest to ``near``."""
+    delta = (wire - near) % SEQ_MODULUS
+    if delta >= SEQ_MODULUS // 2:
+        delta -= SEQ_MODULUS
     return near + delta
 
 
@@ -365,15 +348,14 @@ class _Segment:
 
     __slots__ = (
         "app_limited",
-        "delivered",
-        "delivered_at",
+        "clean",
         "end",
-        "first_sent_at",
+        "first_xmit",
         "lost",
         "resent",
         "sacked",
+        "send_state",
         "sent_at",
-        "speculative",
         "start",
         "xmit",
     )
@@ -386,21 +368,10 @@ class _Segment:
         self.resent = False
         self.sacked = False
         self.lost = False
-        self.speculative = False  # marked lost by a timer, not by evidence
-        # The delivery count and its time when this was sent, for a rate sample.
-        self.delivered = 0
-        self.delivered_at = 0.0
-        self.first_sent_at = 0.0
+        self.first_xmit = 0  # order of its first sending (pieces of a split share it)
+        self.send_state = SendState(0, 0.0, 0.0)  # for a delivery-rate sample
         self.app_limited = False
-
-
-def _best_frame_data(loss_per_byte: float, low: int, high: int) -> int:
-    """The data size that moves most data per line byte when each byte may be hit."""
-    if loss_per_byte <= 0.0:
-        return high
-    h = FRAME_OVERHEAD
-    best = (-h + math.sqrt(h * h + 4.0 * h / loss_per_byte)) / 2.0
-    return max(low, min(high, int(best)))
+        self.clean = False  # sent when nothing else was in flight
 
 
 class Link:
@@ -418,29 +389,16 @@ class Link:
         self._segments: list[_Segment] = []
         self._xmit = 0
         self._delivered_xmit = 0
-        self._srtt: float | None = None
-        self._min_rtt: float | None = None
-        self._delivered = 0
-        self._delivered_at = now
-        self._first_sent_at = now
-        self._rate_samples: deque[tuple[float, float]] = deque()
-        self._line_mark_at = now
-        self._line_mark_bytes = 0
-        self._starting = True
-        self._round_ends = now
-        self._growth_mark = 0.0
-        self._flat_rounds = 0
-        self._rttvar = 0.0
-        self._rto = INITIAL_RTO
+        self._round_trip = RoundTrip()
+        self._rate = DeliveryRate(now)
+        self._damage = DamageEstimate()
         self._rto_deadline: float | None = None
         self._probe_deadline: float | None = None
         self._progress_at = now
         self._last_sent = now
-        self._loss_events = 0.0
-        self._loss_assumed = LOSS_PRIOR_EVENTS
-        self._loss_bytes = float(LOSS_PRIOR)
-        self._frame_data = params.max_frame_payload
-        self._adapt_frame_size()
+        self._frame_data = self._damage.frame_data(
+            params.min_frame_payload, params.max_frame_payload
+        )
         # Receiving.
         self._rcv_nxt = 0
         self._held: list[tuple[int, bytes]] = []
@@ -449,6 +407,7 @@ class Link:
         self._ack_owed = False
         self._ack_now = False
         self._ack_owed_since = now
+        self._nacks: list[int] = []  # starts of frames that arrived damaged
         self._bytes_unacked = 0
         self._last_heard = now
         self._ticked_at = -math.inf
@@ -489,6 +448,12 @@ class Link:
         return not self._out
 
     @property
+    def settled(self) -> bool:
+        """Idle, and no acknowledgement owed to the peer (none waiting to be sent): a
+        session may hang up once both ends are settled, without lingering."""
+        return self.idle and not self._ack_owed
+
+    @property
     def buffered_bytes(self) -> int:
         """Bytes held for the incoming side: held beyond a gap, a record being put
         together, records not yet taken, and the frame decoder's.  Bounded by twice
@@ -522,7 +487,7 @@ class Link:
             self._die("line dropped")
             return
         self._wire_received += len(data)
-        self._sample_line_rate(now)
+        self._rate.on_received(self._wire_received, now)
         for frame in self._decoder.feed(data):
             try:
                 self._on_frame(frame, now)
@@ -530,6 +495,9 @@ class Link:
                 self._die(error.reason)
             if self._dead:
                 return
+        for damaged in self._decoder.take_damaged():
+            if damaged.kind & _KIND_MASK == FrameKind.DATA:
+                self._on_damaged(unwrap_seq(damaged.seq, self._rcv_nxt), now)
 
     def next_event(self) -> LinkEvent | None:
         """The next record (or the link's death); None when there is nothing more yet."""
@@ -575,11 +543,11 @@ class Link:
             # Heard nothing at all for a whole timeout: the line went quiet and took
             # everything with it.  Otherwise the oldest frame alone is a guess (its
             # acknowledgement may only be queued behind the peer's data).
-            outage = now - self._last_heard >= self._rto
+            outage = now - self._last_heard >= self._round_trip.rto
             run = False
             for segment in self._segments:
                 if not (segment.sacked or segment.lost):
-                    segment.lost = segment.speculative = True
+                    segment.lost = True
                     if not run:
                         self._note_loss()
                     run = True
@@ -587,13 +555,19 @@ class Link:
                         break
                 else:
                     run = False
-            self._rto = min(self._rto * 2.0, self._max_rto())
-            self._rto_deadline = now + self._rto
+            # The peer still talking shows the line works: no point waiting ever longer
+            # (a serial line has no congestion to back off from), so twice the timeout
+            # the round trips give is as far as it goes then.
+            ceiling = self._max_rto()
+            if not outage:
+                ceiling = min(ceiling, 2.0 * self._round_trip.base_rto)
+            self._round_trip.back_off(ceiling)
+            self._rto_deadline = now + self._round_trip.rto
         if self._probe_deadline is not None and now >= self._probe_deadline:
             self._probe_deadline = None
             for segment in reversed(self._segments):
                 if not segment.sacked:
-                    segment.lost = segment.speculative = True
+                    segment.lost = True
                     break
 
     def data_to_send(self, now: float, max_bytes: int | None = None) -> bytes:
@@ -611,19 +585,23 @@ class Link:
         out: list[bytes] = []
         size = 0
         index = 0
+        flight = self._in_flight()  # kept up to date here: counting is linear
         while size < budget:
             index = self._next_lost(index)
             if index < 0:
                 break
-            size += self._resend(index, now, out)
+            segment = self._resendable(index)
+            size += self._transmit(segment, now, out, clean=not flight)
+            flight += segment.end - segment.start
             index += 1
-        while size < budget and (length := self._next_new_length()):
+        while size < budget and (length := self._next_new_length(flight)):
             segment = _Segment(self._snd_nxt, self._snd_nxt + length)
             if not self._segments:
                 self._progress_at = now
             self._segments.append(segment)
             self._snd_nxt = segment.end
-            size += self._transmit(segment, now, out)
+            size += self._transmit(segment, now, out, clean=not flight)
+            flight += length
         ack_due = self._ack_alone_due()
         keepalive_due = not out and now >= self._last_sent + self._params.keepalive
         if (ack_due is not None and now >= ack_due) or keepalive_due:
@@ -646,25 +624,27 @@ class Link:
             frames_sent=self._frames_sent,
             frames_resent=self._frames_resent,
             frames_damaged=self._decoder.bad_checksums + self._decoder.bad_headers,
-            rtt=self._srtt,
+            rtt=self._round_trip.srtt,
             bytes_resent=self._bytes_resent,
             garbage_bytes=self._decoder.garbage_bytes,
             frame_payload=self._frame_data,
-            rto=self._rto,
+            rto=self._round_trip.rto,
         )
 
     # -- sending -------------------------------------------------------------------
 
-    def _next_new_length(self) -> int:
+    def _next_new_length(self, flight: int | None = None) -> int:
         """How much new data the next frame carries; 0 if none, or the window or the
         flight limit has no room for a whole frame (slivers would waste the line on
-        headers)."""
+        headers).  ``flight``: the bytes in flight, if the caller knows."""
         waiting = len(self._out) - (self._snd_nxt - self._snd_una)
         length = min(self._frame_data, waiting)
         if not length:
             return 0
         room = self._snd_una + self._params.window - self._snd_nxt
-        room = min(room, self._flight_limit() - self._in_flight())
+        if flight is None:
+            flight = self._in_flight()
+        room = min(room, self._flight_limit() - flight)
         return length if length <= room else 0
 
     def _next_lost(self, index: int) -> int:
@@ -674,7 +654,8 @@ class Link:
                 return position
         return -1
 
-    def _resend(self, index: int, now: float, out: list[bytes]) -> int:
+    def _resendable(self, index: int) -> _Segment:
+        """The lost segment at ``index``, cut to the current frame size, marked resent."""
         segment = self._segments[index]
         length = segment.end - segment.start
         if length > self._frame_data * 5 // 4:
@@ -684,16 +665,17 @@ class Link:
             rest = _Segment(segment.start + -(-length // pieces), segment.end)
             rest.lost = True
             rest.resent = True
-            rest.speculative = segment.speculative
+            rest.first_xmit = segment.first_xmit
             segment.end = rest.start
             self._segments.insert(index + 1, rest)
         segment.lost = False
         segment.resent = True
         self._frames_resent += 1
         self._bytes_resent += segment.end - segment.start
-        return self._transmit(segment, now, out)
+        return segment
 
-    def _transmit(self, segment: _Segment, now: float, out: list[bytes]) -> int:
+    def _transmit(self, segment: _Segment, now: float, out: list[bytes], *, clean: bool) -> int:
+        """Frame ``segment`` into ``out``; ``clean``: nothing else is in flight."""
         base = self._snd_una
         data = bytes(self._out[segment.start - base : segment.end - base])
         kind = FrameKind.DATA | (FrameFlag.PUSH if segment.resent else 0)
@@ -701,29 +683,24 @@ class Link:
             kind |= FrameFlag.PUSH
         ack_due = self._ack_due()
         if ack_due is not None and now >= ack_due:
-            data = _U32.pack(self._rcv_nxt % _SEQ_MODULUS) + self._sack_block() + data
-            kind |= FrameFlag.ACK_BLOCK
-            self._ack_sent()
-        wire = encode_frame(Frame(kind, segment.start % _SEQ_MODULUS, data))
+            cum = (self._rcv_nxt % SEQ_MODULUS).to_bytes(_CUM_SIZE, "big")
+            block, flags = self._ack_block()
+            data = cum + block + data
+            kind |= FrameFlag.ACK_BLOCK | flags
+        wire = encode_frame(Frame(kind, segment.start % SEQ_MODULUS, data))
         out.append(wire)
-        if not self._in_flight():
-            # The line was idle: do not count the pause as slowness.
-            self._delivered_at = self._first_sent_at = now
-        segment.delivered = self._delivered
-        segment.delivered_at = self._delivered_at
-        segment.first_sent_at = self._first_sent_at
+        segment.clean = clean
+        segment.send_state = self._rate.on_send(now, line_idle=clean)
         segment.app_limited = bool(kind & FrameFlag.PUSH)
         self._xmit += 1
         segment.xmit = self._xmit
+        segment.first_xmit = segment.first_xmit or self._xmit
         segment.sent_at = now
         if self._rto_deadline is None:
-            self._rto_deadline = now + self._rto
+            self._rto_deadline = now + self._round_trip.rto
         if kind & FrameFlag.PUSH:
             self._arm_probe(now)
-        decay = 0.5 ** (len(wire) / LOSS_HALF_LIFE)
-        self._loss_bytes = self._loss_bytes * decay + len(wire)
-        self._loss_events *= decay
-        self._loss_assumed *= 0.5 ** (len(wire) / LOSS_PRIOR_HALF_LIFE)
+        self._damage.sent(len(wire))
         self._adapt_frame_size()
         return len(wire)
 
@@ -751,14 +728,26 @@ class Link:
         return due
 
     def _ack_frame(self) -> bytes:
-        frame = Frame(FrameKind.ACK, self._rcv_nxt % _SEQ_MODULUS, self._sack_block())
-        self._ack_sent()
-        return encode_frame(frame)
+        block, flags = self._ack_block()
+        return encode_frame(Frame(FrameKind.ACK | flags, self._rcv_nxt % SEQ_MODULUS, block))
 
     def _ack_sent(self) -> None:
+        self._nacks.clear()
         self._ack_owed = False
         self._ack_now = False
         self._bytes_unacked = 0
+
+    def _ack_block(self) -> tuple[bytes, FrameFlag]:
+        """The acknowledgement now owed, after the cumulative ack, with its flag; the
+        acknowledgement is then no longer owed."""
+        block = self._sack_block()
+        flags = FrameFlag(0)
+        nacks = [start - self._rcv_nxt for start in self._nacks if start >= self._rcv_nxt]
+        if nacks:
+            block += bytes([len(nacks)]) + b"".join(map(encode_varint, nacks))
+            flags = FrameFlag.NACK
+        self._ack_sent()
+        return block, flags
 
     def _sack_block(self) -> bytes:
         """Count and (skip, length) pairs of the ranges held beyond the cumulative ack."""
@@ -778,7 +767,8 @@ class Link:
             ranges.append((run_start, run_end))
         for start, end in ranges:
             pair = encode_varint(start - previous) + encode_varint(end - start)
-            if len(pairs) + len(pair) > SACK_LIMIT or count == 0xFF:
+            if len(pairs) + len(pair) > SACK_LIMIT or count == _MORE_RANGES - 1:
+                count |= _MORE_RANGES
                 break
             pairs += pair
             count += 1
@@ -789,29 +779,35 @@ class Link:
 
     def _on_frame(self, frame: Frame, now: float) -> None:
         kind = frame.kind & _KIND_MASK
+        nack = bool(frame.kind & FrameFlag.NACK)
         if kind == FrameKind.ACK:
             cum = unwrap_seq(frame.seq, self._snd_una)
-            ranges, _ = self._read_sack(frame.payload, 0, cum)
-            self._on_ack(cum, ranges, now)
+            ranges, more, nacks, _ = self._read_ack_block(frame.payload, 0, cum, nack=nack)
+            self._on_ack(cum, ranges, more, nacks, now)
         elif kind == FrameKind.DATA:
             payload = frame.payload
             if frame.kind & FrameFlag.ACK_BLOCK:
-                if len(payload) < _U32.size:
+                if len(payload) < _CUM_SIZE:
                     raise PhoneProtocolError("data frame too short for its ack block")
-                (cum_wire,) = _U32.unpack_from(payload, 0)
+                cum_wire = int.from_bytes(payload[:_CUM_SIZE], "big")
                 cum = unwrap_seq(cum_wire, self._snd_una)
-                ranges, pos = self._read_sack(payload, _U32.size, cum)
-                self._on_ack(cum, ranges, now)
+                ranges, more, nacks, pos = self._read_ack_block(payload, _CUM_SIZE, cum, nack=nack)
+                self._on_ack(cum, ranges, more, nacks, now)
                 payload = payload[pos:]
             self._on_data(frame.seq, payload, now, push=bool(frame.kind & FrameFlag.PUSH))
         else:
             return  # a kind from a later version: skip it
         self._last_heard = now
 
-    def _read_sack(self, payload: bytes, pos: int, cum: int) -> tuple[list[tuple[int, int]], int]:
+    def _read_ack_block(
+        self, payload: bytes, pos: int, cum: int, *, nack: bool
+    ) -> tuple[list[tuple[int, int]], bool, list[int], int]:
+        """Ranges held, whether more were left out, starts of damaged frames, and where
+        the block ends."""
         if pos >= len(payload):
             raise PhoneProtocolError("ack block without its range count")
-        count = payload[pos]
+        count = payload[pos] & ~_MORE_RANGES
+        more = bool(payload[pos] & _MORE_RANGES)
         pos += 1
         ranges: list[tuple[int, int]] = []
         previous = cum
@@ -821,31 +817,38 @@ class Link:
             start = previous + skip
             previous = start + length
             ranges.append((start, previous))
-        return ranges, pos
+        nacks: list[int] = []
+        if nack:
+            if pos >= len(payload):
+                raise PhoneProtocolError("ack block without its count of damaged frames")
+            count = payload[pos]
+            pos += 1
+            for _ in range(count):
+                offset, pos = decode_varint(payload, pos)
+                nacks.append(cum + offset)
+        return ranges, more, nacks, pos
 
-    def _on_ack(self, cum: int, ranges: list[tuple[int, int]], now: float) -> None:
+    def _on_ack(
+        self,
+        cum: int,
+        ranges: list[tuple[int, int]],
+        more: bool,
+        nacks: list[int],
+        now: float,
+    ) -> None:
         if cum < self._snd_una:
             return  # older than one already seen
         if cum > self._snd_nxt or (ranges and ranges[-1][1] > self._snd_nxt):
             raise PhoneProtocolError("peer acknowledged data that was never sent")
-        progress = False
-        # Newly acknowledged and sent last; not a resend made on a guess, whose
-        # acknowledgement may be for the first copy, still queued when it was resent.
-        newest: _Segment | None = None
-        sampled: _Segment | None = None  # the same among those sent once
+        self._on_nacks(nacks)
         segments = self._segments
+        newly: list[_Segment] = []  # acknowledged by this ack and not before
         delivered = 0
         if cum > self._snd_una:
             done = 0
             while done < len(segments) and segments[done].end <= cum:
-                segment = segments[done]
-                if not segment.sacked:
-                    progress = True
-                    delivered += segment.end - segment.start
-                    if not (segment.resent and segment.speculative):
-                        newest = self._newer(newest, segment)
-                    if not segment.resent:
-                        sampled = self._newer(sampled, segment)
+                if not segments[done].sacked:
+                    newly.append(segments[done])
                 done += 1
             del segments[:done]
             if segments and segments[0].start < cum:
@@ -863,95 +866,67 @@ class Link:
                 if segment.start >= start and not segment.sacked:
                     segment.sacked = True
                     segment.lost = False
-                    progress = True
-                    delivered += segment.end - segment.start
-                    if not (segment.resent and segment.speculative):
-                        newest = self._newer(newest, segment)
-                    if not segment.resent:
-                        sampled = self._newer(sampled, segment)
+                    newly.append(segment)
                 index += 1
-        if not progress:
+        if not (newly or delivered):
             return
+        delivered += sum(segment.end - segment.start for segment in newly)
+        # Which copy of a resent frame arrived is unknown (an earlier one may still have
+        # been on its way), so a frame counts as sent when first sent: the evidence
+        # against frames last sent before it.  Samples come from frames sent once (Karn).
         self._progress_at = now
-        self._delivered += delivered
-        self._delivered_at = now
+        self._rate.on_delivered(delivered, now)
+        evidence = max(segment.first_xmit for segment in newly) if newly else 0
+        self._delivered_xmit = max(self._delivered_xmit, evidence)
+        sampled = max(
+            (seg for seg in newly if not seg.resent), key=lambda seg: seg.xmit, default=None
+        )
         if sampled is not None:
-            # Karn: a resent segment's acknowledgement may be for either copy.
-            self._sample_rate(sampled, now)
-            self._sample_rtt(now - sampled.sent_at)
-        if newest is not None:
-            self._delivered_xmit = max(self._delivered_xmit, newest.xmit)
+            self._rate.sample(
+                sampled.send_state,
+                sampled.sent_at,
+                now,
+                app_limited=sampled.app_limited,
+                round_trip=self._round_trip,
+            )
+            self._round_trip.sample(now - sampled.sent_at, self._max_rto(), clean=sampled.clean)
+        # With ranges left out, what lies beyond the last one listed may be held.
+        known = ranges[-1][1] if more and ranges else (cum if more else None)
         run = False
         for segment in segments:
+            if known is not None and segment.end > known:
+                break
             if not (segment.sacked or segment.lost) and segment.xmit < self._delivered_xmit:
                 segment.lost = True
-                segment.speculative = False
                 if not run:
                     self._note_loss()
                 run = True
             else:
                 run = False
         outstanding = any(not segment.sacked for segment in segments)
-        self._rto_deadline = now + self._rto if outstanding else None
+        self._rto_deadline = now + self._round_trip.rto if outstanding else None
         self._probe_deadline = None
         if outstanding and self._snd_nxt == self._snd_una + len(self._out):
             self._arm_probe(now)
 
+    def _on_nacks(self, starts: list[int]) -> None:
+        """The peer got the frames starting at ``starts`` damaged: resend them now."""
+        segments = self._segments
+        for start in starts:
+            index = bisect_right(segments, start, key=lambda segment: segment.start) - 1
+            if index < 0 or segments[index].start != start:
+                continue  # resent in other pieces since, or a header damaged unseen
+            segment = segments[index]
+            if not (segment.sacked or segment.lost):
+                segment.lost = True
+                self._note_loss()
+
     def _arm_probe(self, now: float) -> None:
         """Resend the last frame if its acknowledgement is late: the tail has no later
         frame whose acknowledgement would show it lost, and the timeout is long."""
-        if self._srtt is not None:
-            self._probe_deadline = now + max(2.0 * self._srtt, MIN_PROBE)
-
-    def _sample_line_rate(self, now: float) -> None:
-        """Count what arrives per second as a rate the line can carry too.
-
-        With data both ways each end's round trip includes the other's queue; a flight
-        limit from delivery rates alone lets the end with the lower estimate starve
-        while the other keeps its queue full.  Serial lines carry the same rate both
-        ways, so the busier direction teaches the quieter one.
-        """
-        elapsed = now - self._line_mark_at
-        if elapsed < LINE_RATE_INTERVAL:
-            return
-        if self._line_mark_at > 0.0 or self._line_mark_bytes:
-            rate = (self._wire_received - self._line_mark_bytes) / elapsed
-            if self._rate_samples and rate > max(r for _, r in self._rate_samples):
-                self._rate_samples.append((now, rate))
-        self._line_mark_at = now
-        self._line_mark_bytes = self._wire_received
-
-    @staticmethod
-    def _newer(best: _Segment | None, segment: _Segment) -> _Segment:
-        return segment if best is None or segment.xmit > best.xmit else best
-
-    def _sample_rate(self, newest: _Segment, now: float) -> None:
-        """Note a delivery-rate sample: bytes delivered since ``newest`` was sent, over
-        the time they took (the way BBR measures, draft-cheng-iccrg-delivery-rate)."""
-        self._first_sent_at = newest.sent_at
-        # Over the longer of the sending and the acknowledging of those bytes: either
-        # alone can be squeezed (a burst sent at once, acknowledgements bunched up).
-        elapsed = max(now - newest.delivered_at, newest.sent_at - newest.first_sent_at)
-        if elapsed <= 0.0 or elapsed < (self._min_rtt or 0.0):
-            return  # over less than a round trip, bunched acknowledgements mislead
-        rate = (self._delivered - newest.delivered) / elapsed
-        samples = self._rate_samples
-        while samples and samples[0][0] < now - RATE_MEMORY:
-            samples.popleft()
-        best = max((r for _, r in samples), default=0.0)
-        if newest.app_limited and rate < best:
-            return  # the sender had nothing more to send: this says little of the line
-        samples.append((now, rate))
-        if self._starting and now >= self._round_ends:
-            # Starting up ends once the best rate grew by less than a quarter in three
-            # round trips running: the line is full (BBR's test).
-            self._round_ends = now + (self._srtt or elapsed)
-            if max(rate, best) >= 1.25 * self._growth_mark:
-                self._growth_mark = max(rate, best)
-                self._flat_rounds = 0
-            else:
-                self._flat_rounds += 1
-                self._starting = self._flat_rounds < 3
+        delay = self._round_trip.probe_delay()
+        if delay is not None:
+            self._probe_deadline = now + delay
 
     def _flight_limit(self) -> int:
         """How many bytes may be in flight (sent, neither acknowledged nor known lost).
@@ -960,18 +935,18 @@ class Link:
         trips (whichever is longer), at the best recent delivery rate: enough to keep it
         busy, while what waits in the driver's transport, the kernel or a modem stays
         bounded, so that acknowledgements riding behind it and resent frames are not
-        held up for seconds.  The shortest round trip ever seen is used (usually from
-        the handshake, before queues formed): a round trip that includes the peer's own
-        queue would let both ends' queues feed each other.  At least
+        held up for seconds.  The shortest round trip of a frame sent on an idle line is
+        used (usually from the handshake, before queues formed): a round trip that
+        includes the peer's own queue would let both ends' queues feed each other.  At least
         :data:`INITIAL_FLIGHT` while starting up: the first samples (a frame over a
         whole round trip) are far below the line's rate.
         """
         window = self._params.window
-        floor = INITIAL_FLIGHT if self._starting else 4 * self._frame_data
-        if not self._rate_samples or self._min_rtt is None:
+        floor = INITIAL_FLIGHT if self._rate.starting else 4 * self._frame_data
+        rate, min_rtt = self._rate.best, self._round_trip.min_rtt
+        if rate is None:
             return min(window, floor)
-        rate = max(r for _, r in self._rate_samples)
-        span = max(FLIGHT_TIME, 2.0 * self._min_rtt + ACK_DELAY)
+        span = FLIGHT_TIME if min_rtt is None else max(FLIGHT_TIME, 2.0 * min_rtt + ACK_DELAY)
         limit = rate * span + 2 * self._frame_data
         return min(window, max(floor, int(limit)))
 
@@ -982,18 +957,6 @@ class Link:
             if not (segment.sacked or segment.lost)
         )
 
-    def _sample_rtt(self, sample: float) -> None:
-        if self._min_rtt is None or sample < self._min_rtt:
-            self._min_rtt = sample
-        if self._srtt is None:
-            self._srtt = sample
-            self._rttvar = sample / 2.0
-        else:
-            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - sample)
-            self._srtt = 0.875 * self._srtt + 0.125 * sample
-        rto = self._srtt + max(0.01, 4.0 * self._rttvar)
-        self._rto = min(self._max_rto(), max(MIN_RTO, rto))
-
     def _max_rto(self) -> float:
         """The timeout's ceiling: a few tries fit in ``dead_after`` however long the wait.
 
@@ -1003,17 +966,15 @@ class Link:
         return min(MAX_RTO, self._params.dead_after / 4.0)
 
     def _note_loss(self) -> None:
-        """Count a loss for the damage estimate: one per run of consecutive frames lost,
-        since a burst (the line quiet for a while) says nothing of the bytes' damage."""
-        self._loss_events += 1.0
+        """Count a loss for the damage estimate (the callers count a run of consecutive
+        frames lost once: a line gone quiet says nothing of how often bytes are hit)."""
+        self._damage.lost()
         self._adapt_frame_size()
 
     def _adapt_frame_size(self) -> None:
         params = self._params
-        self._frame_data = _best_frame_data(
-            (self._loss_events + self._loss_assumed) / self._loss_bytes,
-            params.min_frame_payload,
-            params.max_frame_payload,
+        self._frame_data = self._damage.frame_data(
+            params.min_frame_payload, params.max_frame_payload
         )
 
     def _on_data(self, seq: int, data: bytes, now: float, *, push: bool) -> None:
@@ -1041,6 +1002,17 @@ class Link:
             if held_start + len(held) > self._rcv_nxt:
                 self._deliver(held[self._rcv_nxt - held_start :])
         self._owe_ack(now, len(data), at_once=filled or push)
+
+    def _on_damaged(self, start: int, now: float) -> None:
+        """A frame starting at ``start`` arrived damaged: ask for it at once."""
+        if not self._rcv_nxt <= start < self._rcv_nxt + self._params.window:
+            return
+        index = bisect_right(self._held, start, key=lambda piece: piece[0]) - 1
+        if index >= 0 and start < self._held[index][0] + len(self._held[index][1]):
+            return  # held already
+        if start not in self._nacks and len(self._nacks) < MAX_NACKS:
+            self._nacks.append(start)
+            self._owe_ack(now, 0, at_once=True)
 
     def _hold(self, start: int, data: bytes) -> None:
         """Keep the bytes of ``data`` (at ``start``, beyond a gap) not held yet."""

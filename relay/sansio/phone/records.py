@@ -56,6 +56,7 @@ __all__ = [
     "Text",
     "decode",
     "encode",
+    "proof_terms",
     "valid_message_id",
 ]
 
@@ -136,9 +137,15 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Proof:
-    """HMAC-SHA256 over both hellos with the site's secret: proves the sender knows it."""
+    """HMAC-SHA256 over both hellos with the site's secret: proves the sender knows it.
+
+    ``capabilities``, sent only by the answerer and only when they differ from its
+    hello's: what it offers now that it knows who calls (its settings for that site);
+    its proof covers them too.
+    """
 
     mac: bytes
+    capabilities: Capabilities | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +260,7 @@ class Abandon:
 
 @dataclass(frozen=True, slots=True)
 class Done:
-    """Hang-up: the sender has nothing more to send and all it sent has a final reply."""
+    """Hang-up: the sender will propose nothing more and has sent all its text."""
 
 
 Record = Hello | Proof | Abort | Inventory | Propose | Answer | Text | FinalReply | Abandon | Done
@@ -465,7 +472,17 @@ def _enc_hello(r: Hello) -> bytes:
 
 
 def _enc_proof(r: Proof) -> bytes:
-    return bytes((_Type.PROOF,)) + r.mac
+    w = _Writer(_Type.PROOF)
+    w.out += r.mac
+    if r.capabilities is not None:
+        _encode_capabilities(w, r.capabilities)
+    return bytes(w.out)
+
+
+def proof_terms(raw: bytes) -> bytes:
+    """The part of an encoded proof after its MAC (the capabilities it carries, if any),
+    which the MAC covers."""
+    return raw[1 + MAC_SIZE :]
 
 
 def _enc_abort(r: Abort) -> bytes:
@@ -603,8 +620,9 @@ def _dec_hello(r: _Reader) -> Hello:
 
 def _dec_proof(r: _Reader) -> Proof:
     mac = r.raw(MAC_SIZE)
-    r.end()
-    return Proof(mac)
+    if r.pos == len(r.data):
+        return Proof(mac)
+    return Proof(mac, _dec_capabilities(r))
 
 
 def _dec_abort(r: _Reader) -> Abort:

@@ -12,7 +12,10 @@ for a dropped line), writes what :meth:`data_to_send` returns, calls :meth:`tick
 :class:`~relay.sansio.phone.records.Hello` at once (version, name, a nonce the driver
 drew, capabilities); on the peer's hello it knows everything
 (:mod:`relay.sansio.phone.handshake`) and sends its proof; on the peer's proof it is
-``RUNNING``.  Full duplex, so authentication costs about one round trip.  What leaks
+``RUNNING``.  Full duplex, so authentication costs about one round trip.  Per-site
+settings (``site_options``): the caller's are in its hello; the answerer's, known only
+once the caller's hello names it, travel in its proof and count from there at both ends
+(no extra round trip).  What leaks
 before the peer is proven: our name, version, link limits and options, never a mail id,
 size or count (the driver does not even load the outgoing mail before
 :class:`Authenticated`); with encryption on, everything after the proofs is sealed
@@ -41,8 +44,10 @@ never waits behind queued text.  Each side's job tables are
 :mod:`relay.sansio.phone.jobs`.
 
 **Hang-up.**  A side sends :class:`~relay.sansio.phone.records.Done` when it will
-propose nothing more and every message it sent has its final reply.  With both
-``Done``\\ s exchanged and every final reply of ours sent, the session is ``CLOSING``:
+propose nothing more and has sent all the text it will send (not waiting for the final
+replies, so the hang-up costs no round trip of its own).  With both ``Done``\\ s
+exchanged, every message we sent settled and every final reply of ours sent, the
+session is ``CLOSING``:
 it ends (:class:`CallEnded`, outcome ``COMPLETED``) once the link has everything
 acknowledged, or after ``closing_grace`` (all mail is settled by then; only the last
 acknowledgement may be lost), or when the line drops.
@@ -52,6 +57,15 @@ codec, the seal, the inflater or a job table) never raises out of the engine: af
 handshake it is answered with an ``Abort`` and a clean hang-up; before, by ``REFUSING``.
 A dropped line ends the call at once (``LINE_DROPPED``); what was not committed stays
 with its sender for the next call, and what was partly stored is resumed.
+
+**A final reply lost with the line.**  The receiver committed, the line dropped before
+the final reply arrived, and the sender proposes the message again in the next call.
+The store answers from what it remembered durably with the id: :func:`held_acceptance`
+gives each recipient of the re-proposal its first answer (``ALREADY_HAVE`` for those
+accepted, the refusal for those refused), sent as a per-recipient answer with no
+recipient to receive text, so the sender settles every address exactly as the lost final
+reply would have had it: a refused recipient still bounces.  No new record is needed;
+``ALREADY_HAVE`` as a whole answer remains right when every recipient was accepted.
 """
 
 from __future__ import annotations
@@ -59,7 +73,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final, Protocol
 
@@ -104,6 +118,7 @@ from relay.sansio.phone.seal import Opener, Sealer
 
 __all__ = [
     "ALREADY_HAVE",
+    "NOT_HELD_FOR",
     "Acceptance",
     "Authenticated",
     "CallEnded",
@@ -120,9 +135,12 @@ __all__ = [
     "SessionState",
     "TextReceived",
     "TextWanted",
+    "held_acceptance",
 ]
 
 ALREADY_HAVE: Final = Reply(ReplyCode.DONE, "already have it")
+NOT_HELD_FOR: Final = Reply(ReplyCode.AGN, "held already, but not for this recipient")
+"""A re-proposal's recipient that the first answer did not name."""
 LINGER: Final = ACK_DELAY + 0.01
 """Seconds a hanging-up end stays after its last record was acknowledged, so that its
 acknowledgement of the peer's last record goes out before the line drops."""
@@ -131,6 +149,8 @@ MAX_OUTSTANDING: Final = 64
 READERS: Final = 4
 """How many accepted messages have text read ahead at once."""
 _STORING: Final = frozenset((InState.RECEIVING, InState.COMMITTING))
+_TEXT_TO_SEND: Final = frozenset((OutState.QUEUED, OutState.PROPOSED, OutState.SENDING))
+_TEXT_EXPECTED: Final = frozenset((InState.DECIDING, InState.RECEIVING))
 _FINAL_SENT: Final = frozenset((InState.SETTLED, InState.DRAINING))
 
 
@@ -216,6 +236,26 @@ class Acceptance:
     whole: Reply | None = None
 
 
+def held_acceptance(proposed: Envelope, answered: Mapping[str, Reply]) -> Acceptance:
+    """The answer to a re-proposal of a message committed before.
+
+    ``answered`` maps each recipient's address (``smtp_path()``) to the reply the first
+    answer gave it (``AOK`` if accepted), as the store remembered it durably with the id.
+    Accepted recipients get ``ALREADY_HAVE``, refused ones their refusal again, one the
+    first answer did not name :data:`NOT_HELD_FOR`; when all were accepted, the answer is
+    ``ALREADY_HAVE`` for the whole message.
+    """
+    replies = tuple(
+        ALREADY_HAVE if reply.code is ReplyCode.AOK else reply
+        for reply in (
+            answered.get(r.address.smtp_path(), NOT_HELD_FOR) for r in proposed.recipients
+        )
+    )
+    if all(reply is ALREADY_HAVE for reply in replies):
+        return Acceptance(whole=ALREADY_HAVE)
+    return Acceptance(replies=replies)
+
+
 # --- events --------------------------------------------------------------------------------
 
 
@@ -246,8 +286,10 @@ class InventoryReceived:
 class ProposalReceived:
     """The peer offers a message: answer with :meth:`PhoneSession.accept` or ``refuse``.
 
-    Look the id up in the store: already held → refuse with ``ALREADY_HAVE``; partly
-    held → accept naming the offset held durably (only when ``resume`` is true).
+    Look the id up in the store: already held → answer with :func:`held_acceptance`
+    (``ALREADY_HAVE`` for the recipients accepted the first time, the first refusal for
+    the others); partly held → accept naming the offset held durably (only when
+    ``resume`` is true).
     """
 
     job: int
@@ -378,9 +420,15 @@ class PhoneSession:
         now: float,
         peer_name: str | None = None,
         options: SessionOptions | None = None,
+        site_options: Callable[[str], SessionOptions | None] | None = None,
     ) -> None:
+        """``site_options``, if given, are this end's settings for one peer (None: the
+        defaults in ``options``): the caller applies them at once, the answerer once the
+        caller's hello names it (see :mod:`relay.sansio.phone.handshake`)."""
         if role is Role.CALLER and peer_name is None:
             raise LocalPhoneError("a caller knows whom it calls")
+        if role is Role.CALLER and site_options is not None and peer_name is not None:
+            options = site_options(peer_name) or options
         self._link = link
         self._link_params = link_params
         self._role = role
@@ -389,6 +437,7 @@ class PhoneSession:
         self._nonce = nonce
         self._peer: str | None = peer_name if role is Role.CALLER else None
         self._options = options or SessionOptions()
+        self._site_options = site_options if role is Role.ANSWERER else None
         self._state = SessionState.GREETING
         self._started = now
         self._now = now
@@ -404,7 +453,6 @@ class PhoneSession:
         self._transcript = b""
         self._sealer: Sealer | None = None
         self._opener: Opener | None = None
-        self._opener_pending: Opener | None = None
         self._compressor: ChunkCompressor | None = None
         self._decompressor = ChunkDecompressor()
         self._deflater = RecordDeflater()
@@ -414,7 +462,8 @@ class PhoneSession:
         self._offered: list[_OutJob] = []
         self._queued: deque[_OutJob] = deque()  # offered, not yet proposed
         self._sending: dict[int, _OutJob] = {}  # accepted, text still to send
-        self._unsettled_out = 0
+        self._unsettled_out = 0  # offered, no final reply yet
+        self._text_pending = 0  # offered, text not all sent (nor the message settled)
         self._out_by_id: dict[str, _OutJob] = {}
         self._offers_closed = False
         self._inventory_sent = False
@@ -520,6 +569,7 @@ class PhoneSession:
         self._offered.append(job)
         self._queued.append(job)
         self._unsettled_out += 1
+        self._text_pending += 1
         self._out_by_id[message.message_id] = job
 
     def close_offers(self) -> None:
@@ -664,7 +714,7 @@ class PhoneSession:
         elif state is SessionState.GREETING and isinstance(record, Hello):
             self._on_hello(record, raw)
         elif state is SessionState.PROVING and isinstance(record, Proof):
-            self._on_proof(record)
+            self._on_proof(record, raw)
         elif state is SessionState.RUNNING:
             self._on_mail_record(record)
         elif state is SessionState.CLOSING:
@@ -696,20 +746,51 @@ class PhoneSession:
         # an unknown peer gets a decoy proof: it must not learn whether the name exists
         self._secret = secret if secret is not None else hashlib.sha256(self._nonce).digest()
         self._peer_hello = hello
-        self._send(Proof(handshake.make_proof(self._secret, self._role, self._transcript)))
-        self._negotiated = handshake.negotiate(
-            self._minor, self._hello.capabilities, hello.capabilities, hello.minor
-        )
+        ours = self._hello.capabilities
+        proof = Proof(handshake.make_proof(self._secret, self._role, self._transcript))
+        if secret is not None and self._site_options is not None:
+            ours = self._apply_site_options(hello.name)
+            if ours != self._hello.capabilities:
+                terms = records.proof_terms(records.encode(Proof(proof.mac, ours)))
+                mac = handshake.make_proof(self._secret, self._role, self._transcript, terms)
+                proof = Proof(mac, ours)
+        self._send(proof)
+        self._negotiated = handshake.negotiate(self._minor, ours, hello.capabilities, hello.minor)
         self._state = SessionState.PROVING
 
-    def _on_proof(self, proof: Proof) -> None:
+    def _apply_site_options(self, peer: str) -> Capabilities:
+        """The answerer's settings for the caller, now that it is known: they replace the
+        defaults for this call; the capabilities to offer with them."""
+        options = self._site_options(peer) if self._site_options is not None else None
+        if options is None:
+            return self._hello.capabilities
+        self._options = options
+        return replace(
+            self._hello.capabilities,
+            max_message_size=options.max_message_size,
+            compression=options.compression,
+            encryption=options.encryption,
+            resume=options.resume,
+        )
+
+    def _on_proof(self, proof: Proof, raw: bytes) -> None:
         assert self._secret is not None and self._negotiated is not None
         if not self._peer_known:
             self._refuse(CallOutcome.UNKNOWN_SITE, f"unknown site {self._peer_hello.name!r}")
             return
-        if not handshake.verify_proof(self._secret, self._role.other, self._transcript, proof.mac):
+        if proof.capabilities is not None and self._role is Role.ANSWERER:
+            raise PhoneProtocolError("a caller's proof with capabilities")
+        terms = records.proof_terms(raw)
+        if not handshake.verify_proof(
+            self._secret, self._role.other, self._transcript, proof.mac, terms
+        ):
             self._refuse(CallOutcome.AUTH_FAILED, f"site {self._peer!r} failed to prove its secret")
             return
+        if proof.capabilities is not None:  # the answerer's settings for us
+            handshake.check_capabilities(proof.capabilities)
+            self._negotiated = handshake.negotiate(
+                self._minor, self._hello.capabilities, proof.capabilities, self._peer_hello.minor
+            )
         negotiated = self._negotiated
         if negotiated.encryption:
             if self._role is Role.CALLER:
@@ -851,9 +932,9 @@ class PhoneSession:
     def _on_done(self) -> None:
         if self._done_received:
             raise PhoneProtocolError("a second hang-up")
-        unsettled = [j.job for j in self._in.values() if j.state not in _FINAL_SENT]
-        if unsettled:
-            raise PhoneProtocolError(f"hang-up with jobs {unsettled[:5]} not settled")
+        open_jobs = [j.job for j in self._in.values() if j.state in _TEXT_EXPECTED]
+        if open_jobs:
+            raise PhoneProtocolError(f"hang-up with the text of jobs {open_jobs[:5]} to come")
         self._done_received = True
 
     # --- job steps -------------------------------------------------------------------------
@@ -880,9 +961,10 @@ class PhoneSession:
             del self._in[job.job]  # nothing more may come for it
 
     def _step_out(self, job: _OutJob, what: OutInput) -> None:
-        new = OUT_TRANSITIONS.get((job.state, what))
+        old = job.state
+        new = OUT_TRANSITIONS.get((old, what))
         if new is None:
-            raise PhoneProtocolError(f"job {job.job}: {what.value} while {job.state.value}")
+            raise PhoneProtocolError(f"job {job.job}: {what.value} while {old.value}")
         job.state = new
         if new is OutState.SENDING:
             self._sending[job.job] = job
@@ -890,6 +972,8 @@ class PhoneSession:
             self._sending.pop(job.job, None)
         if new is OutState.SETTLED:
             self._unsettled_out -= 1
+        if old in _TEXT_TO_SEND and new not in _TEXT_TO_SEND:
+            self._text_pending -= 1
 
     def _request_commit(self, job: _InJob) -> None:
         assert job.accepted is not None
@@ -1033,12 +1117,13 @@ class PhoneSession:
                 self._events.append(TextWanted(job.message.message_id, job.next_read, want))
 
     def _maybe_done(self) -> None:
-        if not self._done_sent and self._offers_closed and self._unsettled_out == 0:
+        if not self._done_sent and self._offers_closed and self._text_pending == 0:
             self._done_sent = True
             self._send(Done())
         if (
             self._done_sent
             and self._done_received
+            and self._unsettled_out == 0
             and all(j.state in _FINAL_SENT for j in self._in.values())
         ):
             self._close()
