@@ -48,7 +48,7 @@ def main() -> None:
     from relay.gateway.service import build_gateway
     from relay.interfaces import IStore
     from relay.local_users import build_local_recipients
-    from relay.logfile import RelayLogObserver
+    from relay.runtime.logfile import RelayLogObserver
 
     @implementer(IStore)
     class AtOnce:

@@ -56,8 +56,8 @@ def serve(port: int, spool: Path, profile: str | None, workers: int) -> None:
     from relay.gateway.service import build_auth_throttle, build_gateway, shared_listeners
     from relay.gateway.workers import GatewayWorkers
     from relay.local_users import build_local_recipients
-    from relay.logfile import RelayLogObserver
     from relay.queue.store import SpoolQueue
+    from relay.runtime.logfile import RelayLogObserver
 
     log = (spool.parent / "relay.log").open("w")
     # The observer `make run` uses (twistd --logger relay.logfile.observer).

@@ -1,7 +1,7 @@
 """``twistd relay``: build the relay's service tree from its configuration.
 
 This is the one place that wires classes together.  The tree is an
-:class:`~relay.services.OrderedMultiService` named ``relay`` whose children are the
+:class:`~relay.runtime.services.OrderedMultiService` named ``relay`` whose children are the
 relay's parts, each a named service (``status``, ``spool``, ``channels``, ``deliverer``,
 ``smtp``, the last with its gateway worker processes under ``workers``; with the phone
 channel, ``phone``), so an operator's ``twistd`` log and a test can find each by name.
@@ -42,7 +42,7 @@ from relay.policy.routing import Router
 from relay.preflight import PreflightError, advise, preflight
 from relay.queue.service import SpoolService
 from relay.report import DaemonReport
-from relay.services import attach, named_multiservice
+from relay.runtime.services import attach, named_multiservice
 
 _log = Logger()
 

@@ -12,7 +12,7 @@ and whatever they had finished is recorded; then every write begun is awaited (D
 and their records included); the Deferred ``stopService`` returns fires after that.  So
 the spool must close only once it has fired, and the channels must stay open until then:
 ``relay.tap`` adds the spool and the channels first to an
-:class:`~relay.services.OrderedMultiService`, which stops its children one at a time in
+:class:`~relay.runtime.services.OrderedMultiService`, which stops its children one at a time in
 reverse order, each awaited (Twisted's ``MultiService`` would start every stop at once).
 """
 

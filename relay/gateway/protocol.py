@@ -49,7 +49,7 @@ that asks the spool's process); a client over its limit gets ``454 4.7.0`` witho
 password check.  A users file that cannot be read, or a question that cannot be asked
 (a worker's link gone), answers ``454 4.7.0`` too (our problem, not a wrong password).
 
-Replies go out through :func:`~relay.fastwrite.write_now`, which sends at once
+Replies go out through :func:`~relay.runtime.fastwrite.write_now`, which sends at once
 when the socket is idle plain TCP instead of waiting for the reactor's next pass (see
 there for why and when it falls back to ``transport.write``).
 """
@@ -77,7 +77,6 @@ from zope.interface import implementer
 
 from relay.address import Address
 from relay.envelope import Destination, Envelope, Recipient, Submitter
-from relay.fastwrite import write_now
 from relay.gateway.auth import AuthUnavailable, PasswordChecker
 from relay.gateway.limits import AuthThrottle, LocalAuthThrottle, TextBudget
 from relay.gateway.policy import RelayPolicy
@@ -86,6 +85,7 @@ from relay.gateway.tls import tls_description
 from relay.interfaces import AuthVerdict, IAuthThrottle, IStore
 from relay.oneline import escape
 from relay.queue.intake import disk_full, log_stored
+from relay.runtime.fastwrite import write_now
 from relay.sansio.smtp.events import (
     AuthCredentials,
     EndOfMessage,

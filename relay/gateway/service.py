@@ -12,7 +12,7 @@ relay at start.  The tree it returns is a ``MultiService`` named ``smtp`` holdin
   with ``421 4.3.2`` so clients retry elsewhere instead of hanging (a session waiting for
   the spool gets the store's reply first), and waits for them to close.
 
-It is an :class:`~relay.services.OrderedMultiService`: it stops the gateway workers
+It is an :class:`~relay.runtime.services.OrderedMultiService`: it stops the gateway workers
 (``workers``, which ``relay.tap`` attaches last) first, then the listeners, then the
 sessions, each stop awaited; so the spool, which the relay stops after the gateway,
 is still open while the stores in flight are answered.
@@ -63,9 +63,9 @@ from relay.gateway.tls import load_server_tls
 from relay.interfaces import IAuthThrottle, ILocalRecipients, IStore
 from relay.local_users import POSTMASTER
 from relay.policy.routing import Router
+from relay.runtime.services import attach, named_multiservice
 from relay.sansio.smtp.server import Limits, ServerSettings
 from relay.sansio.smtp.wire import SmtpReply
-from relay.services import attach, named_multiservice
 
 __all__ = [
     "AdoptedListener",

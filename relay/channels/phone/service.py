@@ -33,7 +33,7 @@ from relay.gateway.policy import RelayPolicy
 from relay.interfaces import ILocalRecipients, IQueue
 from relay.policy.call_schedule import CallPolicy
 from relay.policy.routing import Router
-from relay.services import attach, named_multiservice
+from relay.runtime.services import attach, named_multiservice
 
 __all__ = ["LINKS_DIR", "PhonePart", "build_phone", "read_secrets"]
 

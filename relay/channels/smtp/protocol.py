@@ -9,7 +9,7 @@ what each reply answers; this class only
   in one reactor turn: MAIL and RCPT (RFC 2920's commands that more may follow) are held
   until the command that ends the group, or the end of the turn, so the batch leaves in
   one ``send``; so is text up to :data:`_HOLD_TEXT` bytes, which then leaves with the
-  final dot; anything else goes out at once (:func:`relay.fastwrite.write_now`);
+  final dot; anything else goes out at once (:func:`relay.runtime.fastwrite.write_now`);
 * runs the RFC 5321 §4.5.3.2 timers on the injected clock: one timer, for the oldest
   command still waiting for its reply, with that command's limit (:class:`Timeouts`),
   and the data-block timer while a text write waits for the transport to drain;
@@ -45,9 +45,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.errors import RelayError
-from relay.fastwrite import write_now
 from relay.oneline import escape, one_line
 from relay.reply import Reply, ReplyCode, from_smtp
+from relay.runtime.fastwrite import write_now
 from relay.sansio.smtp.client import (
     NEED_DATA,
     ClientEvent,
