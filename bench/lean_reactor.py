@@ -48,10 +48,10 @@ def serve(port: int, which: str, work: Path) -> None:
     from twisted.logger import globalLogBeginner
     from zope.interface import implementer
 
+    from relay.channels.local.users import build_local_recipients
     from relay.config import parse_config
     from relay.gateway.service import build_gateway
     from relay.interfaces import IStore
-    from relay.local_users import build_local_recipients
     from relay.runtime.logfile import RelayLogObserver
 
     @implementer(IStore)

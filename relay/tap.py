@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from relay import __version__
 from relay.channels.local import LocalChannel, build_local_channel
+from relay.channels.local.users import LocalRecipients, build_local_recipients
 from relay.channels.phone.service import PhonePart, build_phone
 from relay.channels.smtp.channel import SmtpChannel, build_smtp_channel
 from relay.config import Config, ConfigError, default_config, load_config
@@ -35,7 +36,6 @@ from relay.gateway.limits import LocalAuthThrottle
 from relay.gateway.service import build_auth_throttle, build_gateway, shared_listeners
 from relay.gateway.workers import GatewayWorkers
 from relay.interfaces import IChannel, IQueue
-from relay.local_users import LocalRecipients, build_local_recipients
 from relay.maildrop.pickup import build_pickup
 from relay.metrics.service import build_metrics
 from relay.policy.routing import Router

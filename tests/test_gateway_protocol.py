@@ -31,7 +31,6 @@ from relay.envelope import BodyType, Destination, Envelope, Recipient, Submitter
 from relay.errors import SpoolError
 from relay.gateway.auth import AuthUnavailable
 from relay.gateway.limits import AuthThrottle, LocalAuthThrottle, TextBudget
-from relay.gateway.policy import RelayPolicy
 from relay.gateway.protocol import (
     GatewayFactory,
     SessionLimiter,
@@ -41,6 +40,7 @@ from relay.gateway.protocol import (
 from relay.gateway.service import settings_from_config
 from relay.handoff.codec import HandoffError
 from relay.interfaces import AuthVerdict, IAuthThrottle, ILocalRecipients
+from relay.policy.acceptance import RelayPolicy
 from relay.queue.intake import log_stored
 from relay.sansio.smtp.wire import ReplyParser, SmtpReply, dot_stuff
 

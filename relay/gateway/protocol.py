@@ -33,7 +33,7 @@ again (a duplicate).  A hung spool cannot hold a session open for ever: the clie
 timeout (10 minutes for the final dot, RFC 5321 section 4.5.3.2) closes it.
 
 **Each accepted recipient is stored with its destination**, as the policy's router
-decided it at RCPT time (see :mod:`relay.gateway.policy`).
+decided it at RCPT time (see :mod:`relay.policy.acceptance`).
 
 **Message text in memory.**  A session keeps its text in one ``BytesIO`` that starts
 with the ``Received:`` header (made at the first piece of text: everything in it is
@@ -79,12 +79,12 @@ from relay.address import Address
 from relay.envelope import Destination, Envelope, Recipient, Submitter
 from relay.gateway.auth import AuthUnavailable, PasswordChecker
 from relay.gateway.limits import AuthThrottle, LocalAuthThrottle, TextBudget
-from relay.gateway.policy import RelayPolicy
-from relay.gateway.received import received_header
 from relay.gateway.tls import tls_description
 from relay.interfaces import AuthVerdict, IAuthThrottle, IStore
 from relay.oneline import escape
+from relay.policy.acceptance import RelayPolicy
 from relay.queue.intake import disk_full, log_stored
+from relay.received import received_header
 from relay.runtime.fastwrite import write_now
 from relay.sansio.smtp.events import (
     AuthCredentials,

@@ -53,15 +53,14 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.address import Address, AddressError, parse_mailbox
+from relay.address import POSTMASTER, Address, AddressError, parse_mailbox
 from relay.config import Config
 from relay.gateway.auth import PasswordChecker
 from relay.gateway.limits import AuthThrottle, LocalAuthThrottle, TextBudget
-from relay.gateway.policy import RelayPolicy
 from relay.gateway.protocol import GatewayFactory, SessionLimiter, SmtpServerProtocol, Timeouts
 from relay.gateway.tls import load_server_tls
 from relay.interfaces import IAuthThrottle, ILocalRecipients, IStore
-from relay.local_users import POSTMASTER
+from relay.policy.acceptance import RelayPolicy
 from relay.policy.routing import Router
 from relay.runtime.services import attach, named_multiservice
 from relay.sansio.smtp.server import Limits, ServerSettings
@@ -253,7 +252,7 @@ def settings_from_config(config: Config, *, tls_active: bool) -> ServerSettings:
     """The engine's settings for one listener (implicit TLS or not).
 
     The domain-less ``RCPT TO:<postmaster>`` means ``postmaster@`` the first local domain,
-    which every local domain has (:mod:`relay.local_users`), so it is accepted from any
+    which every local domain has (:data:`relay.address.POSTMASTER`), so it is accepted from any
     client even when ``[relay] postmaster`` is remote; without local domains it is
     ``[relay] postmaster`` itself.
     """

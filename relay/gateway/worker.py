@@ -38,11 +38,11 @@ from twisted.logger import (
     globalLogBeginner,
 )
 
+from relay.channels.local.users import build_local_recipients
 from relay.config import ConfigError, parse_config
 from relay.gateway.service import AdoptedListener, SharedListener, build_gateway
 from relay.handoff.codec import Hello
 from relay.handoff.worker_side import AckReader, StoreClient
-from relay.local_users import build_local_recipients
 from relay.policy.routing import Router
 from relay.runtime.leanreactor import install as install_lean_reactor
 

@@ -18,6 +18,7 @@ from relay.channels.local import (
     LocalSession,
     build_local_channel,
 )
+from relay.channels.local.users import local_domain_test
 from relay.config import Config, parse_config
 from relay.envelope import (
     Destination,
@@ -26,7 +27,6 @@ from relay.envelope import (
     Submitter,
 )
 from relay.interfaces import IQueue
-from relay.local_users import local_domain_test
 from relay.reply import Reply
 
 from support.fakes import BytesMessage
@@ -112,7 +112,7 @@ def channel_for(config: Config, queue: IQueue | None = None, **options: Any) -> 
     built = build_local_channel(config, queue, reactor)
     if not options:
         return built
-    options.setdefault("alias_identity", built.alias_identity)
+    options.setdefault("alias_identity", built.targets.alias_identity)
     return LocalChannel(
         built.recipients,
         reactor=reactor,

@@ -16,10 +16,10 @@ from zope.interface import implementer
 
 from relay.address import Address, parse_forward_path
 from relay.config import Config, parse_config
-from relay.gateway.policy import RelayPolicy
 from relay.gateway.protocol import GatewayFactory, SessionLimiter, Timeouts
 from relay.gateway.service import settings_from_config
 from relay.interfaces import ILocalRecipients
+from relay.policy.acceptance import RelayPolicy
 from relay.policy.routing import Router
 from relay.sansio.smtp.wire import ReplyParser
 
