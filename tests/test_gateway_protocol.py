@@ -34,8 +34,8 @@ from relay.gateway.limits import AuthThrottle, LocalAuthThrottle, TextBudget
 from relay.gateway.protocol import (
     GatewayFactory,
     SessionLimiter,
+    SessionTimeouts,
     SmtpServerProtocol,
-    Timeouts,
 )
 from relay.gateway.service import settings_from_config
 from relay.handoff.codec import HandoffError
@@ -166,7 +166,7 @@ def make_harness(
         queue=queue,  # type: ignore[arg-type]
         clock=clock,
         limiter=SessionLimiter(config.smtp.max_sessions, config.smtp.max_sessions_per_client),
-        timeouts=Timeouts(
+        timeouts=SessionTimeouts(
             idle=config.smtp.idle_timeout, session=config.smtp.session_timeout, **timeouts
         ),
         checker=checker,  # type: ignore[arg-type]

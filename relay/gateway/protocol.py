@@ -106,8 +106,8 @@ from relay.sansio.smtp.wire import SmtpReply
 __all__ = [
     "GatewayFactory",
     "SessionLimiter",
+    "SessionTimeouts",
     "SmtpServerProtocol",
-    "Timeouts",
 ]
 
 _log = Logger()
@@ -179,7 +179,7 @@ class SessionLimiter:
 
 
 @dataclass(frozen=True, slots=True)
-class Timeouts:
+class SessionTimeouts:
     """Session timing, in seconds (``[smtp]`` idle_timeout, session_timeout).
 
     ``greet_delay`` holds the greeting back from clients outside ``trusted_networks`` so
@@ -221,7 +221,7 @@ class GatewayFactory(Factory):
         queue: IStore | None,
         clock: IReactorTime,
         limiter: SessionLimiter,
-        timeouts: Timeouts,
+        timeouts: SessionTimeouts,
         tls_options: CertificateOptions | None = None,
         checker: PasswordChecker | None = None,
         text_budget: TextBudget | None = None,

@@ -57,7 +57,12 @@ from relay.address import POSTMASTER, Address, AddressError, parse_mailbox
 from relay.config import Config
 from relay.gateway.auth import PasswordChecker
 from relay.gateway.limits import AuthThrottle, LocalAuthThrottle, TextBudget
-from relay.gateway.protocol import GatewayFactory, SessionLimiter, SmtpServerProtocol, Timeouts
+from relay.gateway.protocol import (
+    GatewayFactory,
+    SessionLimiter,
+    SessionTimeouts,
+    SmtpServerProtocol,
+)
 from relay.gateway.tls import load_server_tls
 from relay.interfaces import IAuthThrottle, ILocalRecipients, IStore
 from relay.policy.acceptance import RelayPolicy
@@ -352,7 +357,7 @@ def build_gateway(
             )
         )
     policy = RelayPolicy(config, local_recipients, router)
-    timeouts = Timeouts(
+    timeouts = SessionTimeouts(
         idle=smtp.idle_timeout,
         session=smtp.session_timeout,
         greet_delay=_given(greet_delay, smtp.greet_delay),

@@ -11,7 +11,7 @@ what each reply answers; this class only
   one ``send``; so is text up to :data:`_HOLD_TEXT` bytes, which then leaves with the
   final dot; anything else goes out at once (:func:`relay.runtime.fastwrite.write_now`);
 * runs the RFC 5321 §4.5.3.2 timers on the injected clock: one timer, for the oldest
-  command still waiting for its reply, with that command's limit (:class:`Timeouts`),
+  command still waiting for its reply, with that command's limit (:class:`ReplyTimeouts`),
   and the data-block timer while a text write waits for the transport to drain;
 * gives backpressure for the message text: it registers as the transport's streaming
   producer, and :meth:`write_text` returns a Deferred that fires once the transport
@@ -72,16 +72,16 @@ __all__ = [
     "ConnectionLostError",
     "PeerProtocolError",
     "ReplyTimeout",
+    "ReplyTimeouts",
     "ServerClosing",
     "SmtpClientError",
     "SmtpClientProtocol",
-    "Timeouts",
     "TlsHandshakeFailed",
 ]
 
 
 @dataclass(frozen=True, slots=True)
-class Timeouts:
+class ReplyTimeouts:
     """How long to wait, in seconds (RFC 5321 §4.5.3.2 where it says; Postfix elsewhere)."""
 
     connect: float = 30.0
@@ -104,7 +104,7 @@ class Timeouts:
         return value
 
 
-# Which Timeouts field bounds the reply to each command (a table built once: this is
+# Which ReplyTimeouts field bounds the reply to each command (a table built once: this is
 # asked for every command sent).
 _TIMEOUT_FIELD = {
     Command.GREETING: "greeting",
@@ -203,7 +203,7 @@ class SmtpClientProtocol(Protocol):
     def __init__(
         self,
         clock: IReactorTime,
-        timeouts: Timeouts,
+        timeouts: ReplyTimeouts,
         peer: str,
         *,
         line_length_limit: int = MAX_TEXT_LINE,
