@@ -76,6 +76,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.address import Address
+from relay.config import SmtpSection
 from relay.envelope import Destination, Envelope, Recipient, Submitter
 from relay.gateway.auth import AuthUnavailable, PasswordChecker
 from relay.gateway.limits import AuthThrottle, LocalAuthThrottle, TextBudget
@@ -178,9 +179,12 @@ class SessionLimiter:
             self.on_change(self.total, self.max_sessions)
 
 
+_SMTP_DEFAULTS = SmtpSection()  # the defaults of [smtp], defined once, in the config
+
+
 @dataclass(frozen=True, slots=True)
 class SessionTimeouts:
-    """Session timing, in seconds (``[smtp]`` idle_timeout, session_timeout).
+    """Session timing, in seconds (``[smtp]`` idle_timeout, session_timeout, greet_delay).
 
     ``greet_delay`` holds the greeting back from clients outside ``trusted_networks`` so
     that one talking first is caught (RFC 5321 section 4.3.1; postscreen's pregreet
@@ -188,9 +192,9 @@ class SessionTimeouts:
     ``auth_failure_delay`` is how long a failed AUTH waits before its 535.
     """
 
-    idle: float = 300.0
-    session: float = 1800.0
-    greet_delay: float = 0.0
+    idle: float = _SMTP_DEFAULTS.idle_timeout
+    session: float = _SMTP_DEFAULTS.session_timeout
+    greet_delay: float = _SMTP_DEFAULTS.greet_delay
     auth_failure_delay: float = 1.0
 
 

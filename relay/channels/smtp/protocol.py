@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay.config import SmtpClientSection
 from relay.errors import RelayError
 from relay.oneline import escape, one_line
 from relay.reply import Reply, ReplyCode, from_smtp
@@ -80,23 +81,28 @@ __all__ = [
 ]
 
 
+_CLIENT_DEFAULTS = SmtpClientSection()  # [smtp_client]'s defaults, defined once there
+
+
 @dataclass(frozen=True, slots=True)
 class ReplyTimeouts:
     """How long to wait, in seconds (RFC 5321 §4.5.3.2 where it says; Postfix elsewhere)."""
 
-    connect: float = 30.0
-    greeting: float = 300.0
-    helo: float = 300.0
+    connect: float = _CLIENT_DEFAULTS.connect_timeout
+    greeting: float = _CLIENT_DEFAULTS.greeting_timeout
+    helo: float = _CLIENT_DEFAULTS.helo_timeout
     starttls: float = 300.0  # the reply to STARTTLS, then the handshake
     auth: float = 300.0
-    mail: float = 300.0
-    rcpt: float = 300.0
-    data: float = 120.0  # DATA -> 354
-    data_block: float = 180.0  # one write of text may take this long to drain
-    data_done: float = 600.0  # the final dot -> its reply
+    mail: float = _CLIENT_DEFAULTS.mail_timeout
+    rcpt: float = _CLIENT_DEFAULTS.rcpt_timeout
+    data: float = _CLIENT_DEFAULTS.data_timeout  # DATA -> 354
+    # one write of text may take this long to drain
+    data_block: float = _CLIENT_DEFAULTS.data_block_timeout
+    data_done: float = _CLIENT_DEFAULTS.data_done_timeout  # the final dot -> its reply
     rset: float = 120.0
     quit: float = 60.0
-    idle: float = 2.0  # how long a connection waits in the cache for the next session
+    # how long a connection waits in the cache for the next session
+    idle: float = _CLIENT_DEFAULTS.connection_cache_time
 
     def for_command(self, command: Command) -> float:
         """The time allowed for the reply to ``command``."""
