@@ -8,7 +8,7 @@ parts, one job each:
 * :mod:`.handshake` — greeting, EHLO, STARTTLS, AUTH;
 * :mod:`.protocol` over :mod:`relay.sansio.smtp.client` — the SMTP dialogue itself;
 * :mod:`.session` — the MMDF calls mapped onto that dialogue;
-* :mod:`.policy` and :mod:`.tls` — per-route TLS and credentials.
+* :mod:`.route_settings` and :mod:`.tls` — per-route TLS and credentials.
 
 **Connection reuse.**  When a session ends with its connection healthy and between
 transactions, the connection waits in a cache keyed by destination, for
