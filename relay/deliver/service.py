@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -36,21 +36,13 @@ from relay.deliver.scheduler import Scheduler
 from relay.deliver.sequencer import TEXT_CHUNK
 from relay.deliver.session_pool import PoolLimits, SessionPool
 from relay.deliver.work import Claims
-from relay.interfaces import IChannel, IDeliverer, IQueue
+from relay.interfaces import IChannel, IDeliverer, IQueue, QueueSource
 from relay.policy.retry import DeadHosts
 from relay.policy.routing import Router
 
-__all__ = ["DelivererService", "QueueSource", "build_deliverer"]
+__all__ = ["DelivererService", "build_deliverer"]
 
 _log = Logger()
-
-
-class QueueSource(Protocol):
-    """Something that will have the queue: the spool service's ``when_ready()``."""
-
-    def when_ready(self) -> Deferred[Any]:
-        """Fire with the open queue."""
-        ...
 
 
 @implementer(IDeliverer)

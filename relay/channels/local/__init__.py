@@ -16,6 +16,5 @@ below the targets, knows nothing of channels, aliases or the queue, and is also 
 """
 
 from relay.channels.local.channel import LocalChannel, LocalSession, build_local_channel
-from relay.channels.local.targets import QueueSource
 
-__all__ = ["LocalChannel", "LocalSession", "QueueSource", "build_local_channel"]
+__all__ = ["LocalChannel", "LocalSession", "build_local_channel"]

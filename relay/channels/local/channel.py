@@ -53,7 +53,6 @@ from relay.channels.local.aliases import (
 from relay.channels.local.targets import (
     TEXT_LIMIT,
     LocalTargets,
-    QueueSource,
     UnreadableText,
     read_chunk,
 )
@@ -69,6 +68,7 @@ from relay.interfaces import (
     IChannelSession,
     IMessage,
     IQueue,
+    QueueSource,
     SequencingMode,
 )
 from relay.mailbox.headers import (
@@ -80,7 +80,7 @@ from relay.mailbox.maildir import MaildirNamer
 from relay.oneline import escape, one_line
 from relay.reply import Reply, ReplyCode
 
-__all__ = ["LocalChannel", "LocalSession", "QueueSource", "build_local_channel"]
+__all__ = ["LocalChannel", "LocalSession", "build_local_channel"]
 
 _log = Logger()
 

@@ -36,7 +36,7 @@ from relay.channels.local.aliases import (
 from relay.channels.local.users import LocalRecipients, LocalUser
 from relay.config import MailboxFormat
 from relay.envelope import Envelope, Recipient, Submitter
-from relay.interfaces import IMessage, IQueue, ITextReader
+from relay.interfaces import IMessage, IQueue, ITextReader, QueueSource
 from relay.mailbox.errors import DeliveryError
 from relay.mailbox.headers import delivery_headers, forward_header
 from relay.mailbox.identity import Identity
@@ -47,7 +47,7 @@ from relay.mailbox.text import MailboxText
 from relay.oneline import one_line
 from relay.reply import Reply, ReplyCode
 
-__all__ = ["LocalTargets", "QueueSource", "UnreadableText", "read_chunk"]
+__all__ = ["LocalTargets", "UnreadableText", "read_chunk"]
 
 _T = TypeVar("_T")
 _log = Logger()
@@ -64,14 +64,6 @@ class _Sink(Protocol):
     def write(self, data: bytes) -> None: ...
     def commit(self) -> Path: ...
     def abort(self) -> None: ...
-
-
-class QueueSource(Protocol):
-    """Something that will have the queue: the spool service's ``when_ready()``."""
-
-    def when_ready(self) -> Deferred[Any]:
-        """Fire with the open queue."""
-        ...
 
 
 class UnreadableText(Exception):
