@@ -112,23 +112,28 @@ class DelivererService(Service):
 
     def _attach(self, queue: IQueue) -> None:
         self.queue = queue
-        self.recorder = Recorder(
-            queue,
-            self.clock,
-            self.settings,
-            self._rng,
-            self.claims,
-            hostname=self._hostname,
-            postmaster=self._postmaster,
-            log=self._log,
-            history=self.history,
-        )
+
+        def make_recorder(scheduler: Scheduler) -> Recorder:
+            return Recorder(
+                queue,
+                self.clock,
+                self.settings,
+                self._rng,
+                self.claims,
+                hostname=self._hostname,
+                postmaster=self._postmaster,
+                on_work_done=scheduler.work_done,
+                on_released=scheduler.wake,
+                log=self._log,
+                history=self.history,
+            )
+
         self.scheduler = Scheduler(
             queue,
             self.channels,
             self._router,
             self.pool,
-            self.recorder,
+            make_recorder,
             self.claims,
             self.dead_hosts,
             self.clock,
@@ -137,8 +142,7 @@ class DelivererService(Service):
             text_chunk=self._text_chunk,
             log=self._log,
         )
-        self.recorder.on_work_done = self.scheduler.work_done
-        self.recorder.on_released = self.scheduler.wake
+        self.recorder = self.scheduler.recorder
 
     # --- IService -------------------------------------------------------------------------
 
