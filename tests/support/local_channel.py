@@ -18,6 +18,7 @@ from relay.channels.local import (
     LocalSession,
     build_local_channel,
 )
+from relay.channels.local.targets import LocalTargets
 from relay.channels.local.users import local_domain_test
 from relay.config import Config, parse_config
 from relay.envelope import (
@@ -113,14 +114,10 @@ def channel_for(config: Config, queue: IQueue | None = None, **options: Any) -> 
     if not options:
         return built
     options.setdefault("alias_identity", built.targets.alias_identity)
-    return LocalChannel(
-        built.recipients,
-        reactor=reactor,
-        hostname=config.relay.hostname,
-        is_local_domain=local_domain_test(config),
-        queue=queue,
-        **options,
+    targets = LocalTargets(
+        built.recipients, reactor=reactor, hostname=config.relay.hostname, queue=queue, **options
     )
+    return LocalChannel(built.recipients, targets, is_local_domain=local_domain_test(config))
 
 
 def address(text: str) -> Address:

@@ -29,7 +29,6 @@ never takes the session down and never loses mail.
 
 from __future__ import annotations
 
-import shutil
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -75,8 +74,7 @@ from relay.mailbox.headers import (
     delivered_to_addresses,
     header_block_end,
 )
-from relay.mailbox.identity import Identity, can_switch, identity_of_owner
-from relay.mailbox.maildir import MaildirNamer
+from relay.mailbox.identity import can_switch, identity_of_owner
 from relay.oneline import escape, one_line
 from relay.reply import Reply, ReplyCode
 
@@ -107,34 +105,14 @@ class LocalChannel:
     def __init__(
         self,
         recipients: LocalRecipients,
+        targets: LocalTargets,
         *,
-        reactor: Any,
-        hostname: str,
         is_local_domain: Callable[[str], bool],
-        queue: IQueue | QueueSource | None = None,
-        alias_identity: Identity | None = None,
-        command_timeout: float = 1000.0,
-        max_threads: int = 4,
-        setsid: str | None = shutil.which("setsid"),
-        namer: MaildirNamer | None = None,
-        lock_attempts: int = 10,
-        lock_delay: float = 0.1,
     ) -> None:
+        """``targets`` carries out each planned delivery (and owns the thread pool)."""
         self.recipients = recipients
         self._is_local_domain = is_local_domain
-        self.targets = LocalTargets(
-            recipients,
-            reactor=reactor,
-            hostname=hostname,
-            queue=queue,
-            alias_identity=alias_identity,
-            command_timeout=command_timeout,
-            max_threads=max_threads,
-            setsid=setsid,
-            namer=namer,
-            lock_attempts=lock_attempts,
-            lock_delay=lock_delay,
-        )
+        self.targets = targets
         self._done: OrderedDict[tuple[str, str], frozenset[str]] = OrderedDict()
         self.delivered = 0
         self.failed = 0
@@ -281,13 +259,13 @@ def build_local_channel(
 ) -> LocalChannel:
     """The local channel for ``config``, forwarding through ``queue``, run by ``reactor``.
 
-    ``queue`` is the open IQueue, or the spool service (anything with ``when_ready()``
-    firing with it): remote alias targets are stored there as new messages.
+    ``queue`` is the open IQueue, or the queue once open (a
+    :class:`~relay.interfaces.QueueSource`): remote alias targets are stored there as new messages.
 
     ``recipients`` lets the caller share one :class:`LocalRecipients` with the SMTP
     gateway (``channel.recipients`` is it otherwise).  Raises
-    :class:`relay.channels.local.aliases.AliasesError` if the aliases file has problems.  When the
-    relay runs as root, commands and files named in the aliases file are run and
+    :class:`~.aliases.AliasesError` if the aliases file has problems.  When the relay
+    runs as root, commands and files named in the aliases file are run and
     written as the file's owner, or ``nobody`` if root owns it (Postfix's rule).
     """
     if recipients is None:
@@ -296,14 +274,14 @@ def build_local_channel(
     alias_identity = None
     if aliases_file is not None and can_switch():
         alias_identity = identity_of_owner(aliases_file)
-    return LocalChannel(
+    targets = LocalTargets(
         recipients,
         reactor=reactor,
         hostname=config.relay.hostname,
-        is_local_domain=local_domain_test(config),
         queue=queue,
         alias_identity=alias_identity,
     )
+    return LocalChannel(recipients, targets, is_local_domain=local_domain_test(config))
 
 
 @implementer(IChannelSession)
