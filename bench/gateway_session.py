@@ -44,11 +44,11 @@ def main() -> None:
     from twisted.logger import globalLogBeginner
     from zope.interface import implementer
 
+    from relay.channels.local.users import build_local_recipients
     from relay.config import parse_config
     from relay.gateway.service import build_gateway
     from relay.interfaces import IStore
-    from relay.local_users import build_local_recipients
-    from relay.logfile import RelayLogObserver
+    from relay.runtime.logfile import RelayLogObserver
 
     @implementer(IStore)
     class AtOnce:

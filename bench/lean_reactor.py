@@ -1,6 +1,6 @@
 """The SMTP gateway's CPU per session on Twisted's epoll reactor and on the lean one.
 
-Prints ONE JSON line.  ``relay/leanreactor.py`` (the gateway workers' reactor) drops
+Prints ONE JSON line.  ``relay/runtime/leanreactor.py`` (the gateway workers' reactor) drops
 the legacy log context Twisted's ``EPollReactor`` sets up around every I/O event; this
 measures what that is worth on real sockets.  A child process runs the real gateway
 (``build_gateway``, the relay's log observer) on 127.0.0.1 over a store that answers at
@@ -36,7 +36,7 @@ def serve(port: int, which: str, work: Path) -> None:
     """Run the gateway on ``which`` reactor until SIGTERM."""
     sys.path.insert(0, str(ROOT))
     if which == "lean":
-        from relay.leanreactor import install
+        from relay.runtime.leanreactor import install
 
         reactor = install()
     else:
@@ -48,11 +48,11 @@ def serve(port: int, which: str, work: Path) -> None:
     from twisted.logger import globalLogBeginner
     from zope.interface import implementer
 
+    from relay.channels.local.users import build_local_recipients
     from relay.config import parse_config
     from relay.gateway.service import build_gateway
     from relay.interfaces import IStore
-    from relay.local_users import build_local_recipients
-    from relay.logfile import RelayLogObserver
+    from relay.runtime.logfile import RelayLogObserver
 
     @implementer(IStore)
     class AtOnce:

@@ -1,4 +1,4 @@
-"""Log observer cost: Twisted's text observer against relay.logfile, per event.
+"""Log observer cost: Twisted's text observer against relay.runtime.logfile, per event.
 
 Prints ONE JSON line: microseconds of CPU per event for each observer, writing the
 relay's usual "stored" event to a real file (which each flushes as it does in use:
@@ -49,7 +49,7 @@ def main() -> None:
     from twisted.internet.task import Clock
     from twisted.logger import textFileLogObserver
 
-    from relay.logfile import RelayLogObserver
+    from relay.runtime.logfile import RelayLogObserver
 
     with tempfile.TemporaryDirectory(prefix="bench-logfile-") as work:
         with (Path(work) / "twisted.log").open("w") as out:

@@ -200,8 +200,8 @@ def serve(port: int, sink_port: int, work: Path, profile: str | None, workers: i
     from twisted.protocols.basic import LineReceiver
 
     from relay.config import parse_config
-    from relay.logfile import RelayLogObserver
     from relay.queue import writer
+    from relay.runtime.logfile import RelayLogObserver
     from relay.tap import build_service
 
     if COMMIT_DELAY is not None:

@@ -51,13 +51,13 @@ def serve(port: int, spool: Path, profile: str | None, workers: int) -> None:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner
 
+    from relay.channels.local.users import build_local_recipients
     from relay.config import parse_config
     from relay.gateway.limits import LocalAuthThrottle
     from relay.gateway.service import build_auth_throttle, build_gateway, shared_listeners
     from relay.gateway.workers import GatewayWorkers
-    from relay.local_users import build_local_recipients
-    from relay.logfile import RelayLogObserver
     from relay.queue.store import SpoolQueue
+    from relay.runtime.logfile import RelayLogObserver
 
     log = (spool.parent / "relay.log").open("w")
     # The observer `make run` uses (twistd --logger relay.logfile.observer).

@@ -34,6 +34,7 @@ import re
 from dataclasses import dataclass, field
 
 __all__ = [
+    "POSTMASTER",
     "Address",
     "AddressError",
     "RoutingTrick",
@@ -48,6 +49,8 @@ MAX_DOMAIN = 255
 MAX_LABEL = 63
 MAX_PATH = 256  # a Path, including its angle brackets
 MAX_MAILBOX = MAX_PATH - 2  # the same limit without the brackets (RFC 3696 errata)
+# The local part every domain must accept mail for (RFC 5321 4.5.1), case-insensitively.
+POSTMASTER = "postmaster"
 
 # atext of RFC 5322 as used by RFC 5321's Atom, ASCII part; RFC 6531 adds all non-ASCII.
 _ATEXT_ASCII = frozenset(

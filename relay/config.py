@@ -47,6 +47,7 @@ from typing import TypeVar
 from relay.address import AddressError, parse_mailbox
 from relay.durations import DurationError, format_duration, parse_duration
 from relay.errors import RelayError
+from relay.sansio.smtp.server import Limits
 
 __all__ = [
     "DEFAULT_TOML",
@@ -78,6 +79,11 @@ __all__ = [
 
 T = TypeVar("T")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_LOOPBACK: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+_ENGINE_LIMITS = Limits()
 
 DEFAULT_TOML: str = resources.files("relay").joinpath("default.toml").read_text(encoding="utf-8")
 """The text of ``relay/default.toml``: the embedded default, commented as a sample file."""
@@ -188,22 +194,27 @@ class RelaySection:
 
 @dataclass(frozen=True, slots=True)
 class SmtpSection:
-    """``[smtp]``: the inbound SMTP server."""
+    """``[smtp]``: the inbound SMTP server.
 
-    listen: tuple[str, ...]
-    listen_tls: tuple[str, ...]
-    trusted_networks: tuple[IPNetwork, ...]
-    max_message_size: int
-    max_recipients: int
-    max_errors: int
-    max_sessions: int
-    max_sessions_per_client: int
-    idle_timeout: float
-    session_timeout: float
-    tls_cert_file: Path | None
-    tls_key_file: Path | None
-    auth_users_file: Path | None
-    auth_requires_tls: bool
+    The defaults here are the built-in defaults (the reader takes them from this class);
+    the message, recipient and error limits are the SMTP engine's own
+    (:class:`relay.sansio.smtp.server.Limits`).
+    """
+
+    listen: tuple[str, ...] = ("tcp:2525:interface=127.0.0.1",)
+    listen_tls: tuple[str, ...] = ()
+    trusted_networks: tuple[IPNetwork, ...] = _LOOPBACK
+    max_message_size: int = _ENGINE_LIMITS.max_message_size
+    max_recipients: int = _ENGINE_LIMITS.max_recipients
+    max_errors: int = _ENGINE_LIMITS.max_errors
+    max_sessions: int = 100
+    max_sessions_per_client: int = 50
+    idle_timeout: float = 300.0
+    session_timeout: float = 1800.0
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    auth_users_file: Path | None = None
+    auth_requires_tls: bool = True
     greet_delay: float = 0.0
     max_text_in_memory: int = 256 * 1024 * 1024
     auth_max_failures: int = 5
@@ -973,33 +984,35 @@ def _read_relay(t: _Table, paths: _Paths) -> RelaySection:
     return RelaySection(hostname, local_domains, spool, postmaster, maildrop)
 
 
-_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
-
-
 def _read_smtp(t: _Table, paths: _Paths) -> SmtpSection:
+    d = SmtpSection()
     smtp = SmtpSection(
-        listen=t.get_list("listen", _endpoint, ("tcp:2525:interface=127.0.0.1",), "endpoints"),
-        listen_tls=t.get_list("listen_tls", _endpoint, (), "endpoints"),
+        listen=t.get_list("listen", _endpoint, d.listen, "endpoints"),
+        listen_tls=t.get_list("listen_tls", _endpoint, d.listen_tls, "endpoints"),
         trusted_networks=t.get_list(
-            "trusted_networks", _network, _LOOPBACK, "networks", unique=True
+            "trusted_networks", _network, d.trusted_networks, "networks", unique=True
         ),
-        max_message_size=t.get("max_message_size", _positive_int, 10485760),
-        max_recipients=t.get("max_recipients", _positive_int, 100),
-        max_errors=t.get("max_errors", _positive_int, 10),
-        max_sessions=t.get("max_sessions", _positive_int, 100),
-        max_sessions_per_client=t.get("max_sessions_per_client", _positive_int, 50),
-        idle_timeout=t.get("idle_timeout", _positive_duration, 300.0),
-        session_timeout=t.get("session_timeout", _positive_duration, 1800.0),
-        tls_cert_file=t.get("tls_cert_file", paths.file, None),
-        tls_key_file=t.get("tls_key_file", paths.file, None),
-        auth_users_file=t.get("auth_users_file", paths.file, None),
-        auth_requires_tls=t.get("auth_requires_tls", _boolean, True),
-        greet_delay=t.get("greet_delay", _duration, 0.0),
-        max_text_in_memory=t.get("max_text_in_memory", _positive_int, 256 * 1024 * 1024),
-        auth_max_failures=t.get("auth_max_failures", _positive_int, 5),
-        auth_failure_window=t.get("auth_failure_window", _positive_duration, 900.0),
-        workers=t.get("workers", _worker_count, 1),
-        relay_domains=t.get_list("relay_domains", _domain_pattern, (), "domains", unique=True),
+        max_message_size=t.get("max_message_size", _positive_int, d.max_message_size),
+        max_recipients=t.get("max_recipients", _positive_int, d.max_recipients),
+        max_errors=t.get("max_errors", _positive_int, d.max_errors),
+        max_sessions=t.get("max_sessions", _positive_int, d.max_sessions),
+        max_sessions_per_client=t.get(
+            "max_sessions_per_client", _positive_int, d.max_sessions_per_client
+        ),
+        idle_timeout=t.get("idle_timeout", _positive_duration, d.idle_timeout),
+        session_timeout=t.get("session_timeout", _positive_duration, d.session_timeout),
+        tls_cert_file=t.get("tls_cert_file", paths.file, d.tls_cert_file),
+        tls_key_file=t.get("tls_key_file", paths.file, d.tls_key_file),
+        auth_users_file=t.get("auth_users_file", paths.file, d.auth_users_file),
+        auth_requires_tls=t.get("auth_requires_tls", _boolean, d.auth_requires_tls),
+        greet_delay=t.get("greet_delay", _duration, d.greet_delay),
+        max_text_in_memory=t.get("max_text_in_memory", _positive_int, d.max_text_in_memory),
+        auth_max_failures=t.get("auth_max_failures", _positive_int, d.auth_max_failures),
+        auth_failure_window=t.get("auth_failure_window", _positive_duration, d.auth_failure_window),
+        workers=t.get("workers", _worker_count, d.workers),
+        relay_domains=t.get_list(
+            "relay_domains", _domain_pattern, d.relay_domains, "domains", unique=True
+        ),
     )
     _check_smtp_tls(t, smtp)
     return smtp

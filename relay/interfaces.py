@@ -64,6 +64,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -287,6 +288,19 @@ class IAuthThrottle(Interface):
 
     def end(client: str, failed: bool) -> None:
         """An allowed attempt of ``client``'s is done; a failed one counts in the window."""
+
+
+class QueueSource(Protocol):
+    """The queue, once it is open: what parts built before the spool opens are given.
+
+    :class:`relay.queue.ready.QueueReady` is the one ``relay.tap`` makes; the spool's
+    service settles it when the queue opens.  ``when_ready`` fires with the open
+    :class:`IQueue` (at once if it is open) or fails if the spool cannot be opened.
+    """
+
+    def when_ready(self) -> Deferred[Any]:
+        """Fire with the open queue."""
+        ...
 
 
 class IQueue(IStore):

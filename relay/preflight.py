@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from relay.aliases import AliasesError
+from relay.channels.local.aliases import AliasesError
+from relay.channels.local.users import LocalRecipients, build_local_recipients, postmaster_problem
 from relay.config import Channel, Config
 from relay.gateway.tls import load_server_tls
-from relay.local_users import LocalRecipients, build_local_recipients, postmaster_problem
 
 __all__ = ["Advice", "PreflightError", "advise", "preflight"]
 

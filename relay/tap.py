@@ -1,7 +1,7 @@
 """``twistd relay``: build the relay's service tree from its configuration.
 
 This is the one place that wires classes together.  The tree is an
-:class:`~relay.services.OrderedMultiService` named ``relay`` whose children are the
+:class:`~relay.runtime.services.OrderedMultiService` named ``relay`` whose children are the
 relay's parts, each a named service (``status``, ``spool``, ``channels``, ``deliverer``,
 ``smtp``, the last with its gateway worker processes under ``workers``; with the phone
 channel, ``phone``), so an operator's ``twistd`` log and a test can find each by name.
@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from relay import __version__
 from relay.channels.local import LocalChannel, build_local_channel
+from relay.channels.local.users import LocalRecipients, build_local_recipients
 from relay.channels.phone.service import PhonePart, build_phone
 from relay.channels.smtp.channel import SmtpChannel, build_smtp_channel
 from relay.config import Config, ConfigError, default_config, load_config
@@ -35,14 +36,15 @@ from relay.gateway.limits import LocalAuthThrottle
 from relay.gateway.service import build_auth_throttle, build_gateway, shared_listeners
 from relay.gateway.workers import GatewayWorkers
 from relay.interfaces import IChannel, IQueue
-from relay.local_users import LocalRecipients, build_local_recipients
 from relay.maildrop.pickup import build_pickup
 from relay.metrics.service import build_metrics
 from relay.policy.routing import Router
 from relay.preflight import PreflightError, advise, preflight
+from relay.queue.ready import QueueReady
 from relay.queue.service import SpoolService
+from relay.queue.store import SpoolQueue
 from relay.report import DaemonReport
-from relay.services import attach, named_multiservice
+from relay.runtime.services import attach, named_multiservice
 
 _log = Logger()
 
@@ -155,12 +157,12 @@ def build_service(
         reactor = global_reactor
     if local_recipients is None:
         local_recipients = build_local_recipients(config)
-    top = named_multiservice("relay")
-    attach(StatusService(config), top, "status")
-    spool = SpoolService(config.relay.spool, reactor)
-    attach(spool, top, "spool")
-    spool.when_ready().addErrback(_stop_without_spool, reactor)
-    local = build_local_channel(config, spool, reactor, recipients=local_recipients)
+    # Everything is built first, each part given its collaborators, then attached in
+    # the order the tree starts; nothing is patched after it is built.  The queue, once
+    # open, is one QueueReady that the spool settles and every other part waits on.
+    ready: QueueReady[SpoolQueue] = QueueReady()
+    ready.when_ready().addErrback(_stop_without_spool, reactor)
+    local = build_local_channel(config, ready, reactor, recipients=local_recipients)
     # One router for the gateway's RCPT checks, the deliverer and the SMTP channel, built
     # with the channels that run: none of them can disagree about where mail goes.
     with_phone = bool(config.phone.sites)
@@ -169,23 +171,36 @@ def build_service(
     smtp = build_smtp_channel(
         config, reactor, **{"route": router.route, **dict(smtp_options or {})}
     )
-    attach(ChannelsService(local, smtp), top, "channels")
     channels: dict[str, IChannel] = {"local": local, "smtp": smtp}
     phone: PhonePart | None = None
     deliverer: DelivererService
     if with_phone:
         phone = build_phone(
-            config, spool.when_ready, router, local_recipients, reactor, lambda: deliverer
+            config, ready.when_ready, router, local_recipients, reactor, lambda: deliverer
         )
         channels["phone"] = phone.channel
-    deliverer = build_deliverer(config, spool, channels, reactor, router=router)
+    deliverer = build_deliverer(config, ready, channels, reactor, router=router)
+    report = DaemonReport(
+        reactor, deliverer.history, phone.site_report if phone is not None else None
+    )
+    spool = SpoolService(
+        config.relay.spool,
+        reactor,
+        ready=ready,
+        flusher=deliverer.flush,
+        reporter=report.report,
+        caller=phone.call_now if phone is not None else None,
+    )
+    top = named_multiservice("relay")
+    attach(StatusService(config), top, "status")
+    attach(spool, top, "spool")
+    attach(ChannelsService(local, smtp), top, "channels")
     attach(deliverer, top, "deliverer")
     if phone is not None:
         # After the deliverer: it stops first, and a call's last settlements still find
         # the deliverer's recorder running.
         attach(phone.service(config, reactor, answer=True, call_out=calls_out), top, "phone")
-    spool.flusher = deliverer.flush
-    queue_ready: Deferred[IQueue] = spool.when_ready().addCallback(lambda queue: queue)
+    queue_ready: Deferred[IQueue] = ready.when_ready().addCallback(lambda queue: queue)
     processes = 1 + config.smtp.workers
     workers: GatewayWorkers | None = None
 
@@ -218,7 +233,7 @@ def build_service(
         )
         attach(workers, gateway, "workers")  # type: ignore[arg-type]
     attach(gateway, top, "smtp")
-    _attach_operator_services(top, config, reactor, spool, deliverer, router, gateway, phone)
+    _attach_operator_services(top, config, reactor, spool, report, router, gateway)
     return top
 
 
@@ -227,23 +242,16 @@ def _attach_operator_services(
     config: Config,
     reactor: Any,
     spool: SpoolService,
-    deliverer: DelivererService,
+    report: DaemonReport,
     router: Router,
     gateway: IService,
-    phone: PhonePart | None,
 ) -> None:
-    """The maildrop's pickup (``relay sendmail``), ``relay status``'s report, and the
+    """``relay status``'s report, the maildrop's pickup (``relay sendmail``), and the
     Prometheus endpoint if ``[metrics] listen`` is set.
 
     Attached last, so they start once the rest is built and stop first: no new mail is
     picked up while the relay shuts down.
     """
-    report = DaemonReport(
-        reactor, deliverer.history, phone.site_report if phone is not None else None
-    )
-    spool.reporter = report.report
-    if phone is not None:
-        spool.caller = phone.call_now
     attach(report, top, "report")
     attach(build_pickup(config, spool.when_ready(), reactor, router.route), top, "pickup")
     if config.metrics.listen is not None:

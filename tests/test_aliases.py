@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.address import Address
-from relay.aliases import (
+from relay.channels.local.aliases import (
     MAX_DEPTH,
     Aliases,
     AliasesError,

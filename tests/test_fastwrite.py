@@ -1,6 +1,6 @@
 """fastwrite over real loopback sockets: Twisted's state it reads, ordering, TLS, fallbacks.
 
-:func:`relay.fastwrite.write_now` reads private state of Twisted's ``tcp.Server``.
+:func:`relay.runtime.fastwrite.write_now` reads private state of Twisted's ``tcp.Server``.
 These tests open real TCP connections on 127.0.0.1 so that a Twisted release that
 renames or changes that state fails here, loudly, instead of quietly sending every
 reply the slow way (or worse, out of order).
@@ -23,8 +23,8 @@ from twisted.internet.testing import MemoryReactor
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from relay.fastwrite import is_idle_plain_tcp, write_now
 from relay.gateway.tls import load_server_tls
+from relay.runtime.fastwrite import is_idle_plain_tcp, write_now
 
 from support.tlsfiles import TlsFiles, make_tls_files
 

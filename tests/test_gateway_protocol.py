@@ -31,16 +31,16 @@ from relay.envelope import BodyType, Destination, Envelope, Recipient, Submitter
 from relay.errors import SpoolError
 from relay.gateway.auth import AuthUnavailable
 from relay.gateway.limits import AuthThrottle, LocalAuthThrottle, TextBudget
-from relay.gateway.policy import RelayPolicy
 from relay.gateway.protocol import (
     GatewayFactory,
     SessionLimiter,
+    SessionTimeouts,
     SmtpServerProtocol,
-    Timeouts,
 )
 from relay.gateway.service import settings_from_config
 from relay.handoff.codec import HandoffError
 from relay.interfaces import AuthVerdict, IAuthThrottle, ILocalRecipients
+from relay.policy.acceptance import RelayPolicy
 from relay.queue.intake import log_stored
 from relay.sansio.smtp.wire import ReplyParser, SmtpReply, dot_stuff
 
@@ -166,7 +166,7 @@ def make_harness(
         queue=queue,  # type: ignore[arg-type]
         clock=clock,
         limiter=SessionLimiter(config.smtp.max_sessions, config.smtp.max_sessions_per_client),
-        timeouts=Timeouts(
+        timeouts=SessionTimeouts(
             idle=config.smtp.idle_timeout, session=config.smtp.session_timeout, **timeouts
         ),
         checker=checker,  # type: ignore[arg-type]

@@ -191,8 +191,8 @@ async def test_no_workers_means_no_worker_service(tmp_path: Path) -> None:
 
 def test_the_processes_share_the_session_and_memory_limits(tmp_path: Path) -> None:
     """Each of the processes gets its share of the session limit and of the text budget."""
+    from relay.channels.local.users import build_local_recipients
     from relay.gateway.service import build_gateway
-    from relay.local_users import build_local_recipients
 
     config = _config(tmp_path, free_port(), workers=3)
     gateway = build_gateway(

@@ -19,7 +19,6 @@ from zope.interface.verify import verifyObject
 from relay.address import Address
 from relay.envelope import Envelope, Recipient, Submitter
 from relay.errors import SpoolError
-from relay.fastwrite import is_idle_plain_tcp
 from relay.gateway.limits import AuthThrottle, LocalAuthThrottle
 from relay.handoff.codec import (
     MAX_ACK_DATAGRAM,
@@ -36,6 +35,7 @@ from relay.handoff.spool_side import StoreServer, frame_limit
 from relay.handoff.worker_side import AckReader, StoreClient
 from relay.interfaces import AuthVerdict, IStore
 from relay.queue.payload import encode_envelope
+from relay.runtime.fastwrite import is_idle_plain_tcp
 
 from support.memqueue import MemoryQueue
 from support.reactor_helpers import until

@@ -16,7 +16,7 @@ from twisted.logger import LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.leanreactor import LeanEPollReactor
+from relay.runtime.leanreactor import LeanEPollReactor
 
 
 @implementer(IReadDescriptor)

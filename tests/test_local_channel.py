@@ -752,7 +752,7 @@ async def test_a_defect_is_answered_not_raised(
     tmp_path: Path, made: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An unexpected exception becomes LIO (temporary), logged with the address escaped."""
-    import relay.channels.local as local
+    import relay.channels.local.channel as local
 
     def broken(*args: Any) -> Any:
         raise RuntimeError("defect")

@@ -8,10 +8,16 @@ from pathlib import Path
 import pytest
 from zope.interface.verify import verifyObject
 
-from relay.aliases import AliasesError, MailboxDelivery, RemoteDelivery, expand, parse_aliases
+from relay.channels.local.aliases import (
+    AliasesError,
+    MailboxDelivery,
+    RemoteDelivery,
+    expand,
+    parse_aliases,
+)
+from relay.channels.local.users import LocalRecipients, build_local_recipients, local_domain_test
 from relay.config import MailboxFormat, parse_config
 from relay.interfaces import ILocalRecipients
-from relay.local_users import LocalRecipients, build_local_recipients, local_domain_test
 from relay.mailbox.identity import Identity
 
 from support.local_channel import address, make_config

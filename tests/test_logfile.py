@@ -1,4 +1,4 @@
-"""relay.logfile: the same lines as Twisted's text observer, buffered, flushed on time."""
+"""relay.runtime.logfile: Twisted's text observer's lines, buffered, flushed on time."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, LogPublisher, formatEventAsClassicLogText
 from twisted.python.failure import Failure
 
-from relay.logfile import FLUSH_INTERVAL, RelayLogObserver, observer
+from relay.runtime.logfile import FLUSH_INTERVAL, RelayLogObserver, observer
 
 WHEN = 1_795_000_000.25
 
@@ -151,3 +151,10 @@ def test_a_line_from_another_thread_asks_the_owner_for_the_flush() -> None:
     assert clock.from_threads == ["writer"]
     clock.advance(FLUSH_INTERVAL)
     assert "from spool-writer" in out.flushed
+
+
+def test_the_operator_facing_logger_name_still_names_the_observer() -> None:
+    """``--logger relay.logfile.observer`` (README, unit files) resolves to the runtime observer."""
+    from twisted.python.reflect import namedAny
+
+    assert namedAny("relay.logfile.observer") is observer

@@ -7,7 +7,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 
-from relay.services import OrderedMultiService, attach, named_multiservice
+from relay.runtime.services import OrderedMultiService, attach, named_multiservice
 
 from support.reactor_helpers import logged_events
 

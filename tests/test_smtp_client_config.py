@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from relay.channels.smtp import SmtpChannel, Timeouts, build_smtp_channel
+from relay.channels.smtp import ReplyTimeouts, SmtpChannel, build_smtp_channel
 from relay.config import Config, parse_config
 from relay.envelope import Destination
 from relay.errors import SessionFailed
@@ -135,9 +135,9 @@ def test_explicit_options_win_over_the_config(tmp_path: Path) -> None:
     assert (configured.max_messages, configured.timeouts.rcpt) == (2, 9.0)
     assert configured.timeouts.data == 120.0
     chosen = build_smtp_channel(
-        config, MemoryReactorClock(), resolver=object(), max_messages=5, timeouts=Timeouts()
+        config, MemoryReactorClock(), resolver=object(), max_messages=5, timeouts=ReplyTimeouts()
     )
-    assert (chosen.max_messages, chosen.timeouts) == (5, Timeouts())
+    assert (chosen.max_messages, chosen.timeouts) == (5, ReplyTimeouts())
 
 
 @pytest_twisted.ensureDeferred

@@ -15,7 +15,7 @@ from twisted.internet import reactor
 from twisted.logger import formatEvent
 
 from relay.channels.smtp import SmtpChannel
-from relay.channels.smtp.policy import RoutePolicies
+from relay.channels.smtp.route_settings import RoutePolicies
 from relay.config import Channel, Route, Smarthost, TlsPolicy
 from relay.dns.mx import MxResolver
 from relay.envelope import BodyType, Destination

@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from relay.address import Address
-from relay.channels.smtp import SmtpChannel, Timeouts
+from relay.channels.smtp import ReplyTimeouts, SmtpChannel
 from relay.channels.smtp.connect import Target, parse_destination
 from relay.channels.smtp.protocol import SmtpClientProtocol
 from relay.channels.smtp.session import SmtpSession
@@ -56,10 +56,10 @@ def pending(d: Deferred[Any]) -> bool:
 class Harness:
     """A channel on a MemoryReactorClock and one session over a StringTransport."""
 
-    def __init__(self, timeouts: Timeouts | None = None, ehlo: bytes = EHLO) -> None:
+    def __init__(self, timeouts: ReplyTimeouts | None = None, ehlo: bytes = EHLO) -> None:
         self.reactor = MemoryReactorClock()
         self.channel = SmtpChannel(
-            self.reactor, MxResolver(None), "client.test", timeouts=timeouts or Timeouts()
+            self.reactor, MxResolver(None), "client.test", timeouts=timeouts or ReplyTimeouts()
         )
         self.proto = SmtpClientProtocol(
             self.reactor, self.channel.timeouts, "mx.test[127.0.0.1]:25"
@@ -240,8 +240,8 @@ def test_final_reply_timeout_is_ten_minutes() -> None:
 
 
 def test_timeouts_are_configurable() -> None:
-    """Timeouts given to the channel replace the RFC defaults."""
-    h = Harness(Timeouts(mail=5.0, rcpt=5.0))
+    """ReplyTimeouts given to the channel replace the RFC defaults."""
+    h = Harness(ReplyTimeouts(mail=5.0, rcpt=5.0))
     a, _ = h.begin()
     h.reactor.advance(5)
     assert result(a).code is ReplyCode.TIME
@@ -325,8 +325,8 @@ def test_refused_connection_fails_the_session_with_dhst() -> None:
 
 
 def test_an_idle_cached_connection_is_closed_after_the_idle_timeout() -> None:
-    """A parked connection is QUIT after Timeouts.idle seconds without a new session."""
-    h = Harness(Timeouts(idle=10.0))
+    """A parked connection is QUIT after ReplyTimeouts.idle seconds without a new session."""
+    h = Harness(ReplyTimeouts(idle=10.0))
     result(h.session.end_session())
     assert h.channel.idle_connections("example.test") == 1
     h.reactor.advance(9.9)
@@ -394,7 +394,7 @@ class CountingTransport(StringTransport):
 
 def _pipelining_protocol(ehlo: bytes = EHLO) -> tuple[SmtpClientProtocol, CountingTransport, Any]:
     reactor = MemoryReactorClock()
-    proto = SmtpClientProtocol(reactor, Timeouts(), "mx.test[127.0.0.1]:25")
+    proto = SmtpClientProtocol(reactor, ReplyTimeouts(), "mx.test[127.0.0.1]:25")
     transport = CountingTransport()
     proto.makeConnection(transport)
     proto.dataReceived(b"220 server.test ESMTP\r\n")

@@ -17,7 +17,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 
 from relay import slave_tap, tap
-from relay.services import OrderedMultiService
+from relay.runtime.services import OrderedMultiService
 
 from support.relay_process import stop_process
 

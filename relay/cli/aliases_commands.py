@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from relay.address import Address, AddressError, parse_mailbox
-from relay.aliases import (
+from relay.channels.local.aliases import (
     Aliases,
     CommandDelivery,
     FailedTarget,
@@ -38,10 +38,10 @@ from relay.aliases import (
     parse_aliases,
     parse_include,
 )
+from relay.channels.local.users import LocalRecipients, build_local_recipients, local_domain_test
 from relay.cli import exitcodes
 from relay.cli.common import add_config_option, config_from_args, print_config_error
 from relay.config import Config, ConfigError
-from relay.local_users import LocalRecipients, build_local_recipients, local_domain_test
 
 __all__ = ["check_aliases", "expand_address", "register"]
 

@@ -33,7 +33,7 @@ connection-level failure marks the destination dead, and a delivery revives it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Final
 
@@ -71,7 +71,7 @@ class Scheduler:
         channels: Mapping[str, IChannel],
         router: Router,
         pool: SessionPool,
-        recorder: Recorder,
+        make_recorder: Callable[[Scheduler], Recorder],
         claims: Claims,
         dead_hosts: DeadHosts,
         clock: IReactorTime,
@@ -85,7 +85,9 @@ class Scheduler:
             raise ValueError("recipients_per_transaction and active_limit must be positive")
         self.queue = queue
         self.channels = channels
-        self.recorder = recorder
+        # The recorder reports back to this scheduler (work done, claims released late),
+        # so it is made here, with those two methods, rather than patched afterwards.
+        self.recorder = make_recorder(self)
         self.text_chunk = text_chunk
         self.log = log if log is not None else _log
         self._router = router

@@ -12,7 +12,7 @@ and whatever they had finished is recorded; then every write begun is awaited (D
 and their records included); the Deferred ``stopService`` returns fires after that.  So
 the spool must close only once it has fired, and the channels must stay open until then:
 ``relay.tap`` adds the spool and the channels first to an
-:class:`~relay.services.OrderedMultiService`, which stops its children one at a time in
+:class:`~relay.runtime.services.OrderedMultiService`, which stops its children one at a time in
 reverse order, each awaited (Twisted's ``MultiService`` would start every stop at once).
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -36,21 +36,13 @@ from relay.deliver.scheduler import Scheduler
 from relay.deliver.sequencer import TEXT_CHUNK
 from relay.deliver.session_pool import PoolLimits, SessionPool
 from relay.deliver.work import Claims
-from relay.interfaces import IChannel, IDeliverer, IQueue
+from relay.interfaces import IChannel, IDeliverer, IQueue, QueueSource
 from relay.policy.retry import DeadHosts
 from relay.policy.routing import Router
 
-__all__ = ["DelivererService", "QueueSource", "build_deliverer"]
+__all__ = ["DelivererService", "build_deliverer"]
 
 _log = Logger()
-
-
-class QueueSource(Protocol):
-    """Something that will have the queue: the spool service's ``when_ready()``."""
-
-    def when_ready(self) -> Deferred[Any]:
-        """Fire with the open queue."""
-        ...
 
 
 @implementer(IDeliverer)
@@ -120,23 +112,28 @@ class DelivererService(Service):
 
     def _attach(self, queue: IQueue) -> None:
         self.queue = queue
-        self.recorder = Recorder(
-            queue,
-            self.clock,
-            self.settings,
-            self._rng,
-            self.claims,
-            hostname=self._hostname,
-            postmaster=self._postmaster,
-            log=self._log,
-            history=self.history,
-        )
+
+        def make_recorder(scheduler: Scheduler) -> Recorder:
+            return Recorder(
+                queue,
+                self.clock,
+                self.settings,
+                self._rng,
+                self.claims,
+                hostname=self._hostname,
+                postmaster=self._postmaster,
+                on_work_done=scheduler.work_done,
+                on_released=scheduler.wake,
+                log=self._log,
+                history=self.history,
+            )
+
         self.scheduler = Scheduler(
             queue,
             self.channels,
             self._router,
             self.pool,
-            self.recorder,
+            make_recorder,
             self.claims,
             self.dead_hosts,
             self.clock,
@@ -145,8 +142,7 @@ class DelivererService(Service):
             text_chunk=self._text_chunk,
             log=self._log,
         )
-        self.recorder.on_work_done = self.scheduler.work_done
-        self.recorder.on_released = self.scheduler.wake
+        self.recorder = self.scheduler.recorder
 
     # --- IService -------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@
 The protocol itself is the sans-I/O engine in :mod:`relay.sansio.smtp`; this package is
 its Twisted adapter (:mod:`.protocol`), the listeners (:mod:`.service`, whose
 :func:`~relay.gateway.service.build_gateway` ``relay.tap`` calls), and the decisions and
-I/O the engine leaves out: acceptance rules (:mod:`.policy`), AUTH credentials
-(:mod:`.auth`), TLS (:mod:`.tls`) and the ``Received:`` header (:mod:`.received`).
+I/O the engine leaves out: AUTH credentials (:mod:`.auth`), TLS (:mod:`.tls`) and the
+session limits (:mod:`.limits`).  The acceptance rules (:mod:`relay.policy.acceptance`)
+and the ``Received:`` header (:mod:`relay.received`) are shared with the phone channel's
+inbox and live outside this package.
 """

@@ -33,7 +33,7 @@ again (a duplicate).  A hung spool cannot hold a session open for ever: the clie
 timeout (10 minutes for the final dot, RFC 5321 section 4.5.3.2) closes it.
 
 **Each accepted recipient is stored with its destination**, as the policy's router
-decided it at RCPT time (see :mod:`relay.gateway.policy`).
+decided it at RCPT time (see :mod:`relay.policy.acceptance`).
 
 **Message text in memory.**  A session keeps its text in one ``BytesIO`` that starts
 with the ``Received:`` header (made at the first piece of text: everything in it is
@@ -49,7 +49,7 @@ that asks the spool's process); a client over its limit gets ``454 4.7.0`` witho
 password check.  A users file that cannot be read, or a question that cannot be asked
 (a worker's link gone), answers ``454 4.7.0`` too (our problem, not a wrong password).
 
-Replies go out through :func:`~relay.fastwrite.write_now`, which sends at once
+Replies go out through :func:`~relay.runtime.fastwrite.write_now`, which sends at once
 when the socket is idle plain TCP instead of waiting for the reactor's next pass (see
 there for why and when it falls back to ``transport.write``).
 """
@@ -76,16 +76,17 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.address import Address
+from relay.config import SmtpSection
 from relay.envelope import Destination, Envelope, Recipient, Submitter
-from relay.fastwrite import write_now
 from relay.gateway.auth import AuthUnavailable, PasswordChecker
 from relay.gateway.limits import AuthThrottle, LocalAuthThrottle, TextBudget
-from relay.gateway.policy import RelayPolicy
-from relay.gateway.received import received_header
 from relay.gateway.tls import tls_description
 from relay.interfaces import AuthVerdict, IAuthThrottle, IStore
 from relay.oneline import escape
+from relay.policy.acceptance import RelayPolicy
 from relay.queue.intake import disk_full, log_stored
+from relay.received import received_header
+from relay.runtime.fastwrite import write_now
 from relay.sansio.smtp.events import (
     AuthCredentials,
     EndOfMessage,
@@ -106,8 +107,8 @@ from relay.sansio.smtp.wire import SmtpReply
 __all__ = [
     "GatewayFactory",
     "SessionLimiter",
+    "SessionTimeouts",
     "SmtpServerProtocol",
-    "Timeouts",
 ]
 
 _log = Logger()
@@ -178,9 +179,12 @@ class SessionLimiter:
             self.on_change(self.total, self.max_sessions)
 
 
+_SMTP_DEFAULTS = SmtpSection()  # the defaults of [smtp], defined once, in the config
+
+
 @dataclass(frozen=True, slots=True)
-class Timeouts:
-    """Session timing, in seconds (``[smtp]`` idle_timeout, session_timeout).
+class SessionTimeouts:
+    """Session timing, in seconds (``[smtp]`` idle_timeout, session_timeout, greet_delay).
 
     ``greet_delay`` holds the greeting back from clients outside ``trusted_networks`` so
     that one talking first is caught (RFC 5321 section 4.3.1; postscreen's pregreet
@@ -188,9 +192,9 @@ class Timeouts:
     ``auth_failure_delay`` is how long a failed AUTH waits before its 535.
     """
 
-    idle: float = 300.0
-    session: float = 1800.0
-    greet_delay: float = 0.0
+    idle: float = _SMTP_DEFAULTS.idle_timeout
+    session: float = _SMTP_DEFAULTS.session_timeout
+    greet_delay: float = _SMTP_DEFAULTS.greet_delay
     auth_failure_delay: float = 1.0
 
 
@@ -221,7 +225,7 @@ class GatewayFactory(Factory):
         queue: IStore | None,
         clock: IReactorTime,
         limiter: SessionLimiter,
-        timeouts: Timeouts,
+        timeouts: SessionTimeouts,
         tls_options: CertificateOptions | None = None,
         checker: PasswordChecker | None = None,
         text_budget: TextBudget | None = None,

@@ -12,7 +12,7 @@ relay at start.  The tree it returns is a ``MultiService`` named ``smtp`` holdin
   with ``421 4.3.2`` so clients retry elsewhere instead of hanging (a session waiting for
   the spool gets the store's reply first), and waits for them to close.
 
-It is an :class:`~relay.services.OrderedMultiService`: it stops the gateway workers
+It is an :class:`~relay.runtime.services.OrderedMultiService`: it stops the gateway workers
 (``workers``, which ``relay.tap`` attaches last) first, then the listeners, then the
 sessions, each stop awaited; so the spool, which the relay stops after the gateway,
 is still open while the stores in flight are answered.
@@ -53,19 +53,23 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.address import Address, AddressError, parse_mailbox
+from relay.address import POSTMASTER, Address, AddressError, parse_mailbox
 from relay.config import Config
 from relay.gateway.auth import PasswordChecker
 from relay.gateway.limits import AuthThrottle, LocalAuthThrottle, TextBudget
-from relay.gateway.policy import RelayPolicy
-from relay.gateway.protocol import GatewayFactory, SessionLimiter, SmtpServerProtocol, Timeouts
+from relay.gateway.protocol import (
+    GatewayFactory,
+    SessionLimiter,
+    SessionTimeouts,
+    SmtpServerProtocol,
+)
 from relay.gateway.tls import load_server_tls
 from relay.interfaces import IAuthThrottle, ILocalRecipients, IStore
-from relay.local_users import POSTMASTER
+from relay.policy.acceptance import RelayPolicy
 from relay.policy.routing import Router
+from relay.runtime.services import attach, named_multiservice
 from relay.sansio.smtp.server import Limits, ServerSettings
 from relay.sansio.smtp.wire import SmtpReply
-from relay.services import attach, named_multiservice
 
 __all__ = [
     "AdoptedListener",
@@ -253,7 +257,7 @@ def settings_from_config(config: Config, *, tls_active: bool) -> ServerSettings:
     """The engine's settings for one listener (implicit TLS or not).
 
     The domain-less ``RCPT TO:<postmaster>`` means ``postmaster@`` the first local domain,
-    which every local domain has (:mod:`relay.local_users`), so it is accepted from any
+    which every local domain has (:data:`relay.address.POSTMASTER`), so it is accepted from any
     client even when ``[relay] postmaster`` is remote; without local domains it is
     ``[relay] postmaster`` itself.
     """
@@ -353,7 +357,7 @@ def build_gateway(
             )
         )
     policy = RelayPolicy(config, local_recipients, router)
-    timeouts = Timeouts(
+    timeouts = SessionTimeouts(
         idle=smtp.idle_timeout,
         session=smtp.session_timeout,
         greet_delay=_given(greet_delay, smtp.greet_delay),

@@ -7,7 +7,7 @@ configuration text, the running channels, its share of the limits), builds the s
 gateway as the spool's process runs on the adopted sockets, and stores every message it
 accepts through the link.  Its log goes to stderr, one ``LEVEL text`` line per event,
 which the spool's process puts in the relay's log.  It runs on
-:class:`relay.leanreactor.LeanEPollReactor`, which drops the per-event log context that
+:class:`relay.runtime.leanreactor.LeanEPollReactor`, which drops the per-event log context that
 only such a system field would use.
 
 It ends when the link closes (the spool's process is gone: no spool, no mail) or on
@@ -38,13 +38,13 @@ from twisted.logger import (
     globalLogBeginner,
 )
 
+from relay.channels.local.users import build_local_recipients
 from relay.config import ConfigError, parse_config
 from relay.gateway.service import AdoptedListener, SharedListener, build_gateway
 from relay.handoff.codec import Hello
 from relay.handoff.worker_side import AckReader, StoreClient
-from relay.leanreactor import install as install_lean_reactor
-from relay.local_users import build_local_recipients
 from relay.policy.routing import Router
+from relay.runtime.leanreactor import install as install_lean_reactor
 
 __all__ = ["DRAIN_LIMIT", "SESSIONS_REPORT_INTERVAL", "main"]
 

@@ -21,9 +21,8 @@ deliverer is busy and at least one worker says it is READY: then it stops readin
 listening sockets (checked every :data:`BALANCE_INTERVAL` seconds, and whenever a
 worker changes its READY) and the workers take every connection.  Why: a process that
 is delivering answers SMTP slowly, and its slow sessions hold the clients' connection
-slots.  ``bench/relay_e2e.py --main-accepts always|never|auto`` compares the choices:
-in alternating runs here (msgs/s) always gave 791/918/1175, never 894/881/980, and
-this rule 947/950/1122.  With no worker ready, or nothing to deliver, it accepts as before
+slots.  ``bench/relay_e2e.py --main-accepts always|never|auto`` compares the choices
+(the figures are in the README).  With no worker ready, or nothing to deliver, it accepts as before
 (``bench/smtp_in.py``: both processes take mail).
 
 A worker withdraws its READY and stops accepting when it holds its share of

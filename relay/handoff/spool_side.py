@@ -43,7 +43,6 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
-from relay.fastwrite import write_now
 from relay.handoff.codec import (
     MAX_ACK_DATAGRAM,
     AuthAnswer,
@@ -63,6 +62,7 @@ from relay.handoff.codec import (
 from relay.interfaces import AuthVerdict, IAuthThrottle, IHandoffStore
 from relay.queue.intake import disk_full, log_stored
 from relay.queue.payload import PayloadError, decode_envelope
+from relay.runtime.fastwrite import write_now
 
 __all__ = ["StoreServer", "frame_limit"]
 

@@ -27,7 +27,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.envelope import Envelope
-from relay.fastwrite import write_now
 from relay.handoff.codec import (
     MAX_ACK_DATAGRAM,
     MAX_REQUEST,
@@ -50,6 +49,7 @@ from relay.handoff.codec import (
 from relay.handoff.remote_auth import RemoteAuthThrottle
 from relay.interfaces import IStore
 from relay.queue.payload import encode_envelope
+from relay.runtime.fastwrite import write_now
 
 __all__ = ["AckReader", "StoreClient"]
 

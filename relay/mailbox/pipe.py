@@ -72,9 +72,9 @@ _SYSEXITS: dict[int, tuple[ReplyCode, str, int, str]] = {
 
 def reply_for_outcome(command: str, outcome: CommandOutcome) -> Reply:
     """The MMDF reply for a command's end, with its output (one line) in the text."""
-    said = _one_line(outcome.output)
+    said = one_line(outcome.output.decode("utf-8", "replace"), 200)
     suffix = f": {said}" if said else ""
-    shown = _one_line(command.encode(), limit=80)
+    shown = one_line(command, 80)
     if outcome.timed_out:
         return Reply(ReplyCode.AGN, f"command |{shown} timed out{suffix}", 451, "4.3.0")
     if outcome.signal is not None:
@@ -90,11 +90,6 @@ def reply_for_outcome(command: str, outcome: CommandOutcome) -> Reply:
         return Reply(mmdf, text, smtp, enhanced)
     text = f"command |{shown} exited {code}{suffix}"
     return Reply(ReplyCode.NO, text, 554, "5.3.0")
-
-
-def _one_line(data: bytes, limit: int = 200) -> str:
-    """A command's bytes as one printable line (see :func:`relay.oneline.one_line`)."""
-    return one_line(data.decode("utf-8", "replace"), limit)
 
 
 @implementer(IPushProducer)

@@ -49,12 +49,12 @@ from relay.address import Address
 from relay.config import Config
 from relay.envelope import BodyType, Destination, Envelope, Recipient, Submitter
 from relay.fileio import fsync_directory
-from relay.gateway.received import local_received_header
 from relay.interfaces import IStore
 from relay.maildrop.dropfile import MAX_ENVELOPE, DropFile, DropFileError, parse_drop_file
 from relay.maildrop.layout import MaildropLayout, is_drop_name
 from relay.metrics.series import received
 from relay.policy.routing import NoRoute
+from relay.received import local_received_header
 
 __all__ = ["BATCH_FILES", "POLL_INTERVAL", "RESCAN_INTERVAL", "PickupService", "build_pickup"]
 

@@ -22,7 +22,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from relay.metrics.collectors import RelayCollector
-from relay.services import attach, named_multiservice
+from relay.runtime.services import attach, named_multiservice
 
 __all__ = ["build_metrics"]
 

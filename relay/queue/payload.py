@@ -74,8 +74,8 @@ def encode_envelope(envelope: Envelope) -> bytes:
 
 
 # Made once: json.dumps with these options builds a new JSONEncoder on every call (it
-# reuses its default one only for default options), a quarter of the cost for an
-# envelope, and every message is encoded once on its way in.
+# reuses its default one only for default options), a sizeable part of the cost for
+# an envelope, and every message is encoded once on its way in.
 _ENVELOPE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 

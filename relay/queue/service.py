@@ -1,11 +1,13 @@
 """The spool as a twistd service: open (lock + recover) at start, serve the control socket.
 
-``relay.tap`` adds one :class:`SpoolService` to the service tree; the gateway and the
-deliverer wait on :meth:`SpoolService.when_ready` for the queue.  Opening runs recovery
-in a thread, so a large spool does not freeze the reactor while it loads; stopping
-finishes the writes already queued before the lock is given up.  The queue closes only
-when this service stops (not by itself when the reactor begins to shut down), so the
-services stopped before it can still record what they did.
+``relay.tap`` adds one :class:`SpoolService` to the service tree, with the
+:class:`~relay.queue.ready.QueueReady` it settles when the queue opens (the gateway, the
+deliverer and the channels wait on the same object) and the control socket's handlers
+(``relay flush``, ``relay status``, ``relay call``), all given when it is built.
+Opening runs recovery in a thread, so a large spool does not freeze the reactor while
+it loads; stopping finishes the writes already queued before the lock is given up.  The
+queue closes only when this service stops (not by itself when the reactor begins to
+shut down), so the services stopped before it can still record what they did.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from twisted.python.failure import Failure
 
 from relay.errors import SpoolError
 from relay.queue.control import Caller, Flusher, Reporter, listen_control
+from relay.queue.ready import QueueReady
 from relay.queue.segment import DEFAULT_SEGMENT_LIMIT
 from relay.queue.store import SpoolQueue
 
@@ -40,51 +43,50 @@ class SpoolService(Service):
         clock: IReactorTime | None = None,
         *,
         segment_limit: int = DEFAULT_SEGMENT_LIMIT,
+        ready: QueueReady[SpoolQueue] | None = None,
+        flusher: Flusher | None = None,
+        reporter: Reporter | None = None,
+        caller: Caller | None = None,
     ) -> None:
-        """``reactor`` provides threads and UNIX sockets (the global reactor in twistd)."""
+        """``reactor`` provides threads and UNIX sockets (the global reactor in twistd).
+
+        ``ready`` is settled when the queue opens (a new one if None).  ``flusher`` is
+        ``relay flush`` (the deliverer's, which also revives resting destinations; the
+        queue's own without one), ``reporter`` the daemon's part of ``relay status``,
+        ``caller`` ``relay call SITE`` (with a phone channel).
+        """
         self.spool_dir = Path(spool_dir)
         self._reactor = reactor
         self._clock = clock
         self._segment_limit = segment_limit
         self.queue: SpoolQueue | None = None
+        self.ready: QueueReady[SpoolQueue] = ready if ready is not None else QueueReady()
         self._port: IListeningPort | None = None
-        self._waiting: list[Deferred[SpoolQueue]] = []
-        self._failure: Failure | None = None
         self._starting: Deferred[None] | None = None
-        self.flusher: Flusher | None = None
-        self.reporter: Reporter | None = None  # the daemon's part of ``relay status``
-        self.caller: Caller | None = None  # ``relay call SITE``, with a phone channel
+        self._flusher = flusher
+        self._reporter = reporter
+        self._caller = caller
 
     def when_ready(self) -> Deferred[SpoolQueue]:
         """Fire with the open queue (at once if it is open), or fail if it cannot open."""
-        if self.queue is not None:
-            return defer.succeed(self.queue)
-        if self._failure is not None:
-            return defer.fail(self._failure)
-        d: Deferred[SpoolQueue] = Deferred()
-        self._waiting.append(d)
-        return d
+        return self.ready.when_ready()
 
     def _flush(self, queue_ids: list[str] | None, channel: str | None) -> Deferred[int]:
-        """``relay flush`` from the control socket: the deliverer's flush once it is set.
-
-        ``relay.tap`` sets :attr:`flusher` to the deliverer's, which also revives resting
-        destinations; until then (or without a deliverer) the queue flushes by itself.
-        """
-        if self.flusher is not None:
-            return self.flusher(queue_ids, channel)
+        """``relay flush`` from the control socket: the deliverer's, or the queue's own."""
+        if self._flusher is not None:
+            return self._flusher(queue_ids, channel)
         assert self.queue is not None
         return self.queue.flush(queue_ids, channel)
 
     def _report(self) -> dict[str, Any]:
-        """``relay status`` from the control socket: what :attr:`reporter` says."""
-        return self.reporter() if self.reporter is not None else {"running": True}
+        """``relay status`` from the control socket: what the reporter says."""
+        return self._reporter() if self._reporter is not None else {"running": True}
 
     def _call(self, site: str) -> Deferred[dict[str, Any]]:
-        """``relay call SITE`` from the control socket: what :attr:`caller` does."""
-        if self.caller is None:
+        """``relay call SITE`` from the control socket: what the caller does."""
+        if self._caller is None:
             return defer.fail(KeyError(site))
-        return self.caller(site)
+        return self._caller(site)
 
     def startService(self) -> None:
         """Open the spool and serve the control socket."""
@@ -105,20 +107,16 @@ class SpoolService(Service):
                 queue, self._reactor, self._flush, self._report, self._call
             )
         except Exception as e:
-            self._failure = failure = Failure(e)  # type: ignore[no-untyped-call]
+            failure = Failure(e)  # type: ignore[no-untyped-call]
             if isinstance(e, SpoolError):  # a reason meant for the operator: one line
                 _log.critical(
                     "spool: cannot open {path}: {reason}", path=str(self.spool_dir), reason=str(e)
                 )
             else:
                 _log.failure("spool: cannot open {path}", failure, path=str(self.spool_dir))
-            waiting, self._waiting = self._waiting, []
-            for d in waiting:
-                d.errback(failure)
+            self.ready.failed(failure)
             return
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(queue)
+        self.ready.opened(queue)
 
     def stopService(self) -> Deferred[None]:
         """Stop serving, finish queued writes, give up the lock."""
@@ -137,3 +135,4 @@ class SpoolService(Service):
         if self.queue is not None:
             await self.queue.close()
             self.queue = None
+            self.ready.closed()

@@ -21,11 +21,9 @@ waits :data:`COMMIT_DELAY` (1 ms) after the first record of the next batch befor
 it, as PostgreSQL's ``commit_delay`` does when enough transactions are open.  Every
 batch costs a sync and, in Python, a round of GIL hand-offs between this thread and the
 reactor's; waiting for the records that are about to come makes batches bigger and
-both rarer.  ``bench/relay_e2e.py --relay-only --commit-delay 0`` against the same
-without the flag (20 sessions, one gateway worker, this 2-core VM, three alternating
-pairs): the syncs per message fell from 0.55-0.56 to 0.21-0.23 in every pair; the rate
-moved by less than this machine's run-to-run noise (±15 %), up in one pair and down in
-two.  A lone writer never waits (its batches hold one record), nor does the first
+both rarer: fewer syncs per message, at the same rate (``bench/relay_e2e.py
+--relay-only --commit-delay 0`` against the same without the flag; the figures are in
+the README).  A lone writer never waits (its batches hold one record), nor does the first
 record after a quiet spell, so a quiet relay answers as fast as before.
 
 Order is kept: records are written in the order ``append`` was called, and the

@@ -18,6 +18,8 @@ from relay.channels.local import (
     LocalSession,
     build_local_channel,
 )
+from relay.channels.local.targets import LocalTargets
+from relay.channels.local.users import local_domain_test
 from relay.config import Config, parse_config
 from relay.envelope import (
     Destination,
@@ -26,7 +28,6 @@ from relay.envelope import (
     Submitter,
 )
 from relay.interfaces import IQueue
-from relay.local_users import local_domain_test
 from relay.reply import Reply
 
 from support.fakes import BytesMessage
@@ -112,15 +113,11 @@ def channel_for(config: Config, queue: IQueue | None = None, **options: Any) -> 
     built = build_local_channel(config, queue, reactor)
     if not options:
         return built
-    options.setdefault("alias_identity", built.alias_identity)
-    return LocalChannel(
-        built.recipients,
-        reactor=reactor,
-        hostname=config.relay.hostname,
-        is_local_domain=local_domain_test(config),
-        queue=queue,
-        **options,
+    options.setdefault("alias_identity", built.targets.alias_identity)
+    targets = LocalTargets(
+        built.recipients, reactor=reactor, hostname=config.relay.hostname, queue=queue, **options
     )
+    return LocalChannel(built.recipients, targets, is_local_domain=local_domain_test(config))
 
 
 def address(text: str) -> Address:

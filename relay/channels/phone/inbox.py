@@ -40,9 +40,9 @@ from relay.address import Address
 from relay.channels.phone.held import HeldMessage
 from relay.envelope import Envelope, Recipient, Submitter
 from relay.errors import MessageRefused
-from relay.gateway.received import received_header
 from relay.interfaces import IQueue, IReadSession
 from relay.phone.filestore import FilePhoneStore
+from relay.received import received_header
 from relay.reply import Reply, ReplyCode, from_smtp
 from relay.sansio.phone.session import Acceptance
 from relay.sansio.smtp.wire import SmtpReply

@@ -29,11 +29,11 @@ from relay.channels.phone.scheduler import CallScheduler
 from relay.channels.phone.store import SpoolPhoneStore
 from relay.config import Config, StdioTransport, TcpTransport, Transport
 from relay.deliver.service import DelivererService
-from relay.gateway.policy import RelayPolicy
 from relay.interfaces import ILocalRecipients, IQueue
+from relay.policy.acceptance import RelayPolicy
 from relay.policy.call_schedule import CallPolicy
 from relay.policy.routing import Router
-from relay.services import attach, named_multiservice
+from relay.runtime.services import attach, named_multiservice
 
 __all__ = ["LINKS_DIR", "PhonePart", "build_phone", "read_secrets"]
 

@@ -5,6 +5,6 @@
 """
 
 from relay.channels.smtp.channel import SmtpChannel, build_smtp_channel
-from relay.channels.smtp.protocol import Timeouts
+from relay.channels.smtp.protocol import ReplyTimeouts
 
-__all__ = ["SmtpChannel", "Timeouts", "build_smtp_channel"]
+__all__ = ["ReplyTimeouts", "SmtpChannel", "build_smtp_channel"]

@@ -8,11 +8,11 @@ parts, one job each:
 * :mod:`.handshake` — greeting, EHLO, STARTTLS, AUTH;
 * :mod:`.protocol` over :mod:`relay.sansio.smtp.client` — the SMTP dialogue itself;
 * :mod:`.session` — the MMDF calls mapped onto that dialogue;
-* :mod:`.policy` and :mod:`.tls` — per-route TLS and credentials.
+* :mod:`.route_settings` and :mod:`.tls` — per-route TLS and credentials.
 
 **Connection reuse.**  When a session ends with its connection healthy and between
 transactions, the connection waits in a cache keyed by destination, for
-:attr:`Timeouts.idle` seconds (``[smtp_client] connection_cache_time``, 2 s like
+:attr:`ReplyTimeouts.idle` seconds (``[smtp_client] connection_cache_time``, 2 s like
 Postfix's ``smtp_connection_cache_time``; 0 turns the cache off), and the next
 ``open_session`` for that destination takes it instead of connecting again (after an
 RSET, which also proves the server is still there: Postfix's connection cache does the
@@ -42,8 +42,8 @@ from zope.interface import implementer
 
 from relay.address import Address
 from relay.channels.smtp.connect import Connector, parse_destination
-from relay.channels.smtp.policy import RoutePolicies
-from relay.channels.smtp.protocol import SmtpClientError, SmtpClientProtocol, Timeouts
+from relay.channels.smtp.protocol import ReplyTimeouts, SmtpClientError, SmtpClientProtocol
+from relay.channels.smtp.route_settings import RoutePolicies
 from relay.channels.smtp.session import SmtpSession
 from relay.channels.smtp.tls import TlsContexts
 from relay.config import Config, SmtpClientSection
@@ -95,7 +95,7 @@ class SmtpChannel:
         policies: RoutePolicies | None = None,
         port: int = 25,
         ca_file: Path | None = None,
-        timeouts: Timeouts | None = None,
+        timeouts: ReplyTimeouts | None = None,
         max_messages: int = DEFAULT_MAX_MESSAGES,
         route: Callable[[Address], Destination] | None = None,
         line_length_limit: int = MAX_TEXT_LINE,
@@ -104,7 +104,7 @@ class SmtpChannel:
             raise ValueError("max_messages must be at least 1")
         self.max_messages = max_messages
         self._route = route
-        self.timeouts = timeouts or Timeouts()
+        self.timeouts = timeouts or ReplyTimeouts()
         self._clock = reactor
         self._policies = policies or RoutePolicies()
         self._port = port
@@ -290,9 +290,9 @@ def build_smtp_channel(
     )
 
 
-def timeouts_from(client: SmtpClientSection) -> Timeouts:
-    """The channel's :class:`Timeouts` for ``[smtp_client]`` (the rest keep their defaults)."""
-    return Timeouts(
+def timeouts_from(client: SmtpClientSection) -> ReplyTimeouts:
+    """The channel's :class:`ReplyTimeouts` for ``[smtp_client]`` (the rest keep their defaults)."""
+    return ReplyTimeouts(
         connect=client.connect_timeout,
         greeting=client.greeting_timeout,
         helo=client.helo_timeout,

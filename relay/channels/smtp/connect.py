@@ -40,8 +40,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from relay.channels.smtp.handshake import AttemptFailed, handshake
-from relay.channels.smtp.policy import RoutePolicy
-from relay.channels.smtp.protocol import SmtpClientProtocol, Timeouts
+from relay.channels.smtp.protocol import ReplyTimeouts, SmtpClientProtocol
+from relay.channels.smtp.route_settings import RoutePolicy
 from relay.channels.smtp.tls import TlsContexts
 from relay.config import TlsPolicy
 from relay.dns.mx import DnsError, MailHost, MxResolver
@@ -100,7 +100,7 @@ class Connector:
         mx: MxResolver,
         *,
         helo_name: str,
-        timeouts: Timeouts,
+        timeouts: ReplyTimeouts,
         tls: TlsContexts,
         line_length_limit: int = MAX_TEXT_LINE,
     ) -> None:

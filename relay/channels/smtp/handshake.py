@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 
-from relay.channels.smtp.policy import RoutePolicy
 from relay.channels.smtp.protocol import SmtpClientError, SmtpClientProtocol, TlsHandshakeFailed
+from relay.channels.smtp.route_settings import RoutePolicy
 from relay.channels.smtp.tls import TlsContexts
 from relay.config import TlsPolicy
 from relay.errors import RelayError

@@ -9,9 +9,9 @@ what each reply answers; this class only
   in one reactor turn: MAIL and RCPT (RFC 2920's commands that more may follow) are held
   until the command that ends the group, or the end of the turn, so the batch leaves in
   one ``send``; so is text up to :data:`_HOLD_TEXT` bytes, which then leaves with the
-  final dot; anything else goes out at once (:func:`relay.fastwrite.write_now`);
+  final dot; anything else goes out at once (:func:`relay.runtime.fastwrite.write_now`);
 * runs the RFC 5321 §4.5.3.2 timers on the injected clock: one timer, for the oldest
-  command still waiting for its reply, with that command's limit (:class:`Timeouts`),
+  command still waiting for its reply, with that command's limit (:class:`ReplyTimeouts`),
   and the data-block timer while a text write waits for the transport to drain;
 * gives backpressure for the message text: it registers as the transport's streaming
   producer, and :meth:`write_text` returns a Deferred that fires once the transport
@@ -44,10 +44,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay.config import SmtpClientSection
 from relay.errors import RelayError
-from relay.fastwrite import write_now
 from relay.oneline import escape, one_line
 from relay.reply import Reply, ReplyCode, from_smtp
+from relay.runtime.fastwrite import write_now
 from relay.sansio.smtp.client import (
     NEED_DATA,
     ClientEvent,
@@ -72,31 +73,36 @@ __all__ = [
     "ConnectionLostError",
     "PeerProtocolError",
     "ReplyTimeout",
+    "ReplyTimeouts",
     "ServerClosing",
     "SmtpClientError",
     "SmtpClientProtocol",
-    "Timeouts",
     "TlsHandshakeFailed",
 ]
 
 
+_CLIENT_DEFAULTS = SmtpClientSection()  # [smtp_client]'s defaults, defined once there
+
+
 @dataclass(frozen=True, slots=True)
-class Timeouts:
+class ReplyTimeouts:
     """How long to wait, in seconds (RFC 5321 §4.5.3.2 where it says; Postfix elsewhere)."""
 
-    connect: float = 30.0
-    greeting: float = 300.0
-    helo: float = 300.0
+    connect: float = _CLIENT_DEFAULTS.connect_timeout
+    greeting: float = _CLIENT_DEFAULTS.greeting_timeout
+    helo: float = _CLIENT_DEFAULTS.helo_timeout
     starttls: float = 300.0  # the reply to STARTTLS, then the handshake
     auth: float = 300.0
-    mail: float = 300.0
-    rcpt: float = 300.0
-    data: float = 120.0  # DATA -> 354
-    data_block: float = 180.0  # one write of text may take this long to drain
-    data_done: float = 600.0  # the final dot -> its reply
+    mail: float = _CLIENT_DEFAULTS.mail_timeout
+    rcpt: float = _CLIENT_DEFAULTS.rcpt_timeout
+    data: float = _CLIENT_DEFAULTS.data_timeout  # DATA -> 354
+    # one write of text may take this long to drain
+    data_block: float = _CLIENT_DEFAULTS.data_block_timeout
+    data_done: float = _CLIENT_DEFAULTS.data_done_timeout  # the final dot -> its reply
     rset: float = 120.0
     quit: float = 60.0
-    idle: float = 2.0  # how long a connection waits in the cache for the next session
+    # how long a connection waits in the cache for the next session
+    idle: float = _CLIENT_DEFAULTS.connection_cache_time
 
     def for_command(self, command: Command) -> float:
         """The time allowed for the reply to ``command``."""
@@ -104,7 +110,7 @@ class Timeouts:
         return value
 
 
-# Which Timeouts field bounds the reply to each command (a table built once: this is
+# Which ReplyTimeouts field bounds the reply to each command (a table built once: this is
 # asked for every command sent).
 _TIMEOUT_FIELD = {
     Command.GREETING: "greeting",
@@ -203,7 +209,7 @@ class SmtpClientProtocol(Protocol):
     def __init__(
         self,
         clock: IReactorTime,
-        timeouts: Timeouts,
+        timeouts: ReplyTimeouts,
         peer: str,
         *,
         line_length_limit: int = MAX_TEXT_LINE,

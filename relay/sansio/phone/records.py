@@ -395,7 +395,7 @@ class _Reader:
             raise RecordError(f"unknown reply value 0{code:o}") from None
         text = self.text(MAX_REPLY_TEXT)
         try:
-            return Reply(reply_code, _one_line(text))
+            return Reply(reply_code, _printable(text))
         except ValueError as e:
             raise RecordError(f"bad reply: {e}") from None
 
@@ -404,7 +404,7 @@ class _Reader:
             raise RecordError("trailing bytes after the record")
 
 
-def _one_line(text: str) -> str:
+def _printable(text: str) -> str:
     """A peer's reply text with its control characters replaced (it is logged and stored)."""
     return "".join(c if c.isprintable() else "?" for c in text)
 
@@ -660,7 +660,7 @@ def _dec_envelope(r: _Reader) -> MailEnvelope:
             address = parse_forward_path(r.text(300), smtputf8=True)
             original = r.optional_text(1000)
             if original is not None:
-                original = _one_line(original)
+                original = _printable(original)
             recipients.append(Recipient(address, None, original))
         arrival = r.f64()
         body = r.u8()
@@ -669,7 +669,7 @@ def _dec_envelope(r: _Reader) -> MailEnvelope:
         smtputf8 = r.boolean()
         env_id = r.optional_text(100)
         if env_id is not None:
-            env_id = _one_line(env_id)
+            env_id = _printable(env_id)
     except AddressError as e:
         raise RecordError(f"bad address: {e}") from None
     return MailEnvelope(

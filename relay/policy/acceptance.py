@@ -1,4 +1,4 @@
-"""Who may send what to whom through the gateway: the acceptance rules, as pure decisions.
+"""Who may send what to whom: the acceptance rules of every intake, as pure decisions.
 
 The rules (docs/configuration.md, ``[smtp]``), applied to each ``RCPT TO``:
 

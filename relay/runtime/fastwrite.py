@@ -3,8 +3,8 @@
 Why this exists: an SMTP server in lock-step with its client writes one small reply per
 command.  ``transport.write`` queues it and arms EPOLLOUT; the reactor sends it on its
 next pass and disarms EPOLLOUT: two ``epoll_ctl`` calls and one more event dispatch per
-reply, for a send the socket could have taken immediately.  On ``bench/smtp_in.py``
-(seven replies per message) that path was about a quarter of the gateway's CPU.
+reply, for a send the socket could have taken immediately (``bench/smtp_in.py`` measures
+it; the figures are in the README).
 
 The same holds for the SMTP channel's client connections (one command or a pipelined
 group at a time; ``tcp.Client`` shares ``tcp.Server``'s writing code) and for the UNIX
@@ -21,7 +21,7 @@ The check reads state that is Twisted's own, not its API: ``tcp.Server``'s
 ``_tempDataLen`` and ``_writeDisconnected``, ``offset`` and ``dataBuffer``.  Every one is
 read with a ``getattr`` default that says "not idle", so if a Twisted release renames or
 drops one, every write takes the normal path: slower, never wrong.
-tests/test_gateway_fastwrite.py checks on a live connection that they are still there
+tests/test_fastwrite.py checks on a live connection that they are still there
 and still mean what we think, so such a release fails CI instead of costing CPU quietly.
 """
 

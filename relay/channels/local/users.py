@@ -35,8 +35,8 @@ from types import MappingProxyType
 
 from zope.interface import implementer
 
-from relay.address import Address, AddressError, parse_mailbox
-from relay.aliases import (
+from relay.address import POSTMASTER, Address, AddressError, parse_mailbox
+from relay.channels.local.aliases import (
     AliasEntry,
     Aliases,
     ExpansionContext,
@@ -58,8 +58,6 @@ __all__ = [
     "postmaster_problem",
     "with_postmaster",
 ]
-
-POSTMASTER = "postmaster"
 
 
 # The configuration's rule for user names: one safe path component, usable as a local part.
@@ -161,7 +159,7 @@ class LocalRecipients:
         read_include: Callable[[str], str],
         delivered_to: frozenset[str] = frozenset(),
     ) -> ExpansionContext:
-        """What :func:`relay.aliases.expand` needs, bound to these users and aliases."""
+        """What :func:`.aliases.expand` needs, bound to these users and aliases."""
         return ExpansionContext(
             aliases=self.aliases,
             find_user=self.find_user_name,
@@ -204,7 +202,7 @@ def build_local_recipients(config: Config, aliases: Aliases | None = None) -> Lo
     gateway's RCPT checks, the local channel and ``relay aliases expand``).
 
     Reads the aliases file now unless ``aliases`` are given; raises
-    :class:`relay.aliases.AliasesError` listing every problem if it cannot be used, so
+    :class:`.aliases.AliasesError` listing every problem if it cannot be used, so
     the relay does not start with half its aliases.
     """
     if aliases is None:

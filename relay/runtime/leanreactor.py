@@ -8,11 +8,8 @@ The only reader of that context is the legacy ``twisted.python.log`` API
 from.  A gateway worker has no use for that label: its log lines are written without a
 system field, for the relay to put in its own log (:mod:`relay.gateway.worker`).  What
 it pays for it is real: an SMTP session as ``smtp-source`` runs it is about fifteen
-events.  ``bench/lean_reactor.py`` runs the gateway on each reactor in turn (real
-sockets, a store that answers at once, 5 000 messages of 4 KiB, 20 sessions, nine
-alternating rounds): on this project's 2-core VM, two runs gave 296 µs of CPU per
-session on Twisted's reactor against 268 and 258 on this one (9.5 and 12.8 % less), lower in
-every one of the 18 rounds.
+events.  ``bench/lean_reactor.py`` runs the gateway on each reactor in turn, in
+alternating rounds; its figures are in the README.
 
 The relay's own process keeps Twisted's reactor: its log lines do show the system
 field, and there the gateway's share of the CPU is smaller (the spool and the

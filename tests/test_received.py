@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relay.address import Address
-from relay.gateway.received import local_received_header, received_header
+from relay.received import local_received_header, received_header
 
 WHEN = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 +0000
 

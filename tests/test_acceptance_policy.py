@@ -16,10 +16,10 @@ from zope.interface import implementer
 
 from relay.address import Address, parse_forward_path
 from relay.config import Config, parse_config
-from relay.gateway.policy import RelayPolicy
-from relay.gateway.protocol import GatewayFactory, SessionLimiter, Timeouts
+from relay.gateway.protocol import GatewayFactory, SessionLimiter, SessionTimeouts
 from relay.gateway.service import settings_from_config
 from relay.interfaces import ILocalRecipients
+from relay.policy.acceptance import RelayPolicy
 from relay.policy.routing import Router
 from relay.sansio.smtp.wire import ReplyParser
 
@@ -168,7 +168,7 @@ def _session_codes(
         queue=_Queue(),  # type: ignore[arg-type]
         clock=Clock(),
         limiter=SessionLimiter(10, 10),
-        timeouts=Timeouts(),
+        timeouts=SessionTimeouts(),
     )
     protocol = factory.buildProtocol(IPv4Address("TCP", client, 40000))
     transport = StringTransport(peerAddress=IPv4Address("TCP", client, 40000))

@@ -1,4 +1,4 @@
-"""The ``Received:`` trace header the gateway prepends (RFC 5321 section 4.4).
+"""The ``Received:`` trace header every intake prepends (RFC 5321 section 4.4).
 
 Layout, after Postfix (clauses on folded lines, so a reader sees one fact per line)::
 

@@ -1,0 +1,59 @@
+"""The queue, once it is open: the one way every part of the relay waits for the spool.
+
+The spool opens when its service starts (lock, recovery in a thread), after the parts
+that deliver from it and store into it have been built, so they are given this object
+instead of the queue: :meth:`QueueReady.when_ready` fires with the open queue, at once
+if it is already open, or fails with the reason it could not open.  ``relay.tap``
+makes one, hands it to the spool's service (which settles it) and to everything that
+needs the queue (the deliverer, the channels, the gateway, the pickup), so no part is
+patched with the queue, or with the deliverer, after it is built.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+__all__ = ["QueueReady"]
+
+Q = TypeVar("Q")
+
+
+class QueueReady(Generic[Q]):
+    """A queue that will be opened once: waiters fire when it is, or fail if it cannot be."""
+
+    def __init__(self) -> None:
+        self.queue: Q | None = None
+        self._failure: Failure | None = None
+        self._waiting: list[Deferred[Q]] = []
+
+    def when_ready(self) -> Deferred[Q]:
+        """Fire with the open queue (at once if it is open), or fail if it cannot open."""
+        if self.queue is not None:
+            return defer.succeed(self.queue)
+        if self._failure is not None:
+            return defer.fail(self._failure)
+        waiting: Deferred[Q] = Deferred()
+        self._waiting.append(waiting)
+        return waiting
+
+    def opened(self, queue: Q) -> None:
+        """The queue is open: fire every waiter with it."""
+        self.queue = queue
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(queue)
+
+    def failed(self, failure: Failure) -> None:
+        """The queue cannot be opened: every waiter, now and later, hears why."""
+        self._failure = failure
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(failure)
+
+    def closed(self) -> None:
+        """The queue was closed: later waiters wait for the next opening."""
+        self.queue = None
