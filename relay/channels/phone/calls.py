@@ -113,10 +113,13 @@ class PhoneCalls:
         *,
         modem_init: Sequence[str] | None = None,
         lock_dir: Path = Path(DEFAULT_LOCK_DIR),
+        handshake_timeout: float = 60.0,
     ) -> None:
         """``modem_init``: AT commands for modems on serial lines (None: direct lines);
-        ``lock_dir``: where serial devices are locked UUCP-style."""
+        ``lock_dir``: where serial devices are locked UUCP-style; ``handshake_timeout``:
+        how long a peer has to prove itself before the line is dropped."""
         self.local_name = local_name
+        self._handshake_timeout = handshake_timeout
         self._modem_init = tuple(modem_init) if modem_init is not None else None
         self._lock_dir = lock_dir
         self.sites = sites
@@ -201,6 +204,7 @@ class PhoneCalls:
             compression=site.compression if site else True,
             encryption=site.encryption if site else False,
             line_rate=rate,
+            handshake_timeout=self._handshake_timeout,
         )
         factory = session_factory(
             role=role,

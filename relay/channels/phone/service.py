@@ -163,6 +163,7 @@ def build_phone(
         reactor,
         modem_init=config.phone.modem_init,
         lock_dir=config.phone.lock_dir,
+        handshake_timeout=config.phone.handshake_timeout,
     )
     calling = {name for name, site in config.phone.sites.items() if site.transport is not None}
     scheduler = CallScheduler(
