@@ -21,6 +21,12 @@ the two leaves the copy; :meth:`SpoolInbox.recover` stores every such copy at st
 crash between the queue's store and the removal can duplicate a message, never lose
 one).
 
+An id committed before is answered from the link's memory alone
+(:func:`~relay.sansio.phone.session.held_acceptance`: "already have it" for the
+recipients it stored, a temporary "not held for" for the others), never decided afresh:
+a recipient accepted again would bring a second copy.  The sender offers a retry of the
+others under a new id (:func:`relay.channels.phone.outbox.link_id`), decided afresh.
+
 Loops: a message whose header already holds ``max_hops`` ``Received:`` lines is refused
 for good (:class:`~relay.errors.MessageRefused`), as a gateway refuses one at DATA.
 """
@@ -101,8 +107,8 @@ class SpoolInbox:
         d = self._links.accept(site, message_id, envelope, size)
 
         def decided(held: Acceptance) -> Acceptance:
-            if held.whole is not None:
-                return held
+            if held.whole is not None or any(r.code is not ReplyCode.AOK for r in held.replies):
+                return held  # committed before: answered from memory, never accepted again
             return Acceptance(replies, held.offset)
 
         return d.addCallback(decided)
