@@ -10,7 +10,18 @@ takes every recipient routed to ``phone:SITE`` that is not final nor held, wheth
 or resting, claims them the way the deliverer's scan does (so the deliverer leaves them
 alone while the call has them), and offers each message once with those recipients.
 
-The message id on the link is the queue id.  The text is read from the spool in order
+The message id on the link is the queue id, a dot, and a digest of the recipients
+offered (:func:`link_id`).  The receiver remembers an id it has committed with the answer
+it gave each recipient, and answers a re-proposal of that id from memory, so:
+
+* a resend after a drop offers the same recipients (every one offered was released
+  with a temporary reply), hence the same id, and is recognised: each copy is stored
+  exactly once;
+* a retry of the recipients a call refused *for now* (its final reply arrived, the
+  others were delivered or bounced) offers fewer recipients, hence a new id, and gets
+  a fresh answer instead of the remembered refusal until the message expires.
+
+The text is read from the spool in order
 (one reader per message, kept while its text flows; a resend from an earlier offset
 opens a fresh one).  Each :meth:`settle` hands the receiver's replies to the deliverer's
 :class:`~relay.deliver.recorder.Recorder` as one attempt: delivered recipients are
@@ -34,15 +45,16 @@ from twisted.logger import Logger
 from relay.address import Address
 from relay.deliver.recorder import Recorder
 from relay.deliver.work import Attempted, Claims, MessageWork
-from relay.envelope import Destination, RecipientState
+from relay.envelope import Destination, Envelope, RecipientState
 from relay.interfaces import IQueue, ITextReader
 from relay.reply import Reply, ReplyCode
 from relay.sansio.phone.session import Outgoing
 
-__all__ = ["PHONE_CHANNEL", "Deliverer", "SpoolOutbox"]
+__all__ = ["PHONE_CHANNEL", "Deliverer", "SpoolOutbox", "link_id"]
 
 PHONE_CHANNEL: Final = "phone"
 _READ_BLOCK: Final = 65536
+_ID_DIGEST: Final = 16  # hex digits of the recipients' digest in a link id
 _CUT_OFF: Final = Reply(ReplyCode.AGN, "the call ended before the site answered")
 
 _log = Logger()
@@ -55,6 +67,15 @@ class Deliverer(Protocol):
     def claims(self) -> Claims: ...
     @property
     def recorder(self) -> Recorder | None: ...
+
+
+def link_id(queue_id: str, envelope: Envelope, indices: Sequence[int]) -> str:
+    """The id a message goes by on the link when ``indices`` are its recipients offered."""
+    hasher = hashlib.sha256()
+    for index in indices:
+        address = envelope.recipients[index].address.smtp_path()
+        hasher.update(f"{index}:{address}\n".encode("utf-8", "surrogateescape"))
+    return f"{queue_id}.{hasher.hexdigest()[:_ID_DIGEST]}"
 
 
 @dataclass(eq=False)
@@ -108,8 +129,9 @@ class SpoolOutbox:
             return []
         claims = self._deliverer().claims
         offers = []
+        offered_now = {o.work.queue_id for (s, _), o in self._offered.items() if s == site}
         for queue_id in await queue.list_messages():
-            if (site, queue_id) in self._offered:
+            if queue_id in offered_now:
                 continue
             selected = await self._select(queue, queue_id, site, claim=True)
             if selected is None:
@@ -126,8 +148,9 @@ class SpoolOutbox:
             envelope = work.envelope.with_recipients(
                 tuple(work.envelope.recipients[i] for i in indices)
             )
-            self._offered[site, queue_id] = _Offered(work, indices)
-            offers.append(Outgoing(queue_id, envelope, size, digest))
+            message_id = link_id(queue_id, work.envelope, indices)
+            self._offered[site, message_id] = _Offered(work, indices)
+            offers.append(Outgoing(message_id, envelope, size, digest))
         return offers
 
     async def _select(
@@ -177,7 +200,7 @@ class SpoolOutbox:
         if offered.reader is None or offset < offered.position:
             if offered.reader is not None:
                 offered.reader.close()
-            offered.reader = queue.open_message(message_id).open_text()
+            offered.reader = queue.open_message(offered.work.queue_id).open_text()
             offered.position = 0
             offered.chunks.clear()
         pending = b"".join(offered.chunks)
