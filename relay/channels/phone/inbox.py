@@ -193,6 +193,10 @@ class SpoolInbox:
         )
         return queue_id
 
+    def forget(self, before: float) -> Deferred[int]:
+        """Forget the ids committed before ``before`` (:meth:`FilePhoneStore.forget`)."""
+        return self._links.forget(before)
+
     def recover(self) -> Deferred[int]:
         """Store what a crash left between the link's commit and the queue; fire with
         how many messages that was."""

@@ -23,6 +23,7 @@ from relay.address import Address
 from relay.channels.phone.calllog import CallLog, CallRecord
 from relay.channels.phone.calls import PhoneCalls, StdioAnswerer
 from relay.channels.phone.channel import PhoneChannel
+from relay.channels.phone.forgetting import IdForgetting, remember_for
 from relay.channels.phone.inbox import SpoolInbox
 from relay.channels.phone.outbox import SpoolOutbox
 from relay.channels.phone.scheduler import CallScheduler
@@ -101,9 +102,12 @@ class PhonePart:
     def service(
         self, config: Config, reactor: Any, *, answer: bool, call_out: bool
     ) -> MultiService:
-        """The ``phone`` service: recovery at start, the answerers and the scheduler."""
+        """The ``phone`` service: recovery at start, forgetting old ids, the answerers
+        and the scheduler."""
         top = named_multiservice("phone")
         attach(_Recovery(self.inbox, self.when_ready), top, "recovery")
+        keep = remember_for(config.deliver.give_up_after)
+        attach(IdForgetting(self.inbox.forget, keep, reactor), top, "forgetting")
         if answer and config.phone.answer:
             answer_on = [_answer_description(t) for t in config.phone.answer]
             attach(self.calls.answering(answer_on), top, "answer")
