@@ -4,10 +4,13 @@ which id, and how the receiver's replies settle it."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 from relay.address import parse_forward_path
 from relay.channels.phone.channel import PhoneChannel
+from relay.channels.phone.inbox import SpoolInbox
 from relay.channels.phone.outbox import SpoolOutbox
+from relay.channels.phone.store import SpoolPhoneStore
 from relay.envelope import Destination, RecipientState
 from relay.reply import Reply, ReplyCode
 from relay.sansio.phone.records import valid_message_id
@@ -61,3 +64,28 @@ def test_a_retry_of_a_temporarily_refused_recipient_is_a_new_id() -> None:
     ]
     assert retry[0].message_id != first[0].message_id
     assert retry[0].message_id.startswith(queue_id) and valid_message_id(retry[0].message_id)
+
+
+def test_two_calls_with_one_site_release_only_their_own_offers() -> None:
+    """Calls at once with the same site (it calls in while we call out) each settle and
+    release only what they offered: the end of one leaves the other's offer claimed and
+    settled by its own final reply."""
+    harness = _harness()
+    outbox = _outbox(harness)
+    store = SpoolPhoneStore(outbox, cast(SpoolInbox, object()))
+    calling_out, calling_in = store.for_call(), store.for_call()
+    first = harness.store(envelope("a@site-b.test", destination=WHERE))
+    offered_out: Sequence[Outgoing] = fired(calling_out.outgoing(SITE))
+    second = harness.store(envelope("b@site-b.test", destination=WHERE))
+    offered_in: Sequence[Outgoing] = fired(calling_in.outgoing(SITE))
+    assert [o.message_id.split(".")[0] for o in offered_out] == [first]
+    assert [o.message_id.split(".")[0] for o in offered_in] == [second]
+    assert calling_out.release(SITE) == 1  # the outgoing call dropped
+    harness.clock.advance(0)
+    assert [s.state for s in harness.queue.statuses(first)] == [RecipientState.DEFERRED]
+    next_call: Sequence[Outgoing] = fired(store.for_call().outgoing(SITE))
+    assert [o.message_id.split(".")[0] for o in next_call] == [first]  # not the other's
+    fired(calling_in.settle(SITE, offered_in[0].message_id, [Reply(ReplyCode.OK)]))
+    harness.clock.advance(0)
+    assert calling_in.release(SITE) == 0
+    assert [s.state for s in harness.queue.statuses(second)] == [RecipientState.DELIVERED]

@@ -11,7 +11,9 @@ either end, over the relay's :class:`~relay.channels.phone.store.SpoolPhoneStore
   devices re-opened after each call, TCP listeners), :class:`StdioAnswerer` for
   ``relay slave --stdio``; each call gets a fresh :meth:`PhoneCalls.answer_protocol`.
 
-When a call ends, whatever the link did not settle stays queued
+Each call has its own view of the store (:meth:`SpoolPhoneStore.for_call`), so calls
+with one site at once (it calls in while we call it) keep their offers apart.  When a
+call ends, whatever it offered and the link did not settle stays queued
 (:meth:`~relay.channels.phone.outbox.SpoolOutbox.release`), the call gets one log line
 and a :class:`~relay.channels.phone.calllog.CallRecord` in the call log and the metrics,
 and the listeners given to :meth:`PhoneCalls.add_listener` hear of it (the scheduler's
@@ -63,8 +65,16 @@ class CallProtocol(PhoneProtocol):
     """The link's driver, bounded by a time limit from the moment it has the line, and
     telling when its transport closed."""
 
-    def __init__(self, *args: Any, time_limit: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        new_session: Any,
+        store: SpoolPhoneStore,
+        clock: Any,
+        *,
+        time_limit: float,
+    ) -> None:
+        super().__init__(new_session, store, clock)
+        self.call_store = store
         self._time_limit = time_limit
         self._limit_timer: IDelayedCall | None = None
         self.started: float | None = None
@@ -188,7 +198,7 @@ class PhoneCalls:
                 record = CallRecord.from_summary("out", protocol.started or start, summary)
         finally:
             lock.release()
-        self._ended(record, site.name)
+        self._ended(record, site.name, protocol.call_store)
         return record
 
     def _protocol(
@@ -219,7 +229,7 @@ class PhoneCalls:
             if site is not None
             else max((s.max_call_time for s in self.sites.values()), default=3600.0)
         )
-        return CallProtocol(factory, self.store, self._reactor, time_limit=limit)
+        return CallProtocol(factory, self.store.for_call(), self._reactor, time_limit=limit)
 
     # --- answering --------------------------------------------------------------------------
 
@@ -230,7 +240,8 @@ class PhoneCalls:
         def ended(summary: CallSummary) -> None:
             if summary.peer or summary.wire_bytes_received:  # not a line that stayed silent
                 start = protocol.started or self._reactor.seconds()
-                self._ended(CallRecord.from_summary("in", start, summary), summary.peer)
+                record = CallRecord.from_summary("in", start, summary)
+                self._ended(record, summary.peer, protocol.call_store)
 
         protocol.ended.addCallback(ended)
         protocol.ended.addErrback(lambda f: _log.failure("phone: answering failed", f))
@@ -249,10 +260,10 @@ class PhoneCalls:
 
     # --- the end of a call -------------------------------------------------------------------
 
-    def _ended(self, record: CallRecord, site: str | None) -> None:
+    def _ended(self, record: CallRecord, site: str | None, store: SpoolPhoneStore) -> None:
         self.last[record.site] = record
         if site:
-            kept = self.store.outbox.release(site)
+            kept = store.release(site)
             if kept:
                 _log.info("phone: {count} messages for {site} stay queued", count=kept, site=site)
         _log.info(

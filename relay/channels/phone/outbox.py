@@ -27,15 +27,20 @@ opens a fresh one).  Each :meth:`settle` hands the receiver's replies to the del
 :class:`~relay.deliver.recorder.Recorder` as one attempt: delivered recipients are
 committed, permanent failures bounce with a DSN, temporary ones are deferred, and the
 delay warning and the lifetime limit apply as for any channel.  :meth:`release` ends a
-call: what was offered and not settled is recorded as a temporary failure (the line
+call: what that call offered and did not settle is recorded as a temporary failure (the line
 went before the receiver answered: sent again next call, never lost; the receiver's
 memory of ids makes a resend of something it had stored an "already have it").
+
+Offers are kept per call (``call``, any hashable token the caller picks, one per call),
+not per site: a site may call in while we call it, and each call releases and settles
+only what it offered itself.  The deliverer's claims keep a recipient in one call at a
+time.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -102,7 +107,7 @@ class SpoolOutbox:
         self._queue = queue
         self._deliverer = deliverer
         self._route = route
-        self._offered: dict[tuple[str, str], _Offered] = {}
+        self._offered: dict[tuple[Hashable, str, str], _Offered] = {}  # (call, site, id)
 
     def waiting(self, site: str) -> Deferred[list[tuple[str, int]]]:
         """Fire with (queue id, recipients) of each message waiting for ``site``."""
@@ -119,17 +124,18 @@ class SpoolOutbox:
                 found.append((queue_id, len(selected[1])))
         return found
 
-    def outgoing(self, site: str) -> Deferred[Sequence[Outgoing]]:
-        """Claim and describe every message with recipients for ``site``, oldest first."""
-        return ensureDeferred(self._outgoing(site))
+    def outgoing(self, site: str, call: Hashable = None) -> Deferred[Sequence[Outgoing]]:
+        """Claim and describe every message with recipients for ``site``, oldest first,
+        as offered in ``call``."""
+        return ensureDeferred(self._outgoing(site, call))
 
-    async def _outgoing(self, site: str) -> list[Outgoing]:
+    async def _outgoing(self, site: str, call: Hashable) -> list[Outgoing]:
         queue = self._queue()
         if queue is None or self._deliverer().recorder is None:
             return []
         claims = self._deliverer().claims
         offers = []
-        offered_now = {o.work.queue_id for (s, _), o in self._offered.items() if s == site}
+        offered_now = {o.work.queue_id for (_, s, _), o in self._offered.items() if s == site}
         for queue_id in await queue.list_messages():
             if queue_id in offered_now:
                 continue
@@ -149,7 +155,7 @@ class SpoolOutbox:
                 tuple(work.envelope.recipients[i] for i in indices)
             )
             message_id = link_id(queue_id, work.envelope, indices)
-            self._offered[site, message_id] = _Offered(work, indices)
+            self._offered[call, site, message_id] = _Offered(work, indices)
             offers.append(Outgoing(message_id, envelope, size, digest))
         return offers
 
@@ -189,12 +195,15 @@ class SpoolOutbox:
             work.routes.update({i: wanted for i in indices})
         return work, tuple(indices)
 
-    def read_text(self, site: str, message_id: str, offset: int, max_bytes: int) -> Deferred[bytes]:
-        """Up to ``max_bytes`` of an offered message's text from ``offset``."""
-        return ensureDeferred(self._read_text(site, message_id, offset, max_bytes))
+    def read_text(
+        self, site: str, message_id: str, offset: int, max_bytes: int, call: Hashable = None
+    ) -> Deferred[bytes]:
+        """Up to ``max_bytes`` of the text of a message ``call`` offered, from ``offset``."""
+        return ensureDeferred(
+            self._read_text(self._offered[call, site, message_id], offset, max_bytes)
+        )
 
-    async def _read_text(self, site: str, message_id: str, offset: int, max_bytes: int) -> bytes:
-        offered = self._offered[site, message_id]
+    async def _read_text(self, offered: _Offered, offset: int, max_bytes: int) -> bytes:
         queue = self._queue()
         assert queue is not None
         if offered.reader is None or offset < offered.position:
@@ -213,7 +222,7 @@ class SpoolOutbox:
             pending += block
         start = offset - offered.position
         if start < 0 or start > len(pending):
-            raise ValueError(f"{message_id}: offset {offset} is beyond the text")
+            raise ValueError(f"{offered.work.queue_id}: offset {offset} is beyond the text")
         data = pending[start : start + max_bytes]
         rest = pending[start + len(data) :]
         offered.position = offset + len(data)
@@ -221,18 +230,20 @@ class SpoolOutbox:
             offered.chunks.append(rest)
         return data
 
-    def settle(self, site: str, message_id: str, replies: Sequence[Reply]) -> Deferred[None]:
-        """Record the receiver's reply for each offered recipient (as one attempt)."""
-        offered = self._offered.pop((site, message_id), None)
+    def settle(
+        self, site: str, message_id: str, replies: Sequence[Reply], call: Hashable = None
+    ) -> Deferred[None]:
+        """Record the receiver's reply for each recipient ``call`` offered (one attempt)."""
+        offered = self._offered.pop((call, site, message_id), None)
         if offered is None:
             return succeed(None)
         self._record(offered, list(replies))
         return succeed(None)
 
-    def release(self, site: str) -> int:
-        """The call is over: what it offered and did not settle stays queued (a
+    def release(self, site: str, call: Hashable = None) -> int:
+        """``call`` is over: what it offered ``site`` and did not settle stays queued (a
         temporary failure is recorded).  Returns how many messages that was."""
-        left = [key for key in self._offered if key[0] == site]
+        left = [key for key in self._offered if key[:2] == (call, site)]
         for key in left:
             offered = self._offered.pop(key)
             self._record(offered, [_CUT_OFF] * len(offered.indices))
