@@ -195,7 +195,8 @@ def _answer_description(transport: Transport) -> str:
 
 
 class _Recovery(Service):
-    """At start: store what a crash left between the link's commit and the queue."""
+    """At start: store what a crash left between the link's commit and the queue; at
+    stop: cancel the stores waiting to be tried again (the next start recovers them)."""
 
     def __init__(self, inbox: SpoolInbox, when_ready: Callable[[], Deferred[Any]]) -> None:
         self._inbox = inbox
@@ -206,6 +207,10 @@ class _Recovery(Service):
         d = self._when_ready().addCallback(lambda _: self._inbox.recover())
         d.addCallback(_recovered)
         d.addErrback(lambda f: _log.failure("phone: recovery failed", f))
+
+    def stopService(self) -> Any:
+        self._inbox.stop_retries()
+        return super().stopService()  # type: ignore[no-untyped-call]
 
 
 def _recovered(count: int) -> None:
