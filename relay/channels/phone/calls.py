@@ -23,6 +23,7 @@ backoff, the deliverer's flush).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from relay.sansio.phone.accounting import CallSummary
 from relay.sansio.phone.link import Link, LinkParams
 from relay.sansio.phone.records import Role
 from relay.sansio.phone.session import SessionOptions
+from relay.services import attach, named_multiservice
 from relay.transport import (
     DEFAULT_LOCK_DIR,
     CallFailed,
@@ -51,7 +53,9 @@ from relay.transport import (
     answering_service,
     client_endpoint,
     dial_plan,
+    is_serial,
     is_stdio,
+    parse_serial,
     place_call,
     serve_stdio,
 )
@@ -249,14 +253,25 @@ class PhoneCalls:
 
     def answering(self, answer: Sequence[str]) -> IService:
         """A service answering on each non-stdio ``[phone] answer`` entry, call after call
-        (serial lines re-opened after each call, with the modem reset if there is one)."""
-        return answering_service(
-            self._reactor,
-            [d for d in answer if not is_stdio(d)],
-            self.answer_protocol,
-            modem_init=self._modem_init,
-            lock_dir=self._lock_dir,
-        )
+        (serial lines re-opened after each call, with the modem reset if there is one).
+
+        A call answered on a serial line is told the line's configured ``baudrate`` (the
+        summary's efficiency is measured against it); TCP has no line rate, so a call
+        answered there has no efficiency."""
+        top = named_multiservice("answering")
+        for description in answer:
+            if is_stdio(description):
+                continue
+            rate = parse_serial(description).baudrate if is_serial(description) else None
+            child = answering_service(
+                self._reactor,
+                [description],
+                partial(self.answer_protocol, line_rate=rate),
+                modem_init=self._modem_init,
+                lock_dir=self._lock_dir,
+            )
+            attach(child, top, description)
+        return top
 
     # --- the end of a call -------------------------------------------------------------------
 
