@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import cast
 
+import pytest
+
 from relay.address import parse_forward_path
 from relay.channels.phone.channel import PhoneChannel
 from relay.channels.phone.inbox import SpoolInbox
@@ -17,7 +19,7 @@ from relay.sansio.phone.records import valid_message_id
 from relay.sansio.phone.session import Outgoing
 
 from support.deferreds import fired
-from support.deliver_fakes import Harness, envelope
+from support.deliver_fakes import TEXT, Harness, envelope
 
 SITE = "site-b"
 WHERE = Destination("phone", SITE)
@@ -89,3 +91,16 @@ def test_two_calls_with_one_site_release_only_their_own_offers() -> None:
     harness.clock.advance(0)
     assert calling_in.release(SITE) == 0
     assert [s.state for s in harness.queue.statuses(second)] == [RecipientState.DELIVERED]
+
+
+def test_reading_a_message_another_call_offered_fails_its_deferred() -> None:
+    """A call asking for the text of a message it did not offer (another call did) gets a
+    failed Deferred, never an exception out of the call."""
+    harness = _harness()
+    outbox = _outbox(harness)
+    harness.store(envelope("a@site-b.test", destination=WHERE))
+    (offered,) = fired(outbox.outgoing(SITE, "one call"))
+    d = outbox.read_text(SITE, offered.message_id, 0, 100, "another call")
+    with pytest.raises(KeyError):
+        fired(d)
+    assert fired(outbox.read_text(SITE, offered.message_id, 0, 9, "one call")) == TEXT[:9]

@@ -199,11 +199,12 @@ class SpoolOutbox:
         self, site: str, message_id: str, offset: int, max_bytes: int, call: Hashable = None
     ) -> Deferred[bytes]:
         """Up to ``max_bytes`` of the text of a message ``call`` offered, from ``offset``."""
-        return ensureDeferred(
-            self._read_text(self._offered[call, site, message_id], offset, max_bytes)
-        )
+        return ensureDeferred(self._read_text((call, site, message_id), offset, max_bytes))
 
-    async def _read_text(self, offered: _Offered, offset: int, max_bytes: int) -> bytes:
+    async def _read_text(
+        self, key: tuple[Hashable, str, str], offset: int, max_bytes: int
+    ) -> bytes:
+        offered = self._offered[key]  # a KeyError fails the Deferred: not offered in this call
         queue = self._queue()
         assert queue is not None
         if offered.reader is None or offset < offered.position:
