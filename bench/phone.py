@@ -231,6 +231,14 @@ def write_outbox(directory: Path, messages: Sequence[bytes], prefix: str) -> lis
     return sent
 
 
+def intact(sent: Sequence[Sent], received: Sequence[dict[str, Any]]) -> int:
+    """How many of the messages sent the receiver holds once, byte-identical."""
+    held: dict[str, list[tuple[int, str]]] = {}
+    for item in received:
+        held.setdefault(item["id"], []).append((item["size"], item["sha256"]))
+    return sum(held.get(s.message_id) == [(s.size, s.sha256)] for s in sent)
+
+
 def check_delivery(sent: Sequence[Sent], received: Sequence[dict[str, Any]]) -> list[str]:
     """What is wrong with ``received`` (the receiver's committed messages) given ``sent``."""
     problems = []
@@ -315,7 +323,8 @@ def run_call(
 def run_condition(condition: Condition, seed: int, keep: Path | None = None) -> dict[str, Any]:
     """Every call of one condition, checked, as the JSON line's fields.
 
-    The stores, outboxes and endpoint logs go to a temporary directory, or under ``keep``.
+    The stores, outboxes and endpoint logs go to a temporary directory, or under ``keep``
+    with the emulator's trace of the line's use (``line.trace``).
     """
     a_messages, b_messages = condition.a_to_b(seed), condition.b_to_a(seed)
     with tempfile.TemporaryDirectory(prefix="bench-phone-") as name:
@@ -329,7 +338,13 @@ def run_condition(condition: Condition, seed: int, keep: Path | None = None) -> 
         expected = (total_a + sum(s.size for s in sent_b)) / BYTES_PER_SECOND
         limit = 60 + 4 * expected / (1 - min(0.5, 100 * condition.ber)) + 20 * condition.latency
         emulator = LineEmulator(
-            work, rate=RATE, latency=condition.latency, ber=condition.ber, seed=seed, drop=drop
+            work,
+            rate=RATE,
+            latency=condition.latency,
+            ber=condition.ber,
+            seed=seed,
+            drop=drop,
+            trace=None if keep is None else work / "line.trace",
         )
         calls = []
         with emulator:
@@ -353,7 +368,7 @@ def summarise(
     received = sum(end["summary"]["messages_received"] for c in calls for end in c.ends.values())
     if received != len(sent_a) + len(sent_b):
         problems.append(f"{received} messages received over the calls")
-    intact = len(sent_a) + len(sent_b) - len({p.split(":")[0] for p in problems})
+    whole = intact(sent_a, last[ANSWERER]["received"]) + intact(sent_b, last[CALLER]["received"])
     payload = sum(s.size for s in sent_a + sent_b)
     seconds = sum(c.seconds for c in calls)
     summaries = [end["summary"] for c in calls for end in c.ends.values()]
@@ -376,7 +391,7 @@ def summarise(
         "frames_resent": sum(s["frames_resent"] for s in summaries),
         "compression_ratio": round(moved / text_on_line, 3) if text_on_line else None,
         "bytes_resent_after_drop": resent,
-        "messages_intact": max(0, intact),
+        "messages_intact": whole,
         "messages": len(sent_a) + len(sent_b),
         "calls": len(calls),
         "outcomes": [c.ends[CALLER]["summary"]["outcome"] for c in calls],

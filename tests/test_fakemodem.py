@@ -81,3 +81,29 @@ def test_auto_answer_connects_after_s0_rings_and_the_escape_needs_its_guard(
     finally:
         os.close(a)
         os.close(b)
+
+
+def test_a_ringing_modem_keeps_ringing_through_a_reset_and_the_caller_can_give_up(
+    modems: FakeModem,
+) -> None:
+    """DTR dropped or ATH0 while ringing leave the call ringing; the caller hanging up ends it."""
+    a, b = _open(modems.dte_a), _open(modems.dte_b)
+    try:
+        time.sleep(0.1)
+        os.write(a, b"ATDT1\r")
+        _read_until(b, b"RING")
+        os.close(b)  # the answering relay closes its line to reset it
+        b = _open(modems.dte_b)
+        os.write(b, b"ATZ\r")
+        _read_until(b, b"OK\r\n")
+        os.write(b, b"ATH0\r")
+        _read_until(b, b"OK\r\n")
+        assert _read_until(b, b"RING", limit=5.0).count(b"RING") >= 1  # still ringing
+        os.write(a, b"ATH0\r")  # the caller gives up
+        _read_until(a, b"OK\r\n")
+        os.write(b, b"ATA\r")
+        _read_until(b, b"NO CARRIER")  # nothing left to answer
+        assert modems.wait_for("hangup") == {"event": "hangup", "side": "a", "why": "ath"}
+    finally:
+        os.close(a)
+        os.close(b)

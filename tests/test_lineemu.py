@@ -112,7 +112,8 @@ async def test_latency_is_added_to_the_first_byte(tmp_path: Path, ports: list[Se
 async def test_both_directions_carry_bytes_at_once(tmp_path: Path, ports: list[SerialPort]) -> None:
     """Each direction is its own line: bytes sent both ways at once arrive intact both ways."""
     a_data, b_data = random.Random(1).randbytes(3000), random.Random(2).randbytes(2000)
-    with LineEmulator(tmp_path) as line:
+    trace = tmp_path / "line.trace"
+    with LineEmulator(tmp_path, trace=trace) as line:
         at_a, at_b = Recorder(), Recorder()
         ports.append(_open(line.link_a, at_a))
         ports.append(_open(line.link_b, at_b))
@@ -123,6 +124,10 @@ async def test_both_directions_carry_bytes_at_once(tmp_path: Path, ports: list[S
         counts = line.hang_up()
     assert bytes(at_b.received) == a_data and bytes(at_a.received) == b_data
     assert (counts["a_to_b"], counts["b_to_a"]) == (3000, 2000)
+    timeline = [[float(v) for v in row.split()] for row in trace.read_text().splitlines()]
+    assert len(timeline) >= 2  # the transfer takes about 0.3 s: a line every 0.1 s
+    assert all(r[2] <= 3000 and r[3] <= r[2] and r[4] <= 2000 and r[5] <= r[4] for r in timeline)
+    assert [r[1] for r in timeline] == sorted(r[1] for r in timeline)
 
 
 @pytest_twisted.ensureDeferred

@@ -62,6 +62,16 @@ class Talker(Protocol):
             self.ended.callback(None)
 
 
+def _pty_named(device: Path) -> tuple[int, int]:
+    """A raw pty whose slave ``device`` names (a symlink, replaced atomically if there)."""
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    replacement = device.with_name(device.name + ".new")
+    replacement.symlink_to(os.ttyname(slave))
+    replacement.replace(device)
+    return master, slave
+
+
 async def _read_some(fd: int) -> bytes:
     """What a non-blocking descriptor has, waiting on the reactor until something comes."""
     for _ in range(400):
@@ -96,10 +106,8 @@ async def test_a_direct_line_is_answered_and_reopened_after_the_far_end_hangs_up
     tmp_path: Path,
 ) -> None:
     """A null-modem answerer (no modem) gets the call at once; after EOF it opens the next."""
-    master, slave = os.openpty()
-    tty.setraw(slave)
     device = tmp_path / "ttyNULL"
-    device.symlink_to(os.ttyname(slave))
+    master, slave = _pty_named(device)
     calls: list[Talker] = []
 
     def new_call() -> Talker:
@@ -122,11 +130,7 @@ async def test_a_direct_line_is_answered_and_reopened_after_the_far_end_hangs_up
         os.close(master)  # the far end hangs up: the answerer's device reads EIO
         await calls[0].ended
         assert calls[0].lost is not None
-        master, slave = os.openpty()  # a new line under the same name, as the emulator does
-        tty.setraw(slave)
-        replacement = tmp_path / "ttyNULL.new"
-        replacement.symlink_to(os.ttyname(slave))
-        replacement.replace(device)
+        master, slave = _pty_named(device)  # a new line under the same name, as an emulator's
         while answerer.calls < 2:
             await deferLater(reactor, 0.05, lambda: None)
         os.set_blocking(master, False)
@@ -241,10 +245,8 @@ def test_stdio_answers_one_call_as_a_login_shell_would() -> None:
 @pytest_twisted.ensureDeferred
 async def test_client_service_reconnects_a_serial_line_like_tcp(tmp_path: Path) -> None:
     """ClientService over a SerialEndpoint: the line drops, the device comes back, it reopens."""
-    master, slave = os.openpty()
-    tty.setraw(slave)
     device = tmp_path / "ttyLINK"
-    device.symlink_to(os.ttyname(slave))
+    master, slave = _pty_named(device)
     protocols: list[Talker] = []
 
     def new_protocol() -> Talker:
@@ -263,11 +265,7 @@ async def test_client_service_reconnects_a_serial_line_like_tcp(tmp_path: Path) 
         os.close(slave)
         os.close(master)  # the line drops
         await protocols[0].ended
-        master, slave = os.openpty()  # and comes back under the same name
-        tty.setraw(slave)
-        replacement = tmp_path / "ttyLINK.new"
-        replacement.symlink_to(os.ttyname(slave))
-        replacement.replace(device)
+        master, slave = _pty_named(device)  # and comes back under the same name
         while len(protocols) < 2 or protocols[-1].transport is None:
             await deferLater(reactor, 0.05, lambda: None)
         os.set_blocking(master, False)

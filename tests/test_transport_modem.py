@@ -63,8 +63,11 @@ def modems(tmp_path: Path) -> Iterator[FakeModem]:
         yield fake
 
 
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
+@pytest.fixture
+def locks(tmp_path: Path) -> Path:
+    """The lock directory of the test's ports."""
+    path = tmp_path / "locks"
+    path.mkdir()
     return path
 
 
@@ -116,10 +119,9 @@ async def _call(fake: FakeModem, lock_dir: Path, caller: Talker, **plan: Any) ->
 
 @pytest_twisted.ensureDeferred
 async def test_a_dialled_call_carries_bytes_both_ways_and_hangs_up(
-    modems: FakeModem, tmp_path: Path
+    modems: FakeModem, locks: Path
 ) -> None:
     """ATZ, ATDT, CONNECT: every byte crosses both ways; the hang-up escapes and sends ATH0."""
-    locks = _mkdir(tmp_path / "locks")
     async with _answering(modems.dte_b, locks) as (answerer, answered):
         caller = Talker(CALLER_SAYS)
         setup = await _call(modems, locks, caller, modem_init=["ATZ"], dial="5551234")
@@ -150,10 +152,9 @@ async def test_a_dialled_call_carries_bytes_both_ways_and_hangs_up(
 )
 @pytest_twisted.ensureDeferred
 async def test_each_failing_result_code_fails_the_call_with_its_reply(
-    modems: FakeModem, tmp_path: Path, mode: str, code: ReplyCode
+    modems: FakeModem, locks: Path, mode: str, code: ReplyCode
 ) -> None:
     """BUSY, NO ANSWER, NO DIALTONE from the modem: CallFailed with the mapped reply, port freed."""
-    locks = _mkdir(tmp_path / "locks")
     await deferToThread(modems.set_mode, mode)
     caller = Talker(b"never sent")
     with pytest.raises(CallFailed) as caught:
@@ -167,10 +168,9 @@ async def test_each_failing_result_code_fails_the_call_with_its_reply(
 
 @pytest_twisted.ensureDeferred
 async def test_a_modem_that_never_answers_the_dial_times_out(
-    modems: FakeModem, tmp_path: Path
+    modems: FakeModem, locks: Path
 ) -> None:
     """No result code at all after ATDT: TIME after the dial timeout."""
-    locks = _mkdir(tmp_path / "locks")
     await deferToThread(modems.set_mode, "silent")
     with pytest.raises(CallFailed) as caught:
         await _call(modems, locks, Talker(b""), modem_init=[], dial="1", dial_timeout=1.0)
@@ -179,10 +179,9 @@ async def test_a_modem_that_never_answers_the_dial_times_out(
 
 @pytest_twisted.ensureDeferred
 async def test_an_init_command_the_modem_refuses_is_a_local_error(
-    modems: FakeModem, tmp_path: Path
+    modems: FakeModem, locks: Path
 ) -> None:
     """ERROR to a bad init command: LIO, and no dial command reaches the modem."""
-    locks = _mkdir(tmp_path / "locks")
     with pytest.raises(CallFailed) as caught:
         await _call(modems, locks, Talker(b""), modem_init=["ATZ", "AT&Q9"], dial="1")
     assert caught.value.reply.code is ReplyCode.LIO
@@ -193,10 +192,9 @@ async def test_an_init_command_the_modem_refuses_is_a_local_error(
 
 @pytest_twisted.ensureDeferred
 async def test_carrier_lost_mid_call_ends_the_call_on_both_sides(
-    modems: FakeModem, tmp_path: Path
+    modems: FakeModem, locks: Path
 ) -> None:
     """The carrier drops mid-call: NO CARRIER ends both calls; the answerer waits again."""
-    locks = _mkdir(tmp_path / "locks")
     async with _answering(modems.dte_b, locks) as (answerer, answered):
         caller = Talker(b"x")
         setup = await _call(modems, locks, caller, modem_init=["ATZ"], dial="1")
@@ -211,9 +209,8 @@ async def test_carrier_lost_mid_call_ends_the_call_on_both_sides(
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_answerer_answers_call_after_call(modems: FakeModem, tmp_path: Path) -> None:
+async def test_the_answerer_answers_call_after_call(modems: FakeModem, locks: Path) -> None:
     """Three calls in a row on the same device names, each answered by a fresh call protocol."""
-    locks = _mkdir(tmp_path / "locks")
     async with _answering(modems.dte_b, locks) as (answerer, answered):
         for number in range(1, 4):
             await _until(lambda n=number: answerer.opened == n, f"open number {number}")
@@ -232,10 +229,9 @@ async def test_the_answerer_answers_call_after_call(modems: FakeModem, tmp_path:
 
 @pytest_twisted.ensureDeferred
 async def test_a_port_in_use_by_a_live_process_fails_the_call_as_locked(
-    modems: FakeModem, tmp_path: Path
+    modems: FakeModem, locks: Path
 ) -> None:
     """A second call on a port another caller holds: LOCK, a retry; the first is untouched."""
-    locks = _mkdir(tmp_path / "locks")
     await deferToThread(modems.set_mode, "silent")
     first = place_call(
         _endpoint(modems.dte_a, locks), dial_plan(dial="1", dial_timeout=3.0), Talker(b""), reactor

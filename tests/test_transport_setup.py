@@ -229,3 +229,17 @@ def test_the_dial_number_fills_d_and_t_in_the_login_chat() -> None:
         plan = dial_plan(dial=dial, chat=r'"" \D\c')
         assert plan.login is not None and plan.login.steps[0].send is not None
         assert plan.login.steps[0].send.pieces == (b"5551234",)
+
+
+def test_no_carrier_during_the_hang_up_closes_at_once() -> None:
+    """The far end hung up first: NO CARRIER while hanging up ends it without +++ or ATH0."""
+    setup, call, transport, clock, _ = _setup(dial_plan(modem_init=[], dial="1"))
+    setup.dataReceived(b"CONNECT\r\n")
+    _take(transport)
+    call.transport.loseConnection()  # type: ignore[union-attr]
+    setup.dataReceived(b"\r\nNO CARR")
+    assert not transport.disconnecting
+    setup.dataReceived(b"IER\r\n")
+    assert transport.disconnecting
+    clock.advance(10)
+    assert _take(transport) == b""

@@ -10,7 +10,8 @@ it only passes bytes through, watching for the modem's ``NO CARRIER`` where a mo
 the line (a pseudo-terminal or a cable without DCD cannot say so otherwise).
 
 When the call protocol closes the line, a modem is hung up first (DTR dropped, then
-``+++``/``ATH0``, :func:`relay.sansio.modem.hangup_script`), then the line is closed.
+``+++``/``ATH0``, :func:`relay.sansio.modem.hangup_script`), then the line is closed;
+a ``NO CARRIER`` meanwhile (the far end hung up first) closes it at once.
 :attr:`LineSetup.handed_over` fires when the call has the line (or fails with
 :class:`CallFailed` and the reply the deliverer acts on); :attr:`LineSetup.closed` when
 the line is closed and the port free for the next call.
@@ -154,6 +155,8 @@ class LineSetup(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._phase is _Phase.CALL:
             self._pass_on(data)
+        elif self._phase is _Phase.HANGING_UP and self._carrier_gone(data):
+            self._close()  # the modem is on hook already: nothing left to hang up
         elif self._engine is not None and self._phase is not _Phase.CLOSED:
             self._engine.receive_data(data, self._clock.seconds())
             self._run()
@@ -195,14 +198,17 @@ class LineSetup(Protocol):
 
     def _pass_on(self, data: bytes) -> None:
         self.call.dataReceived(data)
-        if not self.plan.watch_no_carrier or self._phase is not _Phase.CALL:
-            return
-        window = self._tail + data
-        if NO_CARRIER in window:
+        if self._phase is _Phase.CALL and self._carrier_gone(data):
             log.info("line: the modem says NO CARRIER: the call is gone")
             self._drop()
-            return
+
+    def _carrier_gone(self, data: bytes) -> bool:
+        """True if the modem's NO CARRIER is in ``data`` (or split across reads)."""
+        if not self.plan.watch_no_carrier:
+            return False
+        window = self._tail + data
         self._tail = window[-(len(NO_CARRIER) - 1) :]
+        return NO_CARRIER in window
 
     def hang_up(self) -> None:
         """The call is over: hang the modem up (if any), then close the line."""

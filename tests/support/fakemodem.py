@@ -159,9 +159,14 @@ class FakeModems(ControlLoop):
         """The modem at the far end."""
         return self.b if modem is self.a else self.a
 
-    def in_call(self, modem: Modem) -> bool:
-        """True while ``modem`` is dialling, ringing or connected in the current call."""
-        return self.caller is not None and modem in (self.caller, self.other(self.caller))
+    def off_hook(self, modem: Modem) -> bool:
+        """True while ``modem`` holds a line: dialling, connected, or its caller logging in.
+
+        A ringing modem is on hook: DTR dropping or ATH0 leave the call ringing, as on a
+        real modem (the relay that answers may be resetting its line between calls)."""
+        if modem.state in (State.DIALING, State.LOGIN, State.ONLINE, State.ONLINE_COMMAND):
+            return True
+        return modem is self.caller
 
     def write(self, modem: Modem, data: bytes) -> None:
         """Bytes to a relay (lost if none has the device open, as on a real port)."""
@@ -206,7 +211,7 @@ class FakeModems(ControlLoop):
         with contextlib.suppress(KeyError):
             self.selector.unregister(modem.master)
         modem.open = False
-        if self.in_call(modem) or modem.state is not State.COMMAND:
+        if self.off_hook(modem):
             self.hang_up(modem, "dtr")
         self.reset(modem)
         self.later(IDLE_POLL, lambda: self.poll_open(modem))
@@ -285,7 +290,7 @@ class FakeModems(ControlLoop):
                 index += 2
             elif char == "H":
                 index += 1 + (upper[index + 1 : index + 2] == "0")
-                if self.in_call(modem) or modem.state is State.DIALING:
+                if self.off_hook(modem):
                     self.hang_up(modem, "ath")
             elif found := re.match(r"S(\d+)=(\d+)", upper[index:]):
                 if found.group(1) == "0":
@@ -474,12 +479,13 @@ class FakeModems(ControlLoop):
             return
         callee = self.other(caller)
         self.caller = None
+        line_made = bool(self.line_fds)  # not while it was only ringing
         for fd in self.line_fds.values():
             with contextlib.suppress(KeyError):
                 self.selector.unregister(fd)
             os.close(fd)
         self.line_fds.clear()
-        if why != "line":  # the emulator's own drop has ended its line already
+        if line_made and why != "line":  # the emulator's own drop ended its line already
             with contextlib.suppress(RuntimeError, OSError):
                 self.emulator.hang_up()
         self.emit("hangup", side=modem.side if modem else None, why=why)

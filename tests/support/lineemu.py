@@ -57,6 +57,7 @@ from support.linemodel import BitFlipper, Direction
 READ_SIZE = 4096
 DRAIN_WAIT = 2.0  # seconds a hang-up waits for the endpoint to read what it was sent
 TICK = 0.0005  # shortest sleep: bytes due within this are written together
+TRACE_EVERY = 0.1  # seconds between lines of the trace file
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,18 @@ class Emulator(ControlLoop):
         self.totals = {"a_to_b": 0, "b_to_a": 0, "flipped_a_to_b": 0, "flipped_b_to_a": 0}
         self.lines = 0
         self.line: Line | None = None
+        self.trace = open(options.trace, "w") if options.trace else None  # noqa: SIM115
+        self._traced_at = 0.0
+
+    def _trace(self, line: Line, now: float) -> None:
+        """A line of the trace: seconds since connect, then each direction's counts."""
+        if self.trace is None or line.connected_at is None or now - self._traced_at < TRACE_EVERY:
+            return
+        self._traced_at = now
+        self.trace.write(
+            f"{line.number} {now - line.connected_at:.3f} {line.a2b.accepted}"
+            f" {line.a2b.delivered} {line.b2a.accepted} {line.b2a.delivered}\n"
+        )
 
     def new_line(self, plan: DropPlan) -> None:
         """Hang up the current line if any and make a new one, on hook."""
@@ -306,6 +319,9 @@ class Emulator(ControlLoop):
             direction.accept(data, now)
 
     def _deliver(self, line: Line, now: float) -> None:
+        """Hand each side what has reached it by ``now`` (nothing that arrives after a drop)."""
+        if line.plan.after_seconds is not None and line.connected_at is not None:
+            now = min(now, line.connected_at + line.plan.after_seconds)
         for _source, direction, target in line.routes():
             limit = line.delivery_limit()
             data = direction.take_due(now, limit)
@@ -359,6 +375,7 @@ class Emulator(ControlLoop):
             line = self.line
             if line is None or line.connected_at is None:
                 continue
+            self._trace(line, now)
             if not line.dropped:
                 self._deliver(line, now)
                 # sides whose queue is full are read again when it empties
@@ -368,6 +385,8 @@ class Emulator(ControlLoop):
                 self.drop(now)
         self.end_line()
         self.emit("counts", lines=self.lines, **self.totals)
+        if self.trace is not None:
+            self.trace.close()
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -384,6 +403,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drop-after-seconds", type=float, default=None)
     parser.add_argument("--drop-direction", default="both", choices=("a2b", "b2a", "both"))
     parser.add_argument("--drop-mode", default="hangup", choices=("hangup", "silence"))
+    parser.add_argument(
+        "--trace",
+        help="write every 0.1 s: line, seconds since connect, bytes accepted and delivered"
+        " A->B, then B->A (a timeline of the line's use)",
+    )
     options = parser.parse_args(argv)
     if options.tx_buffer <= 0:
         parser.error("--tx-buffer must be positive")
@@ -423,6 +447,7 @@ class LineEmulator(HelperProcess):
         seed: int | str = 1,
         tx_buffer: int = 4096,
         drop: DropPlan | None = None,
+        trace: Path | None = None,
     ) -> None:
         self.link_a = Path(directory) / "line-a"
         self.link_b = Path(directory) / "line-b"
@@ -444,6 +469,8 @@ class LineEmulator(HelperProcess):
             command_line.append(f"--drop-after-bytes={plan.after_bytes}")
         if plan.after_seconds is not None:
             command_line.append(f"--drop-after-seconds={plan.after_seconds}")
+        if trace is not None:
+            command_line.append(f"--trace={trace}")
         super().__init__(command_line)
         self.lines: list[dict[str, Any]] = []
         self.totals: dict[str, Any] | None = None
