@@ -359,6 +359,7 @@ class PhoneSection:
     name: str = ""  # filled from [relay] hostname's first label when absent
     modem_init: tuple[str, ...] | None = None  # AT commands; None: direct lines, no modem
     lock_dir: Path = Path("/var/lock")  # UUCP-style device locks
+    handshake_timeout: float = 60.0  # a caller silent this long after connecting is dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -1207,7 +1208,10 @@ def _read_phone(t: _Table, paths: _Paths, hostname: str) -> PhoneSection:
         t.get_list("modem_init", _any_string, (), "AT commands") if t.has("modem_init") else None
     )
     lock_dir = t.get("lock_dir", paths.path, Path("/var/lock"))
-    return PhoneSection(answer, MappingProxyType(sites), own_name, modem_init, lock_dir)
+    handshake_timeout = t.get("handshake_timeout", _positive_duration, 60.0)
+    return PhoneSection(
+        answer, MappingProxyType(sites), own_name, modem_init, lock_dir, handshake_timeout
+    )
 
 
 def _read_site(sites: _Table, name: str, value: object, paths: _Paths) -> PhoneSite | None:

@@ -102,6 +102,7 @@ def test_mail_both_ways_in_one_call(tmp_path: Path, line: LineEmulator) -> None:
         (answered,) = json.loads(calls.stdout)
         assert answered["direction"] == "in" and answered["result"] == "completed"
         assert answered["messages_sent"] == 3 and answered["messages_received"] == 2
+        assert 0 < answered["efficiency"] < 1  # the answering line's configured rate
         line.hang_up()  # the hub's next answer is on a dead line: it can stop at once
     finally:
         pair.stop()

@@ -16,7 +16,7 @@ from relay.sansio.phone.handshake import MAJOR
 from relay.sansio.phone.link import Link, LinkParams, RecordReceived
 from relay.sansio.phone.records import Abort, Capabilities, Hello, Role
 
-from support.phone_relays import PhonePair, relay_command, send_mail, write_site
+from support.phone_relays import PhonePair, relay_command, send_mail, write_hub, write_site
 from support.relay_process import free_port, wait_for
 
 
@@ -101,5 +101,51 @@ def test_version_mismatch_is_answered_and_hung_up(tmp_path: Path) -> None:
         assert aborts and f"{MAJOR + 1}.0" in aborts[0].reply.text
         calls = lambda: json.loads(relay_command(pair.hub_config, "calls", "--json").stdout)  # noqa: E731
         wait_for(lambda: calls() and calls()[-1]["result"] == "version-mismatch")
+    finally:
+        pair.stop()
+
+
+def _until_hung_up(port: int, say: bytes) -> bytes:
+    """Connect to the hub's answering port, send ``say`` (maybe nothing), and read until
+    the hub drops the line; what the hub sent."""
+    heard = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        if say:
+            sock.sendall(say)
+        while data := sock.recv(65536):
+            heard += data
+    return heard
+
+
+@pytest.mark.timeout(180)
+def test_silent_or_garbled_caller_is_dropped_and_the_hub_answers_on(tmp_path: Path) -> None:
+    """A caller that connects and says nothing, then one that sends only garbage, is logged
+    and dropped after ``[phone] handshake_timeout`` with no mail moved, and the hub answers
+    the next call, which moves the mail."""
+    pair, port = _pair(tmp_path)
+    write_hub(
+        tmp_path / "hub",
+        pair.hub_port,
+        f"tcp:127.0.0.1:{port}",
+        phone='handshake_timeout = "1s"\n',
+    )
+    try:
+        pair.start_hub()
+        pair.start_site()
+        send_mail(
+            pair.hub_port, "alice@example.test", "bob@site-b.test", b"Subject: a\r\n\r\nx\r\n"
+        )
+        wait_for(lambda: _queued(pair.hub_config) == 1)
+        _until_hung_up(port, b"")
+        wait_for(lambda: _log(pair.hub_config).count("failing (timeout)") == 1, what="the log")
+        garbage = bytes(range(256)) * 8 + b"login: \r\nNO CARRIER\r\n"
+        _until_hung_up(port, garbage)
+        wait_for(lambda: _log(pair.hub_config).count("failing (timeout)") == 2, what="the log")
+        assert _queued(pair.hub_config) == 1
+        assert not list((tmp_path / "site" / "mail" / "bob").glob("*/*"))
+        result = pair.call()
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert json.loads(result.stdout)["messages_received"] == 1
+        wait_for(lambda: _queued(pair.hub_config) == 0, what="the hub's queue to empty")
     finally:
         pair.stop()

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
+
+import pytest
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
-from relay.channels.phone.calllog import CallRecord
+from relay.channels.phone import calls as calls_module
+from relay.channels.phone.calllog import CallLog, CallRecord
+from relay.channels.phone.calls import PhoneCalls
 from relay.channels.phone.scheduler import CallScheduler
+from relay.channels.phone.store import SpoolPhoneStore
+from relay.config import PhoneSite, SerialTransport
 from relay.policy.call_schedule import (
     DAY,
     CallPolicy,
@@ -15,6 +24,7 @@ from relay.policy.call_schedule import (
     next_call,
     next_window_start,
 )
+from relay.transport import TransportError
 
 MIDNIGHT = 20000 * DAY  # a day's start, in epoch seconds (UTC)
 
@@ -207,3 +217,58 @@ def test_unknown_site_is_ignored() -> None:
     scheduler.call_ended(_record("calls-in"))
     clock.advance(3600)
     assert calls.placed == []
+
+
+# --- one call per serial port ------------------------------------------------------------------
+
+
+class _Lines:
+    """Stands in for :func:`relay.transport.place_call`: records each line opened and
+    leaves it to the test to end the attempt."""
+
+    def __init__(self) -> None:
+        self.opened: list[tuple[str, Deferred[object]]] = []
+
+    def __call__(self, endpoint: object, plan: object, protocol: object, clock: object) -> object:
+        d: Deferred[object] = Deferred()
+        self.opened.append((endpoint.settings.device, d))
+        return d
+
+
+def test_sites_on_one_serial_port_are_called_one_after_the_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two sites reached through the same serial device, both due at once, are called one
+    at a time (the second when the first call has let go of the port), while a site on
+    another device is called at once."""
+    clock = Clock()
+    clock.advance(MIDNIGHT)
+    lines = _Lines()
+    monkeypatch.setattr(calls_module, "place_call", lines)
+    secret = tmp_path / "secret"
+    secret.write_text("s\n")
+    sites = {
+        name: PhoneSite(name, secret, SerialTransport(device))
+        for name, device in (("a", "/dev/ttyS0"), ("b", "/dev/ttyS0"), ("c", "/dev/ttyS1"))
+    }
+    log = cast(CallLog, SimpleNamespace(append=lambda record: succeed(None)))
+    call_store = SimpleNamespace(release=lambda site: 0)
+    store = cast(SpoolPhoneStore, SimpleNamespace(for_call=lambda: call_store))
+    phone_calls = PhoneCalls("hub", sites, {n: b"s" for n in sites}, store, log, clock)
+    scheduler = CallScheduler(
+        {name: CallPolicy(gather_delay=30) for name in sites}, phone_calls.call, clock
+    )
+    scheduler.startService()
+    for name in sites:
+        scheduler.mail_waiting(name)
+    clock.advance(30)
+    assert sorted(device for device, _ in lines.opened) == ["/dev/ttyS0", "/dev/ttyS1"]
+    assert sorted(phone_calls.active) == ["a", "b", "c"]
+    first = next(d for device, d in lines.opened if device == "/dev/ttyS0")
+    first.errback(TransportError("the line is gone"))
+    clock.advance(0)
+    assert len(lines.opened) == 3 and lines.opened[2][0] == "/dev/ttyS0"
+    assert sorted(phone_calls.active) == ["b", "c"]
+    assert phone_calls.last["a"].result == "no-connection"
+    assert scheduler.is_down("a") and not scheduler.is_down("b")
+    scheduler.stopService()

@@ -274,3 +274,39 @@ async def test_client_service_reconnects_a_serial_line_like_tcp(tmp_path: Path) 
         await service.stopService()
         os.close(master)
         os.close(slave)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_an_answerer_whose_line_stopped_draining_does_not_hang(
+    tmp_path: Path,
+) -> None:
+    """Stopping a serial answerer while its far end has stopped reading (bytes stuck in
+    the transport's buffer) waits for the drain only ``close_grace`` seconds, then drops
+    the line: the stop completes, the call ends, and the device is closed and unlocked."""
+    device = tmp_path / "ttyFULL"
+    master, slave = _pty_named(device)
+    calls: list[Talker] = []
+
+    def new_call() -> Talker:
+        calls.append(Talker(b"x" * (1 << 20)))  # far more than the pty holds
+        return calls[-1]
+
+    settings = parse_serial(f"serial:{device}")
+    answerer = SerialAnswerer(reactor, settings, new_call, lock_dir=tmp_path, close_grace=0.2)
+    answerer.startService()
+    try:
+        assert answerer.opened == 1 and answerer.calls == 1
+        port = answerer.setup.transport if answerer.setup is not None else None
+        assert isinstance(port, LockedSerialPort)
+        await deferLater(reactor, 0.2, lambda: None)  # the pty fills up: nobody reads it
+        stopped = answerer.stopService()
+        for _ in range(200):
+            if stopped.called:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        assert stopped.called, "the stop waited for a drain that never comes"
+        assert calls[0].ended.called and calls[0].lost is not None
+        assert not port.connected and not (tmp_path / lock_name(str(device))).exists()
+    finally:
+        os.close(slave)
+        os.close(master)

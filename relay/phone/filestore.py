@@ -16,6 +16,13 @@ committed envelope also names every recipient the first answer accepted: a re-pr
 cut-off message stays in ``in/partial``; its size, after an fsync, is the offset the next
 call resumes from, and the digest check at commit catches anything a crash left behind.
 
+Ids are remembered "long enough to outlive any resend", not for ever:
+:meth:`FilePhoneStore.forget` drops the envelopes of messages committed before a time
+whose text has been taken (a committed text still there is mail not yet handed on, and
+is kept), and partial texts untouched since then (a message the sender gave up on).  The
+owner calls it periodically with a time older than any resend can be (the relay: twice
+its ``give_up_after``).
+
 Every file operation runs in a thread off the reactor (fsync is not cheap), one batch at
 a time in the order asked: the operations that arrived while a batch ran form the next
 batch, and a directory touched by several commits of a batch is fsynced once for all of
@@ -218,6 +225,14 @@ class FilePhoneStore:
         )
         return result
 
+    # --- forgetting ---------------------------------------------------------------------
+
+    def forget(self, before: float) -> Deferred[int]:
+        """Forget the ids committed before ``before`` (seconds since the epoch) whose text
+        has been taken, and drop partial texts untouched since; fire with how many ids."""
+        result: Deferred[int] = self._lane.run(_forget, self.root, before)
+        return result
+
     def commit(
         self, site: str, message_id: str, envelope: Envelope, size: int, digest: bytes
     ) -> Deferred[str]:
@@ -374,3 +389,33 @@ def _commit(
         batch.dirs.add(mail)
 
     batch.after_sync.append(commit_point)
+
+
+def _older(path: Path, before: float) -> bool:
+    try:
+        return path.stat().st_mtime < before
+    except FileNotFoundError:
+        return False
+
+
+def _forget(batch: _Batch, root: Path, before: float) -> int:
+    if not root.is_dir():
+        return 0
+    forgotten = 0
+    for site_dir in root.iterdir():
+        mail = site_dir / "in" / "mail"
+        if mail.is_dir():
+            for env_path in mail.glob("*.env"):
+                message_id = env_path.name[: -len(".env")]
+                if (mail / f"{message_id}.text").exists() or not _older(env_path, before):
+                    continue
+                env_path.unlink(missing_ok=True)
+                batch.dirs.add(mail)
+                forgotten += 1
+        partial = site_dir / "in" / "partial"
+        if partial.is_dir():
+            for part in partial.iterdir():
+                if _older(part, before):
+                    part.unlink(missing_ok=True)
+                    batch.dirs.add(partial)
+    return forgotten

@@ -8,7 +8,10 @@ or the line drops, closes the device (which drops DTR and hangs the modem up),
 re-opens it after a short pause (the modem is reset by its init commands again) and
 waits for the next call.  A device that cannot be opened (gone, busy with another
 program's lock) is tried again with exponential backoff, so a USB adapter plugged back
-in, or an emulator that re-creates its device, is picked up again.
+in, or an emulator that re-creates its device, is picked up again.  Stopping closes the
+line gracefully, but a line that has stopped draining (a far end that no longer reads,
+flow control held) would keep the close waiting for ever, and ``twistd`` with it: after
+``close_grace`` seconds the line is dropped without its unsent bytes.
 
 A TCP port is answered by a Twisted server endpoint (:func:`answer_factory` gives the
 factory); standard input/output by :func:`serve_stdio`.
@@ -24,6 +27,7 @@ import serial
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.internet.stdio import StandardIO
@@ -35,7 +39,7 @@ from relay.sansio.modem import answer_script, hangup_script
 from relay.transport.description import SerialSettings, is_serial, parse_serial
 from relay.transport.endpoints import server_endpoint
 from relay.transport.lock import DEFAULT_LOCK_DIR
-from relay.transport.serial import open_serial
+from relay.transport.serial import LockedSerialPort, open_serial
 from relay.transport.setup import CallFailed, LinePlan, LineSetup
 
 __all__ = [
@@ -51,6 +55,7 @@ log = Logger()
 CallFactory = Callable[[], IProtocol]  # a fresh call protocol (a PhoneProtocol) per call
 REOPEN_DELAY: Final = 1.0  # seconds the device stays closed between calls (DTR low)
 RETRY_MAX: Final = 60.0  # longest wait between attempts to open a device that fails
+CLOSE_GRACE: Final = 5.0  # seconds a stop waits for the line to drain before dropping it
 
 
 def answer_plan(modem_init: Sequence[str] | None) -> LinePlan:
@@ -73,8 +78,10 @@ class SerialAnswerer(Service):
         lock_dir: Path | str = DEFAULT_LOCK_DIR,
         reopen_delay: float = REOPEN_DELAY,
         retry_max: float = RETRY_MAX,
+        close_grace: float = CLOSE_GRACE,
     ) -> None:
         self._reactor = reactor
+        self._close_grace = close_grace
         self._clock: IReactorTime = reactor
         self.settings = settings
         self._new_call = new_call
@@ -101,7 +108,22 @@ class SerialAnswerer(Service):
             return succeed(None)
         if setup.transport is not None:
             setup.transport.loseConnection()
+            if not setup.closed.called:
+                grace = self._clock.callLater(self._close_grace, self._drop_stuck, setup)
+                setup.closed.addBoth(_cancelling, grace)
         return setup.closed
+
+    def _drop_stuck(self, setup: LineSetup) -> None:
+        """The line did not drain within the grace: drop it, unsent bytes and all."""
+        port = setup.transport
+        if not isinstance(port, LockedSerialPort) or not port.connected:
+            return
+        log.warn(
+            "answer: {device} did not drain within {grace:.1f} s of the stop; dropping it",
+            device=escape(self.settings.device),
+            grace=self._close_grace,
+        )
+        port.drop(ConnectionAborted("the line did not drain"))
 
     def _open(self) -> None:
         self._timer = None
@@ -155,6 +177,13 @@ class SerialAnswerer(Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+
+def _cancelling(result: object, call: IDelayedCall) -> object:
+    """Cancel ``call`` if it is still to come; pass ``result`` on."""
+    if call.active():
+        call.cancel()
+    return result
 
 
 def _ignore_call_failed(failure: Failure) -> None:

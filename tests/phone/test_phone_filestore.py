@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,37 @@ async def test_commits_that_arrive_together_share_directory_syncs(
     )
     assert {m: t for m, (_, t) in store.received(HUB).items()} == texts
     assert len(synced) <= 8
+
+
+@pytest_twisted.ensureDeferred
+async def test_remembered_ids_are_forgotten_after_their_time(tmp_path: Path) -> None:
+    """``forget(before)`` drops the ids committed before that time and the partial texts
+    untouched since, keeps newer ones, and never drops a committed text still waiting to
+    be taken (the relay's recovery needs it)."""
+    store = _store(tmp_path)
+    text = b"remembered text"
+    digest = hashlib.sha256(text).digest()
+    for message_id in ("old", "new", "waiting"):
+        await store.accept(HUB, message_id, envelope(), len(text))
+        await store.write_text(HUB, message_id, 0, text)
+        await store.commit(HUB, message_id, envelope(), len(text), digest)
+    await store.write_text(HUB, "cut-old", 0, b"part")
+    await store.write_text(HUB, "cut-new", 0, b"part")
+    mail = tmp_path / HUB / "in" / "mail"
+    partial = tmp_path / HUB / "in" / "partial"
+    for taken in ("old", "new"):
+        (mail / f"{taken}.text").unlink()  # stored in the queue: only the id is left
+    for path in (mail / "old.env", mail / "waiting.env", partial / "cut-old"):
+        os.utime(path, (1000.0, 1000.0))
+    forgotten = await store.forget(2000.0)
+    assert forgotten == 1
+    assert sorted(p.name for p in mail.iterdir()) == [
+        "new.env",
+        "waiting.env",
+        "waiting.text",
+    ]
+    assert [p.name for p in partial.iterdir()] == ["cut-new"]
+    fresh = await store.accept(HUB, "old", envelope(), len(text))
+    assert fresh.whole is None and fresh.offset == 0
+    held = await store.accept(HUB, "new", envelope(), len(text))
+    assert held.whole == ALREADY_HAVE

@@ -3,7 +3,8 @@
 :func:`build_phone` makes its parts from ``[phone]`` (for :mod:`relay.tap` and
 :mod:`relay.slave_tap`).  The modules, one job each: ``channel`` (the ``IChannel`` the
 deliverer sees), ``outbox`` and ``inbox`` (the spool's side of the link's store, joined
-in ``store``), ``held`` (the read side of a received message), ``calls`` (placing and
+in ``store``), ``held`` (the read side of a received message), ``forgetting`` (dropping the
+link's remembered ids once no resend can come), ``calls`` (placing and
 answering calls), ``scheduler`` (when to call), ``calllog`` (the record of calls) and
 ``service`` (the wiring).
 """

@@ -11,7 +11,9 @@ either end, over the relay's :class:`~relay.channels.phone.store.SpoolPhoneStore
   devices re-opened after each call, TCP listeners), :class:`StdioAnswerer` for
   ``relay slave --stdio``; each call gets a fresh :meth:`PhoneCalls.answer_protocol`.
 
-When a call ends, whatever the link did not settle stays queued
+Each call has its own view of the store (:meth:`SpoolPhoneStore.for_call`), so calls
+with one site at once (it calls in while we call it) keep their offers apart.  When a
+call ends, whatever it offered and the link did not settle stays queued
 (:meth:`~relay.channels.phone.outbox.SpoolOutbox.release`), the call gets one log line
 and a :class:`~relay.channels.phone.calllog.CallRecord` in the call log and the metrics,
 and the listeners given to :meth:`PhoneCalls.add_listener` hear of it (the scheduler's
@@ -21,6 +23,7 @@ backoff, the deliverer's flush).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,7 @@ from relay.sansio.phone.accounting import CallSummary
 from relay.sansio.phone.link import Link, LinkParams
 from relay.sansio.phone.records import Role
 from relay.sansio.phone.session import SessionOptions
+from relay.services import attach, named_multiservice
 from relay.transport import (
     DEFAULT_LOCK_DIR,
     CallFailed,
@@ -49,7 +53,9 @@ from relay.transport import (
     answering_service,
     client_endpoint,
     dial_plan,
+    is_serial,
     is_stdio,
+    parse_serial,
     place_call,
     serve_stdio,
 )
@@ -63,8 +69,16 @@ class CallProtocol(PhoneProtocol):
     """The link's driver, bounded by a time limit from the moment it has the line, and
     telling when its transport closed."""
 
-    def __init__(self, *args: Any, time_limit: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        new_session: Any,
+        store: SpoolPhoneStore,
+        clock: Any,
+        *,
+        time_limit: float,
+    ) -> None:
+        super().__init__(new_session, store, clock)
+        self.call_store = store
         self._time_limit = time_limit
         self._limit_timer: IDelayedCall | None = None
         self.started: float | None = None
@@ -113,10 +127,13 @@ class PhoneCalls:
         *,
         modem_init: Sequence[str] | None = None,
         lock_dir: Path = Path(DEFAULT_LOCK_DIR),
+        handshake_timeout: float = 60.0,
     ) -> None:
         """``modem_init``: AT commands for modems on serial lines (None: direct lines);
-        ``lock_dir``: where serial devices are locked UUCP-style."""
+        ``lock_dir``: where serial devices are locked UUCP-style; ``handshake_timeout``:
+        how long a peer has to prove itself before the line is dropped."""
         self.local_name = local_name
+        self._handshake_timeout = handshake_timeout
         self._modem_init = tuple(modem_init) if modem_init is not None else None
         self._lock_dir = lock_dir
         self.sites = sites
@@ -185,7 +202,7 @@ class PhoneCalls:
                 record = CallRecord.from_summary("out", protocol.started or start, summary)
         finally:
             lock.release()
-        self._ended(record, site.name)
+        self._ended(record, site.name, protocol.call_store)
         return record
 
     def _protocol(
@@ -201,6 +218,7 @@ class PhoneCalls:
             compression=site.compression if site else True,
             encryption=site.encryption if site else False,
             line_rate=rate,
+            handshake_timeout=self._handshake_timeout,
         )
         factory = session_factory(
             role=role,
@@ -215,7 +233,7 @@ class PhoneCalls:
             if site is not None
             else max((s.max_call_time for s in self.sites.values()), default=3600.0)
         )
-        return CallProtocol(factory, self.store, self._reactor, time_limit=limit)
+        return CallProtocol(factory, self.store.for_call(), self._reactor, time_limit=limit)
 
     # --- answering --------------------------------------------------------------------------
 
@@ -226,7 +244,8 @@ class PhoneCalls:
         def ended(summary: CallSummary) -> None:
             if summary.peer or summary.wire_bytes_received:  # not a line that stayed silent
                 start = protocol.started or self._reactor.seconds()
-                self._ended(CallRecord.from_summary("in", start, summary), summary.peer)
+                record = CallRecord.from_summary("in", start, summary)
+                self._ended(record, summary.peer, protocol.call_store)
 
         protocol.ended.addCallback(ended)
         protocol.ended.addErrback(lambda f: _log.failure("phone: answering failed", f))
@@ -234,21 +253,32 @@ class PhoneCalls:
 
     def answering(self, answer: Sequence[str]) -> IService:
         """A service answering on each non-stdio ``[phone] answer`` entry, call after call
-        (serial lines re-opened after each call, with the modem reset if there is one)."""
-        return answering_service(
-            self._reactor,
-            [d for d in answer if not is_stdio(d)],
-            self.answer_protocol,
-            modem_init=self._modem_init,
-            lock_dir=self._lock_dir,
-        )
+        (serial lines re-opened after each call, with the modem reset if there is one).
+
+        A call answered on a serial line is told the line's configured ``baudrate`` (the
+        summary's efficiency is measured against it); TCP has no line rate, so a call
+        answered there has no efficiency."""
+        top = named_multiservice("answering")
+        for description in answer:
+            if is_stdio(description):
+                continue
+            rate = parse_serial(description).baudrate if is_serial(description) else None
+            child = answering_service(
+                self._reactor,
+                [description],
+                partial(self.answer_protocol, line_rate=rate),
+                modem_init=self._modem_init,
+                lock_dir=self._lock_dir,
+            )
+            attach(child, top, description)
+        return top
 
     # --- the end of a call -------------------------------------------------------------------
 
-    def _ended(self, record: CallRecord, site: str | None) -> None:
+    def _ended(self, record: CallRecord, site: str | None, store: SpoolPhoneStore) -> None:
         self.last[record.site] = record
         if site:
-            kept = self.store.outbox.release(site)
+            kept = store.release(site)
             if kept:
                 _log.info("phone: {count} messages for {site} stay queued", count=kept, site=site)
         _log.info(

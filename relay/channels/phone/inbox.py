@@ -19,7 +19,16 @@ then is the message read from there into the queue, through the channel's read s
 :class:`~relay.interfaces.IReadSession`), and the kept copy removed.  A crash between
 the two leaves the copy; :meth:`SpoolInbox.recover` stores every such copy at start (a
 crash between the queue's store and the removal can duplicate a message, never lose
-one).
+one).  When the queue refuses the store while the relay runs (a full disk, say), the
+sender is told "not now" (its resend will be "already have it") and the copy is stored
+again after :data:`STORE_RETRY_MIN` seconds, the delay doubling up to
+:data:`STORE_RETRY_MAX`, until the queue takes it: the mail does not wait for a restart.
+
+An id committed before is answered from the link's memory alone
+(:func:`~relay.sansio.phone.session.held_acceptance`: "already have it" for the
+recipients it stored, a temporary "not held for" for the others), never decided afresh:
+a recipient accepted again would bring a second copy.  The sender offers a retry of the
+others under a new id (:func:`relay.channels.phone.outbox.link_id`), decided afresh.
 
 Loops: a message whose header already holds ``max_hops`` ``Received:`` lines is refused
 for good (:class:`~relay.errors.MessageRefused`), as a gateway refuses one at DATA.
@@ -33,8 +42,10 @@ from pathlib import Path
 from typing import Any, Final
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from relay.address import Address
 from relay.channels.phone.held import HeldMessage
@@ -47,8 +58,12 @@ from relay.reply import Reply, ReplyCode, from_smtp
 from relay.sansio.phone.session import Acceptance
 from relay.sansio.smtp.wire import SmtpReply
 
-__all__ = ["MAX_HOPS", "SpoolInbox", "count_hops"]
+__all__ = ["MAX_HOPS", "STORE_RETRY_MAX", "STORE_RETRY_MIN", "SpoolInbox", "count_hops"]
 
+STORE_RETRY_MIN: Final = 5.0
+"""Seconds before a committed message the queue could not store is stored again."""
+STORE_RETRY_MAX: Final = 600.0
+"""The longest wait between two such tries."""
 MAX_HOPS: Final = 50
 """``Received:`` lines after which a message is taken to loop (Postfix's hopcount_limit)."""
 _AOK: Final = Reply(ReplyCode.AOK)
@@ -76,9 +91,13 @@ class SpoolInbox:
         hostname: str,
         max_message_size: Callable[[str], int | None],
         max_hops: int = MAX_HOPS,
+        clock: IReactorTime | None = None,
     ) -> None:
         """``decide`` answers a recipient as the gateway would for an authenticated
-        client; ``max_message_size(site)`` is the limit for a site (None: none)."""
+        client; ``max_message_size(site)`` is the limit for a site (None: none);
+        ``clock`` times the retries of failed stores (default: ``reactor``)."""
+        self._clock: IReactorTime = reactor if clock is None else clock
+        self._retries: dict[tuple[str, str], IDelayedCall] = {}
         self.root = root
         self._links = FilePhoneStore(root, reactor)
         self._queue = queue
@@ -101,8 +120,8 @@ class SpoolInbox:
         d = self._links.accept(site, message_id, envelope, size)
 
         def decided(held: Acceptance) -> Acceptance:
-            if held.whole is not None:
-                return held
+            if held.whole is not None or any(r.code is not ReplyCode.AOK for r in held.replies):
+                return held  # committed before: answered from memory, never accepted again
             return Acceptance(replies, held.offset)
 
         return d.addCallback(decided)
@@ -122,7 +141,54 @@ class SpoolInbox:
     ) -> Deferred[str]:
         """Check the hash, remember the id, store in the queue; fire with the queue id."""
         d = self._links.commit(site, message_id, envelope, size, digest)
-        return d.addCallback(lambda _: ensureDeferred(self._store(site, message_id, envelope)))
+        return d.addCallback(lambda _: self._store_or_retry(site, message_id, envelope))
+
+    def _store_or_retry(self, site: str, message_id: str, envelope: Envelope) -> Deferred[str]:
+        """Store a committed message in the queue; if the queue fails, try again later
+        (and pass the failure on)."""
+        d = ensureDeferred(self._store(site, message_id, envelope))
+
+        def failed(failure: Failure) -> Failure:
+            if not isinstance(failure.value, (MessageRefused, FileNotFoundError)):
+                self._retry_later(site, message_id, envelope, STORE_RETRY_MIN)
+            return failure
+
+        return d.addErrback(failed)
+
+    def _retry_later(self, site: str, message_id: str, envelope: Envelope, delay: float) -> None:
+        key = (site, message_id)
+        if key in self._retries:
+            return
+        _log.warn(
+            "phone: message {id} from {site} not stored in the queue; trying again in"
+            " {delay:.0f} s",
+            id=message_id,
+            site=site,
+            delay=delay,
+        )
+        self._retries[key] = self._clock.callLater(
+            delay, self._retry, site, message_id, envelope, delay
+        )
+
+    def _retry(self, site: str, message_id: str, envelope: Envelope, delay: float) -> None:
+        del self._retries[site, message_id]
+        d = ensureDeferred(self._store(site, message_id, envelope))
+
+        def failed(failure: Failure) -> None:
+            if isinstance(failure.value, (MessageRefused, FileNotFoundError)):
+                return  # refused for good, or stored meanwhile: nothing left to store
+            _log.failure("phone: cannot store {id} from {site}", failure, id=message_id, site=site)
+            later = min(delay * 2.0, STORE_RETRY_MAX)
+            self._retry_later(site, message_id, envelope, later)
+
+        d.addErrback(failed)
+
+    def stop_retries(self) -> None:
+        """Cancel the stores waiting to be tried again (the next start recovers them)."""
+        for call in self._retries.values():
+            if call.active():
+                call.cancel()
+        self._retries.clear()
 
     async def _store(self, site: str, message_id: str, envelope: Envelope) -> str:
         path = self.root / site / "in" / "mail" / f"{message_id}.text"
@@ -187,6 +253,10 @@ class SpoolInbox:
         )
         return queue_id
 
+    def forget(self, before: float) -> Deferred[int]:
+        """Forget the ids committed before ``before`` (:meth:`FilePhoneStore.forget`)."""
+        return self._links.forget(before)
+
     def recover(self) -> Deferred[int]:
         """Store what a crash left between the link's commit and the queue; fire with
         how many messages that was."""
@@ -195,7 +265,10 @@ class SpoolInbox:
     async def _recover(self) -> int:
         found: list[tuple[str, str, Envelope]] = await self._in_thread(_left_behind, self.root)
         for site, message_id, envelope in found:
-            await self._store(site, message_id, envelope)
+            try:
+                await self._store_or_retry(site, message_id, envelope)
+            except Exception:
+                _log.failure("phone: cannot recover {id} from {site}", id=message_id, site=site)
         return len(found)
 
     def _in_thread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:

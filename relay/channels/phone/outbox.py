@@ -10,21 +10,37 @@ takes every recipient routed to ``phone:SITE`` that is not final nor held, wheth
 or resting, claims them the way the deliverer's scan does (so the deliverer leaves them
 alone while the call has them), and offers each message once with those recipients.
 
-The message id on the link is the queue id.  The text is read from the spool in order
+The message id on the link is the queue id, a dot, and a digest of the recipients
+offered (:func:`link_id`).  The receiver remembers an id it has committed with the answer
+it gave each recipient, and answers a re-proposal of that id from memory, so:
+
+* a resend after a drop offers the same recipients (every one offered was released
+  with a temporary reply), hence the same id, and is recognised: each copy is stored
+  exactly once;
+* a retry of the recipients a call refused *for now* (its final reply arrived, the
+  others were delivered or bounced) offers fewer recipients, hence a new id, and gets
+  a fresh answer instead of the remembered refusal until the message expires.
+
+The text is read from the spool in order
 (one reader per message, kept while its text flows; a resend from an earlier offset
 opens a fresh one).  Each :meth:`settle` hands the receiver's replies to the deliverer's
 :class:`~relay.deliver.recorder.Recorder` as one attempt: delivered recipients are
 committed, permanent failures bounce with a DSN, temporary ones are deferred, and the
 delay warning and the lifetime limit apply as for any channel.  :meth:`release` ends a
-call: what was offered and not settled is recorded as a temporary failure (the line
+call: what that call offered and did not settle is recorded as a temporary failure (the line
 went before the receiver answered: sent again next call, never lost; the receiver's
 memory of ids makes a resend of something it had stored an "already have it").
+
+Offers are kept per call (``call``, any hashable token the caller picks, one per call),
+not per site: a site may call in while we call it, and each call releases and settles
+only what it offered itself.  The deliverer's claims keep a recipient in one call at a
+time.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -34,15 +50,16 @@ from twisted.logger import Logger
 from relay.address import Address
 from relay.deliver.recorder import Recorder
 from relay.deliver.work import Attempted, Claims, MessageWork
-from relay.envelope import Destination, RecipientState
+from relay.envelope import Destination, Envelope, RecipientState
 from relay.interfaces import IQueue, ITextReader
 from relay.reply import Reply, ReplyCode
 from relay.sansio.phone.session import Outgoing
 
-__all__ = ["PHONE_CHANNEL", "Deliverer", "SpoolOutbox"]
+__all__ = ["PHONE_CHANNEL", "Deliverer", "SpoolOutbox", "link_id"]
 
 PHONE_CHANNEL: Final = "phone"
 _READ_BLOCK: Final = 65536
+_ID_DIGEST: Final = 16  # hex digits of the recipients' digest in a link id
 _CUT_OFF: Final = Reply(ReplyCode.AGN, "the call ended before the site answered")
 
 _log = Logger()
@@ -55,6 +72,15 @@ class Deliverer(Protocol):
     def claims(self) -> Claims: ...
     @property
     def recorder(self) -> Recorder | None: ...
+
+
+def link_id(queue_id: str, envelope: Envelope, indices: Sequence[int]) -> str:
+    """The id a message goes by on the link when ``indices`` are its recipients offered."""
+    hasher = hashlib.sha256()
+    for index in indices:
+        address = envelope.recipients[index].address.smtp_path()
+        hasher.update(f"{index}:{address}\n".encode("utf-8", "surrogateescape"))
+    return f"{queue_id}.{hasher.hexdigest()[:_ID_DIGEST]}"
 
 
 @dataclass(eq=False)
@@ -81,7 +107,7 @@ class SpoolOutbox:
         self._queue = queue
         self._deliverer = deliverer
         self._route = route
-        self._offered: dict[tuple[str, str], _Offered] = {}
+        self._offered: dict[tuple[Hashable, str, str], _Offered] = {}  # (call, site, id)
 
     def waiting(self, site: str) -> Deferred[list[tuple[str, int]]]:
         """Fire with (queue id, recipients) of each message waiting for ``site``."""
@@ -98,18 +124,20 @@ class SpoolOutbox:
                 found.append((queue_id, len(selected[1])))
         return found
 
-    def outgoing(self, site: str) -> Deferred[Sequence[Outgoing]]:
-        """Claim and describe every message with recipients for ``site``, oldest first."""
-        return ensureDeferred(self._outgoing(site))
+    def outgoing(self, site: str, call: Hashable = None) -> Deferred[Sequence[Outgoing]]:
+        """Claim and describe every message with recipients for ``site``, oldest first,
+        as offered in ``call``."""
+        return ensureDeferred(self._outgoing(site, call))
 
-    async def _outgoing(self, site: str) -> list[Outgoing]:
+    async def _outgoing(self, site: str, call: Hashable) -> list[Outgoing]:
         queue = self._queue()
         if queue is None or self._deliverer().recorder is None:
             return []
         claims = self._deliverer().claims
         offers = []
+        offered_now = {o.work.queue_id for (_, s, _), o in self._offered.items() if s == site}
         for queue_id in await queue.list_messages():
-            if (site, queue_id) in self._offered:
+            if queue_id in offered_now:
                 continue
             selected = await self._select(queue, queue_id, site, claim=True)
             if selected is None:
@@ -126,8 +154,9 @@ class SpoolOutbox:
             envelope = work.envelope.with_recipients(
                 tuple(work.envelope.recipients[i] for i in indices)
             )
-            self._offered[site, queue_id] = _Offered(work, indices)
-            offers.append(Outgoing(queue_id, envelope, size, digest))
+            message_id = link_id(queue_id, work.envelope, indices)
+            self._offered[call, site, message_id] = _Offered(work, indices)
+            offers.append(Outgoing(message_id, envelope, size, digest))
         return offers
 
     async def _select(
@@ -166,18 +195,22 @@ class SpoolOutbox:
             work.routes.update({i: wanted for i in indices})
         return work, tuple(indices)
 
-    def read_text(self, site: str, message_id: str, offset: int, max_bytes: int) -> Deferred[bytes]:
-        """Up to ``max_bytes`` of an offered message's text from ``offset``."""
-        return ensureDeferred(self._read_text(site, message_id, offset, max_bytes))
+    def read_text(
+        self, site: str, message_id: str, offset: int, max_bytes: int, call: Hashable = None
+    ) -> Deferred[bytes]:
+        """Up to ``max_bytes`` of the text of a message ``call`` offered, from ``offset``."""
+        return ensureDeferred(self._read_text((call, site, message_id), offset, max_bytes))
 
-    async def _read_text(self, site: str, message_id: str, offset: int, max_bytes: int) -> bytes:
-        offered = self._offered[site, message_id]
+    async def _read_text(
+        self, key: tuple[Hashable, str, str], offset: int, max_bytes: int
+    ) -> bytes:
+        offered = self._offered[key]  # a KeyError fails the Deferred: not offered in this call
         queue = self._queue()
         assert queue is not None
         if offered.reader is None or offset < offered.position:
             if offered.reader is not None:
                 offered.reader.close()
-            offered.reader = queue.open_message(message_id).open_text()
+            offered.reader = queue.open_message(offered.work.queue_id).open_text()
             offered.position = 0
             offered.chunks.clear()
         pending = b"".join(offered.chunks)
@@ -190,7 +223,7 @@ class SpoolOutbox:
             pending += block
         start = offset - offered.position
         if start < 0 or start > len(pending):
-            raise ValueError(f"{message_id}: offset {offset} is beyond the text")
+            raise ValueError(f"{offered.work.queue_id}: offset {offset} is beyond the text")
         data = pending[start : start + max_bytes]
         rest = pending[start + len(data) :]
         offered.position = offset + len(data)
@@ -198,18 +231,20 @@ class SpoolOutbox:
             offered.chunks.append(rest)
         return data
 
-    def settle(self, site: str, message_id: str, replies: Sequence[Reply]) -> Deferred[None]:
-        """Record the receiver's reply for each offered recipient (as one attempt)."""
-        offered = self._offered.pop((site, message_id), None)
+    def settle(
+        self, site: str, message_id: str, replies: Sequence[Reply], call: Hashable = None
+    ) -> Deferred[None]:
+        """Record the receiver's reply for each recipient ``call`` offered (one attempt)."""
+        offered = self._offered.pop((call, site, message_id), None)
         if offered is None:
             return succeed(None)
         self._record(offered, list(replies))
         return succeed(None)
 
-    def release(self, site: str) -> int:
-        """The call is over: what it offered and did not settle stays queued (a
+    def release(self, site: str, call: Hashable = None) -> int:
+        """``call`` is over: what it offered ``site`` and did not settle stays queued (a
         temporary failure is recorded).  Returns how many messages that was."""
-        left = [key for key in self._offered if key[0] == site]
+        left = [key for key in self._offered if key[:2] == (call, site)]
         for key in left:
             offered = self._offered.pop(key)
             self._record(offered, [_CUT_OFF] * len(offered.indices))

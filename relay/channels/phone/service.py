@@ -23,6 +23,7 @@ from relay.address import Address
 from relay.channels.phone.calllog import CallLog, CallRecord
 from relay.channels.phone.calls import PhoneCalls, StdioAnswerer
 from relay.channels.phone.channel import PhoneChannel
+from relay.channels.phone.forgetting import IdForgetting, remember_for
 from relay.channels.phone.inbox import SpoolInbox
 from relay.channels.phone.outbox import SpoolOutbox
 from relay.channels.phone.scheduler import CallScheduler
@@ -101,9 +102,12 @@ class PhonePart:
     def service(
         self, config: Config, reactor: Any, *, answer: bool, call_out: bool
     ) -> MultiService:
-        """The ``phone`` service: recovery at start, the answerers and the scheduler."""
+        """The ``phone`` service: recovery at start, forgetting old ids, the answerers
+        and the scheduler."""
         top = named_multiservice("phone")
         attach(_Recovery(self.inbox, self.when_ready), top, "recovery")
+        keep = remember_for(config.deliver.give_up_after)
+        attach(IdForgetting(self.inbox.forget, keep, reactor), top, "forgetting")
         if answer and config.phone.answer:
             answer_on = [_answer_description(t) for t in config.phone.answer]
             attach(self.calls.answering(answer_on), top, "answer")
@@ -163,6 +167,7 @@ def build_phone(
         reactor,
         modem_init=config.phone.modem_init,
         lock_dir=config.phone.lock_dir,
+        handshake_timeout=config.phone.handshake_timeout,
     )
     calling = {name for name, site in config.phone.sites.items() if site.transport is not None}
     scheduler = CallScheduler(
@@ -190,7 +195,8 @@ def _answer_description(transport: Transport) -> str:
 
 
 class _Recovery(Service):
-    """At start: store what a crash left between the link's commit and the queue."""
+    """At start: store what a crash left between the link's commit and the queue; at
+    stop: cancel the stores waiting to be tried again (the next start recovers them)."""
 
     def __init__(self, inbox: SpoolInbox, when_ready: Callable[[], Deferred[Any]]) -> None:
         self._inbox = inbox
@@ -201,6 +207,10 @@ class _Recovery(Service):
         d = self._when_ready().addCallback(lambda _: self._inbox.recover())
         d.addCallback(_recovered)
         d.addErrback(lambda f: _log.failure("phone: recovery failed", f))
+
+    def stopService(self) -> Any:
+        self._inbox.stop_retries()
+        return super().stopService()  # type: ignore[no-untyped-call]
 
 
 def _recovered(count: int) -> None:

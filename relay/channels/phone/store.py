@@ -4,11 +4,13 @@ Sending is :class:`~relay.channels.phone.outbox.SpoolOutbox` (the queue's mail f
 site, settled through the deliverer's recorder); receiving is
 :class:`~relay.channels.phone.inbox.SpoolInbox` (the gateway's checks, the queue's
 store, the link's durable memory of ids and partial texts in the spool's directory).
+Each call has its own view (:meth:`SpoolPhoneStore.for_call`), so that what a call
+offered is settled and released by that call alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
@@ -27,18 +29,27 @@ __all__ = ["SpoolPhoneStore"]
 class SpoolPhoneStore:
     """Both halves of a call's storage, over the spool."""
 
-    def __init__(self, outbox: SpoolOutbox, inbox: SpoolInbox) -> None:
+    def __init__(self, outbox: SpoolOutbox, inbox: SpoolInbox, call: Hashable = None) -> None:
         self.outbox = outbox
         self.inbox = inbox
+        self.call = call
+
+    def for_call(self) -> SpoolPhoneStore:
+        """The store as one new call sees it (its offers its own)."""
+        return SpoolPhoneStore(self.outbox, self.inbox, object())
+
+    def release(self, site: str) -> int:
+        """This call is over: what it offered ``site`` and did not settle stays queued."""
+        return self.outbox.release(site, self.call)
 
     def outgoing(self, site: str) -> Deferred[Sequence[Outgoing]]:
-        return self.outbox.outgoing(site)
+        return self.outbox.outgoing(site, self.call)
 
     def read_text(self, site: str, message_id: str, offset: int, max_bytes: int) -> Deferred[bytes]:
-        return self.outbox.read_text(site, message_id, offset, max_bytes)
+        return self.outbox.read_text(site, message_id, offset, max_bytes, self.call)
 
     def settle(self, site: str, message_id: str, replies: Sequence[Reply]) -> Deferred[None]:
-        return self.outbox.settle(site, message_id, replies)
+        return self.outbox.settle(site, message_id, replies, self.call)
 
     def accept(
         self, site: str, message_id: str, envelope: Envelope, size: int
