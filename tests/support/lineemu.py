@@ -316,7 +316,10 @@ class Emulator(ControlLoop):
         if line.dropped:
             line.lost += len(data)
         else:
-            direction.accept(data, now)
+            # The loop's clock may predate the connect handled in the same turn: no byte
+            # starts its way before the line is up, or a timed drop would let a few more by.
+            started = line.connected_at if line.connected_at is not None else now
+            direction.accept(data, max(now, started))
 
     def _deliver(self, line: Line, now: float) -> None:
         """Hand each side what has reached it by ``now`` (nothing that arrives after a drop)."""

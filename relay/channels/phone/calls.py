@@ -40,11 +40,11 @@ from relay.config import PhoneSite, SerialTransport, TcpTransport
 from relay.metrics.series import PHONE_CALL_BYTES, PHONE_CALLS
 from relay.oneline import escape
 from relay.phone.driver import PhoneProtocol, session_factory
+from relay.runtime.services import attach, named_multiservice
 from relay.sansio.phone.accounting import CallSummary
 from relay.sansio.phone.link import Link, LinkParams
 from relay.sansio.phone.records import Role
 from relay.sansio.phone.session import SessionOptions
-from relay.services import attach, named_multiservice
 from relay.transport import (
     DEFAULT_LOCK_DIR,
     CallFailed,
