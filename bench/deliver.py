@@ -48,6 +48,7 @@ from relay.config import parse_config  # noqa: E402
 from relay.deliver import DelivererService, build_deliverer  # noqa: E402
 from relay.envelope import Destination, Envelope, Recipient, Submitter  # noqa: E402
 from relay.interfaces import IQueue, SequencingMode  # noqa: E402
+from relay.queue.ready import QueueReady  # noqa: E402
 from relay.queue.store import SpoolQueue  # noqa: E402
 
 from support.memqueue import MemoryQueue  # noqa: E402
@@ -83,7 +84,9 @@ def _deliverer(queue: IQueue, mode: SequencingMode, clock: Any) -> DelivererServ
     config = parse_config(CONFIG, ROOT)
     channel = DiscardChannel(mode)
     quiet = Logger(observer=lambda event: None)
-    return build_deliverer(config, queue, {"discard": channel}, clock, random.Random(1), log=quiet)
+    return build_deliverer(
+        config, QueueReady.of(queue), {"discard": channel}, clock, random.Random(1), log=quiet
+    )
 
 
 def memory_run(mode: SequencingMode, messages: int, recipients: int) -> dict[str, Any]:

@@ -48,6 +48,7 @@ def main() -> None:
     from relay.config import parse_config
     from relay.gateway.service import build_gateway
     from relay.interfaces import IStore
+    from relay.queue.ready import QueueReady
     from relay.runtime.logfile import RelayLogObserver
 
     @implementer(IStore)
@@ -64,7 +65,9 @@ def main() -> None:
             '[smtp]\nlisten = ["tcp:0"]\n[local]\nusers = ["to"]\n',
             Path(work),
         )
-        gateway = build_gateway(config, AtOnce(), build_local_recipients(config), clock)
+        gateway = build_gateway(
+            config, QueueReady.of(AtOnce()), build_local_recipients(config), clock
+        )
         factory = next(c.factory for c in gateway if c.name.startswith("listen:"))  # type: ignore[attr-defined]
         peer = IPv4Address("TCP", "127.0.0.1", 40000)
 

@@ -52,6 +52,7 @@ def serve(port: int, which: str, work: Path) -> None:
     from relay.config import parse_config
     from relay.gateway.service import build_gateway
     from relay.interfaces import IStore
+    from relay.queue.ready import QueueReady
     from relay.runtime.logfile import RelayLogObserver
 
     @implementer(IStore)
@@ -67,7 +68,9 @@ def serve(port: int, which: str, work: Path) -> None:
         '[local]\nusers = ["to"]\n',
         work,
     )
-    gateway = build_gateway(config, AtOnce(), build_local_recipients(config), reactor)
+    gateway = build_gateway(
+        config, QueueReady.of(AtOnce()), build_local_recipients(config), reactor
+    )
     reactor.callWhenRunning(gateway.startService)
     signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(reactor.stop))
     reactor.run()

@@ -33,6 +33,7 @@ from relay.maildrop.dropfile import encode_drop_file
 from relay.maildrop.layout import MaildropLayout
 from relay.maildrop.pickup import PickupService
 from relay.maildrop.submit import drop
+from relay.queue.ready import QueueReady
 from relay.queue.store import SpoolQueue
 
 MESSAGE_SIZE = 4096
@@ -57,7 +58,7 @@ async def measure(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
 
         queue = await SpoolQueue.open(work / "spool", reactor)
         pickup = PickupService(
-            layout, defer.succeed(queue), reactor, hostname="bench.test", max_text=1 << 20
+            layout, QueueReady.of(queue), reactor, hostname="bench.test", max_text=1 << 20
         )
         start = time.monotonic()
         pickup.startService()

@@ -60,6 +60,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from postfix_harness import Postfix, drive, free_port, process_cpu_seconds, wait_listening
@@ -232,8 +233,8 @@ tls = "none"
     service = build_service(config, reactor)
     if MAIN_ACCEPTS != "auto" and workers:
         gateway_workers = service.getServiceNamed("smtp").getServiceNamed("workers")
-        forced = MAIN_ACCEPTS == "never"
-        gateway_workers.main_busy = lambda: forced
+        # The A/B's one knob: the deliverer's "busy" replaced by a constant answer.
+        gateway_workers.main_busy = SimpleNamespace(busy=MAIN_ACCEPTS == "never")
     baseline: list[float] = []
     profiler = None
     if profile:

@@ -41,11 +41,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def serve(port: int, spool: Path, profile: str | None, workers: int) -> None:
-    """Run the gateway (and its workers) on a real spool until SIGTERM; print the count.
+    """Run the relay's SMTP side (and its workers) on a real spool until SIGTERM; print
+    the count.
 
-    Built as ``relay.tap`` builds it, without the deliverer (the messages stay queued,
-    as Postfix's stay on hold): the gateway with its share of the limits, and
-    ``workers`` gateway worker processes handing their messages to this one.
+    Built by the builder ``relay.tap`` uses (``relay.gateway.build.build_smtp``) over
+    the spool's service, without the deliverer (the messages stay queued, as Postfix's
+    stay on hold): the gateway with its share of the limits, and ``workers`` gateway
+    worker processes handing their messages to this one.
     """
     sys.path.insert(0, str(ROOT))
     from twisted.internet import reactor
@@ -53,11 +55,13 @@ def serve(port: int, spool: Path, profile: str | None, workers: int) -> None:
 
     from relay.channels.local.users import build_local_recipients
     from relay.config import parse_config
-    from relay.gateway.limits import LocalAuthThrottle
-    from relay.gateway.service import build_auth_throttle, build_gateway, shared_listeners
-    from relay.gateway.workers import GatewayWorkers
+    from relay.gateway.build import build_smtp
+    from relay.policy.routing import Router
+    from relay.queue.ready import QueueReady
+    from relay.queue.service import SpoolService
     from relay.queue.store import SpoolQueue
     from relay.runtime.logfile import RelayLogObserver
+    from relay.runtime.services import attach, named_multiservice
 
     log = (spool.parent / "relay.log").open("w")
     # The observer `make run` uses (twistd --logger relay.logfile.observer).
@@ -70,7 +74,12 @@ def serve(port: int, spool: Path, profile: str | None, workers: int) -> None:
         '[local]\nusers = ["to"]\n',
         spool.parent,
     )
-    services = []
+    ready: QueueReady[SpoolQueue] = QueueReady()
+    router = Router(config, channels=frozenset({"local"}))
+    smtp = build_smtp(config, ready, build_local_recipients(config), reactor, router=router)
+    top = named_multiservice("relay")
+    attach(SpoolService(spool, reactor, ready=ready), top, "spool")
+    attach(smtp, top, "smtp")
     started: list[float] = []
     profiler = None
     if profile:
@@ -79,60 +88,31 @@ def serve(port: int, spool: Path, profile: str | None, workers: int) -> None:
         profiler = cProfile.Profile()
 
     def pids() -> list[int]:
-        tree = services[0][2]
-        return [os.getpid(), *(w.pid for w in tree.workers.values() if w.pid)]
+        tree = smtp.getServiceNamed("workers") if workers else None
+        return [os.getpid(), *(w.pid for w in getattr(tree, "workers", {}).values() if w.pid)]
 
     def start() -> None:
-        def opened(queue: SpoolQueue) -> None:
-            trees: list[GatewayWorkers] = []
-            auth = build_auth_throttle(config, reactor)
-            gateway = build_gateway(
-                config,
-                queue,
-                build_local_recipients(config),
-                reactor,
-                processes=1 + workers,
-                on_sessions=lambda total, limit: trees[0].main_sessions(total, limit),
-                auth_throttle=LocalAuthThrottle(auth),
-            )
-            tree = GatewayWorkers(
-                config,
-                workers,
-                lambda: shared_listeners(gateway),
-                queue,
-                {"local"},
-                reactor,
-                auth=auth,
-            )
-            trees.append(tree)
-            gateway.startService()
-            tree.startService()
-            services.append((gateway, queue, tree))
-            reactor.callLater(2.0 if workers else 0.0, ready)  # the workers' imports
+        top.startService()
+        ready.when_ready().addCallback(lambda _: reactor.callLater(2.0 if workers else 0.0, go))
 
-        def ready() -> None:
-            if profiler is not None:
-                profiler.enable()
-            started.append(process_cpu_seconds(pids()))
-            print("ready", flush=True)
-
-        SpoolQueue.open(spool, reactor).addCallback(opened)  # type: ignore[arg-type]
+    def go() -> None:  # once the workers have done their imports
+        if profiler is not None:
+            profiler.enable()
+        started.append(process_cpu_seconds(pids()))
+        print("ready", flush=True)
 
     def stop() -> object:
         if profiler is not None:
             profiler.disable()
             profiler.dump_stats(profile)
-        gateway, queue, tree = services[0]
         cpu = process_cpu_seconds(pids()) - started[0]
 
         def report(stored: list[str]) -> object:
             print(f"cpu {cpu:.3f} accepted {len(stored)}", flush=True)
-            return tree.stopService()
+            return top.stopService()
 
-        d = queue.list_messages().addCallback(report)
-        d.addCallback(lambda _: gateway.stopService())
-        d.addCallback(lambda _: queue.close())
-        return d
+        assert ready.queue is not None
+        return ready.queue.list_messages().addCallback(report)
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", stop)

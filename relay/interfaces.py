@@ -295,7 +295,9 @@ class QueueSource(Protocol):
 
     :class:`relay.queue.ready.QueueReady` is the one ``relay.tap`` makes; the spool's
     service settles it when the queue opens.  ``when_ready`` fires with the open
-    :class:`IQueue` (at once if it is open) or fails if the spool cannot be opened.
+    :class:`IQueue` (at once if it is open) or fails if the spool cannot be opened.  It
+    is the one way a part is given the queue: one open before the part is built (a
+    gateway worker's link, a test's queue) is handed over as ``QueueReady.of(queue)``.
     """
 
     def when_ready(self) -> Deferred[Any]:

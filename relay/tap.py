@@ -28,14 +28,13 @@ from twisted.python.failure import Failure
 from relay import __version__
 from relay.channels.local import LocalChannel, build_local_channel
 from relay.channels.local.users import LocalRecipients, build_local_recipients
-from relay.channels.phone.service import PhonePart, build_phone
+from relay.channels.phone.service import build_phone, build_phone_channel
 from relay.channels.smtp.channel import SmtpChannel, build_smtp_channel
 from relay.config import Config, ConfigError, default_config, load_config
-from relay.deliver.service import DelivererService, build_deliverer
-from relay.gateway.limits import LocalAuthThrottle
-from relay.gateway.service import build_auth_throttle, build_gateway, shared_listeners
-from relay.gateway.workers import GatewayWorkers
-from relay.interfaces import IChannel, IQueue
+from relay.deliver.service import build_deliverer
+from relay.gateway.build import build_smtp
+from relay.gateway.service import Gateway
+from relay.interfaces import IChannel
 from relay.maildrop.pickup import build_pickup
 from relay.metrics.service import build_metrics
 from relay.policy.routing import Router
@@ -157,9 +156,10 @@ def build_service(
         reactor = global_reactor
     if local_recipients is None:
         local_recipients = build_local_recipients(config)
-    # Everything is built first, each part given its collaborators, then attached in
-    # the order the tree starts; nothing is patched after it is built.  The queue, once
-    # open, is one QueueReady that the spool settles and every other part waits on.
+    # Everything is built first, each part given its collaborators in its constructor,
+    # then attached in the order the tree starts; nothing is patched after it is built.
+    # The queue, once open, is one QueueReady that the spool settles and every other
+    # part waits on.
     ready: QueueReady[SpoolQueue] = QueueReady()
     ready.when_ready().addErrback(_stop_without_spool, reactor)
     local = build_local_channel(config, ready, reactor, recipients=local_recipients)
@@ -172,14 +172,15 @@ def build_service(
         config, reactor, **{"route": router.route, **dict(smtp_options or {})}
     )
     channels: dict[str, IChannel] = {"local": local, "smtp": smtp}
-    phone: PhonePart | None = None
-    deliverer: DelivererService
-    if with_phone:
-        phone = build_phone(
-            config, ready.when_ready, router, local_recipients, reactor, lambda: deliverer
-        )
-        channels["phone"] = phone.channel
+    phone_channel = build_phone_channel(config) if with_phone else None
+    if phone_channel is not None:
+        channels["phone"] = phone_channel
     deliverer = build_deliverer(config, ready, channels, reactor, router=router)
+    phone = None
+    if phone_channel is not None:
+        phone = build_phone(
+            config, ready, phone_channel, deliverer, router, local_recipients, reactor
+        )
     report = DaemonReport(
         reactor, deliverer.history, phone.site_report if phone is not None else None
     )
@@ -200,38 +201,7 @@ def build_service(
         # After the deliverer: it stops first, and a call's last settlements still find
         # the deliverer's recorder running.
         attach(phone.service(config, reactor, answer=True, call_out=calls_out), top, "phone")
-    queue_ready: Deferred[IQueue] = ready.when_ready().addCallback(lambda queue: queue)
-    processes = 1 + config.smtp.workers
-    workers: GatewayWorkers | None = None
-
-    def sessions(total: int, limit: int) -> None:
-        if workers is not None:
-            workers.main_sessions(total, limit)
-
-    auth = build_auth_throttle(config, reactor)  # the relay's one: workers ask it too
-    gateway = build_gateway(
-        config,
-        queue_ready,
-        local_recipients,
-        reactor,
-        router=router,
-        processes=processes,
-        on_sessions=sessions,
-        auth_throttle=LocalAuthThrottle(auth),
-    )
-    if config.smtp.workers:
-        # Attached after the listeners: started once they are bound, stopped first.
-        workers = GatewayWorkers(
-            config,
-            config.smtp.workers,
-            lambda: shared_listeners(gateway),
-            queue_ready,
-            router.channels,
-            reactor,
-            main_busy=lambda: deliverer.busy,
-            auth=auth,
-        )
-        attach(workers, gateway, "workers")  # type: ignore[arg-type]
+    gateway = build_smtp(config, ready, local_recipients, reactor, router=router, busy=deliverer)
     attach(gateway, top, "smtp")
     _attach_operator_services(top, config, reactor, spool, report, router, gateway)
     return top
@@ -244,7 +214,7 @@ def _attach_operator_services(
     spool: SpoolService,
     report: DaemonReport,
     router: Router,
-    gateway: IService,
+    gateway: Gateway,
 ) -> None:
     """``relay status``'s report, the maildrop's pickup (``relay sendmail``), and the
     Prometheus endpoint if ``[metrics] listen`` is set.
@@ -253,7 +223,7 @@ def _attach_operator_services(
     picked up while the relay shuts down.
     """
     attach(report, top, "report")
-    attach(build_pickup(config, spool.when_ready(), reactor, router.route), top, "pickup")
+    attach(build_pickup(config, spool.ready, reactor, router.route), top, "pickup")
     if config.metrics.listen is not None:
         attach(build_metrics(config.metrics.listen, reactor, spool, gateway), top, "metrics")
 

@@ -25,6 +25,7 @@ from relay.envelope import Destination, RecipientState
 from relay.interfaces import IDeliverer
 from relay.policy.dsn import DOUBLE_BOUNCE_PROTOCOL, DSN_PROTOCOL
 from relay.policy.routing import Router
+from relay.queue.ready import QueueReady
 from relay.reply import Reply, ReplyCode
 
 from support.deferreds import fired
@@ -461,7 +462,7 @@ def test_routes_are_remembered_per_address() -> None:
     smtp = ScriptedChannel(LIST, "smtp")
     harness = Harness(smtp)
     service = DelivererService(
-        harness.queue,
+        QueueReady.of(harness.queue),
         {"smtp": smtp},
         harness.config.deliver,
         CountingRouter(harness.config, ["smtp"]),

@@ -32,6 +32,7 @@ from twisted.internet.defer import Deferred
 from relay.deliver import build_deliverer
 from relay.envelope import RecipientState
 from relay.interfaces import SequencingMode
+from relay.queue.ready import QueueReady
 from relay.queue.store import SpoolQueue
 from relay.reply import Reply, ReplyCode
 
@@ -53,6 +54,7 @@ from relay.deliver import build_deliverer
 from relay.interfaces import IChannel, IChannelSession, SequencingMode
 from relay.queue.store import SpoolQueue
 from relay.reply import Reply, ReplyCode
+from relay.queue.ready import QueueReady
 
 spool, journal_path, marker, mode_name, config_text, hang_id = sys.argv[1:7]
 mode = SequencingMode(mode_name)
@@ -135,7 +137,7 @@ async def main():
     state["queue"] = queue
     config = parse_config(config_text, Path(spool))
     quiet = Logger(observer=lambda e: None)
-    service = build_deliverer(config, queue, {"fake": Channel()}, reactor, log=quiet)
+    service = build_deliverer(config, QueueReady.of(queue), {"fake": Channel()}, reactor, log=quiet)
     service.startService()
     task.LoopingCall(watch).start(0.01)
 
@@ -184,7 +186,7 @@ async def _second_run(queue: SpoolQueue, mode: SequencingMode) -> set[tuple[str,
     """A fresh deliverer on the reopened spool; what it delivered, once the spool is empty."""
     channel = ScriptedChannel(mode)
     config = make_config()
-    service = build_deliverer(config, queue, {"fake": channel}, reactor)
+    service = build_deliverer(config, QueueReady.of(queue), {"fake": channel}, reactor)
     service.startService()
     try:
         await until(lambda: not queue.entries(), 30)
@@ -275,7 +277,9 @@ async def test_stop_mid_delivery_then_restart_redelivers_exactly_the_unrecorded(
 
         channel.answers["add_recipient"] = per_address
     config = make_config(initial_destination_concurrency=1)
-    service = build_deliverer(config, queue, {"fake": channel}, reactor, stop_grace=0.05)
+    service = build_deliverer(
+        config, QueueReady.of(queue), {"fake": channel}, reactor, stop_grace=0.05
+    )
     service.startService()
     await until(lambda: [e.queue_id for e in queue.entries()] == [ids[HANGS_ON]], 30)
     await service.stopService()

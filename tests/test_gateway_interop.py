@@ -30,6 +30,7 @@ from relay.envelope import Destination
 from relay.gateway.auth import ScryptParams, make_user_line
 from relay.gateway.service import RecordingEndpoint, build_gateway
 from relay.interfaces import ILocalRecipients
+from relay.queue.ready import QueueReady
 from relay.queue.store import SpoolQueue
 from relay.sansio.smtp.wire import ReplyParser
 
@@ -135,7 +136,9 @@ async def gateway(
         tmp_path,
     )
     queue = await SpoolQueue.open(tmp_path / "spool", reactor)  # type: ignore[arg-type]
-    service = build_gateway(config, queue, LocalUsers(), reactor, greet_delay=greet_delay)
+    service = build_gateway(
+        config, QueueReady.of(queue), LocalUsers(), reactor, greet_delay=greet_delay
+    )
     service.startService()
     ports: dict[str, int] = {}
     for child in service:  # type: ignore[attr-defined]

@@ -9,6 +9,7 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.address import Address
@@ -17,6 +18,7 @@ from relay.gateway.protocol import GatewayFactory
 from relay.gateway.service import build_gateway
 from relay.gateway.tls import load_server_tls
 from relay.interfaces import ILocalRecipients
+from relay.queue.ready import QueueReady
 from relay.sansio.smtp.wire import ReplyParser
 
 
@@ -49,7 +51,7 @@ def test_one_listener_per_endpoint_string(tmp_path: Path) -> None:
         tmp_path, 'listen = ["tcp:2525:interface=127.0.0.1", "tcp6:2526:interface=\\\\:\\\\:1"]'
     )
     reactor = MemoryReactorClock()
-    service = build_gateway(config, NeverQueue(), NoUsers(), reactor)  # type: ignore[arg-type]
+    service = build_gateway(config, QueueReady.of(NeverQueue()), NoUsers(), reactor)
     names = sorted(child.name for child in service)  # type: ignore[attr-defined]
     assert names == [
         "listen:tcp6:2526:interface=\\:\\:1",
@@ -66,14 +68,14 @@ def test_one_listener_per_endpoint_string(tmp_path: Path) -> None:
 
 
 def test_a_spool_that_opens_late_means_421_until_then(tmp_path: Path) -> None:
-    """Given the spool's when_ready() Deferred, sessions get 421 4.3.2 until it fires."""
+    """Until the spool has opened, sessions get 421 4.3.2."""
     reactor = MemoryReactorClock()
-    ready: Deferred[Any] = Deferred()
+    ready: QueueReady[Any] = QueueReady()
     service = build_gateway(_config(tmp_path, ""), ready, NoUsers(), reactor)
     service.startService()
     factory = reactor.tcpServers[0][1]
     assert _greeting(factory) == [(421, "4.3.2")]
-    ready.callback(NeverQueue())
+    ready.opened(NeverQueue())
     assert _greeting(factory) == [(220, None)]
     service.stopService()
 
@@ -95,7 +97,7 @@ def test_stopping_the_service_ends_storing_sessions_after_their_reply(tmp_path: 
     the store's 250, then the 421, never a 421 for a message that was kept."""
     reactor = MemoryReactorClock()
     queue = PendingQueue()
-    service = build_gateway(_config(tmp_path, ""), queue, NoUsers(), reactor)  # type: ignore[arg-type]
+    service = build_gateway(_config(tmp_path, ""), QueueReady.of(queue), NoUsers(), reactor)
     service.startService()
     factory = reactor.tcpServers[0][1]
     sessions = []
@@ -122,12 +124,12 @@ def test_stopping_the_service_ends_storing_sessions_after_their_reply(tmp_path: 
 
 
 def test_a_spool_that_fails_to_open_keeps_refusing(tmp_path: Path) -> None:
-    """If the spool's Deferred fails, sessions keep getting 421 4.3.2 (and it is logged)."""
+    """If the spool fails to open, sessions keep getting 421 4.3.2 (and it is logged)."""
     reactor = MemoryReactorClock()
-    ready: Deferred[Any] = Deferred()
+    ready: QueueReady[Any] = QueueReady()
     service = build_gateway(_config(tmp_path, ""), ready, NoUsers(), reactor)
     service.startService()
-    ready.errback(OSError("spool locked"))
+    ready.failed(Failure(OSError("spool locked")))
     assert _greeting(reactor.tcpServers[0][1]) == [(421, "4.3.2")]
     service.stopService()
 
@@ -176,7 +178,7 @@ def test_listeners_share_the_text_budget_and_the_auth_throttle(tmp_path: Path) -
     reactor = MemoryReactorClock()
     service = build_gateway(
         config,
-        NeverQueue(),  # type: ignore[arg-type]
+        QueueReady.of(NeverQueue()),
         NoUsers(),
         reactor,
         max_text_in_memory=12345,
@@ -202,7 +204,7 @@ def test_limits_come_from_the_configuration(tmp_path: Path) -> None:
         'auth_max_failures = 2\nauth_failure_window = "1m"',
     )
     reactor = MemoryReactorClock()
-    service = build_gateway(config, NeverQueue(), NoUsers(), reactor)  # type: ignore[arg-type]
+    service = build_gateway(config, QueueReady.of(NeverQueue()), NoUsers(), reactor)
     service.startService()
     factory = reactor.tcpServers[0][1]
     assert factory.text_budget.limit == 4321
@@ -241,7 +243,7 @@ def test_stop_answers_the_store_in_flight_and_ends_once_the_session_closed(
     )
     reactor = MemoryReactorClock()
     queue = HeldQueue()
-    service = build_gateway(config, queue, Alice(), reactor)  # type: ignore[arg-type]
+    service = build_gateway(config, QueueReady.of(queue), Alice(), reactor)
     service.startService()
     address = IPv4Address("TCP", "127.0.0.1", 5000)
     protocol = reactor.tcpServers[0][1].buildProtocol(address)

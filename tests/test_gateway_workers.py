@@ -8,6 +8,7 @@ relay's own process stops accepting once a worker is READY (relay.gateway.worker
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -23,13 +24,17 @@ import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogEvent
+from twisted.python.failure import Failure
 
 from relay.config import parse_config
 from relay.deliver.service import DelivererService
 from relay.gateway.limits import AuthThrottle
+from relay.gateway.protocol import SessionLimiter
+from relay.gateway.service import Gateway
 from relay.gateway.workers import GatewayWorkers
 from relay.handoff.codec import Hello, encode, framed
 from relay.metrics.collectors import RelayCollector
+from relay.queue.ready import QueueReady
 from relay.tap import build_service
 
 from support.ports import free_port
@@ -197,7 +202,7 @@ def test_the_processes_share_the_session_and_memory_limits(tmp_path: Path) -> No
     config = _config(tmp_path, free_port(), workers=3)
     gateway = build_gateway(
         config,
-        object(),
+        QueueReady.of(object()),
         build_local_recipients(config),
         reactor,
         processes=4,  # type: ignore[arg-type]
@@ -257,19 +262,21 @@ def test_the_config_text_survives_the_hello(tmp_path: Path) -> None:
 
 
 def test_no_workers_start_when_the_spool_does_not_open(tmp_path: Path) -> None:
-    """The gateway turns a spool that failed to open into None: then no worker starts."""
-    from twisted.internet.defer import Deferred
+    """A spool that fails to open leaves no worker to start, and no unhandled failure."""
     from twisted.internet.testing import MemoryReactorClock
 
     fake = MemoryReactorClock()
-    opened: Deferred[Any] = Deferred()
+    opened: QueueReady[Any] = QueueReady()
     config = _config(tmp_path, 2525, workers=1)
     auth = AuthThrottle(fake)
-    workers = GatewayWorkers(config, 1, lambda: [], opened, frozenset(), fake, auth=auth)
+    gateway = Gateway(SessionLimiter(10, 10))
+    workers = GatewayWorkers(config, 1, gateway, opened, frozenset(), fake, auth=auth)
     workers.startService()
-    opened.callback(None)
-    assert opened.result is None  # nothing failed in the workers' callback
+    with logged_events() as seen:
+        opened.failed(Failure(OSError("spool locked")))
+        gc.collect()  # an unhandled failure in a Deferred would be logged now
     assert workers.workers == {}
+    assert not [e for e in seen if e.get("log_failure") is not None]
     workers.stopService()
 
 
@@ -291,7 +298,9 @@ def test_a_worker_that_cannot_be_started_is_tried_again_later(tmp_path: Path) ->
     with logged_events() as seen:
         config = _config(tmp_path, 2525, workers=1)
         auth = AuthThrottle(fake)
-        workers = GatewayWorkers(config, 1, lambda: [], object(), frozenset(), fake, auth=auth)
+        gateway = Gateway(SessionLimiter(10, 10))
+        ready = QueueReady.of(object())
+        workers = GatewayWorkers(config, 1, gateway, ready, frozenset(), fake, auth=auth)
         workers.startService()
         assert fake.attempts == 1 and workers.workers == {}
         fake.advance(1.0)

@@ -23,6 +23,7 @@ from relay.channels.local import LocalChannel, LocalSession
 from relay.envelope import Destination, Submitter
 from relay.errors import SpoolError
 from relay.interfaces import IChannel, IChannelSession, IMessage, SequencingMode
+from relay.queue.ready import QueueReady
 from relay.queue.store import SpoolQueue
 from relay.reply import ReplyCode
 
@@ -527,18 +528,15 @@ async def test_remote_targets_are_requeued_as_one_new_message(
 
 @pytest_twisted.ensureDeferred
 async def test_the_queue_may_come_from_the_spool_service(tmp_path: Path, made: list[Any]) -> None:
-    """Given something with when_ready() (the spool service), forwarding waits for it."""
+    """Given the queue before it is open (the spool's QueueReady), forwarding waits for it."""
     queue = MemoryQueue(task.Clock())
-    ready: defer.Deferred[MemoryQueue] = defer.Deferred()  # fired by hand, below
-
-    class Service:
-        def when_ready(self) -> defer.Deferred[MemoryQueue]:
-            return ready
+    ready: QueueReady[MemoryQueue] = QueueReady()  # opened by hand, below
 
     config = make_config(tmp_path, aliases="fwd: someone@remote.test\n")
-    channel = _channel(made, config, Service())
+    channel = _channel(made, config, ready)
     delivering = defer.ensureDeferred(deliver(channel, make_message(TEXT), "fwd@example.test"))
-    ready.callback(queue)
+    assert not delivering.called
+    ready.opened(queue)
     [reply] = await delivering
     assert reply.code is ReplyCode.MOK
     assert len(await queue.list_messages()) == 1

@@ -24,6 +24,7 @@ from relay.config import parse_config
 from relay.deliver import build_deliverer
 from relay.gateway.service import RecordingEndpoint, build_gateway
 from relay.mailbox.text import unquote_mboxrd
+from relay.queue.ready import QueueReady
 from relay.queue.store import SpoolQueue
 
 SWAKS = "/usr/bin/swaks"
@@ -78,9 +79,10 @@ async def test_swaks_to_a_local_mailbox(tmp_path: Path, mailbox_format: str) -> 
         tmp_path,
     )
     queue = await SpoolQueue.open(tmp_path / "spool", reactor)  # type: ignore[arg-type]
-    channel = build_local_channel(config, queue, reactor)
-    gateway = build_gateway(config, queue, channel.recipients, reactor)
-    deliverer = build_deliverer(config, queue, {"local": channel}, reactor)
+    ready = QueueReady.of(queue)
+    channel = build_local_channel(config, ready, reactor)
+    gateway = build_gateway(config, ready, channel.recipients, reactor)
+    deliverer = build_deliverer(config, ready, {"local": channel}, reactor)
     gateway.startService()
     deliverer.startService()
     try:

@@ -12,7 +12,7 @@ import pytest
 import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 
 from relay.address import parse_forward_path, parse_reverse_path
 from relay.maildrop import compose
@@ -20,6 +20,7 @@ from relay.maildrop.dropfile import DropFileError, encode_drop_file, parse_drop_
 from relay.maildrop.layout import DROP_MODE, MaildropLayout
 from relay.maildrop.pickup import PickupService
 from relay.maildrop.submit import drop
+from relay.queue.ready import QueueReady
 
 from support.memqueue import MemoryQueue
 from support.reactor_helpers import logged_events, until
@@ -180,7 +181,7 @@ def test_missing_fields_are_made_and_present_ones_kept() -> None:
 def _service(root: Path, queue: MemoryQueue, inotify: bool = True) -> PickupService:
     return PickupService(
         MaildropLayout(root),
-        defer.succeed(queue),
+        QueueReady.of(queue),
         reactor,
         hostname="hub.example.test",
         max_text=10_000,

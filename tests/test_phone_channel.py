@@ -38,7 +38,7 @@ def _config(tmp_path: Path, extra: str = "", site: str = "") -> object:
 
 def test_channel_provides_ichannel_in_address_then_text_mode() -> None:
     """The phone channel is an IChannel in address-then-text mode, named phone."""
-    channel = PhoneChannel(lambda site: None, frozenset({"b"}))
+    channel = PhoneChannel(frozenset({"b"}))
     assert verifyObject(IChannel, channel)
     assert channel.name == "phone" and channel.mode is SequencingMode.ADDRESS_THEN_TEXT
 
@@ -46,7 +46,8 @@ def test_channel_provides_ichannel_in_address_then_text_mode() -> None:
 def test_open_session_asks_for_a_call_and_defers_without_marking_the_site_dead() -> None:
     """Outside a call the deliverer's mail waits: AGN (retry, not host-dead), call asked."""
     asked: list[str] = []
-    channel = PhoneChannel(asked.append, frozenset({"b"}))
+    channel = PhoneChannel(frozenset({"b"}))
+    channel.add_listener(asked.append)
     failures: list[SessionFailed] = []
     channel.open_session(Destination("phone", "b")).addErrback(lambda f: failures.append(f.value))
     channel.open_session(Destination("phone", "calls-in")).addErrback(

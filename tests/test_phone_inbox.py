@@ -16,6 +16,7 @@ from relay.address import Address
 from relay.channels.phone.inbox import SpoolInbox
 from relay.envelope import Destination
 from relay.errors import SpoolError
+from relay.queue.ready import QueueReady
 from relay.reply import ReplyCode
 from relay.sansio.phone.session import ALREADY_HAVE
 from relay.sansio.smtp.wire import SmtpReply
@@ -42,7 +43,7 @@ def _inbox(
 
     return SpoolInbox(
         tmp_path / "links",
-        lambda: queue,
+        QueueReady.of(queue),
         decide,
         reactor,
         hostname="hub-a.example.test",

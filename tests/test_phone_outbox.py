@@ -14,6 +14,7 @@ from relay.channels.phone.inbox import SpoolInbox
 from relay.channels.phone.outbox import SpoolOutbox
 from relay.channels.phone.store import SpoolPhoneStore
 from relay.envelope import Destination, RecipientState
+from relay.queue.ready import QueueReady
 from relay.reply import Reply, ReplyCode
 from relay.sansio.phone.records import valid_message_id
 from relay.sansio.phone.session import Outgoing
@@ -26,14 +27,14 @@ WHERE = Destination("phone", SITE)
 
 
 def _harness() -> Harness:
-    return Harness(PhoneChannel(lambda site: None, frozenset())).start()
+    return Harness(PhoneChannel(frozenset())).start()
 
 
 def _outbox(harness: Harness) -> SpoolOutbox:
     def no_route(address: object) -> Destination:
         raise AssertionError("every recipient here is routed")
 
-    return SpoolOutbox(lambda: harness.queue, lambda: harness.service, no_route)
+    return SpoolOutbox(QueueReady.of(harness.queue), harness.service, no_route)
 
 
 def _offers(outbox: SpoolOutbox) -> Sequence[Outgoing]:

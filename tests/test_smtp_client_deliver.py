@@ -24,6 +24,7 @@ from relay.config import parse_config
 from relay.deliver import build_deliverer
 from relay.dns.mx import make_resolver
 from relay.envelope import Envelope, Recipient, RecipientState, Submitter
+from relay.queue.ready import QueueReady
 from relay.queue.store import SpoolQueue
 
 from support.dnsserver import start_dns_server
@@ -88,7 +89,7 @@ async def test_deliverer_and_spool_record_what_the_smtp_sinks_answered(
         Submitter("ESMTP"),
     )
     queue_id = await queue.store(envelope, TEXT)
-    service = build_deliverer(config, queue, {"smtp": channel}, R)
+    service = build_deliverer(config, QueueReady.of(queue), {"smtp": channel}, R)
     service.startService()
     try:
 

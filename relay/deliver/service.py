@@ -2,9 +2,9 @@
 
 It wires the parts together (scheduler, session pool, recorder, the shared dead-host
 table and claims) once the queue is there.  ``relay.tap`` builds it with
-:func:`build_deliverer`; the queue may be given open (any IQueue), or as something with
-a ``when_ready()`` that fires with it (the spool's ``SpoolService``), in which case the
-deliverer starts when the spool has opened.
+:func:`build_deliverer`; the queue is given as a :class:`~relay.interfaces.QueueSource`
+(the spool, once open: :mod:`relay.queue.ready`), and the deliverer starts delivering
+when it has opened.
 
 Stopping: no new scans; queued jobs are dropped (their recipients stay as they are in
 the queue); transactions in progress get ``stop_grace`` seconds, then are cancelled,
@@ -51,7 +51,7 @@ class DelivererService(Service):
 
     def __init__(
         self,
-        queue: IQueue | QueueSource,
+        queue: QueueSource,
         channels: Mapping[str, IChannel],
         settings: DeliverSection,
         router: Router,
@@ -102,8 +102,6 @@ class DelivererService(Service):
         self.recorder: Recorder | None = None
         self.scheduler: Scheduler | None = None
         self._ready: Deferred[Any] | None = None
-        if IQueue.providedBy(queue):
-            self._attach(queue)
 
     @property
     def busy(self) -> bool:
@@ -150,11 +148,7 @@ class DelivererService(Service):
         """Start scanning the queue (once it is open)."""
         super().startService()  # type: ignore[no-untyped-call]
         self.pool.start()
-        if self.scheduler is not None:
-            self.scheduler.start()
-            return
-        source: QueueSource = self._source  # type: ignore[assignment]
-        self._ready = source.when_ready()
+        self._ready = self._source.when_ready()
         self._ready.addCallback(self._opened)
         self._ready.addErrback(lambda f: self._log.failure("deliver: no queue to deliver from", f))
 
@@ -205,7 +199,7 @@ class DelivererService(Service):
 
 def build_deliverer(
     config: Config,
-    queue: IQueue | QueueSource,
+    queue: QueueSource,
     channels: Mapping[str, IChannel],
     reactor: IReactorTime,
     rng: random.Random | None = None,

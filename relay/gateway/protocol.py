@@ -139,8 +139,16 @@ class SessionLimiter:
         self.per_client: Counter[str] = Counter()
         self.sessions: set[SmtpServerProtocol] = set()
         self.refused: Counter[str] = Counter()  # sessions refused, by REFUSALS reason
-        # Told (total, max_sessions) after each change: a gateway worker reports its room.
-        self.on_change: Callable[[int, int], object] | None = None
+        self._listeners: list[Callable[[int, int], object]] = []
+
+    def add_listener(self, listener: Callable[[int, int], object]) -> None:
+        """Tell ``listener(total, max_sessions)`` after each change: a gateway worker
+        reports its room from it, the spool's process balances its workers by it."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener(self.total, self.max_sessions)
 
     def admit(self, client: str, *, trusted: bool = False) -> str | None:
         """Count a new session; or say why not (and count only the refusal).
@@ -155,8 +163,7 @@ class SessionLimiter:
             return "too many sessions from your address"
         self.total += 1
         self.per_client[client] += 1
-        if self.on_change is not None:
-            self.on_change(self.total, self.max_sessions)
+        self._changed()
         return None
 
     def room(self) -> int:
@@ -166,8 +173,7 @@ class SessionLimiter:
     def refuse(self, reason: str) -> None:
         """Count a session refused at connect, by reason (a metric label)."""
         self.refused[reason] += 1
-        if self.on_change is not None:
-            self.on_change(self.total, self.max_sessions)
+        self._changed()
 
     def release(self, client: str) -> None:
         """A counted session ended."""
@@ -175,8 +181,7 @@ class SessionLimiter:
         self.per_client[client] -= 1
         if self.per_client[client] <= 0:
             del self.per_client[client]
-        if self.on_change is not None:
-            self.on_change(self.total, self.max_sessions)
+        self._changed()
 
 
 _SMTP_DEFAULTS = SmtpSection()  # the defaults of [smtp], defined once, in the config

@@ -1,8 +1,10 @@
 """The gateway as a twistd service: one listener per ``[smtp]`` endpoint string.
 
-:func:`build_gateway` is what ``relay.tap`` calls.  It reads everything from the
-configuration once (TLS files, the policy's routes), so a bad certificate stops the
-relay at start.  The tree it returns is a ``MultiService`` named ``smtp`` holding:
+:func:`build_gateway` is the one builder of the gateway: ``relay.tap`` calls it for the
+spool's process, :mod:`relay.gateway.worker` for each worker process, and the
+benchmarks for theirs.  It reads everything from the configuration once (TLS files, the
+policy's routes), so a bad certificate stops the relay at start.  The tree it returns is
+a :class:`Gateway` named ``smtp`` holding:
 
 * ``listen:<endpoint>`` — a ``StreamServerEndpointService`` per ``listen`` string
   (plain SMTP, with STARTTLS when a certificate is configured);
@@ -19,7 +21,7 @@ is still open while the stores in flight are answered.
 
 In a gateway worker process (:mod:`relay.gateway.worker`) the listeners are
 ``adopted:<fd>`` services instead: sockets the spool's process bound and passed down
-(:func:`shared_listeners` finds them), so both processes accept on the same ports.
+(:meth:`Gateway.shared_listeners` finds them), so both processes accept on the same ports.
 
 All listeners share one :class:`~relay.gateway.protocol.SessionLimiter`, so
 ``max_sessions`` and ``max_sessions_per_client`` hold across them, one
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import IService, Service
 from twisted.internet import tcp, unix
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString, wrapServerTLS
@@ -64,21 +66,21 @@ from relay.gateway.protocol import (
     SmtpServerProtocol,
 )
 from relay.gateway.tls import load_server_tls
-from relay.interfaces import IAuthThrottle, ILocalRecipients, IStore
+from relay.interfaces import IAuthThrottle, ILocalRecipients, IStore, QueueSource
 from relay.policy.acceptance import RelayPolicy
 from relay.policy.routing import Router
-from relay.runtime.services import attach, named_multiservice
+from relay.runtime.services import OrderedMultiService, attach
 from relay.sansio.smtp.server import Limits, ServerSettings
 from relay.sansio.smtp.wire import SmtpReply
 
 __all__ = [
     "AdoptedListener",
+    "Gateway",
     "RecordingEndpoint",
     "SharedListener",
     "build_auth_throttle",
     "build_gateway",
     "settings_from_config",
-    "shared_listeners",
 ]
 
 _log = Logger()
@@ -116,27 +118,36 @@ class SharedListener:
     port: Any = field(default=None, compare=False, repr=False)  # this process's port
 
 
-def shared_listeners(gateway: IService) -> list[SharedListener]:
-    """The running gateway's listening sockets that a worker can adopt.
+class Gateway(OrderedMultiService):
+    """The ``smtp`` service tree (see the module docstring), with what the spool's process
+    shares with its gateway worker processes: the session count and the sockets."""
 
-    Plain TCP and UNIX listeners qualify (``listen`` and ``listen_tls``: the worker wraps
-    its own factory in TLS for the latter).  An ``ssl:`` endpoint does not: its TLS lives
-    in the listening port itself, so only this process serves it.
-    """
-    found: list[SharedListener] = []
-    for child in gateway:  # type: ignore[attr-defined]
-        name = getattr(child, "name", "") or ""
-        endpoint = getattr(child, "endpoint", None)
-        port = getattr(endpoint, "port", None)
-        if not name.startswith(("listen:", "listen_tls:")) or type(port) not in (
-            tcp.Port,
-            unix.Port,
-        ):
-            continue
-        sock = port.socket  # type: ignore[union-attr]
-        tls = name.startswith("listen_tls:")
-        found.append(SharedListener(sock.fileno(), sock.family, tls, port))
-    return found
+    def __init__(self, limiter: SessionLimiter) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.setName("smtp")  # type: ignore[no-untyped-call]
+        self.limiter = limiter  # every listener's: the workers and the metrics read it
+
+    def shared_listeners(self) -> list[SharedListener]:
+        """The running gateway's listening sockets that a worker can adopt.
+
+        Plain TCP and UNIX listeners qualify (``listen`` and ``listen_tls``: the worker
+        wraps its own factory in TLS for the latter).  An ``ssl:`` endpoint does not: its
+        TLS lives in the listening port itself, so only this process serves it.
+        """
+        found: list[SharedListener] = []
+        for child in self:
+            name = getattr(child, "name", "") or ""
+            endpoint = getattr(child, "endpoint", None)
+            port = getattr(endpoint, "port", None)
+            if not name.startswith(("listen:", "listen_tls:")) or type(port) not in (
+                tcp.Port,
+                unix.Port,
+            ):
+                continue
+            sock = port.socket  # type: ignore[union-attr]
+            tls = name.startswith("listen_tls:")
+            found.append(SharedListener(sock.fileno(), sock.family, tls, port))
+        return found
 
 
 class AdoptedListener(Service):
@@ -307,7 +318,7 @@ def build_auth_throttle(
 
 def build_gateway(
     config: Config,
-    queue: IStore | Deferred[Any],
+    queue: QueueSource,
     local_recipients: ILocalRecipients,
     reactor: Any,
     *,
@@ -320,11 +331,12 @@ def build_gateway(
     adopted: Sequence[SharedListener] | None = None,
     on_sessions: Callable[[int, int], object] | None = None,
     auth_throttle: IAuthThrottle | None = None,
-) -> IService:
+) -> Gateway:
     """The SMTP gateway's services for ``config``.
 
-    ``queue`` may be a Deferred (the spool service's ``when_ready()``): until it fires,
-    connections are answered ``421 4.3.2``.  ``reactor`` provides TCP, threads and time.
+    ``queue`` is the store, once open (a worker's is its link to the spool's process,
+    open from the start): until it is, connections are answered ``421 4.3.2``.
+    ``reactor`` provides TCP, threads and time.
     ``greet_delay`` holds the greeting back to catch clients that talk first.
     ``max_text_in_memory`` bounds the message text all sessions hold at once (past it:
     ``452 4.3.1``); a client with ``auth_max_failures`` failed AUTH within
@@ -346,7 +358,8 @@ def build_gateway(
         tls_options = load_server_tls(smtp.tls_cert_file, smtp.tls_key_file)
     checker = PasswordChecker(smtp.auth_users_file, reactor) if smtp.auth_users_file else None
     limiter = SessionLimiter(max(1, smtp.max_sessions // processes), smtp.max_sessions_per_client)
-    limiter.on_change = on_sessions
+    if on_sessions is not None:
+        limiter.add_listener(on_sessions)
     text_budget = TextBudget(
         max(1, _given(max_text_in_memory, smtp.max_text_in_memory) // processes)
     )
@@ -368,7 +381,7 @@ def build_gateway(
         made = GatewayFactory(
             settings=settings_from_config(config, tls_active=tls_active),
             policy=policy,
-            queue=None if isinstance(queue, Deferred) else queue,
+            queue=None,  # set once the store is open (below)
             clock=reactor,
             limiter=limiter,
             timeouts=timeouts,
@@ -381,7 +394,7 @@ def build_gateway(
         factories.append(made)
         return made
 
-    top: MultiService = named_multiservice("smtp")
+    top = Gateway(limiter)
     attach(_SessionsService(limiter, checker, config.relay.hostname, reactor), top, "sessions")
     if adopted is not None:
         for shared in adopted:
@@ -392,24 +405,35 @@ def build_gateway(
             attach(
                 AdoptedListener(reactor, shared, made, limiter.room), top, f"adopted:{shared.fd}"
             )
-        return top
+    else:
+        _listen_on_configured_endpoints(top, config, reactor, factory, tls_options)
+
+    def ready(opened: IStore) -> IStore:
+        for made in factories:
+            made.queue = opened
+        return opened
+
+    def failed(failure: Failure) -> None:
+        _log.failure("smtp: the spool did not open; refusing mail with 421", failure)
+
+    queue.when_ready().addCallbacks(ready, failed)
+    return top
+
+
+def _listen_on_configured_endpoints(
+    top: Gateway,
+    config: Config,
+    reactor: Any,
+    factory: Callable[[bool], GatewayFactory],
+    tls_options: CertificateOptions | None,
+) -> None:
+    """A listener per ``[smtp] listen`` and ``listen_tls`` endpoint (the spool's process)."""
+    smtp = config.smtp
     for description in smtp.listen:
         endpoint = RecordingEndpoint(_endpoint(reactor, description))
-        attach(_listener(endpoint, factory(tls_active=False)), top, f"listen:{description}")
+        attach(_listener(endpoint, factory(False)), top, f"listen:{description}")
     for description in smtp.listen_tls:
         assert tls_options is not None  # the configuration requires a certificate
         wrapped = wrapServerTLS(tls_options, _endpoint(reactor, description))
-        listener = _listener(RecordingEndpoint(wrapped), factory(tls_active=True))
+        listener = _listener(RecordingEndpoint(wrapped), factory(True))
         attach(listener, top, f"listen_tls:{description}")
-    if isinstance(queue, Deferred):
-
-        def ready(opened: IStore) -> IStore:
-            for made in factories:
-                made.queue = opened
-            return opened
-
-        def failed(failure: Failure) -> None:
-            _log.failure("smtp: the spool did not open; refusing mail with 421", failure)
-
-        queue.addCallbacks(ready, failed)
-    return top

@@ -26,7 +26,6 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from twisted.application.service import IService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.protocol import Factory
 from twisted.logger import (
@@ -40,10 +39,11 @@ from twisted.logger import (
 
 from relay.channels.local.users import build_local_recipients
 from relay.config import ConfigError, parse_config
-from relay.gateway.service import AdoptedListener, SharedListener, build_gateway
+from relay.gateway.service import AdoptedListener, Gateway, SharedListener, build_gateway
 from relay.handoff.codec import Hello
 from relay.handoff.worker_side import AckReader, StoreClient
 from relay.policy.routing import Router
+from relay.queue.ready import QueueReady
 from relay.runtime.leanreactor import install as install_lean_reactor
 
 __all__ = ["DRAIN_LIMIT", "SESSIONS_REPORT_INTERVAL", "main"]
@@ -85,7 +85,7 @@ class _Worker:
         self.reactor = reactor
         self.listeners = listeners
         self.client = StoreClient(self.hello, self.lost)
-        self.gateway: IService | None = None
+        self.gateway: Gateway | None = None
         self.exit_code = 0
         self._stopping = False
         self._accepting = False  # what we last told the spool's process
@@ -105,7 +105,7 @@ class _Worker:
         router = Router(config, channels=frozenset(hello.channels))
         gateway = build_gateway(
             config,
-            self.client,
+            QueueReady.of(self.client),  # the link is the store, open from the start
             recipients,
             self.reactor,
             router=router,
@@ -146,7 +146,7 @@ class _Worker:
         self._sessions_report = None
         gateway = self.gateway
         if gateway is not None:
-            limiter = gateway.getServiceNamed("sessions").limiter  # type: ignore[attr-defined]
+            limiter = gateway.limiter
             self.client.sessions(limiter.total, dict(limiter.refused))
 
     def _report(self, accepting: bool) -> None:
@@ -166,7 +166,7 @@ class _Worker:
             return []
         return [
             child.port
-            for child in gateway  # type: ignore[attr-defined]
+            for child in gateway
             if isinstance(child, AdoptedListener) and child.port is not None
         ]
 

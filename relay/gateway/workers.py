@@ -49,9 +49,8 @@ import os
 import socket
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -66,10 +65,10 @@ from twisted.python.failure import Failure
 import relay
 from relay.config import Config
 from relay.gateway.limits import AuthThrottle, LocalAuthThrottle
-from relay.gateway.service import SharedListener
+from relay.gateway.service import Gateway
 from relay.handoff.codec import Hello
 from relay.handoff.spool_side import StoreServer, frame_limit
-from relay.interfaces import IHandoffStore
+from relay.interfaces import IHandoffStore, QueueSource
 
 __all__ = ["BALANCE_INTERVAL", "STOP_GRACE", "GatewayWorkers"]
 
@@ -83,6 +82,15 @@ _YOUNG = 10.0  # a worker that dies younger than this doubles the restart delay
 _MAX_LINE = 64 * 1024
 
 
+class Busy(Protocol):
+    """What the workers ask of the spool's process's deliverer: is it delivering now?"""
+
+    @property
+    def busy(self) -> bool:
+        """Whether deliveries are in flight."""
+        ...
+
+
 class GatewayWorkers(Service):
     """Starts, watches and stops the gateway worker processes."""
 
@@ -90,25 +98,25 @@ class GatewayWorkers(Service):
         self,
         config: Config,
         count: int,
-        listeners: Callable[[], Sequence[SharedListener]],
-        queue: IHandoffStore | Deferred[Any],
+        gateway: Gateway,
+        queue: QueueSource,
         channels: frozenset[str],
         reactor: Any,
-        main_busy: Callable[[], bool] | None = None,
+        main_busy: Busy | None = None,
         *,
         auth: AuthThrottle,
     ) -> None:
-        """``listeners`` is asked at start (the ports are bound by then); ``queue`` may
-        be the spool's ``when_ready()``: workers start once it has fired.  ``main_busy``
-        says whether this process has deliveries in flight (the deliverer's ``busy``);
-        ``auth`` is the failed-AUTH count this process's own gateway uses, which the
-        workers ask too."""
+        """``gateway`` is this process's own: the workers get its listening sockets once
+        it listens, and follow its session count; workers start once ``queue`` (the
+        spool) has opened.  ``main_busy`` says whether this process has deliveries in
+        flight (its deliverer); ``auth`` is the failed-AUTH count this process's own
+        gateway uses, which the workers ask too."""
         self._config = config
         self._auth = auth
         self._count = count
-        self._listeners = listeners
-        self._queue: IHandoffStore | None = None if isinstance(queue, Deferred) else queue
-        self._queue_ready = queue if isinstance(queue, Deferred) else None
+        self._gateway = gateway
+        self._queue_source = queue
+        self._queue: IHandoffStore | None = None
         self._channels = channels
         self._reactor = reactor
         self.workers: dict[int, _Worker] = {}
@@ -121,24 +129,21 @@ class GatewayWorkers(Service):
         self.main_accepting = True
         self._balancer = LoopingCall(self._balance)
         self._balancer.clock = reactor
+        gateway.limiter.add_listener(self.main_sessions)
 
     def startService(self) -> None:
         """Start every worker once the spool is open."""
         super().startService()  # type: ignore[no-untyped-call]
-        if self._queue is not None:
-            self._start_all(self._queue)
-        elif self._queue_ready is not None:
-            self._queue_ready.addCallback(self._start_all)
+        # A spool that does not open leaves no worker to start (the gateway and the
+        # relay say why).
+        self._queue_source.when_ready().addCallbacks(self._start_all, lambda _: None)
         self._balancer.start(BALANCE_INTERVAL, now=False)
 
-    def _start_all(self, queue: IHandoffStore | None) -> IHandoffStore | None:
-        if queue is None:  # the spool did not open (the gateway logged it): no workers
-            return queue
+    def _start_all(self, queue: IHandoffStore) -> None:
         self._queue = queue
         if self.running:
             for index in range(1, self._count + 1):
                 self._start_one(index)
-        return queue
 
     def _start_one(self, index: int) -> None:
         """Start worker ``index``; if that fails (no fds, no memory), try again later."""
@@ -195,7 +200,7 @@ class GatewayWorkers(Service):
                 3: theirs.fileno(),
                 4: their_acks.fileno(),
             }
-            for fd, shared in enumerate(self._listeners(), start=5):
+            for fd, shared in enumerate(self._gateway.shared_listeners(), start=5):
                 child_fds[fd] = shared.fd
                 kind = "tls" if shared.tls else "plain"
                 args += ["--listen", f"{fd}:{int(shared.family)}:{kind}"]
@@ -219,7 +224,7 @@ class GatewayWorkers(Service):
             worker.server.ready and not worker.server.lost and not worker.gone
             for worker in self.workers.values()
         )
-        busy = self.main_busy is not None and self.main_busy()
+        busy = self.main_busy is not None and self.main_busy.busy
         self._set_main_accepting(not (ready and (busy or self._main_full)))
 
     def main_sessions(self, total: int, limit: int) -> None:
@@ -238,7 +243,7 @@ class GatewayWorkers(Service):
         if accept == self.main_accepting:
             return
         self.main_accepting = accept
-        for shared in self._listeners():
+        for shared in self._gateway.shared_listeners():
             if shared.port is not None:
                 if accept:
                     shared.port.startReading()

@@ -49,7 +49,7 @@ from relay.address import Address
 from relay.config import Config
 from relay.envelope import BodyType, Destination, Envelope, Recipient, Submitter
 from relay.fileio import fsync_directory
-from relay.interfaces import IStore
+from relay.interfaces import IStore, QueueSource
 from relay.maildrop.dropfile import MAX_ENVELOPE, DropFile, DropFileError, parse_drop_file
 from relay.maildrop.layout import MaildropLayout, is_drop_name
 from relay.metrics.series import received
@@ -92,7 +92,7 @@ class PickupService(Service):
     def __init__(
         self,
         layout: MaildropLayout,
-        queue: Deferred[Any],
+        queue: QueueSource,
         reactor: Any,
         *,
         hostname: str,
@@ -100,7 +100,7 @@ class PickupService(Service):
         route: Callable[[Address], Destination] | None = None,
         inotify: bool = True,
     ) -> None:
-        """``queue`` is the spool's ``when_ready()``; ``max_text`` the largest text taken.
+        """``queue`` is the spool, once open; ``max_text`` the largest text taken.
 
         ``route`` is the relay's router: recipients are stored with their destination, as
         the gateway stores them (one it cannot route is left to the deliverer, which
@@ -108,7 +108,7 @@ class PickupService(Service):
         """
         self._route = route
         self.layout = layout
-        self._queue_ready = queue
+        self._queue_source = queue
         self._reactor = reactor
         self._hostname = hostname
         self._max_text = max_text
@@ -128,7 +128,7 @@ class PickupService(Service):
         """Make the directories, then watch them once the spool is open."""
         super().startService()  # type: ignore[no-untyped-call]
         prepared = self._in_thread(self._prepare)
-        d = defer.gatherResults([prepared, self._queue_ready], consumeErrors=True)
+        d = defer.gatherResults([prepared, self._queue_source.when_ready()], consumeErrors=True)
         d.addCallbacks(self._ready, self._not_ready)
 
     def _prepare(self) -> None:
@@ -403,11 +403,11 @@ def _read_up_to(fd: int, limit: int) -> bytes:
 
 def build_pickup(
     config: Config,
-    queue: Deferred[Any],
+    queue: QueueSource,
     reactor: Any,
     route: Callable[[Address], Destination] | None = None,
 ) -> PickupService:
-    """The pickup for ``config``'s maildrop, storing into the spool ``queue`` will give."""
+    """The pickup for ``config``'s maildrop, storing into ``queue`` once it is open."""
     return PickupService(
         MaildropLayout(config.relay.maildrop),
         queue,

@@ -5,8 +5,13 @@ that deliver from it and store into it have been built, so they are given this o
 instead of the queue: :meth:`QueueReady.when_ready` fires with the open queue, at once
 if it is already open, or fails with the reason it could not open.  ``relay.tap``
 makes one, hands it to the spool's service (which settles it) and to everything that
-needs the queue (the deliverer, the channels, the gateway, the pickup), so no part is
-patched with the queue, or with the deliverer, after it is built.
+needs the queue (the deliverer, the channels, the gateway and its worker processes, the
+pickup, the phone calls), so no part is patched with the queue after it is built.
+
+This is the one convention: a part that stores into or reads from the queue takes a
+:class:`~relay.interfaces.QueueSource`.  Where the queue is open before the part is
+built (a gateway worker's link to the spool's process, a test, a benchmark), it is
+handed over as :meth:`QueueReady.of`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,13 @@ class QueueReady(Generic[Q]):
         self.queue: Q | None = None
         self._failure: Failure | None = None
         self._waiting: list[Deferred[Q]] = []
+
+    @classmethod
+    def of(cls, queue: Q) -> QueueReady[Q]:
+        """One that is open already: ``queue`` is there before the parts that use it."""
+        ready: QueueReady[Q] = cls()
+        ready.opened(queue)
+        return ready
 
     def when_ready(self) -> Deferred[Q]:
         """Fire with the open queue (at once if it is open), or fail if it cannot open."""

@@ -37,6 +37,7 @@ from relay.interfaces import (
     SequencingMode,
 )
 from relay.policy.dsn import is_dsn
+from relay.queue.ready import QueueReady
 from relay.reply import Reply, ReplyCode
 
 from support.deferreds import fired
@@ -306,7 +307,7 @@ class Harness:
         self.mine: set[str] = set()  # the ids of messages the test stored
         self.service = build_deliverer(
             self.config,
-            self.queue,
+            QueueReady.of(self.queue),
             self.channels,
             self.clock,
             rng if rng is not None else ZeroJitter(),

@@ -28,6 +28,7 @@ from relay.envelope import (
     Submitter,
 )
 from relay.interfaces import IQueue
+from relay.queue.ready import QueueReady
 from relay.reply import Reply
 
 from support.fakes import BytesMessage
@@ -106,16 +107,20 @@ def shared_directory() -> Iterator[Path]:
         yield Path(name)
 
 
-def channel_for(config: Config, queue: IQueue | None = None, **options: Any) -> LocalChannel:
-    """The channel ``build_local_channel`` makes, remade with ``options`` if any."""
+def channel_for(
+    config: Config, queue: IQueue | QueueReady[Any] | None = None, **options: Any
+) -> LocalChannel:
+    """The channel ``build_local_channel`` makes, remade with ``options`` if any; an
+    open ``queue`` is handed over as ``QueueReady.of(queue)``."""
     from twisted.internet import reactor
 
-    built = build_local_channel(config, queue, reactor)
+    source = queue if queue is None or isinstance(queue, QueueReady) else QueueReady.of(queue)
+    built = build_local_channel(config, source, reactor)
     if not options:
         return built
     options.setdefault("alias_identity", built.targets.alias_identity)
     targets = LocalTargets(
-        built.recipients, reactor=reactor, hostname=config.relay.hostname, queue=queue, **options
+        built.recipients, reactor=reactor, hostname=config.relay.hostname, queue=source, **options
     )
     return LocalChannel(built.recipients, targets, is_local_domain=local_domain_test(config))
 

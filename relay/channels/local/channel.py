@@ -66,7 +66,6 @@ from relay.interfaces import (
     IChannel,
     IChannelSession,
     IMessage,
-    IQueue,
     QueueSource,
     SequencingMode,
 )
@@ -252,15 +251,15 @@ _EARLIER = Reply(ReplyCode.MOK, "delivered on an earlier attempt")
 
 def build_local_channel(
     config: Config,
-    queue: IQueue | QueueSource | None,
+    queue: QueueSource | None,
     reactor: Any,
     *,
     recipients: LocalRecipients | None = None,
 ) -> LocalChannel:
     """The local channel for ``config``, forwarding through ``queue``, run by ``reactor``.
 
-    ``queue`` is the open IQueue, or the queue once open (a
-    :class:`~relay.interfaces.QueueSource`): remote alias targets are stored there as new messages.
+    ``queue`` is the queue, once open (a :class:`~relay.interfaces.QueueSource`): remote
+    alias targets are stored there as new messages (None: they fail temporarily).
 
     ``recipients`` lets the caller share one :class:`LocalRecipients` with the SMTP
     gateway (``channel.recipients`` is it otherwise).  Raises

@@ -85,7 +85,7 @@ class LocalTargets:
         *,
         reactor: Any,
         hostname: str,
-        queue: IQueue | QueueSource | None = None,
+        queue: QueueSource | None = None,
         alias_identity: Identity | None = None,
         command_timeout: float = 1000.0,
         max_threads: int = 4,
@@ -308,8 +308,8 @@ class LocalTargets:
 
     async def _the_queue(self) -> IQueue | None:
         """The queue, once open (the spool service may still be opening it)."""
-        if self._queue is None or IQueue.providedBy(self._queue):
-            return self._queue
+        if self._queue is None:
+            return None
         opened: IQueue = await self._queue.when_ready()
         return opened
 

@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from relay.channels.phone.calllog import CallLog, CallRecord
 from relay.channels.phone.store import SpoolPhoneStore
 from relay.config import PhoneSite, SerialTransport, TcpTransport
+from relay.interfaces import QueueSource
 from relay.metrics.series import PHONE_CALL_BYTES, PHONE_CALLS
 from relay.oneline import escape
 from relay.phone.driver import PhoneProtocol, session_factory
@@ -332,17 +333,16 @@ class StdioAnswerer(Service):
     """Answers one call on standard input and output (the login shell of a calling
     site's account), then stops the reactor: the call is the process's whole life."""
 
-    def __init__(
-        self, calls: PhoneCalls, reactor: Any, when_ready: Callable[[], Deferred[Any]]
-    ) -> None:
+    def __init__(self, calls: PhoneCalls, reactor: Any, queue: QueueSource) -> None:
+        """The call is answered once ``queue`` (the spool) is open."""
         self._calls = calls
         self._reactor = reactor
-        self._when_ready = when_ready
+        self._queue = queue
         self.protocol: CallProtocol | None = None
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        self._when_ready().addCallbacks(self._answer, self._cannot)
+        self._queue.when_ready().addCallbacks(self._answer, self._cannot)
 
     def _answer(self, _: object) -> None:
         protocol = self.protocol = self._calls.answer_protocol()

@@ -51,7 +51,7 @@ from relay.address import Address
 from relay.channels.phone.held import HeldMessage
 from relay.envelope import Envelope, Recipient, Submitter
 from relay.errors import MessageRefused
-from relay.interfaces import IQueue, IReadSession
+from relay.interfaces import IQueue, IReadSession, QueueSource
 from relay.phone.filestore import FilePhoneStore
 from relay.received import received_header
 from relay.reply import Reply, ReplyCode, from_smtp
@@ -84,7 +84,7 @@ class SpoolInbox:
     def __init__(
         self,
         root: Path,
-        queue: Callable[[], IQueue | None],
+        queue: QueueSource,
         decide: Callable[[Address], SmtpReply],
         reactor: Any,
         *,
@@ -198,9 +198,7 @@ class SpoolInbox:
         """Read one message from the channel's read side into the queue (MMDF's fitting
         of a channel to ``submit``); ``envelope`` gives what the contract does not carry
         (body type, SMTPUTF8, ENVID)."""
-        queue = self._queue()
-        if queue is None:
-            raise RuntimeError("the spool is not open")
+        queue: IQueue = await self._queue.when_ready()
         head = await held.next_message()
         if head is None:
             raise RuntimeError("the read session has no message")

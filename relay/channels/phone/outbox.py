@@ -51,7 +51,7 @@ from relay.address import Address
 from relay.deliver.recorder import Recorder
 from relay.deliver.work import Attempted, Claims, MessageWork
 from relay.envelope import Destination, Envelope, RecipientState
-from relay.interfaces import IQueue, ITextReader
+from relay.interfaces import IQueue, ITextReader, QueueSource
 from relay.reply import Reply, ReplyCode
 from relay.sansio.phone.session import Outgoing
 
@@ -97,13 +97,13 @@ class SpoolOutbox:
 
     def __init__(
         self,
-        queue: Callable[[], IQueue | None],
-        deliverer: Callable[[], Deliverer],
+        queue: QueueSource,
+        deliverer: Deliverer,
         route: Callable[[Address], Destination],
     ) -> None:
-        """``queue`` gives the spool once it is open (None before), ``deliverer`` the
-        deliverer (built after the channels); ``route`` routes a recipient the deliverer
-        has not routed yet."""
+        """``queue`` is the spool, once it is open; ``deliverer`` the deliverer whose claims
+        and recorder a call shares; ``route`` routes a recipient the deliverer has not
+        routed yet."""
         self._queue = queue
         self._deliverer = deliverer
         self._route = route
@@ -114,9 +114,7 @@ class SpoolOutbox:
         return ensureDeferred(self._waiting(site))
 
     async def _waiting(self, site: str) -> list[tuple[str, int]]:
-        queue = self._queue()
-        if queue is None:
-            return []
+        queue: IQueue = await self._queue.when_ready()
         found = []
         for queue_id in await queue.list_messages():
             selected = await self._select(queue, queue_id, site, claim=False)
@@ -130,10 +128,10 @@ class SpoolOutbox:
         return ensureDeferred(self._outgoing(site, call))
 
     async def _outgoing(self, site: str, call: Hashable) -> list[Outgoing]:
-        queue = self._queue()
-        if queue is None or self._deliverer().recorder is None:
+        queue: IQueue = await self._queue.when_ready()
+        if self._deliverer.recorder is None:  # the deliverer is not running
             return []
-        claims = self._deliverer().claims
+        claims = self._deliverer.claims
         offers = []
         offered_now = {o.work.queue_id for (_, s, _), o in self._offered.items() if s == site}
         for queue_id in await queue.list_messages():
@@ -174,7 +172,7 @@ class SpoolOutbox:
         ):
             if status.state.is_final or status.state is RecipientState.HELD:
                 continue
-            if self._deliverer().claims.owner((queue_id, index)) is not None:
+            if self._deliverer.claims.owner((queue_id, index)) is not None:
                 continue
             where = recipient.destination
             if where is None:
@@ -188,7 +186,7 @@ class SpoolOutbox:
             return None
         work = MessageWork(queue_id, envelope, list(statuses))
         if claim:
-            claims = self._deliverer().claims
+            claims = self._deliverer.claims
             claims.begin(work)
             for index in indices:
                 claims.claim(work, index)
@@ -205,8 +203,7 @@ class SpoolOutbox:
         self, key: tuple[Hashable, str, str], offset: int, max_bytes: int
     ) -> bytes:
         offered = self._offered[key]  # a KeyError fails the Deferred: not offered in this call
-        queue = self._queue()
-        assert queue is not None
+        queue: IQueue = await self._queue.when_ready()
         if offered.reader is None or offset < offered.position:
             if offered.reader is not None:
                 offered.reader.close()
@@ -254,7 +251,7 @@ class SpoolOutbox:
         if offered.reader is not None:
             offered.reader.close()
             offered.reader = None
-        recorder = self._deliverer().recorder
+        recorder = self._deliverer.recorder
         assert recorder is not None
         destination = Destination(PHONE_CHANNEL, "")
         outcomes = {

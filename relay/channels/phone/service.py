@@ -1,16 +1,18 @@
 """Building the phone channel for a relay: the store, the calls, the scheduler, the answerers.
 
 :func:`build_phone` makes the parts from ``[phone]`` once, for :mod:`relay.tap` (the
-whole relay) and :mod:`relay.slave_tap` (answering only).  The parts depend on each
-other in a circle the relay's wiring has to cut somewhere: the deliverer needs the
-channel, the channel asks the scheduler for calls, the calls settle through the
-deliverer's recorder.  :class:`PhonePart` holds them; the deliverer is given to
-:meth:`PhonePart.service` once it exists, and everything else is wired here.
+whole relay, or answering only for ``twistd relay-slave``).  The parts would depend on
+each other in a circle: the deliverer needs the channel, the channel asks the scheduler
+for calls, the calls settle through the deliverer's claims and recorder.  The circle is
+cut at the channel: :func:`build_phone_channel` makes it first, with nothing but the
+sites we call; the deliverer is built with it; then :func:`build_phone` makes the rest
+with the deliverer, and the scheduler listens to the channel for mail waiting.
+:class:`PhonePart` holds the parts; :meth:`PhonePart.service` is their service tree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,18 +27,17 @@ from relay.channels.phone.calls import PhoneCalls, StdioAnswerer
 from relay.channels.phone.channel import PhoneChannel
 from relay.channels.phone.forgetting import IdForgetting, remember_for
 from relay.channels.phone.inbox import SpoolInbox
-from relay.channels.phone.outbox import SpoolOutbox
+from relay.channels.phone.outbox import Deliverer, SpoolOutbox
 from relay.channels.phone.scheduler import CallScheduler
 from relay.channels.phone.store import SpoolPhoneStore
 from relay.config import Config, StdioTransport, TcpTransport, Transport
-from relay.deliver.service import DelivererService
-from relay.interfaces import ILocalRecipients, IQueue
+from relay.interfaces import ILocalRecipients, QueueSource
 from relay.policy.acceptance import RelayPolicy
 from relay.policy.call_schedule import CallPolicy
 from relay.policy.routing import Router
 from relay.runtime.services import attach, named_multiservice
 
-__all__ = ["LINKS_DIR", "PhonePart", "build_phone", "read_secrets"]
+__all__ = ["LINKS_DIR", "PhonePart", "build_phone", "build_phone_channel", "read_secrets"]
 
 LINKS_DIR = Path("phone") / "links"
 """Where, under the spool, the link keeps each site's remembered ids and partial texts."""
@@ -74,7 +75,7 @@ class PhonePart:
     scheduler: CallScheduler
     inbox: SpoolInbox
     outbox: SpoolOutbox
-    when_ready: Callable[[], Deferred[Any]]
+    queue: QueueSource
 
     def site_report(self) -> dict[str, Any]:
         """``relay status``'s ``phone_sites``: per site, its last call and the next."""
@@ -105,53 +106,53 @@ class PhonePart:
         """The ``phone`` service: recovery at start, forgetting old ids, the answerers
         and the scheduler."""
         top = named_multiservice("phone")
-        attach(_Recovery(self.inbox, self.when_ready), top, "recovery")
+        attach(_Recovery(self.inbox, self.queue), top, "recovery")
         keep = remember_for(config.deliver.give_up_after)
         attach(IdForgetting(self.inbox.forget, keep, reactor), top, "forgetting")
         if answer and config.phone.answer:
             answer_on = [_answer_description(t) for t in config.phone.answer]
             attach(self.calls.answering(answer_on), top, "answer")
             if any(isinstance(t, StdioTransport) for t in config.phone.answer):
-                attach(StdioAnswerer(self.calls, reactor, self.when_ready), top, "stdio")
+                attach(StdioAnswerer(self.calls, reactor, self.queue), top, "stdio")
         if call_out:
             attach(self.scheduler, top, "scheduler")
         return top
 
 
+def build_phone_channel(config: Config) -> PhoneChannel:
+    """The channel the deliverer hands phone mail to: built first (see the module docstring)."""
+    return PhoneChannel(_calling(config))
+
+
+def _calling(config: Config) -> frozenset[str]:
+    """The sites this relay calls (those with a transport); the others call in."""
+    return frozenset(
+        name for name, site in config.phone.sites.items() if site.transport is not None
+    )
+
+
 def build_phone(
     config: Config,
-    when_ready: Callable[[], Deferred[Any]],
+    queue: QueueSource,
+    channel: PhoneChannel,
+    deliverer: Deliverer,
     router: Router,
     local_recipients: ILocalRecipients,
     reactor: Any,
-    deliverer: Any,
 ) -> PhonePart:
-    """The phone channel's parts; ``deliverer`` is a zero-argument callable giving the
-    :class:`DelivererService` once it is built (the circle in the module docstring)."""
-    opened: list[IQueue] = []
-
-    def keep(queue: IQueue) -> IQueue:
-        opened.append(queue)
-        return queue
-
-    when_ready().addCallback(keep)
+    """The phone channel's parts around ``channel``: a call's mail comes from ``queue``
+    (once open) through ``deliverer``'s claims and recorder, and mail a site brings is
+    answered as the gateway would (``router``, ``local_recipients``)."""
     policy = RelayPolicy(config, local_recipients, router)
-
-    def the_deliverer() -> DelivererService:
-        found: DelivererService = deliverer()
-        return found
 
     def decide(address: Address) -> Any:
         return policy.decide_recipient(address, may_relay=True).reply
 
-    def current_queue() -> IQueue | None:
-        return opened[0] if opened else None
-
     spool = Path(config.relay.spool)
-    outbox = SpoolOutbox(current_queue, the_deliverer, router.route)
+    outbox = SpoolOutbox(queue, deliverer, router.route)
     inbox = SpoolInbox(
         spool / LINKS_DIR,
-        current_queue,
+        queue,
         decide,
         reactor,
         hostname=config.relay.hostname,
@@ -169,13 +170,11 @@ def build_phone(
         lock_dir=config.phone.lock_dir,
         handshake_timeout=config.phone.handshake_timeout,
     )
-    calling = {name for name, site in config.phone.sites.items() if site.transport is not None}
-    scheduler = CallScheduler(
-        {name: call_policy(config, name) for name in sorted(calling)}, calls.call, reactor
-    )
+    policies = {name: call_policy(config, name) for name in sorted(_calling(config))}
+    scheduler = CallScheduler(policies, calls.call, reactor)
     calls.add_listener(scheduler.call_ended)
-    channel = PhoneChannel(scheduler.mail_waiting, frozenset(calling))
-    return PhonePart(channel, calls, scheduler, inbox, outbox, when_ready)
+    channel.add_listener(scheduler.mail_waiting)
+    return PhonePart(channel, calls, scheduler, inbox, outbox, queue)
 
 
 def _site_limit(config: Config, site: str) -> int | None:
@@ -198,13 +197,13 @@ class _Recovery(Service):
     """At start: store what a crash left between the link's commit and the queue; at
     stop: cancel the stores waiting to be tried again (the next start recovers them)."""
 
-    def __init__(self, inbox: SpoolInbox, when_ready: Callable[[], Deferred[Any]]) -> None:
+    def __init__(self, inbox: SpoolInbox, queue: QueueSource) -> None:
         self._inbox = inbox
-        self._when_ready = when_ready
+        self._queue = queue
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        d = self._when_ready().addCallback(lambda _: self._inbox.recover())
+        d = self._queue.when_ready().addCallback(lambda _: self._inbox.recover())
         d.addCallback(_recovered)
         d.addErrback(lambda f: _log.failure("phone: recovery failed", f))
 
