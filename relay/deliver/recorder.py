@@ -50,8 +50,8 @@ from relay.deliver.history import DeliveryHistory
 from relay.deliver.logging import DispositionStatus, log_disposition
 from relay.deliver.work import Claims, MessageWork, Outcome, Parked
 from relay.envelope import RecipientState, RecipientStatus
+from relay.instruments.series import BOUNCES, DELAY_WARNINGS, DELIVERIES, DELIVERY_LATENCY
 from relay.interfaces import IQueue
-from relay.metrics.series import BOUNCES, DELAY_WARNINGS, DELIVERIES, DELIVERY_LATENCY
 from relay.oneline import escape
 from relay.policy.dsn import DsnRecipient, is_double_bounce
 from relay.policy.retry import Disposition, decide, expired_reply, is_expired, next_attempt

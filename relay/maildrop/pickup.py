@@ -49,10 +49,10 @@ from relay.address import Address
 from relay.config import Config
 from relay.envelope import BodyType, Destination, Envelope, Recipient, Submitter
 from relay.fileio import fsync_directory
+from relay.instruments.series import received
 from relay.interfaces import IStore, QueueSource
 from relay.maildrop.dropfile import MAX_ENVELOPE, DropFile, DropFileError, parse_drop_file
 from relay.maildrop.layout import MaildropLayout, is_drop_name
-from relay.metrics.series import received
 from relay.policy.routing import NoRoute
 from relay.received import local_received_header
 

@@ -44,8 +44,8 @@ from zope.interface import implementer
 
 from relay.envelope import Destination, Envelope, RecipientStatus
 from relay.errors import SpoolError
+from relay.instruments.series import received
 from relay.interfaces import IHandoffStore, IMessage, IQueue
-from relay.metrics.series import received
 from relay.queue.index import DueIndex
 from relay.queue.layout import SpoolLayout
 from relay.queue.lock import SpoolLock, SpoolLocked

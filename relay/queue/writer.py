@@ -51,7 +51,7 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 
 from relay.errors import SpoolError
-from relay.metrics.series import BATCH_RECORDS, SPOOL_SYNC
+from relay.instruments.series import BATCH_RECORDS, SPOOL_SYNC
 from relay.queue.record import Buffer, RecordType, checksum
 from relay.queue.segment import SegmentLog, Unframed
 

@@ -37,8 +37,8 @@ from twisted.python.failure import Failure
 from relay.channels.phone.calllog import CallLog, CallRecord
 from relay.channels.phone.store import SpoolPhoneStore
 from relay.config import PhoneSite, SerialTransport, TcpTransport
+from relay.instruments.series import PHONE_CALL_BYTES, PHONE_CALLS
 from relay.interfaces import QueueSource
-from relay.metrics.series import PHONE_CALL_BYTES, PHONE_CALLS
 from relay.oneline import escape
 from relay.phone.driver import PhoneProtocol, session_factory
 from relay.runtime.services import attach, named_multiservice
