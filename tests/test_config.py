@@ -31,6 +31,7 @@ from relay.config import (
     TcpTransport,
     TlsPolicy,
     default_config,
+    field_default,
     load_config,
     parse_config,
     parse_transport,
@@ -172,6 +173,30 @@ def test_default_file_states_the_builtin_defaults(tmp_path: Path) -> None:
     """Every value default.toml sets equals the built-in default, except users."""
     minimal = '[relay]\nhostname = "localhost"\n[local]\nusers = ["postmaster"]\n'
     assert parse_config(minimal, tmp_path) == default_config(tmp_path)
+
+
+def test_default_file_states_the_model_defaults(tmp_path: Path) -> None:
+    """Every key default.toml sets holds its section dataclass's field default (paths under
+    base_dir): the shipped file and the model name one value, save the keys listed here."""
+    without_default = {("relay", "hostname"), ("relay", "local_domains"), ("relay", "postmaster")}
+    shipped_otherwise = {("local", "users")}  # default.toml lets postmaster receive mail
+    config = default_config(tmp_path)
+    checked = 0
+    for name, table in tomllib.loads(DEFAULT_TOML).items():
+        section = getattr(config, name)
+        for key in table:
+            if (name, key) in without_default:
+                with pytest.raises(KeyError):
+                    field_default(type(section), key)
+                continue
+            default = field_default(type(section), key)
+            if (name, key) in shipped_otherwise:
+                assert getattr(section, key) != default, f"{name}.{key}"
+                continue
+            expected = tmp_path / default if isinstance(default, Path) else default
+            assert getattr(section, key) == expected, f"{name}.{key}"
+            checked += 1
+    assert checked >= 40
 
 
 # --- problems ------------------------------------------------------------------------

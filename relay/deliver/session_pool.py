@@ -98,13 +98,15 @@ class PoolJob(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class PoolLimits:
-    """The pool's limits (``[deliver]`` keys, plus the two a configuration does not set)."""
+    """The pool's limits: ``[deliver]``'s concurrency keys (no defaults here: they are the
+    configuration's, :class:`relay.config.DeliverSection`), how long an idle session
+    stays open, and the caps of some channels."""
 
-    initial_per_destination: int = 5
-    per_destination: int = 20
-    total: int = 100
+    initial_per_destination: int
+    per_destination: int
+    total: int
+    idle_timeout: float
     per_channel: Mapping[str, int] = field(default_factory=dict)
-    idle_timeout: float = 5.0
     cleanup_timeout: float = 60.0
 
     def __post_init__(self) -> None:

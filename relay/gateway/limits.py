@@ -37,6 +37,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
+from relay.config import SmtpSection
 from relay.interfaces import AuthVerdict, IAuthThrottle
 
 __all__ = [
@@ -46,8 +47,10 @@ __all__ = [
     "TextBudget",
 ]
 
-DEFAULT_TEXT_BUDGET: Final = 256 * 1024 * 1024
-"""Bytes of message text all sessions together may hold in memory."""
+_SMTP_DEFAULTS: Final = SmtpSection()  # the defaults of [smtp], defined once, in the config
+
+DEFAULT_TEXT_BUDGET: Final = _SMTP_DEFAULTS.max_text_in_memory
+"""Bytes of message text all sessions together may hold in memory (``max_text_in_memory``)."""
 
 
 class TextBudget:
@@ -88,8 +91,8 @@ class AuthThrottle:
         self,
         clock: IReactorTime,
         *,
-        max_failures: int = 5,
-        window: float = 900.0,
+        max_failures: int = _SMTP_DEFAULTS.auth_max_failures,
+        window: float = _SMTP_DEFAULTS.auth_failure_window,
         max_clients: int = 65536,
     ) -> None:
         if max_failures < 1 or window <= 0 or max_clients < 1:

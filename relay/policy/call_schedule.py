@@ -14,11 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from relay.config import DeliverSection, PhoneSite, field_default
 from relay.policy.retry import backoff_delay
 
 __all__ = ["CallPolicy", "SiteState", "in_window", "next_call", "next_window_start"]
 
 DAY: Final = 86400
+_DELIVER_DEFAULTS: Final = DeliverSection()
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,9 +30,9 @@ class CallPolicy:
     poll: float | None = None
     poll_times: tuple[int, ...] = ()
     call_window: tuple[int, int] | None = None
-    gather_delay: float = 30.0
-    retry_min: float = 300.0
-    retry_max: float = 4200.0
+    gather_delay: float = field_default(PhoneSite, "gather_delay")
+    retry_min: float = _DELIVER_DEFAULTS.retry_min
+    retry_max: float = _DELIVER_DEFAULTS.retry_max
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ Devices are locked UUCP-style while open (:class:`DeviceLock`, ``LCK..ttyS0`` in
 (:mod:`relay.transport.description`); a bad one raises :class:`TransportError` when
 the endpoint is made, so a configuration check can call :func:`check_description`.
 
-Configuration keys this API serves (parsed by ``relay/config.py``, documented in
+Configuration keys this API serves (parsed by :mod:`relay.config`, documented in
 ``docs/configuration.md``; the names are a proposal the channel follows):
 
 * ``[phone] answer``: list of entries answered call after call: ``serial:...`` (see

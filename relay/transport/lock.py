@@ -25,11 +25,12 @@ import os
 from pathlib import Path
 from typing import Final
 
+from relay.config import PhoneSection
 from relay.oneline import escape
 
 __all__ = ["DEFAULT_LOCK_DIR", "DeviceLock", "DeviceLockError", "DeviceLocked", "lock_name"]
 
-DEFAULT_LOCK_DIR: Final = Path("/var/lock")
+DEFAULT_LOCK_DIR: Final = PhoneSection().lock_dir  # [phone] lock_dir, defined in the config
 _ATTEMPTS: Final = 5  # stale locks removed in a row before giving up (a race gone mad)
 
 

@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 
 from relay.channels.phone.calllog import CallLog, CallRecord
 from relay.channels.phone.store import SpoolPhoneStore
-from relay.config import PhoneSite, SerialTransport, TcpTransport
+from relay.config import PhoneSection, PhoneSite, SerialTransport, TcpTransport, field_default
 from relay.instruments.series import PHONE_CALL_BYTES, PHONE_CALLS
 from relay.interfaces import QueueSource
 from relay.oneline import escape
@@ -47,7 +47,6 @@ from relay.sansio.phone.link import Link, LinkParams
 from relay.sansio.phone.records import Role
 from relay.sansio.phone.session import SessionOptions
 from relay.transport import (
-    DEFAULT_LOCK_DIR,
     CallFailed,
     ChatError,
     TransportError,
@@ -64,6 +63,8 @@ from relay.transport import (
 __all__ = ["CallProtocol", "PhoneCalls", "StdioAnswerer"]
 
 _log = Logger()
+_PHONE_DEFAULTS = PhoneSection()  # [phone]'s defaults, defined once, in the config
+_MAX_CALL_TIME: float = field_default(PhoneSite, "max_call_time")
 
 
 class CallProtocol(PhoneProtocol):
@@ -127,8 +128,8 @@ class PhoneCalls:
         reactor: Any,
         *,
         modem_init: Sequence[str] | None = None,
-        lock_dir: Path = Path(DEFAULT_LOCK_DIR),
-        handshake_timeout: float = 60.0,
+        lock_dir: Path = _PHONE_DEFAULTS.lock_dir,
+        handshake_timeout: float = _PHONE_DEFAULTS.handshake_timeout,
     ) -> None:
         """``modem_init``: AT commands for modems on serial lines (None: direct lines);
         ``lock_dir``: where serial devices are locked UUCP-style; ``handshake_timeout``:
@@ -232,7 +233,7 @@ class PhoneCalls:
         limit = (
             site.max_call_time
             if site is not None
-            else max((s.max_call_time for s in self.sites.values()), default=3600.0)
+            else max((s.max_call_time for s in self.sites.values()), default=_MAX_CALL_TIME)
         )
         return CallProtocol(factory, self.store.for_call(), self._reactor, time_limit=limit)
 

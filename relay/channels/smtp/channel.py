@@ -58,7 +58,7 @@ from relay.sansio.smtp.wire import MAX_TEXT_LINE
 
 __all__ = ["SmtpChannel", "build_smtp_channel", "timeouts_from"]
 
-DEFAULT_MAX_MESSAGES = 100
+DEFAULT_MAX_MESSAGES = SmtpClientSection().max_messages_per_connection
 
 
 @dataclass
