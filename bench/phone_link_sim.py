@@ -1,7 +1,7 @@
 """The phone link alone, in simulation: what efficiency its framing and resending allow.
 
 Prints ONE JSON line per condition.  Two :class:`relay.sansio.phone.link.Link` ends talk
-over ``tests/phone/link_harness.py``'s in-memory line (115 200 bit/s = 11 520 bytes/s
+over ``tests/support/phone/link_harness.py``'s in-memory line (115 200 bit/s = 11 520 bytes/s
 each way, a fake clock, bit flips from a seeded ``random.Random``), the way the drivers
 will: each keeps at most ``tx_buffer`` bytes waiting for its line, either a few hundred
 (a driver that writes only when the line is nearly idle) or 22 KiB (what the bench's
@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "phone"))
+sys.path.insert(0, str(ROOT / "tests"))  # tests/support
 
-from link_harness import LINE_RATE, Conditions, Outcome, simulate  # noqa: E402
+from support.phone.link_harness import LINE_RATE, Conditions, Outcome, simulate  # noqa: E402
 
 CONDITIONS: list[tuple[str, Conditions, bool]] = [
     ("ber0", Conditions(), False),

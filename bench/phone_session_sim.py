@@ -2,7 +2,7 @@
 
 Prints ONE JSON line per condition.  Two :class:`relay.sansio.phone.session.PhoneSession`
 ends (caller and answerer, each over a real :class:`relay.sansio.phone.link.Link` and an
-in-memory store) talk over ``tests/phone/link_harness.py``'s line (115 200 bit/s =
+in-memory store) talk over ``tests/support/phone/link_harness.py``'s line (115 200 bit/s =
 11 520 bytes/s each way, latency, seeded bit flips), driven as the Twisted driver drives
 them: each end writes only when its line's transmit buffer has room.  Every call runs
 from the first hello to the agreed hang-up; ``seconds`` is the longer of the two ends'.
@@ -37,16 +37,15 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "phone"))
-
-from memstore import MemoryPhoneStore  # noqa: E402
-from session_harness import HUB, SITE, End, LossyLine, envelope, make_end, run_call  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))  # tests/support
 
 from relay.sansio.phone.link import Link, LinkParams  # noqa: E402
 from relay.sansio.phone.records import Role  # noqa: E402
 from relay.sansio.phone.session import SessionOptions  # noqa: E402
 
-from link_harness import LINE_RATE, Conditions  # noqa: E402
+from support.phone.link_harness import LINE_RATE, Conditions  # noqa: E402
+from support.phone.memstore import MemoryPhoneStore  # noqa: E402
+from support.phone.session_harness import HUB, SITE, End, LossyLine, envelope, make_end, run_call  # noqa: E402
 
 
 def _link(now: float) -> tuple[Link, LinkParams]:

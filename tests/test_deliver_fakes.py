@@ -30,9 +30,11 @@ def test_scripted_channel_provides_the_contract(mode: SequencingMode) -> None:
 
 
 @pytest.mark.parametrize("mode", list(SequencingMode))
-def test_scripted_channel_answers_like_a_good_channel_by_default(mode: SequencingMode) -> None:
+def test_scripted_channel_answers_like_a_good_channel_by_default(
+    mode: SequencingMode, memory_queue: MemoryQueue
+) -> None:
     """Unscripted, it answers AOK then OK in list mode and MOK per address, and records it."""
-    queue = MemoryQueue(Clock())
+    queue = memory_queue
     queue_id = fired(queue.store(envelope("a@dest.test"), TEXT))
     message = queue.open_message(queue_id)
     channel = ScriptedChannel(mode)
@@ -62,10 +64,10 @@ def test_scripted_answers_replace_the_default() -> None:
     assert failures and failures[0].check(RuntimeError)
 
 
-def test_memory_queue_provides_iqueue() -> None:
+def test_memory_queue_provides_iqueue(memory_queue: MemoryQueue) -> None:
     """The in-memory queue verifies against IQueue and IHandoffStore, as the spool does."""
-    assert verifyObject(IQueue, MemoryQueue(Clock()))
-    assert verifyObject(IHandoffStore, MemoryQueue(Clock()))
+    assert verifyObject(IQueue, memory_queue)
+    assert verifyObject(IHandoffStore, memory_queue)
 
 
 def test_memory_queue_makes_changes_visible_only_when_durable(clock: Clock) -> None:

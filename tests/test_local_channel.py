@@ -506,10 +506,10 @@ async def test_pipe_runs_as_the_aliases_owner(
 
 @pytest_twisted.ensureDeferred
 async def test_remote_targets_are_requeued_as_one_new_message(
-    tmp_path: Path, made: list[Any]
+    tmp_path: Path, made: list[Any], memory_queue: MemoryQueue
 ) -> None:
     """Remote alias targets become one new queued message: same sender, ORCPT, loop marker."""
-    queue = MemoryQueue(task.Clock())
+    queue = memory_queue
     aliases = "team: alice, x@remote.test, y@remote.test\n"
     config = make_config(tmp_path, 'users = ["alice"]', aliases=aliases)
     channel = _channel(made, config, queue)
@@ -527,9 +527,11 @@ async def test_remote_targets_are_requeued_as_one_new_message(
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_queue_may_come_from_the_spool_service(tmp_path: Path, made: list[Any]) -> None:
+async def test_the_queue_may_come_from_the_spool_service(
+    tmp_path: Path, made: list[Any], memory_queue: MemoryQueue
+) -> None:
     """Given the queue before it is open (the spool's QueueReady), forwarding waits for it."""
-    queue = MemoryQueue(task.Clock())
+    queue = memory_queue
     ready: QueueReady[MemoryQueue] = QueueReady()  # opened by hand, below
 
     config = make_config(tmp_path, aliases="fwd: someone@remote.test\n")
@@ -567,10 +569,10 @@ async def test_remote_targets_into_the_real_spool(tmp_path: Path, made: list[Any
 
 @pytest_twisted.ensureDeferred
 async def test_a_partial_failure_is_retried_without_duplicates(
-    tmp_path: Path, made: list[Any], shared: Path
+    tmp_path: Path, made: list[Any], memory_queue: MemoryQueue, shared: Path
 ) -> None:
     """When one target fails temporarily, the retry skips the targets that already got it."""
-    queue = MemoryQueue(task.Clock())
+    queue = memory_queue
     flag = shared / "ready"
     aliases = f'team: alice, far@remote.test, "|test -f {flag} || exit 75; cat >> {shared}/got"\n'
     config = make_config(tmp_path, 'users = ["alice"]', aliases=aliases)
@@ -589,9 +591,11 @@ async def test_a_partial_failure_is_retried_without_duplicates(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_queue_that_cannot_store_defers(tmp_path: Path, made: list[Any]) -> None:
+async def test_a_queue_that_cannot_store_defers(
+    tmp_path: Path, made: list[Any], memory_queue: MemoryQueue
+) -> None:
     """If the forwarded copy cannot be queued, the address is retried later (AGN)."""
-    queue = MemoryQueue(task.Clock())
+    queue = memory_queue
     queue.fail_stores = 1
     queue.store_error = SpoolError("spool: No space left on device")
     config = make_config(tmp_path, aliases="fwd: someone@remote.test\n")

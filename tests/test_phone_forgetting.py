@@ -8,11 +8,12 @@ from twisted.internet.task import Clock
 from relay.channels.phone.forgetting import IdForgetting, remember_for
 
 
-def test_ids_are_forgotten_at_start_and_every_interval_after_twice_give_up_after() -> None:
+def test_ids_are_forgotten_at_start_and_every_interval_after_twice_give_up_after(
+    clock: Clock,
+) -> None:
     """The service asks the store to forget what is older than twice give_up_after, at
     start and then every interval, carries on after a failed pass, and stops with the
     service."""
-    clock = Clock()
     clock.advance(1_000_000.0)
     asked: list[float] = []
 

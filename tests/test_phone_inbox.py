@@ -78,14 +78,13 @@ async def test_a_committed_id_is_answered_from_memory_not_afresh(tmp_path: Path)
 
 @pytest_twisted.ensureDeferred
 async def test_a_failed_queue_store_is_retried_with_backoff_while_running(
-    tmp_path: Path,
+    tmp_path: Path, clock: Clock
 ) -> None:
     """When the queue cannot store a message the link has committed, the relay stores it
     again after a growing delay (on its clock) until it succeeds, once, without waiting
     for the next start."""
     queue = MemoryQueue(reactor)
     queue.fail_stores = 2
-    clock = Clock()
     inbox = _inbox(tmp_path, queue, {}, clock=clock)
     proposed = envelope("a@example.test", destination=Destination("local", ""))
     await inbox.accept(SITE, "Q2.abc", proposed, len(TEXT))

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from session_harness import HUB, SECRET, SITE, envelope
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -23,6 +22,8 @@ from relay.sansio.phone.accounting import CallOutcome, CallSummary
 from relay.sansio.phone.link import Link, LinkParams
 from relay.sansio.phone.records import Role
 from relay.sansio.phone.session import SessionOptions
+
+from support.phone.session_harness import HUB, SECRET, SITE, envelope
 
 
 def _new_link(now: float) -> tuple[Link, LinkParams]:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from session_harness import HUB, envelope
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from zope.interface.verify import verifyObject
@@ -19,6 +18,8 @@ from relay.phone import filestore
 from relay.phone.filestore import FilePhoneStore
 from relay.reply import Reply, ReplyCode
 from relay.sansio.phone.session import ALREADY_HAVE, NOT_HELD_FOR
+
+from support.phone.session_harness import HUB, envelope
 
 
 def _store(root: Path) -> FilePhoneStore:

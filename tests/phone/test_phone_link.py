@@ -28,7 +28,7 @@ from relay.sansio.phone.link import (
     unwrap_seq,
 )
 
-from link_harness import LINE_RATE, Conditions, End, Outcome, simulate
+from support.phone.link_harness import LINE_RATE, Conditions, End, Outcome, simulate
 
 FAST = LinkParams(keepalive=1.0, dead_after=8.0)
 

@@ -5,20 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-from memstore import MemoryPhoneStore
-from session_harness import (
-    HUB,
-    SITE,
-    CutLine,
-    End,
-    Line,
-    LossyLine,
-    Stuck,
-    envelope,
-    make_end,
-    run_call,
-)
-from test_session_lossy import real_link
 from twisted.internet.defer import Deferred, fail
 from zope.interface.verify import verifyObject
 
@@ -31,7 +17,21 @@ from relay.sansio.phone.link import LinkParams
 from relay.sansio.phone.records import Role
 from relay.sansio.phone.session import Authenticated, InventoryReceived, SessionOptions
 
-from link_harness import Conditions
+from support.phone.link_harness import Conditions
+from support.phone.memstore import MemoryPhoneStore
+from support.phone.session_harness import (
+    HUB,
+    SITE,
+    CutLine,
+    End,
+    Line,
+    LossyLine,
+    Stuck,
+    envelope,
+    make_end,
+    real_link,
+    run_call,
+)
 
 
 def _pair(

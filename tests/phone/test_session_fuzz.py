@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from memstore import MemoryPhoneStore
-from session_harness import HUB, SITE, End, envelope, make_end
-from test_session_lossy import real_link
 from twisted.internet.defer import Deferred
 
 from relay.envelope import Envelope
@@ -21,6 +18,9 @@ from relay.sansio.phone.session import (
     ProposalReceived,
     SessionState,
 )
+
+from support.phone.memstore import MemoryPhoneStore
+from support.phone.session_harness import HUB, SITE, End, envelope, make_end, real_link
 
 _TYPES = [0x01, 0x02, 0x03, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x00, 0xFF]
 fuzz_records = st.lists(

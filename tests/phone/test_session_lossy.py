@@ -7,22 +7,24 @@ import random
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from memstore import MemoryPhoneStore
-from session_harness import HUB, SITE, End, LossyLine, envelope, make_end, run_call
 
 from relay.reply import ReplyCode
 from relay.sansio.phone.accounting import CallOutcome
-from relay.sansio.phone.link import Link, LinkParams
 from relay.sansio.phone.records import Role
 from relay.sansio.phone.session import SessionOptions
 
-from link_harness import Conditions
-
-
-def real_link(now: float) -> tuple[Link, LinkParams]:
-    """A real link with the default parameters, as a driver makes one."""
-    params = LinkParams()
-    return Link(params, now), params
+from support.phone.link_harness import Conditions
+from support.phone.memstore import MemoryPhoneStore
+from support.phone.session_harness import (
+    HUB,
+    SITE,
+    End,
+    LossyLine,
+    envelope,
+    make_end,
+    real_link,
+    run_call,
+)
 
 
 def _ends(

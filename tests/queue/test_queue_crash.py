@@ -1,6 +1,6 @@
 """kill -9 under load, twenty times: nothing acknowledged is lost, no state is torn.
 
-A child process (``crash_child.py``) stores messages and updates recipients as fast as
+A child process (``support/crash_child.py``) stores messages and updates recipients as fast as
 it can, printing each change only after its Deferred fired.  The test kills it with
 SIGKILL at a random moment (sometimes during its own recovery), checks the spool
 without repairing it, and starts the next child on the same spool.  After every kill:
@@ -39,7 +39,7 @@ from relay.queue.state import MessageEntry
 
 from support.queue_helpers import scan_segment
 
-CHILD = Path(__file__).with_name("crash_child.py")
+CHILD = Path(__file__).resolve().parents[1] / "support" / "crash_child.py"
 ROUNDS = 20
 SEED = 20240611
 

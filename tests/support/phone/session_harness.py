@@ -17,19 +17,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from memstore import MemoryPhoneStore
-from plainlink import PlainLink, PlainParams
-
 from relay.address import parse_forward_path, parse_reverse_path
 from relay.envelope import Envelope, Recipient, Submitter
 from relay.interfaces import IPhoneStore
 from relay.phone.call import CallHandler
 from relay.sansio.phone.accounting import CallSummary
+from relay.sansio.phone.link import Link, LinkParams
 from relay.sansio.phone.records import Role
 from relay.sansio.phone.session import PhoneSession, SessionOptions
 
-from link_harness import Conditions
-from link_harness import Line as RateLine
+from support.phone.link_harness import Conditions
+from support.phone.link_harness import Line as RateLine
+from support.phone.memstore import MemoryPhoneStore
+from support.phone.plainlink import PlainLink, PlainParams
 
 SECRET = bytes(range(32))
 HUB, SITE = "hub-a", "site-b"
@@ -49,6 +49,12 @@ def new_link(now: float) -> tuple[Any, Any]:
     """The default: a perfect record link."""
     params = PlainParams()
     return PlainLink(params, now), params
+
+
+def real_link(now: float) -> tuple[Link, LinkParams]:
+    """A real link with the default parameters, as a driver makes one."""
+    params = LinkParams()
+    return Link(params, now), params
 
 
 @dataclass
