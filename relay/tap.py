@@ -56,8 +56,8 @@ class Options(usage.Options):
     synopsis = "[--config FILE]"
     longdesc = (
         "Run the mail relay: SMTP listeners, the deliverer, the channels and the phone "
-        "call scheduler.  Without --config, the embedded default runs (SMTP on "
-        "127.0.0.1:2525, spool and mailboxes under the current directory)."
+        "call scheduler.  Without --config, the embedded default runs (`relay config "
+        "--default` prints it; its spool and mailboxes are under the current directory)."
     )
     optParameters = [
         ["config", "c", None, "configuration file (TOML); default: the embedded default"],

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from relay.sansio.phone import defaults as phone_defaults
 from relay.sansio.smtp.server import Limits
 from relay.sansio.smtp.wire import MAX_TEXT_LINE
 
@@ -321,8 +322,8 @@ class PhoneSite:
     call_window: tuple[int, int] | None = None  # (start, end) seconds after midnight UTC
     gather_delay: float = 30.0
     max_call_time: float = 3600.0
-    compression: bool = True
-    encryption: bool = False
+    compression: bool = phone_defaults.COMPRESSION
+    encryption: bool = phone_defaults.ENCRYPTION
     max_message_size: int | None = None
 
     @property
@@ -340,7 +341,7 @@ class PhoneSection:
     name: str = ""  # filled from [relay] hostname's first label when absent
     modem_init: tuple[str, ...] | None = None  # AT commands; None: direct lines, no modem
     lock_dir: Path = Path("/var/lock")  # UUCP-style device locks
-    handshake_timeout: float = 60.0  # a caller silent this long after connecting is dropped
+    handshake_timeout: float = phone_defaults.HANDSHAKE_TIMEOUT  # then a silent peer is dropped
 
 
 @dataclass(frozen=True, slots=True)

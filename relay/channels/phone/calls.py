@@ -42,6 +42,7 @@ from relay.interfaces import QueueSource
 from relay.oneline import escape
 from relay.phone.driver import PhoneProtocol, session_factory
 from relay.runtime.services import attach, named_multiservice
+from relay.sansio.phone import defaults as phone_defaults
 from relay.sansio.phone.accounting import CallSummary
 from relay.sansio.phone.link import Link, LinkParams
 from relay.sansio.phone.records import Role
@@ -215,10 +216,12 @@ class PhoneCalls:
             rate = site.transport.baudrate
         options = SessionOptions(
             max_message_size=(
-                site.max_message_size if site and site.max_message_size else 64 << 20
+                site.max_message_size
+                if site and site.max_message_size
+                else phone_defaults.MAX_MESSAGE_SIZE
             ),
-            compression=site.compression if site else True,
-            encryption=site.encryption if site else False,
+            compression=site.compression if site else phone_defaults.COMPRESSION,
+            encryption=site.encryption if site else phone_defaults.ENCRYPTION,
             line_rate=rate,
             handshake_timeout=self._handshake_timeout,
         )

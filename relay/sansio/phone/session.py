@@ -79,7 +79,7 @@ from typing import Final, Protocol
 
 from relay.envelope import Envelope, Submitter
 from relay.reply import Reply, ReplyCode
-from relay.sansio.phone import handshake, records
+from relay.sansio.phone import defaults, handshake, records
 from relay.sansio.phone.accounting import CallOutcome, CallSummary
 from relay.sansio.phone.compress import (
     ChunkCompressor,
@@ -188,12 +188,12 @@ class SessionState(enum.Enum):
 class SessionOptions:
     """This end's settings for one call (the capabilities it offers, its timers)."""
 
-    max_message_size: int = 64 << 20
-    compression: bool = True
-    encryption: bool = False
+    max_message_size: int = defaults.MAX_MESSAGE_SIZE
+    compression: bool = defaults.COMPRESSION
+    encryption: bool = defaults.ENCRYPTION
     resume: bool = True
     chunk_size: int = 2048
-    handshake_timeout: float = 60.0
+    handshake_timeout: float = defaults.HANDSHAKE_TIMEOUT
     failure_delay: float = 5.0
     closing_grace: float = 10.0
     read_ahead: int = 16384
