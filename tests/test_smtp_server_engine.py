@@ -117,6 +117,7 @@ class Driver:
             self._text.clear()
             return conn.send(SmtpReply(250, "2.0.0", ("Ok: queued as X",)))
         if isinstance(event, MailFrom):
+            self._text.clear()  # a new transaction: text of an abandoned one is void
             return conn.send(SmtpReply(250, "2.1.0", ("Ok",)))
         if isinstance(event, RcptTo):
             return conn.send(self._rcpt(event.address))
@@ -907,3 +908,13 @@ def test_data_inside_a_bdat_transaction_is_503_and_rset_recovers() -> None:
     )
     assert driver.codes()[-2:] == [(503, "5.5.1"), (250, "2.0.0")]
     assert driver.conn.state is ServerState.READY
+
+
+def test_chunks_of_a_transaction_abandoned_by_rset_are_no_part_of_the_next() -> None:
+    """RFC 3030: RSET between BDAT chunks voids them; the next message counts only its own."""
+    envelope = b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n"
+    driver = assert_same_everywhere(
+        [HELLO, envelope + b"BDAT 5\r\n12345RSET\r\n", envelope + b"BDAT 3 LAST\r\nxyz"]
+    )
+    assert [e.size for e in driver.events if isinstance(e, EndOfMessage)] == [3]
+    assert driver.messages == [b"xyz"]
