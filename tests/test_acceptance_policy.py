@@ -21,6 +21,7 @@ from relay.gateway.service import settings_from_config
 from relay.interfaces import ILocalRecipients
 from relay.policy.acceptance import RelayPolicy
 from relay.policy.routing import Router
+from relay.queue.ready import QueueReady
 from relay.sansio.smtp.wire import ReplyParser
 
 CONFIG_TOML = """
@@ -165,7 +166,7 @@ def _session_codes(
     factory = GatewayFactory(
         settings=settings_from_config(config, tls_active=False),
         policy=RelayPolicy(config, LocalUsers("alice", "user%evil.test")),
-        queue=_Queue(),  # type: ignore[arg-type]
+        queue=QueueReady.of(_Queue()),
         clock=Clock(),
         limiter=SessionLimiter(10, 10),
         timeouts=SessionTimeouts(),

@@ -42,6 +42,7 @@ from relay.handoff.codec import HandoffError
 from relay.interfaces import AuthVerdict, IAuthThrottle, ILocalRecipients
 from relay.policy.acceptance import RelayPolicy
 from relay.queue.intake import log_stored
+from relay.queue.ready import QueueReady
 from relay.sansio.smtp.wire import ReplyParser, SmtpReply, dot_stuff
 
 from support.reactor_helpers import logged_events
@@ -163,7 +164,7 @@ def make_harness(
     factory = GatewayFactory(
         settings=settings_from_config(config, tls_active=False),
         policy=RelayPolicy(config, LocalUsers()),
-        queue=queue,  # type: ignore[arg-type]
+        queue=QueueReady.of(queue),
         clock=clock,
         limiter=SessionLimiter(config.smtp.max_sessions, config.smtp.max_sessions_per_client),
         timeouts=SessionTimeouts(

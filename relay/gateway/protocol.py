@@ -81,7 +81,7 @@ from relay.envelope import Destination, Envelope, Recipient, Submitter
 from relay.gateway.auth import AuthUnavailable, PasswordChecker
 from relay.gateway.limits import AuthThrottle, LocalAuthThrottle, TextBudget
 from relay.gateway.tls import tls_description
-from relay.interfaces import AuthVerdict, IAuthThrottle, IStore
+from relay.interfaces import AuthVerdict, IAuthThrottle, IStore, QueueSource
 from relay.oneline import escape
 from relay.policy.acceptance import RelayPolicy
 from relay.queue.intake import disk_full, log_stored
@@ -227,7 +227,7 @@ class GatewayFactory(Factory):
         *,
         settings: ServerSettings,
         policy: RelayPolicy,
-        queue: IStore | None,
+        queue: QueueSource,
         clock: IReactorTime,
         limiter: SessionLimiter,
         timeouts: SessionTimeouts,
@@ -235,13 +235,18 @@ class GatewayFactory(Factory):
         checker: PasswordChecker | None = None,
         text_budget: TextBudget | None = None,
         auth_throttle: IAuthThrottle | None = None,
+        log_stored: bool = True,
     ) -> None:
-        """``text_budget`` and ``auth_throttle`` are shared by all listeners' factories
+        """``queue`` is the store, once open: until it is, sessions are answered ``421``.
+        ``text_budget`` and ``auth_throttle`` are shared by all listeners' factories
         (:func:`~relay.gateway.service.build_gateway`); by default each factory has its own.
+        A gateway worker's factories say ``log_stored=False``: the spool's process logs
+        the "stored" line when it stores (relay.handoff.spool_side), one line per message
+        either way.
         """
         self.settings = settings
         self.policy = policy
-        self.queue = queue
+        self.queue: IStore | None = None
         self.clock = clock
         self.limiter = limiter
         self.timeouts = timeouts
@@ -252,9 +257,13 @@ class GatewayFactory(Factory):
             LocalAuthThrottle(AuthThrottle(clock)) if auth_throttle is None else auth_throttle
         )
         self.accepted = 0  # messages stored, for the benchmark and tests
-        # A gateway worker leaves the "stored" line to the spool's process, which logs
-        # it when it stores (relay.handoff.spool_side): one line per message either way.
-        self.log_stored = True
+        self.log_stored = log_stored
+        # A spool that cannot open is logged once, by build_gateway; here it only means
+        # the sessions keep answering 421.
+        queue.when_ready().addCallbacks(self._opened, lambda _: None)
+
+    def _opened(self, queue: IStore) -> None:
+        self.queue = queue
 
     def buildProtocol(self, addr: Any) -> SmtpServerProtocol:
         """A new session for a connection from ``addr``."""

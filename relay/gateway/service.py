@@ -66,7 +66,7 @@ from relay.gateway.protocol import (
     SmtpServerProtocol,
 )
 from relay.gateway.tls import load_server_tls
-from relay.interfaces import IAuthThrottle, ILocalRecipients, IStore, QueueSource
+from relay.interfaces import IAuthThrottle, ILocalRecipients, QueueSource
 from relay.policy.acceptance import RelayPolicy
 from relay.policy.routing import Router
 from relay.runtime.services import OrderedMultiService, attach
@@ -375,13 +375,12 @@ def build_gateway(
         session=smtp.session_timeout,
         greet_delay=_given(greet_delay, smtp.greet_delay),
     )
-    factories: list[GatewayFactory] = []
 
     def factory(tls_active: bool) -> GatewayFactory:
         made = GatewayFactory(
             settings=settings_from_config(config, tls_active=tls_active),
             policy=policy,
-            queue=None,  # set once the store is open (below)
+            queue=queue,
             clock=reactor,
             limiter=limiter,
             timeouts=timeouts,
@@ -389,9 +388,8 @@ def build_gateway(
             checker=checker,
             text_budget=text_budget,
             auth_throttle=auth_throttle,
+            log_stored=adopted is None,
         )
-        made.log_stored = adopted is None
-        factories.append(made)
         return made
 
     top = Gateway(limiter)
@@ -408,15 +406,10 @@ def build_gateway(
     else:
         _listen_on_configured_endpoints(top, config, reactor, factory, tls_options)
 
-    def ready(opened: IStore) -> IStore:
-        for made in factories:
-            made.queue = opened
-        return opened
-
     def failed(failure: Failure) -> None:
         _log.failure("smtp: the spool did not open; refusing mail with 421", failure)
 
-    queue.when_ready().addCallbacks(ready, failed)
+    queue.when_ready().addErrback(failed)
     return top
 
 

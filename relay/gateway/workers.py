@@ -186,9 +186,13 @@ class GatewayWorkers(Service):
         acks.setblocking(False)
         limit = frame_limit(config.smtp.max_message_size)
         server = StoreServer(
-            hello, self._queue, limit, acks=acks, auth=LocalAuthThrottle(self._auth)
+            hello,
+            self._queue,
+            limit,
+            acks=acks,
+            auth=LocalAuthThrottle(self._auth),
+            on_ready_change=self._rebalance,
         )
-        server.on_ready_change = self._rebalance
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX, _OneProtocol(server))

@@ -89,10 +89,12 @@ class StoreServer(Int32StringReceiver):
         acks: socket.socket | None = None,
         *,
         auth: IAuthThrottle,
+        on_ready_change: Callable[[], object] | None = None,
     ) -> None:
         """``acks`` is this end of the worker's datagram socket for early answers;
         ``auth`` the relay's failed-AUTH count as this process's sessions ask it (a
-        :class:`~relay.gateway.limits.LocalAuthThrottle`, whose verdicts come at once)."""
+        :class:`~relay.gateway.limits.LocalAuthThrottle`, whose verdicts come at once);
+        ``on_ready_change()`` hears that the worker said it is (no longer) READY."""
         self.hello = hello
         self.auth = auth
         self.auth_in_progress: Counter[str] = Counter()  # allowed here, not ended yet
@@ -103,7 +105,7 @@ class StoreServer(Int32StringReceiver):
         self.early = 0  # answers the spool's writer thread sent itself
         self.ready = False  # the worker says it takes new connections
         self.sessions = Sessions(0, {})  # its last report of SMTP sessions (metrics)
-        self.on_ready_change: Callable[[], object] | None = None
+        self.on_ready_change = on_ready_change
         self.lost = False
         self._acks = acks
         self._acks_lock = threading.Lock()  # the writer thread sends, the reactor closes
