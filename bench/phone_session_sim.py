@@ -39,26 +39,29 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # tests/support
 
-from relay.sansio.phone.link import Link, LinkParams  # noqa: E402
 from relay.sansio.phone.records import Role  # noqa: E402
 from relay.sansio.phone.session import SessionOptions  # noqa: E402
 
 from support.phone.link_harness import LINE_RATE, Conditions  # noqa: E402
 from support.phone.memstore import MemoryPhoneStore  # noqa: E402
-from support.phone.session_harness import HUB, SITE, End, LossyLine, envelope, make_end, run_call  # noqa: E402
-
-
-def _link(now: float) -> tuple[Link, LinkParams]:
-    params = LinkParams()
-    return Link(params, now), params
+from support.phone.session_harness import (  # noqa: E402
+    HUB,
+    SITE,
+    End,
+    LossyLine,
+    envelope,
+    make_end,
+    real_link,
+    run_call,
+)
 
 
 def _call(
     hub: MemoryPhoneStore, site: MemoryPhoneStore, line: LossyLine, compression: bool
 ) -> tuple[End, End]:
     options = SessionOptions(compression=compression, line_rate=int(LINE_RATE * 10))
-    caller = make_end(Role.CALLER, hub, link_factory=_link, options=options)
-    answerer = make_end(Role.ANSWERER, site, link_factory=_link, options=options)
+    caller = make_end(Role.CALLER, hub, link_factory=real_link, options=options)
+    answerer = make_end(Role.ANSWERER, site, link_factory=real_link, options=options)
     run_call(caller, answerer, line)
     return caller, answerer
 

@@ -88,8 +88,8 @@ def serve(port: int, spool: Path, profile: str | None, workers: int) -> None:
         profiler = cProfile.Profile()
 
     def pids() -> list[int]:
-        tree = smtp.getServiceNamed("workers") if workers else None
-        return [os.getpid(), *(w.pid for w in getattr(tree, "workers", {}).values() if w.pid)]
+        children = smtp.getServiceNamed("workers").workers if workers else {}
+        return [os.getpid(), *(w.pid for w in children.values() if w.pid)]
 
     def start() -> None:
         top.startService()

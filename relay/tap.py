@@ -3,8 +3,9 @@
 This is the one place that wires classes together.  The tree is an
 :class:`~relay.runtime.services.OrderedMultiService` named ``relay`` whose children are the
 relay's parts, each a named service (``status``, ``spool``, ``channels``, ``deliverer``,
-``smtp``, the last with its gateway worker processes under ``workers``; with the phone
-channel, ``phone``), so an operator's ``twistd`` log and a test can find each by name.
+with the phone channel ``phone``, then ``smtp`` with its gateway worker processes under
+``workers``, then ``report``, ``pickup`` and, if configured, ``metrics``), so an
+operator's ``twistd`` log and a test can find each by name.
 They start in that order and stop one after another in the reverse order, each stop
 waited for (see :func:`build_service`): a SIGTERM never closes the spool under a
 delivery that is still finishing, so what was delivered is recorded and not sent again
@@ -139,6 +140,8 @@ def build_service(
     1. ``smtp``: the gateway worker processes exit once their stores in flight are
        answered, the listeners close, then the sessions still open are ended with 421
        (one waiting for the spool gets the store's answer first), so no new mail comes in;
+    1a. ``phone`` (with a phone channel): the answerers and the scheduler stop, so no
+        new call begins;
     2. ``deliverer``: no new transactions; those in flight get the deliverer's stop grace
        to finish, and what they did is recorded, DSNs and forwarded copies included;
     3. ``channels``: idle SMTP connections say QUIT, the local channel's threads end;

@@ -14,6 +14,7 @@ from relay.channels.phone.inbox import SpoolInbox
 from relay.channels.phone.outbox import SpoolOutbox
 from relay.channels.phone.store import SpoolPhoneStore
 from relay.envelope import Destination, RecipientState
+from relay.errors import SpoolError
 from relay.queue.ready import QueueReady
 from relay.reply import Reply, ReplyCode
 from relay.sansio.phone.records import valid_message_id
@@ -105,3 +106,17 @@ def test_reading_a_message_another_call_offered_fails_its_deferred() -> None:
     with pytest.raises(KeyError):
         fired(d)
     assert fired(outbox.read_text(SITE, offered.message_id, 0, 9, "one call")) == TEXT[:9]
+
+
+def test_a_call_that_outlives_the_spool_fails_instead_of_waiting() -> None:
+    """After the spool has closed (a call still running while the relay stops), asking
+    the outbox for a call's mail fails with the spool's error at once: the call ends with
+    an error rather than waiting for a queue that will not come back."""
+    harness = _harness()
+    harness.store(envelope("a@site-b.test", destination=WHERE))
+    ready = QueueReady.of(harness.queue)
+    outbox = SpoolOutbox(ready, harness.service, lambda address: WHERE)
+    ready.closed()
+    failures: list[object] = []
+    outbox.outgoing(SITE).addErrback(lambda f: failures.append(f.value))
+    assert len(failures) == 1 and isinstance(failures[0], SpoolError)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -101,7 +100,6 @@ class DelivererService(Service):
         self.queue: IQueue | None = None
         self.recorder: Recorder | None = None
         self.scheduler: Scheduler | None = None
-        self._ready: Deferred[Any] | None = None
 
     @property
     def busy(self) -> bool:
@@ -148,9 +146,9 @@ class DelivererService(Service):
         """Start scanning the queue (once it is open)."""
         super().startService()  # type: ignore[no-untyped-call]
         self.pool.start()
-        self._ready = self._source.when_ready()
-        self._ready.addCallback(self._opened)
-        self._ready.addErrback(lambda f: self._log.failure("deliver: no queue to deliver from", f))
+        ready = self._source.when_ready()
+        ready.addCallback(self._opened)
+        ready.addErrback(lambda f: self._log.failure("deliver: no queue to deliver from", f))
 
     def _opened(self, queue: IQueue) -> None:
         if not self.running:

@@ -1,8 +1,9 @@
 """The gateway as a twistd service: one listener per ``[smtp]`` endpoint string.
 
-:func:`build_gateway` is the one builder of the gateway: ``relay.tap`` calls it for the
-spool's process, :mod:`relay.gateway.worker` for each worker process, and the
-benchmarks for theirs.  It reads everything from the configuration once (TLS files, the
+:func:`build_gateway` is the one builder of the gateway:
+:func:`relay.gateway.build.build_smtp` calls it for the spool's process (``twistd relay``),
+:mod:`relay.gateway.worker` for each worker process, and the benchmarks that measure a
+gateway alone for theirs.  It reads everything from the configuration once (TLS files, the
 policy's routes), so a bad certificate stops the relay at start.  The tree it returns is
 a :class:`Gateway` named ``smtp`` holding:
 
@@ -14,10 +15,10 @@ a :class:`Gateway` named ``smtp`` holding:
   with ``421 4.3.2`` so clients retry elsewhere instead of hanging (a session waiting for
   the spool gets the store's reply first), and waits for them to close.
 
-It is an :class:`~relay.runtime.services.OrderedMultiService`: it stops the gateway workers
-(``workers``, which ``relay.tap`` attaches last) first, then the listeners, then the
-sessions, each stop awaited; so the spool, which the relay stops after the gateway,
-is still open while the stores in flight are answered.
+It is an :class:`~relay.runtime.services.OrderedMultiService`: it stops the gateway
+workers (``workers``, which :func:`~relay.gateway.build.build_smtp` attaches last)
+first, then the listeners, then the sessions, each stop awaited; so the spool, which the
+relay stops after the gateway, is still open while the stores in flight are answered.
 
 In a gateway worker process (:mod:`relay.gateway.worker`) the listeners are
 ``adopted:<fd>`` services instead: sockets the spool's process bound and passed down
@@ -208,7 +209,7 @@ class _SessionsService(Service):
         hostname: str,
         clock: IReactorTime,
     ):
-        self.limiter = limiter  # every listener's: the metrics read its counts
+        self.limiter = limiter  # the sessions to end at stop (every listener's)
         self._checker = checker
         self._hostname = hostname
         self._clock = clock
@@ -343,7 +344,7 @@ def build_gateway(
     ``auth_failure_window`` seconds gets ``454 4.7.0`` to AUTH until they age out.
     Each of these comes from ``[smtp]`` unless given here (tests give them).
     ``auth_throttle`` is where sessions count AUTH attempts; by default a count of this
-    gateway's own (``relay.tap`` passes the relay's, a worker its link's).
+    gateway's own (``build_smtp`` passes the relay's, a worker its link's).
 
     ``processes`` is how many processes share the listeners (this one and the gateway
     workers): each takes that share of ``max_sessions`` and ``max_text_in_memory``, so
@@ -377,7 +378,7 @@ def build_gateway(
     )
 
     def factory(tls_active: bool) -> GatewayFactory:
-        made = GatewayFactory(
+        return GatewayFactory(
             settings=settings_from_config(config, tls_active=tls_active),
             policy=policy,
             queue=queue,
@@ -390,13 +391,12 @@ def build_gateway(
             auth_throttle=auth_throttle,
             log_stored=adopted is None,
         )
-        return made
 
     top = Gateway(limiter)
     attach(_SessionsService(limiter, checker, config.relay.hostname, reactor), top, "sessions")
     if adopted is not None:
         for shared in adopted:
-            made: IProtocolFactory = factory(tls_active=shared.tls)
+            made: IProtocolFactory = factory(shared.tls)
             if shared.tls:
                 assert tls_options is not None  # the configuration requires a certificate
                 made = TLSMemoryBIOFactory(tls_options, False, made)

@@ -26,6 +26,8 @@ from prometheus_client.registry import Collector
 from twisted.internet.threads import blockingCallFromThread
 from twisted.python.threadable import isInIOThread
 
+from relay.gateway.service import Gateway
+from relay.queue.service import SpoolService
 from relay.queue.view import queue_status
 
 __all__ = ["RelayCollector", "Snapshot"]
@@ -43,7 +45,7 @@ class Snapshot:
 class RelayCollector(Collector):
     """Collects the queue and session gauges from the running relay's services."""
 
-    def __init__(self, reactor: Any, spool: Any, gateway: Any) -> None:
+    def __init__(self, reactor: Any, spool: SpoolService, gateway: Gateway) -> None:
         """``spool`` is the SpoolService, ``gateway`` the ``smtp`` service tree."""
         self._reactor = reactor
         self._spool = spool
@@ -67,11 +69,10 @@ class RelayCollector(Collector):
         queue = self._spool.queue
         if queue is not None:
             out.queue = queue_status(queue.entries(), self._reactor.seconds())
+        limiter = self._gateway.limiter  # every listener's sessions in this process
+        out.sessions_open += limiter.total
+        out.sessions_refused.update(limiter.refused)
         names = {child.name: child for child in self._gateway}
-        sessions = names.get("sessions")
-        if sessions is not None:
-            out.sessions_open += sessions.limiter.total
-            out.sessions_refused.update(sessions.limiter.refused)
         workers = names.get("workers")
         if workers is not None:
             out.sessions_refused.update(workers.retired_refused)

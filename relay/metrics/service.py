@@ -15,13 +15,15 @@ from prometheus_client import REGISTRY
 from prometheus_client.registry import Collector
 from prometheus_client.twisted import MetricsResource
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.web.http import Request
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from relay.gateway.service import Gateway
 from relay.metrics.collectors import RelayCollector
+from relay.queue.service import SpoolService
 from relay.runtime.services import attach, named_multiservice
 
 __all__ = ["build_metrics"]
@@ -49,7 +51,7 @@ class _QuietSite(Site):
         """Scrapes are not worth a log line each."""
 
 
-def build_metrics(listen: str, reactor: Any, spool: Any, gateway: IService) -> MultiService:
+def build_metrics(listen: str, reactor: Any, spool: SpoolService, gateway: Gateway) -> MultiService:
     """The ``metrics`` service: ``GET /metrics`` on the endpoint ``listen``."""
     root = Resource()  # type: ignore[no-untyped-call]
     root.putChild(b"metrics", MetricsResource(REGISTRY))  # type: ignore[no-untyped-call]

@@ -22,6 +22,8 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from relay.errors import SpoolError
+
 __all__ = ["QueueReady"]
 
 Q = TypeVar("Q")
@@ -66,6 +68,14 @@ class QueueReady(Generic[Q]):
         for d in waiting:
             d.errback(failure)
 
+    def opening(self) -> None:
+        """The spool's service is (re)starting: waiters from now on wait for it to open."""
+        self._failure = None
+
     def closed(self) -> None:
-        """The queue was closed: later waiters wait for the next opening."""
+        """The queue was closed (the relay is stopping): waiters from now on fail at once
+        with :class:`~relay.errors.SpoolError`, so a part still running (a call that
+        outlived the stop) reports an error instead of waiting for a queue that will not
+        come back."""
         self.queue = None
+        self.failed(Failure(SpoolError("the spool is closed")))  # type: ignore[no-untyped-call]

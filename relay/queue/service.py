@@ -91,6 +91,7 @@ class SpoolService(Service):
     def startService(self) -> None:
         """Open the spool and serve the control socket."""
         super().startService()  # type: ignore[no-untyped-call]
+        self.ready.opening()
         self._starting = ensureDeferred(self._start())
 
     async def _start(self) -> None:

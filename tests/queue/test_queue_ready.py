@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from twisted.python.failure import Failure
 
+from relay.errors import SpoolError
 from relay.queue.ready import QueueReady
 
 from support.deferreds import fired
@@ -32,11 +33,17 @@ def test_a_spool_that_cannot_open_fails_every_waiter_now_and_later() -> None:
         assert len(caught) == 1 and caught[0].check(OSError)
 
 
-def test_after_closing_a_waiter_waits_for_the_next_opening() -> None:
-    """Once the queue is closed, when_ready no longer hands out the closed queue."""
+def test_after_closing_a_waiter_fails_until_the_spool_opens_again() -> None:
+    """Once the queue is closed, when_ready fails at once (a call that outlived the stop
+    must not wait forever); a restarting spool's waiters wait for the next opening."""
     ready: QueueReady[object] = QueueReady()
     ready.opened(object())
     ready.closed()
+    caught: list[Failure] = []
+    ready.when_ready().addErrback(caught.append)
+    assert len(caught) == 1 and caught[0].check(SpoolError)
+    assert "closed" in caught[0].getErrorMessage()
+    ready.opening()
     later = ready.when_ready()
     assert not later.called
     reopened = object()

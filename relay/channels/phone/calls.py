@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 
 from relay.channels.phone.calllog import CallLog, CallRecord
 from relay.channels.phone.store import SpoolPhoneStore
-from relay.config import PhoneSection, PhoneSite, SerialTransport, TcpTransport, field_default
+from relay.config import PhoneSite, SerialTransport, TcpTransport, field_default
 from relay.instruments.series import PHONE_CALL_BYTES, PHONE_CALLS
 from relay.interfaces import QueueSource
 from relay.oneline import escape
@@ -48,6 +48,7 @@ from relay.sansio.phone.link import Link, LinkParams
 from relay.sansio.phone.records import Role
 from relay.sansio.phone.session import SessionOptions
 from relay.transport import (
+    DEFAULT_LOCK_DIR,
     CallFailed,
     ChatError,
     TransportError,
@@ -64,7 +65,6 @@ from relay.transport import (
 __all__ = ["CallProtocol", "PhoneCalls", "StdioAnswerer"]
 
 _log = Logger()
-_PHONE_DEFAULTS = PhoneSection()  # [phone]'s defaults, defined once, in the config
 _MAX_CALL_TIME: float = field_default(PhoneSite, "max_call_time")
 
 
@@ -129,8 +129,8 @@ class PhoneCalls:
         reactor: Any,
         *,
         modem_init: Sequence[str] | None = None,
-        lock_dir: Path = _PHONE_DEFAULTS.lock_dir,
-        handshake_timeout: float = _PHONE_DEFAULTS.handshake_timeout,
+        lock_dir: Path = DEFAULT_LOCK_DIR,
+        handshake_timeout: float = phone_defaults.HANDSHAKE_TIMEOUT,
     ) -> None:
         """``modem_init``: AT commands for modems on serial lines (None: direct lines);
         ``lock_dir``: where serial devices are locked UUCP-style; ``handshake_timeout``:

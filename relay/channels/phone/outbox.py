@@ -109,19 +109,6 @@ class SpoolOutbox:
         self._route = route
         self._offered: dict[tuple[Hashable, str, str], _Offered] = {}  # (call, site, id)
 
-    def waiting(self, site: str) -> Deferred[list[tuple[str, int]]]:
-        """Fire with (queue id, recipients) of each message waiting for ``site``."""
-        return ensureDeferred(self._waiting(site))
-
-    async def _waiting(self, site: str) -> list[tuple[str, int]]:
-        queue: IQueue = await self._queue.when_ready()
-        found = []
-        for queue_id in await queue.list_messages():
-            selected = await self._select(queue, queue_id, site, claim=False)
-            if selected is not None:
-                found.append((queue_id, len(selected[1])))
-        return found
-
     def outgoing(self, site: str, call: Hashable = None) -> Deferred[Sequence[Outgoing]]:
         """Claim and describe every message with recipients for ``site``, oldest first,
         as offered in ``call``."""

@@ -12,7 +12,6 @@ with the deliverer, and the scheduler listens to the channel for mail waiting.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from relay.address import Address
-from relay.channels.phone.calllog import CallLog, CallRecord
+from relay.channels.phone.calllog import CallLog
 from relay.channels.phone.calls import PhoneCalls, StdioAnswerer
 from relay.channels.phone.channel import PhoneChannel
 from relay.channels.phone.forgetting import IdForgetting, remember_for
@@ -215,8 +214,3 @@ class _Recovery(Service):
 def _recovered(count: int) -> None:
     if count:
         _log.info("phone: {count} messages recovered", count=count)
-
-
-def records_by_site(records: list[CallRecord]) -> Mapping[str, CallRecord]:
-    """The newest record of each site."""
-    return {r.site: r for r in records}
