@@ -330,7 +330,6 @@ def build_gateway(
     router: Router | None = None,
     processes: int = 1,
     adopted: Sequence[SharedListener] | None = None,
-    on_sessions: Callable[[int, int], object] | None = None,
     auth_throttle: IAuthThrottle | None = None,
 ) -> Gateway:
     """The SMTP gateway's services for ``config``.
@@ -350,8 +349,9 @@ def build_gateway(
     workers): each takes that share of ``max_sessions`` and ``max_text_in_memory``, so
     the totals hold.  A worker passes ``adopted``, the listening sockets it was handed,
     instead of listening on the configured endpoints, and leaves the "stored" log line
-    to the spool's process; ``on_sessions(total, max)`` hears of every session opened
-    or closed (a worker reports its room from it).
+    to the spool's process.  Whoever needs the session count (a worker reporting its
+    room, the spool's process balancing its workers) listens to the returned
+    gateway's ``limiter``.
     """
     smtp = config.smtp
     tls_options: CertificateOptions | None = None
@@ -359,8 +359,6 @@ def build_gateway(
         tls_options = load_server_tls(smtp.tls_cert_file, smtp.tls_key_file)
     checker = PasswordChecker(smtp.auth_users_file, reactor) if smtp.auth_users_file else None
     limiter = SessionLimiter(max(1, smtp.max_sessions // processes), smtp.max_sessions_per_client)
-    if on_sessions is not None:
-        limiter.add_listener(on_sessions)
     text_budget = TextBudget(
         max(1, _given(max_text_in_memory, smtp.max_text_in_memory) // processes)
     )

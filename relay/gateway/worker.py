@@ -111,9 +111,9 @@ class _Worker:
             router=router,
             processes=hello.processes,
             adopted=self.listeners,
-            on_sessions=self.sessions_changed,
             auth_throttle=self.client.auth,  # the relay's count, in the spool's process
         )
+        gateway.limiter.add_listener(self.sessions_changed)  # before any session opens
         gateway.startService()  # type: ignore[no-untyped-call]
         for shared in self.listeners:  # adopted (duplicated) by now
             os.close(shared.fd)
